@@ -1,0 +1,163 @@
+"""Flower's deployment engine on one machine: a SuperLink and one SuperNode per client.
+
+These are the same processes a real fleet runs (``flower-superlink``, ``flower-supernode``,
+``flwr run``), on loopback. Each SuperNode gets its shard through its node config
+(``partition-id``), exactly as a robot would get ``data-path``. Every process is started in its
+own process group and the whole group is terminated on exit — normal end, error, Ctrl-C or
+SIGTERM — so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+LOGGER = logging.getLogger("fedyolo")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+FEDERATION = "fedyolo-local"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} at start-up")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def _bin(name: str) -> str:
+    """The console script from this interpreter's environment."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+class ProcessGroup:
+    """Started processes, each in its own session, all stopped together."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.log_dir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, cwd=PROJECT_ROOT)
+        log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self, grace: float = 10.0) -> None:
+        for _, proc in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for _, proc in self.procs:  # the group: also flwr-serverapp / flwr-clientapp children
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so ``finally`` blocks tear the processes down."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def run_local_deployment(
+    run_dir: Path,
+    num_clients: int,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    startup_timeout: float = 120.0,
+    client_threads: int = 1,
+) -> None:
+    """Run the prepared run directory's federation on a local SuperLink + SuperNodes."""
+    port = port or free_port(host)
+    flwr_home = run_dir / ".flwr"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{FEDERATION}"\n\n'
+        f'[superlink.{FEDERATION}]\naddress = "{host}:{port}"\ninsecure = true\n'
+    )
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "YOLO_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(client_threads), "PYTHONUNBUFFERED": "1"}
+    group = ProcessGroup(run_dir / "logs")
+    with _sigterm_as_exit():
+        try:
+            link = group.start("superlink", [
+                _bin("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
+                "--disable-runtime-dependency-installation",
+            ], env)
+            wait_for_port(host, port, startup_timeout, link)
+            for i in range(num_clients):
+                group.start(f"supernode-{i}", [
+                    _bin("flower-supernode"), "--insecure", "--superlink", f"{host}:{port}",
+                    "--port", str(free_port(host)),
+                    "--node-config", f"partition-id={i} num-partitions={num_clients}",
+                ], env)
+            LOGGER.info("deployment engine: SuperLink on %s:%d, %d SuperNodes (logs in %s)",
+                        host, port, num_clients, run_dir / "logs")
+            runner = group.start("flwr-run", [
+                _bin("flwr"), "run", str(PROJECT_ROOT), FEDERATION,
+                "--run-config", f"run-dir='{run_dir}'", "--stream",
+            ], env)
+            _follow(runner, run_dir)
+        finally:
+            group.stop()
+
+
+def _follow(runner: subprocess.Popen, run_dir: Path) -> None:
+    """Wait for ``flwr run`` to end; the run is done when summary.json says so."""
+    import json
+
+    from fl_server.run_dir import read_jsonl
+
+    summary = run_dir / "summary.json"
+    while runner.poll() is None:
+        if any(e["kind"] == "run_end" for e in read_jsonl(run_dir / "events.jsonl")):
+            break
+        time.sleep(1.0)
+    status = json.loads(summary.read_text()).get("status") if summary.exists() else None
+    if status != "completed":
+        raise RuntimeError(
+            f"deployment run ended with status {status!r}; last lines of "
+            f"{run_dir / 'logs' / 'flwr-run.log'}:\n{tail(run_dir / 'logs' / 'flwr-run.log')}"
+        )

@@ -1,0 +1,1 @@
+"""The Flower ClientApp side of fedyolo: local data, training and evaluation."""

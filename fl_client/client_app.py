@@ -1,0 +1,164 @@
+"""The Flower ClientApp: local training and evaluation on this client's own shard.
+
+A client never sends images or labels: only the weights it trained and the numbers describing
+how (``num-examples`` is the real count of training images in its shard).
+
+Which shard: the SuperNode's node config ``data-path`` (a ``data.yaml``) when given, as on a
+real robot; otherwise ``<data-root>/client_<partition-id>/data.yaml`` from the run's prepared
+shards (simulation and the local deployment engine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
+
+LOGGER = logging.getLogger(__name__)
+
+app = ClientApp()
+
+_MODEL_CACHE: dict[tuple, object] = {}
+_WORKDIR: Path | None = None
+
+
+def _workdir() -> Path:
+    global _WORKDIR
+    if _WORKDIR is None:
+        _WORKDIR = Path(tempfile.mkdtemp(prefix="fedyolo-client-"))
+    return _WORKDIR
+
+
+def _quiet_ultralytics(level: str) -> None:
+    from ultralytics.utils import LOGGER as UL_LOGGER
+
+    UL_LOGGER.setLevel(getattr(logging, level, logging.WARNING))
+
+
+def shard_yaml(context: Context, config: ConfigRecord) -> Path:
+    """The ``data.yaml`` of this client's shard (see module docstring)."""
+    node = context.node_config
+    if "data-path" in node and str(node["data-path"]):
+        path = Path(str(node["data-path"]))
+    else:
+        if "partition-id" not in node:
+            raise ValueError("node config has neither 'data-path' nor 'partition-id'")
+        path = Path(str(config["data-root"])) / f"client_{int(node['partition-id'])}" / "data.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"client data: '{path}' does not exist")
+    return path
+
+
+def _model_for(config: ConfigRecord, received: ArrayRecord):
+    """The process's cached model for this architecture, loaded with the received weights."""
+    from fl_client.model import build_model, load_record
+
+    names = list(config["names"])
+    key = (str(config["model-cfg"]), tuple(names))
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = build_model(str(config["model-cfg"]), names)
+    model = _MODEL_CACHE[key]
+    load_record(model, received)
+    return model
+
+
+def _setup_process(config: ConfigRecord) -> None:
+    import torch
+
+    threads = int(config.get("threads", 0))
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    _quiet_ultralytics(str(config.get("ultralytics-log-level", "WARNING")))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this client's shard for one round."""
+    t0 = time.perf_counter()
+    from fl_client.model import to_record
+    from fl_client.train import resolve_device, train_round
+
+    config = msg.content["config"]
+    _setup_process(config)
+    data_yaml = shard_yaml(context, config)
+    model = _model_for(config, msg.content["arrays"])
+    pid = int(context.node_config.get("partition-id", 0))
+    server_round = int(config["server-round"])
+    result = train_round(
+        model,
+        data_yaml,
+        _workdir(),
+        epochs=int(config["epochs"]),
+        imgsz=int(config["imgsz"]),
+        batch=int(config["batch"]),
+        lr0=float(config["lr0"]),
+        optimizer=str(config["optimizer"]),
+        momentum=float(config["momentum"]),
+        weight_decay=float(config["weight-decay"]),
+        mosaic=float(config["mosaic"]),
+        device=resolve_device(str(config["device"])),
+        amp=bool(config["amp"]),
+        workers=int(config["workers"]),
+        seed=int(config["seed"]) + 1000 * server_round + pid,
+    )
+    arrays = to_record(model)
+    losses = result.losses
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "partition-id": pid,
+            "loss": float(sum(losses.values())) if losses else float("nan"),
+            "loss-box": float(losses.get("box_loss", float("nan"))),
+            "loss-cls": float(losses.get("cls_loss", float("nan"))),
+            "loss-dfl": float(losses.get("dfl_loss", float("nan"))),
+            "setup-seconds": result.timing.setup,
+            "train-seconds": result.timing.epochs,
+            "batch-seconds": result.timing.batches,
+            "batches": result.timing.batch_count,
+            "handler-seconds": time.perf_counter() - t0,
+        }
+    )
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this client's local validation split."""
+    from fl_client.evaluate import evaluate_checkpoint
+    from fl_client.model import save_checkpoint
+    from fl_client.train import resolve_device
+
+    config = msg.content["config"]
+    _setup_process(config)
+    data_yaml = shard_yaml(context, config)
+    model = _model_for(config, msg.content["arrays"])
+    ckpt = save_checkpoint(model, _workdir() / "global.pt", {"imgsz": int(config["imgsz"])}, {})
+    res = evaluate_checkpoint(
+        ckpt,
+        data_yaml,
+        imgsz=int(config["imgsz"]),
+        batch=int(config["eval-batch"]),
+        device=resolve_device(str(config["device"])),
+        workdir=_workdir(),
+    )
+    from ultralytics.data.utils import check_det_dataset
+
+    num_val = len(list((Path(check_det_dataset(str(data_yaml))["val"])).glob("*")))
+    metrics = MetricRecord(
+        {
+            "num-examples": num_val,
+            "map50": res["map50"],
+            "map50-95": res["map50_95"],
+            "precision": res["precision"],
+            "recall": res["recall"],
+        }
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,57 @@
+"""Evaluate a detection checkpoint on a labelled split with Ultralytics' validator."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+LOGGER = logging.getLogger(__name__)
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data_yaml: Path,
+    *,
+    imgsz: int,
+    batch: int,
+    device: str,
+    workdir: Path,
+    split: str = "val",
+) -> dict:
+    """mAP50, mAP50-95, precision, recall (and per class) of ``checkpoint`` on ``data_yaml``.
+
+    Goes through ``YOLO(checkpoint).val()``: the numbers are the ones a user gets from the
+    same file with Ultralytics' own tools.
+    """
+    from ultralytics import YOLO
+
+    metrics = YOLO(str(checkpoint)).val(
+        data=str(data_yaml),
+        split=split,
+        imgsz=imgsz,
+        batch=batch,
+        device=device,
+        plots=False,
+        verbose=False,
+        save_json=False,
+        project=str(workdir),
+        name="val",
+        exist_ok=True,
+        workers=0,
+        half=False,
+    )
+    box = metrics.box
+    names = metrics.names
+    per_class = {}
+    for i, c in enumerate(box.ap_class_index):
+        per_class[names[int(c)]] = {
+            "map50": float(box.all_ap[i, 0]),
+            "map50_95": float(box.all_ap[i].mean()),
+        }
+    return {
+        "map50": float(box.map50),
+        "map50_95": float(box.map),
+        "precision": float(box.mp),
+        "recall": float(box.mr),
+        "per_class": per_class,
+    }

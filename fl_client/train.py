@@ -1,0 +1,194 @@
+"""Local training of one round on a client's shard, with Ultralytics' own trainer.
+
+``LocalTrainer`` is Ultralytics' ``DetectionTrainer`` with four federated changes:
+
+* it trains the model object it is given (the received global weights): Ultralytics'
+  ``setup_model`` leaves a ready ``nn.Module`` as it is, so nothing is rebuilt from the yaml
+  and nothing carries over from a previous round;
+* no per-epoch validation, checkpoints or final evaluation: the server evaluates the global
+  model on its held-out set, and a client's checkpoint would only cost disk time;
+* no integrations: Ultralytics' ClearML/TensorBoard/W&B/Hub callbacks are removed, so nothing
+  fires per client (fedyolo's own tracking is on the server);
+* one optimiser step per batch (``nbs = batch``): Ultralytics accumulates gradients up to a
+  nominal batch of 64, which on a small shard would leave a round with one or two steps.
+
+The weights returned are those of ``trainer.model`` — the raw model the optimiser updated — not
+the EMA. Ultralytics restarts its EMA at every ``train()`` call; over one round of a few dozen
+steps it is a lagging copy of the raw weights, and the server's averaging over clients already
+smooths. The raw weights are also exactly what the next round continues from.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundTiming:
+    """Where a client's round went (seconds)."""
+
+    setup: float = 0.0  # trainer construction, dataset and dataloader build, optimiser
+    epochs: float = 0.0  # inside the epoch loops: loading batches, forward, backward, step
+    batches: float = 0.0  # forward, backward and optimiser step only
+    batch_count: int = 0
+    _t_batch: float = field(default=0.0, repr=False)
+    _t_epoch: float = field(default=0.0, repr=False)
+
+
+def _local_trainer_class() -> type:
+    """Build the trainer subclass lazily, so importing fedyolo does not import Ultralytics."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils import callbacks
+
+    class LocalTrainer(DetectionTrainer):
+        def __init__(self, model: torch.nn.Module, overrides: dict[str, Any], timing: RoundTiming):
+            super().__init__(overrides=overrides)
+            # Drop integration callbacks (ClearML, TensorBoard, Hub, ...) added in __init__.
+            self.callbacks = callbacks.get_default_callbacks()
+            self.model = model
+            self.timing = timing
+            self.add_callback("on_train_start", self._on_train_start)
+            self.add_callback("on_train_epoch_start", self._on_epoch_start)
+            self.add_callback("on_train_epoch_end", self._on_epoch_end)
+            self.add_callback("on_train_batch_start", self._on_batch_start)
+            self.add_callback("on_train_batch_end", self._on_batch_end)
+
+        # --- timing -------------------------------------------------------------------------
+        @staticmethod
+        def _on_train_start(trainer: Any) -> None:
+            trainer.timing.setup = time.perf_counter() - trainer.timing.setup
+
+        @staticmethod
+        def _on_epoch_start(trainer: Any) -> None:
+            trainer.timing._t_epoch = time.perf_counter()
+
+        @staticmethod
+        def _on_epoch_end(trainer: Any) -> None:
+            trainer.timing.epochs += time.perf_counter() - trainer.timing._t_epoch
+
+        @staticmethod
+        def _on_batch_start(trainer: Any) -> None:
+            trainer.timing._t_batch = time.perf_counter()
+
+        @staticmethod
+        def _on_batch_end(trainer: Any) -> None:
+            trainer.timing.batches += time.perf_counter() - trainer.timing._t_batch
+            trainer.timing.batch_count += 1
+
+        # --- federated changes --------------------------------------------------------------
+        def validate(self) -> tuple[dict, None]:
+            return self.metrics, None
+
+        def save_model(self) -> bool:
+            return False
+
+        def final_eval(self) -> None:
+            return None
+
+        def plot_training_labels(self) -> None:
+            return None
+
+        def _clear_memory(self, threshold: float | None = None) -> None:
+            # On CPU there is no accelerator memory to free; Ultralytics' gc.collect() here
+            # costs ~0.4 s per call in a process holding torch and Flower.
+            if self.device.type != "cpu":
+                super()._clear_memory(threshold)
+
+    return LocalTrainer
+
+
+_TRAINER_CLASS: type | None = None
+
+
+@dataclass
+class LocalResult:
+    """What a round of local training produced."""
+
+    num_examples: int
+    losses: dict[str, float]  # mean training losses of the last epoch: box, cls, dfl
+    timing: RoundTiming
+
+
+def train_round(
+    model: torch.nn.Module,
+    data_yaml: Path,
+    workdir: Path,
+    *,
+    epochs: int,
+    imgsz: int,
+    batch: int,
+    lr0: float,
+    optimizer: str,
+    momentum: float,
+    weight_decay: float,
+    mosaic: float,
+    device: str,
+    amp: bool,
+    workers: int,
+    seed: int,
+) -> LocalResult:
+    """Train ``model`` in place for ``epochs`` local epochs on the shard in ``data_yaml``."""
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is None:
+        _TRAINER_CLASS = _local_trainer_class()
+    timing = RoundTiming(setup=time.perf_counter())
+    overrides = {
+        "model": "fedyolo-global",  # unused: the trainer gets the model object
+        "data": str(data_yaml),
+        "epochs": epochs,
+        "imgsz": imgsz,
+        "batch": batch,
+        "nbs": batch,
+        "lr0": lr0,
+        "lrf": 1.0,  # constant LR within a round; the server owns the schedule across rounds
+        "warmup_epochs": 0,
+        "optimizer": optimizer,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "mosaic": mosaic,
+        "close_mosaic": 0,
+        "device": device,
+        "amp": amp,
+        "workers": workers,
+        "seed": seed,
+        "deterministic": False,
+        "val": False,
+        "plots": False,
+        "save": False,
+        "cache": False,
+        "verbose": False,
+        "project": str(workdir),
+        "name": "train",
+        "exist_ok": True,
+    }
+    trainer = _TRAINER_CLASS(model, overrides, timing)
+    trainer.train()
+    trained = trainer.model
+    if trained is not model:  # the trainer only moves the same object between devices
+        raise RuntimeError("Ultralytics trained another model object than the one received")
+    model.to("cpu")
+    losses = {}
+    if trainer.tloss is not None:
+        losses = {k: float(v) for k, v in trainer.tloss.items()} if isinstance(
+            trainer.tloss, dict
+        ) else dict(zip(trainer.loss_names, [float(x) for x in trainer.tloss], strict=False))
+    return LocalResult(
+        num_examples=len(trainer.train_loader.dataset),
+        losses=losses,
+        timing=timing,
+    )
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``0`` (first CUDA device) when CUDA is present, else ``cpu``."""
+    if str(device) == "auto":
+        return "0" if torch.cuda.is_available() else "cpu"
+    return str(device)

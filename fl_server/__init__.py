@@ -1,0 +1,1 @@
+"""The Flower ServerApp of fedyolo, run preparation and the ``fedyolo`` command line."""

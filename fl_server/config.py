@@ -1,0 +1,129 @@
+"""Compose and validate the Hydra config of a run.
+
+Defaults live once, in ``configs/``; this module only composes them with the user's overrides
+and checks the values, so a bad value stops the run with one line naming the key before any
+work starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``configs/config.yaml`` with Hydra command-line style overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"config: {first}") from e
+    validate(cfg)
+    return cfg
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, int | float)) and not isinstance(v, bool)
+
+
+def _rule(check: Callable[[Any], bool], expected: str) -> tuple[Callable[[Any], bool], str]:
+    return check, expected
+
+
+def _strategy_names() -> set[str]:
+    from strategies import REGISTRY
+
+    return set(REGISTRY)
+
+
+_OPTIMIZERS = {"SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "MuSGD"}
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": _rule(_is_int, "an integer"),
+    "federation.clients": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "federation.rounds": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "federation.fraction": _rule(lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "federation.fraction_evaluate": _rule(
+        lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"
+    ),
+    "federation.round_timeout": _rule(lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
+    "train.epochs": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train.imgsz": _rule(
+        lambda v: _is_int(v) and v >= 32 and v % 32 == 0, "an integer >= 32, a multiple of 32"
+    ),
+    "train.batch": _rule(lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "train.eval_batch": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train.lr0": _rule(lambda v: _is_num(v) and 0 < v < 10, "a number in (0, 10)"),
+    "train.momentum": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "train.weight_decay": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "train.mosaic": _rule(lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "train.optimizer": _rule(
+        lambda v: v in _OPTIMIZERS,
+        f"one of {sorted(_OPTIMIZERS)} ('auto' ignores lr0 and momentum, so it is refused)",
+    ),
+    "train.device": _rule(
+        lambda v: str(v) in {"auto", "cpu"} or all(p.isdigit() for p in str(v).split(",")),
+        "auto, cpu or a CUDA device index like 0",
+    ),
+    "train.amp": _rule(lambda v: isinstance(v, bool), "true or false"),
+    "train.workers": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "model.cfg": _rule(lambda v: isinstance(v, str) and v != "", "a model yaml or .pt path"),
+    "data.partition": _rule(lambda v: v in {"iid", "dirichlet", "domain"}, "iid, dirichlet or domain"),
+    "data.alpha": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "data.server_val_fraction": _rule(lambda v: _is_num(v) and 0 < v <= 0.5, "a number in (0, 0.5]"),
+    "data.client_val_fraction": _rule(lambda v: _is_num(v) and 0 < v <= 0.5, "a number in (0, 0.5]"),
+    "data.synth.images": _rule(lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
+    "data.synth.imgsz": _rule(lambda v: _is_int(v) and v >= 32, "an integer >= 32"),
+    "engine.name": _rule(
+        lambda v: v in {"simulation", "local-deployment"}, "simulation or local-deployment"
+    ),
+    "strategy.name": _rule(lambda v: v in _strategy_names(), "a registered strategy name"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` naming the first key whose value is wrong."""
+    for key, (check, expected) in _RULES.items():
+        value = OmegaConf.select(cfg, key, default="__missing__")
+        if value == "__missing__":
+            raise ConfigError(f"config: '{key}' is missing")
+        if not check(value):
+            raise ConfigError(f"config: {key}={value!r} is invalid; expected {expected}")
+    if cfg.data.path is not None and not Path(str(cfg.data.path)).expanduser().exists():
+        raise ConfigError(f"config: data.path={cfg.data.path!r} does not exist")
+    from fl_client.model import ModelConfigError, resolve_model_cfg
+
+    try:
+        resolve_model_cfg(str(cfg.model.cfg))
+    except ModelConfigError as e:
+        raise ConfigError(f"config: {e}") from e
+    if cfg.resume is not None:
+        raise ConfigError("config: resume is not implemented yet (tracked in the resume issue)")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def load(path: Path) -> DictConfig:
+    cfg = OmegaConf.load(path)
+    assert isinstance(cfg, DictConfig)
+    return cfg

@@ -1,0 +1,138 @@
+"""Prepare a run directory before any round: data, checks, shards, config and manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from fl_client.data import (
+    CLASSES,
+    DataError,
+    check_dataset,
+    generate,
+    load_dataset,
+    partition,
+    write_partition,
+)
+from fl_server import config as config_mod
+from fl_server.run_dir import RunDir, write_json
+
+LOGGER = logging.getLogger("fedyolo")
+
+PACKAGES = ("fedyolo", "flwr", "ultralytics", "torch", "torchvision", "ray", "hydra-core",
+            "numpy", "opencv-python", "clearml", "optuna", "onnxruntime")
+
+
+def synth_dataset(cfg: DictConfig) -> Path:
+    """The synthetic fleet for ``cfg.data.synth``, generated once into the cache and reused."""
+    s = cfg.data.synth
+    key = json.dumps({"n": int(s.images), "imgsz": int(s.imgsz), "domains": list(s.domains),
+                      "seed": int(cfg.seed), "classes": list(CLASSES), "v": 1}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    out = Path(str(cfg.data.cache_dir)).expanduser().resolve() / f"synth-{digest}"
+    data_yaml = out / "data.yaml"
+    if (out / ".complete").exists():
+        return data_yaml
+    t0 = time.perf_counter()
+    generate(out, int(s.images), imgsz=int(s.imgsz), seed=int(cfg.seed), domains=list(s.domains))
+    (out / ".complete").write_text("ok\n")
+    LOGGER.info("generated %d synthetic images in %.1f s → %s", int(s.images),
+                time.perf_counter() - t0, out)
+    return data_yaml
+
+
+def run_name(cfg: DictConfig) -> str:
+    if cfg.name:
+        return str(cfg.name)
+    model = Path(str(cfg.model.cfg)).stem
+    return f"{model}-{cfg.data.partition}-{cfg.federation.clients}c-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for p in PACKAGES:
+        try:
+            found[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            found[p] = None
+    return found
+
+
+def prepare_run(cfg: DictConfig) -> RunDir:
+    """Create ``runs/<name>``: check and partition the data, write config and manifest."""
+    run = RunDir(Path(str(cfg.output.dir)).expanduser().resolve() / run_name(cfg))
+    if run.path.exists() and any(run.path.iterdir()) and not cfg.output.overwrite:
+        raise config_mod.ConfigError(
+            f"run directory {run.path} already exists; choose another name= or set "
+            "output.overwrite=true"
+        )
+    if run.path.exists():
+        for f in (run.metrics, run.events, run.summary, run.best, run.last):
+            f.unlink(missing_ok=True)
+    run.path.mkdir(parents=True, exist_ok=True)
+
+    source = Path(str(cfg.data.path)).expanduser() if cfg.data.path else synth_dataset(cfg)
+    ds = load_dataset(source)
+    report = check_dataset(ds, work_dir=run.data / "repaired_labels", repair=True)
+    report.write(run.path / "data_check.json")
+    if report.issues:
+        LOGGER.warning("data check: %d issue(s), see %s\n%s", len(report.issues),
+                       run.path / "data_check.json", report.summary())
+    part = partition(
+        report.usable,
+        int(cfg.federation.clients),
+        method=str(cfg.data.partition),
+        alpha=float(cfg.data.alpha),
+        seed=int(cfg.seed),
+        server_val_fraction=float(cfg.data.server_val_fraction),
+        client_val_fraction=float(cfg.data.client_val_fraction),
+    )
+    part_manifest_path = write_partition(part, list(ds.names), run.data)
+    part_manifest = json.loads(Path(part_manifest_path).read_text())
+
+    run.config.write_text(config_mod.to_yaml(cfg))
+    write_json(
+        run.manifest,
+        {
+            "run": run.path.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seed": int(cfg.seed),
+            "git_sha": _git_sha(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "packages": _versions(),
+            "data": {
+                "source": str(source),
+                "names": list(ds.names),
+                "data_version": part_manifest["data_version"],
+                "partition": str(cfg.data.partition),
+                "server_val_images": part_manifest["server_val"]["images"],
+                "clients": [
+                    {"id": c["id"], "train_images": c["train_images"], "val_images": c["val_images"]}
+                    for c in part_manifest["clients"]
+                ],
+                "check_issues": len(report.issues),
+            },
+        },
+    )
+    return run
+
+
+__all__ = ["DataError", "prepare_run", "synth_dataset"]

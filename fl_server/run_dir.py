@@ -1,0 +1,157 @@
+"""The run directory: the files users' scripts and dashboards read (see README, "Run directory").
+
+``runs/<name>/``: ``config.yaml``, ``manifest.json``, ``metrics.jsonl`` (one line per finished
+round), ``events.jsonl``, ``summary.json``, ``summary.md``, ``metrics.png``, ``best.pt``,
+``last.pt``. Files are appended or atomically replaced, so a run stopped at any moment leaves
+readable files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+METRIC_KEYS = ("map50", "map50_95", "precision", "recall")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: non-finite floats become None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, obj: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(_clean(obj)) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunDir:
+    """Paths and writers of one run directory."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.manifest = self.path / "manifest.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.events = self.path / "events.jsonl"
+        self.summary = self.path / "summary.json"
+        self.summary_md = self.path / "summary.md"
+        self.plot = self.path / "metrics.png"
+        self.best = self.path / "best.pt"
+        self.last = self.path / "last.pt"
+        self.data = self.path / "data"  # the run's client shards and server validation set
+        self.work = self.path / ".work"  # scratch (Ultralytics' validator output)
+
+    def event(self, server_round: int, kind: str, **details: Any) -> None:
+        append_jsonl(self.events, {"round": server_round, "kind": kind, **details})
+
+    def add_round(self, record: dict) -> None:
+        append_jsonl(self.metrics, record)
+
+    def rounds(self) -> list[dict]:
+        return read_jsonl(self.metrics)
+
+    def write_summary(self, rounds: list[dict], status: str) -> dict:
+        """summary.json from the finished rounds (best by mAP50-95 on the held-out set)."""
+
+        def pick(r: dict | None) -> dict | None:
+            return None if r is None else {"round": r["round"], **{k: r[k] for k in METRIC_KEYS}}
+
+        scored = [r for r in rounds if r.get("map50_95") is not None]
+        best = max(scored, key=lambda r: r["map50_95"], default=None)
+        summary = {
+            "status": status,
+            "rounds_completed": len(rounds),
+            "best": pick(best),
+            "final": pick(rounds[-1] if rounds else None),
+            "best_checkpoint": str(self.best) if best is not None else None,
+            "last_checkpoint": str(self.last),
+            "total_seconds": sum(r.get("round_seconds", 0.0) for r in rounds),
+        }
+        write_json(self.summary, summary)
+        return summary
+
+    def write_plot(self, rounds: list[dict]) -> None:
+        """metrics.png: global mAP per round and each client's training loss."""
+        if not rounds:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        xs = [r["round"] for r in rounds]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        for key, label in (("map50_95", "mAP50-95"), ("map50", "mAP50")):
+            ax1.plot(xs, [r.get(key) for r in rounds], marker="o", label=label)
+        ax1.set(xlabel="round", ylabel="held-out mAP", title="Global model (server val set)")
+        ax1.grid(alpha=0.3)
+        ax1.legend()
+        clients = sorted({c["id"] for r in rounds for c in r.get("clients", [])})
+        for cid in clients:
+            pts = [
+                (r["round"], c.get("loss"))
+                for r in rounds
+                for c in r.get("clients", [])
+                if c["id"] == cid
+            ]
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"client {cid}")
+        ax2.set(xlabel="round", ylabel="train loss (box+cls+dfl)", title="Client training loss")
+        ax2.grid(alpha=0.3)
+        if clients:
+            ax2.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(self.plot, dpi=110)
+        plt.close(fig)
+
+    def write_summary_md(self, summary: dict, rounds: list[dict], title: str) -> None:
+        lines = [f"# {title}", "", f"Status: **{summary['status']}**, "
+                 f"{summary['rounds_completed']} rounds in {summary['total_seconds']:.0f} s.", ""]
+        if summary["best"]:
+            b, f = summary["best"], summary["final"]
+            lines += [
+                f"- Best: round {b['round']}, mAP50-95 {b['map50_95']:.3f}, mAP50 {b['map50']:.3f}"
+                f" → `best.pt`",
+                f"- Final: round {f['round']}, mAP50-95 {f['map50_95']:.3f}, mAP50 {f['map50']:.3f}"
+                f" → `last.pt`",
+                "",
+                "All metrics are on the server's held-out validation set, which no client trains on.",
+                "",
+                "| round | mAP50-95 | mAP50 | precision | recall | seconds | clients |",
+                "|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for r in rounds:
+                lines.append(
+                    f"| {r['round']} | {r['map50_95']:.3f} | {r['map50']:.3f} | "
+                    f"{r['precision']:.3f} | {r['recall']:.3f} | {r['round_seconds']:.1f} | "
+                    f"{len(r.get('clients', []))} |"
+                )
+        events = read_jsonl(self.events)
+        notable = [e for e in events if e["kind"] not in {"initial_eval", "run_start", "run_end"}]
+        if notable:
+            lines += ["", f"{len(notable)} notable events (see `events.jsonl`):", ""]
+            lines += [f"- round {e['round']}: {e['kind']} {e.get('reason', '')}".rstrip()
+                      for e in notable[:20]]
+        lines += ["", "![metrics](metrics.png)", ""]
+        self.summary_md.write_text("\n".join(lines))
