@@ -74,6 +74,7 @@ def build_model(cfg: str, names: dict[int, str] | list[str]) -> torch.nn.Module:
     else:
         model = DetectionModel(resolved, nc=len(names), verbose=False)
     model.names = names
+    model.nc = len(names)
     return model.float()
 
 
@@ -118,6 +119,17 @@ def load_record(model: torch.nn.Module, record: ArrayRecord) -> None:
                     f"the model expects {tuple(state[k].shape)}"
                 )
             state[k].copy_(torch.from_numpy(np.ascontiguousarray(arr)))
+
+
+def record_digest(record: ArrayRecord) -> str:
+    """sha256 over the record's keys and float32 bytes: identifies a global model exactly."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(record.keys()):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(record[k].numpy(), dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 def record_is_finite(record: ArrayRecord) -> bool:

@@ -30,14 +30,16 @@ def _setup_logging(level: str = "INFO") -> None:
     from ultralytics.utils import LOGGER as UL_LOGGER
 
     UL_LOGGER.setLevel(logging.WARNING)
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines
 
 
 def cmd_run(overrides: list[str]) -> int:
     from fl_server import config as config_mod
+
+    cfg = config_mod.compose(overrides)  # a bad value stops here, before any work
+    _setup_logging(str(cfg.log_level))
     from fl_server.prepare import prepare_run
 
-    cfg = config_mod.compose(overrides)
-    _setup_logging(str(cfg.log_level))
     t0 = time.perf_counter()
     run = prepare_run(cfg)
     LOGGER.info("run directory: %s (engine=%s, %d clients, %d rounds)", run.path,
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fl_client.data import DataError
+    from fl_client.data.errors import DataError
     from fl_client.model import ModelConfigError
     from fl_server.config import ConfigError
 

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fl_client.evaluate import evaluate_checkpoint
-from fl_client.model import build_model, load_record, save_checkpoint, to_record
+from fl_client.model import build_model, load_record, record_digest, save_checkpoint, to_record
 from fl_client.train import resolve_device
 from fl_server import config as config_mod
 from fl_server.observed_grid import ObservedGrid
@@ -106,8 +106,9 @@ class GlobalEvaluator:
         )
         now = time.perf_counter()
         metrics = {k: res[k] for k in METRIC_KEYS}
+        res["weights_sha256"] = record_digest(arrays)
         if server_round == 0:
-            self.run.event(0, "initial_eval", **metrics)
+            self.run.event(0, "initial_eval", **metrics, weights_sha256=res["weights_sha256"])
             LOGGER.info("round 0 (initial model): mAP50-95 %.3f", res["map50_95"])
         else:
             self._record_round(server_round, res, eval_seconds=now - t_eval, now=now)
@@ -126,6 +127,7 @@ class GlobalEvaluator:
             "transport_seconds": log.transport_seconds if log else 0.0,
             "clients": clients,
             "failures": log.failed if log else 0,
+            "weights_sha256": res["weights_sha256"],
         }
         if not clients:
             self.run.event(rnd, "round_failed",

@@ -1,0 +1,68 @@
+"""The model and the weights on the wire."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fl_client.model import (
+    ModelConfigError,
+    build_model,
+    exchanged_keys,
+    load_record,
+    record_is_finite,
+    to_record,
+)
+
+NAMES = ["car", "pedestrian", "cyclist"]
+
+
+def test_head_has_dataset_class_count_from_the_start():
+    model = build_model("fedyolo-tiny.yaml", NAMES)
+    assert model.yaml["nc"] == 3
+    assert model.names == {0: "car", 1: "pedestrian", 2: "cyclist"}
+    # The classification convs of the head output nc channels.
+    cls_out = [m for n, m in model.named_modules() if n.startswith("model.22.cv3") and
+               isinstance(m, torch.nn.Conv2d)]
+    assert cls_out and cls_out[-1].out_channels == 3
+
+
+def test_round_trip_is_exact_and_covers_params_and_bn_stats():
+    src = build_model("fedyolo-tiny.yaml", NAMES)
+    with torch.no_grad():  # make BN statistics non-default so a skipped buffer would show
+        for name, buf in src.named_buffers():
+            if buf.dtype.is_floating_point:
+                buf.copy_(torch.rand_like(buf) + 0.5)
+    rec = to_record(src)
+    keys = set(rec.keys())
+    assert any(k.endswith(".bn.running_mean") for k in keys)
+    assert any(k.endswith(".bn.running_var") for k in keys)
+    assert not any(k.endswith("num_batches_tracked") for k in keys)
+    assert all(rec[k].numpy().dtype == np.float32 for k in keys)
+    dst = build_model("fedyolo-tiny.yaml", NAMES)
+    load_record(dst, rec)
+    s, d = src.state_dict(), dst.state_dict()
+    for k in exchanged_keys(src):
+        assert torch.equal(s[k], d[k]), k
+    # 1-D tensors (biases, BN weights) travel too, not only conv kernels.
+    assert any(s[k].ndim == 1 for k in exchanged_keys(src))
+
+
+def test_load_record_refuses_a_mismatched_model():
+    rec = to_record(build_model("fedyolo-tiny.yaml", NAMES + ["sign"]))
+    with pytest.raises(ValueError, match="shape"):
+        load_record(build_model("fedyolo-tiny.yaml", NAMES), rec)
+
+
+def test_non_finite_records_are_detected():
+    model = build_model("fedyolo-tiny.yaml", NAMES)
+    assert record_is_finite(to_record(model))
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    assert not record_is_finite(to_record(model))
+
+
+def test_unknown_model_cfg_is_one_clear_error():
+    with pytest.raises(ModelConfigError, match="model.cfg"):
+        build_model("yolov99z.yaml", NAMES)

@@ -1,0 +1,77 @@
+"""Local training starts from the received weights and returns the model it trained."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from fl_client.model import build_model, load_record, to_record
+from fl_client.train import train_round
+
+KW = dict(epochs=1, imgsz=64, batch=8, lr0=0.01, optimizer="SGD", momentum=0.9,
+          weight_decay=0.0005, mosaic=0.0, device="cpu", amp=False, workers=0, seed=0)
+
+
+def _names(data_yaml):
+    import yaml
+
+    names = yaml.safe_load(open(data_yaml))["names"]
+    return [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
+
+
+def test_training_starts_from_received_weights(tiny_data, tmp_path):
+    names = _names(tiny_data)
+    global_model = build_model("fedyolo-tiny.yaml", names)
+    with torch.no_grad():  # a global model no yaml would produce
+        for p in global_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    received = to_record(global_model)
+
+    client = build_model("fedyolo-tiny.yaml", names)  # fresh random init, as on a new client
+    load_record(client, received)
+    seen = {}
+
+    def spy(trainer):  # the first batch's model is the received model, not the yaml's
+        if "w" not in seen:
+            seen["w"] = copy.deepcopy(trainer.model.state_dict())
+
+    from fl_client import train as train_mod
+
+    cls = train_mod._local_trainer_class()
+    orig_init = cls.__init__
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        self.add_callback("on_train_batch_start", spy)
+
+    cls.__init__ = init
+    train_mod._TRAINER_CLASS = cls
+    try:
+        result = train_round(client, tiny_data, tmp_path, **KW)
+    finally:
+        train_mod._TRAINER_CLASS = None
+    ref = global_model.state_dict()
+    for k, v in seen["w"].items():
+        if v.dtype.is_floating_point:
+            assert torch.equal(v, ref[k]), f"{k} did not start from the received weights"
+    # ... and the returned model is the trained one: it moved away from the received weights.
+    moved = sum((client.state_dict()[k] - ref[k]).abs().sum().item()
+                for k in ref if ref[k].dtype.is_floating_point)
+    assert moved > 0
+    assert result.num_examples == len(list((tiny_data.parent / "images").glob("*.jpg")))
+    assert result.timing.batch_count == -(-result.num_examples // 8)
+    assert set(result.losses) >= {"box_loss", "cls_loss", "dfl_loss"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
+
+
+def test_no_integration_callbacks_fire(tiny_data, tmp_path):
+    from fl_client import train as train_mod
+
+    cls = train_mod._local_trainer_class()
+    model = build_model("fedyolo-tiny.yaml", _names(tiny_data))
+    trainer = cls(model, {"data": str(tiny_data), "model": "x", "project": str(tmp_path),
+                          "name": "t", "device": "cpu"}, train_mod.RoundTiming())
+    modules = {cb.__module__ for cbs in trainer.callbacks.values() for cb in cbs}
+    assert not any("integrations" in m or "callbacks.clearml" in m or "hub" in m
+                   for m in modules), modules
