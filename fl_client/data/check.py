@@ -1,0 +1,435 @@
+"""Data checks: find broken images and labels, repair what is safe, report everything.
+
+A client must never crash mid-round on one bad file, and a user must be able to see
+what was wrong with their data. ``check_dataset`` decodes every image fully, parses
+every label line, and returns the usable samples plus one :class:`Issue` per finding.
+Originals are never modified: repaired labels are written as copies under ``work_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image, ImageFile
+
+from fl_client.data.errors import DataError
+from fl_client.data.formats import Dataset, Sample, is_image, label_path_for
+
+log = logging.getLogger(__name__)
+
+ISSUE_KINDS: tuple[str, ...] = (
+    "unreadable_image",
+    "truncated_image",
+    "bad_columns",
+    "bad_value",
+    "class_out_of_range",
+    "out_of_bounds",
+    "zero_area",
+    "duplicate_label",
+    "background",
+    "orphan_label",
+)
+ACTIONS: tuple[str, ...] = ("skipped", "repaired", "kept")
+
+_MIN_SIDE = 1e-4  # normalised; a box side below this is degenerate (sub-pixel at 10k px)
+_TOLERANCE = 1e-6  # coordinates this far outside [0, 1] are float noise, not an issue
+_JPEG_EOI = b"\xff\xd9"
+_LOG_EVERY = 1000
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One finding: what (``kind``), where (``path``, 1-based ``line``), and what was done."""
+
+    kind: str
+    path: str
+    line: int | None
+    detail: str
+    action: str  # skipped | repaired | kept
+
+
+@dataclass
+class CheckReport:
+    """Issues found in a dataset and the samples that remain usable after repair."""
+
+    root: Path
+    num_images: int
+    issues: list[Issue] = field(default_factory=list)
+    usable: list[Sample] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Issue count for every kind (zeros included, so the schema is stable)."""
+        found = Counter(issue.kind for issue in self.issues)
+        return {kind: found.get(kind, 0) for kind in ISSUE_KINDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "images": self.num_images,
+            "usable": len(self.usable),
+            "counts": self.counts,
+            "issues": [asdict(issue) for issue in self.issues],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def write(self, path: Path) -> Path:
+        """Write the report as JSON (for scripts and CI) and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    def summary(self) -> str:
+        """A short human table: one row per issue kind found, with the actions taken."""
+        head = f"dataset {self.root}: {self.num_images} images, {len(self.usable)} usable"
+        if not self.issues:
+            return f"{head}, no issues"
+        actions: dict[str, set[str]] = {}
+        for issue in self.issues:
+            actions.setdefault(issue.kind, set()).add(issue.action)
+        rows = [
+            f"{'kind':<20} {'count':>6}  action",
+            *(
+                f"{kind:<20} {count:>6}  {'/'.join(sorted(actions[kind]))}"
+                for kind, count in self.counts.items()
+                if count
+            ),
+        ]
+        return "\n".join([head, *rows])
+
+
+# ---------------------------------------------------------------------------- public
+
+
+def check_dataset(ds: Dataset, work_dir: Path | None = None, repair: bool = True) -> CheckReport:
+    """Check every sample of ``ds``; return the issues and the usable samples.
+
+    With ``repair=True`` bad label lines are dropped or fixed and the cleaned label is
+    written into ``work_dir`` (required as soon as one label needs it); with
+    ``repair=False`` nothing is written and a sample whose label would change is
+    skipped whole. Unreadable or truncated images are always skipped; images without
+    a label file are kept as background. Raises :class:`DataError` when nothing usable
+    remains.
+    """
+    if not ds.samples:
+        raise DataError(f"dataset {ds.root}: no usable images (no images found)")
+    report = CheckReport(root=ds.root, num_images=len(ds.samples))
+    repaired_dir = Path(work_dir) if work_dir is not None else None
+    for index, sample in enumerate(ds.samples):
+        usable = _check_sample(index, sample, ds, repaired_dir, repair, report.issues)
+        if usable is not None:
+            report.usable.append(usable)
+        if (index + 1) % _LOG_EVERY == 0:
+            log.info("checked %d/%d images", index + 1, len(ds.samples))
+    report.issues.extend(_orphan_labels(ds.samples))
+    log.info(
+        "data check of %s: %d of %d images usable, %d issues",
+        ds.root,
+        len(report.usable),
+        len(ds.samples),
+        len(report.issues),
+    )
+    if not report.usable:
+        found = ", ".join(f"{n} {kind}" for kind, n in report.counts.items() if n)
+        raise DataError(f"dataset {ds.root}: no usable images ({len(ds.samples)} images: {found})")
+    return report
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def _check_sample(
+    index: int,
+    sample: Sample,
+    ds: Dataset,
+    repaired_dir: Path | None,
+    repair: bool,
+    issues: list[Issue],
+) -> Sample | None:
+    """Check one sample; append its issues; return the sample to use, or None to skip it."""
+    image_issue = check_image(sample.image)
+    if image_issue is not None:
+        issues.append(image_issue)
+        return None
+    if sample.label is None:
+        issues.append(
+            Issue(
+                "background",
+                str(sample.image),
+                None,
+                "no label file; used as a background image",
+                "kept",
+            )
+        )
+        return sample
+    result = _check_label_file(sample.label, len(ds.names))
+    if result.lines is None:  # the label file itself is unreadable: its boxes are unknown
+        issues.extend(result.issues)
+        return None
+    if not result.changed:
+        issues.extend(result.issues)
+        return sample
+    if not repair:
+        issues.extend(
+            replace(i, action="skipped", detail=f"{i.detail}; image skipped (repair off)")
+            for i in result.issues
+        )
+        return None
+    issues.extend(result.issues)
+    if repaired_dir is None:
+        raise DataError(
+            f"dataset {ds.root}: label {sample.label} needs repair; "
+            "pass a work_dir for cleaned copies "
+            "(originals are never modified)"
+        )
+    cleaned = repaired_dir / f"{index:06d}_{_short_hash(sample.label)}_{sample.label.name}"
+    cleaned.parent.mkdir(parents=True, exist_ok=True)
+    cleaned.write_text("".join(f"{line}\n" for line in result.lines))
+    return replace(sample, label=cleaned)
+
+
+def _short_hash(path: Path) -> str:
+    return hashlib.sha1(str(path).encode()).hexdigest()[:8]
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def check_image(path: Path) -> Issue | None:
+    """Decode ``path`` fully; return an ``unreadable_image``/``truncated_image`` issue or None."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return Issue(
+            "unreadable_image", str(path), None, f"cannot read file: {_one_line(exc)}", "skipped"
+        )
+    if not data:
+        return Issue("unreadable_image", str(path), None, "empty file", "skipped")
+    try:
+        with _strict_pil(), Image.open(io.BytesIO(data)) as im:
+            fmt, size = im.format, im.size
+            im.load()
+    except OSError as exc:  # includes UnidentifiedImageError
+        if "truncated" in str(exc):
+            return Issue("truncated_image", str(path), None, _one_line(exc), "skipped")
+        if _cv2_decodes(data):  # a format Pillow lacks but OpenCV (and so Ultralytics) reads
+            return None
+        return Issue(
+            "unreadable_image", str(path), None, f"cannot decode: {_one_line(exc)}", "skipped"
+        )
+    except (ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return Issue(
+            "unreadable_image", str(path), None, f"cannot decode: {_one_line(exc)}", "skipped"
+        )
+    if min(size) < 1:
+        return Issue("unreadable_image", str(path), None, f"image has size {size}", "skipped")
+    if fmt == "JPEG" and _JPEG_EOI not in data[-32:]:
+        return Issue(
+            "truncated_image", str(path), None, "JPEG end-of-image marker missing", "skipped"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _strict_pil() -> Iterator[None]:
+    """Make Pillow raise on truncated files even if another library relaxed it globally."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _cv2_decodes(data: bytes) -> bool:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+
+
+# ---------------------------------------------------------------------------- labels
+
+
+@dataclass
+class _LabelResult:
+    lines: list[str] | None  # the cleaned label, one YOLO line each; None: unreadable file
+    issues: list[Issue]
+    changed: bool  # True when ``lines`` differ from the file (a copy must be written)
+
+
+def _check_label_file(path: Path, nc: int) -> _LabelResult:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        issue = Issue(
+            "bad_value", str(path), None, f"cannot read label file: {_one_line(exc)}", "skipped"
+        )
+        return _LabelResult(None, [issue], changed=True)
+    return _check_label_text(text, nc, str(path))
+
+
+def _check_label_text(text: str, nc: int, where: str) -> _LabelResult:
+    """Validate YOLO label text line by line; drop or repair bad lines."""
+    lines: list[str] = []
+    issues: list[Issue] = []
+    seen: set[tuple[float, ...]] = set()
+    changed = False
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        line_issues, box, text_out = _check_line(raw.split(), nc, where, number)
+        issues.extend(line_issues)
+        if box is not None:
+            key = tuple(round(v, 6) for v in box)
+            if key in seen:
+                issues.append(
+                    Issue(
+                        "duplicate_label", where, number, "same box as an earlier line", "skipped"
+                    )
+                )
+                box = None
+            else:
+                seen.add(key)
+        if box is None or any(i.action == "repaired" for i in line_issues):
+            changed = True
+        if box is not None:
+            lines.append(text_out)
+    return _LabelResult(lines, issues, changed)
+
+
+def _check_line(
+    parts: Sequence[str], nc: int, where: str, number: int
+) -> tuple[list[Issue], tuple[float, ...] | None, str]:
+    """Check one label line.
+
+    Returns its issues, the final ``(cls, cx, cy, w, h)`` (None when dropped) and its text.
+    """
+    issues: list[Issue] = []
+
+    def fail(kind: str, detail: str) -> tuple[list[Issue], None, str]:
+        issues.append(Issue(kind, where, number, detail, "skipped"))
+        return issues, None, ""
+
+    values = _floats(parts)
+    if len(parts) != 5:
+        polygon = len(parts) >= 7 and len(parts) % 2 == 1
+        if not polygon:
+            return fail("bad_columns", f"{len(parts)} columns, expected 5 (cls cx cy w h)")
+        if values is None:
+            return fail("bad_value", "non-numeric or non-finite value")
+        values = _polygon_to_box(values)
+        issues.append(
+            Issue(
+                "bad_columns",
+                where,
+                number,
+                f"segment polygon of {(len(parts) - 1) // 2} points converted to its box",
+                "repaired",
+            )
+        )
+    if values is None:
+        return fail("bad_value", "non-numeric or non-finite value")
+    cls, cx, cy, w, h = values
+    if cls != int(cls) or not 0 <= cls < nc:
+        return fail("class_out_of_range", f"class {parts[0]} not an integer in 0..{nc - 1}")
+    if w < _MIN_SIDE or h < _MIN_SIDE:
+        return fail("zero_area", f"degenerate box w={w:g} h={h:g}")
+    box = (int(cls), cx, cy, w, h)
+    if not _inside(cx, cy, w, h):
+        clipped = _clip(cx, cy, w, h)
+        if clipped is None:
+            return fail("out_of_bounds", "box outside the image [0, 1] even after clipping")
+        issues.append(
+            Issue("out_of_bounds", where, number, "box clipped to the image [0, 1]", "repaired")
+        )
+        box = (int(cls), *clipped)
+    return issues, box, _format_line(box) if issues else " ".join(parts)
+
+
+def _floats(parts: Sequence[str]) -> list[float] | None:
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        return None
+    return values if all(math.isfinite(v) for v in values) else None
+
+
+def _polygon_to_box(values: list[float]) -> list[float]:
+    xs, ys = values[1::2], values[2::2]
+    x1, x2, y1, y2 = min(xs), max(xs), min(ys), max(ys)
+    return [values[0], (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
+
+
+def _inside(cx: float, cy: float, w: float, h: float) -> bool:
+    lo, hi = -_TOLERANCE, 1 + _TOLERANCE
+    return all(lo <= v <= hi for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+
+
+def _clip(cx: float, cy: float, w: float, h: float) -> tuple[float, float, float, float] | None:
+    """Clip a box to [0, 1]; None when what is left is degenerate."""
+    x1, x2 = max(0.0, cx - w / 2), min(1.0, cx + w / 2)
+    y1, y2 = max(0.0, cy - h / 2), min(1.0, cy + h / 2)
+    if x2 - x1 < _MIN_SIDE or y2 - y1 < _MIN_SIDE:
+        return None
+    return (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+
+
+def _format_line(box: tuple[float, ...]) -> str:
+    cls, cx, cy, w, h = box
+    return f"{int(cls)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}"
+
+
+# ---------------------------------------------------------------------------- orphans
+
+
+def _orphan_labels(samples: Sequence[Sample]) -> list[Issue]:
+    """Label files in the datasets' ``labels/`` folders whose image does not exist."""
+    referenced = {s.label.resolve() for s in samples if s.label is not None}
+    label_dirs = set()
+    for s in samples:
+        expected = label_path_for(s.image)
+        in_layout = s.label is None or s.label == expected  # COCO caches and copies are not
+        if in_layout and expected.parent != s.image.parent:
+            label_dirs.add(expected.parent)
+    issues = []
+    for folder in sorted(label_dirs):
+        stems = _image_stems(_images_dir_for(folder))
+        for txt in sorted(folder.glob("*.txt")):
+            if txt.name == "classes.txt" or txt.stem in stems or txt.resolve() in referenced:
+                continue
+            issues.append(
+                Issue(
+                    "orphan_label", str(txt), None, "label file without a matching image", "skipped"
+                )
+            )
+    return issues
+
+
+def _images_dir_for(labels_dir: Path) -> Path:
+    sa, sb = f"{os.sep}labels{os.sep}", f"{os.sep}images{os.sep}"
+    head, _, tail = f"{labels_dir}{os.sep}".rpartition(sa)
+    return Path(f"{head}{sb}{tail}")
+
+
+def _image_stems(folder: Path) -> set[str]:
+    if not folder.is_dir():
+        return set()
+    return {p.stem for p in folder.iterdir() if is_image(p)}
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

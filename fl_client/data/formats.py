@@ -1,0 +1,429 @@
+"""Read detection datasets (Ultralytics YOLO, Roboflow exports, COCO JSON) into samples.
+
+Everything downstream (checks, partitioning, shard writing) works on one in-memory
+shape, :class:`Dataset`, so the on-disk format matters only here. Labels are always
+YOLO text files; COCO annotations are converted once into a cache folder next to the
+JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fl_client.data.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset(
+    {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic"}
+)
+SPLITS = ("train", "val", "test")
+COCO_CACHE_DIR = ".fedyolo_yolo_labels"
+_YAML_NAMES = ("data.yaml", "data.yml")
+_META_FILE = "meta.jsonl"
+_EXPECTED = "expected an Ultralytics data.yaml, a folder containing data.yaml, or a COCO .json file"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image, its YOLO label file (None = no label file) and descriptive attributes.
+
+    ``attrs`` (e.g. ``{"domain": "night"}``) drives domain-aware partitioning; it is
+    left out of the hash so samples can live in sets.
+    """
+
+    image: Path
+    label: Path | None
+    split: str
+    attrs: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset: class names, samples in a stable order, and where it lives."""
+
+    names: list[str]
+    samples: list[Sample]
+    root: Path
+
+    @property
+    def nc(self) -> int:
+        return len(self.names)
+
+
+# ------------------------------------------------------------------------ entry point
+
+
+def load_dataset(path: Path | str) -> Dataset:
+    """Load a dataset from a data.yaml, a folder holding one, or a COCO JSON file.
+
+    Raises :class:`DataError` (one line) when the path is missing or not a dataset.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"dataset {path}: not found; {_EXPECTED}")
+    if path.is_dir():
+        yaml_path = next((path / n for n in _YAML_NAMES if (path / n).is_file()), None)
+        if yaml_path is None:
+            raise DataError(f"dataset {path}: folder has no data.yaml; {_EXPECTED}")
+        return _load_yaml_dataset(yaml_path)
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return _load_yaml_dataset(path)
+    if suffix == ".json":
+        return _load_coco_dataset(path)
+    raise DataError(f"dataset {path}: unsupported file type {suffix or '(none)'}; {_EXPECTED}")
+
+
+def label_path_for(image: Path) -> Path:
+    """The Ultralytics label path of an image: last ``/images/`` -> ``/labels/``, suffix -> .txt."""
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    text = str(image)
+    if sa in text:
+        head, tail = text.rsplit(sa, 1)
+        text = f"{head}{sb}{tail}"
+    return Path(text).with_suffix(".txt")
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+# ------------------------------------------------------------------- Ultralytics yaml
+
+
+def _load_yaml_dataset(yaml_path: Path) -> Dataset:
+    """Ultralytics data.yaml, including Roboflow exports with their ``../train/images`` quirk."""
+    yaml_path = yaml_path.absolute()
+    config = _read_yaml(yaml_path)
+    names = _parse_names(config, yaml_path)
+    root = _yaml_root(config, yaml_path)
+    entries = {split: config.get(split) for split in SPLITS if config.get(split)}
+    if not entries:
+        entries = _discover_split_folders(yaml_path.parent)
+    if not entries:
+        raise DataError(
+            f"dataset {yaml_path}: no train/val/test entries and no train/ valid/ test/ folders"
+        )
+    samples: list[Sample] = []
+    seen: set[Path] = set()
+    meta = _MetaIndex()
+    for split, entry in entries.items():
+        for image in _split_images(split, entry, root, yaml_path):
+            key = image.resolve()
+            if key in seen:  # train and val often point at the same images
+                continue
+            seen.add(key)
+            samples.append(_make_sample(image, split, meta))
+    log.info("loaded %d images (%d classes) from %s", len(samples), len(names), yaml_path)
+    return Dataset(names=names, samples=samples, root=root)
+
+
+def _read_yaml(yaml_path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(yaml_path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise DataError(f"dataset {yaml_path}: cannot read YAML ({_one_line(exc)})") from exc
+    if not isinstance(config, dict):
+        raise DataError(
+            f"dataset {yaml_path}: expected a YAML mapping with names and train/val entries"
+        )
+    return config
+
+
+def _parse_names(config: dict[str, Any], yaml_path: Path) -> list[str]:
+    """Class names from a list or an ``{id: name}`` mapping (ids must be 0..nc-1)."""
+    names = config.get("names")
+    if names is None and isinstance(config.get("nc"), int):
+        return [str(i) for i in range(config["nc"])]
+    if isinstance(names, list) and names:
+        return [str(n) for n in names]
+    if isinstance(names, dict) and names:
+        try:
+            by_id = {int(k): str(v) for k, v in names.items()}
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"dataset {yaml_path}: names keys must be integer class ids") from exc
+        if sorted(by_id) != list(range(len(by_id))):
+            raise DataError(
+                f"dataset {yaml_path}: names ids must be 0..{len(by_id) - 1}, got {sorted(by_id)}"
+            )
+        return [by_id[i] for i in range(len(by_id))]
+    raise DataError(
+        f"dataset {yaml_path}: missing 'names' (a list or {{id: name}} mapping of classes)"
+    )
+
+
+def _yaml_root(config: dict[str, Any], yaml_path: Path) -> Path:
+    """The dataset root: ``path:`` (relative to the yaml's folder) or the yaml's folder."""
+    base = config.get("path")
+    if not base:
+        return yaml_path.parent.resolve()
+    root = Path(str(base)).expanduser()
+    return (root if root.is_absolute() else yaml_path.parent / root).resolve()
+
+
+def _discover_split_folders(folder: Path) -> dict[str, str]:
+    """Roboflow-style ``train/ valid/ test/`` folders, each with an ``images/`` subfolder."""
+    found = {}
+    for split, dirname in (("train", "train"), ("val", "valid"), ("val", "val"), ("test", "test")):
+        if split not in found and (folder / dirname / "images").is_dir():
+            found[split] = f"{dirname}/images"
+    return found
+
+
+def _split_images(split: str, entry: Any, root: Path, yaml_path: Path) -> Iterator[Path]:
+    """All image paths of one split entry: a dir, a .txt list, or a list of those."""
+    items = entry if isinstance(entry, list) else [entry]
+    for item in items:
+        resolved = _resolve_entry(str(item), root, yaml_path.parent)
+        if resolved is None:
+            if split == "test":
+                log.warning("dataset %s: test entry %s not found; skipping it", yaml_path, item)
+                continue
+            raise DataError(
+                f"dataset {yaml_path}: {split} entry {item!r} not found (looked under {root})"
+            )
+        if resolved.is_dir():
+            yield from sorted(p for p in resolved.rglob("*") if is_image(p) and p.is_file())
+        elif resolved.suffix.lower() == ".txt":
+            yield from _images_from_list(resolved, root)
+        elif is_image(resolved):
+            yield resolved
+        else:
+            raise DataError(
+                f"dataset {yaml_path}: {split} entry {item!r} "
+                "is neither a folder, a .txt list nor an image"
+            )
+
+
+def _resolve_entry(entry: str, root: Path, yaml_dir: Path) -> Path | None:
+    """Find a split entry: absolute, under ``path:``, under the yaml folder.
+
+    Roboflow exports write ``../train/images`` in a data.yaml that sits next to
+    ``train/``; that only resolves with the leading ``../`` stripped, so try that too.
+    """
+    candidate = Path(entry).expanduser()
+    if candidate.is_absolute():
+        return candidate if candidate.exists() else None
+    stripped = entry
+    while stripped.startswith("../"):
+        stripped = stripped[3:]
+    for base, rel in ((root, entry), (yaml_dir, entry), (root, stripped), (yaml_dir, stripped)):
+        path = base / rel
+        if path.exists():
+            return path
+    return None
+
+
+def _images_from_list(list_file: Path, root: Path) -> Iterator[Path]:
+    """Image paths listed one per line; relative ones against the list's folder, then the root."""
+    for line in list_file.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = Path(line).expanduser()
+        if not path.is_absolute():
+            near = list_file.parent / path
+            path = near if near.exists() else root / path
+        yield path
+
+
+def _make_sample(image: Path, split: str, meta: _MetaIndex) -> Sample:
+    label = label_path_for(image)
+    return Sample(
+        image=image,
+        label=label if label.is_file() else None,
+        split=split,
+        attrs=meta.attrs_for(image) or {"domain": _default_domain(image, split)},
+    )
+
+
+def _default_domain(image: Path, split: str) -> str:
+    """Without metadata: the folder above ``images/`` (``night/images`` -> night) or the split."""
+    parts = image.parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "images":
+            return parts[i - 1]
+    return split
+
+
+class _MetaIndex:
+    """Per-image attributes from ``meta.jsonl`` files (as written by the synthetic generator).
+
+    A ``meta.jsonl`` is looked for next to each ``images/`` folder, read once, and
+    maps image paths (relative to the meta file) to their other fields.
+    """
+
+    def __init__(self) -> None:
+        self._by_folder: dict[Path, dict[Path, dict[str, Any]]] = {}
+
+    def attrs_for(self, image: Path) -> dict[str, Any] | None:
+        """The image's record; a symlinked image (a written shard) falls back to its target's."""
+        target = image.resolve()
+        for path in dict.fromkeys((image, target)):
+            for folder in (path.parent.parent, path.parent):
+                found = self._records(folder).get(target)
+                if found is not None:
+                    return dict(found)
+        return None
+
+    def _records(self, folder: Path) -> dict[Path, dict[str, Any]]:
+        if folder not in self._by_folder:
+            self._by_folder[folder] = self._read(folder / _META_FILE)
+        return self._by_folder[folder]
+
+    @staticmethod
+    def _read(meta_path: Path) -> dict[Path, dict[str, Any]]:
+        if not meta_path.is_file():
+            return {}
+        records = {}
+        for n, line in enumerate(meta_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                image = (meta_path.parent / record.pop("image")).resolve()
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                log.warning("%s:%d: not a JSON object with an 'image' key; ignored", meta_path, n)
+                continue
+            records[image] = record
+        return records
+
+
+# ----------------------------------------------------------------------------- COCO
+
+
+def _load_coco_dataset(json_path: Path) -> Dataset:
+    """COCO detection JSON: boxes converted to YOLO labels in a cache next to the file."""
+    json_path = json_path.absolute()
+    coco = _read_coco(json_path)
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    cat_index = {c["id"]: i for i, c in enumerate(categories)}
+    names = [str(c.get("name", c["id"])) for c in categories]
+    boxes = _coco_boxes_by_image(coco["annotations"], cat_index, json_path)
+    cache = json_path.parent / COCO_CACHE_DIR / json_path.stem  # one folder per JSON file
+    cache.mkdir(parents=True, exist_ok=True)
+    split = _split_from_name(json_path.stem)
+    samples, written = [], set()
+    for entry in coco["images"]:
+        image = _resolve_coco_image(str(entry["file_name"]), json_path.parent)
+        label = None
+        lines = boxes.get(entry["id"], [])
+        if lines:
+            width, height = _coco_image_size(entry, image, json_path)
+            label = cache / _coco_label_name(entry)
+            _write_atomic(label, "".join(_coco_line(c, b, width, height) for c, b in lines))
+            written.add(label)
+        attrs = {"domain": str(entry.get("domain", split))}
+        samples.append(Sample(image=image, label=label, split=split, attrs=attrs))
+    _remove_stale(cache, written)
+    log.info("loaded %d images (%d classes) from COCO %s", len(samples), len(names), json_path)
+    return Dataset(names=names, samples=samples, root=json_path.parent.resolve())
+
+
+def _read_coco(json_path: Path) -> dict[str, Any]:
+    try:
+        coco = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"dataset {json_path}: cannot read JSON ({_one_line(exc)})") from exc
+    missing = [
+        k
+        for k in ("images", "annotations", "categories")
+        if not isinstance(coco, dict) or k not in coco
+    ]
+    if missing:
+        raise DataError(
+            f"dataset {json_path}: not a COCO detection file (missing {', '.join(missing)})"
+        )
+    if not coco["categories"]:
+        raise DataError(f"dataset {json_path}: COCO file has no categories")
+    return coco
+
+
+def _coco_boxes_by_image(
+    annotations: Iterable[dict[str, Any]], cat_index: dict[Any, int], json_path: Path
+) -> dict[Any, list[tuple[int, list[float]]]]:
+    """Group non-crowd boxes by image id, with category ids remapped to 0..nc-1."""
+    boxes: dict[Any, list[tuple[int, list[float]]]] = {}
+    for ann in annotations:
+        if ann.get("iscrowd", 0):
+            continue
+        if ann.get("category_id") not in cat_index or len(ann.get("bbox", [])) != 4:
+            log.warning(
+                "%s: annotation %s has an unknown category or no bbox; skipped",
+                json_path,
+                ann.get("id"),
+            )
+            continue
+        boxes.setdefault(ann["image_id"], []).append((cat_index[ann["category_id"]], ann["bbox"]))
+    return boxes
+
+
+def _resolve_coco_image(file_name: str, folder: Path) -> Path:
+    """COCO file names are relative to the JSON's folder or to an ``images/`` folder beside it."""
+    candidates = [
+        folder / file_name,
+        folder / "images" / file_name,
+        folder / "images" / Path(file_name).name,
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return candidates[0]  # missing: the data check reports it as unreadable
+
+
+def _coco_image_size(entry: dict[str, Any], image: Path, json_path: Path) -> tuple[float, float]:
+    if entry.get("width") and entry.get("height"):
+        return float(entry["width"]), float(entry["height"])
+    try:
+        from PIL import Image
+
+        with Image.open(image) as im:
+            return float(im.width), float(im.height)
+    except OSError as exc:
+        raise DataError(
+            f"dataset {json_path}: image {image} has no width/height and cannot be read"
+        ) from exc
+
+
+def _coco_label_name(entry: dict[str, Any]) -> str:
+    """A cache file name unique per image: the id plus the image's stem."""
+    return f"{entry['id']}_{Path(str(entry['file_name'])).stem}.txt"
+
+
+def _coco_line(cls: int, bbox: list[float], width: float, height: float) -> str:
+    x, y, w, h = (float(v) for v in bbox)
+    cx, cy = (x + w / 2) / width, (y + h / 2) / height
+    return f"{cls} {cx:.6f} {cy:.6f} {w / width:.6f} {h / height:.6f}\n"
+
+
+def _split_from_name(stem: str) -> str:
+    lowered = stem.lower()
+    return "val" if "val" in lowered else "test" if "test" in lowered else "train"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so concurrent loaders never see half a label."""
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _remove_stale(cache: Path, keep: set[Path]) -> None:
+    for old in cache.glob("*.txt"):
+        if old not in keep:
+            old.unlink(missing_ok=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

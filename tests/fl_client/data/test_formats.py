@@ -1,0 +1,203 @@
+"""Dataset loading: Ultralytics yaml variants, Roboflow exports, COCO JSON, errors."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fl_client.data import DOMAINS, DataError, load_dataset
+from fl_client.data.formats import COCO_CACHE_DIR, label_path_for
+
+LABEL = "0 0.5 0.5 0.2 0.2\n"
+
+
+def _yolo_images(
+    write_jpeg: Callable[..., Path], images_dir: Path, n: int, labelled: bool = True
+) -> list[Path]:
+    """n JPEGs in images_dir with their labels in the mirrored labels/ folder."""
+    paths = []
+    for k in range(n):
+        image = write_jpeg(images_dir / f"img_{k}.jpg", size=16, seed=k)
+        if labelled:
+            label = label_path_for(image)
+            label.parent.mkdir(parents=True, exist_ok=True)
+            label.write_text(LABEL)
+        paths.append(image)
+    return paths
+
+
+def _write_yaml(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_ultralytics_yaml_with_dirs(tmp_path: Path, write_jpeg: Callable[..., Path]) -> None:
+    _yolo_images(write_jpeg, tmp_path / "images" / "train", 3)
+    _yolo_images(write_jpeg, tmp_path / "images" / "val", 2)
+    cfg = {"path": ".", "train": "images/train", "val": "images/val", "names": ["a", "b"]}
+    ds = load_dataset(_write_yaml(tmp_path / "data.yaml", cfg))
+    assert ds.names == ["a", "b"] and ds.nc == 2
+    assert ds.root == tmp_path.resolve()
+    assert Counter(s.split for s in ds.samples) == {"train": 3, "val": 2}
+    for s in ds.samples:
+        assert s.label is not None and s.label.read_text() == LABEL
+        assert s.label == s.image.parent.parent.parent / "labels" / s.split / f"{s.image.stem}.txt"
+
+
+def test_path_key_is_relative_to_the_yaml(tmp_path: Path, write_jpeg: Callable[..., Path]) -> None:
+    _yolo_images(write_jpeg, tmp_path / "ds" / "images" / "train", 2)
+    cfg = {"path": "../ds", "train": "images/train", "val": "images/train", "names": {0: "a"}}
+    ds = load_dataset(_write_yaml(tmp_path / "cfg" / "data.yaml", cfg))
+    assert ds.root == (tmp_path / "ds").resolve()
+    assert len(ds.samples) == 2  # train and val are the same images: not duplicated
+    assert {s.split for s in ds.samples} == {"train"}
+
+
+def test_txt_list_and_dict_names(tmp_path: Path, write_jpeg: Callable[..., Path]) -> None:
+    imgs = _yolo_images(write_jpeg, tmp_path / "images" / "all", 4)
+    (tmp_path / "train.txt").write_text(
+        f"./images/all/img_0.jpg\n\n./images/all/img_1.jpg\n{imgs[2]}\n"
+    )
+    cfg = {"train": "train.txt", "val": "images/all", "names": {1: "b", 0: "a"}}
+    ds = load_dataset(_write_yaml(tmp_path / "data.yaml", cfg))
+    assert ds.names == ["a", "b"]
+    by_split = {s.image.name: s.split for s in ds.samples}
+    assert by_split == {
+        "img_0.jpg": "train",
+        "img_1.jpg": "train",
+        "img_2.jpg": "train",
+        "img_3.jpg": "val",
+    }
+    assert all(s.label is not None for s in ds.samples)
+
+
+def test_list_of_dirs_and_folder_domains(tmp_path: Path, write_jpeg: Callable[..., Path]) -> None:
+    _yolo_images(write_jpeg, tmp_path / "day" / "images", 2)
+    _yolo_images(write_jpeg, tmp_path / "night" / "images", 3, labelled=False)
+    cfg = {"train": ["day/images", "night/images"], "val": "day/images", "names": ["a"]}
+    ds = load_dataset(_write_yaml(tmp_path / "data.yaml", cfg))
+    assert Counter(s.attrs["domain"] for s in ds.samples) == {"day": 2, "night": 3}
+    assert [s.label is None for s in ds.samples] == [False, False, True, True, True]
+
+
+def _roboflow_export(root: Path, write_jpeg: Callable[..., Path], with_test: bool = True) -> None:
+    _yolo_images(write_jpeg, root / "train" / "images", 3)
+    _yolo_images(write_jpeg, root / "valid" / "images", 2)
+    if with_test:
+        _yolo_images(write_jpeg, root / "test" / "images", 1)
+    cfg = {
+        "train": "../train/images",
+        "val": "../valid/images",
+        "test": "../test/images",
+        "nc": 2,
+        "names": ["car", "person"],
+        "roboflow": {"workspace": "w", "project": "p", "version": 1},
+    }
+    _write_yaml(root / "data.yaml", cfg)
+
+
+def test_roboflow_export_with_dotdot_paths(tmp_path: Path, write_jpeg: Callable[..., Path]) -> None:
+    export = tmp_path / "export"
+    _roboflow_export(export, write_jpeg)
+    for path in (export, export / "data.yaml"):
+        ds = load_dataset(path)
+        assert ds.names == ["car", "person"]
+        assert Counter(s.split for s in ds.samples) == {"train": 3, "val": 2, "test": 1}
+        assert all(s.label is not None and s.label.is_file() for s in ds.samples)
+        assert all(export.resolve() in s.image.resolve().parents for s in ds.samples)
+
+
+def test_roboflow_export_without_test_folder(
+    tmp_path: Path, write_jpeg: Callable[..., Path]
+) -> None:
+    _roboflow_export(tmp_path, write_jpeg, with_test=False)
+    ds = load_dataset(tmp_path)
+    assert Counter(s.split for s in ds.samples) == {"train": 3, "val": 2}
+
+
+def test_split_folders_found_without_split_keys(
+    tmp_path: Path, write_jpeg: Callable[..., Path]
+) -> None:
+    _yolo_images(write_jpeg, tmp_path / "train" / "images", 2)
+    _yolo_images(write_jpeg, tmp_path / "valid" / "images", 1)
+    _write_yaml(tmp_path / "data.yaml", {"names": ["a"]})
+    ds = load_dataset(tmp_path)
+    assert Counter(s.split for s in ds.samples) == {"train": 2, "val": 1}
+
+
+def test_meta_jsonl_attrs_from_synthetic_data(synth_yaml: Path) -> None:
+    ds = load_dataset(synth_yaml.parent)
+    assert len(ds.samples) == 64
+    assert [s.attrs["domain"] for s in ds.samples[:4]] == ["day", "night", "fog", "rain"]
+    assert all(s.attrs["class_mix"] in ("urban", "highway") for s in ds.samples)
+    assert set(DOMAINS) >= {s.attrs["domain"] for s in ds.samples}
+
+
+def _coco(tmp_path: Path, write_jpeg: Callable[..., Path]) -> Path:
+    write_jpeg(tmp_path / "images" / "a.jpg", size=16)
+    write_jpeg(tmp_path / "images" / "b.jpg", size=16)
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 100, "height": 200},
+            {"id": 2, "file_name": "b.jpg", "width": 50, "height": 50},
+        ],
+        "categories": [{"id": 7, "name": "truck"}, {"id": 3, "name": "person"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 20, 30, 40], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [0, 0, 100, 200]},
+            {"id": 3, "image_id": 1, "category_id": 3, "bbox": [5, 5, 5, 5], "iscrowd": 1},
+        ],
+    }
+    path = tmp_path / "instances_train.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def test_coco_json_converted_to_yolo(tmp_path: Path, write_jpeg: Callable[..., Path]) -> None:
+    ds = load_dataset(_coco(tmp_path, write_jpeg))
+    assert ds.names == ["person", "truck"]  # sorted by category id: 3 -> 0, 7 -> 1
+    a, b = ds.samples
+    assert a.image == tmp_path / "images" / "a.jpg" and a.split == "train"
+    assert b.label is None  # no annotations: background
+    assert a.label is not None and COCO_CACHE_DIR in a.label.parts
+    rows = [[float(v) for v in line.split()] for line in a.label.read_text().splitlines()]
+    assert rows == [
+        pytest.approx([1, (10 + 15) / 100, (20 + 20) / 200, 30 / 100, 40 / 200]),
+        pytest.approx([0, 0.5, 0.5, 1.0, 1.0]),
+    ]  # the crowd annotation is skipped
+    again = load_dataset(tmp_path / "instances_train.json")
+    assert again.samples == ds.samples
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda p: p / "missing", "not found"),
+        (lambda p: p, "no data.yaml"),
+        (lambda p: _touch(p / "x.csv", "a,b"), "unsupported file type"),
+        (lambda p: _touch(p / "data.yaml", "train: images\n"), "names"),
+        (lambda p: _touch(p / "data.yaml", "names: [a]\ntrain: nowhere\nval: nowhere\n"), "train"),
+        (lambda p: _touch(p / "data.yaml", "- just\n- a list\n"), "mapping"),
+        (lambda p: _touch(p / "c.json", "{not json"), "cannot read JSON"),
+        (lambda p: _touch(p / "c.json", '{"images": []}'), "not a COCO"),
+    ],
+)
+def test_bad_paths_raise_one_clear_line(
+    tmp_path: Path, make: Callable[[Path], Path], words: str
+) -> None:
+    path = make(tmp_path)
+    with pytest.raises(DataError, match=words) as err:
+        load_dataset(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+
+
+def _touch(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
