@@ -52,32 +52,62 @@ def _bin(name: str) -> str:
 class ProcessGroup:
     """Started processes, each in its own session, all stopped together."""
 
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, flwr_home: str = ""):
         self.log_dir = log_dir
+        self.flwr_home = flwr_home
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, cwd=PROJECT_ROOT)
+        proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=PROJECT_ROOT,
+        )
         log.close()
         self.procs.append((name, proc))
         return proc
 
     def stop(self, grace: float = 10.0) -> None:
-        for _, proc in reversed(self.procs):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
+        """SIGTERM every started process and all its descendants, then SIGKILL survivors.
+
+        The SuperLink and SuperNodes start ``flwr-serverapp``/``flwr-clientapp`` in sessions of
+        their own, so process groups are not enough: the whole tree is collected, plus any
+        process that inherited this deployment's ``FLWR_HOME``.
+        """
+        import psutil
+
+        tree: dict[int, psutil.Process] = {}
         for _, proc in self.procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                root = psutil.Process(proc.pid)
+                for p in [root, *root.children(recursive=True)]:
+                    tree[p.pid] = p
+        for p in self._by_env(psutil):
+            tree.setdefault(p.pid, p)
+        for p in tree.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(list(tree.values()), timeout=grace)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
+        for _, proc in self.procs:  # reap our direct children
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for _, proc in self.procs:  # the group: also flwr-serverapp / flwr-clientapp children
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+                proc.wait(timeout=1)
+
+    def _by_env(self, psutil) -> list:
+        found = []
+        for p in psutil.process_iter(["pid"]):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if self.flwr_home and p.environ().get("FLWR_HOME") == self.flwr_home:
+                    found.append(p)
+        return found
 
 
 @contextlib.contextmanager
@@ -117,28 +147,66 @@ def run_local_deployment(
         f'[superlink]\ndefault = "{FEDERATION}"\n\n'
         f'[superlink.{FEDERATION}]\naddress = "{host}:{port}"\ninsecure = true\n'
     )
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "YOLO_OFFLINE": "1",
-           "OMP_NUM_THREADS": str(client_threads), "PYTHONUNBUFFERED": "1"}
-    group = ProcessGroup(run_dir / "logs")
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "YOLO_OFFLINE": "1",
+        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+        "OMP_NUM_THREADS": str(client_threads),
+        "PYTHONUNBUFFERED": "1",
+    }
+    group = ProcessGroup(run_dir / "logs", flwr_home=str(flwr_home))
     with _sigterm_as_exit():
         try:
-            link = group.start("superlink", [
-                _bin("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
-                "--disable-runtime-dependency-installation",
-            ], env)
+            link = group.start(
+                "superlink",
+                [
+                    _bin("flower-superlink"),
+                    "--insecure",
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                    "--disable-runtime-dependency-installation",
+                ],
+                env,
+            )
             wait_for_port(host, port, startup_timeout, link)
             for i in range(num_clients):
-                group.start(f"supernode-{i}", [
-                    _bin("flower-supernode"), "--insecure", "--superlink", f"{host}:{port}",
-                    "--port", str(free_port(host)),
-                    "--node-config", f"partition-id={i} num-partitions={num_clients}",
-                ], env)
-            LOGGER.info("deployment engine: SuperLink on %s:%d, %d SuperNodes (logs in %s)",
-                        host, port, num_clients, run_dir / "logs")
-            runner = group.start("flwr-run", [
-                _bin("flwr"), "run", str(PROJECT_ROOT), FEDERATION,
-                "--run-config", f"run-dir='{run_dir}'", "--stream",
-            ], env)
+                group.start(
+                    f"supernode-{i}",
+                    [
+                        _bin("flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"{host}:{port}",
+                        "--port",
+                        str(free_port(host)),
+                        "--node-config",
+                        f"partition-id={i} num-partitions={num_clients}",
+                    ],
+                    env,
+                )
+            LOGGER.info(
+                "deployment engine: SuperLink on %s:%d, %d SuperNodes (logs in %s)",
+                host,
+                port,
+                num_clients,
+                run_dir / "logs",
+            )
+            runner = group.start(
+                "flwr-run",
+                [
+                    _bin("flwr"),
+                    "run",
+                    str(PROJECT_ROOT),
+                    FEDERATION,
+                    "--run-config",
+                    f"run-dir='{run_dir}'",
+                    "--stream",
+                ],
+                env,
+            )
             _follow(runner, run_dir)
         finally:
             group.stop()

@@ -38,7 +38,6 @@ def evaluate_checkpoint(
         name="val",
         exist_ok=True,
         workers=0,
-        half=False,
     )
     box = metrics.box
     names = metrics.names

@@ -87,10 +87,7 @@ def to_record(model: torch.nn.Module) -> ArrayRecord:
     """Model → ArrayRecord of float32 arrays, in state-dict order."""
     state = model.state_dict()
     return ArrayRecord(
-        {
-            k: Array(state[k].detach().cpu().to(torch.float32).numpy())
-            for k in exchanged_keys(model)
-        }
+        {k: Array(state[k].detach().cpu().to(torch.float32).numpy()) for k in exchanged_keys(model)}
     )
 
 

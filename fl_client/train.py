@@ -177,9 +177,11 @@ def train_round(
     model.to("cpu")
     losses = {}
     if trainer.tloss is not None:
-        losses = {k: float(v) for k, v in trainer.tloss.items()} if isinstance(
-            trainer.tloss, dict
-        ) else dict(zip(trainer.loss_names, [float(x) for x in trainer.tloss], strict=False))
+        losses = (
+            {k: float(v) for k, v in trainer.tloss.items()}
+            if isinstance(trainer.tloss, dict)
+            else dict(zip(trainer.loss_names, [float(x) for x in trainer.tloss], strict=False))
+        )
     return LocalResult(
         num_examples=len(trainer.train_loader.dataset),
         losses=losses,

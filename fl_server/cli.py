@@ -18,15 +18,21 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
+# Flower's telemetry is off unless the user turns it on: robots' fleets don't phone home, and
+# offline every Flower process otherwise waits on the telemetry call at start and exit.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 LOGGER = logging.getLogger("fedyolo")
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from ultralytics.utils import LOGGER as UL_LOGGER
 
     UL_LOGGER.setLevel(logging.WARNING)
@@ -42,8 +48,13 @@ def cmd_run(overrides: list[str]) -> int:
 
     t0 = time.perf_counter()
     run = prepare_run(cfg)
-    LOGGER.info("run directory: %s (engine=%s, %d clients, %d rounds)", run.path,
-                cfg.engine.name, cfg.federation.clients, cfg.federation.rounds)
+    LOGGER.info(
+        "run directory: %s (engine=%s, %d clients, %d rounds)",
+        run.path,
+        cfg.engine.name,
+        cfg.federation.clients,
+        cfg.federation.rounds,
+    )
     if cfg.engine.name == "simulation":
         from fl_server.simulation import run_simulation
 
@@ -52,22 +63,31 @@ def cmd_run(overrides: list[str]) -> int:
         from deploy.local import run_local_deployment
 
         e = cfg.engine
-        run_local_deployment(run.path, int(cfg.federation.clients), host=str(e.host),
-                             port=int(e.port), startup_timeout=float(e.startup_timeout),
-                             client_threads=int(e.client_threads))
+        run_local_deployment(
+            run.path,
+            int(cfg.federation.clients),
+            host=str(e.host),
+            port=int(e.port),
+            startup_timeout=float(e.startup_timeout),
+            client_threads=int(e.client_threads),
+        )
     if not run.summary.exists():
         raise RuntimeError(f"the run ended without writing {run.summary}")
     summary = json.loads(run.summary.read_text())
     if summary["status"] != "completed":
-        print(f"fedyolo: run {run.path} ended with status {summary['status']}; "
-              f"see {run.events}", file=sys.stderr)
+        print(
+            f"fedyolo: run {run.path} ended with status {summary['status']}; see {run.events}",
+            file=sys.stderr,
+        )
         return 1
     best, final = summary["best"], summary["final"]
-    print(f"\nDone in {time.perf_counter() - t0:.0f} s: {summary['rounds_completed']} rounds.\n"
-          f"  final mAP50-95 {final['map50_95']:.3f} (mAP50 {final['map50']:.3f}) on the "
-          f"server's held-out set\n"
-          f"  best  mAP50-95 {best['map50_95']:.3f} at round {best['round']} → {run.best}\n"
-          f"  results: {run.path} (summary.md, metrics.jsonl, metrics.png)")
+    print(
+        f"\nDone in {time.perf_counter() - t0:.0f} s: {summary['rounds_completed']} rounds.\n"
+        f"  final mAP50-95 {final['map50_95']:.3f} (mAP50 {final['map50']:.3f}) on the "
+        f"server's held-out set\n"
+        f"  best  mAP50-95 {best['map50_95']:.3f} at round {best['round']} → {run.best}\n"
+        f"  results: {run.path} (summary.md, metrics.jsonl, metrics.png)"
+    )
     return 0
 
 
@@ -78,26 +98,40 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "synth":
         t0 = time.perf_counter()
         domains = [d for d in args.domains.split(",") if d]
-        path = data.generate(Path(args.out), args.images, imgsz=args.imgsz, seed=args.seed,
-                             domains=domains)
+        path = data.generate(
+            Path(args.out), args.images, imgsz=args.imgsz, seed=args.seed, domains=domains
+        )
         print(f"{args.images} images in {time.perf_counter() - t0:.1f} s → {path}")
     elif args.data_cmd == "partition":
         ds = data.load_dataset(Path(args.data))
         out = Path(args.out)
         report = data.check_dataset(ds, work_dir=out / "repaired_labels")
-        part = data.partition(report.usable, args.clients, method=args.method, alpha=args.alpha,
-                              seed=args.seed, server_val_fraction=args.server_val_fraction)
+        part = data.partition(
+            report.usable,
+            args.clients,
+            method=args.method,
+            alpha=args.alpha,
+            seed=args.seed,
+            server_val_fraction=args.server_val_fraction,
+        )
         manifest = data.write_partition(part, list(ds.names), out)
         m = json.loads(Path(manifest).read_text())
         for c in m["clients"]:
-            print(f"client {c['id']}: {c['train_images']} train, {c['val_images']} val, "
-                  f"classes {c['class_counts']}")
-        print(f"server_val: {m['server_val']['images']} images; data version "
-              f"{m['data_version'][:12]}; manifest {manifest}")
+            print(
+                f"client {c['id']}: {c['train_images']} train, {c['val_images']} val, "
+                f"classes {c['class_counts']}"
+            )
+        print(
+            f"server_val: {m['server_val']['images']} images; data version "
+            f"{m['data_version'][:12]}; manifest {manifest}"
+        )
     elif args.data_cmd == "check":
         ds = data.load_dataset(Path(args.path))
-        report = data.check_dataset(ds, work_dir=Path(args.work_dir) if args.work_dir else None,
-                                    repair=args.work_dir is not None)
+        report = data.check_dataset(
+            ds,
+            work_dir=Path(args.work_dir) if args.work_dir else None,
+            repair=args.work_dir is not None,
+        )
         print(report.summary())
         if args.report:
             report.write(Path(args.report))
@@ -118,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, default=640)
     s.add_argument("--imgsz", type=int, default=128)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--domains", default="day,dusk,night,fog",
-                   help="comma list of day,dusk,night,fog,rain,blur")
+    s.add_argument(
+        "--domains", default="day,dusk,night,fog", help="comma list of day,dusk,night,fog,rain,blur"
+    )
     pa = dsub.add_parser("partition", help="split a dataset into client shards")
     pa.add_argument("data", help="data.yaml, Roboflow export folder or COCO json")
     pa.add_argument("out")

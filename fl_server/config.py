@@ -86,10 +86,16 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.amp": _rule(lambda v: isinstance(v, bool), "true or false"),
     "train.workers": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "model.cfg": _rule(lambda v: isinstance(v, str) and v != "", "a model yaml or .pt path"),
-    "data.partition": _rule(lambda v: v in {"iid", "dirichlet", "domain"}, "iid, dirichlet or domain"),
+    "data.partition": _rule(
+        lambda v: v in {"iid", "dirichlet", "domain"}, "iid, dirichlet or domain"
+    ),
     "data.alpha": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "data.server_val_fraction": _rule(lambda v: _is_num(v) and 0 < v <= 0.5, "a number in (0, 0.5]"),
-    "data.client_val_fraction": _rule(lambda v: _is_num(v) and 0 < v <= 0.5, "a number in (0, 0.5]"),
+    "data.server_val_fraction": _rule(
+        lambda v: _is_num(v) and 0 < v <= 0.5, "a number in (0, 0.5]"
+    ),
+    "data.client_val_fraction": _rule(
+        lambda v: _is_num(v) and 0 < v <= 0.5, "a number in (0, 0.5]"
+    ),
     "data.synth.images": _rule(lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
     "data.synth.imgsz": _rule(lambda v: _is_int(v) and v >= 32, "an integer >= 32"),
     "engine.name": _rule(

@@ -83,9 +83,11 @@ class ObservedGrid(Grid):
         messages = list(messages)
         if not messages:
             return []
-        rnd = int(messages[0].content.config_records["config"].get("server-round", 0)) if (
-            "config" in messages[0].content.config_records
-        ) else 0
+        rnd = (
+            int(messages[0].content.config_records["config"].get("server-round", 0))
+            if ("config" in messages[0].content.config_records)
+            else 0
+        )
         log = self.rounds.setdefault(rnd, RoundLog())
         is_train = messages[0].metadata.message_type == TRAIN
         down = {m.metadata.dst_node_id: _payload_bytes(m) for m in messages}
@@ -99,32 +101,52 @@ class ObservedGrid(Grid):
             answered.add(node)
             if reply.has_error():
                 log.failed += 1
-                self._run.event(rnd, "client_failed", client=self._client(node), node_id=node,
-                                phase="train" if is_train else "evaluate",
-                                reason=reply.error.reason)
-                LOGGER.warning("round %d: client %s failed: %s", rnd, self._client(node),
-                               reply.error.reason)
+                self._run.event(
+                    rnd,
+                    "client_failed",
+                    client=self._client(node),
+                    node_id=node,
+                    phase="train" if is_train else "evaluate",
+                    reason=reply.error.reason,
+                )
+                LOGGER.warning(
+                    "round %d: client %s failed: %s", rnd, self._client(node), reply.error.reason
+                )
                 kept.append(reply)  # strategies count failures themselves
                 continue
             metrics = next(iter(reply.content.metric_records.values()), {})
             if "partition-id" in metrics:
                 self._node_to_client[node] = int(metrics["partition-id"])
-            if is_train and not all(record_is_finite(r)
-                                    for r in reply.content.array_records.values()):
+            if is_train and not all(
+                record_is_finite(r) for r in reply.content.array_records.values()
+            ):
                 log.failed += 1
-                self._run.event(rnd, "update_rejected", client=self._client(node), node_id=node,
-                                reason="non-finite values (NaN/inf) in the returned weights")
-                LOGGER.warning("round %d: dropped client %s's update: non-finite weights",
-                               rnd, self._client(node))
+                self._run.event(
+                    rnd,
+                    "update_rejected",
+                    client=self._client(node),
+                    node_id=node,
+                    reason="non-finite values (NaN/inf) in the returned weights",
+                )
+                LOGGER.warning(
+                    "round %d: dropped client %s's update: non-finite weights",
+                    rnd,
+                    self._client(node),
+                )
                 continue
             entry = self._client_entry(node, metrics, down.get(node, 0), _payload_bytes(reply))
             (log.clients if is_train else log.client_eval).append(entry)
             kept.append(reply)
         for node in sorted(set(down).difference(answered)):
             log.failed += 1
-            self._run.event(rnd, "client_failed", client=self._client(node), node_id=node,
-                            phase="train" if is_train else "evaluate",
-                            reason=f"no reply within the round timeout ({timeout} s)")
+            self._run.event(
+                rnd,
+                "client_failed",
+                client=self._client(node),
+                node_id=node,
+                phase="train" if is_train else "evaluate",
+                reason=f"no reply within the round timeout ({timeout} s)",
+            )
         if is_train:
             log.sent += len(messages)
         return kept
@@ -142,8 +164,12 @@ class ObservedGrid(Grid):
             "bytes_down": down,
             "bytes_up": up,
         }
-        rename = {"train-seconds": "train_seconds", "setup-seconds": "setup_seconds",
-                  "batch-seconds": "batch_seconds", "handler-seconds": "handler_seconds"}
+        rename = {
+            "train-seconds": "train_seconds",
+            "setup-seconds": "setup_seconds",
+            "batch-seconds": "batch_seconds",
+            "handler-seconds": "handler_seconds",
+        }
         for k, v in m.items():
             if k == "partition-id":
                 continue

@@ -27,15 +27,36 @@ from fl_server.run_dir import RunDir, write_json
 
 LOGGER = logging.getLogger("fedyolo")
 
-PACKAGES = ("fedyolo", "flwr", "ultralytics", "torch", "torchvision", "ray", "hydra-core",
-            "numpy", "opencv-python", "clearml", "optuna", "onnxruntime")
+PACKAGES = (
+    "fedyolo",
+    "flwr",
+    "ultralytics",
+    "torch",
+    "torchvision",
+    "ray",
+    "hydra-core",
+    "numpy",
+    "opencv-python",
+    "clearml",
+    "optuna",
+    "onnxruntime",
+)
 
 
 def synth_dataset(cfg: DictConfig) -> Path:
     """The synthetic fleet for ``cfg.data.synth``, generated once into the cache and reused."""
     s = cfg.data.synth
-    key = json.dumps({"n": int(s.images), "imgsz": int(s.imgsz), "domains": list(s.domains),
-                      "seed": int(cfg.seed), "classes": list(CLASSES), "v": 1}, sort_keys=True)
+    key = json.dumps(
+        {
+            "n": int(s.images),
+            "imgsz": int(s.imgsz),
+            "domains": list(s.domains),
+            "seed": int(cfg.seed),
+            "classes": list(CLASSES),
+            "v": 1,
+        },
+        sort_keys=True,
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     out = Path(str(cfg.data.cache_dir)).expanduser().resolve() / f"synth-{digest}"
     data_yaml = out / "data.yaml"
@@ -44,8 +65,9 @@ def synth_dataset(cfg: DictConfig) -> Path:
     t0 = time.perf_counter()
     generate(out, int(s.images), imgsz=int(s.imgsz), seed=int(cfg.seed), domains=list(s.domains))
     (out / ".complete").write_text("ok\n")
-    LOGGER.info("generated %d synthetic images in %.1f s → %s", int(s.images),
-                time.perf_counter() - t0, out)
+    LOGGER.info(
+        "generated %d synthetic images in %.1f s → %s", int(s.images), time.perf_counter() - t0, out
+    )
     return data_yaml
 
 
@@ -53,13 +75,20 @@ def run_name(cfg: DictConfig) -> str:
     if cfg.name:
         return str(cfg.name)
     model = Path(str(cfg.model.cfg)).stem
-    return f"{model}-{cfg.data.partition}-{cfg.federation.clients}c-{time.strftime('%Y%m%d-%H%M%S')}"
+    return (
+        f"{model}-{cfg.data.partition}-{cfg.federation.clients}c-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
 
 
 def _git_sha() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -93,8 +122,12 @@ def prepare_run(cfg: DictConfig) -> RunDir:
     report = check_dataset(ds, work_dir=run.data / "repaired_labels", repair=True)
     report.write(run.path / "data_check.json")
     if report.issues:
-        LOGGER.warning("data check: %d issue(s), see %s\n%s", len(report.issues),
-                       run.path / "data_check.json", report.summary())
+        LOGGER.warning(
+            "data check: %d issue(s), see %s\n%s",
+            len(report.issues),
+            run.path / "data_check.json",
+            report.summary(),
+        )
     part = partition(
         report.usable,
         int(cfg.federation.clients),
@@ -125,7 +158,11 @@ def prepare_run(cfg: DictConfig) -> RunDir:
                 "partition": str(cfg.data.partition),
                 "server_val_images": part_manifest["server_val"]["images"],
                 "clients": [
-                    {"id": c["id"], "train_images": c["train_images"], "val_images": c["val_images"]}
+                    {
+                        "id": c["id"],
+                        "train_images": c["train_images"],
+                        "val_images": c["val_images"],
+                    }
                     for c in part_manifest["clients"]
                 ],
                 "check_issues": len(report.issues),

@@ -126,8 +126,13 @@ class RunDir:
         plt.close(fig)
 
     def write_summary_md(self, summary: dict, rounds: list[dict], title: str) -> None:
-        lines = [f"# {title}", "", f"Status: **{summary['status']}**, "
-                 f"{summary['rounds_completed']} rounds in {summary['total_seconds']:.0f} s.", ""]
+        lines = [
+            f"# {title}",
+            "",
+            f"Status: **{summary['status']}**, "
+            f"{summary['rounds_completed']} rounds in {summary['total_seconds']:.0f} s.",
+            "",
+        ]
         if summary["best"]:
             b, f = summary["best"], summary["final"]
             lines += [
@@ -136,7 +141,7 @@ class RunDir:
                 f"- Final: round {f['round']}, mAP50-95 {f['map50_95']:.3f}, mAP50 {f['map50']:.3f}"
                 f" → `last.pt`",
                 "",
-                "All metrics are on the server's held-out validation set, which no client trains on.",
+                "All metrics are on the server's held-out validation set (no client trains on it).",
                 "",
                 "| round | mAP50-95 | mAP50 | precision | recall | seconds | clients |",
                 "|---:|---:|---:|---:|---:|---:|---:|",
@@ -151,7 +156,9 @@ class RunDir:
         notable = [e for e in events if e["kind"] not in {"initial_eval", "run_start", "run_end"}]
         if notable:
             lines += ["", f"{len(notable)} notable events (see `events.jsonl`):", ""]
-            lines += [f"- round {e['round']}: {e['kind']} {e.get('reason', '')}".rstrip()
-                      for e in notable[:20]]
+            lines += [
+                f"- round {e['round']}: {e['kind']} {e.get('reason', '')}".rstrip()
+                for e in notable[:20]
+            ]
         lines += ["", "![metrics](metrics.png)", ""]
         self.summary_md.write_text("\n".join(lines))

@@ -130,8 +130,9 @@ class GlobalEvaluator:
             "weights_sha256": res["weights_sha256"],
         }
         if not clients:
-            self.run.event(rnd, "round_failed",
-                           reason="no usable client update; the global model is unchanged")
+            self.run.event(
+                rnd, "round_failed", reason="no usable client update; the global model is unchanged"
+            )
         self.run.add_round(record)
         improved = self.best is None or res["map50_95"] > self.best
         if improved:
@@ -145,8 +146,14 @@ class GlobalEvaluator:
         left = elapsed / rnd * (total - rnd)
         LOGGER.info(
             "round %d/%d | mAP50-95 %.3f mAP50 %.3f | best %.3f%s | %.1f s/round | ~%.0f s left",
-            rnd, total, res["map50_95"], res["map50"], self.best, " (new)" if improved else "",
-            record["round_seconds"], left,
+            rnd,
+            total,
+            res["map50_95"],
+            res["map50"],
+            self.best,
+            " (new)" if improved else "",
+            record["round_seconds"],
+            left,
         )
 
 
@@ -164,8 +171,14 @@ def serve(grid: Grid, run_path: Path) -> None:
     observed = ObservedGrid(grid, run)
     evaluator = GlobalEvaluator(run, cfg, model, observed, server_val)
     rcfg = round_config(cfg, names, run.data)
-    run.event(0, "run_start", engine=str(cfg.engine.name), strategy=str(cfg.strategy.name),
-              clients=int(cfg.federation.clients), rounds=int(cfg.federation.rounds))
+    run.event(
+        0,
+        "run_start",
+        engine=str(cfg.engine.name),
+        strategy=str(cfg.strategy.name),
+        clients=int(cfg.federation.clients),
+        rounds=int(cfg.federation.rounds),
+    )
     status = "failed"
     try:
         strategy.start(

@@ -1,4 +1,4 @@
-"""End-to-end runs of a tiny federation through the real `fedyolo` command line."""
+"""Helpers for end-to-end runs of a tiny federation through the real `fedyolo` command line."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 TINY = [
     "model=tiny",
@@ -27,14 +25,29 @@ TINY = [
 
 def fedyolo(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "YOLO_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "fl_server.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fl_server.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def check_run_dir(run: Path, rounds: int, clients: int) -> list[dict]:
     """The run-directory contract, asserted on real results."""
-    for name in ("config.yaml", "manifest.json", "metrics.jsonl", "events.jsonl",
-                 "summary.json", "summary.md", "metrics.png", "best.pt", "last.pt"):
+    for name in (
+        "config.yaml",
+        "manifest.json",
+        "metrics.jsonl",
+        "events.jsonl",
+        "summary.json",
+        "summary.md",
+        "metrics.png",
+        "best.pt",
+        "last.pt",
+    ):
         assert (run / name).is_file(), f"missing {name}"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == list(range(1, rounds + 1))
@@ -59,8 +72,3 @@ def check_run_dir(run: Path, rounds: int, clients: int) -> list[dict]:
     best = max(lines, key=lambda r: r["map50_95"])
     assert summary["best"]["round"] == best["round"]
     return lines
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    return tmp_path

@@ -6,17 +6,24 @@ import json
 
 import numpy as np
 import pytest
-
-from .conftest import TINY, check_run_dir, fedyolo
+from e2e_helpers import TINY, check_run_dir, fedyolo
 
 pytestmark = pytest.mark.e2e
 
 
-def test_simulation_run_writes_a_complete_run_directory(workdir):
-    proc = fedyolo(["run", *TINY, "name=sim", f"output.dir={workdir / 'runs'}",
-                    f"data.cache_dir={workdir / 'cache'}"], cwd=workdir)
+def test_simulation_run_writes_a_complete_run_directory(tmp_path):
+    proc = fedyolo(
+        [
+            "run",
+            *TINY,
+            "name=sim",
+            f"output.dir={tmp_path / 'runs'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = workdir / "runs" / "sim"
+    run = tmp_path / "runs" / "sim"
     check_run_dir(run, rounds=2, clients=2)
 
     # best.pt is a plain Ultralytics checkpoint: it loads, predicts, and its mAP on the
@@ -31,6 +38,12 @@ def test_simulation_run_writes_a_complete_run_directory(workdir):
     assert len(pred) == 1 and pred[0].boxes is not None
     assert model.names == {0: "car", 1: "pedestrian", 2: "cyclist", 3: "traffic_sign"}
     summary = json.loads((run / "summary.json").read_text())
-    res = evaluate_checkpoint(run / "best.pt", run / "data" / "server_val" / "data.yaml",
-                              imgsz=64, batch=16, device="cpu", workdir=workdir / "val")
+    res = evaluate_checkpoint(
+        run / "best.pt",
+        run / "data" / "server_val" / "data.yaml",
+        imgsz=64,
+        batch=16,
+        device="cpu",
+        tmp_path=tmp_path / "val",
+    )
     np.testing.assert_allclose(res["map50_95"], summary["best"]["map50_95"], atol=1e-6)

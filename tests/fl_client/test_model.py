@@ -23,15 +23,18 @@ def test_head_has_dataset_class_count_from_the_start():
     assert model.yaml["nc"] == 3
     assert model.names == {0: "car", 1: "pedestrian", 2: "cyclist"}
     # The classification convs of the head output nc channels.
-    cls_out = [m for n, m in model.named_modules() if n.startswith("model.22.cv3") and
-               isinstance(m, torch.nn.Conv2d)]
+    cls_out = [
+        m
+        for n, m in model.named_modules()
+        if n.startswith("model.22.cv3") and isinstance(m, torch.nn.Conv2d)
+    ]
     assert cls_out and cls_out[-1].out_channels == 3
 
 
 def test_round_trip_is_exact_and_covers_params_and_bn_stats():
     src = build_model("fedyolo-tiny.yaml", NAMES)
     with torch.no_grad():  # make BN statistics non-default so a skipped buffer would show
-        for name, buf in src.named_buffers():
+        for _name, buf in src.named_buffers():
             if buf.dtype.is_floating_point:
                 buf.copy_(torch.rand_like(buf) + 0.5)
     rec = to_record(src)

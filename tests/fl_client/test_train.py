@@ -9,14 +9,26 @@ import torch
 from fl_client.model import build_model, load_record, to_record
 from fl_client.train import train_round
 
-KW = dict(epochs=1, imgsz=64, batch=8, lr0=0.01, optimizer="SGD", momentum=0.9,
-          weight_decay=0.0005, mosaic=0.0, device="cpu", amp=False, workers=0, seed=0)
+KW = dict(
+    epochs=1,
+    imgsz=64,
+    batch=8,
+    lr0=0.01,
+    optimizer="SGD",
+    momentum=0.9,
+    weight_decay=0.0005,
+    mosaic=0.0,
+    device="cpu",
+    amp=False,
+    workers=0,
+    seed=0,
+)
 
 
 def _names(data_yaml):
     import yaml
 
-    names = yaml.safe_load(open(data_yaml))["names"]
+    names = yaml.safe_load(data_yaml.read_text())["names"]
     return [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
 
 
@@ -56,8 +68,11 @@ def test_training_starts_from_received_weights(tiny_data, tmp_path):
         if v.dtype.is_floating_point:
             assert torch.equal(v, ref[k]), f"{k} did not start from the received weights"
     # ... and the returned model is the trained one: it moved away from the received weights.
-    moved = sum((client.state_dict()[k] - ref[k]).abs().sum().item()
-                for k in ref if ref[k].dtype.is_floating_point)
+    moved = sum(
+        (client.state_dict()[k] - ref[k]).abs().sum().item()
+        for k in ref
+        if ref[k].dtype.is_floating_point
+    )
     assert moved > 0
     assert result.num_examples == len(list((tiny_data.parent / "images").glob("*.jpg")))
     assert result.timing.batch_count == -(-result.num_examples // 8)
@@ -70,8 +85,18 @@ def test_no_integration_callbacks_fire(tiny_data, tmp_path):
 
     cls = train_mod._local_trainer_class()
     model = build_model("fedyolo-tiny.yaml", _names(tiny_data))
-    trainer = cls(model, {"data": str(tiny_data), "model": "x", "project": str(tmp_path),
-                          "name": "t", "device": "cpu"}, train_mod.RoundTiming())
+    trainer = cls(
+        model,
+        {
+            "data": str(tiny_data),
+            "model": "x",
+            "project": str(tmp_path),
+            "name": "t",
+            "device": "cpu",
+        },
+        train_mod.RoundTiming(),
+    )
     modules = {cb.__module__ for cbs in trainer.callbacks.values() for cb in cbs}
-    assert not any("integrations" in m or "callbacks.clearml" in m or "hub" in m
-                   for m in modules), modules
+    assert not any(
+        "integrations" in m or "callbacks.clearml" in m or "hub" in m for m in modules
+    ), modules
