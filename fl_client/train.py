@@ -7,8 +7,8 @@
   and nothing carries over from a previous round;
 * no per-epoch validation, checkpoints or final evaluation: the server evaluates the global
   model on its held-out set, and a client's checkpoint would only cost disk time;
-* no integrations: Ultralytics' ClearML/TensorBoard/W&B/Hub callbacks are removed, so nothing
-  fires per client (fedyolo's own tracking is on the server);
+* no integrations: Ultralytics' ClearML/TensorBoard/W&B/Hub callbacks are never registered, so
+  nothing fires per client (fedyolo's own tracking is on the server);
 * one optimiser step per batch (``nbs = batch``): Ultralytics accumulates gradients up to a
   nominal batch of 64, which on a small shard would leave a round with one or two steps.
 
@@ -20,8 +20,11 @@ smooths. The raw weights are also exactly what the next round continues from.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,13 +49,10 @@ class RoundTiming:
 def _local_trainer_class() -> type:
     """Build the trainer subclass lazily, so importing fedyolo does not import Ultralytics."""
     from ultralytics.models.yolo.detect import DetectionTrainer
-    from ultralytics.utils import callbacks
 
     class LocalTrainer(DetectionTrainer):
         def __init__(self, model: torch.nn.Module, overrides: dict[str, Any], timing: RoundTiming):
             super().__init__(overrides=overrides)
-            # Drop integration callbacks (ClearML, TensorBoard, Hub, ...) added in __init__.
-            self.callbacks = callbacks.get_default_callbacks()
             self.model = model
             self.timing = timing
             self.add_callback("on_train_start", self._on_train_start)
@@ -106,6 +106,54 @@ def _local_trainer_class() -> type:
 
 
 _TRAINER_CLASS: type | None = None
+
+
+def _unset_deterministic_if_set() -> None:
+    """Ultralytics' ``unset_deterministic`` with the same end state, minus a 3 s import.
+
+    ``torch.use_deterministic_algorithms(False)`` imports ``torch._dynamo``/``_inductor`` the
+    first time it is called (measured 3.2 s of a client's cold start on 2 CPU cores), although
+    a fresh process is already non-deterministic. Call it only when it would change something.
+    """
+    import torch
+
+    if torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic = False
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    os.environ.pop("PYTHONHASHSEED", None)
+
+
+@contextlib.contextmanager
+def lean_ultralytics() -> Iterator[None]:
+    """Scope in which Ultralytics' trainer registers no integrations and skips the import above.
+
+    Ultralytics adds its integration callbacks (ClearML, TensorBoard, W&B, Hub, ...) and fires
+    ``on_pretrain_routine_start`` inside ``BaseTrainer.__init__``, before a subclass could remove
+    them; replacing the registration function for the duration of the round is the only way to
+    keep e.g. its ClearML callback from initialising on every client.
+    """
+    import ultralytics.engine.trainer as trainer_mod
+    import ultralytics.utils.torch_utils as torch_utils
+    from ultralytics.utils import callbacks
+
+    saved = (
+        callbacks.add_integration_callbacks,
+        trainer_mod.unset_deterministic,
+        torch_utils.unset_deterministic,
+    )
+    callbacks.add_integration_callbacks = lambda instance: None
+    trainer_mod.unset_deterministic = _unset_deterministic_if_set
+    torch_utils.unset_deterministic = _unset_deterministic_if_set
+    try:
+        yield
+    finally:
+        (
+            callbacks.add_integration_callbacks,
+            trainer_mod.unset_deterministic,
+            torch_utils.unset_deterministic,
+        ) = saved
 
 
 @dataclass
@@ -169,8 +217,9 @@ def train_round(
         "name": "train",
         "exist_ok": True,
     }
-    trainer = _TRAINER_CLASS(model, overrides, timing)
-    trainer.train()
+    with lean_ultralytics():
+        trainer = _TRAINER_CLASS(model, overrides, timing)
+        trainer.train()
     trained = trainer.model
     if trained is not model:  # the trainer only moves the same object between devices
         raise RuntimeError("Ultralytics trained another model object than the one received")

@@ -80,23 +80,28 @@ def test_training_starts_from_received_weights(tiny_data, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
 
 
-def test_no_integration_callbacks_fire(tiny_data, tmp_path):
+def test_no_integration_callbacks_are_registered(tiny_data, tmp_path, monkeypatch):
+    """Ultralytics' ClearML/TensorBoard/Hub callbacks never register or fire on a client."""
+    from ultralytics.utils import callbacks
+
     from fl_client import train as train_mod
 
+    calls = []
+    monkeypatch.setattr(callbacks, "add_integration_callbacks", lambda t: calls.append(t))
     cls = train_mod._local_trainer_class()
     model = build_model("fedyolo-tiny.yaml", _names(tiny_data))
-    trainer = cls(
-        model,
-        {
-            "data": str(tiny_data),
-            "model": "x",
-            "project": str(tmp_path),
-            "name": "t",
-            "device": "cpu",
-        },
-        train_mod.RoundTiming(),
-    )
+    args = {
+        "data": str(tiny_data),
+        "model": "x",
+        "project": str(tmp_path),
+        "name": "t",
+        "device": "cpu",
+    }
+    with train_mod.lean_ultralytics():
+        trainer = cls(model, args, train_mod.RoundTiming())
+    assert calls == []  # the real registration function was not reachable in the round
     modules = {cb.__module__ for cbs in trainer.callbacks.values() for cb in cbs}
-    assert not any(
-        "integrations" in m or "callbacks.clearml" in m or "hub" in m for m in modules
-    ), modules
+    assert not any("integrations" in m or "clearml" in m or "hub" in m for m in modules)
+    # ... and outside the round, Ultralytics is as it was.
+    cls(model, args, train_mod.RoundTiming())
+    assert len(calls) == 1

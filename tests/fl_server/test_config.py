@@ -1,0 +1,48 @@
+"""Config composition and validation: a bad value is one line naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from fl_server.cli import main
+from fl_server.config import ConfigError, compose
+
+
+def test_defaults_compose_and_overrides_apply():
+    cfg = compose(["federation.clients=4", "data.partition=dirichlet", "data.alpha=0.3"])
+    assert cfg.federation.clients == 4
+    assert cfg.data.partition == "dirichlet" and cfg.data.alpha == 0.3
+    assert cfg.engine.name == "simulation" and cfg.strategy.name == "fedavg"
+    assert compose(["engine=local-deployment"]).engine.name == "local-deployment"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("federation.clients=0", "federation.clients"),
+        ("federation.rounds=-1", "federation.rounds"),
+        ("train.epochs=zero", "train.epochs"),
+        ("train.imgsz=100", "train.imgsz"),
+        ("train.lr0=0", "train.lr0"),
+        ("train.optimizer=auto", "train.optimizer"),
+        ("train.device=gpu", "train.device"),
+        ("data.partition=random", "data.partition"),
+        ("data.alpha=0", "data.alpha"),
+        ("strategy.name=nope", "strategy.name"),
+        ("model.cfg=yolov99z.yaml", "model.cfg"),
+        ("data.path=/does/not/exist", "data.path"),
+        ("federation.nope=1", "federation.nope"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as exc:
+        compose([override])
+    assert key in str(exc.value)
+
+
+def test_cli_prints_one_line_and_exits_2(capsys, tmp_path):
+    rc = main(["run", "federation.clients=0", f"output.dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and "federation.clients=0" in err
+    assert not any(tmp_path.iterdir())  # nothing was started or written
