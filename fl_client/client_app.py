@@ -155,6 +155,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             "num-examples": num_val,
+            "partition-id": int(context.node_config.get("partition-id", 0)),
             "map50": res["map50"],
             "map50-95": res["map50_95"],
             "precision": res["precision"],

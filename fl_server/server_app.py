@@ -129,6 +129,8 @@ class GlobalEvaluator:
             "failures": log.failed if log else 0,
             "weights_sha256": res["weights_sha256"],
         }
+        if log and log.client_eval:  # federation.fraction_evaluate > 0: clients' own val splits
+            record["client_eval"] = log.client_eval
         if not clients:
             self.run.event(
                 rnd, "round_failed", reason="no usable client update; the global model is unchanged"

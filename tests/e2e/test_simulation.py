@@ -17,6 +17,7 @@ def test_simulation_run_writes_a_complete_run_directory(tmp_path):
             "run",
             *TINY,
             "name=sim",
+            "federation.fraction_evaluate=1.0",
             f"output.dir={tmp_path / 'runs'}",
             f"data.cache_dir={tmp_path / 'cache'}",
         ],
@@ -24,7 +25,11 @@ def test_simulation_run_writes_a_complete_run_directory(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "sim"
-    check_run_dir(run, rounds=2, clients=2)
+    rounds = check_run_dir(run, rounds=2, clients=2)
+    # Each client also evaluated the global model on its own local validation split.
+    for r in rounds:
+        assert sorted(c["id"] for c in r["client_eval"]) == [0, 1]
+        assert all(0.0 <= c["map50_95"] <= 1.0 and c["num_examples"] > 0 for c in r["client_eval"])
 
     # best.pt is a plain Ultralytics checkpoint: it loads, predicts, and its mAP on the
     # held-out set is the one the run reported.

@@ -69,3 +69,27 @@ def test_non_finite_records_are_detected():
 def test_unknown_model_cfg_is_one_clear_error():
     with pytest.raises(ModelConfigError, match="model.cfg"):
         build_model("yolov99z.yaml", NAMES)
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"])
+def test_ultralytics_families_build_for_the_class_count_and_round_trip(cfg):
+    model = build_model(cfg, NAMES)
+    assert model.yaml["nc"] == 3
+    twin = build_model(cfg, NAMES)
+    load_record(twin, to_record(model))
+    for k in exchanged_keys(model):
+        assert torch.equal(twin.state_dict()[k], model.state_dict()[k]), k
+
+
+def test_fine_tuning_from_a_checkpoint_of_another_class_count(tmp_path):
+    from fl_client.model import save_checkpoint
+
+    coco = build_model("fedyolo-tiny.yaml", [f"c{i}" for i in range(80)])
+    ckpt = save_checkpoint(coco, tmp_path / "coco.pt", {"imgsz": 64}, {})
+    model = build_model(str(ckpt), NAMES)
+    assert model.yaml["nc"] == 3
+    src, dst = coco.state_dict(), model.state_dict()
+    kept = [k for k in dst if k in src and src[k].shape == dst[k].shape]
+    assert all(torch.equal(src[k], dst[k]) for k in kept if "model.22" not in k)
+    # Everything but the class-specific head convs comes from the checkpoint.
+    assert len(kept) >= len(dst) - 6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 
 from fl_client.model import build_model, load_record, to_record
@@ -105,3 +106,21 @@ def test_no_integration_callbacks_are_registered(tiny_data, tmp_path, monkeypatc
     # ... and outside the round, Ultralytics is as it was.
     cls(model, args, train_mod.RoundTiming())
     assert len(calls) == 1
+
+
+def test_yolo26_end_to_end_head_trains_and_evaluates(tiny_data, tmp_path):
+    """YOLO26's NMS-free head goes through the same round: train, checkpoint, evaluate."""
+    from fl_client.evaluate import evaluate_checkpoint
+    from fl_client.model import save_checkpoint
+
+    model = build_model("yolo26n.yaml", _names(tiny_data))
+    before = to_record(model)
+    result = train_round(model, tiny_data, tmp_path, **KW)
+    after = to_record(model)
+    assert any(not np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
+    assert all(np.isfinite(v) for v in result.losses.values())
+    ckpt = save_checkpoint(model, tmp_path / "g.pt", {"imgsz": 64}, {})
+    res = evaluate_checkpoint(
+        ckpt, tiny_data, imgsz=64, batch=16, device="cpu", workdir=tmp_path / "val"
+    )
+    assert all(0.0 <= res[k] <= 1.0 for k in ("map50", "map50_95", "precision", "recall"))

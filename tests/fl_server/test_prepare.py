@@ -1,0 +1,52 @@
+"""Run preparation on a user's dataset with bad files: reported, skipped, nothing else lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from fl_client.data import generate
+from fl_server.config import compose
+from fl_server.prepare import prepare_run
+
+
+def test_bad_files_are_reported_and_excluded_from_every_shard(tmp_path):
+    data_yaml = generate(tmp_path / "ds", 40, imgsz=64, seed=3, domains=["day"])
+    root = data_yaml.parent
+    images = sorted((root / "images").glob("*.jpg"))
+    images[0].write_bytes(b"not a jpeg at all")  # unreadable
+    raw = images[1].read_bytes()
+    images[1].write_bytes(raw[: len(raw) // 2])  # truncated
+    (root / "labels" / f"{images[2].stem}.txt").write_text("0 0.5 0.5 0.2\n")  # 4 columns
+    (root / "labels" / f"{images[3].stem}.txt").write_text("9 0.5 0.5 0.2 0.2\n")  # class 9
+    shutil.copy(root / "labels" / f"{images[4].stem}.txt", root / "labels" / "ghost.txt")
+
+    cfg = compose(
+        [
+            f"data.path={data_yaml}",
+            f"output.dir={tmp_path / 'runs'}",
+            "name=r",
+            "federation.clients=2",
+            "model=tiny",
+        ]
+    )
+    run = prepare_run(cfg)
+
+    report = json.loads((run.path / "data_check.json").read_text())
+    kinds = {i["kind"] for i in report["issues"]}
+    assert {
+        "unreadable_image",
+        "truncated_image",
+        "bad_columns",
+        "class_out_of_range",
+        "orphan_label",
+    } <= kinds
+    in_shards = {p.resolve() for p in run.data.rglob("images/*")}  # symlinks to the originals
+    assert images[0].resolve() not in in_shards and images[1].resolve() not in in_shards
+    assert images[5].resolve() in in_shards
+    manifest = json.loads(run.manifest.read_text())
+    used = manifest["data"]["server_val_images"] + sum(
+        c["train_images"] + c["val_images"] for c in manifest["data"]["clients"]
+    )
+    assert used == 38  # 40 images minus the unreadable and the truncated one
+    assert manifest["data"]["check_issues"] == len(report["issues"])
