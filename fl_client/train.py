@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -108,52 +107,23 @@ def _local_trainer_class() -> type:
 _TRAINER_CLASS: type | None = None
 
 
-def _unset_deterministic_if_set() -> None:
-    """Ultralytics' ``unset_deterministic`` with the same end state, minus a 3 s import.
-
-    ``torch.use_deterministic_algorithms(False)`` imports ``torch._dynamo``/``_inductor`` the
-    first time it is called (measured 3.2 s of a client's cold start on 2 CPU cores), although
-    a fresh process is already non-deterministic. Call it only when it would change something.
-    """
-    import torch
-
-    if torch.are_deterministic_algorithms_enabled():
-        torch.use_deterministic_algorithms(False)
-    torch.backends.cudnn.deterministic = False
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    os.environ.pop("PYTHONHASHSEED", None)
-
-
 @contextlib.contextmanager
 def lean_ultralytics() -> Iterator[None]:
-    """Scope in which Ultralytics' trainer registers no integrations and skips the import above.
+    """Scope in which Ultralytics' trainer registers no integration callbacks.
 
     Ultralytics adds its integration callbacks (ClearML, TensorBoard, W&B, Hub, ...) and fires
     ``on_pretrain_routine_start`` inside ``BaseTrainer.__init__``, before a subclass could remove
     them; replacing the registration function for the duration of the round is the only way to
     keep e.g. its ClearML callback from initialising on every client.
     """
-    import ultralytics.engine.trainer as trainer_mod
-    import ultralytics.utils.torch_utils as torch_utils
     from ultralytics.utils import callbacks
 
-    saved = (
-        callbacks.add_integration_callbacks,
-        trainer_mod.unset_deterministic,
-        torch_utils.unset_deterministic,
-    )
+    saved = callbacks.add_integration_callbacks
     callbacks.add_integration_callbacks = lambda instance: None
-    trainer_mod.unset_deterministic = _unset_deterministic_if_set
-    torch_utils.unset_deterministic = _unset_deterministic_if_set
     try:
         yield
     finally:
-        (
-            callbacks.add_integration_callbacks,
-            trainer_mod.unset_deterministic,
-            torch_utils.unset_deterministic,
-        ) = saved
+        callbacks.add_integration_callbacks = saved
 
 
 @dataclass
