@@ -233,6 +233,14 @@ def check_image(path: Path) -> Issue | None:
         return Issue(
             "unreadable_image", str(path), None, f"cannot decode: {_one_line(exc)}", "skipped"
         )
+    except ImportError as exc:
+        # Ultralytics patches Image.open to retry unidentified files with pi-heif; without it
+        # installed that surfaces as an ImportError: the file is as unidentifiable as above.
+        if _cv2_decodes(data):
+            return None
+        return Issue(
+            "unreadable_image", str(path), None, f"cannot decode: {_one_line(exc)}", "skipped"
+        )
     except (ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return Issue(
             "unreadable_image", str(path), None, f"cannot decode: {_one_line(exc)}", "skipped"

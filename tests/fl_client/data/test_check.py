@@ -212,3 +212,15 @@ def test_unreadable_label_file_skips_its_image(
     report = check_dataset(load_dataset(tmp_path), work_dir=tmp_path / "work")
     assert _found(report.issues) == {("bad_value", "binary.txt", None, "skipped")}
     assert [s.image.stem for s in report.usable] == ["ok"]
+
+
+def test_garbage_image_is_unreadable_even_with_ultralytics_patches(tmp_path):
+    """Ultralytics patches PIL's Image.open (HEIF retry); the check must still classify."""
+    import ultralytics.utils.patches  # noqa: F401  (installs the patch, as in every fedyolo run)
+
+    from fl_client.data import check_image
+
+    bad = tmp_path / "x.jpg"
+    bad.write_bytes(b"this is not an image")
+    issue = check_image(bad)
+    assert issue is not None and issue.kind == "unreadable_image"
