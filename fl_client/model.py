@@ -9,6 +9,14 @@ every client trains from, and the server evaluates, the same complete model. Bat
 ``num_batches_tracked`` counters are not exchanged: Ultralytics' BatchNorm layers use a fixed
 momentum (0.03), so the counter is never read, and averaging integer counters across clients
 would only produce a meaningless number. Each side keeps its own.
+
+How: the tensors are packed, in state-dict order, into one float32 vector under the key
+``weights``. Flower moves every array of a record as separate objects (plus 5 MB chunks), one
+HTTP exchange each, on every hop of the deployment engine; YOLOv8n has ~300 tensors, so packing
+turns ~700 transfers per message into ~5. Element-wise strategies (FedAvg, FedProx, FedAdam,
+FedMedian, ...) are unaffected; ``layout()``/``unpack()`` give per-tensor views to those that
+need names. The layout is fixed by the model cfg and class count, which both sides build the
+same way; ``layout_digest()`` lets a client check that before loading.
 """
 
 from __future__ import annotations
@@ -83,39 +91,63 @@ def exchanged_keys(model: torch.nn.Module) -> list[str]:
     return [k for k, v in model.state_dict().items() if v.dtype.is_floating_point]
 
 
-def to_record(model: torch.nn.Module) -> ArrayRecord:
-    """Model → ArrayRecord of float32 arrays, in state-dict order."""
+WEIGHTS_KEY = "weights"
+
+
+def layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of each exchanged tensor, in packing order."""
     state = model.state_dict()
-    return ArrayRecord(
-        {k: Array(state[k].detach().cpu().to(torch.float32).numpy()) for k in exchanged_keys(model)}
+    return [(k, tuple(state[k].shape)) for k in exchanged_keys(model)]
+
+
+def layout_digest(model: torch.nn.Module) -> str:
+    """A short fingerprint of ``layout(model)``: equal digests mean compatible records."""
+    import hashlib
+
+    return hashlib.sha256(repr(layout(model)).encode()).hexdigest()[:16]
+
+
+def to_record(model: torch.nn.Module) -> ArrayRecord:
+    """Model → ArrayRecord holding one float32 vector of every exchanged tensor."""
+    state = model.state_dict()
+    flat = torch.cat(
+        [state[k].detach().reshape(-1).to("cpu", torch.float32) for k in exchanged_keys(model)]
     )
+    return ArrayRecord({WEIGHTS_KEY: Array(flat.numpy())})
+
+
+def unpack(record: ArrayRecord, shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+    """Per-tensor views (no copy) of a packed record, given ``layout(model)``."""
+    if list(record.keys()) != [WEIGHTS_KEY]:
+        raise ValueError(
+            f"weights do not match the model: expected one array '{WEIGHTS_KEY}', "
+            f"got {sorted(record.keys())[:3]}"
+        )
+    flat = record[WEIGHTS_KEY].numpy().reshape(-1)
+    expected = sum(int(np.prod(shape)) for _, shape in shapes)
+    if flat.size != expected:
+        raise ValueError(
+            f"weights do not match the model: {flat.size} values, the model has {expected}"
+        )
+    views, offset = {}, 0
+    for name, shape in shapes:
+        n = int(np.prod(shape))
+        views[name] = flat[offset : offset + n].reshape(shape)
+        offset += n
+    return views
 
 
 def load_record(model: torch.nn.Module, record: ArrayRecord) -> None:
-    """Copy an ArrayRecord into ``model`` in place; it must hold exactly the exchanged keys.
+    """Copy a packed ArrayRecord into ``model`` in place.
 
-    Raises ``ValueError`` naming the first missing, unexpected or mis-shaped entry, so a reply
+    Raises ``ValueError`` when the record does not hold exactly this model's tensors, so a reply
     from another architecture or class count can never be half-loaded.
     """
-    expected = exchanged_keys(model)
-    got = set(record.keys())
-    missing = [k for k in expected if k not in got]
-    extra = sorted(got.difference(expected))
-    if missing or extra:
-        raise ValueError(
-            f"weights do not match the model: {len(missing)} missing (e.g. {missing[:1]}), "
-            f"{len(extra)} unexpected (e.g. {extra[:1]})"
-        )
+    views = unpack(record, layout(model))
     state = model.state_dict()
     with torch.no_grad():
-        for k in expected:
-            arr = record[k].numpy()
-            if tuple(arr.shape) != tuple(state[k].shape):
-                raise ValueError(
-                    f"weights do not match the model: '{k}' has shape {tuple(arr.shape)}, "
-                    f"the model expects {tuple(state[k].shape)}"
-                )
-            state[k].copy_(torch.from_numpy(np.ascontiguousarray(arr)))
+        for name, arr in views.items():
+            state[name].copy_(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)))
 
 
 def record_digest(record: ArrayRecord) -> str:

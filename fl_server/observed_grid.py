@@ -169,6 +169,7 @@ class ObservedGrid(Grid):
             "setup-seconds": "setup_seconds",
             "batch-seconds": "batch_seconds",
             "handler-seconds": "handler_seconds",
+            "startup-seconds": "startup_seconds",
         }
         for k, v in m.items():
             if k == "partition-id":

@@ -10,9 +10,12 @@ from fl_client.model import (
     ModelConfigError,
     build_model,
     exchanged_keys,
+    layout,
+    layout_digest,
     load_record,
     record_is_finite,
     to_record,
+    unpack,
 )
 
 NAMES = ["car", "pedestrian", "cyclist"]
@@ -38,11 +41,15 @@ def test_round_trip_is_exact_and_covers_params_and_bn_stats():
             if buf.dtype.is_floating_point:
                 buf.copy_(torch.rand_like(buf) + 0.5)
     rec = to_record(src)
-    keys = set(rec.keys())
+    assert list(rec.keys()) == ["weights"]  # one packed vector: few objects on the wire
+    assert rec["weights"].numpy().dtype == np.float32
+    views = unpack(rec, layout(src))
+    keys = set(views)
     assert any(k.endswith(".bn.running_mean") for k in keys)
     assert any(k.endswith(".bn.running_var") for k in keys)
     assert not any(k.endswith("num_batches_tracked") for k in keys)
-    assert all(rec[k].numpy().dtype == np.float32 for k in keys)
+    for k, v in views.items():
+        assert np.array_equal(v, src.state_dict()[k].numpy()), k
     dst = build_model("fedyolo-tiny.yaml", NAMES)
     load_record(dst, rec)
     s, d = src.state_dict(), dst.state_dict()
@@ -54,8 +61,11 @@ def test_round_trip_is_exact_and_covers_params_and_bn_stats():
 
 def test_load_record_refuses_a_mismatched_model():
     rec = to_record(build_model("fedyolo-tiny.yaml", NAMES + ["sign"]))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="the model has"):
         load_record(build_model("fedyolo-tiny.yaml", NAMES), rec)
+    four = build_model("fedyolo-tiny.yaml", NAMES + ["sign"])
+    assert layout_digest(four) != layout_digest(build_model("fedyolo-tiny.yaml", NAMES))
+    assert layout_digest(four) == layout_digest(build_model("fedyolo-tiny.yaml", NAMES + ["x"]))
 
 
 def test_non_finite_records_are_detected():
