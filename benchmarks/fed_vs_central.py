@@ -27,8 +27,8 @@ WORK = ROOT / "benchmarks" / "work"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def federated(split: str, rounds: int, extra: list[str]) -> tuple[Path, dict, float]:
-    name = f"fvc-{split}"
+def federated(split: str, rounds: int, local: int, extra: list[str]) -> tuple[Path, dict, float]:
+    name = f"fvc-{split}-e{local}"
     t0 = time.perf_counter()
     cmd = [
         sys.executable,
@@ -38,6 +38,7 @@ def federated(split: str, rounds: int, extra: list[str]) -> tuple[Path, dict, fl
         f"name={name}",
         f"data.partition={split}",
         f"federation.rounds={rounds}",
+        f"train.epochs={local}",
         f"output.dir={WORK / 'runs'}",
         "output.overwrite=true",
         *extra,
@@ -158,7 +159,6 @@ def main() -> None:
             "clients": cfg["federation"]["clients"],
             "images": cfg["data"]["synth"]["images"],
             "imgsz": cfg["train"]["imgsz"],
-            "local_epochs": cfg["train"]["epochs"],
             "domains": cfg["data"]["synth"]["domains"],
             "centralized": "Ultralytics YOLO.train on the union of client train shards, "
             "same hyper-parameters, EMA weights (last.pt)",

@@ -1,0 +1,82 @@
+"""Print the README's benchmark tables from ``benchmarks/results/*.json``.
+
+.venv/bin/python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def fed_vs_central() -> list[str]:
+    lines = []
+    for path in sorted(RESULTS.glob("fed_vs_central_b*.json")):
+        d = json.loads(path.read_text())
+        s = d["setup"]
+        lines += [
+            f"**Federated vs centralized** (`{path.name}`; {d['machine']}; {d['date']}): "
+            f"{s['model']}, {s['clients']} clients, {s['images']} synthetic images at "
+            f"{s['imgsz']} px, the same epoch budget for both.",
+            "",
+            "| split | epochs | local epochs × rounds | federated final | federated best round "
+            "| centralized | ratio (final) |",
+            "|---|---:|---|---:|---:|---:|---:|",
+        ]
+        for r in d["rows"]:
+            budget = r.get("epoch_budget", r["rounds"])
+            local = r.get("local_epochs", 1)
+            lines.append(
+                f"| {r['split']} | {budget} | {local} × {r['rounds']} "
+                f"| {r['federated_final_map50_95']:.3f} | {r['federated_best_map50_95']:.3f} "
+                f"| {r['centralized_map50_95']:.3f} | **{r['ratio_final']:.2f}** |"
+            )
+        lines.append("")
+    return lines
+
+
+def round_overhead() -> list[str]:
+    path = RESULTS / "round_overhead.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    lines = [
+        f"**Where a round goes** (`{path.name}`; {d['machine']}; {d['date']}): yolov8n, "
+        "2 clients × ~245 images at 128 px, 1 local epoch; mean of rounds 2..n. "
+        "Training = the slowest client's time inside Ultralytics' epoch loop.",
+        "",
+        "| engine | round (s) | training (s) | server eval (s) | client set-up (s) "
+        "| everything else | round 1 (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for engine, v in d["engines"].items():
+        s = v["steady_state_rounds_2_to_n"]
+        lines.append(
+            f"| {engine} | {s['round_seconds']:.1f} | {s['training_seconds']:.1f} "
+            f"| {s['eval_seconds']:.1f} | {s['client_setup_seconds']:.1f} "
+            f"| **{100 * s['other_share']:.0f}%** | {v['round_1']['round_seconds']:.1f} |"
+        )
+    return [*lines, ""]
+
+
+def cold_start() -> list[str]:
+    path = RESULTS / "cold_start.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    m = d["median_seconds"]
+    return [
+        f"**Client cold start** (`{path.name}`; {d['machine']}; {d['date']}): fresh process → "
+        f"first training batch, {d['model']} at {d['imgsz']} px, median of "
+        f"{len(d['samples'])}, seconds since process creation: interpreter up at "
+        f"{m['interpreter']:.1f}, imports (Flower, torch, Ultralytics) done at {m['imports']:.1f}, "
+        f"model built at {m['model']:.1f}, **first batch at {m['first_batch']:.1f}** "
+        f"(target {d['target_seconds']:.0f} s).",
+        "",
+    ]
+
+
+if __name__ == "__main__":
+    print("\n".join(fed_vs_central() + round_overhead() + cold_start()))
