@@ -152,9 +152,11 @@ def run_local_deployment(
         "FLWR_HOME": str(flwr_home),
         "YOLO_OFFLINE": "1",
         "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
-        "OMP_NUM_THREADS": str(client_threads),
         "PYTHONUNBUFFERED": "1",
     }
+    # Client processes get their thread budget; the SuperLink (and the ServerApp it starts,
+    # which evaluates the global model while the clients wait) keeps the machine's default.
+    client_env = {**env, "OMP_NUM_THREADS": str(client_threads)}
     group = ProcessGroup(run_dir / "logs", flwr_home=str(flwr_home))
     with _sigterm_as_exit():
         try:
@@ -185,7 +187,7 @@ def run_local_deployment(
                         "--node-config",
                         f"partition-id={i} num-partitions={num_clients}",
                     ],
-                    env,
+                    client_env,
                 )
             LOGGER.info(
                 "deployment engine: SuperLink on %s:%d, %d SuperNodes (logs in %s)",
