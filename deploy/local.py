@@ -149,6 +149,9 @@ def run_local_deployment(
     )
     env = {
         **os.environ,
+        # Flower's processes start each other by name (flower-superexec, flwr-serverapp,
+        # flwr-clientapp): this environment's scripts come first, activated or not.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "FLWR_HOME": str(flwr_home),
         "YOLO_OFFLINE": "1",
         "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),

@@ -49,6 +49,6 @@ def test_simulation_run_writes_a_complete_run_directory(tmp_path):
         imgsz=64,
         batch=16,
         device="cpu",
-        tmp_path=tmp_path / "val",
+        workdir=tmp_path / "val",
     )
     np.testing.assert_allclose(res["map50_95"], summary["best"]["map50_95"], atol=1e-6)
