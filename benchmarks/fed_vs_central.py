@@ -14,37 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
-from benchmarks_common import machine
-
-ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "benchmarks" / "work"
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks_common import RESULTS, ROOT, WORK, fedyolo_run, machine
 
 
 def federated(split: str, rounds: int, local: int, extra: list[str]) -> tuple[Path, dict, float]:
-    name = f"fvc-{split}-e{local}"
     t0 = time.perf_counter()
-    cmd = [
-        sys.executable,
-        "-m",
-        "fl_server.cli",
-        "run",
-        f"name={name}",
-        f"data.partition={split}",
-        f"federation.rounds={rounds}",
-        f"train.epochs={local}",
-        f"output.dir={WORK / 'runs'}",
-        "output.overwrite=true",
-        *extra,
-    ]
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "YOLO_OFFLINE": "1"})
-    run = WORK / "runs" / name
+    run = fedyolo_run(
+        f"fvc-{split}-e{local}",
+        [f"data.partition={split}", f"federation.rounds={rounds}", f"train.epochs={local}", *extra],
+    )
     return run, json.loads((run / "summary.json").read_text()), time.perf_counter() - t0
 
 

@@ -19,36 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from benchmarks_common import machine
-
-ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "benchmarks" / "work"
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks_common import RESULTS, fedyolo_run, machine
 
 
 def run(engine: str, rounds: int, extra: list[str]) -> Path:
-    name = f"overhead-{engine}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "fl_server.cli",
-        "run",
-        f"name={name}",
-        f"engine={engine}",
-        f"federation.rounds={rounds}",
-        f"output.dir={WORK / 'runs'}",
-        "output.overwrite=true",
-        *extra,
-    ]
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "YOLO_OFFLINE": "1"})
-    return WORK / "runs" / name
+    return fedyolo_run(
+        f"overhead-{engine}", [f"engine={engine}", f"federation.rounds={rounds}", *extra]
+    )
 
 
 def split(run_dir: Path) -> dict:

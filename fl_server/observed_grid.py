@@ -100,18 +100,7 @@ class ObservedGrid(Grid):
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
-                log.failed += 1
-                self._run.event(
-                    rnd,
-                    "client_failed",
-                    client=self._client(node),
-                    node_id=node,
-                    phase="train" if is_train else "evaluate",
-                    reason=reply.error.reason,
-                )
-                LOGGER.warning(
-                    "round %d: client %s failed: %s", rnd, self._client(node), reply.error.reason
-                )
+                self._fail(log, rnd, "client_failed", node, reply.error.reason, is_train)
                 kept.append(reply)  # strategies count failures themselves
                 continue
             metrics = next(iter(reply.content.metric_records.values()), {})
@@ -120,38 +109,30 @@ class ObservedGrid(Grid):
             if is_train and not all(
                 record_is_finite(r) for r in reply.content.array_records.values()
             ):
-                log.failed += 1
-                self._run.event(
-                    rnd,
-                    "update_rejected",
-                    client=self._client(node),
-                    node_id=node,
-                    reason="non-finite values (NaN/inf) in the returned weights",
-                )
-                LOGGER.warning(
-                    "round %d: dropped client %s's update: non-finite weights",
-                    rnd,
-                    self._client(node),
-                )
+                reason = "non-finite values (NaN/inf) in the returned weights"
+                self._fail(log, rnd, "update_rejected", node, reason, is_train)
                 continue
             entry = self._client_entry(node, metrics, down.get(node, 0), _payload_bytes(reply))
             (log.clients if is_train else log.client_eval).append(entry)
             kept.append(reply)
         for node in sorted(set(down).difference(answered)):
-            log.failed += 1
-            self._run.event(
-                rnd,
-                "client_failed",
-                client=self._client(node),
-                node_id=node,
-                phase="train" if is_train else "evaluate",
-                reason=f"no reply within the round timeout ({timeout} s)",
-            )
+            reason = f"no reply within the round timeout ({timeout} s)"
+            self._fail(log, rnd, "client_failed", node, reason, is_train)
         if is_train:
             log.sent += len(messages)
         return kept
 
     # -- helpers -----------------------------------------------------------------------------
+    def _fail(
+        self, log: RoundLog, rnd: int, kind: str, node: int, reason: str, is_train: bool
+    ) -> None:
+        """Count, record in events.jsonl and log one client's failure in round ``rnd``."""
+        log.failed += 1
+        phase = "train" if is_train else "evaluate"
+        client = self._client(node)
+        self._run.event(rnd, kind, client=client, node_id=node, phase=phase, reason=reason)
+        LOGGER.warning("round %d: %s %s (%s): %s", rnd, kind, client, phase, reason)
+
     def _client(self, node: int) -> int | str:
         return self._node_to_client.get(node, f"node-{node}")
 
