@@ -23,6 +23,18 @@ TINY = [
 ]
 
 
+def tiny_run_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    """`fedyolo run` arguments for the tiny federation, writing under ``tmp_path``."""
+    return [
+        "run",
+        *TINY,
+        f"name={name}",
+        f"output.dir={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *extra,
+    ]
+
+
 def fedyolo(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "YOLO_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(

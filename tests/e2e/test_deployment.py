@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from e2e_helpers import TINY, check_run_dir, fedyolo
+from e2e_helpers import check_run_dir, fedyolo, tiny_run_args
 
 pytestmark = pytest.mark.e2e
 
@@ -31,17 +31,7 @@ def flower_processes(run: Path) -> list[psutil.Process]:
 
 def test_deployment_run_completes_and_leaves_no_process(tmp_path):
     run = tmp_path / "runs" / "dep"
-    proc = fedyolo(
-        [
-            "run",
-            *TINY,
-            "engine=local-deployment",
-            "name=dep",
-            f"output.dir={tmp_path / 'runs'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-        ],
-        cwd=tmp_path,
-    )
+    proc = fedyolo(tiny_run_args(tmp_path, "dep", "engine=local-deployment"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_run_dir(run, rounds=2, clients=2)
     # Each SuperNode trained its own shard: the two clients are the two partitions.
@@ -55,15 +45,7 @@ def test_deployment_run_completes_and_leaves_no_process(tmp_path):
 
 def test_interrupted_deployment_run_stops_every_process(tmp_path):
     run = tmp_path / "runs" / "stop"
-    args = [
-        "run",
-        *TINY,
-        "federation.rounds=50",
-        "engine=local-deployment",
-        "name=stop",
-        f"output.dir={tmp_path / 'runs'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-    ]
+    args = tiny_run_args(tmp_path, "stop", "federation.rounds=50", "engine=local-deployment")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fl_server.cli", *args],
         cwd=tmp_path,

@@ -6,23 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from e2e_helpers import TINY, check_run_dir, fedyolo
+from e2e_helpers import check_run_dir, fedyolo, tiny_run_args
 
 pytestmark = pytest.mark.e2e
 
 
 def test_simulation_run_writes_a_complete_run_directory(tmp_path):
-    proc = fedyolo(
-        [
-            "run",
-            *TINY,
-            "name=sim",
-            "federation.fraction_evaluate=1.0",
-            f"output.dir={tmp_path / 'runs'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-        ],
-        cwd=tmp_path,
-    )
+    args = tiny_run_args(tmp_path, "sim", "federation.fraction_evaluate=1.0")
+    proc = fedyolo(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "sim"
     rounds = check_run_dir(run, rounds=2, clients=2)
