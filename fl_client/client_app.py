@@ -16,14 +16,33 @@ import tempfile
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
 
 LOGGER = logging.getLogger(__name__)
 
-app = ClientApp()
+
+def _client_dp_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's client-side DP clipping mods, for runs whose strategy asks for them.
+
+    ``strategy.dp=client-fixed`` / ``client-adaptive`` set ``dp-clipping`` in the round config
+    (and Flower's server wrapper the clipping norm); every other run passes through untouched.
+    """
+    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+
+    if msg.metadata.message_type == "train" and "config" in msg.content.config_records:
+        kind = str(msg.content["config"].get("dp-clipping", ""))
+        if kind == "fixed":
+            return fixedclipping_mod(msg, context, call_next)
+        if kind == "adaptive":
+            return adaptiveclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[_client_dp_mod])
 
 _MODEL_CACHE: dict[tuple, object] = {}
 _WORKDIR: Path | None = None
@@ -95,18 +114,74 @@ def _setup_process(config: ConfigRecord) -> None:
     _quiet_ultralytics(str(config.get("ultralytics-log-level", "WARNING")))
 
 
+STATE_KEY = "fedyolo"  # this client's own arrays in its Flower context.state
+
+
+def _own_state(context: Context) -> dict[str, np.ndarray]:
+    """What this client kept from earlier rounds: its local parts and transport residual."""
+    if STATE_KEY not in context.state:
+        return {}
+    rec = context.state[STATE_KEY]
+    return {k: rec[k].numpy() for k in rec}
+
+
+def _keep_own(context: Context, arrays: dict[str, np.ndarray]) -> None:
+    context.state[STATE_KEY] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def _keep_local_mask(config: ConfigRecord, model) -> np.ndarray | None:
+    """Mask of the values this client keeps local (config ``keep-local``, e.g. ``bn,head``)."""
+    from fl_client.model import local_mask
+
+    parts = [p for p in str(config.get("keep-local", "")).split(",") if p]
+    return local_mask(model, parts) if parts else None
+
+
+def _personalize(model, config: ConfigRecord, context: Context) -> np.ndarray | None:
+    """Overwrite the parts this client keeps local with its own values from earlier rounds.
+
+    FedBN-style (``keep-local=bn``) or partial aggregation (``keep-local=head``): the global
+    model brings the shared parts; in round 1 there is nothing of its own yet, so the client
+    starts from the global values everywhere.
+    """
+    from fl_client.model import WEIGHTS_KEY, load_record, to_record
+
+    mask = _keep_local_mask(config, model)
+    own = _own_state(context).get("local")
+    if mask is None or own is None or own.size != int(mask.sum()):
+        return mask
+    flat = to_record(model)[WEIGHTS_KEY].numpy()
+    flat[mask] = own
+    load_record(model, ArrayRecord({WEIGHTS_KEY: Array(flat)}))
+    return mask
+
+
+def transport_spec(config: ConfigRecord):
+    from fl_client.transport import TransportSpec
+
+    return TransportSpec(
+        scheme=str(config.get("transport", "fp32")),
+        block=int(config.get("transport-block", 256)),
+        fraction=float(config.get("transport-fraction", 0.01)),
+        error_feedback=bool(config.get("transport-error-feedback", True)),
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's shard for one round."""
     t0 = time.perf_counter()
     startup = _startup_seconds(time.time())
-    from fl_client.model import to_record
+    from fl_client.model import WEIGHTS_KEY, to_record
     from fl_client.train import resolve_device, train_round
+    from fl_client.transport import encode
 
     config = msg.content["config"]
     _setup_process(config)
     data_yaml = shard_yaml(context, config)
+    received = msg.content["arrays"][WEIGHTS_KEY].numpy()
     model = _model_for(config, msg.content["arrays"])
+    mask = _personalize(model, config, context)
     pid = int(context.node_config.get("partition-id", 0))
     server_round = int(config["server-round"])
     result = train_round(
@@ -125,8 +200,16 @@ def train(msg: Message, context: Context) -> Message:
         amp=bool(config["amp"]),
         workers=int(config["workers"]),
         seed=int(config["seed"]) + 1000 * server_round + pid,
+        prox_mu=float(config.get("proximal-mu", 0.0)),
     )
-    arrays = to_record(model)
+    trained = to_record(model)[WEIGHTS_KEY].numpy()
+    own = _own_state(context)
+    had_state = bool(own)
+    arrays, residual = encode(trained, received, transport_spec(config), own.get("residual"))
+    own = {"residual": residual} if residual is not None else {}
+    if mask is not None:
+        own["local"] = trained[mask]
+    _keep_own(context, own)
     losses = result.losses
     metrics = MetricRecord(
         {
@@ -142,6 +225,9 @@ def train(msg: Message, context: Context) -> Message:
             "batches": result.timing.batch_count,
             "handler-seconds": time.perf_counter() - t0,
             "startup-seconds": startup,
+            # 1 when this client still had its own arrays (local parts, transport residual)
+            # from an earlier round: the engine kept its Flower context.state
+            "kept-state": int(had_state),
         }
     )
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
@@ -158,6 +244,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     _setup_process(config)
     data_yaml = shard_yaml(context, config)
     model = _model_for(config, msg.content["arrays"])
+    _personalize(model, config, context)  # evaluate the model this client actually uses
     ckpt = save_checkpoint(model, _workdir() / "global.pt", {"imgsz": int(config["imgsz"])}, {})
     res = evaluate_checkpoint(
         ckpt,

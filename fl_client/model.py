@@ -197,3 +197,57 @@ def save_checkpoint(model: torch.nn.Module, path: Path, train_args: dict, extra:
     torch.save(ckpt, tmp)
     tmp.replace(path)  # atomic: a reader never sees half a checkpoint
     return path
+
+
+PARTS = ("bn", "backbone", "neck", "head")
+
+
+def part_masks(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Boolean masks over the packed vector: which values belong to which part of the model.
+
+    * ``bn``: every BatchNorm's weight, bias, running mean and running variance;
+    * ``bn_stats``: the running mean and variance only (statistics, not trained parameters);
+    * ``params``: trained parameters (everything but ``bn_stats``);
+    * ``backbone`` / ``neck`` / ``head``: layers of the yaml's ``backbone`` list, the layers of
+      its ``head`` list before the detection layer, and the detection layer (``Detect``).
+    """
+    layers = getattr(model, "model", None)
+    nb = len(getattr(model, "yaml", {}).get("backbone", [])) if hasattr(model, "yaml") else 0
+    n_layers = len(layers) if layers is not None else 0
+    bn_prefixes = tuple(
+        f"{name}." for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+    )
+    param_names = {name for name, _ in model.named_parameters()}
+    shapes = layout(model)
+    total = sum(int(np.prod(s)) for _, s in shapes)
+    masks = {k: np.zeros(total, dtype=bool) for k in (*PARTS, "bn_stats", "params")}
+    offset = 0
+    for name, shape in shapes:
+        sl = slice(offset, offset + int(np.prod(shape)))
+        offset = sl.stop
+        if name.startswith(bn_prefixes):
+            masks["bn"][sl] = True
+        if name in param_names:
+            masks["params"][sl] = True
+        else:
+            masks["bn_stats"][sl] = True
+        parts = name.split(".")
+        if len(parts) > 2 and parts[0] == "model" and parts[1].isdigit() and n_layers:
+            i = int(parts[1])
+            part = "backbone" if i < nb else ("head" if i == n_layers - 1 else "neck")
+            masks[part][sl] = True
+    return masks
+
+
+def local_mask(model: torch.nn.Module, parts: list[str] | tuple[str, ...]) -> np.ndarray | None:
+    """Union of the masks of ``parts`` (values a client keeps local), or None for no parts."""
+    if not parts:
+        return None
+    unknown = sorted(set(parts).difference(PARTS))
+    if unknown:
+        raise ValueError(f"unknown model parts {unknown}; choose from {list(PARTS)}")
+    masks = part_masks(model)
+    out = np.zeros_like(masks["bn"])
+    for p in parts:
+        out |= masks[p]
+    return out

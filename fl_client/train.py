@@ -1,6 +1,6 @@
 """Local training of one round on a client's shard, with Ultralytics' own trainer.
 
-``LocalTrainer`` is Ultralytics' ``DetectionTrainer`` with four federated changes:
+``LocalTrainer`` is Ultralytics' ``DetectionTrainer`` with five federated changes:
 
 * it trains the model object it is given (the received global weights): Ultralytics'
   ``setup_model`` leaves a ready ``nn.Module`` as it is, so nothing is rebuilt from the yaml
@@ -9,6 +9,7 @@
   model on its held-out set, and a client's checkpoint would only cost disk time;
 * no integrations: Ultralytics' ClearML/TensorBoard/W&B/Hub callbacks are never registered, so
   nothing fires per client (fedyolo's own tracking is on the server);
+* FedProx: with ``prox_mu > 0`` the proximal term is added to every step's gradient;
 * one optimiser step per batch (``nbs = batch``): Ultralytics accumulates gradients up to a
   nominal batch of 64, which on a small shard would leave a round with one or two steps.
 
@@ -50,10 +51,18 @@ def _local_trainer_class() -> type:
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     class LocalTrainer(DetectionTrainer):
-        def __init__(self, model: torch.nn.Module, overrides: dict[str, Any], timing: RoundTiming):
+        def __init__(
+            self,
+            model: torch.nn.Module,
+            overrides: dict[str, Any],
+            timing: RoundTiming,
+            prox_mu: float = 0.0,
+        ):
             super().__init__(overrides=overrides)
             self.model = model
             self.timing = timing
+            self.prox_mu = prox_mu
+            self.prox_ref: list[torch.Tensor] | None = None
             self.add_callback("on_train_start", self._on_train_start)
             self.add_callback("on_train_epoch_start", self._on_epoch_start)
             self.add_callback("on_train_epoch_end", self._on_epoch_end)
@@ -64,6 +73,33 @@ def _local_trainer_class() -> type:
         @staticmethod
         def _on_train_start(trainer: Any) -> None:
             trainer.timing.setup = time.perf_counter() - trainer.timing.setup
+            if trainer.prox_mu > 0:  # the global weights, on the training device
+                trainer.prox_ref = [p.detach().clone() for p in trainer.model.parameters()]
+
+        # --- FedProx ------------------------------------------------------------------------
+        def optimizer_step(self) -> None:
+            """Ultralytics' step with FedProx's proximal term added to the gradient.
+
+            The local objective becomes L(w) + µ/2·‖w − w_global‖² (Li et al., 2020). Ultralytics'
+            detection loss is the *sum* over the batch (mean loss × batch size), so the term's
+            gradient is added as µ·B·(w − w_global): µ keeps its meaning relative to the
+            per-image loss. It is added after un-scaling (AMP) and before Ultralytics' gradient
+            clipping, so both terms are clipped together as one gradient.
+            """
+            if self.prox_mu <= 0 or self.prox_ref is None:
+                return super().optimizer_step()
+            self.scaler.unscale_(self.optimizer)
+            scale = self.prox_mu * self.batch_size
+            with torch.no_grad():
+                for p, ref in zip(self.model.parameters(), self.prox_ref, strict=True):
+                    if p.grad is not None:
+                        p.grad.add_(p.detach() - ref, alpha=scale)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad()
+            if self.ema:
+                self.ema.update(self.model)
 
         @staticmethod
         def _on_epoch_start(trainer: Any) -> None:
@@ -152,6 +188,7 @@ def train_round(
     amp: bool,
     workers: int,
     seed: int,
+    prox_mu: float = 0.0,
 ) -> LocalResult:
     """Train ``model`` in place for ``epochs`` local epochs on the shard in ``data_yaml``."""
     global _TRAINER_CLASS
@@ -188,7 +225,7 @@ def train_round(
         "exist_ok": True,
     }
     with lean_ultralytics():
-        trainer = _TRAINER_CLASS(model, overrides, timing)
+        trainer = _TRAINER_CLASS(model, overrides, timing, prox_mu)
         trainer.train()
     trained = trainer.model
     if trained is not model:  # the trainer only moves the same object between devices

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 
-from fl_client.model import build_model, load_record, to_record
+from fl_client.model import build_model, load_record, part_masks, to_record
 from fl_client.train import train_round
 
 KW = dict(
@@ -124,3 +124,20 @@ def test_yolo26_end_to_end_head_trains_and_evaluates(tiny_data, tmp_path):
         ckpt, tiny_data, imgsz=64, batch=16, device="cpu", workdir=tmp_path / "val"
     )
     assert all(0.0 <= res[k] <= 1.0 for k in ("map50", "map50_95", "precision", "recall"))
+
+
+def test_fedprox_term_pulls_the_update_towards_the_global_model(tiny_data, tmp_path):
+    """Same start, same seed: µ > 0 gives a smaller update, µ = 0 exactly the plain one."""
+    start = build_model("fedyolo-tiny.yaml", _names(tiny_data))
+    g = to_record(start)["weights"].numpy()
+    params = part_masks(start)["params"]  # trained weights; BN statistics are not in the loss
+
+    def update(mu: float) -> np.ndarray:
+        model = copy.deepcopy(start)
+        train_round(model, tiny_data, tmp_path, **{**KW, "epochs": 2, "lr0": 0.02}, prox_mu=mu)
+        return (to_record(model)["weights"].numpy() - g)[params]
+
+    plain, again, prox = update(0.0), update(0.0), update(0.5)
+    noise = np.linalg.norm(plain - again)  # CPU training is not bit-exact across runs
+    assert np.linalg.norm(prox - plain) > 10 * noise  # the term changes the update
+    assert np.linalg.norm(prox) < 0.8 * np.linalg.norm(plain)  # ... towards the global model
