@@ -2,9 +2,16 @@
 
 Flower's strategies talk to clients only through ``Grid.send_and_receive``. Wrapping the grid
 (instead of subclassing each strategy) gives every strategy, Flower's or a user's, the same
-per-client bookkeeping: bytes down and up, each reply's metrics, failures with their reason,
-clients that never answered, and replies dropped before aggregation because their weights are
-not finite (a NaN update must never reach the global model).
+per-client bookkeeping and the same update hygiene:
+
+* bytes down and up per client: the size of the serialized Flower message (``Message`` protobuf)
+  as it goes over the wire, before gRPC framing;
+* each reply's metrics, failures with their reason, clients that never answered;
+* the client's transport (``fl_client.transport``) decoded back to float32 weights against the
+  global model that client was sent, so strategies always see plain weights;
+* replies dropped before aggregation, with the reason in ``events.jsonl``: wrong keys, dtypes or
+  sizes, non-finite values (a NaN update must never reach the global model), or an update whose
+  norm is not sane (see ``Hygiene``).
 """
 
 from __future__ import annotations
@@ -15,10 +22,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from fl_client.model import record_is_finite
+from fl_client.model import WEIGHTS_KEY
+from fl_client.transport import decode
 from fl_server.run_dir import RunDir
 
 LOGGER = logging.getLogger(__name__)
@@ -38,19 +47,55 @@ class RoundLog:
     transport_seconds: float = 0.0
 
 
-def _payload_bytes(msg: Message) -> int:
-    """Bytes of the arrays a message carries (Flower's ``ArrayRecord.count_bytes``)."""
-    if msg.has_error():
-        return 0
-    return sum(rec.count_bytes() for rec in msg.content.array_records.values())
+@dataclass
+class Hygiene:
+    """When a client's update is not sane (``aggregation.*`` in config).
+
+    The update is Δ = returned − sent over the trained parameters (BatchNorm running statistics
+    excluded: they legitimately move a lot on a client whose data differs).
+
+    * ``max_update_ratio``: drop a reply with ‖Δ‖ > ratio × ‖sent‖ (scaled or random weights);
+    * ``max_norm_x_median``: with 3 or more replies, drop one whose ‖Δ‖ exceeds this multiple of
+      the round's median ‖Δ‖ (one client far off the others).
+    """
+
+    params_mask: np.ndarray | None = None
+    max_update_ratio: float | None = None
+    max_norm_x_median: float | None = None
+
+
+def wire_bytes(msg: Message) -> int:
+    """Bytes of a message as Flower serializes it for the wire (protobuf, before gRPC framing)."""
+    from flwr.common.serde import message_to_proto
+
+    return message_to_proto(msg).ByteSize()
+
+
+def _sent_weights(messages: list[Message]) -> dict[int, np.ndarray | None]:
+    """Per destination node, the packed global vector its train message carries.
+
+    None where a message is not in fedyolo's packed format (e.g. a plug-in strategy's own).
+    Strategies usually send one shared content to every node: it is decoded once.
+    """
+    decoded: dict[int, np.ndarray | None] = {}
+    out = {}
+    for m in messages:
+        records = m.content.array_records
+        record = next(iter(records.values())) if len(records) == 1 else None
+        if id(record) not in decoded:
+            ok = record is not None and list(record.keys()) == [WEIGHTS_KEY]
+            decoded[id(record)] = record[WEIGHTS_KEY].numpy().reshape(-1) if ok else None
+        out[m.metadata.dst_node_id] = decoded[id(record)]
+    return out
 
 
 class ObservedGrid(Grid):
     """Delegates to a real Grid and records what crosses it, round by round."""
 
-    def __init__(self, grid: Grid, run_dir: RunDir):
+    def __init__(self, grid: Grid, run_dir: RunDir, hygiene: Hygiene | None = None):
         self._grid = grid
         self._run = run_dir
+        self.hygiene = hygiene or Hygiene()
         self._node_to_client: dict[int, int] = {}
         self.rounds: dict[int, RoundLog] = {}
 
@@ -90,11 +135,12 @@ class ObservedGrid(Grid):
         )
         log = self.rounds.setdefault(rnd, RoundLog())
         is_train = messages[0].metadata.message_type == TRAIN
-        down = {m.metadata.dst_node_id: _payload_bytes(m) for m in messages}
+        down = {m.metadata.dst_node_id: wire_bytes(m) for m in messages}
+        sent = _sent_weights(messages) if is_train else {}
         t0 = time.perf_counter()
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         log.transport_seconds += time.perf_counter() - t0
-        kept = []
+        kept, good = [], []
         answered = set()
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -106,14 +152,21 @@ class ObservedGrid(Grid):
             metrics = next(iter(reply.content.metric_records.values()), {})
             if "partition-id" in metrics:
                 self._node_to_client[node] = int(metrics["partition-id"])
-            if is_train and not all(
-                record_is_finite(r) for r in reply.content.array_records.values()
-            ):
-                reason = "non-finite values (NaN/inf) in the returned weights"
-                self._fail(log, rnd, "update_rejected", node, reason, is_train)
+            entry = self._client_entry(node, metrics, down.get(node, 0), wire_bytes(reply))
+            if is_train:
+                try:
+                    norm = self._decode_and_check(reply, sent.get(node))
+                except ValueError as e:
+                    self._fail(log, rnd, "update_rejected", node, str(e), is_train)
+                    continue
+                if norm is not None:
+                    entry["update_norm"] = norm
+                good.append((reply, entry))
                 continue
-            entry = self._client_entry(node, metrics, down.get(node, 0), _payload_bytes(reply))
-            (log.clients if is_train else log.client_eval).append(entry)
+            log.client_eval.append(entry)
+            kept.append(reply)
+        for reply, entry in self._outliers(good, log, rnd):
+            log.clients.append(entry)
             kept.append(reply)
         for node in sorted(set(down).difference(answered)):
             reason = f"no reply within the round timeout ({timeout} s)"
@@ -121,6 +174,48 @@ class ObservedGrid(Grid):
         if is_train:
             log.sent += len(messages)
         return kept
+
+    def _decode_and_check(self, reply: Message, sent: np.ndarray | None) -> float | None:
+        """Decode the reply's transport in place; raise ValueError naming what is wrong."""
+        records = reply.content.array_records
+        if len(records) != 1:
+            raise ValueError(f"expected one ArrayRecord in the reply, got {len(records)}")
+        key, record = next(iter(records.items()))
+        if sent is None:  # not fedyolo's packed format (e.g. a plug-in's own): finiteness only
+            if not all(np.isfinite(record[k].numpy()).all() for k in record):
+                raise ValueError("non-finite values (NaN/inf) in the returned weights")
+            return None
+        weights = decode(record, sent)
+        reply.content[key] = ArrayRecord({WEIGHTS_KEY: Array(weights)})
+        h = self.hygiene
+        mask = h.params_mask if h.params_mask is not None else slice(None)
+        norm = float(np.linalg.norm((weights - sent)[mask]))
+        ref = float(np.linalg.norm(sent[mask]))
+        if h.max_update_ratio is not None and norm > h.max_update_ratio * ref:
+            raise ValueError(
+                f"update norm {norm:.4g} is {norm / max(ref, 1e-12):.3g}x the global model's "
+                f"({ref:.4g}); limit aggregation.max_update_ratio={h.max_update_ratio}"
+            )
+        return norm
+
+    def _outliers(self, good: list, log: RoundLog, rnd: int) -> list:
+        """Drop replies whose update norm is far above the round's median (3+ replies)."""
+        k = self.hygiene.max_norm_x_median
+        norms = [e.get("update_norm") for _, e in good]
+        if k is None or len(good) < 3 or any(n is None for n in norms):
+            return good
+        median = float(np.median(norms))
+        out = []
+        for (reply, entry), norm in zip(good, norms, strict=True):
+            if median > 0 and norm > k * median:
+                reason = (
+                    f"update norm {norm:.4g} is {norm / median:.3g}x the round's median "
+                    f"({median:.4g}); limit aggregation.max_norm_x_median={k}"
+                )
+                self._fail(log, rnd, "update_rejected", entry["node_id"], reason, True)
+                continue
+            out.append((reply, entry))
+        return out
 
     # -- helpers -----------------------------------------------------------------------------
     def _fail(

@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from testkit import StubGrid
 
-from fl_server.observed_grid import ObservedGrid
+from fl_client.model import WEIGHTS_KEY
+from fl_client.transport import TransportSpec, encode
+from fl_server.observed_grid import Hygiene, ObservedGrid, wire_bytes
 from fl_server.run_dir import RunDir, read_jsonl
 
 
@@ -22,57 +24,50 @@ def _task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-class FakeGrid(Grid):
+class FakeGrid(StubGrid):
     """Answers each message with ``behaviour[node_id](message)`` (None = no reply)."""
 
     def __init__(self, behaviour):
         self.behaviour = behaviour
-
-    def set_run(self, run):  # pragma: no cover - not used
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        return None
-
-    def create_message(self, *a, **k):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.behaviour)
-
-    def push_messages(self, messages):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover - not used
-        raise NotImplementedError
+        self.node_ids = list(behaviour)
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = [self.behaviour[m.metadata.dst_node_id](m) for m in messages]
+        self.replies = {r.metadata.src_node_id: r for r in replies if r is not None}
+        self.wire = {n: wire_bytes(r) for n, r in self.replies.items()}  # before any decoding
         return [r for r in replies if r is not None]
 
 
-def _weights(value: float) -> ArrayRecord:
-    return ArrayRecord({"w": Array(np.full((256,), value, dtype=np.float32))})
+N = 4096
+
+
+def _weights(value) -> ArrayRecord:
+    return ArrayRecord({WEIGHTS_KEY: Array(np.broadcast_to(value, (N,)).astype(np.float32))})
+
+
+def _reply(msg, pid: int, arrays: ArrayRecord, num_examples: int | None = None):
+    metrics = MetricRecord(
+        {
+            "num-examples": 10 + pid if num_examples is None else num_examples,
+            "partition-id": pid,
+            "loss": 0.5,
+            "train-seconds": 1.5,
+        }
+    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 def _ok(pid: int, value: float = 1.0):
-    def reply(msg):
-        metrics = MetricRecord(
-            {"num-examples": 10 + pid, "partition-id": pid, "loss": 0.5, "train-seconds": 1.5}
-        )
-        return Message(RecordDict({"arrays": _weights(value), "metrics": metrics}), reply_to=msg)
-
-    return reply
+    return lambda msg: _reply(msg, pid, _weights(value))
 
 
 def _raises(msg):
     return Message(Error(code=0, reason="ClientApp raised: CUDA out of memory"), reply_to=msg)
 
 
-def _send(grid: ObservedGrid, nodes, server_round=3):
+def _send(grid: ObservedGrid, nodes, server_round=3, value=0.5):
     content = RecordDict(
-        {"arrays": _weights(0.0), "config": ConfigRecord({"server-round": server_round})}
+        {"arrays": _weights(value), "config": ConfigRecord({"server-round": server_round})}
     )
     msgs = [Message(content=content, dst_node_id=n, message_type="train") for n in nodes]
     return grid.send_and_receive(msgs, timeout=5)
@@ -91,8 +86,9 @@ def test_records_clients_failures_timeouts_and_drops_nan_updates(tmp_path):
     assert [c["id"] for c in log.clients] == [0, 2]
     c0 = log.clients[0]
     assert c0["num_examples"] == 10 and c0["train_seconds"] == 1.5
-    # Flower's serialized size of the arrays (data + NumPy header + key), each way.
-    assert c0["bytes_down"] == c0["bytes_up"] == _weights(0.0).count_bytes() > 256 * 4
+    # The serialized Flower message, each way: what went over the wire.
+    assert c0["bytes_up"] == grid._grid.wire[11] > N * 4
+    assert c0["bytes_down"] > N * 4
     assert log.failed == 3
     events = read_jsonl(run.events)
     kinds = {(e["kind"], e["node_id"]) for e in events}
@@ -103,3 +99,81 @@ def test_records_clients_failures_timeouts_and_drops_nan_updates(tmp_path):
     assert "no reply" in failed[14]["reason"]
     assert all(e["round"] == 3 for e in events)
     json.dumps(events)  # the events file is valid JSON lines
+
+
+def _rejections(run: RunDir) -> dict[int, str]:
+    return {
+        e["node_id"]: e["reason"] for e in read_jsonl(run.events) if e["kind"] == "update_rejected"
+    }
+
+
+def test_wrong_shape_dtype_and_keys_are_dropped_with_their_reason(tmp_path):
+    run = RunDir(tmp_path)
+    short = ArrayRecord({WEIGHTS_KEY: Array(np.ones(N - 1, np.float32))})
+    as_f64 = ArrayRecord({WEIGHTS_KEY: Array(np.ones(N, np.float64))})
+    renamed = ArrayRecord({"w": Array(np.ones(N, np.float32))})
+    behaviour = {
+        1: _ok(0),
+        2: lambda m: _reply(m, 1, short),
+        3: lambda m: _reply(m, 2, as_f64),
+        4: lambda m: _reply(m, 3, renamed),
+    }
+    grid = ObservedGrid(FakeGrid(behaviour), run)
+    replies = _send(grid, list(behaviour))
+    assert [r.metadata.src_node_id for r in replies] == [1]  # the round goes on with the rest
+    reasons = _rejections(run)
+    assert "4095 values, expected 4096" in reasons[2]
+    assert "dtype float64" in reasons[3]
+    assert "expected arrays ['weights'], got ['w']" in reasons[4]
+
+
+def test_huge_update_norm_is_dropped_against_the_global_model_and_the_median(tmp_path):
+    run = RunDir(tmp_path)
+    rng = np.random.default_rng(0)
+    sent = 0.5
+    behaviour = {
+        n: (lambda pid: lambda m: _reply(m, pid, _weights(sent + rng.normal(0, 0.01, N))))(n)
+        for n in range(4)
+    }
+    behaviour[4] = lambda m: _reply(m, 4, _weights(sent * 10))  # scaled weights: ratio 9
+    behaviour[5] = lambda m: _reply(m, 5, _weights(sent + rng.normal(0, 0.2, N)))  # 20x median
+    hygiene = Hygiene(max_update_ratio=2.0, max_norm_x_median=10.0)
+    grid = ObservedGrid(FakeGrid(behaviour), run, hygiene)
+    replies = _send(grid, list(behaviour), value=sent)
+    assert sorted(r.metadata.src_node_id for r in replies) == [0, 1, 2, 3]
+    reasons = _rejections(run)
+    assert "max_update_ratio" in reasons[4] and "9x the global model" in reasons[4]
+    assert "max_norm_x_median" in reasons[5]
+    norms = [c["update_norm"] for c in grid.rounds[3].clients]
+    assert all(0.3 < n < 1.0 for n in norms), norms  # 0.01 * sqrt(4096) = 0.64
+
+
+@pytest.mark.parametrize("scheme", ["fp16", "q8", "q4", "topk"])
+def test_compressed_replies_reach_the_strategy_as_decoded_weights(tmp_path, scheme):
+    run = RunDir(tmp_path)
+    sent = np.full(N, 0.5, np.float32)
+    trained = sent + np.random.default_rng(1).normal(0, 0.01, N).astype(np.float32)
+    spec = TransportSpec(scheme, fraction=0.5)
+    record, _ = encode(trained, sent, spec, None)
+    grid = ObservedGrid(FakeGrid({7: lambda m: _reply(m, 0, record)}), run)
+    (reply,) = _send(grid, [7], value=0.5)
+    got = reply.content["arrays"][WEIGHTS_KEY].numpy()
+    assert got.dtype == np.float32 and got.shape == (N,)
+    tol = {"fp16": 3e-5, "q8": 2e-4, "q4": 4e-3, "topk": 0.03}[scheme]
+    assert np.abs(got - trained).max() < tol
+    entry = grid.rounds[3].clients[0]
+    # bytes up are those of the compressed message, not of the decoded weights
+    assert entry["bytes_up"] == grid._grid.wire[7] < entry["bytes_down"]
+
+
+def test_a_malformed_compressed_reply_is_dropped(tmp_path):
+    run = RunDir(tmp_path)
+    sent = np.full(N, 0.5, np.float32)
+    record, _ = encode(sent + 0.01, sent, TransportSpec("topk", fraction=0.1), None)
+    idx = record["index"].numpy().copy()
+    idx[-1] = N + 5  # an index outside the model
+    record["index"] = Array(idx)
+    grid = ObservedGrid(FakeGrid({7: lambda m: _reply(m, 0, record), 8: _ok(1)}), run)
+    replies = _send(grid, [7, 8], value=0.5)
+    assert [r.metadata.src_node_id for r in replies] == [8]
+    assert "index out of range" in _rejections(run)[7]
