@@ -31,10 +31,21 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"config: {first}") from e
+        raise ConfigError(f"config: {_one_line(str(e))}") from e
     validate(cfg)
     return cfg
+
+
+def _one_line(message: str) -> str:
+    """Hydra's multi-line error as one line: the problem plus the fix, or the choices."""
+    lines = [x.strip() for x in message.strip().splitlines() if x.strip()]
+    first = lines[0]
+    for group in ("strategy", "transport"):
+        if f"Could not find '{group}/" in first:
+            choices = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+            return f"{first}; choose one of {choices}"
+    hint = next((x for x in lines[1:] if x.startswith("To append")), "")
+    return f"{first} {hint}".strip()
 
 
 def _is_int(v: Any) -> bool:
@@ -47,12 +58,6 @@ def _is_num(v: Any) -> bool:
 
 def _rule(check: Callable[[Any], bool], expected: str) -> tuple[Callable[[Any], bool], str]:
     return check, expected
-
-
-def _strategy_names() -> set[str]:
-    from strategies import REGISTRY
-
-    return set(REGISTRY)
 
 
 _OPTIMIZERS = {"SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "MuSGD"}
@@ -101,7 +106,28 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "engine.name": _rule(
         lambda v: v in {"simulation", "local-deployment"}, "simulation or local-deployment"
     ),
-    "strategy.name": _rule(lambda v: v in _strategy_names(), "a registered strategy name"),
+    "aggregation.min_replies": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "aggregation.max_examples": _rule(
+        lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"
+    ),
+    "aggregation.clip_x_median": _rule(
+        lambda v: v is None or (_is_num(v) and v >= 1), "null or a number >= 1"
+    ),
+    "aggregation.max_update_ratio": _rule(
+        lambda v: v is None or (_is_num(v) and v > 0), "null or a number > 0"
+    ),
+    "aggregation.max_norm_x_median": _rule(
+        lambda v: v is None or (_is_num(v) and v >= 1), "null or a number >= 1"
+    ),
+    "transport.scheme": _rule(
+        lambda v: v in {"fp32", "fp16", "q8", "q4", "topk"}, "fp32, fp16, q8, q4 or topk"
+    ),
+    "transport.block": _rule(
+        lambda v: _is_int(v) and v >= 2 and v % 2 == 0, "an even integer >= 2"
+    ),
+    "transport.fraction": _rule(lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "transport.error_feedback": _rule(lambda v: isinstance(v, bool), "true or false"),
+    "strategy.name": _rule(lambda v: isinstance(v, str) and v != "", "a strategy name"),
 }
 
 
@@ -121,8 +147,30 @@ def validate(cfg: DictConfig) -> None:
         resolve_model_cfg(str(cfg.model.cfg))
     except ModelConfigError as e:
         raise ConfigError(f"config: {e}") from e
+    _validate_strategy(cfg)
     if cfg.resume is not None:
         raise ConfigError("config: resume is not implemented yet (tracked in the resume issue)")
+
+
+def _validate_strategy(cfg: DictConfig) -> None:
+    """Build the strategy once, so unknown names and bad parameters stop the run here."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from strategies import StrategyConfigError, build_strategy
+    from strategies.registry import sampled_clients
+
+    if int(cfg.aggregation.min_replies) > sampled_clients(cfg):
+        raise ConfigError(
+            f"config: aggregation.min_replies={cfg.aggregation.min_replies} is more than the "
+            f"{sampled_clients(cfg)} clients sampled per round: no round could succeed"
+        )
+    try:
+        build_strategy(cfg)
+    except StrategyConfigError as e:
+        raise ConfigError(str(e)) from e
+    except OmegaConfBaseException as e:  # e.g. strategy=custom without strategy._target_
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"config: strategy: {first}") from e
 
 
 def to_yaml(cfg: DictConfig) -> str:

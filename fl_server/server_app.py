@@ -17,10 +17,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fl_client.evaluate import evaluate_checkpoint
-from fl_client.model import build_model, load_record, record_digest, save_checkpoint, to_record
+from fl_client.model import (
+    build_model,
+    load_record,
+    part_masks,
+    record_digest,
+    save_checkpoint,
+    to_record,
+)
 from fl_client.train import resolve_device
 from fl_server import config as config_mod
-from fl_server.observed_grid import ObservedGrid
+from fl_server.observed_grid import Hygiene, ObservedGrid
 from fl_server.run_dir import METRIC_KEYS, RunDir, read_jsonl
 from strategies import build_strategy
 
@@ -52,9 +59,19 @@ def server_app_for(run_dir: Path) -> ServerApp:
 
 def round_config(cfg, names: list[str], data_root: Path) -> ConfigRecord:
     """What every client receives each round besides the weights."""
+    from strategies import describe
+
     t = cfg.train
+    strategy = describe(cfg)
+    dp = (strategy["dp"] or {}).get("kind", "")
     return ConfigRecord(
         {
+            "transport": str(cfg.transport.scheme),
+            "transport-block": int(cfg.transport.block),
+            "transport-fraction": float(cfg.transport.fraction),
+            "transport-error-feedback": bool(cfg.transport.error_feedback),
+            "keep-local": ",".join(strategy["local"]),
+            "dp-clipping": dp.removeprefix("client-") if dp.startswith("client-") else "",
             "model-cfg": str(cfg.model.cfg),
             "names": [str(n) for n in names],
             "data-root": str(data_root),
@@ -169,8 +186,15 @@ def serve(grid: Grid, run_path: Path) -> None:
     names = manifest["data"]["names"]
     server_val = run.data / "server_val" / "data.yaml"
     model = build_model(str(cfg.model.cfg), names)
-    strategy = build_strategy(cfg)
-    observed = ObservedGrid(grid, run)
+    masks = part_masks(model)
+    strategy = build_strategy(cfg, run_dir=run, masks=masks)
+    agg = cfg.aggregation
+    hygiene = Hygiene(
+        params_mask=masks["params"],
+        max_update_ratio=agg.max_update_ratio,
+        max_norm_x_median=agg.max_norm_x_median,
+    )
+    observed = ObservedGrid(grid, run, hygiene)
     evaluator = GlobalEvaluator(run, cfg, model, observed, server_val)
     rcfg = round_config(cfg, names, run.data)
     run.event(
@@ -178,6 +202,7 @@ def serve(grid: Grid, run_path: Path) -> None:
         "run_start",
         engine=str(cfg.engine.name),
         strategy=str(cfg.strategy.name),
+        transport=str(cfg.transport.scheme),
         clients=int(cfg.federation.clients),
         rounds=int(cfg.federation.rounds),
     )
