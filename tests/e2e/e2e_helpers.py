@@ -9,18 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-TINY = [
-    "model=tiny",
-    "federation.clients=2",
-    "federation.rounds=2",
-    "data.synth.images=96",
-    "data.synth.imgsz=64",
-    "data.synth.domains=[day,night]",
-    "train.imgsz=64",
-    "train.batch=8",
-    "train.eval_batch=16",
-    "output.overwrite=true",
-]
+from testkit import TINY_BASE
+
+TINY = [*TINY_BASE, "federation.clients=2", "federation.rounds=2", "data.synth.images=96"]
 
 
 def tiny_run_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
@@ -47,8 +38,12 @@ def fedyolo(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
     )
 
 
-def check_run_dir(run: Path, rounds: int, clients: int) -> list[dict]:
-    """The run-directory contract, asserted on real results."""
+def check_run_dir(run: Path, rounds: int, clients: int, kept_state: bool = False) -> list[dict]:
+    """The run-directory contract, asserted on real results.
+
+    ``kept_state``: the run keeps per-client arrays (local parts, transport residual), so from
+    round 2 on every client must report that its Flower context.state came back.
+    """
     for name in (
         "config.yaml",
         "manifest.json",
@@ -75,6 +70,7 @@ def check_run_dir(run: Path, rounds: int, clients: int) -> list[dict]:
             assert c["num_examples"] == train_counts[c["id"]]
             assert c["bytes_up"] > 100_000 and c["bytes_down"] > 100_000
             assert c["train_seconds"] > 0 and math.isfinite(c["loss"])
+            assert c["kept_state"] == int(kept_state and r["round"] > 1), (r["round"], c)
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
     digests = [e["weights_sha256"] for e in events if e["kind"] == "initial_eval"]
     digests += [r["weights_sha256"] for r in lines]

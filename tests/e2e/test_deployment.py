@@ -31,9 +31,15 @@ def flower_processes(run: Path) -> list[psutil.Process]:
 
 def test_deployment_run_completes_and_leaves_no_process(tmp_path):
     run = tmp_path / "runs" / "dep"
-    proc = fedyolo(tiny_run_args(tmp_path, "dep", "engine=local-deployment"), cwd=tmp_path)
+    # FedAdam on the server, 8-bit updates with error feedback from separate client processes
+    args = tiny_run_args(
+        tmp_path, "dep", "engine=local-deployment", "strategy=fedadam", "transport=q8"
+    )
+    proc = fedyolo(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_run_dir(run, rounds=2, clients=2)
+    rounds = check_run_dir(run, rounds=2, clients=2, kept_state=True)
+    for r in rounds:
+        assert all(c["bytes_up"] < 0.3 * c["bytes_down"] for c in r["clients"])
     # Each SuperNode trained its own shard: the two clients are the two partitions.
     import json
 

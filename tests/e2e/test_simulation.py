@@ -12,11 +12,16 @@ pytestmark = pytest.mark.e2e
 
 
 def test_simulation_run_writes_a_complete_run_directory(tmp_path):
-    args = tiny_run_args(tmp_path, "sim", "federation.fraction_evaluate=1.0")
+    # FedBN and fp16 updates: each client keeps its BatchNorm and residual across rounds.
+    args = tiny_run_args(
+        tmp_path, "sim", "federation.fraction_evaluate=1.0", "strategy=fedbn", "transport=fp16"
+    )
     proc = fedyolo(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "sim"
-    rounds = check_run_dir(run, rounds=2, clients=2)
+    rounds = check_run_dir(run, rounds=2, clients=2, kept_state=True)
+    for r in rounds:  # fp16 updates: half the bytes of the fp32 global model sent down
+        assert all(c["bytes_up"] < 0.51 * c["bytes_down"] for c in r["clients"])
     # Each client also evaluated the global model on its own local validation split.
     for r in rounds:
         assert sorted(c["id"] for c in r["client_eval"]) == [0, 1]
