@@ -219,16 +219,19 @@ def _inner(cfg: DictConfig, node: dict[str, Any]) -> tuple[fl.Strategy, Entry | 
     name = str(node.get("name"))
     if node.get("_target_"):
         target = _import(str(node["_target_"]))
-        if not (inspect.isclass(target) and issubclass(target, fl.Strategy)) and not callable(
-            target
-        ):
+        is_class = inspect.isclass(target)
+        if (is_class and not issubclass(target, fl.Strategy)) or not callable(target):
             raise _fail("_target_", f"{node['_target_']!r} is not a Flower Strategy")
         check_kwargs("", target, kwargs)
         params = inspect.signature(target).parameters
         sampling = {k: v for k, v in _sampling(cfg).items() if k in params}
         from hydra.utils import instantiate
 
-        strategy = instantiate({"_target_": node["_target_"], **sampling, **kwargs})
+        try:
+            strategy = instantiate({"_target_": node["_target_"], **sampling, **kwargs})
+        except Exception as e:  # the user's constructor: one line naming the key and the error
+            cause = e.__cause__ or e
+            raise _fail("_target_", f"{node['_target_']}(...) failed: {cause}") from e
         if not isinstance(strategy, fl.Strategy):
             raise _fail("_target_", f"{node['_target_']!r} did not build a Flower Strategy")
         return strategy, None

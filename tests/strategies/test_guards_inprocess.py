@@ -115,6 +115,6 @@ def test_a_plugin_strategy_by_import_path_is_used(tmp_path):
         ],
         clients=2,
     )
-    assert DampedFedAvg.calls == [1]
+    assert DampedFedAvg.calls == [(1, 0.25)]  # built from the config, and it aggregated
     (rnd,) = read_jsonl(run.metrics)
     assert len(rnd["clients"]) == 2
