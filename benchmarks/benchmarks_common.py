@@ -37,3 +37,35 @@ def fedyolo_run(name: str, overrides: list[str]) -> Path:
     ]
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "YOLO_OFFLINE": "1"})
     return WORK / "runs" / name
+
+
+def federation_args(description: str):
+    """The argument parser shared by the federation benchmarks (same budget flags)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--local-epochs", type=int, default=2)
+    return ap
+
+
+def new_result(name: str, args, **setup) -> dict:
+    """The JSON skeleton every federation benchmark writes: machine, date, setup, rows."""
+    import time
+
+    return {
+        "benchmark": name,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "setup": {
+            "model": "yolov8n.yaml",
+            "clients": args.clients,
+            "rounds": args.rounds,
+            "local_epochs": args.local_epochs,
+            "images": 640,
+            "imgsz": 128,
+            **setup,
+        },
+        "rows": [],
+    }
