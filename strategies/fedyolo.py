@@ -79,6 +79,15 @@ class FedYolo(Strategy):
         return self.inner.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
+        LOGGER.info(
+            "FedYolo guard around %s: min_replies=%d max_examples=%s clip_x_median=%s "
+            "bn_stats=%s",
+            type(self.inner).__name__,
+            self.min_replies,
+            self.max_examples,
+            self.clip_x_median,
+            "average" if self.bn_stats_mask is not None else "strategy",
+        )
         self.inner.summary()
 
     # -- guarded aggregation -----------------------------------------------------------------
