@@ -29,6 +29,7 @@ STRATEGIES = {
     "fedavg": ["strategy=fedavg"],
     "fedprox": ["strategy=fedprox", "strategy.proximal_mu=0.01"],
     "fedadam": ["strategy=fedadam", "strategy.eta=0.001"],
+    "fedavgm": ["strategy=fedavgm", "strategy.server_momentum=0.7"],
     "fedbn": ["strategy=fedbn"],
 }
 
@@ -50,6 +51,7 @@ def main() -> None:
     ap = federation_args(__doc__.splitlines()[0])
     ap.add_argument("--partitions", default=",".join(PARTITIONS))
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--keep", action="store_true", help="keep the rows already in the results file")
     args = ap.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     out_path = RESULTS / "strategies_noniid.json"
@@ -60,24 +62,28 @@ def main() -> None:
         centralized="Ultralytics YOLO.train, rounds x local_epochs epochs on the union of "
         "the client train shards, same hyper-parameters",
     )
+    if args.keep and out_path.exists():
+        kept = json.loads(out_path.read_text())
+        out["rows"], out["centralized"] = kept["rows"], kept.get("centralized", {})
+        out["setup"]["strategies"].update(kept["setup"]["strategies"])
+    done = {(r["partition"], r["strategy"]) for r in out["rows"]}
     base = [
         f"federation.clients={args.clients}",
         f"federation.rounds={args.rounds}",
         f"train.epochs={args.local_epochs}",
     ]
     for part in args.partitions.split(","):
-        central = None
+        central = out.get("centralized", {}).get(part)
         for name in args.strategies.split(","):
+            if (part, name) in done:
+                continue
             t0 = time.perf_counter()
             run = fedyolo_run(f"strat-{part}-{name}", [*base, *PARTITIONS[part], *STRATEGIES[name]])
             seconds = time.perf_counter() - t0
             if central is None:  # one baseline per partition (same shards for every strategy)
-                central, central_s = centralized(run, args.rounds * args.local_epochs)
-                out.setdefault("centralized", {})[part] = {
-                    "map50_95": central["map50_95"],
-                    "map50": central["map50"],
-                    "seconds": central_s,
-                }
+                res, central_s = centralized(run, args.rounds * args.local_epochs)
+                central = {"map50_95": res["map50_95"], "map50": res["map50"], "seconds": central_s}
+                out.setdefault("centralized", {})[part] = central
             rounds = run_rows(run)
             cen = central["map50_95"]
             row = {
