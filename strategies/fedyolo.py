@@ -80,8 +80,7 @@ class FedYolo(Strategy):
 
     def summary(self) -> None:
         LOGGER.info(
-            "FedYolo guard around %s: min_replies=%d max_examples=%s clip_x_median=%s "
-            "bn_stats=%s",
+            "FedYolo guard around %s: min_replies=%d max_examples=%s clip_x_median=%s bn_stats=%s",
             type(self.inner).__name__,
             self.min_replies,
             self.max_examples,
