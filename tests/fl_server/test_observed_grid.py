@@ -177,3 +177,12 @@ def test_a_malformed_compressed_reply_is_dropped(tmp_path):
     replies = _send(grid, [7, 8], value=0.5)
     assert [r.metadata.src_node_id for r in replies] == [8]
     assert "index out of range" in _rejections(run)[7]
+
+
+def test_wire_bytes_of_shared_content_is_exact():
+    content = RecordDict({"arrays": _weights(0.5), "config": ConfigRecord({"server-round": 1})})
+    msgs = [Message(content=content, dst_node_id=n, message_type="train") for n in (1, 2**40)]
+    sizes: dict[int, int] = {}
+    for m in msgs:  # node ids of different varint widths: the metadata part differs
+        assert wire_bytes(m, sizes) == wire_bytes(m)
+    assert len(sizes) == 1  # the shared content was serialized once
