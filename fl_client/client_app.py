@@ -157,14 +157,16 @@ def _personalize(model, config: ConfigRecord, context: Context) -> np.ndarray | 
 
 
 def transport_spec(config: ConfigRecord):
+    """The round's transport; keys the server did not send keep ``TransportSpec``'s defaults."""
     from fl_client.transport import TransportSpec
 
-    return TransportSpec(
-        scheme=str(config.get("transport", "fp32")),
-        block=int(config.get("transport-block", 256)),
-        fraction=float(config.get("transport-fraction", 0.01)),
-        error_feedback=bool(config.get("transport-error-feedback", True)),
-    )
+    keys = {
+        "transport": ("scheme", str),
+        "transport-block": ("block", int),
+        "transport-fraction": ("fraction", float),
+        "transport-error-feedback": ("error_feedback", bool),
+    }
+    return TransportSpec(**{f: cast(config[k]) for k, (f, cast) in keys.items() if k in config})
 
 
 @app.train()

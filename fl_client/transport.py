@@ -50,7 +50,7 @@ class TransportSpec:
 
     scheme: str = "fp32"
     block: int = 256  # q8/q4: values per quantization block (one float32 scale each)
-    fraction: float = 0.01  # topk: share of values sent
+    fraction: float = 0.1  # topk: share of values sent (configs/transport/*.yaml use the same)
     error_feedback: bool = True
 
     def __post_init__(self) -> None:

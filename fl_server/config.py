@@ -56,6 +56,12 @@ def _is_num(v: Any) -> bool:
     return (isinstance(v, int | float)) and not isinstance(v, bool)
 
 
+def _schemes() -> tuple[str, ...]:
+    from fl_client.transport import SCHEMES  # imported lazily: it pulls in torch
+
+    return SCHEMES
+
+
 def _rule(check: Callable[[Any], bool], expected: str) -> tuple[Callable[[Any], bool], str]:
     return check, expected
 
@@ -119,9 +125,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "aggregation.max_norm_x_median": _rule(
         lambda v: v is None or (_is_num(v) and v >= 1), "null or a number >= 1"
     ),
-    "transport.scheme": _rule(
-        lambda v: v in {"fp32", "fp16", "q8", "q4", "topk"}, "fp32, fp16, q8, q4 or topk"
-    ),
+    "transport.scheme": _rule(lambda v: v in _schemes(), "a scheme of fl_client.transport"),
     "transport.block": _rule(
         lambda v: _is_int(v) and v >= 2 and v % 2 == 0, "an even integer >= 2"
     ),
