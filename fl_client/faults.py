@@ -1,0 +1,181 @@
+"""Fault injection: make chosen clients misbehave in chosen rounds (config group ``faults``).
+
+For fedyolo's own tests and for users who want to see what their deployment does when a robot
+misbehaves. The server sends the faults of the round in the round config (``faults``, JSON);
+the client whose ``partition-id`` matches acts them out, so only the server's config changes,
+in every engine::
+
+    fedyolo run faults.client=1 faults.round=3 faults.kind=random_weights
+    fedyolo run 'faults.more=[{client: 0, round: 2, kind: crash}, {client: 2, round: 4, kind: nan}]'
+
+Kinds:
+
+* ``crash``: the client's train handler raises (Flower returns an error reply);
+* ``hang``: the client stalls ``hang_seconds`` (default: the round timeout + 30 s) before
+  training, so its reply misses the round;
+* ``nan``: the returned weights contain NaN;
+* ``scaled_weights``: the client's update (returned − received) is multiplied by ``scale``
+  (a boosted, model-replacement style update);
+* ``random_weights``: random weights with the norm of the received model;
+* ``corrupt_labels``: the client trains on its shard with every box's class shifted by one
+  (label flipping); its update looks normal in size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+KINDS = ("crash", "hang", "nan", "scaled_weights", "random_weights", "corrupt_labels")
+CONFIG_KEY = "faults"  # the round-config key the server sends
+
+
+class InjectedFault(RuntimeError):
+    """A failure the configuration asked for (``faults.kind=crash``)."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    client: int
+    kind: str
+    rounds: tuple[int, ...] | None = None  # None: every round
+    scale: float = 10.0
+    hang_seconds: float | None = None
+
+    def active(self, server_round: int) -> bool:
+        return self.rounds is None or server_round in self.rounds
+
+
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):  # YAML reads a bare `nan` as a float
+        return "nan"
+    return str(value).strip().lower()
+
+
+def _ints(value: Any, key: str) -> tuple[int, ...]:
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{key}={value!r}: expected an integer or a list of integers")
+    return tuple(int(v) for v in values)
+
+
+def _one(spec: Mapping, where: str, clients: int | None) -> list[Fault]:
+    kind = _kind(spec.get("kind"))
+    if kind not in KINDS:
+        raise ValueError(f"{where}.kind={spec.get('kind')!r}: expected one of {list(KINDS)}")
+    if spec.get("client") is None:
+        raise ValueError(f"{where}.client is missing: which client (partition id) misbehaves?")
+    ids = _ints(spec["client"], f"{where}.client")
+    for c in ids:
+        if c < 0 or (clients is not None and c >= clients):
+            raise ValueError(
+                f"{where}.client={c}: there are clients 0..{(clients or 1) - 1} in this run"
+            )
+    rounds = None if spec.get("round") is None else _ints(spec["round"], f"{where}.round")
+    if rounds is not None and any(r < 1 for r in rounds):
+        raise ValueError(f"{where}.round={list(rounds)}: rounds start at 1")
+    scale = float(spec.get("scale", 10.0) if spec.get("scale") is not None else 10.0)
+    hang = spec.get("hang_seconds")
+    if hang is not None and float(hang) <= 0:
+        raise ValueError(f"{where}.hang_seconds={hang!r}: expected a number of seconds > 0")
+    return [Fault(c, kind, rounds, scale, None if hang is None else float(hang)) for c in ids]
+
+
+def parse(cfg: Mapping | None, clients: int | None = None) -> list[Fault]:
+    """The faults of config group ``faults``; ValueError names the wrong key."""
+    if not cfg:
+        return []
+    out: list[Fault] = []
+    if _kind(cfg.get("kind")) is not None or cfg.get("client") is not None:
+        out += _one(cfg, "faults", clients)
+    for i, spec in enumerate(cfg.get("more") or []):
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"faults.more[{i}]={spec!r}: expected {{client, round, kind}}")
+        base = {"scale": cfg.get("scale"), "hang_seconds": cfg.get("hang_seconds")}
+        out += _one({**base, **spec}, f"faults.more[{i}]", clients)
+    return out
+
+
+def for_round(faults: list[Fault], server_round: int, round_timeout: float) -> str:
+    """The round config value: this round's faults as JSON ('' when there are none)."""
+    active = []
+    for f in faults:
+        if f.active(server_round):
+            d = asdict(f)
+            d.pop("rounds")
+            if d["hang_seconds"] is None:
+                d["hang_seconds"] = float(round_timeout) + 30.0
+            active.append(d)
+    return json.dumps(active) if active else ""
+
+
+def mine(config: Mapping, partition_id: int) -> list[dict]:
+    """The faults this client must act out this round."""
+    raw = str(config.get(CONFIG_KEY, "") or "")
+    return [f for f in json.loads(raw) if int(f["client"]) == partition_id] if raw else []
+
+
+def describe(fault: Mapping, server_round: int) -> str:
+    return f"injected fault {fault['kind']} (client {fault['client']}, round {server_round})"
+
+
+def corrupt_weights(
+    fault: Mapping, trained: np.ndarray, received: np.ndarray, seed: int
+) -> np.ndarray:
+    """The weights a ``nan``/``scaled_weights``/``random_weights`` client returns."""
+    kind = fault["kind"]
+    if kind == "nan":
+        out = trained.copy()
+        out[:: max(1, out.size // 1000)] = np.nan
+        return out
+    if kind == "scaled_weights":
+        return (received + float(fault["scale"]) * (trained - received)).astype(np.float32)
+    if kind == "random_weights":
+        rng = np.random.default_rng(seed)
+        std = float(np.linalg.norm(received)) / math.sqrt(max(1, received.size))
+        return (rng.standard_normal(received.size) * std).astype(np.float32)
+    return trained
+
+
+def flipped_label_shard(data_yaml: Path, out: Path, nc: int) -> Path:
+    """A copy of the shard whose training labels have every class shifted by one.
+
+    Images are symlinked (Ultralytics finds a label at the image path with ``images`` →
+    ``labels``); the validation split stays the original. Returns the new ``data.yaml``.
+    """
+    import yaml
+    from ultralytics.data.utils import IMG_FORMATS, img2label_paths
+
+    spec = yaml.safe_load(Path(data_yaml).read_text())
+    root = Path(spec.get("path") or Path(data_yaml).parent)
+    train_dir = root / spec["train"]
+    images = sorted(p for p in train_dir.iterdir() if p.suffix[1:].lower() in IMG_FORMATS)
+    img_out = out / "images" / "train"
+    img_out.mkdir(parents=True, exist_ok=True)
+    lbl_out = out / "labels" / "train"
+    lbl_out.mkdir(parents=True, exist_ok=True)
+    for img, lbl in zip(images, img2label_paths([str(p) for p in images]), strict=True):
+        link = img_out / img.name
+        if not link.exists():
+            os.symlink(img.resolve(), link)
+        lines = []
+        if Path(lbl).exists():
+            for line in Path(lbl).read_text().splitlines():
+                parts = line.split()
+                if parts:
+                    parts[0] = str((int(float(parts[0])) + 1) % nc)
+                    lines.append(" ".join(parts))
+        (lbl_out / f"{img.stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+    new = {**spec, "path": str(out), "train": "images/train", "val": str(root / spec["val"])}
+    path = out / "data.yaml"
+    path.write_text(yaml.safe_dump(new, sort_keys=False))
+    return path
