@@ -49,6 +49,23 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once: no handler, no ``finally`` runs.
+
+    What a power cut or the OOM killer does to a server; tests and the fault benchmark use it
+    to check that a run resumes from what such a kill leaves behind.
+    """
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGKILL)
+        psutil.wait_procs(procs, timeout=10)
+
+
 class ProcessGroup:
     """Started processes, each in its own session, all stopped together."""
 
@@ -229,7 +246,7 @@ def _follow(runner: subprocess.Popen, run_dir: Path) -> None:
             break
         time.sleep(1.0)
     status = json.loads(summary.read_text()).get("status") if summary.exists() else None
-    if status != "completed":
+    if status not in ("completed", "stopped"):  # stopped: by the drift guard, by design
         raise RuntimeError(
             f"deployment run ended with status {status!r}; last lines of "
             f"{run_dir / 'logs' / 'flwr-run.log'}:\n{tail(run_dir / 'logs' / 'flwr-run.log')}"

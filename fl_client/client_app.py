@@ -42,7 +42,25 @@ def _client_dp_mod(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[_client_dp_mod])
+class ClientError(RuntimeError):
+    """Any failure in a handler, re-raised with the client's partition id and the round.
+
+    Flower sends the reason back to the server as an error reply; the server's events then
+    name the client, not only the node id (``fl_server.observed_grid.client_in_error``).
+    """
+
+
+def _client_error_mod(msg: Message, context: Context, call_next) -> Message:
+    try:
+        return call_next(msg, context)
+    except Exception as e:
+        pid = context.node_config.get("partition-id", "?")
+        config = msg.content.config_records.get("config", {})
+        rnd = config.get("server-round", "?") if config else "?"
+        raise ClientError(f"client {pid} (round {rnd}): {type(e).__name__}: {e}") from e
+
+
+app = ClientApp(mods=[_client_error_mod, _client_dp_mod])
 
 _MODEL_CACHE: dict[tuple, object] = {}
 _WORKDIR: Path | None = None
@@ -169,11 +187,50 @@ def transport_spec(config: ConfigRecord):
     return TransportSpec(**{f: cast(config[k]) for k, (f, cast) in keys.items() if k in config})
 
 
+def _act_out_before(
+    injected: list[dict], server_round: int, data_yaml: Path, nc: int, pid: int
+) -> Path:
+    """Faults that act before training (crash, hang, label flipping); returns the train yaml."""
+    from fl_client import faults
+
+    for fault in injected:
+        what = faults.describe(fault, server_round)
+        LOGGER.warning("client %d: %s", pid, what)
+        if fault["kind"] == "crash":
+            raise faults.InjectedFault(what)
+        if fault["kind"] == "hang":
+            time.sleep(float(fault["hang_seconds"]))
+        if fault["kind"] == "corrupt_labels":
+            return faults.flipped_label_shard(data_yaml, _workdir() / f"flipped_{pid}", nc)
+    return data_yaml
+
+
+def _data_stats(data_yaml: Path, config: ConfigRecord, pid: int, server_round: int) -> dict:
+    """This round's statistics of the client's training data (``ds-*`` metrics), or {}.
+
+    Cheap by design (a sample of ``drift-sample`` images); a failure here never costs the round.
+    """
+    sample = int(config.get("drift-sample", 0))
+    if sample <= 0:
+        return {}
+    from fl_client.data_stats import shard_stats, to_metrics
+
+    try:
+        stats = shard_stats(
+            data_yaml, sample=sample, seed=server_round * 7919 + pid, nc=len(config["names"])
+        )
+        return to_metrics(stats)
+    except Exception as e:  # noqa: BLE001 - statistics are optional, training is not
+        LOGGER.warning("client %d: data statistics failed (%s: %s)", pid, type(e).__name__, e)
+        return {}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's shard for one round."""
     t0 = time.perf_counter()
     startup = _startup_seconds(time.time())
+    from fl_client import faults
     from fl_client.model import WEIGHTS_KEY, to_record
     from fl_client.train import resolve_device, train_round
     from fl_client.transport import encode
@@ -181,14 +238,17 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     _setup_process(config)
     data_yaml = shard_yaml(context, config)
+    pid = int(context.node_config.get("partition-id", 0))
+    server_round = int(config["server-round"])
+    injected = faults.mine(config, pid)
+    train_yaml = _act_out_before(injected, server_round, data_yaml, len(config["names"]), pid)
     received = msg.content["arrays"][WEIGHTS_KEY].numpy()
     model = _model_for(config, msg.content["arrays"])
     mask = _personalize(model, config, context)
-    pid = int(context.node_config.get("partition-id", 0))
-    server_round = int(config["server-round"])
+    seed = int(config["seed"]) + 1000 * server_round + pid
     result = train_round(
         model,
-        data_yaml,
+        train_yaml,
         _workdir(),
         epochs=int(config["epochs"]),
         imgsz=int(config["imgsz"]),
@@ -201,10 +261,12 @@ def train(msg: Message, context: Context) -> Message:
         device=resolve_device(str(config["device"])),
         amp=bool(config["amp"]),
         workers=int(config["workers"]),
-        seed=int(config["seed"]) + 1000 * server_round + pid,
+        seed=seed,
         prox_mu=float(config.get("proximal-mu", 0.0)),
     )
     trained = to_record(model)[WEIGHTS_KEY].numpy()
+    for fault in injected:
+        trained = faults.corrupt_weights(fault, trained, received, seed)
     own = _own_state(context)
     had_state = bool(own)
     arrays, residual = encode(trained, received, transport_spec(config), own.get("residual"))
@@ -230,6 +292,7 @@ def train(msg: Message, context: Context) -> Message:
             # 1 when this client still had its own arrays (local parts, transport residual)
             # from an earlier round: the engine kept its Flower context.state
             "kept-state": int(had_state),
+            **_data_stats(data_yaml, config, pid, server_round),
         }
     )
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -45,11 +45,17 @@ def cmd_run(overrides: list[str]) -> int:
     cfg = config_mod.compose(overrides)  # a bad value stops here, before any work
     _setup_logging(str(cfg.log_level))
     from fl_server.prepare import prepare_run
+    from fl_server.run_dir import RunDir
 
     t0 = time.perf_counter()
-    run = prepare_run(cfg)
+    if cfg.resume is not None:  # the run directory exists; its config gets the allowed changes
+        run = RunDir(Path(str(cfg.resume)))
+        run.config.write_text(config_mod.to_yaml(cfg))
+    else:
+        run = prepare_run(cfg)
     LOGGER.info(
-        "run directory: %s (engine=%s, %d clients, %d rounds)",
+        "%s: %s (engine=%s, %d clients, %d rounds)",
+        "resuming" if cfg.resume is not None else "run directory",
         run.path,
         cfg.engine.name,
         cfg.federation.clients,
@@ -74,6 +80,13 @@ def cmd_run(overrides: list[str]) -> int:
     if not run.summary.exists():
         raise RuntimeError(f"the run ended without writing {run.summary}")
     summary = json.loads(run.summary.read_text())
+    if summary["status"] == "stopped":
+        print(
+            f"fedyolo: run {run.path} was stopped by the drift guard after repeated rollbacks; "
+            f"best.pt holds the best model; see {run.events}",
+            file=sys.stderr,
+        )
+        return 1
     if summary["status"] != "completed":
         print(
             f"fedyolo: run {run.path} ended with status {summary['status']}; see {run.events}",

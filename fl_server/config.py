@@ -20,8 +20,19 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key."""
 
 
+# What a resumed run may change: how long it goes on and where it runs, not what it trains.
+RESUME_OVERRIDABLE = ("federation.rounds", "federation.round_timeout", "engine.", "log_level")
+
+
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose ``configs/config.yaml`` with Hydra command-line style overrides."""
+    """Compose ``configs/config.yaml`` with Hydra command-line style overrides.
+
+    With ``resume=runs/<name>`` the run's own ``config.yaml`` is the base instead, and only
+    ``RESUME_OVERRIDABLE`` keys may change.
+    """
+    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
+    if resume not in (None, "", "null"):
+        return _compose_resume(Path(resume), [o for o in overrides if not o.startswith("resume=")])
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -32,6 +43,30 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"config: {_one_line(str(e))}") from e
+    validate(cfg)
+    return cfg
+
+
+def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:
+    import yaml
+
+    path = path.expanduser().resolve()
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"config: resume={path} is not a run directory (no config.yaml)")
+    if not (path / "server_state.pkl").is_file():
+        raise ConfigError(
+            f"config: resume={path} has no server_state.pkl: the run never finished its set-up; "
+            "start it again instead"
+        )
+    cfg = load(path / "config.yaml")
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not sep or not any(key == k or key.startswith(k) for k in RESUME_OVERRIDABLE):
+            raise ConfigError(
+                f"config: {o!r} cannot change when resuming; allowed: {list(RESUME_OVERRIDABLE)}"
+            )
+        OmegaConf.update(cfg, key, yaml.safe_load(value), force_add=False)
+    cfg.resume = str(path)
     validate(cfg)
     return cfg
 
@@ -132,6 +167,26 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "transport.fraction": _rule(lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
     "transport.error_feedback": _rule(lambda v: isinstance(v, bool), "true or false"),
     "strategy.name": _rule(lambda v: isinstance(v, str) and v != "", "a strategy name"),
+    "guard.enabled": _rule(lambda v: isinstance(v, bool), "true or false"),
+    "guard.metric": _rule(lambda v: v in {"map50_95", "map50"}, "map50_95 or map50"),
+    "guard.reference": _rule(lambda v: v in {"best", "previous"}, "best or previous"),
+    "guard.max_drop": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+    "guard.min_abs_drop": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "guard.policy": _rule(
+        lambda v: v in {"rollback", "lower_lr", "exclude"}, "rollback, lower_lr or exclude"
+    ),
+    "guard.lr_factor": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+    "guard.exclude_rounds": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "guard.stop_after": _rule(
+        lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"
+    ),
+    "tracking.enabled": _rule(lambda v: isinstance(v, bool), "true or false"),
+    "tracking.mode": _rule(lambda v: v in {"auto", "online", "offline"}, "auto, online or offline"),
+    "tracking.project": _rule(lambda v: isinstance(v, str) and v != "", "a ClearML project name"),
+    "drift.enabled": _rule(lambda v: isinstance(v, bool), "true or false"),
+    "drift.sample": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "drift.reference_rounds": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "drift.threshold": _rule(lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
 }
 
 
@@ -152,8 +207,12 @@ def validate(cfg: DictConfig) -> None:
     except ModelConfigError as e:
         raise ConfigError(f"config: {e}") from e
     _validate_strategy(cfg)
-    if cfg.resume is not None:
-        raise ConfigError("config: resume is not implemented yet (tracked in the resume issue)")
+    from fl_client import faults
+
+    try:
+        faults.parse(cfg.faults, int(cfg.federation.clients))
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from e
 
 
 def _validate_strategy(cfg: DictConfig) -> None:

@@ -45,6 +45,10 @@ class RoundLog:
     sent: int = 0
     failed: int = 0
     transport_seconds: float = 0.0
+    # client id → its decoded weights, kept only when asked (the drift guard scores culprits)
+    updates: dict[str, np.ndarray] = field(default_factory=dict)
+    # client id → the data statistics its train reply carried (``ds-*`` metrics)
+    data_stats: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +90,14 @@ def wire_bytes(msg: Message, content_sizes: dict[int, int] | None = None) -> int
     return head + 1 + _VarintSize(size) + size
 
 
+def client_in_error(reason: str) -> int | None:
+    """The partition id in a ClientApp error (``fl_client.client_app.ClientError``), if any."""
+    import re
+
+    m = re.search(r"client (\d+) \(round ", reason or "")
+    return int(m.group(1)) if m else None
+
+
 def _sent_weights(messages: list[Message]) -> dict[int, np.ndarray | None]:
     """Per destination node, the packed global vector its train message carries.
 
@@ -107,12 +119,25 @@ def _sent_weights(messages: list[Message]) -> dict[int, np.ndarray | None]:
 class ObservedGrid(Grid):
     """Delegates to a real Grid and records what crosses it, round by round."""
 
-    def __init__(self, grid: Grid, run_dir: RunDir, hygiene: Hygiene | None = None):
+    def __init__(
+        self,
+        grid: Grid,
+        run_dir: RunDir,
+        hygiene: Hygiene | None = None,
+        min_nodes: int = 1,
+        starve_timeout: float | None = None,
+    ):
         self._grid = grid
+        # Flower's sampling waits for nodes forever; with fewer than ``min_nodes`` connected
+        # for ``starve_timeout`` seconds the run ends instead, with a reason (and can resume).
+        self.min_nodes, self.starve_timeout = min_nodes, starve_timeout
+        self._starving_since: float | None = None
         self._run = run_dir
         self.hygiene = hygiene or Hygiene()
         self._node_to_client: dict[int, int] = {}
         self.rounds: dict[int, RoundLog] = {}
+        self.excluded: set[str] = set()  # client ids left out of sampling (drift guard policy)
+        self.keep_updates = False
 
     # -- the Grid interface, delegated -------------------------------------------------------
     def __getattr__(self, name: str) -> Any:  # anything else a Grid offers (e.g. get_nodes)
@@ -131,7 +156,21 @@ class ObservedGrid(Grid):
         return self._grid.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
+        """Connected nodes, minus those of clients the drift guard excluded for now."""
+        nodes = list(self._grid.get_node_ids())
+        if self.excluded:
+            nodes = [n for n in nodes if str(self._node_to_client.get(n, "")) not in self.excluded]
+        if len(nodes) >= self.min_nodes:
+            self._starving_since = None
+        elif self._starving_since is None:
+            self._starving_since = time.monotonic()
+        elif self.starve_timeout and time.monotonic() - self._starving_since > self.starve_timeout:
+            raise RuntimeError(
+                f"only {len(nodes)} usable client(s) connected for {self.starve_timeout:.0f} s "
+                f"(aggregation.min_replies={self.min_nodes}; excluded: "
+                f"{sorted(self.excluded) or 'none'}); resume the run when clients are back"
+            )
+        return nodes
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
@@ -156,19 +195,30 @@ class ObservedGrid(Grid):
         t0 = time.perf_counter()
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         log.transport_seconds += time.perf_counter() - t0
+        # The node a reply answers for: an error the SuperLink makes up for a dead node comes
+        # from the SuperLink itself, so go by the message it replies to (ids set on push).
+        dst_by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        dst_by_id.pop("", None)
         kept, good = [], []
         answered = set()
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = dst_by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
             if reply.has_error():
+                pid = client_in_error(reply.error.reason)
+                if pid is not None:
+                    self._node_to_client.setdefault(node, pid)
                 self._fail(log, rnd, "client_failed", node, reply.error.reason, is_train)
                 kept.append(reply)  # strategies count failures themselves
                 continue
             metrics = next(iter(reply.content.metric_records.values()), {})
             if "partition-id" in metrics:
                 self._node_to_client[node] = int(metrics["partition-id"])
+            stats = {k: v for k, v in metrics.items() if k.startswith("ds-")}
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("ds-")}
             entry = self._client_entry(node, metrics, down.get(node, 0), wire_bytes(reply))
+            if stats and is_train:
+                log.data_stats[str(entry["id"])] = stats
             if is_train:
                 try:
                     norm = self._decode_and_check(reply, sent.get(node))
@@ -177,6 +227,10 @@ class ObservedGrid(Grid):
                     continue
                 if norm is not None:
                     entry["update_norm"] = norm
+                if self.keep_updates:
+                    rec = next(iter(reply.content.array_records.values()))
+                    if WEIGHTS_KEY in rec:
+                        log.updates[str(entry["id"])] = rec[WEIGHTS_KEY].numpy().reshape(-1)
                 good.append((reply, entry))
                 continue
             log.client_eval.append(entry)

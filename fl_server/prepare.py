@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import platform
+import shutil
 import subprocess
 import time
 from importlib import metadata
@@ -113,8 +114,9 @@ def prepare_run(cfg: DictConfig) -> RunDir:
             "output.overwrite=true"
         )
     if run.path.exists():
-        for f in (run.metrics, run.events, run.summary, run.best, run.last):
+        for f in (run.metrics, run.events, run.summary, run.best, run.last, run.state):
             f.unlink(missing_ok=True)
+        shutil.rmtree(run.clearml, ignore_errors=True)
     run.path.mkdir(parents=True, exist_ok=True)
 
     source = Path(str(cfg.data.path)).expanduser() if cfg.data.path else synth_dataset(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,18 @@ class RunDir:
         self.last = self.path / "last.pt"
         self.data = self.path / "data"  # the run's client shards and server validation set
         self.work = self.path / ".work"  # scratch (Ultralytics' validator output)
+        self.state = self.path / "server_state.pkl"  # what a resume needs (fl_server/state.py)
+        self.clearml = self.path / "clearml"  # the offline ClearML session
+        self._listeners: list[Callable[[int, str, dict], None]] = []
+
+    def subscribe(self, listener: Callable[[int, str, dict], None]) -> None:
+        """Call ``listener(round, kind, details)`` for every event from now on (the tracker)."""
+        self._listeners.append(listener)
 
     def event(self, server_round: int, kind: str, **details: Any) -> None:
         append_jsonl(self.events, {"round": server_round, "kind": kind, **details})
+        for listener in self._listeners:
+            listener(server_round, kind, details)
 
     def add_round(self, record: dict) -> None:
         append_jsonl(self.metrics, record)
@@ -72,19 +82,47 @@ class RunDir:
     def rounds(self) -> list[dict]:
         return read_jsonl(self.metrics)
 
+    def rewrite_rounds(self, rounds: list[dict]) -> None:
+        """Replace ``metrics.jsonl`` atomically (resume drops a round the state does not cover)."""
+        tmp = self.metrics.with_name(self.metrics.name + ".tmp")
+        tmp.write_text("".join(json.dumps(_clean(r)) + "\n" for r in rounds))
+        os.replace(tmp, self.metrics)
+
     def write_summary(self, rounds: list[dict], status: str) -> dict:
-        """summary.json from the finished rounds (best by mAP50-95 on the held-out set)."""
+        """summary.json from the finished rounds, all on the server's held-out set.
+
+        ``best``: the best accepted round by the drift guard's metric (what ``best.pt`` holds;
+        a rolled-back round's model is never a candidate). The initial model (round 0) is a
+        candidate too: a federation that never beats its pre-trained start keeps the start.
+        Ties go to the earlier round, as in the guard. ``final``: the model the run ended
+        with, which after a rollback in the last round is the restored one, not the rejected.
+        """
 
         def pick(r: dict | None) -> dict | None:
             return None if r is None else {"round": r["round"], **{k: r[k] for k in METRIC_KEYS}}
 
-        scored = [r for r in rounds if r.get("map50_95") is not None]
-        best = max(scored, key=lambda r: r["map50_95"], default=None)
+        initial = [
+            {"round": 0, **e} for e in read_jsonl(self.events) if e["kind"] == "initial_eval"
+        ][:1]
+        accepted = initial + [
+            r
+            for r in rounds
+            if r.get("map50_95") is not None and not r.get("guard", {}).get("rolled_back")
+        ]
+        metric = rounds[-1].get("guard", {}).get("metric", "map50_95") if rounds else "map50_95"
+        best = max(accepted, key=lambda r: r[metric], default=None)
+        final = rounds[-1] if rounds else None
+        if final is not None and final.get("guard", {}).get("rolled_back"):
+            final = next(
+                (r for r in reversed(rounds) if r["weights_sha256"] == final["global_sha256"]),
+                best,
+            )
         summary = {
             "status": status,
             "rounds_completed": len(rounds),
+            "rollbacks": sum(bool(r.get("guard", {}).get("rolled_back")) for r in rounds),
             "best": pick(best),
-            "final": pick(rounds[-1] if rounds else None),
+            "final": pick(final),
             "best_checkpoint": str(self.best) if best is not None else None,
             "last_checkpoint": str(self.last),
             "total_seconds": sum(r.get("round_seconds", 0.0) for r in rounds),
@@ -125,7 +163,9 @@ class RunDir:
         fig.savefig(self.plot, dpi=110)
         plt.close(fig)
 
-    def write_summary_md(self, summary: dict, rounds: list[dict], title: str) -> None:
+    def write_summary_md(
+        self, summary: dict, rounds: list[dict], title: str, extra: str | None = None
+    ) -> None:
         lines = [
             f"# {title}",
             "",
@@ -143,14 +183,15 @@ class RunDir:
                 "",
                 "All metrics are on the server's held-out validation set (no client trains on it).",
                 "",
-                "| round | mAP50-95 | mAP50 | precision | recall | seconds | clients |",
-                "|---:|---:|---:|---:|---:|---:|---:|",
+                "| round | mAP50-95 | mAP50 | precision | recall | seconds | clients | guard |",
+                "|---:|---:|---:|---:|---:|---:|---:|---|",
             ]
             for r in rounds:
+                guard = "rolled back" if r.get("guard", {}).get("rolled_back") else ""
                 lines.append(
                     f"| {r['round']} | {r['map50_95']:.3f} | {r['map50']:.3f} | "
                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['round_seconds']:.1f} | "
-                    f"{len(r.get('clients', []))} |"
+                    f"{len(r.get('clients', []))} | {guard} |"
                 )
         events = read_jsonl(self.events)
         notable = [e for e in events if e["kind"] not in {"initial_eval", "run_start", "run_end"}]
@@ -160,5 +201,7 @@ class RunDir:
                 f"- round {e['round']}: {e['kind']} {e.get('reason', '')}".rstrip()
                 for e in notable[:20]
             ]
+        if extra:
+            lines += ["", extra]
         lines += ["", "![metrics](metrics.png)", ""]
         self.summary_md.write_text("\n".join(lines))

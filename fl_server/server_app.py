@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_client.evaluate import evaluate_checkpoint
 from fl_client.model import (
+    WEIGHTS_KEY,
     build_model,
     load_record,
     part_masks,
@@ -28,7 +31,7 @@ from fl_client.model import (
 from fl_client.train import resolve_device
 from fl_server import config as config_mod
 from fl_server.observed_grid import Hygiene, ObservedGrid
-from fl_server.run_dir import METRIC_KEYS, RunDir, read_jsonl
+from fl_server.run_dir import METRIC_KEYS, RunDir
 from strategies import build_strategy
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -89,62 +92,357 @@ def round_config(cfg, names: list[str], data_root: Path) -> ConfigRecord:
             "workers": int(t.workers),
             "seed": int(cfg.seed),
             "threads": int(cfg.engine.get("client_cpus", cfg.engine.get("client_threads", 0))),
+            "drift-sample": int(cfg.drift.sample) if bool(cfg.drift.enabled) else 0,
         }
     )
 
 
-class GlobalEvaluator:
-    """``evaluate_fn`` of the strategy: checkpoint, evaluate on the held-out set, record."""
+class Evaluator:
+    """Evaluates a global model on the server's held-out set (``data/server_val``)."""
 
-    def __init__(self, run: RunDir, cfg, model, grid: ObservedGrid, server_val: Path):
-        self.run, self.cfg, self.model, self.grid = run, cfg, model, grid
-        self.server_val = server_val
-        self.best: float | None = None
-        self.t_last = time.perf_counter()
-        self.t_start = self.t_last
+    def __init__(self, run: RunDir, cfg, model, server_val: Path):
+        self.run, self.cfg, self.model, self.server_val = run, cfg, model, server_val
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        t_eval = time.perf_counter()
+    def checkpoint(self, arrays: ArrayRecord, path: Path, server_round: int) -> Path:
         load_record(self.model, arrays)
         t = self.cfg.train
-        save_checkpoint(
+        return save_checkpoint(
             self.model,
-            self.run.last,
+            path,
             {"imgsz": int(t.imgsz), "data": str(self.server_val)},
             {"round": server_round, "run": self.run.path.name},
         )
+
+    def __call__(self, arrays: ArrayRecord, path: Path, server_round: int) -> dict:
+        """Metrics of ``arrays`` (written to ``path`` as an Ultralytics checkpoint first)."""
+        self.checkpoint(arrays, path, server_round)
+        t = self.cfg.train
         res = evaluate_checkpoint(
-            self.run.last,
+            path,
             self.server_val,
             imgsz=int(t.imgsz),
             batch=int(t.eval_batch),
             device=resolve_device(str(t.device)),
             workdir=self.run.work,
         )
-        now = time.perf_counter()
-        metrics = {k: res[k] for k in METRIC_KEYS}
         res["weights_sha256"] = record_digest(arrays)
-        if server_round == 0:
-            self.run.event(0, "initial_eval", **metrics, weights_sha256=res["weights_sha256"])
-            LOGGER.info("round 0 (initial model): mAP50-95 %.3f", res["map50_95"])
-        else:
-            self._record_round(server_round, res, eval_seconds=now - t_eval, now=now)
-        self.t_last = time.perf_counter()
-        return MetricRecord({k.replace("_", "-"): float(v) for k, v in metrics.items()})
+        return res
 
-    def _record_round(self, rnd: int, res: dict, eval_seconds: float, now: float) -> None:
+
+def _copy(arrays: ArrayRecord) -> ArrayRecord:
+    """An independent copy (a strategy may keep and change the record it returned)."""
+    return ArrayRecord({WEIGHTS_KEY: Array(arrays[WEIGHTS_KEY].numpy().copy())})
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """Copy ``src`` over ``dst`` atomically."""
+    tmp = dst.with_suffix(".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class _NoTracker:
+    """Stands in when tracking could not even be imported."""
+
+    task_id = None
+
+    def report_round(self, record: dict) -> None:
+        pass
+
+    def report_event(self, rnd: int, kind: str, fields: dict) -> None:
+        pass
+
+    def finish(self, summary: dict) -> None:
+        return None
+
+
+class Federation:
+    """The round loop of one run: Flower's strategy API plus rollback, resume and tracking.
+
+    Each round calls the strategy exactly as Flower's ``Strategy.start`` does
+    (``configure_train`` → grid → ``aggregate_train`` → ``configure_evaluate`` → grid →
+    ``aggregate_evaluate`` → server-side evaluation). Flower's loop has no place to reject a
+    round's model, restore a strategy's state or start at round N, so fedyolo runs the same
+    calls itself and adds, after the evaluation: the drift guard (``fl_server.guard``), the
+    data-drift scores, the round's records, ClearML and the resumable state
+    (``fl_server.state``).
+    """
+
+    def __init__(self, grid: Grid, run: RunDir):
+        import json
+
+        from fl_client import faults as faults_mod
+        from fl_server.guard import Guard
+
+        self.run = run
+        self.cfg = cfg = config_mod.load(run.config)
+        manifest = json.loads(run.manifest.read_text())
+        self.names = manifest["data"]["names"]
+        import torch
+
+        torch.manual_seed(int(cfg.seed))  # the initial global model is a function of the seed
+        self.model = build_model(str(cfg.model.cfg), self.names)
+        masks = part_masks(self.model)
+        self.strategy = build_strategy(cfg, run_dir=run, masks=masks)
+        agg = cfg.aggregation
+        hygiene = Hygiene(
+            params_mask=masks["params"],
+            max_update_ratio=agg.max_update_ratio,
+            max_norm_x_median=agg.max_norm_x_median,
+        )
+        self.grid = ObservedGrid(
+            grid,
+            run,
+            hygiene,
+            min_nodes=int(agg.min_replies),
+            starve_timeout=float(cfg.federation.round_timeout),
+        )
+        self.evaluate = Evaluator(run, cfg, self.model, run.data / "server_val" / "data.yaml")
+        self.guard = Guard(cfg.guard)
+        # policy exclude scores each reply on the held-out set: the grid keeps the round's updates
+        self.grid.keep_updates = self.guard.enabled and self.guard.policy == "exclude"
+        self.drift = None  # per-client data drift (fl_server.data_drift)
+        if bool(cfg.drift.enabled):
+            from fl_server.data_drift import DriftMonitor
+
+            self.drift = DriftMonitor(int(cfg.drift.reference_rounds), float(cfg.drift.threshold))
+        self.faults = faults_mod.parse(cfg.faults, int(cfg.federation.clients))
+        self.base_config = round_config(cfg, self.names, run.data)
+        self.tracker = None
+        self.round = 0  # last finished round
+        self.arrays: ArrayRecord = to_record(self.model)
+        self.best: tuple[ArrayRecord, dict] | None = None  # weights and strategy state
+        self.t_start = time.perf_counter()
+        self.first_round = 1  # of this process (a resumed run starts later)
+
+    def _start_tracker(self, task_id: str | None = None) -> None:
+        try:
+            from fl_server.tracking import Tracker
+
+            self.tracker = Tracker.start(self.cfg, self.run, resume_task_id=task_id)
+        except Exception as e:  # tracking never breaks training (Tracker.start catches its own)
+            LOGGER.warning("tracking is off for this run: %s: %s", type(e).__name__, e)
+            self.run.event(self.round, "tracker_error", method="start", error=str(e))
+            self.tracker = _NoTracker()
+
+        def forward(rnd: int, kind: str, details: dict) -> None:
+            if kind != "tracker_error":  # the tracker's own trouble is not reported to itself
+                self.tracker.report_event(rnd, kind, details)
+
+        self.run.subscribe(forward)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def start_fresh(self) -> None:
+        cfg = self.cfg
+        self._start_tracker()
+        self.run.event(
+            0,
+            "run_start",
+            engine=str(cfg.engine.name),
+            strategy=str(cfg.strategy.name),
+            transport=str(cfg.transport.scheme),
+            clients=int(cfg.federation.clients),
+            rounds=int(cfg.federation.rounds),
+            faults=[f.__dict__ for f in self.faults] or None,
+            tracker_task=self.tracker.task_id,
+        )
+        res = self.evaluate(self.arrays, self.run.work / "candidate.pt", 0)
+        metrics = {k: res[k] for k in METRIC_KEYS}
+        self.run.event(0, "initial_eval", **metrics, weights_sha256=res["weights_sha256"])
+        LOGGER.info("round 0 (initial model): mAP50-95 %.3f", res["map50_95"])
+        self.guard.accept(0, res)
+        self._promote(self.run.work / "candidate.pt", best=True)
+        self.best = (_copy(self.arrays), self._strategy_state())
+        self._save_state()
+
+    def start_resumed(self) -> None:
+        from fl_server import state as state_mod
+
+        st = state_mod.load(self.run.state)
+        self.round = int(st["round"])
+        self.arrays = ArrayRecord({WEIGHTS_KEY: Array(st["weights"])})
+        if st["strategy"] is not None:
+            state_mod.restore_strategy(self.strategy, st["strategy"])
+        best_w, best_strategy = st["best"]
+        self.best = (ArrayRecord({WEIGHTS_KEY: Array(best_w)}), best_strategy)
+        self.guard.load_state_dict(st["guard"])
+        if self.drift is not None and st["drift"] is not None:
+            self.drift.load_state_dict(st["drift"])
+        kept = [r for r in self.run.rounds() if r["round"] <= self.round]
+        dropped = len(self.run.rounds()) - len(kept)
+        self.run.rewrite_rounds(kept)
+        # best.pt and last.pt from the state (a kill may have come between their writes)
+        self.evaluate.checkpoint(self.best[0], self.run.best, int(self.guard.state.best_round or 0))
+        self.evaluate.checkpoint(self.arrays, self.run.last, self.round)
+        self._start_tracker(st.get("tracker_task"))
+        self.run.event(
+            self.round,
+            "resume",
+            from_round=self.round + 1,
+            rounds=int(self.cfg.federation.rounds),
+            discarded_round_records=dropped,
+            weights_sha256=record_digest(self.arrays),
+            strategy_state="restored" if st["strategy"] is not None else st["strategy_note"],
+            tracker_task=self.tracker.task_id,
+        )
+        LOGGER.info(
+            "resuming %s after round %d (best %.3f at round %s)",
+            self.run.path.name,
+            self.round,
+            self.guard.state.best_value or 0.0,
+            self.guard.state.best_round,
+        )
+
+    def wait_for_clients(self, timeout: float) -> None:
+        """Before the first round: wait until the whole fleet is connected (or ``timeout``)."""
+        want = int(self.cfg.federation.clients)
+        deadline = time.monotonic() + timeout
+        while (have := len(list(self.grid.get_node_ids()))) < want:
+            if time.monotonic() > deadline:
+                LOGGER.warning("starting with %d of %d clients connected", have, want)
+                self.run.event(self.round, "clients_missing", connected=have, expected=want)
+                return
+            time.sleep(1.0)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run_rounds(self) -> str:
+        cfg = self.cfg
+        total = int(cfg.federation.rounds)
+        timeout = float(cfg.federation.round_timeout)
+        for rnd in range(self.round + 1, total + 1):
+            t_round = time.perf_counter()
+            self.grid.excluded = self.guard.excluded(rnd)
+            if self.grid.excluded:
+                self.run.event(rnd, "clients_excluded", clients=sorted(self.grid.excluded))
+            random.seed(int(cfg.seed) * 100_003 + rnd)  # Flower samples with `random`
+            train_cfg = self._train_config(rnd)
+            replies = self.grid.send_and_receive(
+                self.strategy.configure_train(rnd, self.arrays, train_cfg, self.grid),
+                timeout=timeout,
+            )
+            aggregated, _ = self.strategy.aggregate_train(rnd, replies)
+            candidate = self.arrays if aggregated is None else aggregated
+            evaluate_cfg = ConfigRecord(dict(train_cfg))
+            eval_replies = self.grid.send_and_receive(
+                self.strategy.configure_evaluate(rnd, candidate, evaluate_cfg, self.grid),
+                timeout=timeout,
+            )
+            self.strategy.aggregate_evaluate(rnd, eval_replies)
+            t_eval = time.perf_counter()
+            res = self.evaluate(candidate, self.run.work / "candidate.pt", rnd)
+            eval_seconds = time.perf_counter() - t_eval
+            decision = self.guard.check(rnd, res)
+            if decision.rolled_back:
+                self._rollback(rnd, res, decision)
+            else:
+                self.arrays = candidate
+                improved = self.guard.accept(rnd, res)
+                self._promote(self.run.work / "candidate.pt", best=improved)
+                if improved:
+                    self.best = (_copy(candidate), self._strategy_state())
+            self._record(rnd, res, decision, t_round, eval_seconds, float(train_cfg["lr0"]))
+            self.round = rnd
+            self._save_state()
+            if self.guard.should_stop():
+                reason = (
+                    f"{self.guard.state.consecutive} consecutive rollbacks "
+                    f"(guard.stop_after={self.guard.stop_after}); the global model is the best "
+                    f"checkpoint, round {self.guard.state.best_round}"
+                )
+                LOGGER.warning("stopping the run: %s", reason)
+                self.run.event(rnd, "guard_stop", reason=reason)
+                return "stopped"
+        return "completed"
+
+    def _train_config(self, rnd: int) -> ConfigRecord:
+        from fl_client import faults as faults_mod
+
+        c = ConfigRecord(dict(self.base_config))
+        c["lr0"] = float(self.cfg.train.lr0) * self.guard.state.lr_scale
+        timeout = float(self.cfg.federation.round_timeout)
+        c[faults_mod.CONFIG_KEY] = faults_mod.for_round(self.faults, rnd, timeout)
+        return c
+
+    def _strategy_state(self) -> dict:
+        from fl_server import state as state_mod
+
+        return state_mod.strategy_state(self.strategy)
+
+    def _promote(self, candidate: Path, best: bool) -> None:
+        """The accepted model becomes ``last.pt`` (and ``best.pt`` when it is the best)."""
+        if best:
+            _replace(candidate, self.run.best)
+        os.replace(candidate, self.run.last)
+
+    def _rollback(self, rnd: int, res: dict, decision) -> None:
+        from fl_server import state as state_mod
+
+        log = self.grid.rounds.get(rnd)
+        culprits, scores = [], {}
+        if self.guard.policy == "exclude" and log and log.updates:
+            scores = self._score_updates(log.updates, rnd)
+            culprits = self.guard.culprits(scores, decision.reference)
+            if culprits and set(culprits) >= set(scores):  # never leave the round with nobody
+                culprits = []
+        best_arrays, best_strategy = self.best
+        self.arrays = best_arrays
+        state_mod.restore_strategy(self.strategy, best_strategy)
+        _replace(self.run.best, self.run.last)  # the global model is the best one again
+        changes = self.guard.rolled_back(rnd, culprits)
+        reason = (
+            f"{decision.metric} {decision.value:.4f} is {decision.drop:.1%} below the reference "
+            f"{decision.reference:.4f} (round {decision.reference_round}); limit "
+            f"guard.max_drop={self.guard.max_drop} and guard.min_abs_drop="
+            f"{self.guard.min_abs_drop}: rolled back to round {self.guard.state.best_round}"
+        )
+        LOGGER.warning("round %d: %s", rnd, reason)
+        self.run.event(
+            rnd,
+            "rollback",
+            reason=reason,
+            metric=decision.metric,
+            value=decision.value,
+            reference=decision.reference,
+            reference_round=decision.reference_round,
+            drop=decision.drop,
+            rejected_sha256=res["weights_sha256"],
+            restored_round=self.guard.state.best_round,
+            restored_sha256=record_digest(best_arrays),
+            culprits=culprits,
+            client_scores=scores or None,
+            **changes,
+        )
+
+    def _score_updates(self, updates: dict[str, np.ndarray], rnd: int) -> dict[str, float]:
+        """Each client's returned model alone, on the held-out set (who caused the drop)."""
+        scores = {}
+        path = self.run.work / "client_update.pt"
+        for client, flat in sorted(updates.items()):
+            record = ArrayRecord({WEIGHTS_KEY: Array(flat)})
+            scores[client] = float(self.evaluate(record, path, rnd)[self.guard.metric])
+        path.unlink(missing_ok=True)
+        return scores
+
+    def _record(
+        self, rnd: int, res: dict, decision, t_round: float, eval_seconds: float, lr0: float
+    ) -> None:
         log = self.grid.rounds.get(rnd)
         clients = log.clients if log else []
+        self._score_data_drift(rnd, clients, log.data_stats if log else {})
+        now = time.perf_counter()
         record = {
             "round": rnd,
             **{k: res[k] for k in METRIC_KEYS},
             "per_class": res["per_class"],
-            "round_seconds": now - self.t_last,
+            "round_seconds": now - t_round,
             "eval_seconds": eval_seconds,
             "transport_seconds": log.transport_seconds if log else 0.0,
             "clients": clients,
             "failures": log.failed if log else 0,
             "weights_sha256": res["weights_sha256"],
+            "global_sha256": record_digest(self.arrays),
+            "guard": decision.as_dict(),
+            "lr0": lr0,  # the clients' learning rate this round (guard.policy=lower_lr)
         }
         if log and log.client_eval:  # federation.fraction_evaluate > 0: clients' own val splits
             record["client_eval"] = log.client_eval
@@ -153,79 +451,107 @@ class GlobalEvaluator:
                 rnd, "round_failed", reason="no usable client update; the global model is unchanged"
             )
         self.run.add_round(record)
-        improved = self.best is None or res["map50_95"] > self.best
-        if improved:
-            self.best = res["map50_95"]
-            tmp = self.run.best.with_suffix(".tmp")
-            shutil.copyfile(self.run.last, tmp)
-            os.replace(tmp, self.run.best)
+        self.tracker.report_round(record)
         self.run.write_summary(self.run.rounds(), status="running")
+        self.grid.rounds.pop(rnd, None)  # frees kept updates
         total = int(self.cfg.federation.rounds)
-        elapsed = now - self.t_start
-        left = elapsed / rnd * (total - rnd)
+        left = (now - self.t_start) / max(1, rnd - self.first_round + 1) * (total - rnd)
         LOGGER.info(
-            "round %d/%d | mAP50-95 %.3f mAP50 %.3f | best %.3f%s | %.1f s/round | ~%.0f s left",
+            "round %d/%d | mAP50-95 %.3f mAP50 %.3f | %s | best %.3f (round %s) | %.1f s "
+            "| ~%.0f s left",
             rnd,
             total,
             res["map50_95"],
             res["map50"],
-            self.best,
-            " (new)" if improved else "",
+            "ROLLED BACK" if decision.rolled_back else "accepted",
+            self.guard.state.best_value or 0.0,
+            self.guard.state.best_round,
             record["round_seconds"],
             left,
         )
 
+    def _score_data_drift(self, rnd: int, clients: list[dict], stats: dict[str, dict]) -> None:
+        """Add each client's data-drift score to its entry; record a drift event when high."""
+        if self.drift is None:
+            return
+        from fl_client.data_stats import from_metrics
 
-def serve(grid: Grid, run_path: Path) -> None:
-    """Run the whole federation for the prepared run directory ``run_path``."""
-    import json
+        for entry in clients:
+            s = from_metrics(stats.get(str(entry["id"]), {}))
+            if s is None:
+                continue
+            score = self.drift.score(str(entry["id"]), rnd, s)
+            entry["drift_score"] = score["drift_score"]
+            entry["drift_features"] = score["drift_features"]
+            if score["drifted"]:
+                top = max(score["drift_features"], key=score["drift_features"].get)
+                self.run.event(
+                    rnd,
+                    "data_drift",
+                    client=entry["id"],
+                    score=score["drift_score"],
+                    features=score["drift_features"],
+                    reason=(
+                        f"client {entry['id']}'s data moved from its first rounds: score "
+                        f"{score['drift_score']:.2f} (most: {top}), above drift.threshold="
+                        f"{self.drift.threshold}"
+                    ),
+                )
 
-    run = RunDir(run_path)
-    cfg = config_mod.load(run.config)
-    manifest = json.loads(run.manifest.read_text())
-    names = manifest["data"]["names"]
-    server_val = run.data / "server_val" / "data.yaml"
-    model = build_model(str(cfg.model.cfg), names)
-    masks = part_masks(model)
-    strategy = build_strategy(cfg, run_dir=run, masks=masks)
-    agg = cfg.aggregation
-    hygiene = Hygiene(
-        params_mask=masks["params"],
-        max_update_ratio=agg.max_update_ratio,
-        max_norm_x_median=agg.max_norm_x_median,
-    )
-    observed = ObservedGrid(grid, run, hygiene)
-    evaluator = GlobalEvaluator(run, cfg, model, observed, server_val)
-    rcfg = round_config(cfg, names, run.data)
-    run.event(
-        0,
-        "run_start",
-        engine=str(cfg.engine.name),
-        strategy=str(cfg.strategy.name),
-        transport=str(cfg.transport.scheme),
-        clients=int(cfg.federation.clients),
-        rounds=int(cfg.federation.rounds),
-    )
-    status = "failed"
-    try:
-        strategy.start(
-            grid=observed,
-            initial_arrays=to_record(model),
-            num_rounds=int(cfg.federation.rounds),
-            timeout=float(cfg.federation.round_timeout),
-            train_config=rcfg,
-            evaluate_config=ConfigRecord(dict(rcfg)),
-            evaluate_fn=evaluator,
+    def _save_state(self) -> None:
+        from fl_server import state as state_mod
+
+        strategy = self._strategy_state()
+        note = state_mod.picklable(strategy)
+        best_w, best_strategy = self.best
+        if note is not None or state_mod.picklable(best_strategy) is not None:
+            LOGGER.warning("the strategy's state cannot be saved for resume: %s", note)
+            strategy, best_strategy = None, None
+        state_mod.save(
+            self.run.state,
+            {
+                "round": self.round,
+                "weights": self.arrays[WEIGHTS_KEY].numpy().reshape(-1),
+                "strategy": strategy,
+                "strategy_note": note and f"not saved ({note}); the strategy restarted fresh",
+                "best": (best_w[WEIGHTS_KEY].numpy().reshape(-1), best_strategy),
+                "guard": self.guard.state_dict(),
+                "drift": self.drift.state_dict() if self.drift is not None else None,
+                "tracker_task": self.tracker.task_id if self.tracker else None,
+            },
         )
-        status = "completed"
-    finally:
+
+    # -- the end ----------------------------------------------------------------------------------
+    def finish(self, status: str) -> None:
+        run = self.run
         rounds = run.rounds()
         summary = run.write_summary(rounds, status=status)
         try:
             run.write_plot(rounds)
-            run.write_summary_md(summary, rounds, title=f"fedyolo run {run.path.name}")
         except Exception:  # a plot must never hide the run's outcome
-            LOGGER.exception("could not write metrics.png/summary.md")
-        run.event(len(rounds), "run_end", status=status)  # last write: the run is complete
-    if read_jsonl(run.metrics) and status == "completed":
+            LOGGER.exception("could not write metrics.png")
+        line = self.tracker.finish(summary) if self.tracker else None
+        try:
+            run.write_summary_md(summary, rounds, title=f"fedyolo run {run.path.name}", extra=line)
+        except Exception:
+            LOGGER.exception("could not write summary.md")
+        run.event(self.round, "run_end", status=status)  # last write: the run is complete
+
+
+def serve(grid: Grid, run_path: Path) -> None:
+    """Run (or resume) the whole federation for the prepared run directory ``run_path``."""
+    run = RunDir(run_path)
+    fed = Federation(grid, run)
+    status = "failed"
+    try:
+        if fed.cfg.resume is not None and run.state.exists():
+            fed.start_resumed()
+        else:
+            fed.start_fresh()
+        fed.first_round = fed.round + 1
+        fed.wait_for_clients(float(fed.cfg.engine.get("startup_timeout", 120)))
+        status = fed.run_rounds()
+    finally:
+        fed.finish(status)
+    if status == "completed":
         LOGGER.info("run finished: %s", run.summary)

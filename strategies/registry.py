@@ -166,14 +166,16 @@ def sampled_clients(cfg: DictConfig) -> int:
 
 
 def _sampling(cfg: DictConfig) -> dict[str, Any]:
-    clients = int(cfg.federation.clients)
+    # The server waits for the whole fleet before its first round (fl_server.server_app); after
+    # that a round goes ahead with whoever is connected, as long as aggregation.min_replies
+    # clients can be sampled: Flower's sampling would otherwise wait for a dead SuperNode forever.
+    least = int(cfg.aggregation.min_replies)
     return {
         "fraction_train": float(cfg.federation.fraction),
         "fraction_evaluate": float(cfg.federation.fraction_evaluate),
-        # Wait for the whole fleet before round 1; sample at least one client per round.
-        "min_available_nodes": clients,
-        "min_train_nodes": sampled_clients(cfg),
-        "min_evaluate_nodes": max(1, int(clients * float(cfg.federation.fraction_evaluate))),
+        "min_available_nodes": least,
+        "min_train_nodes": least,
+        "min_evaluate_nodes": 1,
     }
 
 

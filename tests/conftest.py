@@ -17,3 +17,14 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("synth")
     return generate(out, 48, imgsz=64, seed=1, domains=["day", "night"])
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    # Flower stamps messages with the running task's identity; in-process federations
+    # (tests/inprocess.py) have none, so every test gets one.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

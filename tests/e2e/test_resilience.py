@@ -1,0 +1,119 @@
+"""Failures of real processes: a killed server resumed, a killed SuperNode, a hanging client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from e2e_helpers import check_run_dir, fedyolo, tiny_run_args
+from test_deployment import flower_processes
+
+from deploy.local import kill_tree
+from fl_server.run_dir import read_jsonl
+
+pytestmark = pytest.mark.e2e
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fl_server.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "YOLO_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def wait_for_rounds(run: Path, n: int, proc: subprocess.Popen, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(read_jsonl(run / "metrics.jsonl")) >= n:
+            return
+        assert proc.poll() is None, f"fedyolo exited ({proc.returncode}) before round {n}"
+        time.sleep(0.2)
+    pytest.fail(f"round {n} did not finish in {timeout:.0f} s")
+
+
+def test_server_killed_between_rounds_resumes_to_the_same_round_count(tmp_path):
+    run = tmp_path / "runs" / "res"
+    proc = start(tiny_run_args(tmp_path, "res", "federation.rounds=3"), tmp_path)
+    try:
+        wait_for_rounds(run, 2, proc)
+    finally:
+        kill_tree(proc.pid)  # the simulation's driver, Ray and its workers
+    assert json.loads((run / "summary.json").read_text())["status"] == "running"
+
+    done = fedyolo(["run", f"resume={run}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = check_run_dir(run, rounds=3, clients=2)
+    (resume,) = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "resume"]
+    assert resume["from_round"] in (3, 4)  # 4: the kill came after round 3's state
+    # Continuous: each round starts from the previous round's global model.
+    assert len({r["global_sha256"] for r in rounds}) == 3
+    # The tracker continued the same ClearML task (offline session in the run directory).
+    assert resume["tracker_task"] == read_jsonl(run / "events.jsonl")[0].get("tracker_task")
+
+
+def test_supernode_killed_mid_round_the_run_completes_and_it_rejoins(tmp_path):
+    run = tmp_path / "runs" / "node"
+    args = tiny_run_args(
+        tmp_path, "node", "engine=local-deployment", "federation.clients=3", "federation.rounds=4"
+    )
+    proc = start(args, tmp_path)
+    try:
+        wait_for_rounds(run, 1, proc)  # round 2 is under way now
+        (node1,) = [p for p in flower_processes(run) if "partition-id=1" in " ".join(p.cmdline())]
+        cmdline, env = node1.cmdline(), node1.environ()
+        kill_tree(node1.pid)
+        wait_for_rounds(run, 2, proc)
+        # The robot comes back: a new SuperNode for the same shard.
+        subprocess.Popen(
+            cmdline,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        assert proc.wait(timeout=600) == 0
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    rounds = read_jsonl(run / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    ids = [sorted(c["id"] for c in r["clients"]) for r in rounds]
+    assert ids[0] == [0, 1, 2] and ids[1] == [0, 2], ids  # round 2 completed without client 1
+    assert ids[3] == [0, 1, 2], ids  # rejoined
+    failed = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "client_failed"]
+    # One failure, of client 1, in round 2 (the SuperLink reports the dead node once its
+    # heartbeat is overdue); the reply is matched to the node it was sent to.
+    assert [(e["round"], e["client"]) for e in failed] == [(2, 1)], failed
+    assert "Node Unavailable" in failed[0]["reason"] and rounds[1]["failures"] == 1
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert flower_processes(run) == []  # the rejoined SuperNode was stopped with the rest
+
+
+def test_hanging_client_misses_its_round_and_the_round_completes(tmp_path):
+    run = tmp_path / "runs" / "hang"
+    args = tiny_run_args(
+        tmp_path,
+        "hang",
+        "federation.round_timeout=20",
+        "faults.client=1",
+        "faults.round=1",
+        "faults.kind=hang",
+        "faults.hang_seconds=25",
+    )
+    proc = fedyolo(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = read_jsonl(run / "metrics.jsonl")
+    assert [sorted(c["id"] for c in r["clients"]) for r in rounds][0] == [0]
+    failed = read_jsonl(run / "events.jsonl")
+    (timeout,) = [e for e in failed if e["kind"] == "client_failed" and e["round"] == 1]
+    assert "no reply within the round timeout (20.0 s)" in timeout["reason"]
+    assert len(rounds) == 2 and rounds[1]["clients"]

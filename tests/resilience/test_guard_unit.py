@@ -1,0 +1,119 @@
+"""The drift guard's rule and policies, and the fault specs, without training anything."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from fl_client import faults
+from fl_server.config import ConfigError, compose
+from fl_server.guard import Guard
+
+
+def guard(**over) -> Guard:
+    cfg = OmegaConf.merge(compose([]).guard, over)
+    return Guard(cfg)
+
+
+def m(v: float) -> dict:
+    return {"map50_95": v, "map50": 2 * v}
+
+
+def test_drop_needs_both_relative_and_absolute_size():
+    g = guard(max_drop=0.10, min_abs_drop=0.02)
+    g.accept(1, m(0.30))
+    assert not g.check(2, m(0.28)).rolled_back  # 6.7 %: below the threshold
+    d = g.check(2, m(0.26))  # 13 %, 0.04 absolute
+    assert d.rolled_back and d.reference == 0.30 and d.drop == pytest.approx(0.1333, abs=1e-3)
+    g2 = guard(max_drop=0.10, min_abs_drop=0.02)
+    g2.accept(1, m(0.05))
+    assert not g2.check(2, m(0.035)).rolled_back  # 30 % of a tiny number: noise, not a drop
+
+
+def test_reference_best_or_previous():
+    best = guard(reference="best")
+    prev = guard(reference="previous")
+    for g in (best, prev):
+        g.accept(1, m(0.40))
+        g.accept(2, m(0.33))  # a drop the guard accepted (e.g. below min_abs_drop)
+    assert best.check(3, m(0.34)).rolled_back  # 15 % below the best
+    assert not prev.check(3, m(0.34)).rolled_back  # above the previous round
+
+
+def test_policies_and_stop_after():
+    g = guard(policy="lower_lr", lr_factor=0.5, stop_after=2)
+    g.accept(1, m(0.4))
+    assert g.rolled_back(2, [])["lr_scale"] == 0.5 and not g.should_stop()
+    assert g.rolled_back(3, [])["lr_scale"] == 0.25 and g.should_stop()
+    g.accept(4, m(0.41))
+    assert g.state.consecutive == 0 and g.state.lr_scale == 0.25  # the lower rate stays
+
+    ex = guard(policy="exclude", exclude_rounds=2)
+    ex.rolled_back(3, ["1"])
+    assert ex.excluded(4) == {"1"} and ex.excluded(5) == {"1"} and ex.excluded(6) == set()
+    restored = guard(policy="exclude", exclude_rounds=2)
+    restored.load_state_dict(json.loads(json.dumps(ex.state_dict())))
+    assert restored.excluded(5) == {"1"} and restored.state.rollbacks == 1
+
+
+def test_culprits_are_the_updates_far_below_the_others():
+    g = guard()
+    assert g.culprits({"0": 0.30, "1": 0.0, "2": 0.28}, reference=0.31) == ["1"]
+    assert g.culprits({"0": 0.30, "1": 0.29, "2": 0.28}, reference=0.31) == []
+    assert g.culprits({"0": 0.30, "1": 0.01}, reference=0.31) == ["1"]  # two: vs the better
+    assert g.culprits({"1": 0.01}, reference=0.31) == ["1"]  # one: vs the reference
+    assert g.culprits({"0": 0.0, "1": 0.0}, reference=0.31) == []  # nothing to compare with
+
+
+def test_fault_specs_parse_and_reach_only_their_client():
+    cfg = compose(
+        [
+            "federation.clients=3",
+            "faults.client=1",
+            "faults.round=[2,3]",
+            "faults.kind=nan",  # YAML reads a bare nan as a float
+            "faults.more=[{client: 2, round: 3, kind: hang, hang_seconds: 5}]",
+        ]
+    )
+    fs = faults.parse(cfg.faults, 3)
+    assert [(f.client, f.kind, f.rounds) for f in fs] == [(1, "nan", (2, 3)), (2, "hang", (3,))]
+    r3 = {"faults": faults.for_round(fs, 3, round_timeout=60)}
+    assert [f["kind"] for f in faults.mine(r3, 1)] == ["nan"]
+    assert faults.mine(r3, 2)[0]["hang_seconds"] == 5.0
+    assert faults.mine(r3, 0) == []
+    assert faults.for_round(fs, 1, 60) == ""
+    every = faults.parse({"client": 0, "kind": "hang"}, 1)
+    assert json.loads(faults.for_round(every, 7, 60))[0]["hang_seconds"] == 90.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["faults.client=1", "faults.kind=explode"], "faults.kind='explode'"),
+        (["faults.kind=crash"], "faults.client is missing"),
+        (["faults.client=7", "faults.kind=crash"], "faults.client=7"),
+        (["faults.client=1", "faults.kind=crash", "faults.round=0"], "rounds start at 1"),
+        (["faults.more=[{client: 0, kind: hang, hang_seconds: -1}]"], "hang_seconds"),
+        (["guard.max_drop=1.5"], "guard.max_drop"),
+        (["guard.policy=pray"], "guard.policy"),
+    ],
+)
+def test_bad_fault_and_guard_config_is_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        compose(["federation.clients=2", *overrides])
+
+
+def test_weight_faults_do_what_they_say():
+    rng = np.random.default_rng(0)
+    received = rng.standard_normal(1000).astype(np.float32)
+    trained = received + 0.01 * rng.standard_normal(1000).astype(np.float32)
+    nan = faults.corrupt_weights({"kind": "nan"}, trained, received, 0)
+    assert np.isnan(nan).any() and not np.isnan(trained).any()
+    scaled = faults.corrupt_weights({"kind": "scaled_weights", "scale": 10.0}, trained, received, 0)
+    np.testing.assert_allclose(scaled - received, 10 * (trained - received), rtol=1e-4, atol=1e-6)
+    rand = faults.corrupt_weights({"kind": "random_weights"}, trained, received, seed=7)
+    assert abs(np.linalg.norm(rand) / np.linalg.norm(received) - 1) < 0.1
+    assert abs(np.corrcoef(rand, received)[0, 1]) < 0.1
