@@ -23,9 +23,9 @@ def machine() -> str:
     )
 
 
-def fedyolo_run(name: str, overrides: list[str]) -> Path:
-    """Run the real ``fedyolo run`` into ``benchmarks/work/runs/<name>``; return the run dir."""
-    cmd = [
+def fedyolo_cmd(name: str, overrides: list[str]) -> list[str]:
+    """The ``fedyolo run`` command line of run ``benchmarks/work/runs/<name>``."""
+    return [
         sys.executable,
         "-m",
         "fl_server.cli",
@@ -35,6 +35,11 @@ def fedyolo_run(name: str, overrides: list[str]) -> Path:
         "output.overwrite=true",
         *overrides,
     ]
+
+
+def fedyolo_run(name: str, overrides: list[str]) -> Path:
+    """Run the real ``fedyolo run`` into ``benchmarks/work/runs/<name>``; return the run dir."""
+    cmd = fedyolo_cmd(name, overrides)
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "YOLO_OFFLINE": "1"})
     return WORK / "runs" / name
 

@@ -1,0 +1,188 @@
+"""Faults injected into real federations: which were survived, rounds lost, rollbacks.
+
+1. ``warmup``: an honest yolov8n federation from scratch; its ``best.pt`` is the starting model
+   of the fault runs (a guard can only see a drop from a model that detects something). The
+   fault runs use the same synthetic fleet, seed and partition, so their held-out set is the
+   warm-up's held-out set too: the starting model never trained on it.
+2. ``defaults``: every fault kind, with fedyolo's defaults (update hygiene on, drift guard on);
+   the server is SIGKILLed after round ``--kill-after`` and resumed with ``resume=``.
+3. ``guard-only``: the update-norm hygiene off, so scaled and random weights reach the
+   aggregate and the drift guard alone must catch them (policy ``exclude``).
+
+Counted from each run's ``metrics.jsonl``/``events.jsonl``: a fault is *survived* when its
+round completed with a global model that was not harmed (the reply was dropped, the failure
+recorded, or the harmed aggregate rolled back); *rounds lost* = configured rounds without a
+record; a rollback is *correct* when its round had a weight fault, *false* otherwise.
+
+    .venv/bin/python benchmarks/faults.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks_common import RESULTS, ROOT, WORK, fedyolo_cmd, fedyolo_run, machine
+
+sys.path.insert(0, str(ROOT))
+from deploy.local import kill_tree  # noqa: E402
+from fl_server.run_dir import read_jsonl  # noqa: E402
+
+FLEET = ["federation.clients=4", "data.partition=iid", "federation.round_timeout=120"]
+WEIGHT_FAULTS = {"nan", "scaled_weights", "random_weights"}
+
+# (client, round, kind): every kind once, in the run with fedyolo's defaults
+DEFAULTS = [
+    (1, 2, "crash"),
+    (2, 3, "nan"),
+    (3, 4, "scaled_weights"),
+    (0, 5, "random_weights"),
+    (1, 6, "hang"),
+    (2, 7, "corrupt_labels"),
+    (2, 8, "corrupt_labels"),
+]
+# weight faults only, with the update hygiene off: the drift guard is the defence
+GUARD_ONLY = [(0, 3, "random_weights"), (3, 6, "scaled_weights")]
+
+
+def faults_override(faults: list[tuple[int, int, str]]) -> str:
+    items = ", ".join(f"{{client: {c}, round: {r}, kind: {k}}}" for c, r, k in faults)
+    return f"faults.more=[{items}]"
+
+
+def run_killed_and_resumed(name: str, overrides: list[str], kill_after: int) -> Path:
+    run = WORK / "runs" / name
+    cmd = fedyolo_cmd(name, overrides)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "YOLO_OFFLINE": "1"})
+    while len(read_jsonl(run / "metrics.jsonl")) < kill_after:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} ended before round {kill_after}")
+        time.sleep(0.5)
+    kill_tree(proc.pid)
+    subprocess.run(
+        [sys.executable, "-m", "fl_server.cli", "run", f"resume={run}"],
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "YOLO_OFFLINE": "1"},
+    )
+    return run
+
+
+def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
+    records = {r["round"]: r for r in read_jsonl(run / "metrics.jsonl")}
+    events = read_jsonl(run / "events.jsonl")
+    rollbacks = sorted(r for r, rec in records.items() if rec["guard"]["rolled_back"])
+    weight_rounds = {r for _, r, k in faults if k in WEIGHT_FAULTS}
+    per_fault = []
+    for client, rnd, kind in faults:
+        rec = records.get(rnd)
+        dropped = [
+            e["kind"]
+            for e in events
+            if e["round"] == rnd
+            and e.get("client") in (client, f"node-{client}")
+            and e["kind"] in ("client_failed", "update_rejected")
+        ]
+        if kind == "hang":  # a hung client is known by its node id until it answers
+            dropped += [
+                e["kind"] for e in events if e["round"] == rnd and e["kind"] == "client_failed"
+            ]
+        handled = (
+            "dropped: " + dropped[0]
+            if dropped
+            else "rolled back"
+            if rnd in rollbacks
+            else "aggregated"
+        )
+        harmed = handled == "aggregated" and kind in WEIGHT_FAULTS
+        per_fault.append(
+            {
+                "client": client,
+                "round": rnd,
+                "kind": kind,
+                "handled": handled,
+                "round_completed": rec is not None,
+                "survived": rec is not None and not harmed,
+                "map50_95": rec["map50_95"] if rec else None,
+            }
+        )
+    summary = json.loads((run / "summary.json").read_text())
+    return {
+        "run": run.name,
+        "status": summary["status"],
+        "faults_injected": len(faults),
+        "faults_survived": sum(f["survived"] for f in per_fault),
+        "rounds_lost": rounds - len(records),
+        "rollbacks": rollbacks,
+        "rollbacks_correct": [r for r in rollbacks if r in weight_rounds],
+        "false_triggers": [r for r in rollbacks if r not in weight_rounds],
+        "resumes": sum(e["kind"] == "resume" for e in events),
+        "best": summary["best"],
+        "final": summary["final"],
+        "curve_map50_95": [records[r]["map50_95"] for r in sorted(records)],
+        "faults": per_fault,
+    }
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--warmup-rounds", type=int, default=8)
+    ap.add_argument("--warmup-epochs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--kill-after", type=int, default=4)
+    args = ap.parse_args()
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    out = {
+        "benchmark": "faults",
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "setup": {
+            "model": "yolov8n.yaml, warm-started from the warm-up run's best.pt",
+            "fleet": FLEET,
+            "rounds": args.rounds,
+            "local_epochs": 1,
+            "images": 640,
+            "imgsz": 128,
+        },
+        "rows": [],
+    }
+    t0 = time.perf_counter()
+    warm = fedyolo_run(
+        "faults-warmup",
+        [
+            *FLEET,
+            f"federation.rounds={args.warmup_rounds}",
+            f"train.epochs={args.warmup_epochs}",
+        ],
+    )
+    out["warmup"] = tally(warm, [], args.warmup_rounds)
+    start = [*FLEET, f"model.cfg={warm / 'best.pt'}", f"federation.rounds={args.rounds}"]
+    t1 = time.perf_counter()
+    run = run_killed_and_resumed(
+        "faults-defaults", [*start, faults_override(DEFAULTS)], args.kill_after
+    )
+    out["rows"].append({**tally(run, DEFAULTS, args.rounds), "seconds": time.perf_counter() - t1})
+    t1 = time.perf_counter()
+    run = fedyolo_run(
+        "faults-guard-only",
+        [
+            *start,
+            faults_override(GUARD_ONLY),
+            "aggregation.max_update_ratio=null",
+            "guard.policy=exclude",
+        ],
+    )
+    out["rows"].append({**tally(run, GUARD_ONLY, args.rounds), "seconds": time.perf_counter() - t1})
+    out["seconds"] = time.perf_counter() - t0
+    (RESULTS / "faults.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({r["run"]: {k: r[k] for k in list(r)[:9]} for r in out["rows"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""False triggers of the drift guard on honest federations: replay its rule on real curves.
+
+Every ``metrics.jsonl`` under ``benchmarks/work/runs`` comes from an honest run (no fault
+injected) of the other benchmarks (yolov8n, 4 clients, held-out mAP each round). The guard's own
+``Guard.check``/``accept`` is replayed on each curve for several (max_drop, min_abs_drop)
+settings, without training anything. Up to a run's first trigger the replay is exact (the run
+would have been the same up to there); after it the real run would have continued from the best
+checkpoint, so only the number of runs with at least one false trigger is reported.
+
+    .venv/bin/python benchmarks/guard_replay.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks_common import RESULTS, WORK, machine  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from fl_server.config import compose  # noqa: E402
+from fl_server.guard import Guard  # noqa: E402
+from fl_server.run_dir import read_jsonl  # noqa: E402
+
+SETTINGS = [(0.10, 0.0), (0.10, 0.02), (0.10, 0.03), (0.10, 0.05), (0.10, 0.07), (0.20, 0.05)]
+
+
+def first_trigger(curve: list[float], max_drop: float, min_abs: float) -> int | None:
+    g = Guard(OmegaConf.merge(compose([]).guard, {"max_drop": max_drop, "min_abs_drop": min_abs}))
+    g.accept(0, {"map50_95": 0.0})
+    for rnd, v in enumerate(curve, start=1):
+        if g.check(rnd, {"map50_95": v}).rolled_back:
+            return rnd
+        g.accept(rnd, {"map50_95": v})
+    return None
+
+
+def main() -> None:
+    curves = {}
+    for path in sorted((WORK / "runs").glob("*/metrics.jsonl")):
+        rounds = read_jsonl(path)
+        if len(rounds) >= 5 and "faults" not in (path.parent / "config.yaml").read_text():
+            curves[path.parent.name] = [r["map50_95"] for r in rounds]
+    rows = []
+    for max_drop, min_abs in SETTINGS:
+        hits = {n: first_trigger(c, max_drop, min_abs) for n, c in curves.items()}
+        fired = {n: r for n, r in hits.items() if r is not None}
+        rows.append(
+            {
+                "max_drop": max_drop,
+                "min_abs_drop": min_abs,
+                "runs": len(curves),
+                "runs_with_false_trigger": len(fired),
+                "first_triggers": fired,
+            }
+        )
+        print(f"max_drop {max_drop} min_abs {min_abs}: {len(fired)}/{len(curves)} runs {fired}")
+    out = {
+        "benchmark": "guard_replay",
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "rounds_replayed": sum(len(c) for c in curves.values()),
+        "rows": rows,
+    }
+    (RESULTS / "guard_replay.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
