@@ -4,6 +4,7 @@
     fedyolo data synth OUT [options]       generate the synthetic driving fleet
     fedyolo data partition DATA OUT ...    split a dataset into client shards + server val set
     fedyolo data check PATH                report (and list) bad images and labels
+    fedyolo clearml-import runs/<name>     upload a run's offline ClearML session to a server
 
 A user's mistake ends with one line naming the thing; a bug still raises.
 """
@@ -180,7 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.add_argument("--report", help="write the report as JSON here")
     c.add_argument("--work-dir", help="write repaired label copies here")
+    ci = sub.add_parser(
+        "clearml-import", help="import a run's offline ClearML session(s) into the server"
+    )
+    ci.add_argument("run", help="the run directory, runs/<name>")
     return p
+
+
+def cmd_clearml_import(path: str) -> int:
+    from fl_server.run_dir import RunDir
+    from fl_server.tracking import import_offline
+
+    _setup_logging()
+    task_id = import_offline(RunDir(Path(path)))
+    print(f"imported {path} as ClearML task {task_id}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "run":
             return cmd_run(args.overrides)
+        if args.cmd == "clearml-import":
+            return cmd_clearml_import(args.run)
         return cmd_data(args)
     except (ConfigError, DataError, ModelConfigError, FileNotFoundError) as e:
         print(f"fedyolo: error: {e}", file=sys.stderr)

@@ -1,0 +1,144 @@
+"""ClearML tracking with the real SDK in offline mode (no server here): what the session holds."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fl_server import tracking
+from fl_server.config import compose
+from fl_server.run_dir import RunDir, read_jsonl
+
+RECORD = {
+    "round": 1,
+    "map50": 0.31,
+    "map50_95": 0.138,
+    "precision": 0.59,
+    "recall": 0.29,
+    "per_class": {
+        "car": {"map50": 0.78, "map50_95": 0.40},
+        "cyclist": {"map50": 0.2, "map50_95": 0.1},
+    },
+    "round_seconds": 16.2,
+    "failures": 0,
+    "lr0": 0.02,
+    "guard": {"decision": "accept", "drop": -0.15, "rolled_back": False},
+    "clients": [
+        {"id": 0, "num_examples": 245, "bytes_up": 12133806, "loss": 5.01, "drift_score": 0.03},
+        {"id": 1, "num_examples": 200, "bytes_up": 12133806, "loss": float("nan")},
+    ],
+}
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch) -> RunDir:
+    # Nothing outside tmp_path: ClearML's cache, and no server configured by the environment.
+    monkeypatch.setenv("CLEARML_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CLEARML_API_HOST", raising=False)
+    monkeypatch.delenv("CLEARML_CONFIG_FILE", raising=False)
+    r = RunDir(tmp_path / "runs" / "t")
+    r.path.mkdir(parents=True)
+    return r
+
+
+def cfg(*overrides: str):
+    return compose(["name=t", *overrides])
+
+
+def test_offline_session_holds_every_round_client_and_event(run):
+    t = tracking.Tracker.start(cfg(), run)
+    assert t.mode == "offline" and t.task_id.startswith("offline-")
+    for rnd, value in ((1, 0.10), (2, 0.20), (3, 0.0)):
+        t.report_round({**RECORD, "round": rnd, "map50_95": value})
+    t.report_event(3, "rollback", {"reason": "mAP50-95 dropped", "drop": 1.0, "culprits": ["1"]})
+    run.best.write_bytes(b"checkpoint")
+    line = t.finish(
+        {
+            "status": "completed",
+            "best": {"map50_95": 0.2},
+            "final": {"map50_95": 0.2},
+            "best_checkpoint": str(run.best),
+        }
+    )
+    assert f"fedyolo clearml-import {run.path}" in line
+
+    scalars = tracking.offline_scalars(run)  # parsed from the session's metrics.jsonl
+    assert scalars[("mAP", "mAP50-95")] == {1: 0.10, 2: 0.20, 3: 0.0}
+    assert scalars[("client examples", "client 1")] == {1: 200.0, 2: 200.0, 3: 200.0}
+    assert ("client loss", "client 1") not in scalars  # NaN is not reported
+    assert scalars[("per-class mAP50-95", "car")][2] == 0.40
+    assert scalars[("events", "rollback")] == {3: 1.0}
+    assert scalars[("guard", "rolled back")] == {1: 0.0, 2: 0.0, 3: 0.0}
+    (session,) = tracking.sessions(run)
+    with zipfile.ZipFile(session["folder"] + ".zip") as z:
+        names = z.namelist()
+        task = json.loads(z.read("task.json"))
+    assert any(n.endswith("artifacts/best.pt/best.pt") for n in names)
+    assert "rollback" in task["tags"] and "fedavg" in task["tags"]
+    assert task["hyperparams"]["fedyolo"]["federation/clients"]["value"] == "2"
+
+
+def test_tracker_errors_never_reach_the_run(run, monkeypatch):
+    t = tracking.Tracker.start(cfg(), run)
+
+    def broken(*a, **k):
+        raise ConnectionError("server went away")
+
+    monkeypatch.setattr(t.task.get_logger(), "report_scalar", broken)
+    t.report_round(RECORD)  # does not raise
+    (err,) = [e for e in read_jsonl(run.events) if e["kind"] == "tracker_error"]
+    assert err["method"] == "report_round" and "server went away" in err["error"]
+    t.finish({"status": "completed", "best": None, "final": None, "best_checkpoint": None})
+
+
+def test_start_failure_means_no_tracking_not_no_run(run, monkeypatch):
+    import clearml
+
+    def refuse(*a, **k):
+        raise RuntimeError("no credentials")
+
+    monkeypatch.setattr(clearml.Task, "init", refuse)
+    t = tracking.Tracker.start(cfg(), run)
+    assert t.task is None and t.task_id is None
+    t.report_round(RECORD)
+    assert t.finish({"status": "completed"}) is None
+    assert [e["method"] for e in read_jsonl(run.events)] == ["start"]
+
+
+def test_disabled(run):
+    t = tracking.Tracker.start(cfg("tracking.enabled=false"), run)
+    assert t.mode == "off" and t.task is None
+    t.report_round(RECORD)
+    assert not run.clearml.exists() and not run.events.exists()
+
+
+def test_resumed_offline_run_chains_its_sessions(run):
+    first = tracking.Tracker.start(cfg(), run)
+    first.report_round(RECORD)
+    # the server is killed here: no finish(); a restarted server resumes with the task id
+    second = tracking.Tracker.start(cfg(), run, resume_task_id=first.task_id)
+    second.report_round({**RECORD, "round": 2, "map50_95": 0.2})
+    second.finish({"status": "completed", "best": None, "final": None, "best_checkpoint": None})
+    assert [s["task_id"] for s in tracking.sessions(run)] == [first.task_id, second.task_id]
+    assert tracking.offline_scalars(run)[("mAP", "mAP50-95")] == {1: 0.138, 2: 0.2}
+
+
+def test_auto_mode_is_online_only_with_a_configured_server(run, monkeypatch, tmp_path):
+    assert not tracking.server_configured()
+    conf = tmp_path / "clearml.conf"
+    conf.write_text("api {}\n")
+    monkeypatch.setenv("CLEARML_CONFIG_FILE", str(conf))
+    assert tracking.server_configured()
+    monkeypatch.delenv("CLEARML_CONFIG_FILE")
+    monkeypatch.setenv("CLEARML_API_HOST", "https://api.clear.ml")
+    assert tracking.server_configured()
+
+
+def test_import_needs_a_session(run):
+    with pytest.raises(FileNotFoundError, match="no offline ClearML session"):
+        tracking.import_offline(run)
+    assert Path(run.clearml).exists() is False
