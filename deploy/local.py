@@ -216,6 +216,9 @@ def run_local_deployment(
                 num_clients,
                 run_dir / "logs",
             )
+            from fl_server.run_dir import read_jsonl
+
+            before = len(read_jsonl(run_dir / "events.jsonl"))  # a resumed run has earlier ends
             runner = group.start(
                 "flwr-run",
                 [
@@ -229,20 +232,20 @@ def run_local_deployment(
                 ],
                 env,
             )
-            _follow(runner, run_dir)
+            _follow(runner, run_dir, before)
         finally:
             group.stop()
 
 
-def _follow(runner: subprocess.Popen, run_dir: Path) -> None:
-    """Wait for ``flwr run`` to end; the run is done when summary.json says so."""
+def _follow(runner: subprocess.Popen, run_dir: Path, before: int) -> None:
+    """Wait for ``flwr run`` to end: a ``run_end`` event after the first ``before`` events."""
     import json
 
     from fl_server.run_dir import read_jsonl
 
     summary = run_dir / "summary.json"
     while runner.poll() is None:
-        if any(e["kind"] == "run_end" for e in read_jsonl(run_dir / "events.jsonl")):
+        if any(e["kind"] == "run_end" for e in read_jsonl(run_dir / "events.jsonl")[before:]):
             break
         time.sleep(1.0)
     status = json.loads(summary.read_text()).get("status") if summary.exists() else None

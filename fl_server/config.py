@@ -21,7 +21,12 @@ class ConfigError(ValueError):
 
 
 # What a resumed run may change: how long it goes on and where it runs, not what it trains.
-RESUME_OVERRIDABLE = ("federation.rounds", "federation.round_timeout", "engine.", "log_level")
+RESUME_OVERRIDABLE = (
+    "federation.rounds",
+    "federation.round_timeout",
+    "engine",  # the group (engine=local-deployment) or its keys (engine.port=...)
+    "log_level",
+)
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
@@ -61,7 +66,13 @@ def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:
     cfg = load(path / "config.yaml")
     for o in overrides:
         key, sep, value = o.partition("=")
-        if not sep or not any(key == k or key.startswith(k) for k in RESUME_OVERRIDABLE):
+        if key == "engine" and sep:  # the group: continue on another engine
+            group = CONFIG_DIR / "engine" / f"{value}.yaml"
+            if not group.is_file():
+                raise ConfigError(f"config: engine={value!r} is not one of configs/engine/")
+            cfg.engine = OmegaConf.load(group)
+            continue
+        if not sep or not any(key == k or key.startswith(k + ".") for k in RESUME_OVERRIDABLE):
             raise ConfigError(
                 f"config: {o!r} cannot change when resuming; allowed: {list(RESUME_OVERRIDABLE)}"
             )

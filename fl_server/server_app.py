@@ -141,21 +141,6 @@ def _replace(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-class _NoTracker:
-    """Stands in when tracking could not even be imported."""
-
-    task_id = None
-
-    def report_round(self, record: dict) -> None:
-        pass
-
-    def report_event(self, rnd: int, kind: str, fields: dict) -> None:
-        pass
-
-    def finish(self, summary: dict) -> None:
-        return None
-
-
 class Federation:
     """The round loop of one run: Flower's strategy API plus rollback, resume and tracking.
 
@@ -208,7 +193,7 @@ class Federation:
             self.drift = DriftMonitor(int(cfg.drift.reference_rounds), float(cfg.drift.threshold))
         self.faults = faults_mod.parse(cfg.faults, int(cfg.federation.clients))
         self.base_config = round_config(cfg, self.names, run.data)
-        self.tracker = None
+        self.tracker = None  # fl_server.tracking.Tracker, from start_fresh/start_resumed
         self.round = 0  # last finished round
         self.arrays: ArrayRecord = to_record(self.model)
         self.best: tuple[ArrayRecord, dict] | None = None  # weights and strategy state
@@ -216,14 +201,10 @@ class Federation:
         self.first_round = 1  # of this process (a resumed run starts later)
 
     def _start_tracker(self, task_id: str | None = None) -> None:
-        try:
-            from fl_server.tracking import Tracker
+        from fl_server.tracking import Tracker
 
-            self.tracker = Tracker.start(self.cfg, self.run, resume_task_id=task_id)
-        except Exception as e:  # tracking never breaks training (Tracker.start catches its own)
-            LOGGER.warning("tracking is off for this run: %s: %s", type(e).__name__, e)
-            self.run.event(self.round, "tracker_error", method="start", error=str(e))
-            self.tracker = _NoTracker()
+        # off when tracking.enabled=false; without tracking when ClearML fails to start
+        self.tracker = Tracker.start(self.cfg, self.run, resume_task_id=task_id)
 
         def forward(rnd: int, kind: str, details: dict) -> None:
             if kind != "tracker_error":  # the tracker's own trouble is not reported to itself

@@ -41,6 +41,7 @@ def wait_for_rounds(run: Path, n: int, proc: subprocess.Popen, timeout: float = 
 
 
 def test_server_killed_between_rounds_resumes_to_the_same_round_count(tmp_path):
+    # Killed in the simulation engine (SIGKILL to the driver, Ray and its workers)...
     run = tmp_path / "runs" / "res"
     proc = start(tiny_run_args(tmp_path, "res", "federation.rounds=3"), tmp_path)
     try:
@@ -49,7 +50,8 @@ def test_server_killed_between_rounds_resumes_to_the_same_round_count(tmp_path):
         kill_tree(proc.pid)  # the simulation's driver, Ray and its workers
     assert json.loads((run / "summary.json").read_text())["status"] == "running"
 
-    done = fedyolo(["run", f"resume={run}"], cwd=tmp_path)
+    # ...and goes on in the deployment engine (real SuperLink + SuperNodes)
+    done = fedyolo(["run", f"resume={run}", "engine=local-deployment"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rounds = check_run_dir(run, rounds=3, clients=2)
     (resume,) = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "resume"]
@@ -57,7 +59,15 @@ def test_server_killed_between_rounds_resumes_to_the_same_round_count(tmp_path):
     # Continuous: each round starts from the previous round's global model.
     assert len({r["global_sha256"] for r in rounds}) == 3
     # The tracker continued the same ClearML task (offline session in the run directory).
-    assert resume["tracker_task"] == read_jsonl(run / "events.jsonl")[0].get("tracker_task")
+    (run_start,) = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "run_start"]
+    assert run_start["tracker_task"].startswith("offline-")
+    # Offline, the resumed process writes a second session that continues the first on import.
+    from fl_server.run_dir import RunDir
+    from fl_server.tracking import offline_scalars, sessions
+
+    assert [s["task_id"] for s in sessions(RunDir(run))][0] == run_start["tracker_task"]
+    scalars = offline_scalars(RunDir(run))[("mAP", "mAP50-95")]
+    assert scalars == {r["round"]: r["map50_95"] for r in rounds}
 
 
 def test_supernode_killed_mid_round_the_run_completes_and_it_rejoins(tmp_path):

@@ -27,6 +27,15 @@ def test_simulation_run_writes_a_complete_run_directory(tmp_path):
         assert sorted(c["id"] for c in r["client_eval"]) == [0, 1]
         assert all(0.0 <= c["map50_95"] <= 1.0 and c["num_examples"] > 0 for c in r["client_eval"])
 
+    # ClearML, offline: the session in the run directory holds every round (parsed, not assumed)
+    from fl_server.run_dir import RunDir
+    from fl_server.tracking import offline_scalars, sessions
+
+    scalars = offline_scalars(RunDir(run))
+    assert scalars[("mAP", "mAP50-95")] == {r["round"]: r["map50_95"] for r in rounds}
+    assert set(scalars[("client bytes up", "client 1")]) == {1, 2}
+    assert len(sessions(RunDir(run))) == 1  # one task: the server's
+
     # best.pt is a plain Ultralytics checkpoint: it loads, predicts, and its mAP on the
     # held-out set is the one the run reported.
     from ultralytics import YOLO

@@ -15,6 +15,7 @@ from inprocess import run_inprocess
 
 from fl_client.model import record_digest, to_record
 from fl_server.run_dir import read_jsonl
+from fl_server.tracking import offline_scalars, sessions
 
 # Honest rounds of this fleet moved the held-out mAP50-95 by up to 0.018 (measured); a poisoned
 # global model falls to ~0 from ~0.08. The absolute floor sits between the two.
@@ -26,7 +27,9 @@ def _digest(checkpoint) -> str:
     return record_digest(to_record(model))
 
 
-def test_poisoned_client_is_rolled_back_and_excluded(tmp_path, pretrained_fleet):
+def test_poisoned_client_is_rolled_back_and_excluded(tmp_path, pretrained_fleet, monkeypatch):
+    monkeypatch.setenv("CLEARML_CACHE_DIR", str(tmp_path / "clearml-cache"))
+    monkeypatch.delenv("CLEARML_API_HOST", raising=False)
     run, grid = run_inprocess(
         tmp_path,
         [
@@ -38,6 +41,7 @@ def test_poisoned_client_is_rolled_back_and_excluded(tmp_path, pretrained_fleet)
             "faults.kind=random_weights",
             "guard.policy=exclude",
             "guard.exclude_rounds=1",
+            "tracking.enabled=true",  # offline ClearML: what a user sees in the web console
         ],
         clients=3,
     )
@@ -75,6 +79,16 @@ def test_poisoned_client_is_rolled_back_and_excluded(tmp_path, pretrained_fleet)
     assert final["guard"]["rolled_back"] or drop <= 0.1 * best["map50_95"] or drop < 0.04
     assert final["map50_95"] > 0.5 * best["map50_95"]
     assert _digest(run.last) == final["global_sha256"]
+    # ClearML (offline session in the run directory, parsed): every round, each client, the
+    # rollback as an event and as the guard's series; one task, the server's.
+    scalars = offline_scalars(run)
+    assert scalars[("mAP", "mAP50-95")] == {r["round"]: r["map50_95"] for r in rounds}
+    assert scalars[("events", "rollback")] == {3: 1.0}
+    assert scalars[("guard", "rolled back")] == {1: 0.0, 2: 0.0, 3: 1.0, 4: 0.0}
+    assert set(scalars[("client loss", "client 1")]) == {1, 2, 3}  # excluded in round 4
+    assert len(sessions(run)) == 1
+    assert len([p for p in (run.clearml / "offline").iterdir() if p.is_dir()]) == 1
+    assert "fedyolo clearml-import" in run.summary_md.read_text()
 
 
 def test_lower_lr_policy_and_stop_after_consecutive_rollbacks(tmp_path, pretrained_fleet):
