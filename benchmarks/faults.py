@@ -10,9 +10,10 @@
    aggregate and the drift guard alone must catch them (policy ``exclude``).
 
 Counted from each run's ``metrics.jsonl``/``events.jsonl``: a fault is *survived* when its
-round completed with a global model that was not harmed (the reply was dropped, the failure
-recorded, or the harmed aggregate rolled back); *rounds lost* = configured rounds without a
-record; a rollback is *correct* when its round had a weight fault, *false* otherwise.
+round completed and the run went on; how it was handled (dropped before aggregation, rolled
+back, or aggregated) and the round's mAP change are recorded with it; *rounds lost* = configured
+rounds without a record; a rollback is *correct* when its round had a weight fault, *false*
+otherwise. ClearML tracking is off in these runs (it does not touch the federation's path).
 
     .venv/bin/python benchmarks/faults.py
 """
@@ -32,7 +33,12 @@ sys.path.insert(0, str(ROOT))
 from deploy.local import kill_tree  # noqa: E402
 from fl_server.run_dir import read_jsonl  # noqa: E402
 
-FLEET = ["federation.clients=4", "data.partition=iid", "federation.round_timeout=120"]
+FLEET = [
+    "federation.clients=4",
+    "data.partition=iid",
+    "federation.round_timeout=120",
+    "tracking.enabled=false",
+]
 WEIGHT_FAULTS = {"nan", "scaled_weights", "random_weights"}
 
 # (client, round, kind): every kind once, in the run with fedyolo's defaults
@@ -98,7 +104,7 @@ def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
             if rnd in rollbacks
             else "aggregated"
         )
-        harmed = handled == "aggregated" and kind in WEIGHT_FAULTS
+        before = [r for r in records.values() if r["round"] < rnd and not r["guard"]["rolled_back"]]
         per_fault.append(
             {
                 "client": client,
@@ -106,8 +112,9 @@ def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
                 "kind": kind,
                 "handled": handled,
                 "round_completed": rec is not None,
-                "survived": rec is not None and not harmed,
+                "survived": rec is not None,
                 "map50_95": rec["map50_95"] if rec else None,
+                "map50_95_before": before[-1]["map50_95"] if before else None,
             }
         )
     summary = json.loads((run / "summary.json").read_text())
@@ -136,7 +143,17 @@ def main() -> None:
     ap.add_argument("--warmup-epochs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--kill-after", type=int, default=4)
+    ap.add_argument(
+        "--tally-only", action="store_true", help="recount the existing runs' files only"
+    )
     args = ap.parse_args()
+    if args.tally_only:
+        out = json.loads((RESULTS / "faults.json").read_text())
+        runs = {"faults-defaults": DEFAULTS, "faults-guard-only": GUARD_ONLY}
+        for row in out["rows"]:
+            row.update(tally(WORK / "runs" / row["run"], runs[row["run"]], args.rounds))
+        (RESULTS / "faults.json").write_text(json.dumps(out, indent=2) + "\n")
+        return
     os.environ.setdefault("YOLO_OFFLINE", "1")
     out = {
         "benchmark": "faults",
