@@ -367,7 +367,8 @@ class Federation:
                 culprits = []
         best_arrays, best_strategy = self.best
         self.arrays = best_arrays
-        state_mod.restore_strategy(self.strategy, best_strategy)
+        if best_strategy is not None:  # None: a resumed run whose strategy state was not saved
+            state_mod.restore_strategy(self.strategy, best_strategy)
         _replace(self.run.best, self.run.last)  # the global model is the best one again
         changes = self.guard.rolled_back(rnd, culprits)
         reason = (
@@ -421,7 +422,9 @@ class Federation:
             "clients": clients,
             "failures": log.failed if log else 0,
             "weights_sha256": res["weights_sha256"],
-            "global_sha256": record_digest(self.arrays),
+            "global_sha256": (
+                record_digest(self.arrays) if decision.rolled_back else res["weights_sha256"]
+            ),
             "guard": decision.as_dict(),
             "lr0": lr0,  # the clients' learning rate this round (guard.policy=lower_lr)
         }
@@ -482,25 +485,24 @@ class Federation:
     def _save_state(self) -> None:
         from fl_server import state as state_mod
 
-        strategy = self._strategy_state()
-        note = state_mod.picklable(strategy)
         best_w, best_strategy = self.best
-        if note is not None or state_mod.picklable(best_strategy) is not None:
-            LOGGER.warning("the strategy's state cannot be saved for resume: %s", note)
-            strategy, best_strategy = None, None
-        state_mod.save(
-            self.run.state,
-            {
-                "round": self.round,
-                "weights": self.arrays[WEIGHTS_KEY].numpy().reshape(-1),
-                "strategy": strategy,
-                "strategy_note": note and f"not saved ({note}); the strategy restarted fresh",
-                "best": (best_w[WEIGHTS_KEY].numpy().reshape(-1), best_strategy),
-                "guard": self.guard.state_dict(),
-                "drift": self.drift.state_dict() if self.drift is not None else None,
-                "tracker_task": self.tracker.task_id if self.tracker else None,
-            },
-        )
+        state = {
+            "round": self.round,
+            "weights": self.arrays[WEIGHTS_KEY].numpy().reshape(-1),
+            "strategy": vars(state_mod.inner(self.strategy)),  # pickled as it is, not copied
+            "strategy_note": None,
+            "best": (best_w[WEIGHTS_KEY].numpy().reshape(-1), best_strategy),
+            "guard": self.guard.state_dict(),
+            "drift": self.drift.state_dict() if self.drift is not None else None,
+            "tracker_task": self.tracker.task_id if self.tracker else None,
+        }
+        try:
+            state_mod.save(self.run.state, state)
+        except Exception as e:  # noqa: BLE001 - e.g. a plug-in strategy holding a lambda
+            LOGGER.warning("the strategy's state cannot be saved for resume: %s", e)
+            note = f"not saved ({type(e).__name__}: {e}); the strategy restarted fresh"
+            state.update(strategy=None, strategy_note=note, best=(state["best"][0], None))
+            state_mod.save(self.run.state, state)
 
     # -- the end ----------------------------------------------------------------------------------
     def finish(self, status: str) -> None:

@@ -60,12 +60,3 @@ def load(path: Path) -> dict:
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: state format {state.get('format')!r}, expected {FORMAT}")
     return state
-
-
-def picklable(state: dict) -> str | None:
-    """None when ``state`` pickles; else why not (a plug-in strategy may hold a lambda)."""
-    try:
-        pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as e:  # noqa: BLE001 - any reason is reported, not raised
-        return f"{type(e).__name__}: {e}"
-    return None

@@ -59,3 +59,13 @@ def test_resume_can_extend_a_run_but_not_change_its_training(tmp_path):
     resume_inprocess(run, InProcessGrid(2), ["federation.rounds=2"])
     assert [r["round"] for r in run.rounds()] == [1, 2]
     assert json.loads(run.summary.read_text())["status"] == "completed"
+
+
+def test_a_strategy_whose_state_cannot_be_saved_still_resumes(tmp_path):
+    plugin = ["strategy=custom", "strategy._target_=unpicklable_plugin.LambdaFedAvg"]
+    run, _ = run_inprocess(tmp_path, [*plugin, "federation.rounds=1"], clients=2)
+    resume_inprocess(run, InProcessGrid(2), ["federation.rounds=2"])
+    assert [r["round"] for r in run.rounds()] == [1, 2]
+    (resume,) = [e for e in read_jsonl(run.events) if e["kind"] == "resume"]
+    assert resume["strategy_state"].startswith("not saved (")
+    assert "the strategy restarted fresh" in resume["strategy_state"]
