@@ -9,8 +9,8 @@ server-side strategy state included (``fl_server.server_app``). Then the policy:
 * ``rollback``: only roll back;
 * ``lower_lr``: roll back and multiply the clients' ``lr0`` by ``guard.lr_factor`` from now on;
 * ``exclude``: roll back and leave out, for ``guard.exclude_rounds`` rounds, the clients whose
-  updates caused the drop: each reply of the bad round is scored on the held-out set on its own,
-  and a client is a culprit when its model scores far below the others (``culprits``);
+  updates caused the drop, found by leave-one-out (``attribute``): the round's aggregate without
+  client k is scored on the held-out set, and k is a culprit when removing it restores the drop;
 
 and, whatever the policy, the run stops after ``guard.stop_after`` consecutive rollbacks.
 A rejected model is never promoted to ``best.pt``.
@@ -19,6 +19,7 @@ A rejected model is never promoted to ``best.pt``.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,14 +75,16 @@ class Guard:
             ref, ref_round = s.previous_value, s.previous_round
         abs_drop = 0.0 if ref is None else ref - value
         drop = abs_drop / ref if ref else 0.0
-        trigger = (
-            self.enabled
-            and ref is not None
-            and ref > 0
-            and drop > self.max_drop
-            and abs_drop >= self.min_abs_drop
-        )
+        trigger = self.enabled and ref is not None and self.is_drop(value, ref)
         return Decision(self.metric, value, ref, ref_round, drop, abs_drop, bool(trigger))
+
+    def is_drop(self, value: float, reference: float) -> bool:
+        """The user's rule: more than ``max_drop`` below ``reference``, and ``min_abs_drop``."""
+        if reference <= 0:
+            return False
+        return (reference - value) / reference > self.max_drop and (
+            reference - value >= self.min_abs_drop
+        )
 
     def accept(self, server_round: int, metrics: dict) -> bool:
         """Record an accepted round; True when it is the new best."""
@@ -117,30 +120,68 @@ class Guard:
         """Clients left out of ``server_round`` (policy ``exclude``)."""
         return {c for c, until in self.state.excluded.items() if server_round <= until}
 
-    def culprits(self, scores: dict[str, float], reference: float | None) -> list[str]:
-        """Clients whose update, scored alone on the held-out set, is far below the others.
-
-        The yardstick is the round's median score with 3 or more replies, the better score with
-        2, and the reference metric with 1; a culprit falls below it by more than ``max_drop``
-        (relative) and ``min_abs_drop`` (absolute), the guard's own rule.
-        """
-        if not scores:
-            return []
-        values = list(scores.values())
-        if len(values) >= 3:
-            base = statistics.median(values)
-        else:
-            base = max(values) if len(values) == 2 else reference
-        if base is None or base <= 0:
-            return []
-        return sorted(
-            c
-            for c, v in scores.items()
-            if (base - v) / base > self.max_drop and base - v >= self.min_abs_drop
-        )
-
     def state_dict(self) -> dict:
         return asdict(self.state)
 
     def load_state_dict(self, d: dict) -> None:
         self.state = GuardState(**d)
+
+
+@dataclass
+class Attribution:
+    """Who caused a rolled-back round, and the evidence (goes to the ``rollback`` event)."""
+
+    culprits: list[str]
+    # one step per culprit search: client id → the metric of the aggregate without it
+    steps: list[dict[str, float]]
+
+    def as_dict(self) -> dict:
+        return {"method": "leave-one-out", "steps": self.steps}
+
+
+def attribute(
+    clients: Sequence[str],
+    value: float,
+    reference: float,
+    score_without: Callable[[frozenset[str]], float],
+    restored: Callable[[float], bool],
+) -> Attribution:
+    """Leave-one-out culprit search over a rolled-back round's replies.
+
+    What a client did to the aggregate is measured, not its update alone: an honest client's
+    solo model is often weak (early rounds, small shards, many clients), so "scores far below the
+    others alone" cannot tell it from a poisoned one; the aggregate without an honest client is
+    still poisoned, while the aggregate without the poisoned one is restored.
+
+    ``score_without(S)`` is the held-out metric of the round's aggregate of every client not in
+    ``S``; ``value`` that of the full aggregate, ``reference`` what the guard compared it with.
+    Greedy: the client whose removal restores the most is a culprit when its removal alone wins
+    back at least half of the drop, and by at least half of the drop more than removing a typical
+    other client does (a noisy round where every removal helps a little names nobody). The search
+    repeats on the rest until ``restored(metric)`` holds. It never names every client, and a
+    tie for the top names nobody at that step.
+    """
+    remaining = sorted(clients)
+    culprits: list[str] = []
+    steps: list[dict[str, float]] = []
+    current = value
+    while len(remaining) >= 2:
+        drop = reference - current
+        if drop <= 0:
+            break
+        named = frozenset(culprits)
+        without = {k: float(score_without(named | {k})) for k in remaining}
+        steps.append(without)
+        ranked = sorted(remaining, key=lambda k: without[k], reverse=True)
+        top, others = ranked[0], [without[k] for k in ranked[1:]]
+        gain = without[top] - current
+        typical = max(0.0, statistics.median(others) - current)
+        tied = len(ranked) > 1 and without[ranked[1]] == without[top]
+        if tied or gain < 0.5 * drop or gain - typical < 0.5 * drop:
+            break
+        culprits.append(top)
+        remaining.remove(top)
+        current = without[top]
+        if restored(current):
+            break
+    return Attribution(culprits, steps)

@@ -30,6 +30,7 @@ from fl_client.model import (
 )
 from fl_client.train import resolve_device
 from fl_server import config as config_mod
+from fl_server.guard import Attribution, Guard, attribute
 from fl_server.observed_grid import Hygiene, ObservedGrid
 from fl_server.run_dir import METRIC_KEYS, RunDir
 from strategies import build_strategy
@@ -157,7 +158,6 @@ class Federation:
         import json
 
         from fl_client import faults as faults_mod
-        from fl_server.guard import Guard
 
         self.run = run
         self.cfg = cfg = config_mod.load(run.config)
@@ -359,12 +359,10 @@ class Federation:
         from fl_server import state as state_mod
 
         log = self.grid.rounds.get(rnd)
-        culprits, scores = [], {}
+        attribution = None
         if self.guard.policy == "exclude" and log and log.updates:
-            scores = self._score_updates(log.updates, rnd)
-            culprits = self.guard.culprits(scores, decision.reference)
-            if culprits and set(culprits) >= set(scores):  # never leave the round with nobody
-                culprits = []
+            attribution = self._attribute(log, decision, rnd)
+        culprits = attribution.culprits if attribution else []
         best_arrays, best_strategy = self.best
         self.arrays = best_arrays
         if best_strategy is not None:  # None: a resumed run whose strategy state was not saved
@@ -391,19 +389,46 @@ class Federation:
             restored_round=self.guard.state.best_round,
             restored_sha256=record_digest(best_arrays),
             culprits=culprits,
-            client_scores=scores or None,
+            # first search step: each client id → the metric of the aggregate without it
+            client_scores=attribution.steps[0] if attribution and attribution.steps else None,
+            attribution=attribution.as_dict() if attribution else None,
             **changes,
         )
 
-    def _score_updates(self, updates: dict[str, np.ndarray], rnd: int) -> dict[str, float]:
-        """Each client's returned model alone, on the held-out set (who caused the drop)."""
-        scores = {}
+    def _attribute(self, log, decision, rnd: int) -> Attribution:
+        """Leave-one-out over the round's replies (``fl_server.guard.attribute``).
+
+        The aggregate without a client is the example-weighted mean of the others' returned
+        models: FedAvg's rule, used for every strategy as the measure of what a client moved.
+        """
+        weights = {str(e["id"]): max(1, int(e["num_examples"])) for e in log.clients}
+        ids = [k for k in sorted(log.updates) if k in weights]
         path = self.run.work / "client_update.pt"
-        for client, flat in sorted(updates.items()):
-            record = ArrayRecord({WEIGHTS_KEY: Array(flat)})
-            scores[client] = float(self.evaluate(record, path, rnd)[self.guard.metric])
+
+        def score_without(excluded: frozenset[str]) -> float:
+            keep = [k for k in ids if k not in excluded]
+            total = float(sum(weights[k] for k in keep))
+            mean = sum((weights[k] / total) * log.updates[k].astype(np.float64) for k in keep)
+            record = ArrayRecord({WEIGHTS_KEY: Array(np.asarray(mean, dtype=np.float32))})
+            return float(self.evaluate(record, path, rnd)[self.guard.metric])
+
+        t0 = time.perf_counter()
+        found = attribute(
+            ids,
+            decision.value,
+            decision.reference,
+            score_without,
+            restored=lambda v: not self.guard.is_drop(v, decision.reference),
+        )
         path.unlink(missing_ok=True)
-        return scores
+        LOGGER.info(
+            "round %d: leave-one-out over %d replies in %.1f s: culprits %s",
+            rnd,
+            len(ids),
+            time.perf_counter() - t0,
+            found.culprits or "none",
+        )
+        return found
 
     def _record(
         self, rnd: int, res: dict, decision, t_round: float, eval_seconds: float, lr0: float
