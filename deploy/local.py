@@ -237,10 +237,25 @@ def run_local_deployment(
             group.stop()
 
 
+def engine(run, cfg) -> None:
+    """The ``local-deployment`` engine (``fl_server.engines``): this machine's SuperLink and
+    one SuperNode per client, with ``configs/engine/local-deployment.yaml``'s settings."""
+    e = cfg.engine
+    run_local_deployment(
+        run.path,
+        int(cfg.federation.clients),
+        host=str(e.host),
+        port=int(e.port),
+        startup_timeout=float(e.startup_timeout),
+        client_threads=int(e.client_threads),
+    )
+
+
 def _follow(runner: subprocess.Popen, run_dir: Path, before: int) -> None:
     """Wait for ``flwr run`` to end: a ``run_end`` event after the first ``before`` events."""
     import json
 
+    from fl_server.hooks import STOP_STATUSES
     from fl_server.run_dir import read_jsonl
 
     summary = run_dir / "summary.json"
@@ -249,7 +264,7 @@ def _follow(runner: subprocess.Popen, run_dir: Path, before: int) -> None:
             break
         time.sleep(1.0)
     status = json.loads(summary.read_text()).get("status") if summary.exists() else None
-    if status not in ("completed", "stopped"):  # stopped: by the drift guard, by design
+    if status not in ("completed", *STOP_STATUSES):  # stopped/pruned: by design (guard, hooks)
         raise RuntimeError(
             f"deployment run ended with status {status!r}; last lines of "
             f"{run_dir / 'logs' / 'flwr-run.log'}:\n{tail(run_dir / 'logs' / 'flwr-run.log')}"

@@ -14,16 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
-# Flower's telemetry is off unless the user turns it on: robots' fleets don't phone home, and
-# offline every Flower process otherwise waits on the telemetry call at start and exit.
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+import fl_server.api  # noqa: F401 - sets the offline/telemetry environment before any import
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -41,66 +36,35 @@ def _setup_logging(level: str = "INFO") -> None:
 
 
 def cmd_run(overrides: list[str]) -> int:
+    """``fedyolo run``: ``fl_server.run`` plus what a person reads at the end."""
+    from fl_server import api
     from fl_server import config as config_mod
 
     cfg = config_mod.compose(overrides)  # a bad value stops here, before any work
     _setup_logging(str(cfg.log_level))
-    from fl_server.prepare import prepare_run
-    from fl_server.run_dir import RunDir
-
     t0 = time.perf_counter()
-    if cfg.resume is not None:  # the run directory exists; its config gets the allowed changes
-        run = RunDir(Path(str(cfg.resume)))
-        run.config.write_text(config_mod.to_yaml(cfg))
-    else:
-        run = prepare_run(cfg)
-    LOGGER.info(
-        "%s: %s (engine=%s, %d clients, %d rounds)",
-        "resuming" if cfg.resume is not None else "run directory",
-        run.path,
-        cfg.engine.name,
-        cfg.federation.clients,
-        cfg.federation.rounds,
-    )
-    if cfg.engine.name == "simulation":
-        from fl_server.simulation import run_simulation
-
-        run_simulation(run, cfg)
-    else:
-        from deploy.local import run_local_deployment
-
-        e = cfg.engine
-        run_local_deployment(
-            run.path,
-            int(cfg.federation.clients),
-            host=str(e.host),
-            port=int(e.port),
-            startup_timeout=float(e.startup_timeout),
-            client_threads=int(e.client_threads),
-        )
-    if not run.summary.exists():
-        raise RuntimeError(f"the run ended without writing {run.summary}")
-    summary = json.loads(run.summary.read_text())
-    if summary["status"] == "stopped":
+    summary = api.run(cfg)
+    run = summary.run_dir
+    if summary.status == "stopped":
         print(
-            f"fedyolo: run {run.path} was stopped by the drift guard after repeated rollbacks; "
-            f"best.pt holds the best model; see {run.events}",
+            f"fedyolo: run {run} was stopped by the drift guard after repeated rollbacks; "
+            f"best.pt holds the best model; see {run / 'events.jsonl'}",
             file=sys.stderr,
         )
         return 1
-    if summary["status"] != "completed":
+    if summary.status != "completed":
         print(
-            f"fedyolo: run {run.path} ended with status {summary['status']}; see {run.events}",
+            f"fedyolo: run {run} ended with status {summary.status}; see {run / 'events.jsonl'}",
             file=sys.stderr,
         )
         return 1
-    best, final = summary["best"], summary["final"]
+    best, final = summary.best, summary.final
     print(
-        f"\nDone in {time.perf_counter() - t0:.0f} s: {summary['rounds_completed']} rounds.\n"
-        f"  final mAP50-95 {final['map50_95']:.3f} (mAP50 {final['map50']:.3f}) on the "
+        f"\nDone in {time.perf_counter() - t0:.0f} s: {summary.rounds_completed} rounds.\n"
+        f"  final mAP50-95 {final.map50_95:.3f} (mAP50 {final.map50:.3f}) on the "
         f"server's held-out set\n"
-        f"  best  mAP50-95 {best['map50_95']:.3f} at round {best['round']} → {run.best}\n"
-        f"  results: {run.path} (summary.md, metrics.jsonl, metrics.png)"
+        f"  best  mAP50-95 {best.map50_95:.3f} at round {best.round} → {summary.best_checkpoint}\n"
+        f"  results: {run} (summary.md, metrics.jsonl, metrics.png)"
     )
     return 0
 

@@ -64,6 +64,8 @@ def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:
             "start it again instead"
         )
     cfg = load(path / "config.yaml")
+    if "hooks" not in cfg:  # a run directory written before round hooks existed
+        cfg.hooks = []
     for o in overrides:
         key, sep, value = o.partition("=")
         if key == "engine" and sep:  # the group: continue on another engine
@@ -106,6 +108,12 @@ def _schemes() -> tuple[str, ...]:
     from fl_client.transport import SCHEMES  # imported lazily: it pulls in torch
 
     return SCHEMES
+
+
+def _engines() -> list[str]:
+    from fl_server import engines
+
+    return engines.names()
 
 
 def _rule(check: Callable[[Any], bool], expected: str) -> tuple[Callable[[Any], bool], str]:
@@ -155,8 +163,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "data.synth.images": _rule(lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
     "data.synth.imgsz": _rule(lambda v: _is_int(v) and v >= 32, "an integer >= 32"),
-    "engine.name": _rule(
-        lambda v: v in {"simulation", "local-deployment"}, "simulation or local-deployment"
+    "engine.name": _rule(lambda v: v in _engines(), "an engine of fl_server.engines"),
+    "hooks": _rule(
+        lambda v: (
+            v is None or (OmegaConf.is_list(v) and all(isinstance(h, str) and ":" in h for h in v))
+        ),
+        "a list of round hooks by import path, module:attribute",
     ),
     "aggregation.min_replies": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "aggregation.max_examples": _rule(
@@ -201,6 +213,16 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def _check_import(path: str, key: str) -> None:
+    import importlib
+
+    module, _, attr = path.partition(":")
+    try:
+        getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"config: {key}: {path!r} cannot be imported ({e})") from e
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` naming the first key whose value is wrong."""
     for key, (check, expected) in _RULES.items():
@@ -209,6 +231,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config: '{key}' is missing")
         if not check(value):
             raise ConfigError(f"config: {key}={value!r} is invalid; expected {expected}")
+    for hook in cfg.hooks or []:
+        _check_import(str(hook), "hooks")
     if cfg.data.path is not None and not Path(str(cfg.data.path)).expanduser().exists():
         raise ConfigError(f"config: data.path={cfg.data.path!r} does not exist")
     from fl_client.model import ModelConfigError, resolve_model_cfg

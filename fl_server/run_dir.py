@@ -205,3 +205,22 @@ class RunDir:
             lines += ["", extra]
         lines += ["", "![metrics](metrics.png)", ""]
         self.summary_md.write_text("\n".join(lines))
+
+
+class SummaryWriter:
+    """A round hook (``fl_server.hooks``): ``summary.json`` after every round, ``summary.md`` at
+    the end, with the lines other hooks offer (``summary_line``, e.g. the ClearML task)."""
+
+    def __init__(self, run: RunDir, others: list):
+        self.run, self.others = run, others
+
+    def on_round(self, record: dict) -> None:
+        self.run.write_summary(self.run.rounds(), status="running")
+
+    def on_end(self, summary: dict) -> None:
+        lines = [getattr(h, "summary_line", None) for h in self.others]
+        extra = " ".join(x for x in lines if x) or None
+        run = self.run
+        run.write_summary_md(
+            summary, run.rounds(), title=f"fedyolo run {run.path.name}", extra=extra
+        )

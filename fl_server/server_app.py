@@ -30,9 +30,10 @@ from fl_client.model import (
 )
 from fl_client.train import resolve_device
 from fl_server import config as config_mod
+from fl_server import hooks as hooks_mod
 from fl_server.guard import Attribution, Guard, attribute
 from fl_server.observed_grid import Hygiene, ObservedGrid
-from fl_server.run_dir import METRIC_KEYS, RunDir
+from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter
 from strategies import build_strategy
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -194,6 +195,7 @@ class Federation:
         self.faults = faults_mod.parse(cfg.faults, int(cfg.federation.clients))
         self.base_config = round_config(cfg, self.names, run.data)
         self.tracker = None  # fl_server.tracking.Tracker, from start_fresh/start_resumed
+        self.hooks: list = []  # round hooks (fl_server.hooks), with the tracker
         self.round = 0  # last finished round
         self.arrays: ArrayRecord = to_record(self.model)
         self.best: tuple[ArrayRecord, dict] | None = None  # weights and strategy state
@@ -205,12 +207,23 @@ class Federation:
 
         # off when tracking.enabled=false; without tracking when ClearML fails to start
         self.tracker = Tracker.start(self.cfg, self.run, resume_task_id=task_id)
+        self._start_hooks()
 
         def forward(rnd: int, kind: str, details: dict) -> None:
             if kind != "tracker_error":  # the tracker's own trouble is not reported to itself
                 self.tracker.report_event(rnd, kind, details)
 
         self.run.subscribe(forward)
+
+    def _start_hooks(self) -> None:
+        """The loop's round hooks (``fl_server.hooks``), in order: ClearML, the summary
+        writer, the config's ``hooks``, and last the caller of ``fl_server.run`` (if waiting)."""
+        builtin = [self.tracker]
+        self.hooks = [*builtin, SummaryWriter(self.run, builtin)]
+        self.hooks += hooks_mod.load_hooks(list(self.cfg.get("hooks") or []), self.run)
+        bridge = hooks_mod.CallerBridge.if_requested(self.run.path)
+        if bridge is not None:
+            self.hooks.append(bridge)
 
     # -- set-up --------------------------------------------------------------------------------
     def start_fresh(self) -> None:
@@ -321,9 +334,12 @@ class Federation:
                 self._promote(self.run.work / "candidate.pt", best=improved)
                 if improved:
                     self.best = (_copy(candidate), self._strategy_state())
-            self._record(rnd, res, decision, t_round, eval_seconds, float(train_cfg["lr0"]))
+            record = self._record(
+                rnd, res, decision, t_round, eval_seconds, float(train_cfg["lr0"])
+            )
             self.round = rnd
             self._save_state()
+            asked = hooks_mod.call_on_round(self.hooks, record)
             if self.guard.should_stop():
                 reason = (
                     f"{self.guard.state.consecutive} consecutive rollbacks "
@@ -333,6 +349,10 @@ class Federation:
                 LOGGER.warning("stopping the run: %s", reason)
                 self.run.event(rnd, "guard_stop", reason=reason)
                 return "stopped"
+            if asked is not None:
+                LOGGER.info("round %d: a round hook asked to stop (%s)", rnd, asked)
+                self.run.event(rnd, "hook_stop", status=asked)
+                return asked
         return "completed"
 
     def _train_config(self, rnd: int) -> ConfigRecord:
@@ -432,7 +452,7 @@ class Federation:
 
     def _record(
         self, rnd: int, res: dict, decision, t_round: float, eval_seconds: float, lr0: float
-    ) -> None:
+    ) -> dict:
         log = self.grid.rounds.get(rnd)
         clients = log.clients if log else []
         self._score_data_drift(rnd, clients, log.data_stats if log else {})
@@ -460,8 +480,6 @@ class Federation:
                 rnd, "round_failed", reason="no usable client update; the global model is unchanged"
             )
         self.run.add_round(record)
-        self.tracker.report_round(record)
-        self.run.write_summary(self.run.rounds(), status="running")
         self.grid.rounds.pop(rnd, None)  # frees kept updates
         total = int(self.cfg.federation.rounds)
         left = (now - self.t_start) / max(1, rnd - self.first_round + 1) * (total - rnd)
@@ -478,6 +496,7 @@ class Federation:
             record["round_seconds"],
             left,
         )
+        return record
 
     def _score_data_drift(self, rnd: int, clients: list[dict], stats: dict[str, dict]) -> None:
         """Add each client's data-drift score to its entry; record a drift event when high."""
@@ -532,17 +551,18 @@ class Federation:
     # -- the end ----------------------------------------------------------------------------------
     def finish(self, status: str) -> None:
         run = self.run
-        rounds = run.rounds()
-        summary = run.write_summary(rounds, status=status)
+        if not self.hooks:  # the run failed before its hooks started: still write its summary
+            self.hooks = [SummaryWriter(run, [])]
+        summary = run.write_summary(run.rounds(), status=status)
         try:
-            run.write_plot(rounds)
+            run.write_plot(run.rounds())
         except Exception:  # a plot must never hide the run's outcome
             LOGGER.exception("could not write metrics.png")
-        line = self.tracker.finish(summary) if self.tracker else None
-        try:
-            run.write_summary_md(summary, rounds, title=f"fedyolo run {run.path.name}", extra=line)
-        except Exception:
-            LOGGER.exception("could not write summary.md")
+        for hook in self.hooks:
+            try:
+                hooks_mod.call_on_end([hook], summary)
+            except Exception:  # one hook's failure must not cost the others or run_end
+                LOGGER.exception("round hook %s failed at the end of the run", type(hook).__name__)
         run.event(self.round, "run_end", status=status)  # last write: the run is complete
 
 

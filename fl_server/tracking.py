@@ -97,6 +97,14 @@ class Tracker:
         self.run, self.task, self.mode = run, task, mode
         self.round = 0
         self.task_id: str | None = None if task is None else str(task.id)
+        self.summary_line: str | None = None  # for summary.md, once the task is closed
+
+    # -- as a round hook of the server's loop (fl_server.hooks) --------------------------------
+    def on_round(self, record: dict) -> None:
+        self.report_round(record)
+
+    def on_end(self, summary: dict) -> None:
+        self.summary_line = self.finish(summary)
 
     @classmethod
     def start(cls, cfg, run, resume_task_id: str | None = None) -> Tracker:

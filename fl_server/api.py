@@ -1,0 +1,157 @@
+"""The library entry point: one federation from Python, as ``fedyolo run`` does it.
+
+    from fl_server import run
+
+    summary = run(["federation.clients=4", "federation.rounds=5"], callbacks=[my_callback])
+    print(summary.status, summary.best.map50_95, summary.best_checkpoint)
+
+``run`` composes and validates the config (a bad value raises ``ConfigError`` before any work),
+prepares the run directory (or reopens it with ``resume=``), runs the engine named by
+``engine.name`` (``fl_server.engines``) and returns the run's ``summary.json`` as a ``Summary``.
+``callbacks`` are round hooks (``fl_server.hooks``) called in this process after every round,
+in every engine; a callback can stop the run after that round with a status (``pruned``,
+``stopped``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
+# Flower's telemetry is off unless the user turns it on: robots' fleets don't phone home, and
+# offline every Flower process otherwise waits on the telemetry call at start and exit.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+LOGGER = logging.getLogger("fedyolo")
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One round's global model on the server's held-out set."""
+
+    round: int
+    map50: float
+    map50_95: float
+    precision: float
+    recall: float
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> RoundResult | None:
+        if d is None:
+            return None
+        return cls(
+            int(d["round"]),
+            float(d["map50"]),
+            float(d["map50_95"]),
+            float(d["precision"]),
+            float(d["recall"]),
+        )
+
+
+@dataclass(frozen=True)
+class Summary:
+    """``summary.json`` as a typed object, plus the run directory it describes."""
+
+    run_dir: Path
+    status: str  # completed | stopped | pruned | failed | running
+    rounds_completed: int
+    rollbacks: int
+    best: RoundResult | None
+    final: RoundResult | None
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    total_seconds: float
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> Summary:
+        d = json.loads((Path(run_dir) / "summary.json").read_text())
+        return cls(
+            run_dir=Path(run_dir),
+            status=str(d["status"]),
+            rounds_completed=int(d["rounds_completed"]),
+            rollbacks=int(d.get("rollbacks", 0)),
+            best=RoundResult.from_dict(d.get("best")),
+            final=RoundResult.from_dict(d.get("final")),
+            best_checkpoint=Path(d["best_checkpoint"]) if d.get("best_checkpoint") else None,
+            last_checkpoint=Path(d["last_checkpoint"]) if d.get("last_checkpoint") else None,
+            total_seconds=float(d.get("total_seconds", 0.0)),
+            raw=d,
+        )
+
+    @property
+    def ok(self) -> bool:
+        """The run ended as planned: completed, or stopped on purpose (guard, hook)."""
+        from fl_server.hooks import STOP_STATUSES
+
+        return self.status == "completed" or self.status in STOP_STATUSES
+
+
+class _FunctionHook:
+    """A plain function ``f(record) -> status | None`` as a round hook."""
+
+    def __init__(self, f: Callable[[dict], str | None]):
+        self.f = f
+
+    def on_round(self, record: dict) -> str | None:
+        return self.f(record)
+
+
+def run(
+    config: Sequence[str] | Any = (),
+    *,
+    callbacks: Sequence[Any] = (),
+    callback_timeout: float = 600.0,
+) -> Summary:
+    """Run one federation; return its summary.
+
+    ``config``: Hydra overrides (``["federation.clients=4", ...]``) or a config composed with
+    ``fl_server.config.compose``. ``callbacks``: round hooks (objects with ``on_round(record)``
+    and optionally ``on_end(summary)``, or plain functions of the record) run in this process;
+    a hook that does not answer within ``callback_timeout`` seconds is skipped for that round.
+    """
+    from omegaconf import DictConfig
+
+    from fl_server import config as config_mod
+    from fl_server import engines
+    from fl_server.hooks import Watcher, call_on_end
+    from fl_server.prepare import prepare_run
+    from fl_server.run_dir import RunDir
+
+    cfg = config if isinstance(config, DictConfig) else config_mod.compose(list(config))
+    engine = engines.get(str(cfg.engine.name))
+    if cfg.resume is not None:  # the run directory exists; its config gets the allowed changes
+        rd = RunDir(Path(str(cfg.resume)))
+        rd.config.write_text(config_mod.to_yaml(cfg))
+    else:
+        rd = prepare_run(cfg)
+    LOGGER.info(
+        "%s: %s (engine=%s, %d clients, %d rounds)",
+        "resuming" if cfg.resume is not None else "run directory",
+        rd.path,
+        cfg.engine.name,
+        cfg.federation.clients,
+        cfg.federation.rounds,
+    )
+    hooks = [h if hasattr(h, "on_round") else _FunctionHook(h) for h in callbacks]
+    watcher = Watcher(rd.path, hooks, callback_timeout) if hooks else None
+    if watcher is None:
+        engine(rd, cfg)
+    else:
+        with watcher:
+            engine(rd, cfg)
+    if not rd.summary.exists():
+        raise RuntimeError(f"the run ended without writing {rd.summary}")
+    summary = Summary.read(rd.path)
+    if hooks:
+        call_on_end(hooks, summary.raw)
+    if watcher is not None and watcher.error is not None:
+        raise watcher.error
+    return summary
