@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,25 +21,24 @@ def machine() -> str:
     )
 
 
+def run_overrides(name: str, overrides: list[str]) -> list[str]:
+    """The overrides of benchmark run ``benchmarks/work/runs/<name>``."""
+    return [f"name={name}", f"output.dir={WORK / 'runs'}", "output.overwrite=true", *overrides]
+
+
 def fedyolo_cmd(name: str, overrides: list[str]) -> list[str]:
-    """The ``fedyolo run`` command line of run ``benchmarks/work/runs/<name>``."""
-    return [
-        sys.executable,
-        "-m",
-        "fl_server.cli",
-        "run",
-        f"name={name}",
-        f"output.dir={WORK / 'runs'}",
-        "output.overwrite=true",
-        *overrides,
-    ]
+    """The ``fedyolo run`` command line of a benchmark run (for runs a benchmark kills)."""
+    return [sys.executable, "-m", "fl_server.cli", "run", *run_overrides(name, overrides)]
 
 
 def fedyolo_run(name: str, overrides: list[str]) -> Path:
-    """Run the real ``fedyolo run`` into ``benchmarks/work/runs/<name>``; return the run dir."""
-    cmd = fedyolo_cmd(name, overrides)
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "YOLO_OFFLINE": "1"})
-    return WORK / "runs" / name
+    """Run a federation through the library API into ``benchmarks/work/runs/<name>``."""
+    from fl_server import run
+
+    summary = run(run_overrides(name, overrides))
+    if not summary.ok:
+        raise RuntimeError(f"benchmark run {name} ended with status {summary.status}")
+    return summary.run_dir
 
 
 def federation_args(description: str):

@@ -23,15 +23,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from benchmarks_common import RESULTS, ROOT, WORK, fedyolo_cmd, fedyolo_run, machine
 
-sys.path.insert(0, str(ROOT))
-from deploy.local import kill_tree  # noqa: E402
-from fl_server.run_dir import read_jsonl  # noqa: E402
+from deploy.local import kill_tree
+from fl_server import run as fedyolo_api_run
+from fl_server.run_dir import read_jsonl
 
 FLEET = [
     "federation.clients=4",
@@ -69,12 +68,9 @@ def run_killed_and_resumed(name: str, overrides: list[str], kill_after: int) -> 
             raise RuntimeError(f"{name} ended before round {kill_after}")
         time.sleep(0.5)
     kill_tree(proc.pid)
-    subprocess.run(
-        [sys.executable, "-m", "fl_server.cli", "run", f"resume={run}"],
-        cwd=ROOT,
-        check=True,
-        env={**os.environ, "YOLO_OFFLINE": "1"},
-    )
+    summary = fedyolo_api_run([f"resume={run}"])
+    if not summary.ok:
+        raise RuntimeError(f"{name}: the resumed run ended with status {summary.status}")
     return run
 
 

@@ -13,18 +13,14 @@ checkpoint, so only the number of runs with at least one false trigger is report
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks_common import RESULTS, WORK, machine
+from omegaconf import OmegaConf
 
-from benchmarks_common import RESULTS, WORK, machine  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from fl_server.config import compose  # noqa: E402
-from fl_server.guard import Guard  # noqa: E402
-from fl_server.run_dir import read_jsonl  # noqa: E402
+from fl_server.config import compose
+from fl_server.guard import Guard
+from fl_server.run_dir import read_jsonl
 
 SETTINGS = [(0.10, 0.0), (0.10, 0.02), (0.10, 0.03), (0.10, 0.05), (0.10, 0.07), (0.20, 0.05)]
 
