@@ -16,7 +16,7 @@ HTTP exchange each, on every hop of the deployment engine; YOLOv8n has ~300 tens
 turns ~700 transfers per message into ~5. Element-wise strategies (FedAvg, FedProx, FedAdam,
 FedMedian, ...) are unaffected; ``layout()``/``unpack()`` give per-tensor views to those that
 need names. The layout is fixed by the model cfg and class count, which both sides build the
-same way; ``layout_digest()`` lets a client check that before loading.
+same way, and ``unpack()`` refuses a record of another layout.
 """
 
 from __future__ import annotations
@@ -100,13 +100,6 @@ def layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return [(k, tuple(state[k].shape)) for k in exchanged_keys(model)]
 
 
-def layout_digest(model: torch.nn.Module) -> str:
-    """A short fingerprint of ``layout(model)``: equal digests mean compatible records."""
-    import hashlib
-
-    return hashlib.sha256(repr(layout(model)).encode()).hexdigest()[:16]
-
-
 def to_record(model: torch.nn.Module) -> ArrayRecord:
     """Model → ArrayRecord holding one float32 vector of every exchanged tensor."""
     state = model.state_dict()
@@ -159,11 +152,6 @@ def record_digest(record: ArrayRecord) -> str:
         h.update(k.encode())
         h.update(np.ascontiguousarray(record[k].numpy(), dtype=np.float32).tobytes())
     return h.hexdigest()
-
-
-def record_is_finite(record: ArrayRecord) -> bool:
-    """True when every value in the record is finite."""
-    return all(np.isfinite(record[k].numpy()).all() for k in record)
 
 
 def save_checkpoint(model: torch.nn.Module, path: Path, train_args: dict, extra: dict) -> Path:

@@ -28,3 +28,16 @@ def _task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny 64 px shards: two day shards, and the first one's scenes at night."""
+    from fl_client.data import generate
+
+    root = tmp_path_factory.mktemp("stats")
+    return {
+        "day": generate(root / "day", 48, imgsz=64, seed=1, domains=["day"]),
+        "day2": generate(root / "day2", 48, imgsz=64, seed=2, domains=["day"]),
+        "night": generate(root / "night", 48, imgsz=64, seed=1, domains=["night"]),
+    }
