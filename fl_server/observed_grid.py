@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 
 from fl_client.model import WEIGHTS_KEY
 from fl_client.transport import decode
+from fl_server.flower_adapter import wire_bytes
 from fl_server.run_dir import RunDir
 
 LOGGER = logging.getLogger(__name__)
@@ -66,28 +67,6 @@ class Hygiene:
     params_mask: np.ndarray | None = None
     max_update_ratio: float | None = None
     max_norm_x_median: float | None = None
-
-
-def wire_bytes(msg: Message, content_sizes: dict[int, int] | None = None) -> int:
-    """Bytes of a message as Flower serializes it for the wire (protobuf, before gRPC framing).
-
-    ``content_sizes`` caches the serialized size of a content object by ``id``: a strategy sends
-    one shared content to every node, and serializing yolov8n's 12 MB record costs ~0.1 s
-    (measured), so it is sized once per round instead of once per node. The total is exact:
-    protobuf's size of a message field is tag (1 byte) + varint length + the field's size.
-    """
-    from flwr.common.serde import message_to_proto, metadata_to_proto, recorddict_to_proto
-    from flwr.proto.message_pb2 import Message as ProtoMessage
-    from google.protobuf.internal.encoder import _VarintSize
-
-    if content_sizes is None or msg.has_error():
-        return message_to_proto(msg).ByteSize()
-    key = id(msg.content)
-    if key not in content_sizes:
-        content_sizes[key] = recorddict_to_proto(msg.content).ByteSize()
-    size = content_sizes[key]
-    head = ProtoMessage(metadata=metadata_to_proto(msg.metadata)).ByteSize()
-    return head + 1 + _VarintSize(size) + size
 
 
 def client_in_error(reason: str) -> int | None:

@@ -197,6 +197,8 @@ def _init_task(cfg, run, mode: str, resume_task_id: str | None):
     from clearml import Task
     from omegaconf import OmegaConf
 
+    from fl_server.clearml_adapter import use_reporting_thread
+
     current = Task.current_task()
     if current is not None:  # a task left open in this process (tests run many federations)
         current.close()
@@ -205,10 +207,7 @@ def _init_task(cfg, run, mode: str, resume_task_id: str | None):
         # ClearML reads the cache dir at every use: the session goes into the run directory.
         os.environ["CLEARML_CACHE_DIR"] = str(run.clearml)
     Task.set_offline(offline)
-    # ClearML's default on Linux reports through a subprocess whose shutdown costs 5-10 s at
-    # every flush and close (measured here); a reporting thread, its default elsewhere, costs
-    # milliseconds, and the server reports only once per round.
-    Task._report_subprocess_enabled = False
+    use_reporting_thread(Task)
     continue_task = resume_task_id if (resume_task_id and not offline) else False
     name = str(cfg.tracking.task_name or run.path.name)
     if resume_task_id and offline:

@@ -33,7 +33,7 @@ def _names(data_yaml):
     return [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
 
 
-def test_training_starts_from_received_weights(tiny_data, tmp_path):
+def test_training_starts_from_received_weights(tiny_data, tmp_path, monkeypatch):
     names = _names(tiny_data)
     global_model = build_model("fedyolo-tiny.yaml", names)
     with torch.no_grad():  # a global model no yaml would produce
@@ -49,21 +49,17 @@ def test_training_starts_from_received_weights(tiny_data, tmp_path):
         if "w" not in seen:
             seen["w"] = copy.deepcopy(trainer.model.state_dict())
 
-    from fl_client import train as train_mod
+    from fl_client.ultralytics_adapter import local_trainer_class
 
-    cls = train_mod._local_trainer_class()
+    cls = local_trainer_class()
     orig_init = cls.__init__
 
     def init(self, *a, **k):
         orig_init(self, *a, **k)
         self.add_callback("on_train_batch_start", spy)
 
-    cls.__init__ = init
-    train_mod._TRAINER_CLASS = cls
-    try:
-        result = train_round(client, tiny_data, tmp_path, **KW)
-    finally:
-        train_mod._TRAINER_CLASS = None
+    monkeypatch.setattr(cls, "__init__", init)
+    result = train_round(client, tiny_data, tmp_path, **KW)
     ref = global_model.state_dict()
     for k, v in seen["w"].items():
         if v.dtype.is_floating_point:
@@ -85,11 +81,12 @@ def test_no_integration_callbacks_are_registered(tiny_data, tmp_path, monkeypatc
     """Ultralytics' ClearML/TensorBoard/Hub callbacks never register or fire on a client."""
     from ultralytics.utils import callbacks
 
-    from fl_client import train as train_mod
+    from fl_client.train import RoundTiming
+    from fl_client.ultralytics_adapter import lean_ultralytics, local_trainer_class
 
     calls = []
     monkeypatch.setattr(callbacks, "add_integration_callbacks", lambda t: calls.append(t))
-    cls = train_mod._local_trainer_class()
+    cls = local_trainer_class()
     model = build_model("fedyolo-tiny.yaml", _names(tiny_data))
     args = {
         "data": str(tiny_data),
@@ -98,13 +95,13 @@ def test_no_integration_callbacks_are_registered(tiny_data, tmp_path, monkeypatc
         "name": "t",
         "device": "cpu",
     }
-    with train_mod.lean_ultralytics():
-        trainer = cls(model, args, train_mod.RoundTiming())
+    with lean_ultralytics():
+        trainer = cls(model, args, RoundTiming())
     assert calls == []  # the real registration function was not reachable in the round
     modules = {cb.__module__ for cbs in trainer.callbacks.values() for cb in cbs}
     assert not any("integrations" in m or "clearml" in m or "hub" in m for m in modules)
     # ... and outside the round, Ultralytics is as it was.
-    cls(model, args, train_mod.RoundTiming())
+    cls(model, args, RoundTiming())
     assert len(calls) == 1
 
 

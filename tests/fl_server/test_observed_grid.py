@@ -12,7 +12,8 @@ from testkit import StubGrid
 
 from fl_client.model import WEIGHTS_KEY
 from fl_client.transport import TransportSpec, encode
-from fl_server.observed_grid import Hygiene, ObservedGrid, wire_bytes
+from fl_server.flower_adapter import wire_bytes
+from fl_server.observed_grid import Hygiene, ObservedGrid
 from fl_server.run_dir import RunDir, read_jsonl
 
 

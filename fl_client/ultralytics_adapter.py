@@ -1,0 +1,130 @@
+"""Everything fedyolo does to Ultralytics' trainer, and every Ultralytics internal it relies on.
+
+``local_trainer_class()`` is ``DetectionTrainer`` with fedyolo's federated changes (see
+``fl_client.train``); ``lean_ultralytics()`` keeps Ultralytics' integrations out of a client's
+round. Uses of private Ultralytics internals are marked PRIVATE here and nowhere else;
+``tests/fl_client/test_ultralytics_adapter.py`` fails, naming the assumption, when an upgrade
+breaks one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+@functools.cache
+def local_trainer_class() -> type:
+    """Build the trainer subclass lazily, so importing fedyolo does not import Ultralytics."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    class LocalTrainer(DetectionTrainer):
+        def __init__(
+            self,
+            model: torch.nn.Module,
+            overrides: dict[str, Any],
+            timing: Any,  # fl_client.train.RoundTiming
+            prox_mu: float = 0.0,
+        ):
+            super().__init__(overrides=overrides)
+            self.model = model
+            self.timing = timing
+            self.prox_mu = prox_mu
+            self.prox_ref: list[torch.Tensor] | None = None
+            self.add_callback("on_train_start", self._on_train_start)
+            self.add_callback("on_train_epoch_start", self._on_epoch_start)
+            self.add_callback("on_train_epoch_end", self._on_epoch_end)
+            self.add_callback("on_train_batch_start", self._on_batch_start)
+            self.add_callback("on_train_batch_end", self._on_batch_end)
+
+        # --- timing -------------------------------------------------------------------------
+        @staticmethod
+        def _on_train_start(trainer: Any) -> None:
+            trainer.timing.setup = time.perf_counter() - trainer.timing.setup
+            if trainer.prox_mu > 0:  # the global weights, on the training device
+                trainer.prox_ref = [p.detach().clone() for p in trainer.model.parameters()]
+
+        # --- FedProx ------------------------------------------------------------------------
+        def optimizer_step(self) -> None:
+            """Ultralytics' own step, with FedProx's proximal term added to the gradient first.
+
+            The local objective becomes L(w) + µ/2·‖w − w_global‖² (Li et al., 2020). Ultralytics'
+            detection loss is the *sum* over the batch (mean loss × batch size), so the term's
+            gradient is µ·B·(w − w_global): µ keeps its meaning relative to the per-image loss.
+            The gradients are still AMP-scaled here, so the term is scaled the same way
+            (``GradScaler.get_scale()``, 1.0 without AMP); Ultralytics' step then un-scales and
+            clips both together as one gradient. Nothing of Ultralytics' step is copied.
+            """
+            if self.prox_mu > 0 and self.prox_ref is not None:
+                scale = self.prox_mu * self.batch_size * float(self.scaler.get_scale())
+                with torch.no_grad():
+                    for p, ref in zip(self.model.parameters(), self.prox_ref, strict=True):
+                        if p.grad is not None:
+                            p.grad.add_(p.detach() - ref, alpha=scale)
+            super().optimizer_step()
+
+        @staticmethod
+        def _on_epoch_start(trainer: Any) -> None:
+            trainer.timing._t_epoch = time.perf_counter()
+
+        @staticmethod
+        def _on_epoch_end(trainer: Any) -> None:
+            trainer.timing.epochs += time.perf_counter() - trainer.timing._t_epoch
+
+        @staticmethod
+        def _on_batch_start(trainer: Any) -> None:
+            trainer.timing._t_batch = time.perf_counter()
+
+        @staticmethod
+        def _on_batch_end(trainer: Any) -> None:
+            trainer.timing.batches += time.perf_counter() - trainer.timing._t_batch
+            trainer.timing.batch_count += 1
+
+        # --- federated changes --------------------------------------------------------------
+        def validate(self) -> tuple[dict, None]:
+            return self.metrics, None
+
+        def save_model(self) -> bool:
+            return False
+
+        def final_eval(self) -> None:
+            return None
+
+        def plot_training_labels(self) -> None:
+            return None
+
+        def _clear_memory(self, threshold: float | None = None) -> None:
+            # PRIVATE: BaseTrainer._clear_memory(threshold), called around every epoch. On CPU
+            # there is no accelerator memory to free; its gc.collect() costs ~0.4 s per call in
+            # a process holding torch and Flower (tests/fl_client/test_ultralytics_adapter.py).
+            if self.device.type != "cpu":
+                super()._clear_memory(threshold)
+
+    return LocalTrainer
+
+
+@contextlib.contextmanager
+def lean_ultralytics() -> Iterator[None]:
+    """Scope in which Ultralytics' trainer registers no integration callbacks.
+
+    Ultralytics adds its integration callbacks (ClearML, TensorBoard, W&B, Hub, ...) and fires
+    ``on_pretrain_routine_start`` inside ``BaseTrainer.__init__``, before a subclass could remove
+    them; replacing the registration function for the duration of the round is the only way to
+    keep e.g. its ClearML callback from initialising on every client.
+
+    PRIVATE: ``ultralytics.utils.callbacks.add_integration_callbacks``, looked up by
+    ``BaseTrainer.__init__`` at call time. Checked by tests/fl_client/test_ultralytics_adapter.py.
+    """
+    from ultralytics.utils import callbacks
+
+    saved = callbacks.add_integration_callbacks
+    callbacks.add_integration_callbacks = lambda instance: None
+    try:
+        yield
+    finally:
+        callbacks.add_integration_callbacks = saved

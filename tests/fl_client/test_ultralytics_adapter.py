@@ -1,0 +1,67 @@
+"""The Ultralytics internals fedyolo relies on (fl_client/ultralytics_adapter.py) still hold.
+
+Each assertion names the assumption: when an Ultralytics upgrade breaks one, this test says
+which, instead of a client silently training with integrations on or without FedProx.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def test_trainer_init_registers_integrations_through_the_function_we_swap():
+    from ultralytics.engine.trainer import BaseTrainer
+    from ultralytics.utils import callbacks
+
+    assert hasattr(callbacks, "add_integration_callbacks"), (
+        "ultralytics.utils.callbacks.add_integration_callbacks is gone: lean_ultralytics() "
+        "no longer keeps Ultralytics' ClearML/TensorBoard/W&B callbacks off clients"
+    )
+    assert "callbacks.add_integration_callbacks(self)" in inspect.getsource(BaseTrainer.__init__), (
+        "BaseTrainer.__init__ no longer calls callbacks.add_integration_callbacks(self) by "
+        "attribute lookup: swapping it in lean_ultralytics() has no effect"
+    )
+
+
+def test_clear_memory_is_the_per_epoch_hook_we_override():
+    from ultralytics.engine.trainer import BaseTrainer
+
+    assert list(inspect.signature(BaseTrainer._clear_memory).parameters) == ["self", "threshold"], (
+        "BaseTrainer._clear_memory(threshold) changed: LocalTrainer._clear_memory overrides it"
+    )
+
+
+def test_optimizer_step_unscales_the_gradients_it_finds():
+    """FedProx adds its term to the still-scaled gradients before Ultralytics' own step."""
+    from ultralytics.engine.trainer import BaseTrainer
+
+    src = inspect.getsource(BaseTrainer.optimizer_step)
+    assert src.index("unscale_") < src.index("clip_grad_norm_") < src.index(".step("), (
+        "BaseTrainer.optimizer_step no longer un-scales, clips, then steps: the FedProx term "
+        "in LocalTrainer.optimizer_step assumes it does"
+    )
+    assert torch.amp.GradScaler("cpu", enabled=False).get_scale() == 1.0
+
+
+def test_fedprox_term_reaches_the_gradient_through_ultralytics_step():
+    """Two parameters, one step of SGD through the real LocalTrainer.optimizer_step."""
+    from fl_client.train import RoundTiming
+    from fl_client.ultralytics_adapter import local_trainer_class
+
+    cls = local_trainer_class()
+    trainer = cls.__new__(cls)  # only what optimizer_step touches
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -1.0]]))
+    trainer.model, trainer.ema, trainer.timing = model, None, RoundTiming()
+    trainer.prox_mu, trainer.batch_size = 0.5, 4
+    trainer.prox_ref = [torch.zeros_like(model.weight)]
+    trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    trainer.device = torch.device("cpu")
+    model.weight.grad = torch.zeros_like(model.weight)  # the task loss' gradient: zero
+    trainer.optimizer_step()
+    # gradient µ·B·(w − w_ref) = 2·w, step 0.1 → w·0.8
+    torch.testing.assert_close(model.weight.detach(), torch.tensor([[0.8, -0.8]]))
