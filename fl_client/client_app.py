@@ -14,11 +14,14 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from fl_client.wire import NUM_EXAMPLES, PARTITION_ID, ClientFailure, RoundConfig
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
 
@@ -34,7 +37,7 @@ def _client_dp_mod(msg: Message, context: Context, call_next) -> Message:
     from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
     if msg.metadata.message_type == "train" and "config" in msg.content.config_records:
-        kind = str(msg.content["config"].get("dp-clipping", ""))
+        kind = RoundConfig.from_record(msg.content["config"]).dp_clipping
         if kind == "fixed":
             return fixedclipping_mod(msg, context, call_next)
         if kind == "adaptive":
@@ -42,22 +45,17 @@ def _client_dp_mod(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-class ClientError(RuntimeError):
-    """Any failure in a handler, re-raised with the client's partition id and the round.
-
-    Flower sends the reason back to the server as an error reply; the server's events then
-    name the client, not only the node id (``fl_server.observed_grid.client_in_error``).
-    """
-
-
 def _client_error_mod(msg: Message, context: Context, call_next) -> Message:
+    """Any failure in a handler becomes a structured failure reply (``fl_client.wire``): the
+    server's events name the client from a field, not only the node id."""
     try:
         return call_next(msg, context)
     except Exception as e:
-        pid = context.node_config.get("partition-id", "?")
+        pid = int(context.node_config.get("partition-id", -1))
         config = msg.content.config_records.get("config", {})
-        rnd = config.get("server-round", "?") if config else "?"
-        raise ClientError(f"client {pid} (round {rnd}): {type(e).__name__}: {e}") from e
+        rnd = int(config.get("server-round", 0)) if config else 0
+        LOGGER.warning("client %d (round %d) failed: %s: %s", pid, rnd, type(e).__name__, e)
+        return ClientFailure(pid, rnd, f"{type(e).__name__}: {e}").to_reply(msg)
 
 
 app = ClientApp(mods=[_client_error_mod, _client_dp_mod])
@@ -95,7 +93,7 @@ def _quiet_ultralytics(level: str) -> None:
     UL_LOGGER.setLevel(getattr(logging, level, logging.WARNING))
 
 
-def shard_yaml(context: Context, config: ConfigRecord) -> Path:
+def shard_yaml(context: Context, config: RoundConfig) -> Path:
     """The ``data.yaml`` of this client's shard (see module docstring)."""
     node = context.node_config
     if "data-path" in node and str(node["data-path"]):
@@ -103,33 +101,31 @@ def shard_yaml(context: Context, config: ConfigRecord) -> Path:
     else:
         if "partition-id" not in node:
             raise ValueError("node config has neither 'data-path' nor 'partition-id'")
-        path = Path(str(config["data-root"])) / f"client_{int(node['partition-id'])}" / "data.yaml"
+        path = Path(config.data_root) / f"client_{int(node['partition-id'])}" / "data.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"client data: '{path}' does not exist")
     return path
 
 
-def _model_for(config: ConfigRecord, received: ArrayRecord):
+def _model_for(config: RoundConfig, received: ArrayRecord):
     """The process's cached model for this architecture, loaded with the received weights."""
     from fl_client.model import build_model, load_record
 
-    names = list(config["names"])
-    key = (str(config["model-cfg"]), tuple(names))
+    key = (config.model_cfg, config.names)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = build_model(str(config["model-cfg"]), names)
+        _MODEL_CACHE[key] = build_model(config.model_cfg, list(config.names))
     model = _MODEL_CACHE[key]
     load_record(model, received)
     return model
 
 
-def _setup_process(config: ConfigRecord) -> None:
+def _setup_process(config: RoundConfig) -> None:
     import torch
 
-    threads = int(config.get("threads", 0))
-    if threads > 0 and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    _quiet_ultralytics(str(config.get("ultralytics-log-level", "WARNING")))
+    if config.threads > 0 and torch.get_num_threads() != config.threads:
+        torch.set_num_threads(config.threads)
+    _quiet_ultralytics("WARNING")
 
 
 STATE_KEY = "fedyolo"  # this client's own arrays in its Flower context.state
@@ -147,15 +143,14 @@ def _keep_own(context: Context, arrays: dict[str, np.ndarray]) -> None:
     context.state[STATE_KEY] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
-def _keep_local_mask(config: ConfigRecord, model) -> np.ndarray | None:
-    """Mask of the values this client keeps local (config ``keep-local``, e.g. ``bn,head``)."""
+def _keep_local_mask(config: RoundConfig, model) -> np.ndarray | None:
+    """Mask of the values this client keeps local (``keep_local``, e.g. ``bn,head``)."""
     from fl_client.model import local_mask
 
-    parts = [p for p in str(config.get("keep-local", "")).split(",") if p]
-    return local_mask(model, parts) if parts else None
+    return local_mask(model, list(config.keep_local)) if config.keep_local else None
 
 
-def _personalize(model, config: ConfigRecord, context: Context) -> np.ndarray | None:
+def _personalize(model, config: RoundConfig, context: Context) -> np.ndarray | None:
     """Overwrite the parts this client keeps local with its own values from earlier rounds.
 
     FedBN-style (``keep-local=bn``) or partial aggregation (``keep-local=head``): the global
@@ -172,19 +167,6 @@ def _personalize(model, config: ConfigRecord, context: Context) -> np.ndarray | 
     flat[mask] = own
     load_record(model, ArrayRecord({WEIGHTS_KEY: Array(flat)}))
     return mask
-
-
-def transport_spec(config: ConfigRecord):
-    """The round's transport; keys the server did not send keep ``TransportSpec``'s defaults."""
-    from fl_client.transport import TransportSpec
-
-    keys = {
-        "transport": ("scheme", str),
-        "transport-block": ("block", int),
-        "transport-fraction": ("fraction", float),
-        "transport-error-feedback": ("error_feedback", bool),
-    }
-    return TransportSpec(**{f: cast(config[k]) for k, (f, cast) in keys.items() if k in config})
 
 
 def _act_out_before(
@@ -205,19 +187,19 @@ def _act_out_before(
     return data_yaml
 
 
-def _data_stats(data_yaml: Path, config: ConfigRecord, pid: int, server_round: int) -> dict:
+def _data_stats(data_yaml: Path, config: RoundConfig, pid: int, server_round: int) -> dict:
     """This round's statistics of the client's training data (``ds-*`` metrics), or {}.
 
     Cheap by design (a sample of ``drift-sample`` images); a failure here never costs the round.
     """
-    sample = int(config.get("drift-sample", 0))
+    sample = config.drift_sample
     if sample <= 0:
         return {}
     from fl_client.data_stats import shard_stats, to_metrics
 
     try:
         stats = shard_stats(
-            data_yaml, sample=sample, seed=server_round * 7919 + pid, nc=len(config["names"])
+            data_yaml, sample=sample, seed=server_round * 7919 + pid, nc=len(config.names)
         )
         return to_metrics(stats)
     except Exception as e:  # noqa: BLE001 - statistics are optional, training is not
@@ -235,41 +217,32 @@ def train(msg: Message, context: Context) -> Message:
     from fl_client.train import resolve_device, train_round
     from fl_client.transport import encode
 
-    config = msg.content["config"]
+    config = RoundConfig.from_record(msg.content["config"])
     _setup_process(config)
     data_yaml = shard_yaml(context, config)
     pid = int(context.node_config.get("partition-id", 0))
-    server_round = int(config["server-round"])
-    injected = faults.mine(config, pid)
-    train_yaml = _act_out_before(injected, server_round, data_yaml, len(config["names"]), pid)
+    server_round = config.server_round
+    injected = faults.mine(config.faults, pid)
+    train_yaml = _act_out_before(injected, server_round, data_yaml, len(config.names), pid)
     received = msg.content["arrays"][WEIGHTS_KEY].numpy()
     model = _model_for(config, msg.content["arrays"])
     mask = _personalize(model, config, context)
-    seed = int(config["seed"]) + 1000 * server_round + pid
+    seed = config.seed + 1000 * server_round + pid
+    args = {k: v for k, v in asdict(config.train).items() if k != "eval_batch"}
     result = train_round(
         model,
         train_yaml,
         _workdir(),
-        epochs=int(config["epochs"]),
-        imgsz=int(config["imgsz"]),
-        batch=int(config["batch"]),
-        lr0=float(config["lr0"]),
-        optimizer=str(config["optimizer"]),
-        momentum=float(config["momentum"]),
-        weight_decay=float(config["weight-decay"]),
-        mosaic=float(config["mosaic"]),
-        device=resolve_device(str(config["device"])),
-        amp=bool(config["amp"]),
-        workers=int(config["workers"]),
+        **{**args, "device": resolve_device(config.train.device)},
         seed=seed,
-        prox_mu=float(config.get("proximal-mu", 0.0)),
+        prox_mu=config.proximal_mu,
     )
     trained = to_record(model)[WEIGHTS_KEY].numpy()
     for fault in injected:
         trained = faults.corrupt_weights(fault, trained, received, seed)
     own = _own_state(context)
     had_state = bool(own)
-    arrays, residual = encode(trained, received, transport_spec(config), own.get("residual"))
+    arrays, residual = encode(trained, received, config.transport, own.get("residual"))
     own = {"residual": residual} if residual is not None else {}
     if mask is not None:
         own["local"] = trained[mask]
@@ -277,8 +250,8 @@ def train(msg: Message, context: Context) -> Message:
     losses = result.losses
     metrics = MetricRecord(
         {
-            "num-examples": result.num_examples,
-            "partition-id": pid,
+            NUM_EXAMPLES: result.num_examples,
+            PARTITION_ID: pid,
             "loss": float(sum(losses.values())) if losses else float("nan"),
             "loss-box": float(losses.get("box_loss", float("nan"))),
             "loss-cls": float(losses.get("cls_loss", float("nan"))),
@@ -305,18 +278,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fl_client.model import save_checkpoint
     from fl_client.train import resolve_device
 
-    config = msg.content["config"]
+    config = RoundConfig.from_record(msg.content["config"])
     _setup_process(config)
     data_yaml = shard_yaml(context, config)
     model = _model_for(config, msg.content["arrays"])
     _personalize(model, config, context)  # evaluate the model this client actually uses
-    ckpt = save_checkpoint(model, _workdir() / "global.pt", {"imgsz": int(config["imgsz"])}, {})
+    imgsz = config.train.imgsz
+    ckpt = save_checkpoint(model, _workdir() / "global.pt", {"imgsz": imgsz}, {})
     res = evaluate_checkpoint(
         ckpt,
         data_yaml,
-        imgsz=int(config["imgsz"]),
-        batch=int(config["eval-batch"]),
-        device=resolve_device(str(config["device"])),
+        imgsz=imgsz,
+        batch=config.train.eval_batch,
+        device=resolve_device(config.train.device),
         workdir=_workdir(),
     )
     from ultralytics.data.utils import check_det_dataset
@@ -324,8 +298,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     num_val = len(list((Path(check_det_dataset(str(data_yaml))["val"])).glob("*")))
     metrics = MetricRecord(
         {
-            "num-examples": num_val,
-            "partition-id": int(context.node_config.get("partition-id", 0)),
+            NUM_EXAMPLES: num_val,
+            PARTITION_ID: int(context.node_config.get("partition-id", 0)),
             "map50": res["map50"],
             "map50-95": res["map50_95"],
             "precision": res["precision"],

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 KINDS = ("crash", "hang", "nan", "scaled_weights", "random_weights", "corrupt_labels")
-CONFIG_KEY = "faults"  # the round-config key the server sends
 
 
 class InjectedFault(RuntimeError):
@@ -118,9 +117,9 @@ def for_round(faults: list[Fault], server_round: int, round_timeout: float) -> s
     return json.dumps(active) if active else ""
 
 
-def mine(config: Mapping, partition_id: int) -> list[dict]:
-    """The faults this client must act out this round."""
-    raw = str(config.get(CONFIG_KEY, "") or "")
+def mine(round_faults: str, partition_id: int) -> list[dict]:
+    """The faults this client must act out this round (``round_faults``: ``for_round``'s JSON)."""
+    raw = str(round_faults or "")
     return [f for f in json.loads(raw) if int(f["client"]) == partition_id] if raw else []
 
 

@@ -46,12 +46,12 @@ _CODES = {name: i for i, name in enumerate(SCHEMES)}
 
 @dataclass(frozen=True)
 class TransportSpec:
-    """A transport scheme and its parameters."""
+    """A transport scheme and its parameters (their defaults: ``configs/transport/*.yaml``)."""
 
-    scheme: str = "fp32"
-    block: int = 256  # q8/q4: values per quantization block (one float32 scale each)
-    fraction: float = 0.1  # topk: share of values sent (configs/transport/*.yaml use the same)
-    error_feedback: bool = True
+    scheme: str
+    block: int  # q8/q4: values per quantization block (one float32 scale each)
+    fraction: float  # topk: share of values sent
+    error_feedback: bool
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:

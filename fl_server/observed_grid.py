@@ -23,11 +23,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Error, Message
 from flwr.serverapp import Grid
 
 from fl_client.model import WEIGHTS_KEY
 from fl_client.transport import decode
+from fl_client.wire import (
+    DATA_STATS_PREFIX,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    ClientFailure,
+    record_field,
+)
 from fl_server.flower_adapter import wire_bytes
 from fl_server.run_dir import RunDir
 
@@ -67,14 +74,6 @@ class Hygiene:
     params_mask: np.ndarray | None = None
     max_update_ratio: float | None = None
     max_norm_x_median: float | None = None
-
-
-def client_in_error(reason: str) -> int | None:
-    """The partition id in a ClientApp error (``fl_client.client_app.ClientError``), if any."""
-    import re
-
-    m = re.search(r"client (\d+) \(round ", reason or "")
-    return int(m.group(1)) if m else None
 
 
 def _sent_weights(messages: list[Message]) -> dict[int, np.ndarray | None]:
@@ -176,6 +175,7 @@ class ObservedGrid(Grid):
         log.transport_seconds += time.perf_counter() - t0
         # The node a reply answers for: an error the SuperLink makes up for a dead node comes
         # from the SuperLink itself, so go by the message it replies to (ids set on push).
+        sent_msgs = {m.metadata.dst_node_id: m for m in messages}
         dst_by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         dst_by_id.pop("", None)
         kept, good = [], []
@@ -183,18 +183,19 @@ class ObservedGrid(Grid):
         for reply in replies:
             node = dst_by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
+            failure = ClientFailure.from_reply(reply)
+            if failure is not None:  # the ClientApp's structured failure (fl_client.wire)
+                self._node_to_client.setdefault(node, failure.partition_id)
+                reply = Message(Error(code=0, reason=str(failure)), reply_to=sent_msgs[node])
             if reply.has_error():
-                pid = client_in_error(reply.error.reason)
-                if pid is not None:
-                    self._node_to_client.setdefault(node, pid)
                 self._fail(log, rnd, "client_failed", node, reply.error.reason, is_train)
                 kept.append(reply)  # strategies count failures themselves
                 continue
             metrics = next(iter(reply.content.metric_records.values()), {})
-            if "partition-id" in metrics:
-                self._node_to_client[node] = int(metrics["partition-id"])
-            stats = {k: v for k, v in metrics.items() if k.startswith("ds-")}
-            metrics = {k: v for k, v in metrics.items() if not k.startswith("ds-")}
+            if PARTITION_ID in metrics:
+                self._node_to_client[node] = int(metrics[PARTITION_ID])
+            stats = {k: v for k, v in metrics.items() if k.startswith(DATA_STATS_PREFIX)}
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(DATA_STATS_PREFIX)}
             entry = self._client_entry(node, metrics, down.get(node, 0), wire_bytes(reply))
             if stats and is_train:
                 log.data_stats[str(entry["id"])] = stats
@@ -285,19 +286,11 @@ class ObservedGrid(Grid):
         entry = {
             "id": self._client(node),
             "node_id": node,
-            "num_examples": int(m.pop("num-examples", 0)),
+            "num_examples": int(m.pop(NUM_EXAMPLES, 0)),
             "bytes_down": down,
             "bytes_up": up,
         }
-        rename = {
-            "train-seconds": "train_seconds",
-            "setup-seconds": "setup_seconds",
-            "batch-seconds": "batch_seconds",
-            "handler-seconds": "handler_seconds",
-            "startup-seconds": "startup_seconds",
-        }
         for k, v in m.items():
-            if k == "partition-id":
-                continue
-            entry[rename.get(k, k.replace("-", "_"))] = v
+            if k != PARTITION_ID:
+                entry[record_field(k)] = v
         return entry

@@ -29,6 +29,8 @@ from fl_client.model import (
     to_record,
 )
 from fl_client.train import resolve_device
+from fl_client.transport import TransportSpec
+from fl_client.wire import RoundConfig, TrainArgs
 from fl_server import config as config_mod
 from fl_server import hooks as hooks_mod
 from fl_server.guard import Attribution, Guard, attribute
@@ -62,40 +64,23 @@ def server_app_for(run_dir: Path) -> ServerApp:
     return bound
 
 
-def round_config(cfg, names: list[str], data_root: Path) -> ConfigRecord:
-    """What every client receives each round besides the weights."""
+def round_config(cfg, names: list[str], data_root: Path) -> RoundConfig:
+    """What every client receives each round besides the weights (``fl_client.wire``)."""
     from strategies import describe
 
-    t = cfg.train
     strategy = describe(cfg)
     dp = (strategy["dp"] or {}).get("kind", "")
-    return ConfigRecord(
-        {
-            "transport": str(cfg.transport.scheme),
-            "transport-block": int(cfg.transport.block),
-            "transport-fraction": float(cfg.transport.fraction),
-            "transport-error-feedback": bool(cfg.transport.error_feedback),
-            "keep-local": ",".join(strategy["local"]),
-            "dp-clipping": dp.removeprefix("client-") if dp.startswith("client-") else "",
-            "model-cfg": str(cfg.model.cfg),
-            "names": [str(n) for n in names],
-            "data-root": str(data_root),
-            "epochs": int(t.epochs),
-            "imgsz": int(t.imgsz),
-            "batch": int(t.batch),
-            "eval-batch": int(t.eval_batch),
-            "lr0": float(t.lr0),
-            "optimizer": str(t.optimizer),
-            "momentum": float(t.momentum),
-            "weight-decay": float(t.weight_decay),
-            "mosaic": float(t.mosaic),
-            "device": str(t.device),
-            "amp": bool(t.amp),
-            "workers": int(t.workers),
-            "seed": int(cfg.seed),
-            "threads": int(cfg.engine.get("client_cpus", cfg.engine.get("client_threads", 0))),
-            "drift-sample": int(cfg.drift.sample) if bool(cfg.drift.enabled) else 0,
-        }
+    return RoundConfig(
+        train=TrainArgs.from_cfg(cfg.train),
+        transport=TransportSpec(**cfg.transport),
+        model_cfg=str(cfg.model.cfg),
+        names=tuple(str(n) for n in names),
+        data_root=str(data_root),
+        seed=int(cfg.seed),
+        threads=int(cfg.engine.get("client_cpus", cfg.engine.get("client_threads", 0))),
+        drift_sample=int(cfg.drift.sample) if bool(cfg.drift.enabled) else 0,
+        keep_local=tuple(strategy["local"]),
+        dp_clipping=dp.removeprefix("client-") if dp.startswith("client-") else "",
     )
 
 
@@ -358,11 +343,11 @@ class Federation:
     def _train_config(self, rnd: int) -> ConfigRecord:
         from fl_client import faults as faults_mod
 
-        c = ConfigRecord(dict(self.base_config))
-        c["lr0"] = float(self.cfg.train.lr0) * self.guard.state.lr_scale
         timeout = float(self.cfg.federation.round_timeout)
-        c[faults_mod.CONFIG_KEY] = faults_mod.for_round(self.faults, rnd, timeout)
-        return c
+        return self.base_config.with_round(
+            lr0=float(self.cfg.train.lr0) * self.guard.state.lr_scale,
+            faults=faults_mod.for_round(self.faults, rnd, timeout),
+        ).to_record()
 
     def _strategy_state(self) -> dict:
         from fl_server import state as state_mod

@@ -31,10 +31,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_client.model import WEIGHTS_KEY
+from fl_client.wire import NUM_EXAMPLES
 
 LOGGER = logging.getLogger(__name__)
 
-WEIGHT_KEY = "num-examples"
+WEIGHT_KEY = NUM_EXAMPLES  # Flower strategies weight replies by this metric
 
 
 class FedYolo(Strategy):

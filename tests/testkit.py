@@ -39,3 +39,18 @@ class StubGrid(Grid):
 
     def pull_messages(self, message_ids):  # pragma: no cover - not used
         raise NotImplementedError
+
+
+def transport_spec(scheme: str, **over):
+    """A ``TransportSpec`` with ``configs/transport/<scheme>.yaml``'s values, changed by ``over``
+    (an unknown scheme gets fp32's parameters, so ``TransportSpec`` itself refuses it)."""
+    from pathlib import Path
+
+    import yaml
+
+    from fl_client.transport import TransportSpec
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "transport"
+    path = configs / f"{scheme}.yaml"
+    base = yaml.safe_load((path if path.is_file() else configs / "fp32.yaml").read_text())
+    return TransportSpec(**{**base, "scheme": scheme, **over})

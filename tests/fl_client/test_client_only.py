@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.common.serde import message_to_proto
 from inprocess import tiny_config
 
@@ -26,8 +26,7 @@ def test_client_app_trains_without_any_server_role_package(tmp_path):
     cfg = tiny_config(tmp_path, ["federation.rounds=1"], clients=2)
     run = prepare_run(cfg)
     names = json.loads(run.manifest.read_text())["data"]["names"]
-    config = ConfigRecord(dict(round_config(cfg, names, run.data)))
-    config["server-round"] = 1
+    config = round_config(cfg, names, run.data).with_round(server_round=1).to_record()
     content = RecordDict(
         {"arrays": to_record(build_model(str(cfg.model.cfg), names)), "config": config}
     )

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array
+from testkit import transport_spec
 
 from fl_client.model import WEIGHTS_KEY
-from fl_client.transport import SCHEMES, TransportSpec, decode, encode
+from fl_client.transport import SCHEMES, decode, encode
 
 N = 10_007  # not a multiple of the block size: the padded tail must decode too
 
@@ -23,14 +24,14 @@ def _pair(seed=0):
 
 def test_fp32_is_lossless_and_plain_flower_weights():
     received, trained, _ = _pair()
-    record, residual = encode(trained, received, TransportSpec("fp32"), None)
+    record, residual = encode(trained, received, transport_spec("fp32"), None)
     assert list(record.keys()) == [WEIGHTS_KEY] and residual is None
     np.testing.assert_array_equal(decode(record, received), trained)
 
 
 def test_fp16_within_float16_rounding():
     received, trained, delta = _pair()
-    record, _ = encode(trained, received, TransportSpec("fp16", error_feedback=False), None)
+    record, _ = encode(trained, received, transport_spec("fp16", error_feedback=False), None)
     err = np.abs((decode(record, received) - received) - delta)
     # float16 rounding, plus float32 rounding of received + delta (received is ~0.5: ulp 6e-8)
     assert (err <= 2.0**-11 * np.abs(delta) + 2e-7).all()
@@ -40,7 +41,7 @@ def test_fp16_within_float16_rounding():
 @pytest.mark.parametrize("block", [64, 256])
 def test_quantized_within_half_a_step_of_each_block(scheme, levels, block):
     received, trained, delta = _pair()
-    spec = TransportSpec(scheme, block=block, error_feedback=False)
+    spec = transport_spec(scheme, block=block, error_feedback=False)
     record, _ = encode(trained, received, spec, None)
     got = decode(record, received) - received
     pad = np.concatenate([delta, np.zeros((-N) % block, np.float32)]).reshape(-1, block)
@@ -54,7 +55,7 @@ def test_quantized_within_half_a_step_of_each_block(scheme, levels, block):
 
 def test_topk_sends_the_largest_values_and_bounds_the_rest():
     received, trained, delta = _pair()
-    spec = TransportSpec("topk", fraction=0.05, error_feedback=False)
+    spec = transport_spec("topk", fraction=0.05, error_feedback=False)
     record, _ = encode(trained, received, spec, None)
     got = decode(record, received) - received
     sent = got != 0
@@ -68,7 +69,7 @@ def test_topk_sends_the_largest_values_and_bounds_the_rest():
 def test_error_feedback_delivers_the_sum_of_updates(scheme):
     """Over rounds, what arrives sums to what was meant minus only the last residual."""
     rng = np.random.default_rng(3)
-    spec = TransportSpec(scheme, fraction=0.05)
+    spec = transport_spec(scheme, fraction=0.05)
     w = np.zeros(N, np.float32)
     residual, meant, arrived = None, np.zeros(N), np.zeros(N)
     for _ in range(30):
@@ -82,7 +83,7 @@ def test_error_feedback_delivers_the_sum_of_updates(scheme):
     for _ in range(30):
         delta = rng.normal(0, 1e-3, N).astype(np.float32)
         record, _ = encode(
-            w + delta, w, TransportSpec(scheme, fraction=0.05, error_feedback=False), None
+            w + delta, w, transport_spec(scheme, fraction=0.05, error_feedback=False), None
         )
         lost += delta - (decode(record, w) - w)
     assert np.linalg.norm(residual) < 0.5 * np.linalg.norm(lost)
@@ -91,7 +92,7 @@ def test_error_feedback_delivers_the_sum_of_updates(scheme):
 @pytest.mark.parametrize("scheme", [s for s in SCHEMES if s != "fp32"])
 def test_malformed_records_raise_naming_the_problem(scheme):
     received, trained, _ = _pair()
-    record, _ = encode(trained, received, TransportSpec(scheme, fraction=0.1), None)
+    record, _ = encode(trained, received, transport_spec(scheme, fraction=0.1), None)
     with pytest.raises(ValueError, match="model has"):
         decode(record, received[:-1])
     key = next(k for k in record if k not in ("meta", "transport"))
@@ -109,6 +110,6 @@ def test_malformed_records_raise_naming_the_problem(scheme):
 
 def test_spec_rejects_bad_values():
     with pytest.raises(ValueError, match="transport.scheme='zip'"):
-        TransportSpec("zip")
+        transport_spec("zip")
     with pytest.raises(ValueError, match="fraction"):
-        TransportSpec("topk", fraction=0)
+        transport_spec("topk", fraction=0)

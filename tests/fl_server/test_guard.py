@@ -123,7 +123,7 @@ def test_fault_specs_parse_and_reach_only_their_client():
     )
     fs = faults.parse(cfg.faults, 3)
     assert [(f.client, f.kind, f.rounds) for f in fs] == [(1, "nan", (2, 3)), (2, "hang", (3,))]
-    r3 = {"faults": faults.for_round(fs, 3, round_timeout=60)}
+    r3 = faults.for_round(fs, 3, round_timeout=60)
     assert [f["kind"] for f in faults.mine(r3, 1)] == ["nan"]
     assert faults.mine(r3, 2)[0]["hang_seconds"] == 5.0
     assert faults.mine(r3, 0) == []

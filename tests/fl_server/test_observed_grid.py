@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from testkit import StubGrid
+from testkit import StubGrid, transport_spec
 
 from fl_client.model import WEIGHTS_KEY
-from fl_client.transport import TransportSpec, encode
+from fl_client.transport import encode
 from fl_server.flower_adapter import wire_bytes
 from fl_server.observed_grid import Hygiene, ObservedGrid
 from fl_server.run_dir import RunDir, read_jsonl
@@ -154,7 +154,7 @@ def test_compressed_replies_reach_the_strategy_as_decoded_weights(tmp_path, sche
     run = RunDir(tmp_path)
     sent = np.full(N, 0.5, np.float32)
     trained = sent + np.random.default_rng(1).normal(0, 0.01, N).astype(np.float32)
-    spec = TransportSpec(scheme, fraction=0.5)
+    spec = transport_spec(scheme, fraction=0.5)
     record, _ = encode(trained, sent, spec, None)
     grid = ObservedGrid(FakeGrid({7: lambda m: _reply(m, 0, record)}), run)
     (reply,) = _send(grid, [7], value=0.5)
@@ -170,7 +170,7 @@ def test_compressed_replies_reach_the_strategy_as_decoded_weights(tmp_path, sche
 def test_a_malformed_compressed_reply_is_dropped(tmp_path):
     run = RunDir(tmp_path)
     sent = np.full(N, 0.5, np.float32)
-    record, _ = encode(sent + 0.01, sent, TransportSpec("topk", fraction=0.1), None)
+    record, _ = encode(sent + 0.01, sent, transport_spec("topk", fraction=0.1), None)
     idx = record["index"].numpy().copy()
     idx[-1] = N + 5  # an index outside the model
     record["index"] = Array(idx)

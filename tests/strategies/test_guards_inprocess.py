@@ -85,7 +85,7 @@ def test_fedbn_keeps_batchnorm_local_and_the_server_still_has_statistics(tmp_pat
 
 
 def test_personalize_overwrites_exactly_the_local_parts():
-    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.app import Context, RecordDict
 
     from fl_client.client_app import _keep_own, _personalize
     from fl_client.model import to_record
@@ -96,7 +96,7 @@ def test_personalize_overwrites_exactly_the_local_parts():
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     own = np.full(int(masks["head"].sum()), 7.0, np.float32)
     _keep_own(ctx, {"local": own})
-    _personalize(model, ConfigRecord({"keep-local": "head"}), ctx)
+    _personalize(model, _round_config(keep_local=("head",)), ctx)
     now = to_record(model)[WEIGHTS_KEY].numpy()
     assert (now[masks["head"]] == 7.0).all()
     np.testing.assert_array_equal(now[~masks["head"]], g[~masks["head"]])
@@ -118,3 +118,10 @@ def test_a_plugin_strategy_by_import_path_is_used(tmp_path):
     assert DampedFedAvg.calls == [(1, 0.25)]  # built from the config, and it aggregated
     (rnd,) = read_jsonl(run.metrics)
     assert len(rnd["clients"]) == 2
+
+
+def _round_config(**changes):
+    from fl_server.config import compose
+    from fl_server.server_app import round_config
+
+    return round_config(compose([]), ["car"], "/nowhere").with_round(**changes)
