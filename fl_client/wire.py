@@ -12,7 +12,7 @@ A new local-training parameter is one key in ``configs/train/default.yaml`` plus
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -75,7 +75,7 @@ class RoundConfig:
     dp_clipping: str  # '' | fixed | adaptive: Flower's client-side DP clipping mod
     faults: str = ""  # this round's injected faults, JSON (fl_client.faults)
     server_round: int = 0  # set by Flower's strategies
-    proximal_mu: float = field(default=0.0)  # set by Flower's FedProx
+    proximal_mu: float = 0.0  # set by Flower's FedProx
 
     def with_round(self, **changes: Any) -> RoundConfig:
         """A copy with top-level or ``train`` fields changed (e.g. ``lr0`` after a rollback)."""
@@ -92,7 +92,7 @@ class RoundConfig:
             if f.name in ("train", "transport"):
                 continue
             value = getattr(self, f.name)
-            if f.name in ("names",):
+            if f.name == "names":
                 value = list(value)
             elif f.name == "keep_local":
                 value = ",".join(value)
@@ -121,21 +121,25 @@ class RoundConfig:
         for f in fields(cls):
             if f.name in ("train", "transport"):
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
             if f.name == "names":
                 top[f.name] = tuple(str(n) for n in get("names", list))
             elif f.name == "keep_local":
                 top[f.name] = tuple(p for p in str(get("keep-local", str)).split(",") if p)
             else:
-                top[f.name] = get(_key(f.name), f.type, default)
+                top[f.name] = get(_key(f.name), f.type, f.default)
         return cls(train=train, transport=transport, **top)
 
 
 @dataclass(frozen=True)
 class ClientFailure:
-    """A client's handler failed: who, in which round, and why (sent as a normal reply)."""
+    """A client's handler failed: who, in which round, and why (sent as a normal reply).
 
-    partition_id: int
+    ``partition_id`` is None when the client has none (a SuperNode with only ``data-path``) or
+    sent a failure record that does not parse: a malformed reply is still a failure, never an
+    exception in the server's round.
+    """
+
+    partition_id: int | None
     server_round: int
     reason: str
 
@@ -151,10 +155,15 @@ class ClientFailure:
         if reply.has_error() or FAILURE_KEY not in reply.content.config_records:
             return None
         rec = reply.content.config_records[FAILURE_KEY]
-        return cls(int(rec["partition-id"]), int(rec["round"]), str(rec["reason"]))
+        try:
+            pid = int(rec["partition-id"])
+            return cls(pid if pid >= 0 else None, int(rec["round"]), str(rec["reason"]))
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            return cls(None, 0, f"malformed failure reply ({type(e).__name__}: {e})")
 
     def __str__(self) -> str:
-        return f"client {self.partition_id} (round {self.server_round}): {self.reason}"
+        who = "client ?" if self.partition_id is None else f"client {self.partition_id}"
+        return f"{who} (round {self.server_round}): {self.reason}"
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -142,6 +142,8 @@ def run(
     )
     hooks = [h if hasattr(h, "on_round") else _FunctionHook(h) for h in callbacks]
     watcher = Watcher(rd.path, hooks, callback_timeout) if hooks else None
+    if watcher is None:  # a caller killed earlier may have left its marker: nobody waits now
+        Watcher.forget(rd.path)
     if watcher is None:
         engine(rd, cfg)
     else:

@@ -152,6 +152,12 @@ class Watcher:
             p.unlink()  # requests and verdicts of an earlier process (e.g. before a resume)
         _write_atomic(control / "caller.json", {"timeout": timeout, "pid": os.getpid()})
 
+    @staticmethod
+    def forget(run_path: Path) -> None:
+        """Remove a caller marker left by a caller that was killed (its ``__exit__`` never ran),
+        so a later run without callbacks does not wait for verdicts nobody will write."""
+        (run_path / CONTROL / "caller.json").unlink(missing_ok=True)
+
     def __enter__(self) -> Watcher:
         self._thread.start()
         return self
@@ -159,7 +165,7 @@ class Watcher:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        (self.run_path / CONTROL / "caller.json").unlink(missing_ok=True)
+        self.forget(self.run_path)
 
     def _loop(self) -> None:
         control = self.run_path / CONTROL

@@ -185,7 +185,11 @@ class ObservedGrid(Grid):
             answered.add(node)
             failure = ClientFailure.from_reply(reply)
             if failure is not None:  # the ClientApp's structured failure (fl_client.wire)
-                self._node_to_client.setdefault(node, failure.partition_id)
+                if failure.partition_id is not None:
+                    self._node_to_client.setdefault(node, failure.partition_id)
+                if node not in sent_msgs:  # nothing was sent to it: no reply to count
+                    self._fail(log, rnd, "client_failed", node, str(failure), is_train)
+                    continue
                 reply = Message(Error(code=0, reason=str(failure)), reply_to=sent_msgs[node])
             if reply.has_error():
                 self._fail(log, rnd, "client_failed", node, reply.error.reason, is_train)

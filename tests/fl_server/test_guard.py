@@ -106,8 +106,9 @@ def test_leave_one_out_names_nobody_on_noise_and_never_everybody():
     assert found.culprits == [] and found.steps == [noisy]
     # every removal restores the same: ambiguous, nobody
     assert _attribute(g, ["0", "1"], 0.0, 0.3, lambda w: 0.3).culprits == []
-    # the last client standing is never named, however bad
+    # at most n - 1 are named: with client 1 out the search stops, client 0 stays
     assert _attribute(g, ["0", "1"], 0.0, 0.3, lambda w: 0.3 * ("1" in w)).culprits == ["1"]
+    # a single replier is never named, however bad the round
     assert _attribute(g, ["0"], 0.0, 0.3, lambda w: 0.3).culprits == []
 
 

@@ -102,3 +102,13 @@ def test_hooks_stop_a_real_round_loop_and_the_run_directory_is_complete(tmp_path
     assert summary["status"] == "stopped" and summary["rounds_completed"] == 2
     assert [e["kind"] for e in read_jsonl(run.events)][-2:] == ["hook_stop", "run_end"]
     assert run.summary_md.is_file() and run.best.is_file() and run.last.is_file()
+
+
+def test_a_killed_callers_marker_is_forgotten_by_the_next_run(tmp_path):
+    """A caller SIGKILLed mid-run leaves control/caller.json; fl_server.run without callbacks
+    removes it, or the ServerApp would wait callback_timeout for every round."""
+    w = Watcher(tmp_path, [], timeout=5)  # __exit__ never runs: as after a kill
+    assert CallerBridge.if_requested(tmp_path) is not None
+    Watcher.forget(tmp_path)
+    assert CallerBridge.if_requested(tmp_path) is None
+    del w

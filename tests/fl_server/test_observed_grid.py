@@ -187,3 +187,38 @@ def test_wire_bytes_of_shared_content_is_exact():
     for m in msgs:  # node ids of different varint widths: the metadata part differs
         assert wire_bytes(m, sizes) == wire_bytes(m)
     assert len(sizes) == 1  # the shared content was serialized once
+
+
+def test_client_failures_name_the_client_from_a_field_and_bad_ones_never_raise(tmp_path):
+    """A ClientApp's structured failure names its client; a malformed failure record, or one
+    from a node nothing was sent to, is a recorded failure, not an exception in the round."""
+    from fl_client.wire import FAILURE_KEY, ClientFailure
+
+    def structured(msg):
+        return ClientFailure(2, 3, "OSError: disk full").to_reply(msg)
+
+    def malformed(msg):
+        rec = ConfigRecord({"partition-id": float("nan"), "round": 3, "reason": "x"})
+        return Message(RecordDict({FAILURE_KEY: rec}), reply_to=msg)
+
+    def stranger(msg):  # a reply from node 99, which was never sent anything
+        other = Message(content=RecordDict({}), dst_node_id=99, message_type="train")
+        return ClientFailure(7, 3, "hi").to_reply(other)
+
+    run = RunDir(tmp_path)
+    behaviour = {21: structured, 22: malformed, 23: _ok(0)}
+    grid = ObservedGrid(FakeGrid(behaviour), run)
+    replies = _send(grid, list(behaviour))
+    assert sorted(r.metadata.src_node_id for r in replies) == [21, 22, 23]
+    errors = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+    assert errors == {21: "client 2 (round 3): OSError: disk full", 22: errors[22]}
+    assert "malformed failure reply" in errors[22]
+    failed = {e["node_id"]: e for e in read_jsonl(run.events) if e["kind"] == "client_failed"}
+    assert failed[21]["client"] == 2 and failed[22]["client"] == "node-22"
+
+    (tmp_path / "b").mkdir()
+    run2 = RunDir(tmp_path / "b")
+    grid2 = ObservedGrid(FakeGrid({31: stranger}), run2)
+    assert _send(grid2, [31]) == []  # nothing for the strategy, and no exception
+    failed = {e["node_id"]: e["reason"] for e in read_jsonl(run2.events)}
+    assert failed[99] == "client 7 (round 3): hi" and "no reply" in failed[31]
