@@ -20,6 +20,8 @@ from pathlib import Path
 import yaml
 from benchmarks_common import RESULTS, ROOT, WORK, fedyolo_run, machine
 
+from fl_client.data.formats import read_data_yaml
+
 
 def federated(split: str, rounds: int, local: int, extra: list[str]) -> tuple[Path, dict, float]:
     t0 = time.perf_counter()
@@ -41,7 +43,7 @@ def centralized(run: Path, epochs: int) -> tuple[dict, float]:
     cfg = load(run / "config.yaml")
     data = run / "data"
     shards = sorted(str(p / "train" / "images") for p in data.glob("client_*"))
-    names = yaml.safe_load((data / "server_val" / "data.yaml").read_text())["names"]
+    names = read_data_yaml(data / "server_val" / "data.yaml").names
     central = WORK / "central" / run.name
     central.mkdir(parents=True, exist_ok=True)
     data_yaml = central / "data.yaml"

@@ -151,12 +151,15 @@ def run_local_deployment(
     run_dir: Path,
     num_clients: int,
     *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    startup_timeout: float = 120.0,
-    client_threads: int = 1,
+    host: str,
+    port: int,
+    startup_timeout: float,
+    client_threads: int,
 ) -> None:
-    """Run the prepared run directory's federation on a local SuperLink + SuperNodes."""
+    """Run the prepared run directory's federation on a local SuperLink + SuperNodes.
+
+    The settings are ``configs/engine/local-deployment.yaml``'s (their one home); port 0 = free.
+    """
     port = port or free_port(host)
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)

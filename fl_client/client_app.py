@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_client.data.formats import read_data_yaml
 from fl_client.wire import NUM_EXAMPLES, PARTITION_ID, ClientFailure, RoundConfig
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
@@ -104,6 +105,11 @@ def shard_yaml(context: Context, config: RoundConfig) -> Path:
         path = Path(config.data_root) / f"client_{int(node['partition-id'])}" / "data.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"client data: '{path}' does not exist")
+    names = read_data_yaml(path).names
+    if list(config.names) and names != list(config.names):
+        raise ValueError(
+            f"client data: '{path}' has classes {names}, the federation trains {list(config.names)}"
+        )
     return path
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-import yaml
-from ultralytics.data.utils import IMG_FORMATS, img2label_paths
+
+from fl_client.data import labels
+from fl_client.data.formats import label_path_for, read_data_yaml
 
 PREFIX = "ds-"
 HISTOGRAMS: tuple[str, ...] = ("brightness", "contrast", "classes", "box_size")
@@ -38,7 +39,7 @@ def shard_stats(
     bins of sqrt(w*h)); plus the counts ``images`` (read) and ``unreadable`` (images
     that could not be decoded and label lines that could not be parsed, all skipped).
     """
-    images = _split_images(Path(data_yaml), split)
+    images = read_data_yaml(data_yaml).images(split)
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(images), size=min(sample, len(images)), replace=False)
     brightness = np.zeros(BRIGHTNESS_BINS)
@@ -53,7 +54,7 @@ def shard_stats(
         read += 1
         brightness += np.bincount(gray.ravel() >> 4, minlength=BRIGHTNESS_BINS) / gray.size
         stds.append(float(gray.std()))
-        boxes, bad = _read_labels(Path(img2label_paths([str(images[i])])[0]), nc)
+        boxes, bad = _read_labels(label_path_for(images[i]), nc)
         unreadable += bad
         if boxes:
             classes += np.bincount([c for c, _ in boxes], minlength=nc + 1)
@@ -88,25 +89,6 @@ def from_metrics(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
     return stats
 
 
-def _split_images(data_yaml: Path, split: str) -> list[Path]:
-    """Image paths of ``split`` in a data.yaml: a folder, a .txt list, an image, or a list."""
-    config = yaml.safe_load(data_yaml.read_text())
-    root = Path(config.get("path") or data_yaml.parent).expanduser()
-    root = root if root.is_absolute() else data_yaml.parent / root
-    entries = config.get(split) or []
-    images: list[Path] = []
-    for entry in entries if isinstance(entries, list) else [entries]:
-        path = root / str(entry)
-        if path.is_dir():
-            images += (p for p in path.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
-        elif path.suffix == ".txt":  # one image per line, relative to the list's folder
-            lines = filter(None, map(str.strip, path.read_text().splitlines()))
-            images += (path.parent / line for line in lines)
-        else:
-            images.append(path)
-    return sorted(images)
-
-
 def _read_gray(path: Path) -> np.ndarray | None:
     """The image in grayscale, at most ``_MAX_SIDE`` pixels a side; None if unreadable."""
     try:
@@ -124,30 +106,17 @@ def _read_gray(path: Path) -> np.ndarray | None:
 
 def _read_labels(path: Path, nc: int) -> tuple[list[tuple[int, float]], int]:
     """(class, sqrt(w*h)) of every valid line of a YOLO label file, and the bad-line count."""
+    boxes, bad = [], 0
     try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return [], 0  # no label file: a background image
+        for line in labels.read_lines(path):
+            if isinstance(line, labels.LabelLineError) or not line.class_in(nc):
+                bad += 1
+            elif line.w > 0 and line.h > 0:
+                boxes.append((int(line.cls), float(np.sqrt(line.w * line.h))))
+            else:
+                bad += 1
     except (OSError, UnicodeDecodeError):
         return [], 1
-    boxes, bad = [], 0
-    for line in filter(str.strip, lines):
-        try:
-            values = [float(v) for v in line.split()]
-        except ValueError:
-            values = []
-        if len(values) == 5:
-            cls, _, _, w, h = values
-        elif len(values) >= 7 and len(values) % 2:  # a segment polygon: use its box
-            cls, xs, ys = values[0], values[1::2], values[2::2]
-            w, h = max(xs) - min(xs), max(ys) - min(ys)
-        else:
-            bad += 1
-            continue
-        if not (0 <= cls < nc and cls == int(cls) and w > 0 and h > 0):  # NaN fails too
-            bad += 1
-            continue
-        boxes.append((int(cls), float(np.sqrt(w * h))))
     return boxes, bad
 
 

@@ -45,7 +45,7 @@ class Fault:
     client: int
     kind: str
     rounds: tuple[int, ...] | None = None  # None: every round
-    scale: float = 10.0
+    scale: float | None = None  # scaled_weights only; its default is configs' faults.scale
     hang_seconds: float | None = None
 
     def active(self, server_round: int) -> bool:
@@ -82,7 +82,10 @@ def _one(spec: Mapping, where: str, clients: int | None) -> list[Fault]:
     rounds = None if spec.get("round") is None else _ints(spec["round"], f"{where}.round")
     if rounds is not None and any(r < 1 for r in rounds):
         raise ValueError(f"{where}.round={list(rounds)}: rounds start at 1")
-    scale = float(spec.get("scale", 10.0) if spec.get("scale") is not None else 10.0)
+    scale = spec.get("scale")
+    if kind == "scaled_weights" and not isinstance(scale, int | float):
+        raise ValueError(f"{where}.scale={scale!r}: scaled_weights needs a number")
+    scale = None if scale is None else float(scale)
     hang = spec.get("hang_seconds")
     if hang is not None and float(hang) <= 0:
         raise ValueError(f"{where}.hang_seconds={hang!r}: expected a number of seconds > 0")
@@ -152,29 +155,31 @@ def flipped_label_shard(data_yaml: Path, out: Path, nc: int) -> Path:
     ``labels``); the validation split stays the original. Returns the new ``data.yaml``.
     """
     import yaml
-    from ultralytics.data.utils import IMG_FORMATS, img2label_paths
 
-    spec = yaml.safe_load(Path(data_yaml).read_text())
-    root = Path(spec.get("path") or Path(data_yaml).parent)
-    train_dir = root / spec["train"]
-    images = sorted(p for p in train_dir.iterdir() if p.suffix[1:].lower() in IMG_FORMATS)
+    from fl_client.data.formats import label_path_for, read_data_yaml
+    from fl_client.data.labels import LabelLineError, read_lines
+
+    spec = read_data_yaml(data_yaml)
     img_out = out / "images" / "train"
     img_out.mkdir(parents=True, exist_ok=True)
     lbl_out = out / "labels" / "train"
     lbl_out.mkdir(parents=True, exist_ok=True)
-    for img, lbl in zip(images, img2label_paths([str(p) for p in images]), strict=True):
+    for img in spec.images("train"):
         link = img_out / img.name
         if not link.exists():
             os.symlink(img.resolve(), link)
-        lines = []
-        if Path(lbl).exists():
-            for line in Path(lbl).read_text().splitlines():
-                parts = line.split()
-                if parts:
-                    parts[0] = str((int(float(parts[0])) + 1) % nc)
-                    lines.append(" ".join(parts))
+        lines = [
+            line.format(cls=(int(line.cls) + 1) % nc)
+            for line in read_lines(label_path_for(img))
+            if not isinstance(line, LabelLineError)
+        ]
         (lbl_out / f"{img.stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
-    new = {**spec, "path": str(out), "train": "images/train", "val": str(root / spec["val"])}
+    new = {
+        "path": str(out),
+        "train": "images/train",
+        "val": val[0] if len(val := [str(p) for p in spec.resolved("val")]) == 1 else val,
+        "names": spec.names,
+    }
     path = out / "data.yaml"
     path.write_text(yaml.safe_dump(new, sort_keys=False))
     return path

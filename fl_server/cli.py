@@ -91,6 +91,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             alpha=args.alpha,
             seed=args.seed,
             server_val_fraction=args.server_val_fraction,
+            client_val_fraction=args.client_val_fraction,
         )
         manifest = data.write_partition(part, list(ds.names), out)
         m = json.loads(Path(manifest).read_text())
@@ -127,20 +128,28 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     s = dsub.add_parser("synth", help="generate the synthetic driving fleet (YOLO format)")
     s.add_argument("out")
-    s.add_argument("--images", type=int, default=640)
-    s.add_argument("--imgsz", type=int, default=128)
-    s.add_argument("--seed", type=int, default=0)
+    from fl_client.data.partition import METHODS
+    from fl_server import config as config_mod
+
+    defaults = config_mod.compose()  # the data commands' defaults are the run's (configs/)
+    synth = defaults.data.synth
+    s.add_argument("--images", type=int, default=int(synth.images))
+    s.add_argument("--imgsz", type=int, default=int(synth.imgsz))
+    s.add_argument("--seed", type=int, default=int(defaults.seed))
     s.add_argument(
-        "--domains", default="day,dusk,night,fog", help="comma list of day,dusk,night,fog,rain,blur"
+        "--domains",
+        default=",".join(synth.domains),
+        help="comma list of day,dusk,night,fog,rain,blur",
     )
     pa = dsub.add_parser("partition", help="split a dataset into client shards")
     pa.add_argument("data", help="data.yaml, Roboflow export folder or COCO json")
     pa.add_argument("out")
     pa.add_argument("--clients", type=int, required=True)
-    pa.add_argument("--method", default="iid", choices=["iid", "dirichlet", "domain"])
-    pa.add_argument("--alpha", type=float, default=0.5)
-    pa.add_argument("--seed", type=int, default=0)
-    pa.add_argument("--server-val-fraction", type=float, default=0.15)
+    pa.add_argument("--method", default=defaults.data.partition, choices=list(METHODS))
+    pa.add_argument("--alpha", type=float, default=float(defaults.data.alpha))
+    pa.add_argument("--seed", type=int, default=int(defaults.seed))
+    for flag in ("server_val_fraction", "client_val_fraction"):
+        pa.add_argument(f"--{flag.replace('_', '-')}", type=float, default=defaults.data[flag])
     c = dsub.add_parser("check", help="list bad images and labels (exit 3 if any)")
     c.add_argument("path")
     c.add_argument("--report", help="write the report as JSON here")

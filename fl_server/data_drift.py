@@ -48,7 +48,7 @@ def _normalised(hist: Any) -> np.ndarray:
 class DriftMonitor:
     """Scores each client's reported statistics against that client's own reference."""
 
-    def __init__(self, reference_rounds: int = 1, threshold: float = 0.25) -> None:
+    def __init__(self, reference_rounds: int, threshold: float) -> None:
         if reference_rounds < 1:
             raise ValueError(f"reference_rounds must be >= 1, got {reference_rounds}")
         self.reference_rounds = int(reference_rounds)

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -27,6 +26,7 @@ from PIL import Image, ImageFile
 
 from fl_client.data.errors import DataError
 from fl_client.data.formats import Dataset, Sample, is_image, label_path_for
+from fl_client.data.labels import LabelLineError, format_box, numbered_lines, parse_line
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +296,8 @@ def _check_label_text(text: str, nc: int, where: str) -> _LabelResult:
     issues: list[Issue] = []
     seen: set[tuple[float, ...]] = set()
     changed = False
-    for number, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        line_issues, box, text_out = _check_line(raw.split(), nc, where, number)
+    for number, raw in numbered_lines(text):
+        line_issues, box, text_out = _check_line(raw, nc, where, number)
         issues.extend(line_issues)
         if box is not None:
             key = tuple(round(v, 6) for v in box)
@@ -320,7 +318,7 @@ def _check_label_text(text: str, nc: int, where: str) -> _LabelResult:
 
 
 def _check_line(
-    parts: Sequence[str], nc: int, where: str, number: int
+    raw: str, nc: int, where: str, number: int
 ) -> tuple[list[Issue], tuple[float, ...] | None, str]:
     """Check one label line.
 
@@ -332,31 +330,26 @@ def _check_line(
         issues.append(Issue(kind, where, number, detail, "skipped"))
         return issues, None, ""
 
-    values = _floats(parts)
-    if len(parts) != 5:
-        polygon = len(parts) >= 7 and len(parts) % 2 == 1
-        if not polygon:
-            return fail("bad_columns", f"{len(parts)} columns, expected 5 (cls cx cy w h)")
-        if values is None:
-            return fail("bad_value", "non-numeric or non-finite value")
-        values = _polygon_to_box(values)
+    try:
+        line = parse_line(raw)
+    except LabelLineError as exc:
+        return fail(exc.kind, exc.detail)
+    if line.polygon_points:
         issues.append(
             Issue(
                 "bad_columns",
                 where,
                 number,
-                f"segment polygon of {(len(parts) - 1) // 2} points converted to its box",
+                f"segment polygon of {line.polygon_points} points converted to its box",
                 "repaired",
             )
         )
-    if values is None:
-        return fail("bad_value", "non-numeric or non-finite value")
-    cls, cx, cy, w, h = values
-    if cls != int(cls) or not 0 <= cls < nc:
-        return fail("class_out_of_range", f"class {parts[0]} not an integer in 0..{nc - 1}")
+    if not line.class_in(nc):
+        return fail("class_out_of_range", f"class {raw.split()[0]} not an integer in 0..{nc - 1}")
+    cls, (cx, cy, w, h) = int(line.cls), line.box
     if w < _MIN_SIDE or h < _MIN_SIDE:
         return fail("zero_area", f"degenerate box w={w:g} h={h:g}")
-    box = (int(cls), cx, cy, w, h)
+    box = (cls, cx, cy, w, h)
     if not _inside(cx, cy, w, h):
         clipped = _clip(cx, cy, w, h)
         if clipped is None:
@@ -364,22 +357,8 @@ def _check_line(
         issues.append(
             Issue("out_of_bounds", where, number, "box clipped to the image [0, 1]", "repaired")
         )
-        box = (int(cls), *clipped)
-    return issues, box, _format_line(box) if issues else " ".join(parts)
-
-
-def _floats(parts: Sequence[str]) -> list[float] | None:
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        return None
-    return values if all(math.isfinite(v) for v in values) else None
-
-
-def _polygon_to_box(values: list[float]) -> list[float]:
-    xs, ys = values[1::2], values[2::2]
-    x1, x2, y1, y2 = min(xs), max(xs), min(ys), max(ys)
-    return [values[0], (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
+        box = (cls, *clipped)
+    return issues, box, format_box(*box) if issues else " ".join(raw.split())
 
 
 def _inside(cx: float, cy: float, w: float, h: float) -> bool:
@@ -394,11 +373,6 @@ def _clip(cx: float, cy: float, w: float, h: float) -> tuple[float, float, float
     if x2 - x1 < _MIN_SIDE or y2 - y1 < _MIN_SIDE:
         return None
     return (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
-
-
-def _format_line(box: tuple[float, ...]) -> str:
-    cls, cx, cy, w, h = box
-    return f"{int(cls)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}"
 
 
 # ---------------------------------------------------------------------------- orphans

@@ -100,12 +100,60 @@ def is_image(path: Path) -> bool:
 # ------------------------------------------------------------------- Ultralytics yaml
 
 
-def _load_yaml_dataset(yaml_path: Path) -> Dataset:
-    """Ultralytics data.yaml, including Roboflow exports with their ``../train/images`` quirk."""
-    yaml_path = yaml_path.absolute()
+@dataclass(frozen=True)
+class DataYaml:
+    """An Ultralytics ``data.yaml`` as read once: class names, root and split entries.
+
+    The one reader of a ``data.yaml`` for the dataset loader, the client's drift
+    statistics and fault injection. ``entries`` holds each split's entry as written
+    (Roboflow's ``train/ valid/ test/`` folders when the yaml names none).
+    """
+
+    path: Path
+    names: list[str]
+    root: Path
+    entries: dict[str, Any]
+
+    def resolved(self, split: str) -> list[Path]:
+        """The folders, list files or images a split entry names (DataError if missing)."""
+        return [path for _, path in self._resolved(split)]
+
+    def images(self, split: str) -> list[Path]:
+        """Every image path of ``split`` (empty when the yaml has no such split)."""
+        images: list[Path] = []
+        for item, path in self._resolved(split):
+            if path.is_dir():
+                images += sorted(p for p in path.rglob("*") if is_image(p) and p.is_file())
+            elif path.suffix.lower() == ".txt":
+                images += _images_from_list(path, self.root)
+            elif is_image(path):
+                images.append(path)
+            else:
+                raise DataError(
+                    f"dataset {self.path}: {split} entry {item!r} "
+                    "is neither a folder, a .txt list nor an image"
+                )
+        return images
+
+    def _resolved(self, split: str) -> Iterator[tuple[str, Path]]:
+        entry = self.entries.get(split)
+        for item in (entry if isinstance(entry, list) else [entry]) if entry else []:
+            resolved = _resolve_entry(str(item), self.root, self.path.parent)
+            if resolved is not None:
+                yield str(item), resolved
+            elif split == "test":
+                log.warning("dataset %s: test entry %s not found; skipping it", self.path, item)
+            else:
+                raise DataError(
+                    f"dataset {self.path}: {split} entry {item!r} not found "
+                    f"(looked under {self.root})"
+                )
+
+
+def read_data_yaml(yaml_path: Path | str) -> DataYaml:
+    """Read a ``data.yaml`` (Roboflow exports included); DataError names what is wrong."""
+    yaml_path = Path(yaml_path).expanduser().absolute()
     config = _read_yaml(yaml_path)
-    names = _parse_names(config, yaml_path)
-    root = _yaml_root(config, yaml_path)
     entries = {split: config.get(split) for split in SPLITS if config.get(split)}
     if not entries:
         entries = _discover_split_folders(yaml_path.parent)
@@ -113,18 +161,26 @@ def _load_yaml_dataset(yaml_path: Path) -> Dataset:
         raise DataError(
             f"dataset {yaml_path}: no train/val/test entries and no train/ valid/ test/ folders"
         )
+    return DataYaml(
+        yaml_path, _parse_names(config, yaml_path), _yaml_root(config, yaml_path), entries
+    )
+
+
+def _load_yaml_dataset(yaml_path: Path) -> Dataset:
+    """Ultralytics data.yaml, including Roboflow exports with their ``../train/images`` quirk."""
+    spec = read_data_yaml(yaml_path)
     samples: list[Sample] = []
     seen: set[Path] = set()
     meta = _MetaIndex()
-    for split, entry in entries.items():
-        for image in _split_images(split, entry, root, yaml_path):
+    for split in spec.entries:
+        for image in spec.images(split):
             key = image.resolve()
             if key in seen:  # train and val often point at the same images
                 continue
             seen.add(key)
             samples.append(_make_sample(image, split, meta))
-    log.info("loaded %d images (%d classes) from %s", len(samples), len(names), yaml_path)
-    return Dataset(names=names, samples=samples, root=root)
+    log.info("loaded %d images (%d classes) from %s", len(samples), len(spec.names), spec.path)
+    return Dataset(names=spec.names, samples=samples, root=spec.root)
 
 
 def _read_yaml(yaml_path: Path) -> dict[str, Any]:
@@ -177,31 +233,6 @@ def _discover_split_folders(folder: Path) -> dict[str, str]:
         if split not in found and (folder / dirname / "images").is_dir():
             found[split] = f"{dirname}/images"
     return found
-
-
-def _split_images(split: str, entry: Any, root: Path, yaml_path: Path) -> Iterator[Path]:
-    """All image paths of one split entry: a dir, a .txt list, or a list of those."""
-    items = entry if isinstance(entry, list) else [entry]
-    for item in items:
-        resolved = _resolve_entry(str(item), root, yaml_path.parent)
-        if resolved is None:
-            if split == "test":
-                log.warning("dataset %s: test entry %s not found; skipping it", yaml_path, item)
-                continue
-            raise DataError(
-                f"dataset {yaml_path}: {split} entry {item!r} not found (looked under {root})"
-            )
-        if resolved.is_dir():
-            yield from sorted(p for p in resolved.rglob("*") if is_image(p) and p.is_file())
-        elif resolved.suffix.lower() == ".txt":
-            yield from _images_from_list(resolved, root)
-        elif is_image(resolved):
-            yield resolved
-        else:
-            raise DataError(
-                f"dataset {yaml_path}: {split} entry {item!r} "
-                "is neither a folder, a .txt list nor an image"
-            )
 
 
 def _resolve_entry(entry: str, root: Path, yaml_dir: Path) -> Path | None:

@@ -32,6 +32,7 @@ import yaml
 
 from fl_client.data.errors import DataError
 from fl_client.data.formats import Sample
+from fl_client.data.labels import LabelLineError, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,18 @@ class Partition:
 def partition(
     samples: Sequence[Sample],
     num_clients: int,
-    method: str = "iid",
-    alpha: float = 0.5,
-    seed: int = 0,
-    server_val_fraction: float = 0.15,
-    client_val_fraction: float = 0.1,
+    method: str,
+    *,
+    alpha: float,
+    seed: int,
+    server_val_fraction: float,
+    client_val_fraction: float,
     domain_key: str = "domain",
 ) -> Partition:
     """Split ``samples`` into ``num_clients`` shards and a server-only validation set.
+
+    The knobs are the ``data`` config group's (``configs/data/default.yaml`` holds their
+    defaults; ``fedyolo data partition`` reads them from there too).
 
     The server set is carved first, stratified by ``attrs[domain_key]`` so every domain
     is represented; the rest is split by ``method``. Each client keeps
@@ -316,17 +321,9 @@ def label_classes(label: Path | None) -> list[int]:
     if label is None:
         return []
     try:
-        text = label.read_text()
+        return [int(x.cls) for x in read_lines(label) if not isinstance(x, LabelLineError)]
     except (OSError, UnicodeDecodeError):
         return []
-    classes = []
-    for line in text.splitlines():
-        head = line.split(maxsplit=1)
-        try:
-            classes.append(int(float(head[0])))
-        except (IndexError, ValueError):
-            continue
-    return classes
 
 
 def dominant_class(label: Path | None) -> int:

@@ -29,7 +29,7 @@ def test_js_distance_bounds_and_empty_histograms():
 
 
 def test_same_domain_resample_stays_below_threshold(shards):
-    monitor = DriftMonitor()
+    monitor = DriftMonitor(reference_rounds=1, threshold=0.25)
     first = monitor.score("0", 1, _stats(shards["day"], seed=1))
     assert first["reference"] and first["drift_score"] == 0.0 and not first["drifted"]
     for rnd in (2, 3, 4):
@@ -39,10 +39,10 @@ def test_same_domain_resample_stays_below_threshold(shards):
 
 
 def test_day_to_night_flags_that_client_only_and_survives_resume(shards):
-    monitor = DriftMonitor()
+    monitor = DriftMonitor(reference_rounds=1, threshold=0.25)
     monitor.score("0", 1, _stats(shards["day"], seed=1))
     monitor.score("1", 1, _stats(shards["day2"], seed=1))
-    resumed = DriftMonitor()
+    resumed = DriftMonitor(reference_rounds=1, threshold=0.25)
     resumed.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
 
     night = _stats(shards["night"], seed=2)
@@ -61,7 +61,7 @@ def test_day_to_night_flags_that_client_only_and_survives_resume(shards):
 def test_reference_averages_the_first_rounds_once_each():
     hist = {"brightness": [1.0, 0.0], "contrast": [1.0], "classes": [1.0], "box_size": [1.0]}
     other = {**hist, "brightness": [0.0, 1.0]}
-    monitor = DriftMonitor(reference_rounds=2)
+    monitor = DriftMonitor(reference_rounds=2, threshold=0.25)
     assert monitor.score(3, 1, hist)["reference"]
     assert monitor.score(3, 1, other)["reference"]  # round 1 again: not counted twice
     assert monitor.score(3, 2, other)["reference"]  # reference: (1, 0) and (0, 1) averaged

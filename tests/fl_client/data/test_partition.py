@@ -19,10 +19,21 @@ from fl_client.data import (
     Dataset,
     Sample,
     load_dataset,
-    partition,
     write_partition,
 )
+from fl_client.data import partition as partition_with
 from fl_client.data.partition import Partition, label_classes
+from fl_server.config import CONFIG_DIR
+
+DATA = yaml.safe_load((CONFIG_DIR / "data" / "default.yaml").read_text())
+
+
+def partition(samples, num_clients: int, method: str | None = None, **knobs) -> Partition:
+    """``partition`` with the run's defaults (``configs/data``) for the knobs a test leaves out."""
+    defaults = {k: DATA[k] for k in ("alpha", "server_val_fraction", "client_val_fraction")}
+    return partition_with(
+        samples, num_clients, method or DATA["partition"], **{"seed": 0, **defaults, **knobs}
+    )
 
 
 def _ids(samples: list[Sample]) -> set[str]:
