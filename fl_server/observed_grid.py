@@ -11,7 +11,8 @@ per-client bookkeeping and the same update hygiene:
   global model that client was sent, so strategies always see plain weights;
 * replies dropped before aggregation, with the reason in ``events.jsonl``: wrong keys, dtypes or
   sizes, non-finite values (a NaN update must never reach the global model), or an update whose
-  norm is not sane (see ``Hygiene``).
+  norm is not sane (``aggregation.max_update_ratio``, ``max_norm_x_median``). Stage 1 of
+  ``strategies.guarded``'s story of a bad update.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fl_client.wire import (
 )
 from fl_server.flower_adapter import wire_bytes
 from fl_server.run_dir import RunDir
+from strategies.guarded import AggregationPolicy
 
 LOGGER = logging.getLogger(__name__)
 
@@ -57,23 +59,6 @@ class RoundLog:
     updates: dict[str, np.ndarray] = field(default_factory=dict)
     # client id → the data statistics its train reply carried (``ds-*`` metrics)
     data_stats: dict[str, dict] = field(default_factory=dict)
-
-
-@dataclass
-class Hygiene:
-    """When a client's update is not sane (``aggregation.*`` in config).
-
-    The update is Δ = returned − sent over the trained parameters (BatchNorm running statistics
-    excluded: they legitimately move a lot on a client whose data differs).
-
-    * ``max_update_ratio``: drop a reply with ‖Δ‖ > ratio × ‖sent‖ (scaled or random weights);
-    * ``max_norm_x_median``: with 3 or more replies, drop one whose ‖Δ‖ exceeds this multiple of
-      the round's median ‖Δ‖ (one client far off the others).
-    """
-
-    params_mask: np.ndarray | None = None
-    max_update_ratio: float | None = None
-    max_norm_x_median: float | None = None
 
 
 def _sent_weights(messages: list[Message]) -> dict[int, np.ndarray | None]:
@@ -101,17 +86,20 @@ class ObservedGrid(Grid):
         self,
         grid: Grid,
         run_dir: RunDir,
-        hygiene: Hygiene | None = None,
-        min_nodes: int = 1,
+        policy: AggregationPolicy | None = None,
+        params_mask: np.ndarray | None = None,
         starve_timeout: float | None = None,
     ):
         self._grid = grid
         # Flower's sampling waits for nodes forever; with fewer than ``min_nodes`` connected
         # for ``starve_timeout`` seconds the run ends instead, with a reason (and can resume).
-        self.min_nodes, self.starve_timeout = min_nodes, starve_timeout
+        self.policy = policy or AggregationPolicy()
+        self.min_nodes, self.starve_timeout = self.policy.min_replies, starve_timeout
+        # the update norm is over trained parameters: BatchNorm running statistics legitimately
+        # move a lot on a client whose data differs
+        self.params_mask = params_mask
         self._starving_since: float | None = None
         self._run = run_dir
-        self.hygiene = hygiene or Hygiene()
         self._node_to_client: dict[int, int] = {}
         self.rounds: dict[int, RoundLog] = {}
         self.excluded: set[str] = set()  # client ids left out of sampling (drift guard policy)
@@ -241,8 +229,8 @@ class ObservedGrid(Grid):
             return None
         weights = decode(record, sent)
         reply.content[key] = ArrayRecord({WEIGHTS_KEY: Array(weights)})
-        h = self.hygiene
-        mask = h.params_mask if h.params_mask is not None else slice(None)
+        h = self.policy
+        mask = self.params_mask if self.params_mask is not None else slice(None)
         norm = float(np.linalg.norm((weights - sent)[mask]))
         ref = float(np.linalg.norm(sent[mask]))
         if h.max_update_ratio is not None and norm > h.max_update_ratio * ref:
@@ -254,7 +242,7 @@ class ObservedGrid(Grid):
 
     def _outliers(self, good: list, log: RoundLog, rnd: int) -> list:
         """Drop replies whose update norm is far above the round's median (3+ replies)."""
-        k = self.hygiene.max_norm_x_median
+        k = self.policy.max_norm_x_median
         norms = [e.get("update_norm") for _, e in good]
         if k is None or len(good) < 3 or any(n is None for n in norms):
             return good

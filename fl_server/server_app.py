@@ -34,7 +34,7 @@ from fl_client.wire import RoundConfig, TrainArgs
 from fl_server import config as config_mod
 from fl_server import hooks as hooks_mod
 from fl_server.guard import Attribution, Guard, attribute
-from fl_server.observed_grid import Hygiene, ObservedGrid
+from fl_server.observed_grid import ObservedGrid
 from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter
 from strategies import build_strategy
 
@@ -155,17 +155,11 @@ class Federation:
         self.model = build_model(str(cfg.model.cfg), self.names)
         masks = part_masks(self.model)
         self.strategy = build_strategy(cfg, run_dir=run, masks=masks)
-        agg = cfg.aggregation
-        hygiene = Hygiene(
-            params_mask=masks["params"],
-            max_update_ratio=agg.max_update_ratio,
-            max_norm_x_median=agg.max_norm_x_median,
-        )
         self.grid = ObservedGrid(
             grid,
             run,
-            hygiene,
-            min_nodes=int(agg.min_replies),
+            self.strategy.policy,
+            params_mask=masks["params"],
             starve_timeout=float(cfg.federation.round_timeout),
         )
         self.evaluate = Evaluator(run, cfg, self.model, run.data / "server_val" / "data.yaml")

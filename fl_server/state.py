@@ -27,7 +27,7 @@ FORMAT = 1
 
 
 def inner(strategy: Any) -> Any:
-    """The configured strategy inside fedyolo's ``FedYolo`` wrapper."""
+    """The configured strategy inside fedyolo's ``GuardedStrategy`` wrapper."""
     return getattr(strategy, "inner", strategy)
 
 

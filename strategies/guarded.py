@@ -1,28 +1,40 @@
-"""``FedYolo``: what every strategy of a fedyolo run gets, whichever strategy it is.
+"""What happens to a bad update, in one place: the checks every strategy gets.
 
-It wraps the configured strategy (Flower's, a DP wrapper, or a user's) and adds, in
-``aggregate_train``:
+A client's reply passes three stages, each owning one kind of harm; all their limits come
+from the config group ``aggregation`` (read once, into :class:`AggregationPolicy`) and from
+``guard``:
 
-* **a minimum of good replies** (``aggregation.min_replies``): below it the round fails, the
-  reason goes to ``events.jsonl`` and the global model stays as it was. Replies the server's grid
-  already dropped (NaN, wrong shape, insane norm; see ``fl_server.observed_grid``) do not count.
-  An error inside the strategy's own aggregation (e.g. Krum with too few replies left) fails the
-  round the same way instead of ending the run.
-* **example weights that cannot be gamed**: a client's claimed ``num-examples`` is capped at
-  ``aggregation.max_examples`` and, with 3 or more replies, at ``aggregation.clip_x_median`` ×
-  the round's median claim. Each cap is recorded (``weight_capped`` event).
-* **BatchNorm statistics done right** (``bn_stats_mask``): for strategies that transform the
-  mean update (server optimizers, DP noise), BatchNorm running means and variances are replaced
-  by their example-weighted mean over the replies. An optimizer step or Gaussian noise applied to
-  a running variance can drive it negative (a NaN model); statistics are estimates to average,
-  not parameters to optimize. ``num_batches_tracked`` is never exchanged at all
-  (``fl_client.model``).
+1. **Decoding and per-reply checks** (``fl_server.observed_grid``): the reply's transport is
+   decoded against the model that client was sent; wrong keys, dtypes or sizes, non-finite
+   values, malformed metrics and an update norm above ``max_update_ratio`` × the global model's
+   (or ``max_norm_x_median`` × the round's median) drop the reply (``update_rejected`` /
+   ``client_failed`` event). A dropped reply never reaches a strategy.
+2. **Aggregation** (:class:`GuardedStrategy`, this module), around the configured strategy
+   (Flower's, a DP wrapper, or a user's):
+
+   * *a minimum of good replies* (``min_replies``): below it the round fails, the reason goes
+     to ``events.jsonl`` and the global model stays as it was. An error inside the strategy's
+     own aggregation (e.g. Krum with too few replies left) fails the round the same way
+     instead of ending the run.
+   * *example weights that cannot be gamed*: a client's claimed ``num-examples`` is capped at
+     ``max_examples`` and, with 3 or more replies, at ``clip_x_median`` × the round's median
+     claim. Each cap is recorded (``weight_capped`` event).
+   * *BatchNorm statistics done right* (``bn_stats_mask``): for strategies that transform the
+     mean update (server optimizers, DP noise), BatchNorm running means and variances are
+     replaced by their example-weighted mean over the replies. An optimizer step or Gaussian
+     noise applied to a running variance can drive it negative (a NaN model); statistics are
+     estimates to average, not parameters to optimize. ``num_batches_tracked`` is never
+     exchanged at all (``fl_client.model``).
+3. **The held-out guard** (``fl_server.guard``): the aggregate is evaluated on the server's
+   held-out set; a drop of more than ``guard.max_drop`` rolls the round back and names the
+   clients whose removal restores the model (leave-one-out attribution).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,23 +50,49 @@ LOGGER = logging.getLogger(__name__)
 WEIGHT_KEY = NUM_EXAMPLES  # Flower strategies weight replies by this metric
 
 
-class FedYolo(Strategy):
-    """Delegates to ``inner``; guards its aggregation (see module docstring)."""
+@dataclass(frozen=True)
+class AggregationPolicy:
+    """The config group ``aggregation``, read once; stages 1 and 2 take their limits from it.
+
+    Its defaults live in ``configs/config.yaml`` and its validation in ``fl_server.config``.
+    """
+
+    min_replies: int = 1
+    max_examples: int | None = None
+    clip_x_median: float | None = None
+    max_update_ratio: float | None = None
+    max_norm_x_median: float | None = None
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> AggregationPolicy:
+        """From a run config (its ``aggregation`` group)."""
+        agg = cfg.aggregation
+
+        def opt(value: Any, kind: type) -> Any:
+            return None if value is None else kind(value)
+
+        return cls(
+            min_replies=max(1, int(agg.min_replies)),
+            max_examples=opt(agg.max_examples, int),
+            clip_x_median=opt(agg.clip_x_median, float),
+            max_update_ratio=opt(agg.max_update_ratio, float),
+            max_norm_x_median=opt(agg.max_norm_x_median, float),
+        )
+
+
+class GuardedStrategy(Strategy):
+    """Delegates to ``inner``; guards its aggregation (stage 2 of the module docstring)."""
 
     def __init__(
         self,
         inner: Strategy,
+        policy: AggregationPolicy | None = None,
         *,
-        min_replies: int = 1,
-        max_examples: int | None = None,
-        clip_x_median: float | None = None,
         bn_stats_mask: np.ndarray | None = None,
         run_dir: Any = None,
     ):
         self.inner = inner
-        self.min_replies = max(1, int(min_replies))
-        self.max_examples = None if max_examples is None else int(max_examples)
-        self.clip_x_median = None if clip_x_median is None else float(clip_x_median)
+        self.policy = policy or AggregationPolicy()
         self.bn_stats_mask = bn_stats_mask
         self.run_dir = run_dir
 
@@ -81,11 +119,9 @@ class FedYolo(Strategy):
 
     def summary(self) -> None:
         LOGGER.info(
-            "FedYolo guard around %s: min_replies=%d max_examples=%s clip_x_median=%s bn_stats=%s",
+            "GuardedStrategy around %s: %s bn_stats=%s",
             type(self.inner).__name__,
-            self.min_replies,
-            self.max_examples,
-            self.clip_x_median,
+            self.policy,
             "average" if self.bn_stats_mask is not None else "strategy",
         )
         self.inner.summary()
@@ -96,11 +132,11 @@ class FedYolo(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         good = [r for r in replies if not r.has_error()]
-        if len(good) < self.min_replies:
+        if len(good) < self.policy.min_replies:
             return self._round_failed(
                 server_round,
                 f"{len(good)} good replies, fewer than aggregation.min_replies="
-                f"{self.min_replies}; the global model is unchanged",
+                f"{self.policy.min_replies}; the global model is unchanged",
             )
         self._cap_weights(server_round, good)
         try:
@@ -130,11 +166,12 @@ class FedYolo(Strategy):
         claims = [_claim(r) for r in replies]
         if any(c is None for c in claims):
             return  # the strategy will report the missing key itself
+        p = self.policy
         cap = float("inf")
-        if self.max_examples is not None:
-            cap = float(self.max_examples)
-        if self.clip_x_median is not None and len(claims) >= 3:
-            cap = min(cap, self.clip_x_median * float(np.median(claims)))
+        if p.max_examples is not None:
+            cap = float(p.max_examples)
+        if p.clip_x_median is not None and len(claims) >= 3:
+            cap = min(cap, p.clip_x_median * float(np.median(claims)))
         for reply, claim in zip(replies, claims, strict=True):
             if claim > cap:
                 used = max(1, int(cap))
@@ -149,8 +186,8 @@ class FedYolo(Strategy):
                     used=used,
                     reason=(
                         f"num-examples {int(claim)} above the cap {used} "
-                        f"(aggregation.max_examples={self.max_examples}, "
-                        f"aggregation.clip_x_median={self.clip_x_median})"
+                        f"(aggregation.max_examples={p.max_examples}, "
+                        f"aggregation.clip_x_median={p.clip_x_median})"
                     ),
                 )
 

@@ -169,7 +169,9 @@ def _sampling(cfg: DictConfig) -> dict[str, Any]:
     # The server waits for the whole fleet before its first round (fl_server.server_app); after
     # that a round goes ahead with whoever is connected, as long as aggregation.min_replies
     # clients can be sampled: Flower's sampling would otherwise wait for a dead SuperNode forever.
-    least = int(cfg.aggregation.min_replies)
+    from strategies.guarded import AggregationPolicy
+
+    least = AggregationPolicy.from_cfg(cfg).min_replies
     return {
         "fraction_train": float(cfg.federation.fraction),
         "fraction_evaluate": float(cfg.federation.fraction_evaluate),
@@ -286,8 +288,11 @@ def describe(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_strategy(cfg: DictConfig, run_dir: Any = None, masks: dict | None = None):
-    """The run's strategy (``FedYolo`` around the configured one); raises StrategyConfigError."""
-    from strategies.fedyolo import FedYolo
+    """The run's strategy (``GuardedStrategy`` around the configured one).
+
+    Raises StrategyConfigError.
+    """
+    from strategies.guarded import AggregationPolicy, GuardedStrategy
 
     node = OmegaConf.to_container(cfg.strategy, resolve=True)
     assert isinstance(node, dict)
@@ -295,12 +300,9 @@ def build_strategy(cfg: DictConfig, run_dir: Any = None, masks: dict | None = No
     strategy, _ = _inner(cfg, node)
     if info["dp"]:
         strategy = _with_dp(cfg, strategy, info["dp"])
-    agg = cfg.aggregation
-    return FedYolo(
+    return GuardedStrategy(
         strategy,
-        min_replies=int(agg.min_replies),
-        max_examples=agg.max_examples,
-        clip_x_median=agg.clip_x_median,
+        AggregationPolicy.from_cfg(cfg),
         bn_stats_mask=(masks or {}).get("bn_stats") if info["bn_stats"] == "average" else None,
         run_dir=run_dir,
     )

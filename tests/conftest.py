@@ -22,7 +22,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
     # Flower stamps messages with the running task's identity; in-process federations
-    # (tests/inprocess.py) have none, so every test gets one.
+    # (tests/inprocess.py) and hand-made messages have none, so every test gets one. A Flower
+    # internal, used by tests only: monkeypatch raises if an upgrade renames these.
     from flwr.supercore.task_identity import TaskIdentity
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)

@@ -7,22 +7,14 @@ import json
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from testkit import StubGrid, transport_spec
 
 from fl_client.model import WEIGHTS_KEY
 from fl_client.transport import encode
 from fl_server.flower_adapter import wire_bytes
-from fl_server.observed_grid import Hygiene, ObservedGrid
+from fl_server.observed_grid import ObservedGrid
 from fl_server.run_dir import RunDir, read_jsonl
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    # Flower stamps messages with the running task's identity; give the test one.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+from strategies import AggregationPolicy
 
 
 class FakeGrid(StubGrid):
@@ -138,8 +130,8 @@ def test_huge_update_norm_is_dropped_against_the_global_model_and_the_median(tmp
     }
     behaviour[4] = lambda m: _reply(m, 4, _weights(sent * 10))  # scaled weights: ratio 9
     behaviour[5] = lambda m: _reply(m, 5, _weights(sent + rng.normal(0, 0.2, N)))  # 20x median
-    hygiene = Hygiene(max_update_ratio=2.0, max_norm_x_median=10.0)
-    grid = ObservedGrid(FakeGrid(behaviour), run, hygiene)
+    policy = AggregationPolicy(max_update_ratio=2.0, max_norm_x_median=10.0)
+    grid = ObservedGrid(FakeGrid(behaviour), run, policy)
     replies = _send(grid, list(behaviour), value=sent)
     assert sorted(r.metadata.src_node_id for r in replies) == [0, 1, 2, 3]
     reasons = _rejections(run)

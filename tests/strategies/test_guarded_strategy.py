@@ -1,4 +1,4 @@
-"""FedYolo's guards around any strategy: min replies, weight caps, BatchNorm statistics."""
+"""GuardedStrategy's guards around any strategy: min replies, weight caps, BatchNorm statistics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from fl_client.model import WEIGHTS_KEY
 from fl_server.run_dir import RunDir, read_jsonl
-from strategies import FedYolo
+from strategies import AggregationPolicy, GuardedStrategy
 
 N = 64
 BN = np.zeros(N, bool)
@@ -42,7 +42,7 @@ def _agg(strategy, replies, rnd=1):
 
 def test_below_min_replies_the_round_fails_and_says_why(tmp_path):
     run = RunDir(tmp_path)
-    s = FedYolo(FedAvg(), min_replies=2, run_dir=run)
+    s = GuardedStrategy(FedAvg(), AggregationPolicy(min_replies=2), run_dir=run)
     assert _agg(s, [*_replies([np.ones(N)], [10]), _error_reply()]) is None
     (event,) = read_jsonl(run.events)
     assert event["kind"] == "round_failed" and "1 good replies" in event["reason"]
@@ -51,7 +51,7 @@ def test_below_min_replies_the_round_fails_and_says_why(tmp_path):
 
 def test_a_huge_num_examples_claim_is_capped_and_recorded(tmp_path):
     run = RunDir(tmp_path)
-    s = FedYolo(FedAvg(), clip_x_median=3, run_dir=run)
+    s = GuardedStrategy(FedAvg(), AggregationPolicy(clip_x_median=3), run_dir=run)
     values = [np.zeros(N), np.zeros(N), np.full(N, 10.0)]
     out = _agg(s, _replies(values, [100, 100, 1_000_000]))
     # capped at 3 x median = 300: the liar weighs 300/500, not ~100 %
@@ -59,14 +59,14 @@ def test_a_huge_num_examples_claim_is_capped_and_recorded(tmp_path):
     (event,) = read_jsonl(run.events)
     assert event["kind"] == "weight_capped" and event["claimed"] == 1_000_000
     assert event["used"] == 300 and event["client"] == 2
-    s = FedYolo(FedAvg(), max_examples=50, run_dir=run)
+    s = GuardedStrategy(FedAvg(), AggregationPolicy(max_examples=50), run_dir=run)
     np.testing.assert_allclose(_agg(s, _replies(values, [100, 100, 1_000_000])), 10 / 3, rtol=1e-5)
 
 
 def test_server_optimizer_keeps_state_and_bn_statistics_are_averaged():
     g = np.ones(N, np.float32)
     inner = FedAdam(eta=0.1)
-    s = FedYolo(inner, bn_stats_mask=BN)
+    s = GuardedStrategy(inner, bn_stats_mask=BN)
     a, b = np.full(N, 0.5, np.float32), np.full(N, 2.0, np.float32)
     weights = []
     for rnd in (1, 2):
@@ -92,7 +92,7 @@ def test_a_strategy_error_fails_the_round_instead_of_the_run(tmp_path):
             raise ValueError("Krum needs more clients")
 
     run = RunDir(tmp_path)
-    s = FedYolo(Broken(), run_dir=run)
+    s = GuardedStrategy(Broken(), run_dir=run)
     assert _agg(s, _replies([np.ones(N)], [1])) is None
     (event,) = read_jsonl(run.events)
     assert event["kind"] == "round_failed" and "Krum needs more clients" in event["reason"]
