@@ -10,6 +10,7 @@ SIGTERM — so nothing is left behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -230,7 +231,9 @@ def run_local_deployment(
                     str(PROJECT_ROOT),
                     FEDERATION,
                     "--run-config",
-                    f"run-dir='{run_dir}'",
+                    # a TOML basic string (JSON's escaping is TOML's): no quote in a path can
+                    # end the value and add keys
+                    f"run-dir={json.dumps(str(run_dir))}",
                     "--stream",
                 ],
                 env,

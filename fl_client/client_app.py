@@ -10,6 +10,7 @@ shards (simulation and the local deployment engine).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -117,10 +118,10 @@ def _model_for(config: RoundConfig, received: ArrayRecord):
     """The process's cached model for this architecture, loaded with the received weights."""
     from fl_client.model import build_model, load_record
 
-    key = (config.model_cfg, config.names)
+    key = (config.model_arch, config.names)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = build_model(config.model_cfg, list(config.names))
+        _MODEL_CACHE[key] = build_model(json.loads(config.model_arch), list(config.names))
     model = _MODEL_CACHE[key]
     load_record(model, received)
     return model

@@ -64,19 +64,32 @@ def resolve_model_cfg(cfg: str) -> str:
     return cfg
 
 
-def build_model(cfg: str, names: dict[int, str] | list[str]) -> torch.nn.Module:
+def build_model(cfg: str | dict, names: dict[int, str] | list[str]) -> torch.nn.Module:
     """Build a detection model with a head for ``len(names)`` classes, in float32.
 
-    ``cfg`` is a model yaml (random init) or a ``.pt`` checkpoint (fine-tuning); a checkpoint
+    ``cfg`` is a model yaml (random init), a ``.pt`` checkpoint (fine-tuning) or an
+    architecture dict (a model's ``.yaml``: what a client receives, so a client never loads a
+    file the server names). A checkpoint is read with Ultralytics' weights-only loading, which
+    refuses anything but known model classes: a crafted ``.pt`` cannot run code. A checkpoint
     trained for another class count keeps every tensor whose shape still fits and re-initialises
     the rest of the head, as Ultralytics' own fine-tuning does.
     """
-    from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+    import copy
+
+    from ultralytics.nn.tasks import DetectionModel, torch_safe_load
 
     names = dict(enumerate(names)) if isinstance(names, list) else dict(names)
-    resolved = resolve_model_cfg(cfg)
-    if resolved.endswith(".pt"):
-        weights, _ = load_checkpoint(resolved)
+    if isinstance(cfg, dict):
+        model = DetectionModel(copy.deepcopy(cfg), nc=len(names), verbose=False)
+    elif (resolved := resolve_model_cfg(cfg)).endswith(".pt"):
+        try:
+            ckpt, _ = torch_safe_load(resolved, safe_only=True)
+        except (TypeError, RuntimeError) as e:  # Ultralytics' message names the file
+            raise ModelConfigError(f"model.cfg: {' '.join(str(e).split())}") from e
+        weights = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+        if not isinstance(weights, torch.nn.Module):
+            raise ModelConfigError(f"model.cfg: '{cfg}' holds no Ultralytics model")
+        weights = weights.float()
         model = DetectionModel(weights.yaml, nc=len(names), verbose=False)
         model.load(weights, verbose=False)
     else:

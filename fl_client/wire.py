@@ -65,7 +65,7 @@ class RoundConfig:
 
     train: TrainArgs
     transport: TransportSpec
-    model_cfg: str
+    model_arch: str  # the model's architecture (its yaml as JSON): never a path to load
     names: tuple[str, ...]
     data_root: str  # the run's prepared shards (a SuperNode's node config may name its own)
     seed: int

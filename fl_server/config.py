@@ -7,6 +7,7 @@ work starts.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,17 @@ def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:
     path = path.expanduser().resolve()
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"config: resume={path} is not a run directory (no config.yaml)")
-    if not (path / "server_state.pkl").is_file():
+    from fl_server import state
+
+    try:  # the whole state is read and checked before anything starts or is written
+        state.check(path / state.FILENAME)
+    except FileNotFoundError as e:
         raise ConfigError(
-            f"config: resume={path} has no server_state.pkl: the run never finished its set-up; "
+            f"config: resume={path} has no {state.FILENAME}: the run never finished its set-up; "
             "start it again instead"
-        )
+        ) from e
+    except state.StateError as e:
+        raise ConfigError(f"config: resume={path}: {e}") from e
     cfg = load(path / "config.yaml")
     if "hooks" not in cfg:  # a run directory written before round hooks existed
         cfg.hooks = []
@@ -116,6 +123,9 @@ def _engines() -> list[str]:
     return engines.names()
 
 
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}"
+
+
 def _rule(check: Callable[[Any], bool], expected: str) -> tuple[Callable[[Any], bool], str]:
     return check, expected
 
@@ -164,6 +174,11 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.synth.images": _rule(lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
     "data.synth.imgsz": _rule(lambda v: _is_int(v) and v >= 32, "an integer >= 32"),
     "engine.name": _rule(lambda v: v in _engines(), "an engine of fl_server.engines"),
+    # a run name becomes a folder name and travels to Flower's run config: a safe alphabet only
+    "name": _rule(
+        lambda v: v is None or (isinstance(v, str) and re.fullmatch(_NAME, v) is not None),
+        "null or 1-100 of letters, digits, '.', '_', '-' (not starting with '.' or '-')",
+    ),
     "hooks": _rule(
         lambda v: (
             v is None or (OmegaConf.is_list(v) and all(isinstance(h, str) and ":" in h for h in v))

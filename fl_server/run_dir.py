@@ -63,7 +63,7 @@ class RunDir:
         self.last = self.path / "last.pt"
         self.data = self.path / "data"  # the run's client shards and server validation set
         self.work = self.path / ".work"  # scratch (Ultralytics' validator output)
-        self.state = self.path / "server_state.pkl"  # what a resume needs (fl_server/state.py)
+        self.state = self.path / "server_state.npz"  # what a resume needs (fl_server/state.py)
         self.clearml = self.path / "clearml"  # the offline ClearML session
         self._listeners: list[Callable[[int, str, dict], None]] = []
 

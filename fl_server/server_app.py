@@ -7,6 +7,7 @@ simulation engine gets an app bound to the run directory from ``server_app_for()
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -64,8 +65,11 @@ def server_app_for(run_dir: Path) -> ServerApp:
     return bound
 
 
-def round_config(cfg, names: list[str], data_root: Path) -> RoundConfig:
-    """What every client receives each round besides the weights (``fl_client.wire``)."""
+def round_config(cfg, names: list[str], data_root: Path, arch: dict) -> RoundConfig:
+    """What every client receives each round besides the weights (``fl_client.wire``).
+
+    ``arch`` is the global model's architecture (``model.yaml``): clients build from it.
+    """
     from strategies import describe
 
     strategy = describe(cfg)
@@ -73,7 +77,7 @@ def round_config(cfg, names: list[str], data_root: Path) -> RoundConfig:
     return RoundConfig(
         train=TrainArgs.from_cfg(cfg.train),
         transport=TransportSpec(**cfg.transport),
-        model_cfg=str(cfg.model.cfg),
+        model_arch=json.dumps(arch, sort_keys=True),
         names=tuple(str(n) for n in names),
         data_root=str(data_root),
         seed=int(cfg.seed),
@@ -172,12 +176,13 @@ class Federation:
 
             self.drift = DriftMonitor(int(cfg.drift.reference_rounds), float(cfg.drift.threshold))
         self.faults = faults_mod.parse(cfg.faults, int(cfg.federation.clients))
-        self.base_config = round_config(cfg, self.names, run.data)
+        self.base_config = round_config(cfg, self.names, run.data, self.model.yaml)
         self.tracker = None  # fl_server.tracking.Tracker, from start_fresh/start_resumed
         self.hooks: list = []  # round hooks (fl_server.hooks), with the tracker
         self.round = 0  # last finished round
         self.arrays: ArrayRecord = to_record(self.model)
         self.best: tuple[ArrayRecord, dict] | None = None  # weights and strategy state
+        self._skipped_warned: list[str] = []
         self.t_start = time.perf_counter()
         self.first_round = 1  # of this process (a resumed run starts later)
 
@@ -255,7 +260,7 @@ class Federation:
             rounds=int(self.cfg.federation.rounds),
             discarded_round_records=dropped,
             weights_sha256=record_digest(self.arrays),
-            strategy_state="restored" if st["strategy"] is not None else st["strategy_note"],
+            strategy_state=_restored_note(st),
             tracker_task=self.tracker.task_id,
         )
         LOGGER.info(
@@ -512,7 +517,7 @@ class Federation:
         state = {
             "round": self.round,
             "weights": self.arrays[WEIGHTS_KEY].numpy().reshape(-1),
-            "strategy": vars(state_mod.inner(self.strategy)),  # pickled as it is, not copied
+            "strategy": vars(state_mod.inner(self.strategy)),  # encoded as it is, not copied
             "strategy_note": None,
             "best": (best_w[WEIGHTS_KEY].numpy().reshape(-1), best_strategy),
             "guard": self.guard.state_dict(),
@@ -520,12 +525,15 @@ class Federation:
             "tracker_task": self.tracker.task_id if self.tracker else None,
         }
         try:
-            state_mod.save(self.run.state, state)
-        except Exception as e:  # noqa: BLE001 - e.g. a plug-in strategy holding a lambda
+            skipped = state_mod.save(self.run.state, state)
+        except Exception as e:  # noqa: BLE001 - e.g. a plug-in strategy state JSON cannot hold
             LOGGER.warning("the strategy's state cannot be saved for resume: %s", e)
             note = f"not saved ({type(e).__name__}: {e}); the strategy restarted fresh"
             state.update(strategy=None, strategy_note=note, best=(state["best"][0], None))
-            state_mod.save(self.run.state, state)
+            skipped = state_mod.save(self.run.state, state)
+        if skipped and skipped != self._skipped_warned:
+            self._skipped_warned = skipped
+            LOGGER.warning("strategy state left out of the resumable state: %s", skipped)
 
     # -- the end ----------------------------------------------------------------------------------
     def finish(self, status: str) -> None:
@@ -543,6 +551,14 @@ class Federation:
             except Exception:  # one hook's failure must not cost the others or run_end
                 LOGGER.exception("round hook %s failed at the end of the run", type(hook).__name__)
         run.event(self.round, "run_end", status=status)  # last write: the run is complete
+
+
+def _restored_note(st: dict) -> str:
+    """The ``resume`` event's word on the strategy's state."""
+    if st["strategy"] is None:
+        return str(st["strategy_note"])
+    skipped = st.get("skipped") or []
+    return "restored" if not skipped else f"restored except {', '.join(skipped)} (not data)"
 
 
 def serve(grid: Grid, run_path: Path) -> None:

@@ -43,7 +43,7 @@ def test_a_callback_stops_the_run_after_round_one(tmp_path, engine):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert out["seen"] == [{"round": 1, "map50_95": lines[0]["map50_95"]}]
     assert [r["round"] for r in lines] == [1]
-    for name in ("summary.md", "metrics.png", "best.pt", "last.pt", "server_state.pkl"):
+    for name in ("summary.md", "metrics.png", "best.pt", "last.pt", "server_state.npz"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "pruned" and "pruned" in (run / "summary.md").read_text()

@@ -26,10 +26,9 @@ def test_client_app_trains_without_any_server_role_package(tmp_path):
     cfg = tiny_config(tmp_path, ["federation.rounds=1"], clients=2)
     run = prepare_run(cfg)
     names = json.loads(run.manifest.read_text())["data"]["names"]
-    config = round_config(cfg, names, run.data).with_round(server_round=1).to_record()
-    content = RecordDict(
-        {"arrays": to_record(build_model(str(cfg.model.cfg), names)), "config": config}
-    )
+    model = build_model(str(cfg.model.cfg), names)
+    config = round_config(cfg, names, run.data, model.yaml).with_round(server_round=1).to_record()
+    content = RecordDict({"arrays": to_record(model), "config": config})
     msg = Message(content=content, dst_node_id=1, message_type="train")
     path = tmp_path / "train.msg"
     path.write_bytes(message_to_proto(msg).SerializeToString())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,7 @@ from fl_client.model import (
     exchanged_keys,
     layout,
     load_record,
+    save_checkpoint,
     to_record,
     unpack,
 )
@@ -90,3 +94,29 @@ def test_fine_tuning_from_a_checkpoint_of_another_class_count(tmp_path):
     assert all(torch.equal(src[k], dst[k]) for k in kept if "model.22" not in k)
     # Everything but the class-specific head convs comes from the checkpoint.
     assert len(kept) >= len(dst) - 6
+
+
+class _Boom:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_never_run(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _Boom(tmp_path / "pwned")}, evil)
+    with pytest.raises(ModelConfigError, match="evil.pt"):
+        build_model(str(evil), ["car"])
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_client_builds_from_the_architecture_it_is_sent_and_fedyolo_checkpoints_load(tmp_path):
+    model = build_model("fedyolo-tiny.yaml", ["car", "bus"])
+    path = save_checkpoint(model, tmp_path / "best.pt", {}, {"round": 1})
+    again = build_model(str(path), ["car", "bus"])  # weights-only loading accepts our own files
+    sent = build_model(json.loads(json.dumps(model.yaml)), ["car", "bus"])
+    for built in (again, sent):
+        assert list(built.state_dict()) == list(model.state_dict())
+    torch.testing.assert_close(again.state_dict(), model.state_dict())

@@ -13,7 +13,7 @@ from fl_server.server_app import round_config
 
 
 def _config() -> RoundConfig:
-    return round_config(compose(["strategy=fedbn"]), ["car", "bus"], "/data/run")
+    return round_config(compose(["strategy=fedbn"]), ["car", "bus"], "/data/run", {"nc": 2})
 
 
 def test_round_config_survives_a_flower_config_record():

@@ -32,6 +32,9 @@ def test_defaults_compose_and_overrides_apply():
         ("model.cfg=yolov99z.yaml", "model.cfg"),
         ("data.path=/does/not/exist", "data.path"),
         ("federation.nope=1", "federation.nope"),
+        ("name=victim'x", "name"),
+        ("name=../escape", "name"),
+        ("name=a/b", "name"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(override, key):

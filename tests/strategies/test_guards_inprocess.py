@@ -124,4 +124,4 @@ def _round_config(**changes):
     from fl_server.config import compose
     from fl_server.server_app import round_config
 
-    return round_config(compose([]), ["car"], "/nowhere").with_round(**changes)
+    return round_config(compose([]), ["car"], "/nowhere", {"nc": 1}).with_round(**changes)
