@@ -152,13 +152,19 @@ def scheme_of(record: ArrayRecord) -> str:
     return SCHEMES[code]
 
 
-def decode_delta(record: ArrayRecord) -> np.ndarray:
-    """The float32 update carried by a delta-scheme record."""
+def decode_delta(record: ArrayRecord, size: int | None = None) -> np.ndarray:
+    """The float32 update carried by a delta-scheme record.
+
+    ``size``: the number of values the model has; a record claiming another is refused before
+    anything is allocated (a hostile header cannot make the server allocate terabytes).
+    """
     scheme = scheme_of(record)
     if scheme == "fp32":
         raise ValueError("transport: an fp32 record carries weights, not an update")
     meta = _array(record, "meta", np.int64, 2)
     n, block = int(meta[0]), int(meta[1])
+    if n < 0 or (size is not None and n != size):
+        raise ValueError(f"transport: the update claims {n} values, the model has {size}")
     if scheme == "fp16":
         _expect(record, {"delta", "meta", SCHEME_KEY})
         out = _array(record, "delta", np.float16, n).astype(np.float32)
@@ -199,7 +205,7 @@ def decode(record: ArrayRecord, received: np.ndarray) -> np.ndarray:
         if not np.isfinite(out).all():
             raise ValueError("transport: non-finite values (NaN/inf) in the returned weights")
         return out
-    delta = decode_delta(record)
+    delta = decode_delta(record, received.size)
     if delta.size != received.size:
         raise ValueError(
             f"transport: the update has {delta.size} values, the model has {received.size}"

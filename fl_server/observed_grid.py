@@ -167,46 +167,22 @@ class ObservedGrid(Grid):
         dst_by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         dst_by_id.pop("", None)
         kept, good = [], []
-        answered = set()
+        answered: set[int] = set()
+        claimed: dict[int, int] = {}  # partition id -> the node that claimed it this round
         for reply in replies:
             node = dst_by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
-            failure = ClientFailure.from_reply(reply)
-            if failure is not None:  # the ClientApp's structured failure (fl_client.wire)
-                if failure.partition_id is not None:
-                    self._node_to_client.setdefault(node, failure.partition_id)
-                if node not in sent_msgs:  # nothing was sent to it: no reply to count
-                    self._fail(log, rnd, "client_failed", node, str(failure), is_train)
-                    continue
-                reply = Message(Error(code=0, reason=str(failure)), reply_to=sent_msgs[node])
-            if reply.has_error():
-                self._fail(log, rnd, "client_failed", node, reply.error.reason, is_train)
-                kept.append(reply)  # strategies count failures themselves
+            try:  # whatever a reply holds, it costs at most itself: never the round or the run
+                taken, entry = self._take(
+                    reply, node, sent_msgs, sent, down, claimed, log, rnd, is_train
+                )
+            except Exception as e:  # noqa: BLE001 - a hostile or broken reply of any shape
+                self._fail(log, rnd, "update_rejected", node, _one_line(e), is_train)
                 continue
-            metrics = next(iter(reply.content.metric_records.values()), {})
-            if PARTITION_ID in metrics:
-                self._node_to_client[node] = int(metrics[PARTITION_ID])
-            stats = {k: v for k, v in metrics.items() if k.startswith(DATA_STATS_PREFIX)}
-            metrics = {k: v for k, v in metrics.items() if not k.startswith(DATA_STATS_PREFIX)}
-            entry = self._client_entry(node, metrics, down.get(node, 0), wire_bytes(reply))
-            if stats and is_train:
-                log.data_stats[str(entry["id"])] = stats
-            if is_train:
-                try:
-                    norm = self._decode_and_check(reply, sent.get(node))
-                except ValueError as e:
-                    self._fail(log, rnd, "update_rejected", node, str(e), is_train)
-                    continue
-                if norm is not None:
-                    entry["update_norm"] = norm
-                if self.keep_updates:
-                    rec = next(iter(reply.content.array_records.values()))
-                    if WEIGHTS_KEY in rec:
-                        log.updates[str(entry["id"])] = rec[WEIGHTS_KEY].numpy().reshape(-1)
-                good.append((reply, entry))
-                continue
-            log.client_eval.append(entry)
-            kept.append(reply)
+            if taken is not None and entry is not None:
+                good.append((taken, entry))
+            elif taken is not None:
+                kept.append(taken)
         for reply, entry in self._outliers(good, log, rnd):
             log.clients.append(entry)
             kept.append(reply)
@@ -216,6 +192,59 @@ class ObservedGrid(Grid):
         if is_train:
             log.sent += len(messages)
         return kept
+
+    def _take(
+        self,
+        reply: Message,
+        node: int,
+        sent_msgs: dict[int, Message],
+        sent: dict[int, np.ndarray | None],
+        down: dict[int, int],
+        claimed: dict[int, int],
+        log: RoundLog,
+        rnd: int,
+        is_train: bool,
+    ) -> tuple[Message | None, dict | None]:
+        """Check one reply: (reply, None) for the strategy as it is, (reply, entry) for a good
+        train reply, (None, None) for nothing; raise ValueError naming what is wrong."""
+        failure = ClientFailure.from_reply(reply)
+        if failure is not None:  # the ClientApp's structured failure (fl_client.wire)
+            if failure.partition_id is not None:
+                self._node_to_client.setdefault(node, failure.partition_id)
+            if node not in sent_msgs:  # nothing was sent to it: no reply to count
+                self._fail(log, rnd, "client_failed", node, str(failure), is_train)
+                return None, None
+            reply = Message(Error(code=0, reason=str(failure)), reply_to=sent_msgs[node])
+        if reply.has_error():
+            self._fail(log, rnd, "client_failed", node, reply.error.reason, is_train)
+            return reply, None  # strategies count failures themselves
+        if node not in sent_msgs:
+            raise ValueError("a reply from a node nothing was sent to this round")
+        records = reply.content.metric_records
+        metrics = dict(next(iter(records.values()))) if records else {}
+        _check_metrics(metrics, is_train)
+        if PARTITION_ID in metrics:
+            pid = int(metrics[PARTITION_ID])
+            other = claimed.setdefault(pid, node)
+            if other != node:
+                raise ValueError(f"partition-id {pid} was already claimed by node {other}")
+            self._node_to_client[node] = pid
+        stats = {k: v for k, v in metrics.items() if k.startswith(DATA_STATS_PREFIX)}
+        metrics = {k: v for k, v in metrics.items() if not k.startswith(DATA_STATS_PREFIX)}
+        entry = self._client_entry(node, metrics, down.get(node, 0), wire_bytes(reply))
+        if not is_train:
+            log.client_eval.append(entry)
+            return reply, None
+        norm = self._decode_and_check(reply, sent.get(node))
+        if stats:
+            log.data_stats[str(entry["id"])] = stats
+        if norm is not None:
+            entry["update_norm"] = norm
+        if self.keep_updates:
+            rec = next(iter(reply.content.array_records.values()))
+            if WEIGHTS_KEY in rec:
+                log.updates[str(entry["id"])] = rec[WEIGHTS_KEY].numpy().reshape(-1)
+        return reply, entry
 
     def _decode_and_check(self, reply: Message, sent: np.ndarray | None) -> float | None:
         """Decode the reply's transport in place; raise ValueError naming what is wrong."""
@@ -275,14 +304,46 @@ class ObservedGrid(Grid):
 
     def _client_entry(self, node: int, metrics: Any, down: int, up: int) -> dict:
         m = dict(metrics)
-        entry = {
-            "id": self._client(node),
-            "node_id": node,
-            "num_examples": int(m.pop(NUM_EXAMPLES, 0)),
-            "bytes_down": down,
-            "bytes_up": up,
-        }
-        for k, v in m.items():
-            if k != PARTITION_ID:
-                entry[record_field(k)] = v
+        entry: dict[str, Any] = {record_field(k): v for k, v in m.items() if k != PARTITION_ID}
+        entry.update(  # what the server measured: set last, a client cannot overwrite it
+            id=self._client(node),
+            node_id=node,
+            num_examples=int(m.get(NUM_EXAMPLES, 0)),
+            bytes_down=down,
+            bytes_up=up,
+        )
         return entry
+
+
+# fields of a client's record in metrics.jsonl that the server measures, never the client
+SERVER_FIELDS = frozenset({"id", "node_id", "bytes_down", "bytes_up", "update_norm"})
+MAX_EXAMPLES_CLAIM = 2**31 - 1
+
+
+def _whole(value: Any, key: str, least: int) -> int:
+    """``value`` as an integer >= ``least``; ValueError naming ``key`` otherwise."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not np.isfinite(value) or value != int(value):
+        raise ValueError(f"metric '{key}'={value!r}: expected a whole number")
+    if not least <= int(value) <= MAX_EXAMPLES_CLAIM:
+        raise ValueError(f"metric '{key}'={int(value)}: expected {least}..{MAX_EXAMPLES_CLAIM}")
+    return int(value)
+
+
+def _check_metrics(metrics: dict[str, Any], is_train: bool) -> None:
+    """A reply's metrics as the server will use them; ValueError names the first bad one."""
+    if is_train:
+        if NUM_EXAMPLES not in metrics:
+            raise ValueError(f"a train reply without '{NUM_EXAMPLES}'")
+        _whole(metrics[NUM_EXAMPLES], NUM_EXAMPLES, 1)
+    elif NUM_EXAMPLES in metrics:
+        _whole(metrics[NUM_EXAMPLES], NUM_EXAMPLES, 0)
+    if PARTITION_ID in metrics:
+        _whole(metrics[PARTITION_ID], PARTITION_ID, 0)
+    for key in metrics:
+        if record_field(key) in SERVER_FIELDS:
+            raise ValueError(f"metric '{key}' names a field the server measures")
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
