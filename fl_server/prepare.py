@@ -120,7 +120,7 @@ def prepare_run(cfg: DictConfig) -> RunDir:
     run.path.mkdir(parents=True, exist_ok=True)
 
     source = Path(str(cfg.data.path)).expanduser() if cfg.data.path else synth_dataset(cfg)
-    ds = load_dataset(source)
+    ds = load_dataset(source, cache_dir=Path(str(cfg.data.cache_dir)).expanduser())
     report = check_dataset(ds, work_dir=run.data / "repaired_labels", repair=True)
     report.write(run.path / "data_check.json")
     if report.issues:

@@ -20,6 +20,12 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _user_cache(monkeypatch, tmp_path_factory):
+    # fedyolo's user cache (COCO label conversions) goes to the test's temporary tree
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
     # Flower stamps messages with the running task's identity; in-process federations
     # (tests/inprocess.py) and hand-made messages have none, so every test gets one. A Flower

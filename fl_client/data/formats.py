@@ -62,9 +62,11 @@ class Dataset:
 # ------------------------------------------------------------------------ entry point
 
 
-def load_dataset(path: Path | str) -> Dataset:
+def load_dataset(path: Path | str, cache_dir: Path | str | None = None) -> Dataset:
     """Load a dataset from a data.yaml, a folder holding one, or a COCO JSON file.
 
+    ``cache_dir``: where COCO's converted YOLO labels go (``data.cache_dir`` in a run; the
+    user's cache, ``$XDG_CACHE_HOME/fedyolo``, otherwise); never inside the dataset.
     Raises :class:`DataError` (one line) when the path is missing or not a dataset.
     """
     path = Path(path).expanduser()
@@ -79,7 +81,7 @@ def load_dataset(path: Path | str) -> Dataset:
     if suffix in (".yaml", ".yml"):
         return _load_yaml_dataset(path)
     if suffix == ".json":
-        return _load_coco_dataset(path)
+        return _load_coco_dataset(path, Path(cache_dir) if cache_dir else user_cache_dir())
     raise DataError(f"dataset {path}: unsupported file type {suffix or '(none)'}; {_EXPECTED}")
 
 
@@ -332,20 +334,36 @@ class _MetaIndex:
 # ----------------------------------------------------------------------------- COCO
 
 
-def _load_coco_dataset(json_path: Path) -> Dataset:
-    """COCO detection JSON: boxes converted to YOLO labels in a cache next to the file."""
+def user_cache_dir() -> Path:
+    """fedyolo's cache in the user's cache directory (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "fedyolo"
+
+
+def _load_coco_dataset(json_path: Path, cache_dir: Path) -> Dataset:
+    """COCO detection JSON: boxes converted to YOLO labels in a cache outside the dataset."""
+    import hashlib
+
     json_path = json_path.absolute()
     coco = _read_coco(json_path)
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     cat_index = {c["id"]: i for i, c in enumerate(categories)}
     names = [str(c.get("name", c["id"])) for c in categories]
     boxes = _coco_boxes_by_image(coco["annotations"], cat_index, json_path)
-    cache = json_path.parent / COCO_CACHE_DIR / json_path.stem  # one folder per JSON file
+    key = hashlib.sha256(str(json_path).encode()).hexdigest()[:12]  # one folder per JSON file
+    cache = cache_dir.expanduser().resolve() / COCO_CACHE_DIR / f"{json_path.stem}-{key}"
     cache.mkdir(parents=True, exist_ok=True)
     split = _split_from_name(json_path.stem)
     samples, written = [], set()
     for entry in coco["images"]:
         image = _resolve_coco_image(str(entry["file_name"]), json_path.parent)
+        if image is None:
+            log.warning(
+                "%s: image %r has file_name %r outside the dataset folder; skipped",
+                json_path,
+                entry.get("id"),
+                entry["file_name"],
+            )
+            continue
         label = None
         lines = boxes.get(entry["id"], [])
         if lines:
@@ -398,16 +416,22 @@ def _coco_boxes_by_image(
     return boxes
 
 
-def _resolve_coco_image(file_name: str, folder: Path) -> Path:
-    """COCO file names are relative to the JSON's folder or to an ``images/`` folder beside it."""
+def _resolve_coco_image(file_name: str, folder: Path) -> Path | None:
+    """COCO file names are relative to the JSON's folder or to an ``images/`` folder beside it.
+
+    None for a name that leaves the folder (absolute, ``..``, or a link pointing out).
+    """
+    root = folder.resolve()
     candidates = [
         folder / file_name,
         folder / "images" / file_name,
         folder / "images" / Path(file_name).name,
     ]
+    if Path(file_name).is_absolute() or not candidates[0].resolve().is_relative_to(root):
+        return None
     for candidate in candidates:
         if candidate.is_file():
-            return candidate
+            return candidate if candidate.resolve().is_relative_to(root) else None
     return candidates[0]  # missing: the data check reports it as unreadable
 
 
@@ -426,8 +450,19 @@ def _coco_image_size(entry: dict[str, Any], image: Path, json_path: Path) -> tup
 
 
 def _coco_label_name(entry: dict[str, Any]) -> str:
-    """A cache file name unique per image: the id plus the image's stem."""
-    return f"{entry['id']}_{Path(str(entry['file_name'])).stem}.txt"
+    """A cache file name unique per image: the id plus the image's stem, in a safe alphabet.
+
+    An id like ``../../x`` can never name a file outside the cache: anything but letters,
+    digits, ``-`` and ``_`` becomes ``_``, and a name that changed gets a digest of the original.
+    """
+    import hashlib
+    import re
+
+    raw = f"{entry['id']}_{Path(str(entry['file_name'])).stem}"
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", raw)[:120]
+    if safe != raw:
+        safe += "-" + hashlib.sha256(raw.encode()).hexdigest()[:8]
+    return f"{safe}.txt"
 
 
 def _coco_line(cls: int, bbox: list[float], width: float, height: float) -> str:

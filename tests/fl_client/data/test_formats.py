@@ -166,6 +166,7 @@ def test_coco_json_converted_to_yolo(tmp_path: Path, write_jpeg: Callable[..., P
     assert a.image == tmp_path / "images" / "a.jpg" and a.split == "train"
     assert b.label is None  # no annotations: background
     assert a.label is not None and COCO_CACHE_DIR in a.label.parts
+    assert not a.label.resolve().is_relative_to(tmp_path.resolve())  # never in the dataset
     rows = [[float(v) for v in line.split()] for line in a.label.read_text().splitlines()]
     assert rows == [
         pytest.approx([1, (10 + 15) / 100, (20 + 20) / 200, 30 / 100, 40 / 200]),
@@ -173,6 +174,34 @@ def test_coco_json_converted_to_yolo(tmp_path: Path, write_jpeg: Callable[..., P
     ]  # the crowd annotation is skipped
     again = load_dataset(tmp_path / "instances_train.json")
     assert again.samples == ds.samples
+
+
+def test_coco_ids_and_file_names_cannot_leave_their_folders(
+    tmp_path: Path, write_jpeg: Callable[..., Path]
+) -> None:
+    data = tmp_path / "data"
+    write_jpeg(data / "images" / "a.jpg", size=16)
+    write_jpeg(tmp_path / "outside.jpg", size=16)
+    coco = {
+        "images": [
+            {"id": "../../../escaped", "file_name": "a.jpg", "width": 10, "height": 10},
+            {"id": 2, "file_name": "../outside.jpg", "width": 10, "height": 10},
+            {"id": 3, "file_name": str(tmp_path / "outside.jpg"), "width": 10, "height": 10},
+        ],
+        "categories": [{"id": 1, "name": "car"}],
+        "annotations": [
+            {"id": i, "image_id": img, "category_id": 1, "bbox": [1, 1, 2, 2]}
+            for i, img in enumerate(["../../../escaped", 2, 3])
+        ],
+    }
+    (data / "c.json").write_text(json.dumps(coco))
+    cache = tmp_path / "cache"
+    ds = load_dataset(data / "c.json", cache_dir=cache)
+    (only,) = ds.samples  # the two images outside the dataset folder are not read
+    assert only.image == data / "images" / "a.jpg"
+    assert only.label is not None and only.label.resolve().is_relative_to(cache.resolve())
+    assert "/" not in only.label.name and ".." not in only.label.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "outside.jpg"]
 
 
 @pytest.mark.parametrize(
