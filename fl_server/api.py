@@ -60,7 +60,7 @@ class Summary:
     """``summary.json`` as a typed object, plus the run directory it describes."""
 
     run_dir: Path
-    status: str  # completed | stopped | pruned | failed | running
+    status: str  # completed | stopped | pruned | interrupted | failed | running
     rounds_completed: int
     rollbacks: int
     best: RoundResult | None

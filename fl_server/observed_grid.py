@@ -18,6 +18,7 @@ per-client bookkeeping and the same update hygiene:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -79,6 +80,10 @@ def _sent_weights(messages: list[Message]) -> dict[int, np.ndarray | None]:
     return out
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM reached the server during a round: the round is abandoned, not failed."""
+
+
 class ObservedGrid(Grid):
     """Delegates to a real Grid and records what crosses it, round by round."""
 
@@ -104,6 +109,8 @@ class ObservedGrid(Grid):
         self.rounds: dict[int, RoundLog] = {}
         self.excluded: set[str] = set()  # client ids left out of sampling (drift guard policy)
         self.keep_updates = False
+        # set by an engine that turns Ctrl-C/SIGTERM into a clean stop (fl_server.simulation)
+        self.interrupt: threading.Event | None = None
 
     # -- the Grid interface, delegated -------------------------------------------------------
     def __getattr__(self, name: str) -> Any:  # anything else a Grid offers (e.g. get_nodes)
@@ -159,7 +166,7 @@ class ObservedGrid(Grid):
         down = {m.metadata.dst_node_id: wire_bytes(m, sizes) for m in messages}
         sent = _sent_weights(messages) if is_train else {}
         t0 = time.perf_counter()
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = self._exchange(messages, timeout)
         log.transport_seconds += time.perf_counter() - t0
         # The node a reply answers for: an error the SuperLink makes up for a dead node comes
         # from the SuperLink itself, so go by the message it replies to (ids set on push).
@@ -192,6 +199,29 @@ class ObservedGrid(Grid):
         if is_train:
             log.sent += len(messages)
         return kept
+
+    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Flower's push-then-pull exchange, abandoned within a second of an interrupt.
+
+        Replies of an interrupted round are discarded: clients killed by the same Ctrl-C
+        must not be recorded as failures that never happened.
+        """
+        if self.interrupt is None:
+            return list(self._grid.send_and_receive(messages, timeout=timeout))
+        ids = set(self._grid.push_messages(messages))
+        end = time.monotonic() + (timeout or 0.0)
+        replies: list[Message] = []
+        while ids and (timeout is None or time.monotonic() < end):
+            if self.interrupt.is_set():
+                break
+            got = list(self._grid.pull_messages(ids))
+            replies += got
+            ids.difference_update(m.metadata.reply_to_message_id for m in got)
+            if ids:
+                self.interrupt.wait(0.1)
+        if self.interrupt.is_set():
+            raise Interrupted("interrupted (Ctrl-C or SIGTERM) during the round")
+        return replies
 
     def _take(
         self,

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from fl_client.wire import RoundConfig, TrainArgs
 from fl_server import config as config_mod
 from fl_server import hooks as hooks_mod
 from fl_server.guard import Attribution, Guard, attribute
-from fl_server.observed_grid import ObservedGrid
+from fl_server.observed_grid import Interrupted, ObservedGrid
 from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter
 from strategies import build_strategy
 
@@ -54,13 +55,16 @@ def main(grid: Grid, context: Context) -> None:
     serve(grid, Path(run_dir))
 
 
-def server_app_for(run_dir: Path) -> ServerApp:
-    """A ServerApp bound to ``run_dir`` (the simulation engine takes app objects)."""
+def server_app_for(run_dir: Path, interrupt: threading.Event | None = None) -> ServerApp:
+    """A ServerApp bound to ``run_dir`` (the simulation engine takes app objects).
+
+    ``interrupt``: set by the engine on Ctrl-C/SIGTERM; the run then ends ``interrupted``.
+    """
     bound = ServerApp()
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
-        serve(grid, run_dir)
+        serve(grid, run_dir, interrupt)
 
     return bound
 
@@ -288,6 +292,8 @@ class Federation:
         total = int(cfg.federation.rounds)
         timeout = float(cfg.federation.round_timeout)
         for rnd in range(self.round + 1, total + 1):
+            if self.grid.interrupt is not None and self.grid.interrupt.is_set():
+                raise Interrupted("interrupted between rounds")
             t_round = time.perf_counter()
             self.grid.excluded = self.guard.excluded(rnd)
             if self.grid.excluded:
@@ -561,10 +567,15 @@ def _restored_note(st: dict) -> str:
     return "restored" if not skipped else f"restored except {', '.join(skipped)} (not data)"
 
 
-def serve(grid: Grid, run_path: Path) -> None:
-    """Run (or resume) the whole federation for the prepared run directory ``run_path``."""
+def serve(grid: Grid, run_path: Path, interrupt: threading.Event | None = None) -> None:
+    """Run (or resume) the whole federation for the prepared run directory ``run_path``.
+
+    An ``interrupt`` (Ctrl-C/SIGTERM, set by the engine) abandons the round in progress and
+    ends the run ``interrupted``: the state of the last finished round stays, ready to resume.
+    """
     run = RunDir(run_path)
     fed = Federation(grid, run)
+    fed.grid.interrupt = interrupt
     status = "failed"
     try:
         if fed.cfg.resume is not None and run.state.exists():
@@ -574,6 +585,9 @@ def serve(grid: Grid, run_path: Path) -> None:
         fed.first_round = fed.round + 1
         fed.wait_for_clients(float(fed.cfg.engine.get("startup_timeout", 120)))
         status = fed.run_rounds()
+    except Interrupted:
+        LOGGER.warning("interrupted: the run stops after round %d; resume=%s", fed.round, run.path)
+        status = "interrupted"
     finally:
         fed.finish(status)
     if status == "completed":

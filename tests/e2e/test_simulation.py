@@ -57,3 +57,47 @@ def test_simulation_run_writes_a_complete_run_directory(tmp_path):
         workdir=tmp_path / "val",
     )
     np.testing.assert_allclose(res["map50_95"], summary["best"]["map50_95"], atol=1e-6)
+
+
+def test_ctrl_c_stops_the_simulation_within_seconds_and_the_run_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_resilience import wait_for_rounds
+
+    from fl_server.run_dir import read_jsonl
+
+    run = tmp_path / "runs" / "intr"
+    args = tiny_run_args(tmp_path, "intr", "federation.rounds=3", "federation.round_timeout=900")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fl_server.cli", *args],
+        cwd=tmp_path,
+        env={**os.environ, "YOLO_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        wait_for_rounds(run, 1, proc)
+        # a terminal's Ctrl-C reaches the whole process group: the driver, Ray and its workers
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)  # the round timeout is 900 s: not waited out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    done = summary["rounds_completed"]
+    events = read_jsonl(run / "events.jsonl")
+    assert not [e for e in events if e["kind"] in ("client_failed", "round_failed")]
+    assert events[-1]["kind"] == "run_end" and events[-1]["status"] == "interrupted"
+    assert [r["round"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, done + 1))
+
+    resumed = fedyolo(["run", f"resume={run}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["round"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
