@@ -19,7 +19,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from deploy.certs import NodeKeys, make_node_keys, make_tls
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -156,6 +159,7 @@ def run_local_deployment(
     port: int,
     startup_timeout: float,
     client_threads: int,
+    insecure: bool,
 ) -> None:
     """Run the prepared run directory's federation on a local SuperLink + SuperNodes.
 
@@ -164,9 +168,12 @@ def run_local_deployment(
     port = port or free_port(host)
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)
+    os.chmod(flwr_home, 0o700)
+    nodes = [f"supernode-{i}" for i in range(num_clients)]
+    security = _security(flwr_home / "secrets", host, nodes, insecure)
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{FEDERATION}"\n\n'
-        f'[superlink.{FEDERATION}]\naddress = "{host}:{port}"\ninsecure = true\n'
+        f'[superlink.{FEDERATION}]\naddress = "{host}:{port}"\n{security.cli_toml}'
     )
     env = {
         **os.environ,
@@ -188,7 +195,7 @@ def run_local_deployment(
                 "superlink",
                 [
                     _bin("flower-superlink"),
-                    "--insecure",
+                    *security.superlink,
                     "--host",
                     host,
                     "--port",
@@ -198,12 +205,16 @@ def run_local_deployment(
                 env,
             )
             wait_for_port(host, port, startup_timeout, link)
+            for name in security.node_keys:  # node authentication: only these keys may join
+                _flwr(
+                    ["supernode", "register", str(security.node_keys[name].public), FEDERATION], env
+                )
             for i in range(num_clients):
                 group.start(
-                    f"supernode-{i}",
+                    nodes[i],
                     [
                         _bin("flower-supernode"),
-                        "--insecure",
+                        *security.supernode(nodes[i]),
                         "--superlink",
                         f"{host}:{port}",
                         "--port",
@@ -243,6 +254,60 @@ def run_local_deployment(
             group.stop()
 
 
+@dataclass(frozen=True)
+class _Security:
+    """The TLS and node-authentication arguments of one deployment (or plaintext, if asked)."""
+
+    superlink: list[str]
+    cli_toml: str
+    node_keys: dict[str, NodeKeys]
+    root_ca: Path | None
+
+    def supernode(self, name: str) -> list[str]:
+        if self.root_ca is None:
+            return ["--insecure"]
+        return [
+            "--root-certificates",
+            str(self.root_ca),
+            "--auth-supernode-private-key",
+            str(self.node_keys[name].private),
+        ]
+
+
+def _security(folder: Path, host: str, nodes: list[str], insecure: bool) -> _Security:
+    """TLS with a per-run CA, and SuperNode authentication with a key pair per node
+    (``deploy.certs``); ``insecure`` only where the config asked for it (loopback only)."""
+    if insecure:
+        return _Security(["--insecure"], "insecure = true\n", {}, None)
+    tls = make_tls(folder, [host, "localhost", "127.0.0.1"])
+    keys = make_node_keys(folder / "supernodes", nodes)
+    return _Security(
+        superlink=[
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.cert),
+            "--ssl-keyfile",
+            str(tls.key),
+            "--enable-supernode-auth",
+        ],
+        cli_toml=f"root-certificates = {json.dumps(str(tls.ca_cert))}\n",
+        node_keys=keys,
+        root_ca=tls.ca_cert,
+    )
+
+
+def _flwr(args: list[str], env: dict[str, str]) -> None:
+    """One ``flwr`` CLI command against this deployment's SuperLink; raise with its output."""
+    done = subprocess.run(
+        [_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"flwr {' '.join(args[:2])} failed: {(done.stdout + done.stderr)[-800:]}"
+        )
+
+
 def engine(run, cfg) -> None:
     """The ``local-deployment`` engine (``fl_server.engines``): this machine's SuperLink and
     one SuperNode per client, with ``configs/engine/local-deployment.yaml``'s settings."""
@@ -254,6 +319,7 @@ def engine(run, cfg) -> None:
         port=int(e.port),
         startup_timeout=float(e.startup_timeout),
         client_threads=int(e.client_threads),
+        insecure=bool(e.insecure),
     )
 
 

@@ -126,6 +126,17 @@ def _engines() -> list[str]:
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}"
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _rule(check: Callable[[Any], bool], expected: str) -> tuple[Callable[[Any], bool], str]:
     return check, expected
 
@@ -246,6 +257,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config: '{key}' is missing")
         if not check(value):
             raise ConfigError(f"config: {key}={value!r} is invalid; expected {expected}")
+    engine = cfg.engine
+    if engine.get("insecure") and not _loopback(str(engine.get("host", ""))):
+        raise ConfigError(
+            f"config: engine.insecure=true with engine.host={engine.get('host')}: plaintext "
+            "(no TLS, no SuperNode authentication) is allowed on a loopback address only"
+        )
     for hook in cfg.hooks or []:
         _check_import(str(hook), "hooks")
     if cfg.data.path is not None and not Path(str(cfg.data.path)).expanduser().exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -41,7 +42,6 @@ def test_deployment_run_completes_and_leaves_no_process(tmp_path):
     for r in rounds:
         assert all(c["bytes_up"] < 0.3 * c["bytes_down"] for c in r["clients"])
     # Each SuperNode trained its own shard: the two clients are the two partitions.
-    import json
 
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert sorted(c["id"] for c in first["clients"]) == [0, 1]
@@ -80,3 +80,74 @@ def test_interrupted_deployment_run_stops_every_process(tmp_path):
             proc.kill()
     time.sleep(1)
     assert flower_processes(run) == []
+
+
+def test_the_deployment_is_tls_and_admits_only_registered_supernodes(tmp_path):
+    """A local user without the run's keys can neither talk plaintext nor join as a client."""
+    import tomllib
+
+    from deploy.certs import make_node_keys
+    from deploy.local import free_port
+
+    run = tmp_path / "runs" / "sec"
+    args = tiny_run_args(tmp_path, "sec", "federation.rounds=50", "engine=local-deployment")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fl_server.cli", *args],
+        cwd=tmp_path,
+        env={**os.environ, "YOLO_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    intruder = None
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.jsonl").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no round 1"
+            time.sleep(1)
+        home = run / ".flwr"
+        assert oct(home.stat().st_mode & 0o777) == "0o700"
+        link = tomllib.loads((home / "config.toml").read_text())["superlink"]["fedyolo-local"]
+        address = link["address"]
+        # 1. plaintext against the SuperLink: refused (it speaks TLS only)
+        other = tmp_path / "other-home"
+        other.mkdir()
+        (other / "config.toml").write_text(
+            f'[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = "{address}"\ninsecure = true\n'
+        )
+        env = {**os.environ, "FLWR_HOME": str(other)}
+        flwr = str(Path(sys.executable).parent / "flwr")
+        ls = subprocess.run([flwr, "ls"], env=env, capture_output=True, text=True, timeout=60)
+        said = ls.stdout + ls.stderr
+        assert ls.returncode != 0 and "unavailable" in said, said[-500:]
+        # 2. a SuperNode with the CA but a key the SuperLink never registered: not admitted
+        key = make_node_keys(tmp_path / "intruder", ["intruder"])["intruder"]
+        log = tmp_path / "intruder.log"
+        with log.open("w") as out:
+            intruder = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "flower-supernode"),
+                    "--superlink", address,
+                    "--root-certificates", link["root-certificates"],
+                    "--auth-supernode-private-key", str(key.private),
+                    "--port", str(free_port("127.0.0.1")), "--max-retries", "1",
+                ],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while intruder.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        said = log.read_text()
+        # the SuperLink refuses to activate a node whose public key it has not registered
+        assert intruder.poll() not in (None, 0) and "Failed to activate SuperNode" in said, said
+        # the two registered clients go on training; nobody else ever took part
+        time.sleep(1)
+        rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert all(sorted(c["id"] for c in r["clients"]) == [0, 1] for r in rounds)
+    finally:
+        if intruder is not None and intruder.poll() is None:
+            os.killpg(intruder.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=60)
