@@ -167,11 +167,10 @@ def save(path: Path, state: dict) -> list[str]:
     dicts and arrays.
     """
     enc = _Encoder()
-    doc = {k: v for k, v in state.items() if k not in ("strategy", "best")}
+    doc = {k: v for k, v in state.items() if k not in ("strategy", "best", "weights")}
     doc = enc.value(doc, "state")
     best_w, best_strategy = state["best"]
     doc["weights_ref"] = enc.array(np.asarray(state["weights"]))
-    doc.pop("weights", None)
     doc["best_weights"] = enc.array(np.asarray(best_w))
     doc["strategy"] = (
         None if state["strategy"] is None else enc.attrs(state["strategy"], "strategy")
