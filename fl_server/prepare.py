@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -61,11 +62,17 @@ def synth_dataset(cfg: DictConfig) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     out = Path(str(cfg.data.cache_dir)).expanduser().resolve() / f"synth-{digest}"
     data_yaml = out / "data.yaml"
-    if (out / ".complete").exists():
-        return data_yaml
-    t0 = time.perf_counter()
-    generate(out, int(s.images), imgsz=int(s.imgsz), seed=int(cfg.seed), domains=list(s.domains))
-    (out / ".complete").write_text("ok\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one process generates, the others (parallel tuning workers, runs) wait and reuse it
+    with (out.parent / f"synth-{digest}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / ".complete").exists():
+            return data_yaml
+        t0 = time.perf_counter()
+        generate(
+            out, int(s.images), imgsz=int(s.imgsz), seed=int(cfg.seed), domains=list(s.domains)
+        )
+        (out / ".complete").write_text("ok\n")
     LOGGER.info(
         "generated %d synthetic images in %.1f s → %s", int(s.images), time.perf_counter() - t0, out
     )
