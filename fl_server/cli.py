@@ -4,6 +4,7 @@
     fedyolo data synth OUT [options]       generate the synthetic driving fleet
     fedyolo data partition DATA OUT ...    split a dataset into client shards + server val set
     fedyolo data check PATH                report (and list) bad images and labels
+    fedyolo tune [overrides...]            an Optuna study of federations; writes runs/<study>/
     fedyolo clearml-import runs/<name>     upload a run's offline ClearML session to a server
 
 A user's mistake ends with one line naming the thing; a bug still raises.
@@ -124,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run one federation (Hydra overrides: key=value ...)")
     run.add_argument("overrides", nargs="*", help="e.g. federation.clients=4 train.epochs=2")
+    run.add_argument(
+        "--from",
+        dest="from_file",
+        help="a yaml list of overrides applied before the others (e.g. a study's best.yaml)",
+    )
+    tune = sub.add_parser(
+        "tune", help="an Optuna study whose trials are federations (tuning.* and base overrides)"
+    )
+    tune.add_argument("overrides", nargs="*", help="e.g. tuning.trials=20 federation.clients=4")
     d = sub.add_parser("data", help="synthetic data, partitions, checks")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     s = dsub.add_parser("synth", help="generate the synthetic driving fleet (YOLO format)")
@@ -161,6 +171,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _overrides_file(path: str | None) -> list[str]:
+    """The overrides in a yaml list file (``--from``); ConfigError names a bad file."""
+    if not path:
+        return []
+    import yaml
+
+    from fl_server.config import ConfigError
+
+    try:
+        items = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--from {path}: cannot read it ({type(e).__name__})") from e
+    if not isinstance(items, list) or not all(isinstance(o, str) and "=" in o for o in items):
+        raise ConfigError(f"--from {path}: expected a yaml list of key=value overrides")
+    return items
+
+
+def cmd_tune(overrides: list[str]) -> int:
+    """``fedyolo tune``: the tuning package is imported only for this command."""
+    from tuning.study import tune
+
+    _setup_logging()
+    st = tune(overrides)
+    print(f"study {st.optuna_study.study_name}: {st.folder / 'summary.md'}")
+    return 0
+
+
 def cmd_clearml_import(path: str) -> int:
     from fl_server.run_dir import RunDir
     from fl_server.tracking import import_offline
@@ -176,14 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     from fl_client.data.errors import DataError
     from fl_client.model import ModelConfigError
     from fl_server.config import ConfigError
+    from tuning.space import TuningError  # light: the study itself is imported by `tune` only
 
     try:
         if args.cmd == "run":
-            return cmd_run(args.overrides)
+            return cmd_run([*_overrides_file(args.from_file), *args.overrides])
+        if args.cmd == "tune":
+            return cmd_tune(args.overrides)
         if args.cmd == "clearml-import":
             return cmd_clearml_import(args.run)
         return cmd_data(args)
-    except (ConfigError, DataError, ModelConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelConfigError, FileNotFoundError, TuningError) as e:
         print(f"fedyolo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,149 @@
+"""fedyolo tune: studies whose trials are real (tiny) federations in the simulation engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from testkit import TINY_BASE
+
+from fl_server.cli import main
+
+SPACE = {
+    "train.lr0": {"type": "float", "low": 0.005, "high": 0.05, "log": True},
+    "strategy": {"type": "categorical", "choices": ["fedavg", "fedprox"]},
+    "strategy.proximal_mu": {
+        "type": "float", "low": 0.001, "high": 0.1, "log": True, "when": {"strategy": "fedprox"},
+    },
+}  # fmt: skip
+
+
+def _args(tmp_path: Path, study: str, *extra: str) -> list[str]:
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE, sort_keys=False))
+    return [
+        *TINY_BASE,
+        "federation.clients=2",
+        "data.synth.images=96",
+        f"output.dir={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"tuning.study={study}",
+        f"tuning.space={space}",
+        "tracking.enabled=false",
+        *extra,
+    ]
+
+
+def _load(folder: Path, name: str) -> optuna.Study:
+    storage = JournalStorage(JournalFileBackend(str(folder / "study.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_a_tiny_study_records_what_its_federations_measured(tmp_path, capsys):
+    args = _args(tmp_path, "tiny", "tuning.trials=3", "federation.rounds=2", "tuning.pruner=none")
+    assert main(["tune", *args]) == 0
+    folder = tmp_path / "runs" / "tiny"
+    study = _load(folder, "tiny")  # the journal is Optuna's own format
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    # trial 0 is the base configuration's own values
+    assert trials[0].params == {"train.lr0": 0.02, "strategy": "fedavg"}
+    for t in trials:  # each value is the best held-out mAP50-95 its run directory reported
+        summary = json.loads((Path(t.user_attrs["run_dir"]) / "summary.json").read_text())
+        assert t.value == summary["best"]["map50_95"] and summary["rounds_completed"] == 2
+        assert ("strategy.proximal_mu" in t.params) == (t.params["strategy"] == "fedprox")
+    doc = json.loads((folder / "study.json").read_text())
+    assert len(doc["trials"]) == 3 and doc["best"][0]["number"] == study.best_trial.number
+    assert "fedyolo run --from" in (folder / "summary.md").read_text()
+    assert (folder / "optimization_history.png").stat().st_size > 0
+
+    # best.yaml is what `fedyolo run --from` takes
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    assert (
+        best[-len(study.best_trial.user_attrs["overrides"]) :]
+        == (study.best_trial.user_attrs["overrides"])
+    )
+    extra = ["federation.rounds=1", "name=again", f"output.dir={tmp_path / 'runs'}"]
+    assert main(["run", "--from", str(folder / "best.yaml"), *extra]) == 0
+    assert json.loads((tmp_path / "runs" / "again" / "summary.json").read_text())["status"] == (
+        "completed"
+    )
+
+    # running the same study again continues it: the finished trials are kept
+    args = _args(tmp_path, "tiny", "tuning.trials=4", "federation.rounds=1", "tuning.pruner=none")
+    assert main(["tune", *args]) == 0
+    assert [t.number for t in _load(folder, "tiny").get_trials()] == [0, 1, 2, 3]
+
+
+def test_a_pruned_trial_stops_early_with_a_complete_run_directory(tmp_path):
+    args = _args(
+        tmp_path, "pr", "tuning.trials=1", "federation.rounds=3", "tuning.pruner=threshold",
+        "tuning.prune_below=1.0", "tuning.warmup_rounds=0",
+    )  # fmt: skip
+    assert main(["tune", *args]) == 0
+    (trial,) = _load(tmp_path / "runs" / "pr", "pr").get_trials()
+    assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [1]
+    run = Path(trial.user_attrs["run_dir"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "pruned" and summary["rounds_completed"] == 1
+    for name in ("metrics.jsonl", "events.jsonl", "best.pt", "last.pt", "summary.md"):
+        assert (run / name).is_file()
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ("tuning.sampler=annealing", "tuning.sampler"),
+        ("tuning.pruner=sometimes", "tuning.pruner"),
+        ("tuning.objectives=[best_map,bytes]", "cannot be pruned"),
+        ("tuning.nope=1", "unknown setting"),
+        ("tuning.space=/nowhere/space.yaml", "cannot read"),
+        ("federation.clients=0", "federation.clients"),
+    ],
+)
+def test_bad_settings_fail_in_one_line_before_any_trial(tmp_path, capsys, setting, words):
+    assert main(["tune", *_args(tmp_path, "bad"), setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
+    assert not (tmp_path / "runs" / "bad" / "trials").exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"train.lr0": {"type": "float", "low": 0.1, "high": 0.01}}, "low < high"),
+        ({"train.lr0": {"type": "float", "low": 0, "high": 1, "log": True}}, "log needs"),
+        ({"strategy": {"type": "categorical", "choices": ["fedavg", "nope"]}}, "nope.yaml"),
+        ({"train.nope": {"type": "int", "low": 1, "high": 3}}, "train.nope is not in the base"),
+        ({"x.y": {"type": "float", "low": 0, "high": 1, "when": {"strategy": "fedprox"}}}, "when"),
+        ({"train.lr0": {"type": "normal"}}, "type="),
+    ],
+)
+def test_a_bad_space_fails_in_one_line(tmp_path, capsys, spec, words):
+    space = tmp_path / "bad.yaml"
+    space.write_text(yaml.safe_dump(spec))
+    assert main(["tune", *_args(tmp_path, "bs"), f"tuning.space={space}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err, err
+
+
+def test_two_workers_share_one_study_and_run_disjoint_trials(tmp_path):
+    args = _args(tmp_path, "par", "tuning.trials=4", "federation.rounds=1", "tuning.pruner=none")
+    env = {**os.environ, "YOLO_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "fl_server.cli", "tune", *args]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL)
+    second = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL)
+    assert first.wait(timeout=900) == 0 and second.wait(timeout=900) == 0
+    trials = _load(tmp_path / "runs" / "par", "par").get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    dirs = {t.user_attrs["run_dir"] for t in trials}
+    assert len(dirs) == 4 and all((Path(d) / "summary.json").is_file() for d in dirs)

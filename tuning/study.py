@@ -1,0 +1,433 @@
+"""``fedyolo tune``: an Optuna study whose trials are whole federations.
+
+Each trial is ``fl_server.run`` with the base overrides plus the trial's values, into its own
+run directory ``runs/<study>/trials/<nnnn>/`` (the usual contract). Every round's held-out
+mAP50-95 goes to ``trial.report``; when the pruner says so, a round hook stops the federation
+cleanly after that round (status ``pruned``, run directory complete, trial ``PRUNED``). A
+federation that fails is a ``FAIL`` trial with its reason, and the study goes on.
+
+The study folder ``runs/<study>/`` holds the storage (a journal file by default, which several
+``fedyolo tune`` processes on one host share; or an RDB URL for workers on several machines),
+``study.json`` (every trial), ``summary.md``, ``best.yaml`` (the best trial's overrides:
+``fedyolo run --from runs/<study>/best.yaml``) and plots. The base configuration's own values
+are trial 0, so a study never ends worse than the defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from tuning.space import CONFIG_DIR, Param, TuningError, defaults, load_space, overrides, suggest
+
+LOGGER = logging.getLogger("fedyolo")
+
+SAMPLERS = ("tpe", "random", "cmaes", "nsga2")
+PRUNERS = ("median", "hyperband", "successive_halving", "threshold", "none")
+# objective -> (direction, what it reads from a finished federation)
+OBJECTIVES = {
+    "best_map": "maximize",
+    "final_map": "maximize",
+    "bytes": "minimize",
+    "client_seconds": "minimize",
+}
+
+
+def tuning_config(overrides_: Sequence[str]) -> tuple[DictConfig, list[str]]:
+    """``configs/tuning/default.yaml`` with the ``tuning.*`` overrides; the rest is the base."""
+    cfg = OmegaConf.load(CONFIG_DIR / "tuning" / "default.yaml")
+    OmegaConf.set_struct(cfg, True)
+    base = []
+    for o in overrides_:
+        key, sep, value = o.partition("=")
+        if not key.startswith("tuning."):
+            base.append(o)
+            continue
+        if not sep or key[len("tuning.") :] not in cfg:
+            raise TuningError(f"tuning: unknown setting {key!r} (see configs/tuning/default.yaml)")
+        cfg[key[len("tuning.") :]] = yaml.safe_load(value)
+    _check(cfg)
+    return cfg, base
+
+
+def _check(cfg: DictConfig) -> None:
+    def bad(key: str, expected: str) -> TuningError:
+        return TuningError(f"tuning.{key}={cfg[key]!r} is invalid; expected {expected}")
+
+    if not (isinstance(cfg.trials, int) and cfg.trials >= 1):
+        raise bad("trials", "an integer >= 1")
+    if cfg.timeout is not None and not (isinstance(cfg.timeout, int | float) and cfg.timeout > 0):
+        raise bad("timeout", "null or seconds > 0")
+    if cfg.sampler not in SAMPLERS:
+        raise bad("sampler", f"one of {list(SAMPLERS)}")
+    if cfg.pruner not in PRUNERS:
+        raise bad("pruner", f"one of {list(PRUNERS)}")
+    objectives = list(cfg.objectives) if OmegaConf.is_list(cfg.objectives) else [cfg.objectives]
+    if (
+        not objectives
+        or any(o not in OBJECTIVES for o in objectives)
+        or len(set(objectives)) < len(objectives)
+    ):
+        raise bad("objectives", f"a list of distinct {list(OBJECTIVES)}")
+    cfg.objectives = objectives
+    if len(objectives) > 1 and cfg.pruner != "none":
+        raise TuningError(
+            f"tuning: a multi-objective study ({', '.join(objectives)}) cannot be pruned "
+            "(Optuna prunes single-objective studies only); set tuning.pruner=none"
+        )
+    if len(objectives) > 1 and cfg.sampler not in ("nsga2", "random", "tpe"):
+        raise bad("sampler", "nsga2, tpe or random for a multi-objective study")
+    if cfg.study is not None and not str(cfg.study).replace("-", "").replace("_", "").isalnum():
+        raise bad("study", "letters, digits, '-' and '_'")
+
+
+@dataclass
+class Study:
+    """One study: its folder, Optuna study, search space and base configuration."""
+
+    folder: Path
+    optuna_study: Any
+    cfg: DictConfig
+    space: list[Param]
+    base: list[str]
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.folder / "trials"
+
+
+def open_study(overrides_: Sequence[str]) -> Study:
+    """Check everything (one line on any error) and create or continue the study."""
+    import optuna
+
+    from fl_server import config as config_mod
+
+    cfg, base = tuning_config(overrides_)
+    space = load_space(str(cfg.space))
+    base_cfg = config_mod.compose(base)  # a bad base value stops here, before any trial
+    start = defaults(space, base_cfg)
+    config_mod.compose([*base, *overrides(start)])  # trial 0 composes
+    for p in space:  # every conditional key exists under its condition
+        if p.when and not p.is_group:
+            cond = [f"{k}={v[0]}" for k, v in p.when.items()]
+            probe = config_mod.compose([*base, *cond])
+            if OmegaConf.select(probe, p.path, default="__missing__") == "__missing__":
+                raise TuningError(f"tuning space: {p.path} does not exist under {cond}")
+        elif (
+            not p.when
+            and not p.is_group
+            and OmegaConf.select(base_cfg, p.path, default="__missing__") == "__missing__"
+        ):
+            raise TuningError(f"tuning space: {p.path} is not a config key")
+    name = str(cfg.study or time.strftime("tune-%Y%m%d-%H%M%S"))
+    folder = Path(str(base_cfg.output.dir)).expanduser().resolve() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    directions = [OBJECTIVES[o] for o in cfg.objectives]
+    with _claim(folder):  # workers starting together create the study and trial 0 once
+        study = optuna.create_study(
+            study_name=name,
+            storage=_storage(cfg, folder),
+            sampler=_sampler(cfg),
+            pruner=_pruner(cfg, int(base_cfg.federation.rounds)),
+            directions=directions,
+            load_if_exists=True,
+        )
+        if not study.trials:
+            study.enqueue_trial(start, user_attrs={"origin": "the base configuration's own values"})
+    (folder / "tuning.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (folder / "base_overrides.yaml").write_text(yaml.safe_dump(list(base)))
+    return Study(folder, study, cfg, space, list(base))
+
+
+def _storage(cfg: DictConfig, folder: Path) -> Any:
+    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+
+    if cfg.storage:
+        return RDBStorage(
+            str(cfg.storage),
+            heartbeat_interval=30,
+            grace_period=120,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+        )
+    return JournalStorage(JournalFileBackend(str(folder / "study.journal")))
+
+
+def _sampler(cfg: DictConfig) -> Any:
+    import optuna
+
+    seed = int(cfg.seed)
+    if cfg.sampler == "tpe":  # group: the conditional keys (µ only for FedProx) get their own model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if cfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    try:
+        import cmaes  # noqa: F401
+    except ImportError as e:
+        raise TuningError("tuning.sampler=cmaes needs the 'cmaes' package") from e
+    return optuna.samplers.CmaEsSampler(seed=seed)
+
+
+def _pruner(cfg: DictConfig, rounds: int) -> Any:
+    import optuna
+
+    p = cfg.pruner
+    warmup = int(cfg.warmup_rounds)
+    if p == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=int(cfg.startup_trials), n_warmup_steps=warmup
+        )
+    if p == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, rounds))
+    if p == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if p == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=float(cfg.prune_below), n_warmup_steps=warmup)
+    return optuna.pruners.NopPruner()
+
+
+# -- trials ---------------------------------------------------------------------------------------
+class _Pruning:
+    """The round hook of a trial: report each round's held-out mAP50-95, stop when pruned."""
+
+    def __init__(self, trial: Any):
+        self.trial = trial
+
+    def on_round(self, record: dict) -> str | None:
+        value = record.get("map50_95")
+        if value is None or not math.isfinite(value):
+            return None
+        self.trial.report(float(value), step=int(record["round"]))
+        return "pruned" if self.trial.should_prune() else None
+
+
+def _values(cfg: DictConfig, summary: Any) -> list[float]:
+    from fl_server.run_dir import read_jsonl
+
+    rounds = read_jsonl(summary.run_dir / "metrics.jsonl")
+    out = []
+    for objective in cfg.objectives:
+        if objective in ("best_map", "final_map"):
+            result = summary.best if objective == "best_map" else summary.final
+            if result is None:
+                raise RuntimeError(f"the federation reported no {objective}")
+            out.append(float(result.map50_95))
+        elif objective == "bytes":
+            out.append(
+                float(sum(c["bytes_up"] + c["bytes_down"] for r in rounds for c in r["clients"]))
+            )
+        else:
+            out.append(
+                float(sum(c.get("train_seconds", 0.0) for r in rounds for c in r["clients"]))
+            )
+    return out
+
+
+def run_trial(st: Study, trial: Any) -> list[float]:
+    """One federation with the trial's values; raises optuna.TrialPruned when pruned."""
+    import optuna
+
+    from fl_server import run
+
+    values = suggest(trial, st.space)
+    chosen = overrides(values)
+    run_dir = st.trials_dir / f"{trial.number:04d}"
+    trial.set_user_attr("overrides", chosen)
+    trial.set_user_attr("run_dir", str(run_dir))
+    hooks = [_Pruning(trial)] if len(st.cfg.objectives) == 1 and st.cfg.pruner != "none" else []
+    t0 = time.perf_counter()
+    summary = run(
+        [
+            *st.base,
+            *chosen,
+            f"output.dir={st.trials_dir}",
+            f"name={trial.number:04d}",
+            "output.overwrite=true",  # a retried trial number reuses its folder
+        ],
+        callbacks=hooks,
+    )
+    trial.set_user_attr("seconds", round(time.perf_counter() - t0, 1))
+    trial.set_user_attr("rounds", summary.rounds_completed)
+    trial.set_user_attr("status", summary.status)
+    if summary.status == "pruned":
+        raise optuna.TrialPruned(f"pruned after round {summary.rounds_completed}")
+    if not summary.ok:
+        raise RuntimeError(f"the federation ended {summary.status} (see {run_dir})")
+    return _values(st.cfg, summary)
+
+
+@contextlib.contextmanager
+def _claim(folder: Path) -> Iterator[None]:
+    """One worker at a time counts the trials and asks for the next (journal on one host)."""
+    with (folder / ".ask.lock").open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def optimize(st: Study) -> None:
+    """Run trials until the study holds ``tuning.trials`` (all workers) or the timeout."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = st.optuna_study
+    total = int(st.cfg.trials)
+    deadline = None if st.cfg.timeout is None else time.monotonic() + float(st.cfg.timeout)
+    while deadline is None or time.monotonic() < deadline:
+        with _claim(st.folder):
+            started = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+            if len(started) >= total:
+                break
+            trial = study.ask()
+        LOGGER.info("study %s: trial %d of %d", study.study_name, trial.number, total)
+        try:
+            values = run_trial(st, trial)
+        except optuna.TrialPruned as e:
+            LOGGER.info("trial %d pruned: %s", trial.number, e)
+            study.tell(trial, state=TrialState.PRUNED)
+        except Exception as e:  # noqa: BLE001 - a failed federation is a FAIL trial, not the end
+            reason = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+            LOGGER.warning("trial %d failed: %s", trial.number, reason)
+            trial.set_user_attr("fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, values if len(values) > 1 else values[0])
+        write_outputs(st)
+    write_outputs(st, plots=True)
+
+
+# -- what a person reads --------------------------------------------------------------------------
+def write_outputs(st: Study, plots: bool = False) -> None:
+    from optuna.trial import TrialState
+
+    study = st.optuna_study
+    trials = study.get_trials(deepcopy=False)
+    rows = [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "values": t.values,
+            "params": t.params,
+            "overrides": t.user_attrs.get("overrides"),
+            "rounds": t.user_attrs.get("rounds"),
+            "seconds": t.user_attrs.get("seconds"),
+            "run_dir": t.user_attrs.get("run_dir"),
+            "fail_reason": t.user_attrs.get("fail_reason"),
+        }
+        for t in trials
+    ]
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = _best(st, done)
+    doc = {
+        "study": study.study_name,
+        "objectives": list(st.cfg.objectives),
+        "directions": [d.name.lower() for d in study.directions],
+        "base_overrides": st.base,
+        "best": [
+            {"number": t.number, "values": t.values, "overrides": t.user_attrs.get("overrides")}
+            for t in best
+        ],
+        "trials": rows,
+    }
+    (st.folder / "study.json").write_text(json.dumps(doc, indent=1))
+    if best:
+        (st.folder / "best.yaml").write_text(
+            yaml.safe_dump([*st.base, *best[0].user_attrs.get("overrides", [])])
+        )
+    (st.folder / "summary.md").write_text(_summary_md(st, rows, best))
+    if plots and len(done) >= 2:
+        _plots(st)
+
+
+def _best(st: Study, done: list[Any]) -> list[Any]:
+    if not done:
+        return []
+    if len(st.cfg.objectives) > 1:
+        return list(st.optuna_study.best_trials)
+    return [st.optuna_study.best_trial]
+
+
+def _summary_md(st: Study, rows: list[dict], best: list[Any]) -> str:
+    names = ", ".join(st.cfg.objectives)
+    lines = [
+        f"# Study {st.optuna_study.study_name}",
+        "",
+        f"Objectives: {names}. Trials: {len(rows)} of {st.cfg.trials}. Sampler "
+        f"{st.cfg.sampler}, pruner {st.cfg.pruner}. Base: `{' '.join(st.base) or '(defaults)'}`.",
+        "",
+    ]
+    if best:
+        lines += [
+            f"Best: trial {best[0].number}, {names} = {best[0].values}; run it again with",
+            "",
+            f"    fedyolo run --from {st.folder / 'best.yaml'}",
+            "",
+        ]
+    lines += [
+        "| trial | state | values | rounds | seconds | overrides |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        values = "" if r["values"] is None else ", ".join(f"{v:.4g}" for v in r["values"])
+        ov = " ".join(r["overrides"] or []) or "(defaults)"
+        note = f" ({r['fail_reason']})" if r["fail_reason"] else ""
+        lines.append(
+            f"| {r['number']} | {r['state']}{note} | {values} | {r['rounds'] or ''} | "
+            f"{r['seconds'] or ''} | `{ov}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plots(st: Study) -> None:
+    """Optimization history and parameter importances (Pareto front when multi-objective)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    study = st.optuna_study
+    plots = (
+        {"pareto_front.png": ovm.plot_pareto_front}
+        if len(st.cfg.objectives) > 1
+        else {
+            "optimization_history.png": ovm.plot_optimization_history,
+            "param_importances.png": ovm.plot_param_importances,
+        }
+    )
+    for name, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                ax = plot(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.savefig(st.folder / name, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+        except Exception as e:  # noqa: BLE001 - a plot never costs the study
+            LOGGER.warning("study plot %s not written: %s", name, e)
+
+
+def tune(overrides_: Sequence[str]) -> Study:
+    """``fedyolo tune``: open (or continue) the study, run its trials, write its outputs."""
+    st = open_study(overrides_)
+    LOGGER.info("study %s in %s", st.optuna_study.study_name, st.folder)
+    optimize(st)
+    return st
