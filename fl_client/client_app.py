@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -49,7 +50,8 @@ def _client_dp_mod(msg: Message, context: Context, call_next) -> Message:
 
 def _client_error_mod(msg: Message, context: Context, call_next) -> Message:
     """Any failure in a handler becomes a structured failure reply (``fl_client.wire``): the
-    server's events name the client from a field, not only the node id."""
+    server's events name the client from a field, not only the node id. The handler's scratch
+    folder is removed after every message, whatever happened."""
     try:
         return call_next(msg, context)
     except Exception as e:
@@ -58,6 +60,8 @@ def _client_error_mod(msg: Message, context: Context, call_next) -> Message:
         rnd = int(config.get("server-round", 0)) if config else 0
         LOGGER.warning("client %d (round %d) failed: %s: %s", pid, rnd, type(e).__name__, e)
         return ClientFailure(pid, rnd, f"{type(e).__name__}: {e}").to_reply(msg)
+    finally:
+        _clear_workdir()
 
 
 app = ClientApp(mods=[_client_error_mod, _client_dp_mod])
@@ -83,10 +87,18 @@ def _startup_seconds(t_handler: float) -> float:
 
 
 def _workdir() -> Path:
+    """This message's scratch folder (trainer output, a fault's shard copy); removed after it."""
     global _WORKDIR
     if _WORKDIR is None:
         _WORKDIR = Path(tempfile.mkdtemp(prefix="fedyolo-client-"))
     return _WORKDIR
+
+
+def _clear_workdir() -> None:
+    global _WORKDIR
+    if _WORKDIR is not None:
+        shutil.rmtree(_WORKDIR, ignore_errors=True)
+        _WORKDIR = None
 
 
 def _quiet_ultralytics(level: str) -> None:

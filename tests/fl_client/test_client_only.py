@@ -32,15 +32,18 @@ def test_client_app_trains_without_any_server_role_package(tmp_path):
     msg = Message(content=content, dst_node_id=1, message_type="train")
     path = tmp_path / "train.msg"
     path.write_bytes(message_to_proto(msg).SerializeToString())
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     proc = subprocess.run(
         [sys.executable, str(HERE / "client_only_round.py"), str(path), "1"],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "YOLO_OFFLINE": "1"},
+        env={**os.environ, "YOLO_OFFLINE": "1", "TMPDIR": str(scratch)},
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(scratch.glob("fedyolo-client-*"))  # the round's scratch folder is gone
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["error"] is None
     assert out["metrics"]["num-examples"] > 0 and out["metrics"]["partition-id"] == 1
