@@ -130,9 +130,14 @@ def _copy(arrays: ArrayRecord) -> ArrayRecord:
 
 
 def _replace(src: Path, dst: Path) -> None:
-    """Copy ``src`` over ``dst`` atomically."""
+    """Put ``src``'s content at ``dst`` atomically: a hard link (one copy on disk: checkpoints
+    are only ever replaced, never written in place), a copy where links are not possible."""
     tmp = dst.with_suffix(".tmp")
-    shutil.copyfile(src, tmp)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
 

@@ -108,3 +108,15 @@ def test_a_bad_state_file_is_refused_in_one_line_and_nothing_is_touched(tmp_path
     assert "\n" not in str(err.value) and state.FILENAME in str(err.value)
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()}
     assert after == before
+
+
+def test_best_and_last_checkpoints_share_one_copy_and_stay_independent(tmp_path):
+    from fl_server.server_app import _replace
+
+    best, last = tmp_path / "best.pt", tmp_path / "last.pt"
+    best.write_bytes(b"round 3")
+    _replace(best, last)  # the best round is also the last one: one copy on disk
+    assert last.read_bytes() == b"round 3" and last.stat().st_ino == best.stat().st_ino
+    (tmp_path / "candidate.pt").write_bytes(b"round 4")
+    os.replace(tmp_path / "candidate.pt", last)  # how the next accepted round arrives
+    assert best.read_bytes() == b"round 3" and last.read_bytes() == b"round 4"
