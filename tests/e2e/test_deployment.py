@@ -135,12 +135,14 @@ def test_the_deployment_is_tls_and_admits_only_registered_supernodes(tmp_path):
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
             )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while intruder.poll() is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 240  # generous: the federation shares the 2 cores
+        refused = "Failed to activate SuperNode"
+        while intruder.poll() is None and refused not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(1)
         said = log.read_text()
         # the SuperLink refuses to activate a node whose public key it has not registered
-        assert intruder.poll() not in (None, 0) and "Failed to activate SuperNode" in said, said
+        assert refused in said and intruder.poll() != 0, said[-2000:]
         # the two registered clients go on training; nobody else ever took part
         time.sleep(1)
         rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -149,5 +151,10 @@ def test_the_deployment_is_tls_and_admits_only_registered_supernodes(tmp_path):
         if intruder is not None and intruder.poll() is None:
             os.killpg(intruder.pid, signal.SIGKILL)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=60)
+            # SIGTERM: a background job may have inherited SIGINT ignored (no job control)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
