@@ -26,6 +26,26 @@ def tiny_run_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
     ]
 
 
+def start_fedyolo(args: list[str], cwd: Path, *, ctrl_c: bool = False, **popen) -> subprocess.Popen:
+    """``fedyolo`` in the background, in its own process group (kill it with ``os.killpg``).
+
+    ``ctrl_c``: give the child Ctrl-C back (a shell without job control, as under ``make``,
+    starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN).
+    """
+    import signal
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "fl_server.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "YOLO_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        stdout=popen.pop("stdout", subprocess.DEVNULL),
+        stderr=popen.pop("stderr", subprocess.DEVNULL),
+        start_new_session=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if ctrl_c else None,
+        **popen,
+    )
+
+
 def fedyolo(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "YOLO_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from e2e_helpers import check_run_dir, fedyolo, tiny_run_args
+from e2e_helpers import check_run_dir, fedyolo, start_fedyolo, tiny_run_args
 
 pytestmark = pytest.mark.e2e
 
@@ -91,14 +91,7 @@ def test_the_deployment_is_tls_and_admits_only_registered_supernodes(tmp_path):
 
     run = tmp_path / "runs" / "sec"
     args = tiny_run_args(tmp_path, "sec", "federation.rounds=50", "engine=local-deployment")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fl_server.cli", *args],
-        cwd=tmp_path,
-        env={**os.environ, "YOLO_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_fedyolo(args, tmp_path)
     intruder = None
     try:
         deadline = time.monotonic() + 240

@@ -63,23 +63,15 @@ def test_ctrl_c_stops_the_simulation_within_seconds_and_the_run_resumes(tmp_path
     import os
     import signal
     import subprocess
-    import sys
 
+    from e2e_helpers import start_fedyolo
     from test_resilience import wait_for_rounds
 
     from fl_server.run_dir import read_jsonl
 
     run = tmp_path / "runs" / "intr"
     args = tiny_run_args(tmp_path, "intr", "federation.rounds=3", "federation.round_timeout=900")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fl_server.cli", *args],
-        cwd=tmp_path,
-        env={**os.environ, "YOLO_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = start_fedyolo(args, tmp_path, ctrl_c=True, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_rounds(run, 1, proc)
         # a terminal's Ctrl-C reaches the whole process group: the driver, Ray and its workers
