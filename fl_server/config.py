@@ -232,6 +232,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tracking.enabled": _rule(lambda v: isinstance(v, bool), "true or false"),
     "tracking.mode": _rule(lambda v: v in {"auto", "online", "offline"}, "auto, online or offline"),
     "tracking.project": _rule(lambda v: isinstance(v, str) and v != "", "a ClearML project name"),
+    "tracking.connect_timeout": _rule(lambda v: _is_num(v) and 0 < v <= 600, "seconds in (0, 600]"),
     "drift.enabled": _rule(lambda v: isinstance(v, bool), "true or false"),
     "drift.sample": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "drift.reference_rounds": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),

@@ -9,6 +9,11 @@ registered on them). ``tracking.mode``:
 * ``auto`` (default): online when a server is configured (``CLEARML_API_HOST``, or a
   ``clearml.conf`` in ``CLEARML_CONFIG_FILE`` or the home directory), else offline.
 
+Online, the server is asked first (``GET /debug.ping``, at most ``tracking.connect_timeout``
+seconds): ClearML's own client retries an unreachable server for many minutes before
+``Task.init`` returns. A server that refuses, never answers or cannot be resolved makes the run
+go on offline, with a ``tracker_error`` event; the session is imported later as above.
+
 What the task holds: the resolved config as hyperparameters (section ``fedyolo``); per round the
 global mAP50/mAP50-95, precision and recall, mAP50-95 per class, the round time and failures; per
 client (series ``client <id>``) examples, loss, train seconds, bytes up and down, update norm and
@@ -69,6 +74,42 @@ def server_configured() -> bool:
     return any(p.is_file() for p in candidates)
 
 
+def unreachable(timeout: float) -> str | None:
+    """Why the configured ClearML API server cannot be reached within ``timeout`` s; None if it can.
+
+    Any HTTP answer counts as reachable (credentials are ClearML's business). The probe runs in
+    a daemon thread so that name resolution, which no socket timeout covers, is bounded too.
+    """
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from clearml.backend_api.session import Session
+
+    host = Session.get_api_server_host()
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(f"{host}/debug.ping", timeout=timeout).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)
+        except Exception as e:  # noqa: BLE001 - every failure is a reason to go offline
+            reason = getattr(e, "reason", None) or e
+            silent = isinstance(reason, TimeoutError)
+            outcome.append("" if silent else f"{type(reason).__name__}: {reason}")
+
+    thread = threading.Thread(target=probe, name="clearml-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if not outcome or outcome[0] == "":
+        return f"ClearML server {host} did not answer within {timeout:g} s"
+    if outcome[0] is None:
+        return None
+    return f"ClearML server {host} unreachable ({outcome[0]})"
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -115,6 +156,10 @@ class Tracker:
         mode = str(t.mode)
         if mode == "auto":
             mode = "online" if server_configured() else "offline"
+        if mode == "online" and (why := unreachable(float(t.connect_timeout))):
+            LOGGER.warning("%s; tracking goes on offline into %s", why, run.clearml)
+            run.event(0, "tracker_error", method="connect", error=why, fallback="offline")
+            mode = "offline"
         try:
             return cls(run, _init_task(cfg, run, mode, resume_task_id), mode)
         except Exception as e:  # noqa: BLE001 - the run goes on without tracking
@@ -157,7 +202,9 @@ class Tracker:
             rows.append(["" if c.get(k) is None else c.get(k) for _, k in TABLE])
         if len(rows) > 1:
             log.report_table("clients", f"round {rnd}", iteration=rnd, table_plot=rows)
-        log.flush(wait=True)  # on disk (offline) or sent before the next round: a kill loses none
+        # Offline: on disk before the next round, so a kill loses none. Online: sent in the
+        # background; a server that goes away mid-run must not hold the round up.
+        log.flush(wait=self.mode == "offline")
 
     @_guarded
     def report_event(self, rnd: int, kind: str, fields: dict) -> None:

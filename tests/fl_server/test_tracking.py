@@ -142,3 +142,50 @@ def test_import_needs_a_session(run):
     with pytest.raises(FileNotFoundError, match="no offline ClearML session"):
         tracking.import_offline(run)
     assert Path(run.clearml).exists() is False
+
+
+@pytest.fixture
+def silent_server():
+    """An address that accepts connections and never answers (a hung server, a black hole)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+@pytest.fixture
+def refusing_server():
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now: connections are refused
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("server", ["refusing_server", "silent_server"])
+def test_unreachable_server_costs_a_bounded_delay_then_offline(run, monkeypatch, request, server):
+    import time
+
+    host = request.getfixturevalue(server)
+    monkeypatch.setenv("CLEARML_API_HOST", host)
+    monkeypatch.setenv("CLEARML_WEB_HOST", host)
+    monkeypatch.setenv("CLEARML_FILES_HOST", host)
+    start = time.monotonic()
+    t = tracking.Tracker.start(cfg("tracking.mode=online", "tracking.connect_timeout=2"), run)
+    waited = time.monotonic() - start
+    # ClearML's own client retried such a server for minutes (9 of 240 retries in 400 s).
+    assert waited < 30, waited
+    assert t.mode == "offline" and t.task_id.startswith("offline-")
+    (err,) = [e for e in read_jsonl(run.events) if e["kind"] == "tracker_error"]
+    assert err["method"] == "connect" and err["fallback"] == "offline" and host in err["error"]
+    expected = "did not answer within 2 s" if server == "silent_server" else "unreachable"
+    assert expected in err["error"]
+    t.report_round(RECORD)
+    line = t.finish({"status": "completed", "best": None, "final": None, "best_checkpoint": None})
+    assert "fedyolo clearml-import" in line  # the session is kept for import
+    assert tracking.offline_scalars(run)[("mAP", "mAP50-95")] == {1: 0.138}
