@@ -8,6 +8,7 @@ Originals are never modified: repaired labels are written as copies under ``work
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import io
@@ -24,7 +25,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile
 
-from fl_client.data.errors import DataError
+from fl_client.data.errors import DataError, Issue
 from fl_client.data.formats import Dataset, Sample, is_image, label_path_for
 from fl_client.data.labels import LabelLineError, format_box, numbered_lines, parse_line
 
@@ -41,6 +42,9 @@ ISSUE_KINDS: tuple[str, ...] = (
     "duplicate_label",
     "background",
     "orphan_label",
+    "unknown_category",
+    "outside_dataset",
+    "exif_rotated",
 )
 ACTIONS: tuple[str, ...] = ("skipped", "repaired", "kept")
 
@@ -48,17 +52,6 @@ _MIN_SIDE = 1e-4  # normalised; a box side below this is degenerate (sub-pixel a
 _TOLERANCE = 1e-6  # coordinates this far outside [0, 1] are float noise, not an issue
 _JPEG_EOI = b"\xff\xd9"
 _LOG_EVERY = 1000
-
-
-@dataclass(frozen=True)
-class Issue:
-    """One finding: what (``kind``), where (``path``, 1-based ``line``), and what was done."""
-
-    kind: str
-    path: str
-    line: int | None
-    detail: str
-    action: str  # skipped | repaired | kept
 
 
 @dataclass
@@ -95,23 +88,28 @@ class CheckReport:
         path.write_text(self.to_json() + "\n")
         return path
 
-    def summary(self) -> str:
-        """A short human table: one row per issue kind found, with the actions taken."""
+    def summary(self, examples: int = 3) -> str:
+        """A short human table: one row per issue kind found, the actions taken, and the
+        first ``examples`` findings of each kind (file, line, what was wrong)."""
         head = f"dataset {self.root}: {self.num_images} images, {len(self.usable)} usable"
         if not self.issues:
             return f"{head}, no issues"
-        actions: dict[str, set[str]] = {}
+        by_kind: dict[str, list[Issue]] = {}
         for issue in self.issues:
-            actions.setdefault(issue.kind, set()).add(issue.action)
-        rows = [
-            f"{'kind':<20} {'count':>6}  action",
-            *(
-                f"{kind:<20} {count:>6}  {'/'.join(sorted(actions[kind]))}"
-                for kind, count in self.counts.items()
-                if count
-            ),
-        ]
-        return "\n".join([head, *rows])
+            by_kind.setdefault(issue.kind, []).append(issue)
+        rows = [head, f"{'kind':<20} {'count':>6}  action"]
+        for kind in ISSUE_KINDS:
+            found = by_kind.get(kind)
+            if not found:
+                continue
+            actions = "/".join(sorted({i.action for i in found}))
+            rows.append(f"{kind:<20} {len(found):>6}  {actions}")
+            for i in found[:examples]:
+                where = i.path if i.line is None else f"{i.path}:{i.line}"
+                rows.append(f"    {where}: {i.detail}")
+            if len(found) > examples:
+                rows.append(f"    ... and {len(found) - examples} more (all in the JSON report)")
+        return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------- public
@@ -130,6 +128,7 @@ def check_dataset(ds: Dataset, work_dir: Path | None = None, repair: bool = True
     if not ds.samples:
         raise DataError(f"dataset {ds.root}: no usable images (no images found)")
     report = CheckReport(root=ds.root, num_images=len(ds.samples))
+    report.issues.extend(ds.issues)  # found while loading (COCO: categories, paths, EXIF)
     repaired_dir = Path(work_dir) if work_dir is not None else None
     for index, sample in enumerate(ds.samples):
         usable = _check_sample(index, sample, ds, repaired_dir, repair, report.issues)
@@ -230,17 +229,14 @@ def check_image(path: Path) -> Issue | None:
             return Issue("truncated_image", str(path), None, _one_line(exc), "skipped")
         if _cv2_decodes(data):  # a format Pillow lacks but OpenCV (and so Ultralytics) reads
             return None
-        return Issue(
-            "unreadable_image", str(path), None, f"cannot decode: {_one_line(exc)}", "skipped"
-        )
+        return Issue("unreadable_image", str(path), None, _undecodable(data, exc), "skipped")
     except ImportError as exc:
         # Ultralytics patches Image.open to retry unidentified files with pi-heif; without it
-        # installed that surfaces as an ImportError: the file is as unidentifiable as above.
+        # installed that surfaces as "No module named 'pi_heif'" for ANY unidentified file, a
+        # text file named .jpg included: say what the file is instead.
         if _cv2_decodes(data):
             return None
-        return Issue(
-            "unreadable_image", str(path), None, f"cannot decode: {_one_line(exc)}", "skipped"
-        )
+        return Issue("unreadable_image", str(path), None, _undecodable(data, exc), "skipped")
     except (ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return Issue(
             "unreadable_image", str(path), None, f"cannot decode: {_one_line(exc)}", "skipped"
@@ -263,6 +259,36 @@ def _strict_pil() -> Iterator[None]:
         yield
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _undecodable(data: bytes, exc: BaseException) -> str:
+    """What an undecodable file is: damaged image data, HEIC without its codec, or no image."""
+    fmt = next((name for magic, name in _MAGIC if data.startswith(magic)), None)
+    if fmt is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        fmt = "WebP"
+    if fmt is not None:
+        return f"cannot decode: damaged {fmt} data ({_one_line(exc)})"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif"):
+        return f"cannot decode: {data[8:12].decode()} image; reading it needs the pi-heif package"
+    head = data[:64]
+    try:  # incremental: a multi-byte character cut at byte 64 is not an error
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        shown = " ".join(text.split())[:40]
+        return f"not an image: the file holds text ({shown!r}...)"
+    return f"not an image: unknown format (first bytes {head[:8].hex(' ')})"
 
 
 def _cv2_decodes(data: bytes) -> bool:

@@ -1,4 +1,6 @@
-"""The one exception type for a user's data mistakes."""
+"""The one exception type for a user's data mistakes, and the record of one finding."""
+
+from dataclasses import dataclass
 
 
 class DataError(ValueError):
@@ -7,3 +9,14 @@ class DataError(ValueError):
     The message is a single line naming the offending thing and what was expected,
     so command-line tools can print it instead of a traceback.
     """
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One finding: what (``kind``), where (``path``, 1-based ``line``), and what was done."""
+
+    kind: str
+    path: str
+    line: int | None
+    detail: str
+    action: str  # skipped | repaired | kept

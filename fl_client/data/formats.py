@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from fl_client.data.errors import DataError
+from fl_client.data.errors import DataError, Issue
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,16 @@ class Sample:
 
 @dataclass
 class Dataset:
-    """A loaded dataset: class names, samples in a stable order, and where it lives."""
+    """A loaded dataset: class names, samples in a stable order, and where it lives.
+
+    ``issues``: what loading found and did (a COCO box of an unknown category dropped, an image
+    outside the dataset skipped, an EXIF-rotated image's boxes turned); the data check reports them.
+    """
 
     names: list[str]
     samples: list[Sample]
     root: Path
+    issues: list[Issue] = field(default_factory=list)
 
     @property
     def nc(self) -> int:
@@ -198,13 +203,18 @@ def _read_yaml(yaml_path: Path) -> dict[str, Any]:
 
 
 def _parse_names(config: dict[str, Any], yaml_path: Path) -> list[str]:
-    """Class names from a list or an ``{id: name}`` mapping (ids must be 0..nc-1)."""
-    names = config.get("names")
-    if names is None and isinstance(config.get("nc"), int):
-        return [str(i) for i in range(config["nc"])]
+    """Class names from a list or an ``{id: name}`` mapping (ids must be 0..nc-1).
+
+    An ``nc`` that disagrees with ``names`` is an error naming both (Ultralytics refuses it too).
+    """
+    names, nc = config.get("names"), config.get("nc")
+    if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 1):
+        raise DataError(f"dataset {yaml_path}: nc must be a positive integer, got {nc!r}")
+    if names is None and nc is not None:
+        return [str(i) for i in range(nc)]
     if isinstance(names, list) and names:
-        return [str(n) for n in names]
-    if isinstance(names, dict) and names:
+        parsed = [str(n) for n in names]
+    elif isinstance(names, dict) and names:
         try:
             by_id = {int(k): str(v) for k, v in names.items()}
         except (TypeError, ValueError) as exc:
@@ -213,10 +223,17 @@ def _parse_names(config: dict[str, Any], yaml_path: Path) -> list[str]:
             raise DataError(
                 f"dataset {yaml_path}: names ids must be 0..{len(by_id) - 1}, got {sorted(by_id)}"
             )
-        return [by_id[i] for i in range(len(by_id))]
-    raise DataError(
-        f"dataset {yaml_path}: missing 'names' (a list or {{id: name}} mapping of classes)"
-    )
+        parsed = [by_id[i] for i in range(len(by_id))]
+    else:
+        raise DataError(
+            f"dataset {yaml_path}: missing 'names' (a list or {{id: name}} mapping of classes)"
+        )
+    if nc is not None and nc != len(parsed):
+        raise DataError(
+            f"dataset {yaml_path}: nc is {nc} but names lists {len(parsed)} classes "
+            f"({', '.join(parsed[:8])}{', ...' if len(parsed) > 8 else ''}); make them agree"
+        )
+    return parsed
 
 
 def _yaml_root(config: dict[str, Any], yaml_path: Path) -> Path:
@@ -340,7 +357,11 @@ def user_cache_dir() -> Path:
 
 
 def _load_coco_dataset(json_path: Path, cache_dir: Path) -> Dataset:
-    """COCO detection JSON: boxes converted to YOLO labels in a cache outside the dataset."""
+    """COCO detection JSON: boxes converted to YOLO labels in a cache outside the dataset.
+
+    Boxes are normalised in the frame the model sees: OpenCV (and so Ultralytics) applies an
+    image's EXIF orientation when decoding it.
+    """
     import hashlib
 
     json_path = json_path.absolute()
@@ -348,7 +369,8 @@ def _load_coco_dataset(json_path: Path, cache_dir: Path) -> Dataset:
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     cat_index = {c["id"]: i for i, c in enumerate(categories)}
     names = [str(c.get("name", c["id"])) for c in categories]
-    boxes = _coco_boxes_by_image(coco["annotations"], cat_index, json_path)
+    issues: list[Issue] = []
+    boxes = _coco_boxes_by_image(coco["annotations"], cat_index, json_path, issues)
     key = hashlib.sha256(str(json_path).encode()).hexdigest()[:12]  # one folder per JSON file
     cache = cache_dir.expanduser().resolve() / COCO_CACHE_DIR / f"{json_path.stem}-{key}"
     cache.mkdir(parents=True, exist_ok=True)
@@ -357,25 +379,34 @@ def _load_coco_dataset(json_path: Path, cache_dir: Path) -> Dataset:
     for entry in coco["images"]:
         image = _resolve_coco_image(str(entry["file_name"]), json_path.parent)
         if image is None:
-            log.warning(
-                "%s: image %r has file_name %r outside the dataset folder; skipped",
-                json_path,
-                entry.get("id"),
-                entry["file_name"],
+            issues.append(
+                Issue(
+                    "outside_dataset",
+                    str(json_path),
+                    None,
+                    f"image {entry.get('id')!r}: file_name {entry['file_name']!r} "
+                    f"is outside the dataset folder {json_path.parent}",
+                    "skipped",
+                )
             )
             continue
         label = None
         lines = boxes.get(entry["id"], [])
         if lines:
-            width, height = _coco_image_size(entry, image, json_path)
-            label = cache / _coco_label_name(entry)
-            _write_atomic(label, "".join(_coco_line(c, b, width, height) for c, b in lines))
-            written.add(label)
+            frame = _coco_frame(entry, image, issues)
+            if frame is _SKIP:
+                continue
+            if frame is not None:
+                label = cache / _coco_label_name(entry)
+                _write_atomic(label, "".join(_coco_line(c, frame(b)) for c, b in lines))
+                written.add(label)
         attrs = {"domain": str(entry.get("domain", split))}
         samples.append(Sample(image=image, label=label, split=split, attrs=attrs))
     _remove_stale(cache, written)
+    for issue in issues:
+        log.warning("%s: %s (%s)", issue.path, issue.detail, issue.action)
     log.info("loaded %d images (%d classes) from COCO %s", len(samples), len(names), json_path)
-    return Dataset(names=names, samples=samples, root=json_path.parent.resolve())
+    return Dataset(names=names, samples=samples, root=json_path.parent.resolve(), issues=issues)
 
 
 def _read_coco(json_path: Path) -> dict[str, Any]:
@@ -398,22 +429,58 @@ def _read_coco(json_path: Path) -> dict[str, Any]:
 
 
 def _coco_boxes_by_image(
-    annotations: Iterable[dict[str, Any]], cat_index: dict[Any, int], json_path: Path
+    annotations: Iterable[dict[str, Any]],
+    cat_index: dict[Any, int],
+    json_path: Path,
+    issues: list[Issue],
 ) -> dict[Any, list[tuple[int, list[float]]]]:
-    """Group non-crowd boxes by image id, with category ids remapped to 0..nc-1."""
+    """Group non-crowd boxes by image id, with category ids remapped to 0..nc-1.
+
+    A box of a category the file does not define, or without a 4-number bbox, is dropped
+    and recorded (its image keeps its other boxes).
+    """
     boxes: dict[Any, list[tuple[int, list[float]]]] = {}
     for ann in annotations:
         if ann.get("iscrowd", 0):
             continue
-        if ann.get("category_id") not in cat_index or len(ann.get("bbox", [])) != 4:
-            log.warning(
-                "%s: annotation %s has an unknown category or no bbox; skipped",
-                json_path,
-                ann.get("id"),
+        where = f"annotation {ann.get('id')!r} of image {ann.get('image_id')!r}"
+        if ann.get("category_id") not in cat_index:
+            issues.append(
+                Issue(
+                    "unknown_category",
+                    str(json_path),
+                    None,
+                    f"{where}: category_id {ann.get('category_id')!r} is not in categories; "
+                    "box dropped",
+                    "skipped",
+                )
             )
             continue
-        boxes.setdefault(ann["image_id"], []).append((cat_index[ann["category_id"]], ann["bbox"]))
+        bbox = ann.get("bbox")
+        if not _is_box(bbox):
+            issues.append(
+                Issue(
+                    "bad_value",
+                    str(json_path),
+                    None,
+                    f"{where}: bbox {bbox!r} is not [x, y, width, height]; box dropped",
+                    "skipped",
+                )
+            )
+            continue
+        boxes.setdefault(ann["image_id"], []).append((cat_index[ann["category_id"]], bbox))
     return boxes
+
+
+def _is_box(bbox: Any) -> bool:
+    import math
+
+    return (
+        isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
+        and all(math.isfinite(v) for v in bbox)
+    )
 
 
 def _resolve_coco_image(file_name: str, folder: Path) -> Path | None:
@@ -435,18 +502,96 @@ def _resolve_coco_image(file_name: str, folder: Path) -> Path | None:
     return candidates[0]  # missing: the data check reports it as unreadable
 
 
-def _coco_image_size(entry: dict[str, Any], image: Path, json_path: Path) -> tuple[float, float]:
-    if entry.get("width") and entry.get("height"):
-        return float(entry["width"]), float(entry["height"])
+_SKIP = object()
+
+# EXIF orientation -> the box (x, y, w, h) in the stored W x H frame, in the displayed frame.
+_ORIENT = {
+    2: lambda x, y, w, h, W, H: (W - x - w, y, w, h),
+    3: lambda x, y, w, h, W, H: (W - x - w, H - y - h, w, h),
+    4: lambda x, y, w, h, W, H: (x, H - y - h, w, h),
+    5: lambda x, y, w, h, W, H: (y, x, h, w),
+    6: lambda x, y, w, h, W, H: (H - y - h, x, h, w),
+    7: lambda x, y, w, h, W, H: (H - y - h, W - x - w, h, w),
+    8: lambda x, y, w, h, W, H: (y, W - x - w, h, w),
+}
+
+
+def _coco_frame(entry: dict[str, Any], image: Path, issues: list[Issue]):
+    """A function from a COCO bbox to ``(cx, cy, w, h)`` normalised in the displayed frame.
+
+    The displayed frame is the stored image turned by its EXIF orientation: what OpenCV, and so
+    Ultralytics, trains on. COCO ``width``/``height`` give the frame the boxes were drawn in (a
+    uniformly resized copy of the images keeps its boxes right). Of the shape of the displayed
+    image: used as they are. Of the shape of the stored pixels only (a turned image): the boxes
+    are turned with the image (``exif_rotated``, repaired). Of neither: the boxes cannot be
+    placed and the image is skipped (``_SKIP``, recorded in ``issues``). None for an unreadable
+    image: no label is written and the data check names it.
+    """
     try:
         from PIL import Image
 
         with Image.open(image) as im:
-            return float(im.width), float(im.height)
-    except OSError as exc:
-        raise DataError(
-            f"dataset {json_path}: image {image} has no width/height and cannot be read"
-        ) from exc
+            W, H = (float(v) for v in im.size)
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - the data check names an unreadable image
+        return None
+    turn = _ORIENT.get(orientation)
+    shown = (H, W) if orientation >= 5 and turn else (W, H)
+    dw, dh = entry.get("width"), entry.get("height")
+    declared = (float(dw), float(dh)) if _positive(dw) and _positive(dh) else None
+    frame = declared or shown
+    if declared is not None and not _same_shape(declared, shown):
+        if turn is not None and _same_shape(declared, (W, H)):
+            issues.append(
+                Issue(
+                    "exif_rotated",
+                    str(image),
+                    None,
+                    f"EXIF orientation {orientation}: COCO {dw}x{dh} is the stored frame, "
+                    f"the image is shown {shown[0]:g}x{shown[1]:g}; boxes turned with the image",
+                    "repaired",
+                )
+            )
+            dW, dH = declared
+            size = (dH, dW) if orientation >= 5 else (dW, dH)
+            return lambda b: _normalised(turn(*(float(v) for v in b), dW, dH), *size)
+        issues.append(
+            Issue(
+                "bad_value",
+                str(image),
+                None,
+                f"COCO width x height {dw}x{dh} has another shape than the image "
+                f"({shown[0]:g}x{shown[1]:g} as shown); image skipped (its boxes cannot be placed)",
+                "skipped",
+            )
+        )
+        return _SKIP
+    if turn is not None:
+        issues.append(
+            Issue(
+                "exif_rotated",
+                str(image),
+                None,
+                f"EXIF orientation {orientation}: stored {W:g}x{H:g}, shown "
+                f"{shown[0]:g}x{shown[1]:g}; boxes taken as drawn on the shown image",
+                "kept",
+            )
+        )
+    return lambda b: _normalised(b, *frame)
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+
+
+def _same_shape(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Same aspect ratio within 2% (a resized copy keeps its shape up to rounding)."""
+    return abs(a[0] / a[1] - b[0] / b[1]) <= 0.02 * (b[0] / b[1])
+
+
+def _normalised(box, width: float, height: float) -> tuple[float, float, float, float]:
+    x, y, w, h = (float(v) for v in box)
+    return (x + w / 2) / width, (y + h / 2) / height, w / width, h / height
 
 
 def _coco_label_name(entry: dict[str, Any]) -> str:
@@ -465,10 +610,9 @@ def _coco_label_name(entry: dict[str, Any]) -> str:
     return f"{safe}.txt"
 
 
-def _coco_line(cls: int, bbox: list[float], width: float, height: float) -> str:
-    x, y, w, h = (float(v) for v in bbox)
-    cx, cy = (x + w / 2) / width, (y + h / 2) / height
-    return f"{cls} {cx:.6f} {cy:.6f} {w / width:.6f} {h / height:.6f}\n"
+def _coco_line(cls: int, box: tuple[float, float, float, float]) -> str:
+    cx, cy, w, h = box
+    return f"{cls} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n"
 
 
 def _split_from_name(stem: str) -> str:

@@ -139,8 +139,21 @@ def test_meta_jsonl_attrs_from_synthetic_data(synth_yaml: Path) -> None:
     assert set(DOMAINS) >= {s.attrs["domain"] for s in ds.samples}
 
 
+def _image(path: Path, width: int, height: int, orientation: int = 1) -> Path:
+    """A JPEG of width x height stored pixels, with an EXIF orientation tag unless it is 1."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", (width, height), (90, 120, 30))
+    exif = im.getexif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    im.save(path, "JPEG", exif=exif.tobytes())
+    return path
+
+
 def _coco(tmp_path: Path, write_jpeg: Callable[..., Path]) -> Path:
-    write_jpeg(tmp_path / "images" / "a.jpg", size=16)
+    _image(tmp_path / "images" / "a.jpg", 50, 100)  # a half-size copy of the annotated 100x200
     write_jpeg(tmp_path / "images" / "b.jpg", size=16)
     coco = {
         "images": [
@@ -202,6 +215,92 @@ def test_coco_ids_and_file_names_cannot_leave_their_folders(
     assert only.label is not None and only.label.resolve().is_relative_to(cache.resolve())
     assert "/" not in only.label.name and ".." not in only.label.name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "outside.jpg"]
+    outside = [i for i in ds.issues if i.kind == "outside_dataset"]  # and the report says so
+    assert [i.action for i in outside] == ["skipped", "skipped"]
+    assert "'../outside.jpg' is outside the dataset folder" in outside[0].detail
+
+
+def test_coco_unknown_categories_and_bad_boxes_are_dropped_and_reported(
+    tmp_path: Path, write_jpeg: Callable[..., Path]
+) -> None:
+    write_jpeg(tmp_path / "images" / "a.jpg", size=16)
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 16, "height": 16}],
+        "categories": [{"id": 1, "name": "car"}],
+        "annotations": [
+            {"id": 10, "image_id": 1, "category_id": 1, "bbox": [0, 0, 8, 8]},
+            {"id": 11, "image_id": 1, "category_id": 99, "bbox": [8, 8, 4, 4]},
+            {"id": 12, "image_id": 1, "category_id": 1, "bbox": [1, 2, "x", 4]},
+        ],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    ds = load_dataset(tmp_path / "c.json", cache_dir=tmp_path / "cache")
+    (a,) = ds.samples
+    assert a.label.read_text() == "0 0.250000 0.250000 0.500000 0.500000\n"  # the car stays
+    unknown, bad = ds.issues
+    assert unknown.kind == "unknown_category" and unknown.action == "skipped"
+    assert "annotation 11 of image 1: category_id 99 is not in categories" in unknown.detail
+    assert bad.kind == "bad_value" and "annotation 12" in bad.detail
+
+    from fl_client.data import check_dataset
+
+    report = check_dataset(ds)  # the loading findings are in the data check's report
+    assert report.counts["unknown_category"] == 1 and report.counts["bad_value"] == 1
+    assert "category_id 99" in report.summary()
+
+
+@pytest.mark.parametrize(
+    ("declared", "issue"),
+    [
+        ((80, 40), ("exif_rotated", "repaired")),  # boxes drawn on the stored 80x40 pixels
+        ((40, 80), ("exif_rotated", "kept")),  # boxes drawn on the image as shown, 40x80
+        ((None, None), ("exif_rotated", "kept")),
+        ((100, 30), ("bad_value", "skipped")),  # neither shape: the boxes cannot be placed
+    ],
+)
+def test_coco_boxes_follow_the_exif_orientation(tmp_path: Path, declared, issue) -> None:
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    stored = np.zeros((40, 80, 3), np.uint8)  # 80 wide, 40 high; a white car at x 16..32, y 8..16
+    stored[8:16, 16:32] = 255
+    image = tmp_path / "images" / "r.jpg"
+    image.parent.mkdir(parents=True)
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(stored).save(image, "JPEG", quality=95, exif=exif.tobytes())
+    shown = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)  # what Ultralytics trains on
+    assert shown.shape == (80, 40)
+    ys, xs = np.nonzero(shown > 128)
+    car = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]  # in shown px
+
+    entry = {"id": 1, "file_name": "r.jpg"}
+    if declared[0]:
+        entry |= {"width": declared[0], "height": declared[1]}
+    box = [16, 8, 16, 8] if declared == (80, 40) else [int(v) for v in car]
+    coco = {
+        "images": [entry],
+        "categories": [{"id": 1, "name": "car"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": box}],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    ds = load_dataset(tmp_path / "c.json", cache_dir=tmp_path / "cache")
+    assert [(i.kind, i.action) for i in ds.issues] == [issue]
+    if issue[1] == "skipped":
+        assert ds.samples == []
+        return
+    (sample,) = ds.samples
+    cx, cy, w, h = (float(v) for v in sample.label.read_text().split()[1:])
+    label_px = [(cx - w / 2) * 40, (cy - h / 2) * 80, w * 40, h * 80]
+    assert label_px == pytest.approx(car, abs=1.0)  # the label sits on the car OpenCV shows
+
+
+def test_nc_that_disagrees_with_names_names_both(tmp_path: Path, write_jpeg) -> None:
+    write_jpeg(tmp_path / "images" / "a.jpg", size=16)
+    _write_yaml(tmp_path / "data.yaml", {"nc": 3, "names": ["car", "bus"], "train": "images"})
+    with pytest.raises(DataError, match=r"nc is 3 but names lists 2 classes \(car, bus\)"):
+        load_dataset(tmp_path / "data.yaml")
 
 
 @pytest.mark.parametrize(
