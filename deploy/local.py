@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,18 +132,40 @@ class ProcessGroup:
         return found
 
 
-@contextlib.contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit so ``finally`` blocks tear the processes down."""
+STOP_GRACE = 60.0  # seconds the ServerApp gets to end the run `interrupted` before the kill
 
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class _Stop:
+    """Ctrl-C/SIGTERM while the federation runs: the first asks the ServerApp to end the run
+    ``interrupted`` (its ``StopFile``), the second leaves at once; before the federation
+    started, the first leaves at once. Either way ``finally`` tears every process down."""
+
+    def __init__(self, marker: Path):
+        from fl_server.run_dir import StopFile
+
+        self.flag = StopFile(marker)
+        self.flag.clear()  # left by an earlier interrupted run of this directory
+        self.following = False
+        self.asked_at: float | None = None
+
+    def handler(self, signum: int, frame: object) -> None:
+        if not self.following or self.asked_at is not None:
+            raise KeyboardInterrupt
+        LOGGER.warning("%s: stopping the run (Ctrl-C again to leave now)", signal.strsignal(signum))
+        self.asked_at = time.monotonic()
+        self.flag.set()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Stop]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals reach the main thread only: the caller handles them there
+            return
+        previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -189,7 +212,7 @@ def run_local_deployment(
     # which evaluates the global model while the clients wait) keeps the machine's default.
     client_env = {**env, "OMP_NUM_THREADS": str(client_threads)}
     group = ProcessGroup(run_dir / "logs", flwr_home=str(flwr_home))
-    with _sigterm_as_exit():
+    with _Stop(run_dir / ".interrupt").installed() as stop:
         try:
             link = group.start(
                 "superlink",
@@ -249,7 +272,8 @@ def run_local_deployment(
                 ],
                 env,
             )
-            _follow(runner, run_dir, before)
+            stop.following = True
+            _follow(runner, run_dir, before, stop)
         finally:
             group.stop()
 
@@ -323,8 +347,13 @@ def engine(run, cfg) -> None:
     )
 
 
-def _follow(runner: subprocess.Popen, run_dir: Path, before: int) -> None:
-    """Wait for ``flwr run`` to end: a ``run_end`` event after the first ``before`` events."""
+def _follow(runner: subprocess.Popen, run_dir: Path, before: int, stop: _Stop) -> None:
+    """Wait for ``flwr run`` to end: a ``run_end`` event after the first ``before`` events.
+
+    After a Ctrl-C/SIGTERM the ServerApp ends the run ``interrupted`` and this raises
+    ``KeyboardInterrupt`` (the CLI exits 130); a ServerApp that has not ended within
+    ``STOP_GRACE`` seconds is killed with the rest.
+    """
     import json
 
     from fl_server.hooks import STOP_STATUSES
@@ -334,7 +363,12 @@ def _follow(runner: subprocess.Popen, run_dir: Path, before: int) -> None:
     while runner.poll() is None:
         if any(e["kind"] == "run_end" for e in read_jsonl(run_dir / "events.jsonl")[before:]):
             break
-        time.sleep(1.0)
+        if stop.asked_at is not None and time.monotonic() - stop.asked_at > STOP_GRACE:
+            LOGGER.warning("the ServerApp did not stop within %.0f s: killing it", STOP_GRACE)
+            break
+        time.sleep(0.5)
+    if stop.asked_at is not None:
+        raise KeyboardInterrupt
     status = json.loads(summary.read_text()).get("status") if summary.exists() else None
     if status not in ("completed", *STOP_STATUSES):  # stopped/pruned: by design (guard, hooks)
         raise RuntimeError(

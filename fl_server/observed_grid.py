@@ -18,7 +18,6 @@ per-client bookkeeping and the same update hygiene:
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -109,8 +108,9 @@ class ObservedGrid(Grid):
         self.rounds: dict[int, RoundLog] = {}
         self.excluded: set[str] = set()  # client ids left out of sampling (drift guard policy)
         self.keep_updates = False
-        # set by an engine that turns Ctrl-C/SIGTERM into a clean stop (fl_server.simulation)
-        self.interrupt: threading.Event | None = None
+        # set by an engine that turns Ctrl-C/SIGTERM into a clean stop: a threading.Event
+        # (fl_server.simulation) or a run_dir.StopFile (the deployment engine)
+        self.interrupt = None
 
     # -- the Grid interface, delegated -------------------------------------------------------
     def __getattr__(self, name: str) -> Any:  # anything else a Grid offers (e.g. get_nodes)

@@ -37,7 +37,7 @@ from fl_server import config as config_mod
 from fl_server import hooks as hooks_mod
 from fl_server.guard import Attribution, Guard, attribute
 from fl_server.observed_grid import Interrupted, ObservedGrid
-from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter
+from fl_server.run_dir import METRIC_KEYS, RunDir, StopFile, SummaryWriter
 from strategies import build_strategy
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -52,7 +52,8 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = str(context.run_config.get("run-dir", ""))
     if not run_dir:
         raise ValueError("run config 'run-dir' is empty: start runs with `fedyolo run`")
-    serve(grid, Path(run_dir))
+    # the deployment engine (deploy/local.py) turns Ctrl-C/SIGTERM into this file
+    serve(grid, Path(run_dir), StopFile(RunDir(Path(run_dir)).interrupt))
 
 
 def server_app_for(run_dir: Path, interrupt: threading.Event | None = None) -> ServerApp:
@@ -572,7 +573,7 @@ def _restored_note(st: dict) -> str:
     return "restored" if not skipped else f"restored except {', '.join(skipped)} (not data)"
 
 
-def serve(grid: Grid, run_path: Path, interrupt: threading.Event | None = None) -> None:
+def serve(grid: Grid, run_path: Path, interrupt: threading.Event | StopFile | None = None) -> None:
     """Run (or resume) the whole federation for the prepared run directory ``run_path``.
 
     An ``interrupt`` (Ctrl-C/SIGTERM, set by the engine) abandons the round in progress and

@@ -101,3 +101,18 @@ def check_run_dir(run: Path, rounds: int, clients: int, kept_state: bool = False
     best = max(initial + lines, key=lambda r: r["map50_95"])  # ties: the earlier round
     assert summary["best"]["round"] == best["round"]
     return lines
+
+
+def check_interrupted(run: Path) -> int:
+    """A run stopped by Ctrl-C/SIGTERM tells the truth: ``interrupted``, no invented failures,
+    every finished round recorded once. Returns the rounds it completed."""
+    from fl_server.run_dir import read_jsonl
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    done = summary["rounds_completed"]
+    events = read_jsonl(run / "events.jsonl")
+    assert not [e for e in events if e["kind"] in ("client_failed", "round_failed")], events
+    assert events[-1]["kind"] == "run_end" and events[-1]["status"] == "interrupted"
+    assert [r["round"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, done + 1))
+    return done

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from e2e_helpers import check_run_dir, fedyolo, start_fedyolo, tiny_run_args
+from e2e_helpers import check_interrupted, check_run_dir, fedyolo, start_fedyolo, tiny_run_args
 
 pytestmark = pytest.mark.e2e
 
@@ -49,37 +49,37 @@ def test_deployment_run_completes_and_leaves_no_process(tmp_path):
     assert flower_processes(run) == []
 
 
-def test_interrupted_deployment_run_stops_every_process(tmp_path):
+def test_ctrl_c_ends_the_deployment_run_interrupted_and_it_resumes(tmp_path):
+    from fl_server.run_dir import read_jsonl
+
     run = tmp_path / "runs" / "stop"
-    args = tiny_run_args(tmp_path, "stop", "federation.rounds=50", "engine=local-deployment")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fl_server.cli", *args],
-        cwd=tmp_path,
-        env={**os.environ, "YOLO_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        # A shell without job control starts background jobs with SIGINT ignored, and Python
-        # keeps an inherited SIG_IGN: give the child Ctrl-C back, as a terminal would.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    args = tiny_run_args(
+        tmp_path, "stop", "federation.rounds=3", "federation.round_timeout=900",
+        "engine=local-deployment",
+    )  # fmt: skip
+    proc = start_fedyolo(args, tmp_path, ctrl_c=True, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
-        # Wait until the federation is really running (round 1 finished).
-        while time.monotonic() < deadline:
-            if (run / "metrics.jsonl").exists():
-                break
-            assert proc.poll() is None, "fedyolo exited before the first round"
-            time.sleep(1)
-        else:
-            pytest.fail("round 1 did not finish in time")
+        while not (run / "metrics.jsonl").exists():  # the federation really runs: round 1 done
+            assert proc.poll() is None and time.monotonic() < deadline, "no round 1"
+            time.sleep(0.5)
         assert flower_processes(run), "expected live Flower processes mid-run"
+        # Ctrl-C reaches the driver only: every Flower process runs in a session of its own.
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        _, err = proc.communicate(timeout=90)  # the round timeout is 900 s: not waited out
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    check_interrupted(run)  # the ServerApp, in the SuperLink's process tree, ended it
     time.sleep(1)
     assert flower_processes(run) == []
+
+    resumed = fedyolo(["run", f"resume={run}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["round"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert not (run / ".interrupt").exists()
 
 
 def test_the_deployment_is_tls_and_admits_only_registered_supernodes(tmp_path):
@@ -151,3 +151,5 @@ def test_the_deployment_is_tls_and_admits_only_registered_supernodes(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 raise
+            assert proc.returncode == 130  # SIGTERM, too, ends the run `interrupted`
+            check_interrupted(run)
