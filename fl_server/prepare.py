@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -113,30 +114,47 @@ def _versions() -> dict[str, str | None]:
 
 
 def prepare_run(cfg: DictConfig) -> RunDir:
-    """Create ``runs/<name>``: check and partition the data, write config and manifest."""
+    """Create ``runs/<name>``: check and partition the data, write config and manifest.
+
+    With ``output.overwrite=true`` an existing run is replaced only once the new data has
+    loaded, checked and partitioned: it is moved aside, the new run is written, and the old one
+    is deleted last (put back if writing the new one fails). A failure before that leaves the
+    old run as it was.
+    """
     run = RunDir(Path(str(cfg.output.dir)).expanduser().resolve() / run_name(cfg))
-    if run.path.exists() and any(run.path.iterdir()) and not cfg.output.overwrite:
+    replacing = run.path.exists() and any(run.path.iterdir())
+    if replacing and not cfg.output.overwrite:
         raise config_mod.ConfigError(
             f"run directory {run.path} already exists; choose another name= or set "
             "output.overwrite=true"
         )
-    if run.path.exists():
-        for f in (run.metrics, run.events, run.summary, run.best, run.last, run.state):
-            f.unlink(missing_ok=True)
-        shutil.rmtree(run.clearml, ignore_errors=True)
-    run.path.mkdir(parents=True, exist_ok=True)
+    staging = run.path.with_name(f".{run.path.name}.preparing")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        source, ds, report, part = _checked_data(cfg, staging / "repaired_labels")
+        aside = run.path.with_name(f".{run.path.name}.replaced") if replacing else None
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(run.path, aside)
+        try:
+            _write_run(cfg, run, source, ds, report, part, staging / "repaired_labels")
+        except BaseException:
+            if aside is not None:
+                shutil.rmtree(run.path, ignore_errors=True)
+                os.replace(aside, run.path)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return run
 
+
+def _checked_data(cfg: DictConfig, repaired: Path):
+    """The dataset loaded, checked (repaired label copies in ``repaired``) and partitioned."""
     source = Path(str(cfg.data.path)).expanduser() if cfg.data.path else synth_dataset(cfg)
     ds = load_dataset(source, cache_dir=Path(str(cfg.data.cache_dir)).expanduser())
-    report = check_dataset(ds, work_dir=run.data / "repaired_labels", repair=True)
-    report.write(run.path / "data_check.json")
-    if report.issues:
-        LOGGER.warning(
-            "data check: %d issue(s), see %s\n%s",
-            len(report.issues),
-            run.path / "data_check.json",
-            report.summary(),
-        )
+    report = check_dataset(ds, work_dir=repaired, repair=True)
     part = partition(
         report.usable,
         int(cfg.federation.clients),
@@ -146,8 +164,23 @@ def prepare_run(cfg: DictConfig) -> RunDir:
         server_val_fraction=float(cfg.data.server_val_fraction),
         client_val_fraction=float(cfg.data.client_val_fraction),
     )
+    return source, ds, report, part
+
+
+def _write_run(cfg, run: RunDir, source: Path, ds, report, part, repaired: Path) -> None:
+    run.path.mkdir(parents=True, exist_ok=True)
+    report.write(run.path / "data_check.json")
+    if report.issues:
+        LOGGER.warning(
+            "data check: %d issue(s), see %s\n%s",
+            len(report.issues),
+            run.path / "data_check.json",
+            report.summary(),
+        )
     part_manifest_path = write_partition(part, list(ds.names), run.data)
     part_manifest = json.loads(Path(part_manifest_path).read_text())
+    if repaired.is_dir():  # the cleaned label copies stay with the run, for the user to see
+        os.replace(repaired, run.data / "repaired_labels")
 
     run.config.write_text(config_mod.to_yaml(cfg))
     write_json(
@@ -178,7 +211,6 @@ def prepare_run(cfg: DictConfig) -> RunDir:
             },
         },
     )
-    return run
 
 
 __all__ = ["DataError", "prepare_run", "synth_dataset"]

@@ -50,3 +50,35 @@ def test_bad_files_are_reported_and_excluded_from_every_shard(tmp_path):
     )
     assert used == 38  # 40 images minus the unreadable and the truncated one
     assert manifest["data"]["check_issues"] == len(report["issues"])
+    assert sorted(p.name for p in (run.data / "repaired_labels").iterdir())  # kept with the run
+    assert sorted(p.name for p in run.path.parent.iterdir()) == ["r"]  # no staging left
+
+
+def test_overwrite_replaces_a_run_only_once_the_new_data_is_ready(tmp_path):
+    from fl_client.data import DataError
+
+    data_yaml = generate(tmp_path / "ds", 12, imgsz=64, seed=3, domains=["day"])
+    base = [f"output.dir={tmp_path / 'runs'}", "name=r", "federation.clients=2", "model=tiny"]
+    run = prepare_run(compose([*base, f"data.path={data_yaml}"]))
+    for f in (run.best, run.state, run.metrics, run.summary):
+        f.write_text("the old run's results")
+    before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+
+    broken = tmp_path / "broken" / "data.yaml"
+    broken.parent.mkdir()
+    broken.write_text("names: [a]\ntrain: nowhere\nval: nowhere\n")
+    overwrite = [*base, "output.overwrite=true"]
+    try:
+        prepare_run(compose([*overwrite, f"data.path={broken}"]))
+    except DataError as e:
+        assert "nowhere" in str(e)
+    else:
+        raise AssertionError("a dataset that does not load must fail")
+    # ... and the old run is exactly as it was
+    assert {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in run.path.parent.iterdir()) == ["r"]
+
+    again = prepare_run(compose([*overwrite, f"data.path={data_yaml}"]))
+    assert again.path == run.path and not run.best.exists() and not run.summary.exists()
+    assert run.manifest.exists() and (run.data / "manifest.json").exists()
+    assert sorted(p.name for p in run.path.parent.iterdir()) == ["r"]
