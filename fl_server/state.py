@@ -85,10 +85,19 @@ class _Encoder:
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
         self.skipped: list[str] = []  # data the format cannot hold (named in the resume event)
+        self._stored: dict[tuple, str] = {}  # content -> name: each distinct array stored once
 
     def array(self, a: np.ndarray) -> dict:
-        name = f"a{len(self.arrays)}"
-        self.arrays[name] = np.ascontiguousarray(a)
+        """A reference to ``a`` in the file; equal arrays (the best round's weights when it is
+        the current one, a strategy's copy of the global model) share one entry."""
+        import hashlib
+
+        a = np.ascontiguousarray(a)
+        key = (a.dtype.str, a.shape, hashlib.sha256(a.tobytes()).hexdigest())
+        name = self._stored.get(key)
+        if name is None:
+            name = self._stored[key] = f"a{len(self.arrays)}"
+            self.arrays[name] = a
         return {"__array__": name}
 
     def value(self, v: Any, where: str, depth: int = 0) -> Any:

@@ -232,6 +232,8 @@ class Tracker:
             self.task.mark_failed(status_reason="see events.jsonl")
         self.task.flush(wait_for_uploads=True)
         self.task.close()
+        if self.mode == "offline":
+            _drop_zipped_folder(self.run, str(self.task_id))
         if self.mode == "online":
             return f"ClearML: task {self.task_id} ({self.task.get_output_log_web_page()})."
         return (
@@ -291,6 +293,31 @@ def _record_session(run, task_id: str, folder: Path) -> None:
     os.replace(tmp, run.clearml / "sessions.json")
 
 
+def _drop_zipped_folder(run, task_id: str) -> None:
+    """ClearML leaves the session folder beside the zip it closed it into: keep one copy (the
+    zip, which the import and ``offline_scalars`` read; a killed process leaves the folder)."""
+    import shutil
+
+    for s in sessions(run):
+        folder = Path(s["folder"])
+        if s["task_id"] == task_id and Path(f"{folder}.zip").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _session_file(folder: Path, name: str) -> str | None:
+    """A file of an offline session, from its folder or, once closed, its zip."""
+    import zipfile
+
+    if (folder / name).is_file():
+        return (folder / name).read_text()
+    zipped = Path(f"{folder}.zip")
+    if zipped.is_file():
+        with zipfile.ZipFile(zipped) as z:
+            if name in z.namelist():
+                return z.read(name).decode()
+    return None
+
+
 def import_offline(run) -> str:
     """Import the run's offline sessions into the configured server as one task; its id.
 
@@ -319,10 +346,10 @@ def offline_scalars(run) -> dict[tuple[str, str], dict[int, float]]:
     """
     out: dict[tuple[str, str], dict[int, float]] = {}
     for s in sessions(run):
-        path = Path(s["folder"]) / "metrics.jsonl"
-        if not path.is_file():
+        text = _session_file(Path(s["folder"]), "metrics.jsonl")
+        if text is None:
             continue
-        for line in path.read_text().splitlines():
+        for line in text.splitlines():
             for ev in json.loads(line) if line.strip() else []:
                 if ev.get("type") == "training_stats_scalar":
                     series = out.setdefault((ev["metric"], ev["variant"]), {})

@@ -120,3 +120,18 @@ def test_best_and_last_checkpoints_share_one_copy_and_stay_independent(tmp_path)
     (tmp_path / "candidate.pt").write_bytes(b"round 4")
     os.replace(tmp_path / "candidate.pt", last)  # how the next accepted round arrives
     assert best.read_bytes() == b"round 3" and last.read_bytes() == b"round 4"
+
+
+def test_equal_arrays_are_stored_once_and_load_back_independent(tmp_path):
+    w = np.random.default_rng(0).normal(size=200_000).astype(np.float32)  # 800 kB
+    adam = FedAdam(eta=0.1)
+    adam.current_arrays = ArrayRecord({"w": Array(w.copy())})  # the strategy's copy of it
+    s = _state(adam) | {"weights": w, "best": (w.copy(), state.strategy_state(adam))}
+    path = tmp_path / state.FILENAME
+    state.save(path, s)
+    assert path.stat().st_size < 1.2 * w.nbytes  # once, not four times
+    loaded = state.load(path)
+    np.testing.assert_array_equal(loaded["weights"], w)
+    np.testing.assert_array_equal(loaded["best"][0], w)
+    loaded["weights"][0] += 1.0  # each a copy of its own
+    assert loaded["best"][0][0] == w[0]

@@ -74,6 +74,7 @@ def test_offline_session_holds_every_round_client_and_event(run):
     assert scalars[("events", "rollback")] == {3: 1.0}
     assert scalars[("guard", "rolled back")] == {1: 0.0, 2: 0.0, 3: 0.0}
     (session,) = tracking.sessions(run)
+    assert not Path(session["folder"]).exists()  # one copy of the session: its zip
     with zipfile.ZipFile(session["folder"] + ".zip") as z:
         names = z.namelist()
         task = json.loads(z.read("task.json"))
