@@ -114,7 +114,9 @@ class RunDir:
         tmp.write_text("".join(json.dumps(_clean(r)) + "\n" for r in rounds))
         os.replace(tmp, self.metrics)
 
-    def write_summary(self, rounds: list[dict], status: str) -> dict:
+    def write_summary(
+        self, rounds: list[dict], status: str, clearml_task: str | None = None
+    ) -> dict:
         """summary.json from the finished rounds, all on the server's held-out set.
 
         ``best``: the best accepted round by the drift guard's metric (what ``best.pt`` holds;
@@ -152,6 +154,7 @@ class RunDir:
             "best_checkpoint": str(self.best) if best is not None else None,
             "last_checkpoint": str(self.last),
             "total_seconds": sum(r.get("round_seconds", 0.0) for r in rounds),
+            "clearml_task": clearml_task,  # the run's ClearML task (offline-… until imported)
         }
         write_json(self.summary, summary)
         return summary

@@ -552,7 +552,8 @@ class Federation:
         run = self.run
         if not self.hooks:  # the run failed before its hooks started: still write its summary
             self.hooks = [SummaryWriter(run, [])]
-        summary = run.write_summary(run.rounds(), status=status)
+        task = self.tracker.task_id if self.tracker is not None else None
+        summary = run.write_summary(run.rounds(), status=status, clearml_task=task)
         try:
             run.write_plot(run.rounds())
         except Exception:  # a plot must never hide the run's outcome

@@ -74,6 +74,53 @@ def server_configured() -> bool:
     return any(p.is_file() for p in candidates)
 
 
+def resolve_mode(t, run) -> str:
+    """``online`` or ``offline`` for ``tracking.mode`` (``t``); an online server that cannot be
+    reached within ``t.connect_timeout`` means offline, with a ``tracker_error`` event."""
+    mode = str(t.mode)
+    if mode == "auto":
+        mode = "online" if server_configured() else "offline"
+    if mode == "online" and (why := unreachable(float(t.connect_timeout))):
+        LOGGER.warning("%s; tracking goes on offline into %s", why, run.clearml)
+        run.event(0, "tracker_error", method="connect", error=why, fallback="offline")
+        mode = "offline"
+    return mode
+
+
+def open_task(
+    run, mode: str, project: str, name: str, task_type: str = "training", continue_task=False
+):
+    """A ClearML task of this process, reporting through a thread; offline, its session goes
+    into ``run.clearml`` and is listed in ``sessions.json`` for ``fedyolo clearml-import``."""
+    from clearml import Task
+
+    from fl_server.clearml_adapter import use_reporting_thread
+
+    current = Task.current_task()
+    if current is not None:  # a task left open in this process (tests run many federations)
+        current.close()
+    offline = mode == "offline"
+    if offline:
+        # ClearML reads the cache dir at every use: the session goes into the run directory.
+        os.environ["CLEARML_CACHE_DIR"] = str(run.clearml)
+    Task.set_offline(offline)
+    use_reporting_thread(Task)
+    task = Task.init(
+        project_name=project,
+        task_name=name,
+        task_type=task_type,
+        reuse_last_task_id=False,
+        continue_last_task=continue_task,
+        auto_connect_frameworks=False,
+        auto_connect_arg_parser=False,
+        auto_connect_streams=False,
+        auto_resource_monitoring=False,
+    )
+    if offline:
+        _record_session(run, str(task.id), Path(task.get_offline_mode_folder()))
+    return task
+
+
 def unreachable(timeout: float) -> str | None:
     """Why the configured ClearML API server cannot be reached within ``timeout`` s; None if it can.
 
@@ -150,16 +197,9 @@ class Tracker:
     @classmethod
     def start(cls, cfg, run, resume_task_id: str | None = None) -> Tracker:
         """The run's tracker; a tracker that does nothing when off or when ClearML fails."""
-        t = cfg.tracking
-        if not bool(t.enabled):
+        if not bool(cfg.tracking.enabled):
             return cls(run)
-        mode = str(t.mode)
-        if mode == "auto":
-            mode = "online" if server_configured() else "offline"
-        if mode == "online" and (why := unreachable(float(t.connect_timeout))):
-            LOGGER.warning("%s; tracking goes on offline into %s", why, run.clearml)
-            run.event(0, "tracker_error", method="connect", error=why, fallback="offline")
-            mode = "offline"
+        mode = resolve_mode(cfg.tracking, run)
         try:
             return cls(run, _init_task(cfg, run, mode, resume_task_id), mode)
         except Exception as e:  # noqa: BLE001 - the run goes on without tracking
@@ -233,7 +273,7 @@ class Tracker:
         self.task.flush(wait_for_uploads=True)
         self.task.close()
         if self.mode == "offline":
-            _drop_zipped_folder(self.run, str(self.task_id))
+            drop_zipped_folder(self.run, str(self.task_id))
         if self.mode == "online":
             return f"ClearML: task {self.task_id} ({self.task.get_output_log_web_page()})."
         return (
@@ -243,38 +283,16 @@ class Tracker:
 
 
 def _init_task(cfg, run, mode: str, resume_task_id: str | None):
-    from clearml import Task
     from omegaconf import OmegaConf
 
-    from fl_server.clearml_adapter import use_reporting_thread
-
-    current = Task.current_task()
-    if current is not None:  # a task left open in this process (tests run many federations)
-        current.close()
     offline = mode == "offline"
-    if offline:
-        # ClearML reads the cache dir at every use: the session goes into the run directory.
-        os.environ["CLEARML_CACHE_DIR"] = str(run.clearml)
-    Task.set_offline(offline)
-    use_reporting_thread(Task)
-    continue_task = resume_task_id if (resume_task_id and not offline) else False
     name = str(cfg.tracking.task_name or run.path.name)
     if resume_task_id and offline:
         name += f" (resumed from {resume_task_id})"
-    task = Task.init(
-        project_name=str(cfg.tracking.project),
-        task_name=name,
-        reuse_last_task_id=False,
-        continue_last_task=continue_task,
-        auto_connect_frameworks=False,
-        auto_connect_arg_parser=False,
-        auto_connect_streams=False,
-        auto_resource_monitoring=False,
-    )
+    continue_task = resume_task_id if (resume_task_id and not offline) else False
+    task = open_task(run, mode, str(cfg.tracking.project), name, continue_task=continue_task)
     task.connect(OmegaConf.to_container(cfg, resolve=True), name="fedyolo")
     task.add_tags([str(cfg.strategy.name), str(cfg.engine.name), str(cfg.transport.scheme)])
-    if offline:
-        _record_session(run, str(task.id), Path(task.get_offline_mode_folder()))
     LOGGER.info("ClearML %s task %s", mode, task.id)
     return task
 
@@ -293,7 +311,7 @@ def _record_session(run, task_id: str, folder: Path) -> None:
     os.replace(tmp, run.clearml / "sessions.json")
 
 
-def _drop_zipped_folder(run, task_id: str) -> None:
+def drop_zipped_folder(run, task_id: str) -> None:
     """ClearML leaves the session folder beside the zip it closed it into: keep one copy (the
     zip, which the import and ``offline_scalars`` read; a killed process leaves the folder)."""
     import shutil

@@ -258,6 +258,7 @@ def run_trial(st: Study, trial: Any) -> list[float]:
             *chosen,
             f"output.dir={st.trials_dir}",
             f"name={trial.number:04d}",
+            f"tracking.task_name={st.optuna_study.study_name}-trial-{trial.number:04d}",
             "output.overwrite=true",  # a retried trial number reuses its folder
         ],
         callbacks=hooks,
@@ -265,6 +266,7 @@ def run_trial(st: Study, trial: Any) -> list[float]:
     trial.set_user_attr("seconds", round(time.perf_counter() - t0, 1))
     trial.set_user_attr("rounds", summary.rounds_completed)
     trial.set_user_attr("status", summary.status)
+    trial.set_user_attr("clearml_task", summary.raw.get("clearml_task"))
     if summary.status == "pruned":
         raise optuna.TrialPruned(f"pruned after round {summary.rounds_completed}")
     if not summary.ok:
@@ -312,6 +314,10 @@ def optimize(st: Study) -> None:
             study.tell(trial, values if len(values) > 1 else values[0])
         write_outputs(st)
     write_outputs(st, plots=True)
+    with _claim(st.folder):
+        running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+        if not running:  # the last worker to finish reports the study
+            report_study(st)
 
 
 # -- what a person reads --------------------------------------------------------------------------
@@ -331,6 +337,7 @@ def write_outputs(st: Study, plots: bool = False) -> None:
             "seconds": t.user_attrs.get("seconds"),
             "run_dir": t.user_attrs.get("run_dir"),
             "fail_reason": t.user_attrs.get("fail_reason"),
+            "clearml_task": t.user_attrs.get("clearml_task"),
         }
         for t in trials
     ]
@@ -423,6 +430,64 @@ def _plots(st: Study) -> None:
             plt.close(fig)
         except Exception as e:  # noqa: BLE001 - a plot never costs the study
             LOGGER.warning("study plot %s not written: %s", name, e)
+
+
+def report_study(st: Study) -> str | None:
+    """One ClearML task for the study (type ``optimizer``, in the trials' project): each trial's
+    values by trial number, the trials table with each federation's own task id, the best
+    trial's parameters and values, and the plots. Same mode as the trials' tracking; offline, the
+    session is in ``runs/<study>/clearml/`` for ``fedyolo clearml-import runs/<study>``. Never
+    costs the study: an error is logged and the task id is None."""
+    from fl_server import config as config_mod
+    from fl_server import tracking
+    from fl_server.run_dir import RunDir
+
+    base = config_mod.compose(st.base)
+    if not bool(base.tracking.enabled):
+        return None
+    doc = json.loads((st.folder / "study.json").read_text())
+    here = RunDir(st.folder)  # sessions.json and the import use the same layout as a run's
+    try:
+        mode = tracking.resolve_mode(base.tracking, here)
+        task = tracking.open_task(
+            here, mode, str(base.tracking.project), doc["study"], task_type="optimizer"
+        )
+        task.connect(OmegaConf.to_container(st.cfg, resolve=True), name="tuning")
+        log = task.get_logger()
+        for row in doc["trials"]:
+            for name, value in zip(doc["objectives"], row["values"] or [], strict=False):
+                log.report_scalar("trials", name, float(value), iteration=int(row["number"]))
+        head = ["trial", "state", *doc["objectives"], "rounds", "seconds", "task", "overrides"]
+        table = [head] + [
+            [
+                r["number"],
+                r["state"],
+                *(r["values"] or [""] * len(doc["objectives"])),
+                r["rounds"] or "",
+                r["seconds"] or "",
+                r["clearml_task"] or "",
+                " ".join(r["overrides"] or []),
+            ]
+            for r in doc["trials"]
+        ]
+        log.report_table("trials", "all", iteration=0, table_plot=table)
+        if doc["best"]:
+            best = doc["best"][0]
+            task.connect({"overrides": best["overrides"], "trial": best["number"]}, name="best")
+            for name, value in zip(doc["objectives"], best["values"], strict=False):
+                log.report_single_value(f"best {name}", float(value))
+        for png in sorted(st.folder.glob("*.png")):
+            log.report_image("study", png.stem, iteration=0, local_path=str(png))
+        task.flush(wait_for_uploads=True)
+        task.close()
+        task_id = str(task.id)
+        if mode == "offline":
+            tracking.drop_zipped_folder(here, task_id)
+        LOGGER.info("study %s: ClearML %s task %s", doc["study"], mode, task_id)
+        return task_id
+    except Exception as e:  # noqa: BLE001 - tracking never costs the study
+        LOGGER.warning("ClearML study task not written: %s: %s", type(e).__name__, e)
+        return None
 
 
 def tune(overrides_: Sequence[str]) -> Study:

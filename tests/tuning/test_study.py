@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import optuna
@@ -26,7 +27,7 @@ SPACE = {
 }  # fmt: skip
 
 
-def _args(tmp_path: Path, study: str, *extra: str) -> list[str]:
+def _args(tmp_path: Path, study: str, *extra: str, tracking: bool = False) -> list[str]:
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE, sort_keys=False))
     return [
@@ -37,7 +38,7 @@ def _args(tmp_path: Path, study: str, *extra: str) -> list[str]:
         f"data.cache_dir={tmp_path / 'cache'}",
         f"tuning.study={study}",
         f"tuning.space={space}",
-        "tracking.enabled=false",
+        f"tracking.enabled={str(tracking).lower()}",
         *extra,
     ]
 
@@ -47,8 +48,14 @@ def _load(folder: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def test_a_tiny_study_records_what_its_federations_measured(tmp_path, capsys):
-    args = _args(tmp_path, "tiny", "tuning.trials=3", "federation.rounds=2", "tuning.pruner=none")
+def test_a_tiny_study_records_what_its_federations_measured(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ClearML offline, nothing outside tmp
+    monkeypatch.delenv("CLEARML_API_HOST", raising=False)
+    monkeypatch.delenv("CLEARML_CONFIG_FILE", raising=False)
+    args = _args(
+        tmp_path, "tiny", "tuning.trials=3", "federation.rounds=2", "tuning.pruner=none",
+        tracking=True,
+    )  # fmt: skip
     assert main(["tune", *args]) == 0
     folder = tmp_path / "runs" / "tiny"
     study = _load(folder, "tiny")  # the journal is Optuna's own format
@@ -64,6 +71,25 @@ def test_a_tiny_study_records_what_its_federations_measured(tmp_path, capsys):
     assert len(doc["trials"]) == 3 and doc["best"][0]["number"] == study.best_trial.number
     assert "fedyolo run --from" in (folder / "summary.md").read_text()
     assert (folder / "optimization_history.png").stat().st_size > 0
+
+    # ClearML: one task for the study, every trial's value by number, each federation's own
+    # task named after the study and listed with its id (offline sessions, parsed)
+    from fl_server.run_dir import RunDir
+    from fl_server.tracking import offline_scalars, sessions
+
+    (study_session,) = sessions(RunDir(folder))
+    values = offline_scalars(RunDir(folder))[("trials", "best_map")]
+    assert values == {t.number: t.value for t in trials}
+    for t in trials:
+        run = RunDir(Path(t.user_attrs["run_dir"]))
+        (own,) = sessions(run)
+        assert t.user_attrs["clearml_task"] == own["task_id"] != study_session["task_id"]
+        assert [r["clearml_task"] for r in doc["trials"]][t.number] == own["task_id"]
+        with zipfile.ZipFile(own["folder"] + ".zip") as z:
+            assert json.loads(z.read("task.json"))["name"] == f"tiny-trial-{t.number:04d}"
+    with zipfile.ZipFile(study_session["folder"] + ".zip") as z:
+        task = json.loads(z.read("task.json"))
+    assert task["name"] == "tiny" and task["type"] == "optimizer"
 
     # best.yaml is what `fedyolo run --from` takes
     best = yaml.safe_load((folder / "best.yaml").read_text())
