@@ -77,9 +77,11 @@ def test_an_unknown_stop_status_is_a_bug_named_in_one_line():
 def test_hooks_stop_a_real_round_loop_and_the_run_directory_is_complete(tmp_path):
     """The real ServerApp loop and ClientApp in process: a config hook stops after round 2,
     a caller callback sees every round; the summary says ``stopped``, all files are there."""
-    from inprocess import run_inprocess
+    from inprocess import InProcessGrid, tiny_config
 
+    from fl_server.prepare import prepare_run
     from fl_server.run_dir import read_jsonl
+    from fl_server.server_app import serve
 
     Recorder.instances.clear()
     seen = []
@@ -88,13 +90,11 @@ def test_hooks_stop_a_real_round_loop_and_the_run_directory_is_complete(tmp_path
         def on_round(self, record):
             seen.append(record["round"])
 
-    # the caller's side, as fl_server.run sets it up (its run directory is known in advance)
-    runs = tmp_path / "runs" / "t"
-    runs.mkdir(parents=True)
-    with Watcher(runs, [Caller()]):
-        run, _ = run_inprocess(
-            tmp_path, ["federation.rounds=3", "hooks=[test_hooks:Recorder]"], clients=2
-        )
+    # as fl_server.run does it: prepare the run directory, then watch it for the caller
+    cfg = tiny_config(tmp_path, ["federation.rounds=3", "hooks=[test_hooks:Recorder]"], 2, "t")
+    run = prepare_run(cfg)
+    with Watcher(run.path, [Caller()]):
+        serve(InProcessGrid(2, None), run.path)
     (hook,) = Recorder.instances
     assert hook.rounds == [1, 2] and seen == [1, 2]
     assert hook.summary["status"] == "stopped" and hook.summary["rounds_completed"] == 2
