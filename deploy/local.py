@@ -19,11 +19,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.certs import NodeKeys, make_node_keys, make_tls
+from fl_server.interrupts import StopFile, interrupts_to
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -135,39 +135,6 @@ class ProcessGroup:
 STOP_GRACE = 60.0  # seconds the ServerApp gets to end the run `interrupted` before the kill
 
 
-class _Stop:
-    """Ctrl-C/SIGTERM while the federation runs: the first asks the ServerApp to end the run
-    ``interrupted`` (its ``StopFile``), the second leaves at once; before the federation
-    started, the first leaves at once. Either way ``finally`` tears every process down."""
-
-    def __init__(self, marker: Path):
-        from fl_server.run_dir import StopFile
-
-        self.flag = StopFile(marker)
-        self.flag.clear()  # left by an earlier interrupted run of this directory
-        self.following = False
-        self.asked_at: float | None = None
-
-    def handler(self, signum: int, frame: object) -> None:
-        if not self.following or self.asked_at is not None:
-            raise KeyboardInterrupt
-        LOGGER.warning("%s: stopping the run (Ctrl-C again to leave now)", signal.strsignal(signum))
-        self.asked_at = time.monotonic()
-        self.flag.set()
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_Stop]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signals reach the main thread only: the caller handles them there
-            return
-        previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-
 def tail(path: Path, lines: int = 15) -> str:
     if not path.exists():
         return ""
@@ -212,7 +179,10 @@ def run_local_deployment(
     # which evaluates the global model while the clients wait) keeps the machine's default.
     client_env = {**env, "OMP_NUM_THREADS": str(client_threads)}
     group = ProcessGroup(run_dir / "logs", flwr_home=str(flwr_home))
-    with _Stop(run_dir / ".interrupt").installed() as stop:
+    stop = StopFile(run_dir / ".interrupt")
+    stop.clear()  # left by an earlier interrupted run of this directory
+    following = threading.Event()  # before `flwr run`, a Ctrl-C leaves at once
+    with interrupts_to(stop, armed=following.is_set):
         try:
             link = group.start(
                 "superlink",
@@ -272,7 +242,7 @@ def run_local_deployment(
                 ],
                 env,
             )
-            stop.following = True
+            following.set()
             _follow(runner, run_dir, before, stop)
         finally:
             group.stop()
@@ -347,7 +317,7 @@ def engine(run, cfg) -> None:
     )
 
 
-def _follow(runner: subprocess.Popen, run_dir: Path, before: int, stop: _Stop) -> None:
+def _follow(runner: subprocess.Popen, run_dir: Path, before: int, stop: StopFile) -> None:
     """Wait for ``flwr run`` to end: a ``run_end`` event after the first ``before`` events.
 
     After a Ctrl-C/SIGTERM the ServerApp ends the run ``interrupted`` and this raises
@@ -360,14 +330,17 @@ def _follow(runner: subprocess.Popen, run_dir: Path, before: int, stop: _Stop) -
     from fl_server.run_dir import read_jsonl
 
     summary = run_dir / "summary.json"
+    asked_at = None
     while runner.poll() is None:
         if any(e["kind"] == "run_end" for e in read_jsonl(run_dir / "events.jsonl")[before:]):
             break
-        if stop.asked_at is not None and time.monotonic() - stop.asked_at > STOP_GRACE:
+        if asked_at is None and stop.is_set():
+            asked_at = time.monotonic()
+        if asked_at is not None and time.monotonic() - asked_at > STOP_GRACE:
             LOGGER.warning("the ServerApp did not stop within %.0f s: killing it", STOP_GRACE)
             break
         time.sleep(0.5)
-    if stop.asked_at is not None:
+    if stop.is_set():
         raise KeyboardInterrupt
     status = json.loads(summary.read_text()).get("status") if summary.exists() else None
     if status not in ("completed", *STOP_STATUSES):  # stopped/pruned: by design (guard, hooks)

@@ -109,7 +109,7 @@ class ObservedGrid(Grid):
         self.excluded: set[str] = set()  # client ids left out of sampling (drift guard policy)
         self.keep_updates = False
         # set by an engine that turns Ctrl-C/SIGTERM into a clean stop: a threading.Event
-        # (fl_server.simulation) or a run_dir.StopFile (the deployment engine)
+        # (fl_server.simulation) or an interrupts.StopFile (the deployment engine)
         self.interrupt = None
 
     # -- the Grid interface, delegated -------------------------------------------------------

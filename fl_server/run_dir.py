@@ -47,29 +47,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class StopFile:
-    """An interrupt flag raised by creating a file: the ``threading.Event`` subset the round
-    loop uses (``is_set``, ``wait``), across processes."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def is_set(self) -> bool:
-        return self.path.exists()
-
-    def set(self) -> None:
-        self.path.touch()
-
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def wait(self, timeout: float) -> bool:
-        import time
-
-        time.sleep(timeout)
-        return self.is_set()
-
-
 class RunDir:
     """Paths and writers of one run directory."""
 
@@ -89,7 +66,7 @@ class RunDir:
         self.state = self.path / "server_state.npz"  # what a resume needs (fl_server/state.py)
         self.clearml = self.path / "clearml"  # the offline ClearML session
         # Created by the deployment engine on Ctrl-C/SIGTERM: its ServerApp runs in a process
-        # of the SuperLink's, not in the one that got the signal (see StopFile).
+        # of the SuperLink's, not in the one that got the signal (fl_server.interrupts).
         self.interrupt = self.path / ".interrupt"
         self._listeners: list[Callable[[int, str, dict], None]] = []
 

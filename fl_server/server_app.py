@@ -36,8 +36,9 @@ from fl_client.wire import RoundConfig, TrainArgs
 from fl_server import config as config_mod
 from fl_server import hooks as hooks_mod
 from fl_server.guard import Attribution, Guard, attribute
+from fl_server.interrupts import StopFile
 from fl_server.observed_grid import Interrupted, ObservedGrid
-from fl_server.run_dir import METRIC_KEYS, RunDir, StopFile, SummaryWriter
+from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter
 from strategies import build_strategy
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
