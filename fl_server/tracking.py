@@ -127,6 +127,7 @@ def unreachable(timeout: float) -> str | None:
     Any HTTP answer counts as reachable (credentials are ClearML's business). The probe runs in
     a daemon thread so that name resolution, which no socket timeout covers, is bounded too.
     """
+    import ssl
     import threading
     import urllib.error
     import urllib.request
@@ -144,6 +145,9 @@ def unreachable(timeout: float) -> str | None:
             outcome.append(None)
         except Exception as e:  # noqa: BLE001 - every failure is a reason to go offline
             reason = getattr(e, "reason", None) or e
+            if isinstance(reason, ssl.SSLError):  # it answered; its certificate is ClearML's
+                outcome.append(None)  # business (api.verify_certificate), as credentials are
+                return
             silent = isinstance(reason, TimeoutError)
             outcome.append("" if silent else f"{type(reason).__name__}: {reason}")
 
@@ -199,8 +203,8 @@ class Tracker:
         """The run's tracker; a tracker that does nothing when off or when ClearML fails."""
         if not bool(cfg.tracking.enabled):
             return cls(run)
-        mode = resolve_mode(cfg.tracking, run)
         try:
+            mode = resolve_mode(cfg.tracking, run)
             return cls(run, _init_task(cfg, run, mode, resume_task_id), mode)
         except Exception as e:  # noqa: BLE001 - the run goes on without tracking
             LOGGER.warning("ClearML could not start (%s: %s); tracking is off", type(e).__name__, e)
@@ -270,10 +274,7 @@ class Tracker:
             self.task.upload_artifact("best.pt", artifact_object=Path(best), wait_on_upload=True)
         if summary.get("status") == "failed":
             self.task.mark_failed(status_reason="see events.jsonl")
-        self.task.flush(wait_for_uploads=True)
-        self.task.close()
-        if self.mode == "offline":
-            drop_zipped_folder(self.run, str(self.task_id))
+        close_task(self.run, self.task, self.mode)
         if self.mode == "online":
             return f"ClearML: task {self.task_id} ({self.task.get_output_log_web_page()})."
         return (
@@ -311,14 +312,19 @@ def _record_session(run, task_id: str, folder: Path) -> None:
     os.replace(tmp, run.clearml / "sessions.json")
 
 
-def drop_zipped_folder(run, task_id: str) -> None:
-    """ClearML leaves the session folder beside the zip it closed it into: keep one copy (the
-    zip, which the import and ``offline_scalars`` read; a killed process leaves the folder)."""
+def close_task(run, task, mode: str) -> None:
+    """Flush and close a task opened by :func:`open_task`. Offline, ClearML leaves the session
+    folder beside the zip it closed it into: one copy is kept, the zip (which the import and
+    ``offline_scalars`` read; a killed process leaves the folder)."""
     import shutil
 
+    task.flush(wait_for_uploads=True)
+    task.close()
+    if mode != "offline":
+        return
     for s in sessions(run):
         folder = Path(s["folder"])
-        if s["task_id"] == task_id and Path(f"{folder}.zip").is_file():
+        if s["task_id"] == str(task.id) and Path(f"{folder}.zip").is_file():
             shutil.rmtree(folder, ignore_errors=True)
 
 

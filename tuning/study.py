@@ -478,11 +478,8 @@ def report_study(st: Study) -> str | None:
                 log.report_single_value(f"best {name}", float(value))
         for png in sorted(st.folder.glob("*.png")):
             log.report_image("study", png.stem, iteration=0, local_path=str(png))
-        task.flush(wait_for_uploads=True)
-        task.close()
+        tracking.close_task(here, task, mode)
         task_id = str(task.id)
-        if mode == "offline":
-            tracking.drop_zipped_folder(here, task_id)
         LOGGER.info("study %s: ClearML %s task %s", doc["study"], mode, task_id)
         return task_id
     except Exception as e:  # noqa: BLE001 - tracking never costs the study

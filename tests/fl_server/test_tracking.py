@@ -190,3 +190,44 @@ def test_unreachable_server_costs_a_bounded_delay_then_offline(run, monkeypatch,
     line = t.finish({"status": "completed", "best": None, "final": None, "best_checkpoint": None})
     assert "fedyolo clearml-import" in line  # the session is kept for import
     assert tracking.offline_scalars(run)[("mAP", "mAP50-95")] == {1: 0.138}
+
+
+def test_a_tls_server_is_reachable_even_if_its_certificate_is_not_ours(run, tmp_path, monkeypatch):
+    """It answered: verifying its certificate is ClearML's business (api.verify_certificate)."""
+    import socket
+    import ssl
+    import threading
+
+    from deploy.certs import make_tls
+
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"])  # a CA this process does not trust
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tls.cert, tls.key)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+
+    def serve():
+        conn, _ = sock.accept()
+        try:
+            ctx.wrap_socket(conn, server_side=True).close()
+        except (ssl.SSLError, OSError):
+            conn.close()  # the client refused our certificate: it reached us
+
+    threading.Thread(target=serve, daemon=True).start()
+    monkeypatch.setenv("CLEARML_API_HOST", f"https://127.0.0.1:{sock.getsockname()[1]}")
+    try:
+        assert tracking.unreachable(5.0) is None
+    finally:
+        sock.close()
+
+
+def test_a_broken_clearml_configuration_means_no_tracking_not_no_run(run, monkeypatch):
+    def broken(timeout):
+        raise ValueError("clearml.conf: cannot parse line 3")
+
+    monkeypatch.setattr(tracking, "unreachable", broken)
+    t = tracking.Tracker.start(cfg("tracking.mode=online"), run)
+    assert t.task is None
+    (err,) = read_jsonl(run.events)
+    assert err["method"] == "start" and "cannot parse line 3" in err["error"]
