@@ -533,8 +533,12 @@ def _coco_frame(entry: dict[str, Any], image: Path, issues: list[Issue]):
         with Image.open(image) as im:
             W, H = (float(v) for v in im.size)
             orientation = int(im.getexif().get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - the data check names an unreadable image
-        return None
+    except Exception:  # noqa: BLE001 - Pillow cannot open it: OpenCV (what training reads)?
+        shown_hw = _cv2_shape(image)
+        if shown_hw is None:
+            return None  # no label: the data check names the unreadable image
+        H, W = (float(v) for v in shown_hw)
+        orientation = 1  # OpenCV has applied any EXIF rotation
     turn = _ORIENT.get(orientation)
     shown = (H, W) if orientation >= 5 and turn else (W, H)
     dw, dh = entry.get("width"), entry.get("height")
@@ -578,6 +582,19 @@ def _coco_frame(entry: dict[str, Any], image: Path, issues: list[Issue]):
             )
         )
     return lambda b: _normalised(b, *frame)
+
+
+def _cv2_shape(image: Path) -> tuple[int, int] | None:
+    """(height, width) as OpenCV decodes the file (a PFM, say, which Pillow cannot open)."""
+    import cv2
+    import numpy as np
+
+    try:
+        data = np.fromfile(image, np.uint8)
+    except OSError:
+        return None
+    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    return None if decoded is None else decoded.shape[:2]
 
 
 def _positive(v: Any) -> bool:

@@ -296,6 +296,24 @@ def test_coco_boxes_follow_the_exif_orientation(tmp_path: Path, declared, issue)
     assert label_px == pytest.approx(car, abs=1.0)  # the label sits on the car OpenCV shows
 
 
+def test_coco_boxes_of_an_image_only_opencv_reads_are_kept(tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    image = tmp_path / "images" / "depth.pfm"  # Pillow cannot open PFM; OpenCV (training) can
+    image.parent.mkdir()
+    assert cv2.imwrite(str(image), np.zeros((20, 40, 3), np.float32))
+    coco = {
+        "images": [{"id": 1, "file_name": "depth.pfm"}],  # no width/height given
+        "categories": [{"id": 1, "name": "car"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 5, 20, 10]}],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    (sample,) = load_dataset(tmp_path / "c.json", cache_dir=tmp_path / "cache").samples
+    assert sample.label is not None  # not silently a background image
+    assert sample.label.read_text() == "0 0.500000 0.500000 0.500000 0.500000\n"
+
+
 def test_nc_that_disagrees_with_names_names_both(tmp_path: Path, write_jpeg) -> None:
     write_jpeg(tmp_path / "images" / "a.jpg", size=16)
     _write_yaml(tmp_path / "data.yaml", {"nc": 3, "names": ["car", "bus"], "train": "images"})
