@@ -93,7 +93,7 @@ class _Encoder:
         import hashlib
 
         a = np.ascontiguousarray(a)
-        key = (a.dtype.str, a.shape, hashlib.sha256(a.tobytes()).hexdigest())
+        key = (a.dtype.str, a.shape, hashlib.sha256(a.data).hexdigest())  # ~8 ms per 12.8 MB
         name = self._stored.get(key)
         if name is None:
             name = self._stored[key] = f"a{len(self.arrays)}"
