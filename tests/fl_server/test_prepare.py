@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from fl_client.data import generate
 from fl_server.config import compose
 from fl_server.prepare import prepare_run
@@ -68,12 +70,8 @@ def test_overwrite_replaces_a_run_only_once_the_new_data_is_ready(tmp_path):
     broken.parent.mkdir()
     broken.write_text("names: [a]\ntrain: nowhere\nval: nowhere\n")
     overwrite = [*base, "output.overwrite=true"]
-    try:
+    with pytest.raises(DataError, match="nowhere"):
         prepare_run(compose([*overwrite, f"data.path={broken}"]))
-    except DataError as e:
-        assert "nowhere" in str(e)
-    else:
-        raise AssertionError("a dataset that does not load must fail")
     # ... and the old run is exactly as it was
     assert {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in run.path.parent.iterdir()) == ["r"]
