@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo test test-fast lint bench clean images images-offline
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (fedyolo is tested on CPython 3.11)"; exit 1; }
@@ -28,6 +28,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"
+
+# Container images (BuildKit). On a machine that reaches no registry or index from containers:
+# `make images-offline` (a local debootstrap base and a wheelhouse; needs root and debootstrap).
+images: $(STAMP)
+	$(BIN)/fedyolo deploy images
+
+images-offline: $(STAMP)
+	$(BIN)/fedyolo deploy images --offline
 
 lint: $(STAMP)
 	$(BIN)/ruff check fl_server fl_client strategies tuning deploy tests benchmarks

@@ -1,6 +1,9 @@
-"""Everything around and after training: launching the deployment engine (``deploy.local``);
-distillation, export and AWS deployment follow in later issues."""
+"""Everything that starts fedyolo somewhere: the deployment engine on one machine
+(``deploy.local``), TLS and node keys (``deploy.certs``), container images
+(``deploy.images``), the compose engine (``deploy.compose``) and the containers' health check
+(``deploy.health``). Nothing is imported here, so a health check stays light."""
 
-from deploy.local import run_local_deployment
 
-__all__ = ["run_local_deployment"]
+class DeployError(RuntimeError):
+    """Something outside fedyolo stops a deployment step (no Docker engine, a failed image
+    build, a container that never became healthy); the message names the step and the fix."""

@@ -6,6 +6,8 @@
     fedyolo data check PATH                report (and list) bad images and labels
     fedyolo tune [overrides...]            an Optuna study of federations; writes runs/<study>/
     fedyolo clearml-import runs/<name>     upload a run's offline ClearML session to a server
+    fedyolo deploy images [--offline]      build the server and client container images
+    fedyolo deploy certs OUT --clients N   a CA, a SuperLink certificate, one key pair per client
 
 A user's mistake ends with one line naming the thing; a bug still raises.
 """
@@ -168,6 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
         "clearml-import", help="import a run's offline ClearML session(s) into the server"
     )
     ci.add_argument("run", help="the run directory, runs/<name>")
+    dep = sub.add_parser("deploy", help="container images, certificates and keys")
+    depsub = dep.add_subparsers(dest="deploy_cmd", required=True)
+    im = depsub.add_parser("images", help="build the server and client images (BuildKit)")
+    im.add_argument(
+        "--offline",
+        action="store_true",
+        help="no registry or index from containers: a local debootstrap base and a wheelhouse",
+    )
+    im.add_argument("--base", help="BASE_IMAGE (default python:3.11-slim; offline: local base)")
+    im.add_argument("--torch-index", default="", help="e.g. https://download.pytorch.org/whl/cpu")
+    im.add_argument("--role", choices=["server", "client"], action="append", help="default both")
+    ce = depsub.add_parser("certs", help="a CA, a SuperLink certificate and client key pairs")
+    ce.add_argument("out", help="folder for the files (created 0700)")
+    ce.add_argument("--clients", type=int, required=True, help="key pairs supernode-0..N-1")
+    ce.add_argument(
+        "--host",
+        action="append",
+        help="a name or IP clients dial, repeatable (default: superlink, localhost, 127.0.0.1)",
+    )
     return p
 
 
@@ -208,8 +229,34 @@ def cmd_clearml_import(path: str) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    _setup_logging()
+    if args.deploy_cmd == "images":
+        from deploy.images import ROLES, build_images
+
+        built = build_images(
+            offline=args.offline,
+            base=args.base,
+            torch_index=args.torch_index,
+            roles=tuple(args.role or ROLES),
+        )
+        for b in built:
+            print(f"{b.tag}: {b.size_bytes / 1e9:.2f} GB, built in {b.seconds:.0f} s")
+        return 0
+    from deploy.local import make_security, node_names
+
+    hosts = args.host or ["superlink", "localhost", "127.0.0.1"]
+    sec = make_security(Path(args.out), hosts, node_names(args.clients), insecure=False)
+    print(f"CA {sec.root_ca}; SuperLink certificate for {', '.join(hosts)}")
+    for name, keys in sec.node_keys.items():
+        print(f"{name}: private {keys.private} (0600), public {keys.public}")
+    print("register each public key: flwr supernode register <public key> <federation>")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from deploy import DeployError  # light: the engines are imported when they run
     from fl_client.data.errors import DataError
     from fl_client.model import ModelConfigError
     from fl_server.config import ConfigError
@@ -222,8 +269,17 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_tune(args.overrides)
         if args.cmd == "clearml-import":
             return cmd_clearml_import(args.run)
+        if args.cmd == "deploy":
+            return cmd_deploy(args)
         return cmd_data(args)
-    except (ConfigError, DataError, ModelConfigError, FileNotFoundError, TuningError) as e:
+    except (
+        ConfigError,
+        DataError,
+        ModelConfigError,
+        FileNotFoundError,
+        TuningError,
+        DeployError,
+    ) as e:
         print(f"fedyolo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
