@@ -159,22 +159,11 @@ def run_local_deployment(
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)
     os.chmod(flwr_home, 0o700)
-    nodes = [f"supernode-{i}" for i in range(num_clients)]
-    security = _security(flwr_home / "secrets", host, nodes, insecure)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{FEDERATION}"\n\n'
-        f'[superlink.{FEDERATION}]\naddress = "{host}:{port}"\n{security.cli_toml}'
+    nodes = node_names(num_clients)
+    security = make_security(
+        flwr_home / "secrets", [host, "localhost", "127.0.0.1"], nodes, insecure
     )
-    env = {
-        **os.environ,
-        # Flower's processes start each other by name (flower-superexec, flwr-serverapp,
-        # flwr-clientapp): this environment's scripts come first, activated or not.
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "FLWR_HOME": str(flwr_home),
-        "YOLO_OFFLINE": "1",
-        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = flwr_env(flwr_home, f"{host}:{port}", security)
     # Client processes get their thread budget; the SuperLink (and the ServerApp it starts,
     # which evaluates the global model while the clients wait) keeps the machine's default.
     client_env = {**env, "OMP_NUM_THREADS": str(client_threads)}
@@ -198,10 +187,7 @@ def run_local_deployment(
                 env,
             )
             wait_for_port(host, port, startup_timeout, link)
-            for name in security.node_keys:  # node authentication: only these keys may join
-                _flwr(
-                    ["supernode", "register", str(security.node_keys[name].public), FEDERATION], env
-                )
+            register_nodes(security, env)
             for i in range(num_clients):
                 group.start(
                     nodes[i],
@@ -227,29 +213,44 @@ def run_local_deployment(
             from fl_server.run_dir import read_jsonl
 
             before = len(read_jsonl(run_dir / "events.jsonl"))  # a resumed run has earlier ends
-            runner = group.start(
-                "flwr-run",
-                [
-                    _bin("flwr"),
-                    "run",
-                    str(PROJECT_ROOT),
-                    FEDERATION,
-                    "--run-config",
-                    # a TOML basic string (JSON's escaping is TOML's): no quote in a path can
-                    # end the value and add keys
-                    f"run-dir={json.dumps(str(run_dir))}",
-                    "--stream",
-                ],
-                env,
-            )
+            runner = group.start("flwr-run", flwr_run_args(run_dir), env)
             following.set()
-            _follow(runner, run_dir, before, stop)
+            follow(runner, run_dir, before, stop)
         finally:
             group.stop()
 
 
+def node_names(num_clients: int) -> list[str]:
+    return [f"supernode-{i}" for i in range(num_clients)]
+
+
+def flwr_env(flwr_home: Path, address: str, security: Security) -> dict[str, str]:
+    """The environment of this deployment's Flower processes and ``flwr`` CLI calls, whose
+    ``FLWR_HOME/config.toml`` names the SuperLink at ``address`` (and the CA to trust)."""
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{FEDERATION}"\n\n'
+        f'[superlink.{FEDERATION}]\naddress = "{address}"\n{security.cli_toml}'
+    )
+    return {
+        **os.environ,
+        # Flower's processes start each other by name (flower-superexec, flwr-serverapp,
+        # flwr-clientapp): this environment's scripts come first, activated or not.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "FLWR_HOME": str(flwr_home),
+        "YOLO_OFFLINE": "1",
+        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def register_nodes(security: Security, env: dict[str, str]) -> None:
+    """Node authentication: only these SuperNodes' public keys may join the SuperLink."""
+    for keys in security.node_keys.values():
+        flwr_cli(["supernode", "register", str(keys.public), FEDERATION], env)
+
+
 @dataclass(frozen=True)
-class _Security:
+class Security:
     """The TLS and node-authentication arguments of one deployment (or plaintext, if asked)."""
 
     superlink: list[str]
@@ -268,14 +269,15 @@ class _Security:
         ]
 
 
-def _security(folder: Path, host: str, nodes: list[str], insecure: bool) -> _Security:
-    """TLS with a per-run CA, and SuperNode authentication with a key pair per node
-    (``deploy.certs``); ``insecure`` only where the config asked for it (loopback only)."""
+def make_security(folder: Path, hosts: list[str], nodes: list[str], insecure: bool) -> Security:
+    """TLS with a per-run CA whose SuperLink certificate covers ``hosts``, and SuperNode
+    authentication with a key pair per node (``deploy.certs``); ``insecure`` only where the
+    config asked for it (loopback only)."""
     if insecure:
-        return _Security(["--insecure"], "insecure = true\n", {}, None)
-    tls = make_tls(folder, [host, "localhost", "127.0.0.1"])
+        return Security(["--insecure"], "insecure = true\n", {}, None)
+    tls = make_tls(folder, hosts)
     keys = make_node_keys(folder / "supernodes", nodes)
-    return _Security(
+    return Security(
         superlink=[
             "--ssl-ca-certfile",
             str(tls.ca_cert),
@@ -291,7 +293,22 @@ def _security(folder: Path, host: str, nodes: list[str], insecure: bool) -> _Sec
     )
 
 
-def _flwr(args: list[str], env: dict[str, str]) -> None:
+def flwr_run_args(run_dir: Path) -> list[str]:
+    """``flwr run`` of this project on the deployment's SuperLink, for the prepared run."""
+    return [
+        _bin("flwr"),
+        "run",
+        str(PROJECT_ROOT),
+        FEDERATION,
+        "--run-config",
+        # a TOML basic string (JSON's escaping is TOML's): no quote in a path can end the value
+        # and add keys
+        f"run-dir={json.dumps(str(run_dir))}",
+        "--stream",
+    ]
+
+
+def flwr_cli(args: list[str], env: dict[str, str]) -> None:
     """One ``flwr`` CLI command against this deployment's SuperLink; raise with its output."""
     done = subprocess.run(
         [_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=60, check=False
@@ -317,7 +334,7 @@ def engine(run, cfg) -> None:
     )
 
 
-def _follow(runner: subprocess.Popen, run_dir: Path, before: int, stop: StopFile) -> None:
+def follow(runner: subprocess.Popen, run_dir: Path, before: int, stop: StopFile) -> None:
     """Wait for ``flwr run`` to end: a ``run_end`` event after the first ``before`` events.
 
     After a Ctrl-C/SIGTERM the ServerApp ends the run ``interrupted`` and this raises

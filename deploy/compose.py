@@ -1,0 +1,325 @@
+"""The ``compose`` engine: the federation in containers on this machine's Docker engine.
+
+``fedyolo run engine=compose federation.clients=N`` runs ``docker-compose.yml`` (the repository's,
+the one users run by hand): a TLS SuperLink in the server image, whose subprocess is the
+fedyolo ServerApp writing the run directory, and one SuperNode per client in the client image,
+each authenticated by its own key and reading only its own shard, mounted read-only at
+``/data`` and named by its node config ``data-path``. The steps:
+
+1. images: built when missing (``engine.build``), offline from the local base and wheelhouse
+   when ``engine.offline`` (``deploy.images``);
+2. certificates and keys: ``deploy.local.make_security``, the one implementation the
+   ``local-deployment`` engine uses, with the service name ``superlink`` in the certificate;
+3. shards: each client's shard exported self-contained (links resolved, a ``data.yaml``
+   relative to its folder) under ``runs/<name>/compose/shards/client_<i>``; the server's
+   held-out images are resolved in place, so the SuperLink container needs only the run
+   directory, mounted at the same path;
+4. ``compose up`` of the SuperLink, registration of the SuperNodes' public keys, ``compose up``
+   of the SuperNodes, ``flwr run`` from this machine through the SuperLink's port published on
+   loopback, followed to its ``run_end`` exactly as in ``local-deployment``;
+5. always (success, failure, Ctrl-C, SIGTERM): the containers' logs go to ``runs/<name>/logs``
+   and ``compose down --volumes`` removes the containers, the network and the volumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from deploy import DeployError, images
+from deploy.local import (
+    PROJECT_ROOT,
+    ProcessGroup,
+    flwr_env,
+    flwr_run_args,
+    follow,
+    free_port,
+    make_security,
+    node_names,
+    register_nodes,
+)
+from fl_server.interrupts import StopFile, interrupts_to
+
+LOGGER = logging.getLogger("fedyolo")
+
+COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
+CONTAINER_UID = 10001  # the images' user
+SUPERLINK = "superlink"
+
+
+class ComposeError(DeployError):
+    """The engine cannot start or a compose step failed; the message names the step."""
+
+
+def compose_cli() -> list[str]:
+    """``docker compose`` (v2) where the plugin exists, else ``docker-compose`` (v1)."""
+    docker = shutil.which("docker")
+    v2 = docker and subprocess.run([docker, "compose", "version"], capture_output=True)
+    if v2 and v2.returncode == 0:
+        return [docker, "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    raise ComposeError("neither `docker compose` (v2) nor `docker-compose` (v1) is installed")
+
+
+def project_name(run_dir: Path) -> str:
+    """A compose project name of this run: lowercase, unique per run directory."""
+    slug = re.sub(r"[^a-z0-9]+", "-", run_dir.name.lower()).strip("-")[:30] or "run"
+    return f"fedyolo-{slug}-{hashlib.sha256(str(run_dir).encode()).hexdigest()[:8]}"
+
+
+def export_shard(shard: Path, out: Path) -> Path:
+    """``shard`` (a written client shard) as a self-contained folder: every link resolved (a
+    hard link where the filesystem allows, else a copy) and a ``data.yaml`` without ``path:``,
+    so it reads the same wherever it is mounted. Returns the new ``data.yaml``."""
+    data = yaml.safe_load((shard / "data.yaml").read_text())
+    data.pop("path", None)
+    for src in sorted(shard.rglob("*")):
+        if src.is_dir() or src.name in ("data.yaml",) or src.suffix == ".cache":
+            continue
+        dst = out / src.relative_to(shard)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _materialize(src.resolve(), dst)
+    (out / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return out / "data.yaml"
+
+
+def resolve_links(folder: Path) -> int:
+    """Replace every symlink under ``folder`` by its target's content (hard link or copy), so
+    that a container that mounts only ``folder`` can read it; the number replaced."""
+    n = 0
+    for link in sorted(folder.rglob("*")):
+        if link.is_symlink():
+            tmp = link.with_name(f".{link.name}.resolving")
+            _materialize(link.resolve(), tmp)
+            os.replace(tmp, link)
+            n += 1
+    return n
+
+
+def _materialize(src: Path, dst: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def client_services(compose: dict, num_clients: int) -> dict[str, dict]:
+    """The ``supernode-<i>`` services for ``num_clients`` clients, made from ``supernode-0`` of
+    the compose file (clients the file lists are kept as written)."""
+    template = compose["services"]["supernode-0"]
+    out = {}
+    for i in range(num_clients):
+        name = f"supernode-{i}"
+        if name in compose["services"]:
+            continue
+        text = yaml.safe_dump(copy.deepcopy(template))
+        text = (
+            text.replace("partition-id=0 ", f"partition-id={i} ")
+            .replace("supernodes/supernode-0:", f"supernodes/{name}:")
+            .replace("/client_0:", f"/client_{i}:")
+        )
+        out[name] = yaml.safe_load(text)
+    return out
+
+
+class Compose:
+    """One compose project of one run: ``up``, ``logs``, ``down``."""
+
+    def __init__(self, run_dir: Path, env: dict[str, str], extra_files: list[Path]):
+        self.cli = compose_cli()
+        self.project = project_name(run_dir)
+        self.env_file = run_dir / "compose.env"
+        self.env_file.write_text("".join(f"{k}={v}\n" for k, v in sorted(env.items())))
+        self.env = {**os.environ, **env}
+        files = [COMPOSE_FILE, *extra_files]
+        self.base = [
+            *self.cli,
+            "--project-name",
+            self.project,
+            "--env-file",
+            str(self.env_file),
+            *[a for f in files for a in ("--file", str(f))],
+        ]
+
+    def __call__(self, *args: str, timeout: float = 600, check: bool = True) -> str:
+        done = subprocess.run(
+            [*self.base, *args],
+            env=self.env,
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise ComposeError(
+                f"compose {' '.join(args[:2])} failed (exit {done.returncode}): "
+                f"{(done.stdout + done.stderr)[-1500:]}"
+            )
+        return done.stdout
+
+    def container(self, service: str) -> str:
+        return self("ps", "-q", service).strip()
+
+    def wait_healthy(self, service: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        status = ""
+        while time.monotonic() < deadline:
+            cid = self.container(service)
+            if cid:
+                status = _inspect(cid, "{{.State.Status}} {{.State.Health.Status}}")
+                if status.endswith("healthy") and not status.endswith("unhealthy"):
+                    return
+                if status.startswith(("exited", "dead", "restarting")):
+                    break
+            time.sleep(1)
+        raise ComposeError(
+            f"{service} is not healthy after {timeout:.0f} s ({status or 'no container'}); "
+            f"its log:\n{self('logs', '--no-color', '--tail', '30', service, check=False)}"
+        )
+
+    def save_logs(self, folder: Path, services: list[str]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for service in services:
+            with contextlib.suppress(Exception):
+                log = self("logs", "--no-color", "--timestamps", service, check=False, timeout=60)
+                (folder / f"{service}.log").write_text(log)
+
+    def down(self) -> None:
+        self("down", "--volumes", "--remove-orphans", "--timeout", "20", check=False)
+
+
+def _inspect(cid: str, fmt: str) -> str:
+    done = subprocess.run(
+        [images.docker_cli(), "inspect", "--format", fmt, cid],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip()
+
+
+def ensure_images(e) -> tuple[str, str]:
+    """The server and client image tags, built as ``engine.build`` says."""
+    tags = {"server": str(e.server_image), "client": str(e.client_image)}
+    mode = str(e.build)
+    if mode not in ("missing", "always", "never"):
+        raise ComposeError(f"engine.build={mode!r}: one of missing, always, never")
+    cli = images.docker_cli()
+    missing = [r for r in images.ROLES if not images.image_exists(tags[r], cli)]
+    if mode == "never" and missing:
+        raise ComposeError(
+            f"engine.build=never but {', '.join(tags[r] for r in missing)} does not exist: "
+            "`fedyolo deploy images` (or `make images`) builds it"
+        )
+    roles = tuple(images.ROLES) if mode == "always" else tuple(missing)
+    if roles:
+        LOGGER.info("compose engine: building %s", ", ".join(tags[r] for r in roles))
+        for built in images.build_images(
+            offline=bool(e.offline), base=str(e.base_image) or None, roles=roles, tags=tags
+        ):
+            gb = built.size_bytes / 1e9
+            LOGGER.info("built %s in %.0f s (%.2f GB)", built.tag, built.seconds, gb)
+    return tags["server"], tags["client"]
+
+
+def _owner_env(paths: list[Path]) -> dict[str, str]:
+    """Who the containers run as: this user, or (as root) the images' own user, to whom the
+    mounted folders are then handed (root keeps its access)."""
+    uid, gid = os.getuid(), os.getgid()
+    if uid != 0:
+        return {"FEDYOLO_UID": str(uid), "FEDYOLO_GID": str(gid)}
+    for path in paths:
+        for p in [path, *path.rglob("*")]:
+            with contextlib.suppress(FileNotFoundError):
+                os.lchown(p, CONTAINER_UID, CONTAINER_UID)
+    return {"FEDYOLO_UID": str(CONTAINER_UID), "FEDYOLO_GID": str(CONTAINER_UID)}
+
+
+def run_compose(run_dir: Path, cfg) -> None:
+    """Run the prepared run directory's federation in containers (see the module docstring)."""
+    e = cfg.engine
+    num_clients = int(cfg.federation.clients)
+    server_image, client_image = ensure_images(e)
+    run_dir = run_dir.resolve()
+    work = run_dir / "compose"
+    flwr_home = run_dir / ".flwr"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    os.chmod(flwr_home, 0o700)
+    secrets = flwr_home / "secrets"
+    nodes = node_names(num_clients)
+    security = make_security(secrets, [SUPERLINK, "localhost", "127.0.0.1"], nodes, False)
+    shards = work / "shards"
+    for i in range(num_clients):
+        export_shard(run_dir / "data" / f"client_{i}", shards / f"client_{i}")
+    resolve_links(run_dir / "data" / "server_val")
+    port = int(e.port) or free_port()
+    env = flwr_env(flwr_home, f"127.0.0.1:{port}", security)
+    compose_env = {
+        "FEDYOLO_SERVER_IMAGE": server_image,
+        "FEDYOLO_CLIENT_IMAGE": client_image,
+        "FEDYOLO_RUN_DIR": str(run_dir),
+        "FEDYOLO_SECRETS": str(secrets),
+        "FEDYOLO_SHARDS": str(shards),
+        "FEDYOLO_PORT": str(port),
+        "FEDYOLO_CLIENTS": str(num_clients),
+        "FEDYOLO_CLIENT_CPUS": str(e.client_cpus),
+        "FEDYOLO_CLIENT_THREADS": str(e.client_threads),
+        **_owner_env([run_dir]),
+    }
+    extra = client_services(yaml.safe_load(COMPOSE_FILE.read_text()), num_clients)
+    extra_files = []
+    if extra:
+        override = work / "compose.clients.yml"
+        override.write_text(yaml.safe_dump({"services": extra}, sort_keys=False))
+        extra_files.append(override)
+    project = Compose(run_dir, compose_env, extra_files)
+    group = ProcessGroup(run_dir / "logs", flwr_home=str(flwr_home))
+    stop = StopFile(run_dir / ".interrupt")
+    stop.clear()
+    following = threading.Event()
+    services = [SUPERLINK, *nodes]
+    with interrupts_to(stop, armed=following.is_set):
+        try:
+            project("up", "--detach", "--no-build", SUPERLINK)
+            project.wait_healthy(SUPERLINK, float(e.startup_timeout))
+            register_nodes(security, env)
+            project("up", "--detach", "--no-build", *nodes)
+            LOGGER.info(
+                "compose engine: project %s, SuperLink on 127.0.0.1:%d, %d SuperNodes "
+                "(container logs in %s at the end)",
+                project.project,
+                port,
+                num_clients,
+                run_dir / "logs",
+            )
+            from fl_server.run_dir import read_jsonl
+
+            before = len(read_jsonl(run_dir / "events.jsonl"))
+            runner = group.start("flwr-run", flwr_run_args(run_dir), env)
+            following.set()
+            follow(runner, run_dir, before, stop)
+        finally:
+            group.stop()
+            project.save_logs(run_dir / "logs", services)
+            if not bool(e.keep):
+                project.down()
+
+
+def engine(run, cfg) -> None:
+    """The ``compose`` engine (``fl_server.engines``), ``configs/engine/compose.yaml``."""
+    run_compose(run.path, cfg)
