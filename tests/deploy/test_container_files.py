@@ -1,0 +1,131 @@
+"""The container files, checked without a Docker engine: lint, schema, and what they claim."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.server", "Dockerfile.client"])
+def test_hadolint_passes_at_its_default_threshold(dockerfile):
+    done = subprocess.run(
+        [str(BIN / "hadolint"), str(ROOT / dockerfile)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_file_is_valid_compose_spec():
+    done = subprocess.run(
+        [
+            str(BIN / "check-jsonschema"),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(ROOT / "docker-compose.yml"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_compose_v1_parses_the_file():
+    done = subprocess.run(
+        ["docker-compose", "--file", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def _stages(dockerfile: str) -> dict[str, str]:
+    text = (ROOT / dockerfile).read_text()
+    parts = re.split(r"^FROM ", text, flags=re.M)[1:]
+    return {p.split("\n", 1)[0].split(" AS ")[-1].strip(): p for p in parts}
+
+
+def test_both_images_share_their_base_and_core_layers():
+    """The client and server images are built from identical base, reqs and wheel stages and
+    the same core install, so the second build reuses the first's (multi-GB) layers."""
+    server, client = _stages("Dockerfile.server"), _stages("Dockerfile.client")
+    for stage in ("base", "reqs", "wheel"):
+        assert server[stage] == client[stage], stage
+    core = client["runtime"].split("RUN --mount=type=bind,from=wheel")[0]
+    assert server["runtime"].startswith(core)
+
+
+def test_the_client_image_has_no_server_dependencies():
+    from deploy.images import requirements
+
+    core = " ".join(requirements("core")).lower()
+    for heavy in ("ray", "optuna", "boto3", "onnx", "clearml", "docker"):
+        assert not re.search(rf"\b{heavy}\b", core), heavy
+    server = " ".join(requirements("server")).lower()
+    assert "ray==" in server and "clearml==" in server and "torch" not in server
+
+
+def test_compose_secrets_and_data_come_from_the_environment():
+    """No secret or host path is baked in: keys, certificates and shards are mounted from
+    ``FEDYOLO_*`` variables; every client's data is read-only; ClearML keys pass through."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    link = compose["services"]["superlink"]
+    assert "--enable-supernode-auth" in link["command"]
+    assert not any("--insecure" in c for c in link["command"])
+    assert link["ports"] == ["127.0.0.1:${FEDYOLO_PORT:-9092}:9092"]
+    assert link["environment"]["CLEARML_API_SECRET_KEY"] == "${CLEARML_API_SECRET_KEY:-}"
+    for i in (0, 1):
+        node = compose["services"][f"supernode-{i}"]
+        assert f"partition-id={i} " in node["command"][-1] and "data-path=" in node["command"][-1]
+        data = [v for v in node["volumes"] if v.endswith(":/data:ro")]
+        assert data == [f"${{FEDYOLO_SHARDS:-./.fedyolo/compose/shards}}/client_{i}:/data:ro"]
+        assert node["depends_on"]["superlink"]["condition"] == "service_healthy"
+
+
+def test_more_clients_are_made_from_the_first():
+    from deploy.compose import client_services
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    extra = client_services(compose, 4)
+    assert sorted(extra) == ["supernode-2", "supernode-3"]
+    node = extra["supernode-3"]
+    assert "partition-id=3 " in node["command"][-1]
+    assert any("supernodes/supernode-3:/secrets/node.key:ro" in v for v in node["volumes"])
+    assert any(v.endswith("/client_3:/data:ro") for v in node["volumes"])
+
+
+def test_an_exported_shard_reads_the_same_wherever_it_is_mounted(tmp_path, tiny_data):
+    """Links resolved, ``data.yaml`` relative to its folder: moved elsewhere, the shard still
+    lists the same images with the same labels (what a container sees at /data)."""
+    from deploy.compose import export_shard
+    from fl_client import data
+    from fl_client.data.formats import label_path_for, read_data_yaml
+
+    ds = data.load_dataset(tiny_data)
+    part = data.partition(
+        ds.samples, 2, "iid", alpha=0.5, seed=0, server_val_fraction=0.2, client_val_fraction=0.2
+    )
+    data.write_partition(part, list(ds.names), tmp_path / "written")
+    src = tmp_path / "written" / "client_0"
+    assert any(p.is_symlink() for p in src.rglob("*"))  # what the partition writes
+    export_shard(src, tmp_path / "export")
+    moved = Path(shutil.move(str(tmp_path / "export"), str(tmp_path / "moved")))
+    spec, orig = read_data_yaml(moved / "data.yaml"), read_data_yaml(src / "data.yaml")
+    for split in ("train", "val"):
+        new, old = spec.images(split), orig.images(split)
+        assert [p.name for p in new] == [p.name for p in old] and new
+        assert all(p.read_bytes() == q.read_bytes() for p, q in zip(new, old, strict=True))
+        assert all(
+            label_path_for(p).read_text() == label_path_for(q).read_text()
+            for p, q in zip(new, old, strict=True)
+        )
+    assert not any(p.is_symlink() for p in moved.rglob("*"))
+    assert "path" not in yaml.safe_load((moved / "data.yaml").read_text())
