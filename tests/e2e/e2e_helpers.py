@@ -116,3 +116,20 @@ def check_interrupted(run: Path) -> int:
     assert events[-1]["kind"] == "run_end" and events[-1]["status"] == "interrupted"
     assert [r["round"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, done + 1))
     return done
+
+
+def wait_for_rounds(run: Path, n: int, proc: subprocess.Popen, timeout: float = 400) -> None:
+    """Wait until ``n`` rounds are in metrics.jsonl; fail if fedyolo exits or time runs out."""
+    import time
+
+    import pytest
+
+    from fl_server.run_dir import read_jsonl
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(read_jsonl(run / "metrics.jsonl")) >= n:
+            return
+        assert proc.poll() is None, f"fedyolo exited ({proc.returncode}) before round {n}"
+        time.sleep(0.2)
+    pytest.fail(f"round {n} did not finish in {timeout:.0f} s")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_helpers import check_run_dir, fedyolo, start_fedyolo, tiny_run_args
+from e2e_helpers import check_run_dir, fedyolo, start_fedyolo, tiny_run_args, wait_for_rounds
 
 pytestmark = [pytest.mark.e2e, pytest.mark.containers]
 
@@ -109,18 +109,6 @@ def test_compose_federation_with_tls_and_node_auth(tmp_path, docker_engine, imag
     assert _leftovers(docker_engine, project_name(run.resolve())) == []
 
 
-def _wait_rounds(run: Path, n: int, proc: subprocess.Popen, timeout: float = 600) -> None:
-    from fl_server.run_dir import read_jsonl
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(read_jsonl(run / "metrics.jsonl")) >= n:
-            return
-        assert proc.poll() is None, f"fedyolo exited ({proc.returncode}) before round {n}"
-        time.sleep(0.5)
-    pytest.fail(f"round {n} did not finish in {timeout:.0f} s")
-
-
 def _intruder(cli: str, network: str, secrets: Path, image: str, *auth: str) -> tuple[int, str]:
     """A SuperNode container that tries to join with ``auth``; its exit code and log."""
     done = subprocess.run(
@@ -148,7 +136,7 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
     proc = start_fedyolo(args, tmp_path, stderr=subprocess.PIPE, text=True)
     project = project_name(run.resolve())
     try:
-        _wait_rounds(run, 1, proc)  # round 2 is under way
+        wait_for_rounds(run, 1, proc)  # round 2 is under way
         cid = _docker(docker_engine, "ps", "--quiet", "--filter",
                       f"label=com.docker.compose.project={project}", "--filter",
                       "label=com.docker.compose.service=supernode-1").stdout.split()[0]  # fmt: skip
@@ -181,7 +169,7 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
         # Flower accepts the same node key again once it has declared the old session dead (2
         # missed heartbeats, up to 60 s: the end of round 2); Docker's restart back-off may be
         # longer by then, so the robot's operator restarts it, as in local-deployment's test.
-        _wait_rounds(run, 2, proc)
+        wait_for_rounds(run, 2, proc)
         _docker(docker_engine, "restart", cid)
         _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-4000:]

@@ -6,11 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from e2e_helpers import check_run_dir, fedyolo, tiny_run_args
+from e2e_helpers import check_run_dir, fedyolo, tiny_run_args, wait_for_rounds
 from test_deployment import flower_processes
 
 from deploy.local import kill_tree
@@ -28,16 +27,6 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-
-
-def wait_for_rounds(run: Path, n: int, proc: subprocess.Popen, timeout: float = 400) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(read_jsonl(run / "metrics.jsonl")) >= n:
-            return
-        assert proc.poll() is None, f"fedyolo exited ({proc.returncode}) before round {n}"
-        time.sleep(0.2)
-    pytest.fail(f"round {n} did not finish in {timeout:.0f} s")
 
 
 def test_server_killed_between_rounds_resumes_to_the_same_round_count(tmp_path):
