@@ -192,6 +192,11 @@ class Compose:
             f"its log:\n{self('logs', '--no-color', '--tail', '30', service, check=False)}"
         )
 
+    def started_at(self, service: str) -> str:
+        """When the service's container last started ('' if it has none)."""
+        cid = self.container(service)
+        return _inspect(cid, "{{.State.StartedAt}}") if cid else ""
+
     def save_logs(self, folder: Path, services: list[str]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for service in services:
@@ -307,17 +312,77 @@ def run_compose(run_dir: Path, cfg) -> None:
                 num_clients,
                 run_dir / "logs",
             )
-            from fl_server.run_dir import read_jsonl
-
-            before = len(read_jsonl(run_dir / "events.jsonl"))
-            runner = group.start("flwr-run", flwr_run_args(run_dir), env)
-            following.set()
-            follow(runner, run_dir, before, stop)
+            _submit_and_follow(project, group, run_dir, env, stop, following, e)
         finally:
             group.stop()
             project.save_logs(run_dir / "logs", services)
             if not bool(e.keep):
                 project.down()
+
+
+RESUMES = 3  # SuperLink restarts one run survives by resuming itself
+
+
+def _submit_and_follow(project, group, run_dir, env, stop, following, e) -> None:
+    """``flwr run`` and follow it to its end. If the SuperLink container restarts mid-run (its
+    ServerApp, a subprocess, dies with it; its database and the SuperNodes live on), the run
+    is resubmitted as ``resume=`` of its own directory: it goes on from its last finished round,
+    nothing lost or counted twice (``fl_server.state``); a ``resume`` event records it."""
+    from fl_server.run_dir import read_jsonl
+
+    started = project.started_at(SUPERLINK)
+    for attempt in range(RESUMES + 1):
+        before = len(read_jsonl(run_dir / "events.jsonl"))
+        runner = group.start("flwr-run", flwr_run_args(run_dir), env)
+        following.set()
+        try:
+            follow(runner, run_dir, before, stop)
+            return
+        except RuntimeError:
+            # `flwr run` may end before Docker has restarted the container: wait for it
+            if stop.is_set() or attempt == RESUMES or _status(run_dir) != "running":
+                raise
+            now = _restarted(project, started, wait=min(60.0, float(e.startup_timeout)))
+            if not now:
+                raise
+            started = now
+        LOGGER.warning(
+            "the SuperLink container restarted mid-run: the run resumes from its last finished "
+            "round (%d of %d resumes)",
+            attempt + 1,
+            RESUMES,
+        )
+        runner.wait(timeout=30)
+        project.wait_healthy(SUPERLINK, float(e.startup_timeout))
+        _resume_config(run_dir)
+
+
+def _status(run_dir: Path) -> str | None:
+    """The run's status in summary.json (``running`` while a ServerApp has not ended it)."""
+    import json
+
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((run_dir / "summary.json").read_text()).get("status")
+    return None
+
+
+def _restarted(project: Compose, started: str, wait: float) -> str:
+    """The SuperLink container's new start time if it restarts within ``wait`` s, else ''."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        now = project.started_at(SUPERLINK)
+        if now and now != started:
+            return now
+        time.sleep(1)
+    return ""
+
+
+def _resume_config(run_dir: Path) -> None:
+    """The run's config.yaml with ``resume`` set, as ``fedyolo run resume=`` writes it."""
+    from fl_server import config as config_mod
+
+    cfg = config_mod.compose([f"resume={run_dir}"])
+    (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
 
 
 def engine(run, cfg) -> None:

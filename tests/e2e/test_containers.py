@@ -190,3 +190,32 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
     back = present.index(True, 2)  # once back, it takes part in every later round
     assert all(present[back:]), present
     assert _leftovers(docker_engine, project) == []
+
+
+def test_superlink_container_restarted_mid_run_the_run_goes_on(tmp_path, docker_engine, images):
+    """The SuperLink container restarts after round 2 (its ServerApp dies with it; its database
+    is on a volume): the engine resubmits the run as a resume of its own directory, and the run
+    completes with every round recorded once and every client in every round."""
+    from deploy.compose import project_name
+    from fl_server.run_dir import read_jsonl
+
+    run = tmp_path / "runs" / "link"
+    args = tiny_run_args(tmp_path, "link", "engine=compose", "federation.rounds=4")
+    proc = start_fedyolo(args, tmp_path, stderr=subprocess.PIPE, text=True)
+    project = project_name(run.resolve())
+    try:
+        wait_for_rounds(run, 2, proc)
+        cid = _docker(docker_engine, "ps", "--quiet", "--filter",
+                      f"label=com.docker.compose.project={project}", "--filter",
+                      "label=com.docker.compose.service=superlink").stdout.split()[0]  # fmt: skip
+        assert _docker(docker_engine, "restart", cid).returncode == 0
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=120)
+    check_run_dir(run, rounds=4, clients=2)
+    resumes = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["round"] in (2, 3), resumes
+    assert _leftovers(docker_engine, project) == []
