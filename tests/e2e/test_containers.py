@@ -8,6 +8,7 @@ base and wheelhouse when ``FEDYOLO_IMAGES_OFFLINE=1``) unless they already exist
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -109,6 +110,27 @@ def test_compose_federation_with_tls_and_node_auth(tmp_path, docker_engine, imag
     assert _leftovers(docker_engine, project_name(run.resolve())) == []
 
 
+@contextlib.contextmanager
+def _fedyolo_running(args: list[str], cwd: Path):
+    """``fedyolo`` in the background for the block; then it must exit 0 (else it is stopped)."""
+    proc = start_fedyolo(args, cwd, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=120)
+
+
+def _container(cli: str, project: str, service: str) -> str:
+    labels = [f"label=com.docker.compose.project={project}",
+              f"label=com.docker.compose.service={service}"]  # fmt: skip
+    found = _docker(cli, "ps", "--quiet", "--filter", labels[0], "--filter", labels[1])
+    return found.stdout.split()[0]
+
+
 def _intruder(cli: str, network: str, secrets: Path, image: str, *auth: str) -> tuple[int, str]:
     """A SuperNode container that tries to join with ``auth``; its exit code and log."""
     done = subprocess.run(
@@ -133,13 +155,10 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
     run = tmp_path / "runs" / "crash"
     args = tiny_run_args(tmp_path, "crash", "engine=compose", "federation.clients=3",
                          "federation.rounds=12", "federation.round_timeout=300")  # fmt: skip
-    proc = start_fedyolo(args, tmp_path, stderr=subprocess.PIPE, text=True)
     project = project_name(run.resolve())
-    try:
+    with _fedyolo_running(args, tmp_path) as proc:
         wait_for_rounds(run, 1, proc)  # round 2 is under way
-        cid = _docker(docker_engine, "ps", "--quiet", "--filter",
-                      f"label=com.docker.compose.project={project}", "--filter",
-                      "label=com.docker.compose.service=supernode-1").stdout.split()[0]  # fmt: skip
+        cid = _container(docker_engine, project, "supernode-1")
         pid = int(_docker(docker_engine, "inspect", "--format", "{{.State.Pid}}", cid).stdout)
         os.kill(pid, signal.SIGKILL)  # what the OOM killer does; not a `docker stop`
         deadline = time.monotonic() + 60
@@ -169,12 +188,6 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
         # Nobody touches it again: Flower accepts the same node key once it has declared the old
         # session dead (2 missed heartbeats, up to 60 s: the end of round 2), and the restart
         # policy's next try (Docker's back-off doubles up to 1 min) brings the client back.
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=120)
     rounds = read_jsonl(run / "metrics.jsonl")
     assert [r["round"] for r in rounds] == list(range(1, 13))
     failed = [(e["round"], e["client"]) for e in read_jsonl(run / "events.jsonl")
@@ -201,20 +214,11 @@ def test_superlink_container_restarted_mid_run_the_run_goes_on(tmp_path, docker_
 
     run = tmp_path / "runs" / "link"
     args = tiny_run_args(tmp_path, "link", "engine=compose", "federation.rounds=4")
-    proc = start_fedyolo(args, tmp_path, stderr=subprocess.PIPE, text=True)
     project = project_name(run.resolve())
-    try:
+    with _fedyolo_running(args, tmp_path) as proc:
         wait_for_rounds(run, 2, proc)
-        cid = _docker(docker_engine, "ps", "--quiet", "--filter",
-                      f"label=com.docker.compose.project={project}", "--filter",
-                      "label=com.docker.compose.service=superlink").stdout.split()[0]  # fmt: skip
+        cid = _container(docker_engine, project, "superlink")
         assert _docker(docker_engine, "restart", cid).returncode == 0
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=120)
     check_run_dir(run, rounds=4, clients=2)
     resumes = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["round"] in (2, 3), resumes
