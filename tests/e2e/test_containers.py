@@ -159,14 +159,17 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
 ):
     """Mid-run: a client container's process is killed (a crash: its restart policy brings it
     back, it rejoins and no round is lost or counted twice); a SuperNode whose key was never
-    registered and one speaking plaintext are refused and never take part."""
+    registered and one speaking plaintext are refused and never take part; an injected NaN
+    update (``faults.*``, as in the other engines) is rejected and its round goes on."""
     from deploy.certs import make_node_keys
     from deploy.compose import project_name
     from fl_server.run_dir import read_jsonl
 
     run = tmp_path / "runs" / "crash"
     args = tiny_run_args(tmp_path, "crash", "engine=compose", "federation.clients=3",
-                         "federation.rounds=12", "federation.round_timeout=300")  # fmt: skip
+                         "federation.rounds=12", "federation.round_timeout=300",
+                         # fault injection works unchanged in this engine
+                         "faults.client=2", "faults.round=6", "faults.kind=nan")  # fmt: skip
     project = project_name(run.resolve())
     with _fedyolo_running(args, tmp_path) as proc:
         wait_for_rounds(run, 1, proc)  # round 2 is under way
@@ -207,9 +210,13 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
     for r in rounds:
         ids = sorted(c["id"] for c in r["clients"])
         assert set(ids) <= {0, 1, 2} and len(ids) == len(set(ids)), (r["round"], ids)
-        assert 0 in ids and 2 in ids and not (1 in ids and (r["round"], 1) in failed)
+        assert 0 in ids and not (1 in ids and (r["round"], 1) in failed)
+        assert (2 in ids) == (r["round"] != 6), (r["round"], ids)  # its NaN update of round 6
     # killed in round 2: recorded as failed there, once, and the round completed without it
     assert failed == [(2, 1)] and 1 not in [c["id"] for c in rounds[1]["clients"]], failed
+    rejected = [(e["round"], e["client"], e["reason"]) for e in read_jsonl(run / "events.jsonl")
+                if e["kind"] == "update_rejected"]  # fmt: skip
+    assert [r[:2] for r in rejected] == [(6, 2)] and "non-finite" in rejected[0][2], rejected
     present = [1 in [c["id"] for c in r["clients"]] for r in rounds]
     assert present[-1], f"the restarted client did not rejoin: {present}"
     back = present.index(True, 2)  # once back, it takes part in every later round
