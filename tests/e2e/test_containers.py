@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -113,7 +114,11 @@ def test_compose_federation_with_tls_and_node_auth(tmp_path, docker_engine, imag
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_run_dir(run, rounds=2, clients=2)
     link_log = (run / "logs" / "superlink.log").read_text()
-    assert "--ssl-certfile" not in link_log  # the log is Flower's, not our command line
+    assert "Uvicorn running on https://0.0.0.0:9092" in link_log  # TLS, not plain HTTP
+    # node authentication: the two keys were registered, and exactly those nodes activated
+    registered = set(re.findall(r"RegisterNode\] Created node_id=(\d+)", link_log))
+    activated = set(re.findall(r"ActivateNode\] Activated node_id=(\d+)", link_log))
+    assert len(registered) == 2 and activated == registered, (registered, activated)
     for i in (0, 1):
         log = (run / "logs" / f"supernode-{i}.log").read_text()
         assert log, f"supernode-{i} logged nothing"
