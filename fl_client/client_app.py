@@ -6,6 +6,13 @@ how (``num-examples`` is the real count of training images in its shard).
 Which shard: the SuperNode's node config ``data-path`` (a ``data.yaml``) when given, as on a
 real robot; otherwise ``<data-root>/client_<partition-id>/data.yaml`` from the run's prepared
 shards (simulation and the local deployment engine).
+
+Where the work runs: in this process, or, with node config ``warm-worker=true`` (the deployment
+engines set it), in the SuperNode's long-lived warm worker (``fl_client.worker``), which keeps
+torch, Ultralytics, the model and the data pipeline loaded across messages. Either way the same
+functions below (``train_content``, ``evaluate_content``) do the work; this module imports only
+Flower and numpy, so the per-message ``flwr-clientapp`` process that hands a message over starts
+in well under a second.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +31,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_client.data.formats import read_data_yaml
 from fl_client.wire import NUM_EXAMPLES, PARTITION_ID, ClientFailure, RoundConfig
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
@@ -50,18 +57,17 @@ def _client_dp_mod(msg: Message, context: Context, call_next) -> Message:
 
 def _client_error_mod(msg: Message, context: Context, call_next) -> Message:
     """Any failure in a handler becomes a structured failure reply (``fl_client.wire``): the
-    server's events name the client from a field, not only the node id. The handler's scratch
-    folder is removed after every message, whatever happened."""
+    server's events name the client from a field, not only the node id."""
     try:
         return call_next(msg, context)
     except Exception as e:
         pid = int(context.node_config.get("partition-id", -1))
         config = msg.content.config_records.get("config", {})
         rnd = int(config.get("server-round", 0)) if config else 0
-        LOGGER.warning("client %d (round %d) failed: %s: %s", pid, rnd, type(e).__name__, e)
-        return ClientFailure(pid, rnd, f"{type(e).__name__}: {e}").to_reply(msg)
-    finally:
-        _clear_workdir()
+        # the warm worker's failures arrive already named ("ValueError: ...")
+        why = str(e) if getattr(e, "named", False) else f"{type(e).__name__}: {e}"
+        LOGGER.warning("client %d (round %d) failed: %s", pid, rnd, why)
+        return ClientFailure(pid, rnd, why).to_reply(msg)
 
 
 app = ClientApp(mods=[_client_error_mod, _client_dp_mod])
@@ -107,9 +113,10 @@ def _quiet_ultralytics(level: str) -> None:
     UL_LOGGER.setLevel(getattr(logging, level, logging.WARNING))
 
 
-def shard_yaml(context: Context, config: RoundConfig) -> Path:
-    """The ``data.yaml`` of this client's shard (see module docstring)."""
-    node = context.node_config
+def shard_yaml(node: Mapping, config: RoundConfig) -> Path:
+    """The ``data.yaml`` of this client's shard, from its node config (see module docstring)."""
+    from fl_client.data.formats import read_data_yaml
+
     if "data-path" in node and str(node["data-path"]):
         path = Path(str(node["data-path"]))
     else:
@@ -150,16 +157,17 @@ def _setup_process(config: RoundConfig) -> None:
 STATE_KEY = "fedyolo"  # this client's own arrays in its Flower context.state
 
 
-def _own_state(context: Context) -> dict[str, np.ndarray]:
-    """What this client kept from earlier rounds: its local parts and transport residual."""
-    if STATE_KEY not in context.state:
+def _own_state(state: RecordDict) -> dict[str, np.ndarray]:
+    """What this client kept from earlier rounds (its Flower ``context.state``): its local parts
+    and transport residual."""
+    if STATE_KEY not in state:
         return {}
-    rec = context.state[STATE_KEY]
+    rec = state[STATE_KEY]
     return {k: rec[k].numpy() for k in rec}
 
 
-def _keep_own(context: Context, arrays: dict[str, np.ndarray]) -> None:
-    context.state[STATE_KEY] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+def _keep_own(state: RecordDict, arrays: dict[str, np.ndarray]) -> None:
+    state[STATE_KEY] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
 def _keep_local_mask(config: RoundConfig, model) -> np.ndarray | None:
@@ -169,7 +177,7 @@ def _keep_local_mask(config: RoundConfig, model) -> np.ndarray | None:
     return local_mask(model, list(config.keep_local)) if config.keep_local else None
 
 
-def _personalize(model, config: RoundConfig, context: Context) -> np.ndarray | None:
+def _personalize(model, config: RoundConfig, state: RecordDict) -> np.ndarray | None:
     """Overwrite the parts this client keeps local with its own values from earlier rounds.
 
     FedBN-style (``keep-local=bn``) or partial aggregation (``keep-local=head``): the global
@@ -179,7 +187,7 @@ def _personalize(model, config: RoundConfig, context: Context) -> np.ndarray | N
     from fl_client.model import WEIGHTS_KEY, load_record, to_record
 
     mask = _keep_local_mask(config, model)
-    own = _own_state(context).get("local")
+    own = _own_state(state).get("local")
     if mask is None or own is None or own.size != int(mask.sum()):
         return mask
     flat = to_record(model)[WEIGHTS_KEY].numpy()
@@ -226,26 +234,62 @@ def _data_stats(data_yaml: Path, config: RoundConfig, pid: int, server_round: in
         return {}
 
 
+def _run(kind: str, msg: Message, context: Context) -> Message:
+    """One message's work, here or in the node's warm worker; timing added to its metrics."""
+    t0 = time.perf_counter()
+    startup = _startup_seconds(time.time())
+    node = context.node_config
+    if str(node.get("warm-worker", "")).lower() in ("true", "1"):
+        from fl_client.worker import call
+
+        content = call(kind, msg.content, context)
+    else:
+        content = handle(kind, msg.content, node, context.state)
+    metrics = content["metrics"]
+    metrics["handler-seconds"] = time.perf_counter() - t0
+    metrics["startup-seconds"] = startup
+    return Message(content=content, reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's shard for one round."""
-    t0 = time.perf_counter()
-    startup = _startup_seconds(time.time())
+    return _run("train", msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this client's local validation split."""
+    return _run("evaluate", msg, context)
+
+
+def handle(kind: str, content: RecordDict, node: Mapping, state: RecordDict) -> RecordDict:
+    """The reply content to a ``train`` or ``evaluate`` message's content; ``state`` (the
+    client's Flower ``context.state``) is updated in place. The message's scratch folder is
+    removed afterwards, whatever happened."""
+    try:
+        return (train_content if kind == "train" else evaluate_content)(content, node, state)
+    finally:
+        _clear_workdir()
+
+
+def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> RecordDict:
+    """Train the received global model on this client's shard for one round."""
     from fl_client import faults
     from fl_client.model import WEIGHTS_KEY, to_record
     from fl_client.train import resolve_device, train_round
     from fl_client.transport import encode
 
-    config = RoundConfig.from_record(msg.content["config"])
+    config = RoundConfig.from_record(content["config"])
     _setup_process(config)
-    data_yaml = shard_yaml(context, config)
-    pid = int(context.node_config.get("partition-id", 0))
+    data_yaml = shard_yaml(node, config)
+    pid = int(node.get("partition-id", 0))
     server_round = config.server_round
     injected = faults.mine(config.faults, pid)
     train_yaml = _act_out_before(injected, server_round, data_yaml, len(config.names), pid)
-    received = msg.content["arrays"][WEIGHTS_KEY].numpy()
-    model = _model_for(config, msg.content["arrays"])
-    mask = _personalize(model, config, context)
+    received = content["arrays"][WEIGHTS_KEY].numpy()
+    model = _model_for(config, content["arrays"])
+    mask = _personalize(model, config, state)
     seed = config.seed + 1000 * server_round + pid
     args = {k: v for k, v in asdict(config.train).items() if k != "eval_batch"}
     result = train_round(
@@ -259,13 +303,13 @@ def train(msg: Message, context: Context) -> Message:
     trained = to_record(model)[WEIGHTS_KEY].numpy()
     for fault in injected:
         trained = faults.corrupt_weights(fault, trained, received, seed)
-    own = _own_state(context)
+    own = _own_state(state)
     had_state = bool(own)
     arrays, residual = encode(trained, received, config.transport, own.get("residual"))
     own = {"residual": residual} if residual is not None else {}
     if mask is not None:
         own["local"] = trained[mask]
-    _keep_own(context, own)
+    _keep_own(state, own)
     losses = result.losses
     metrics = MetricRecord(
         {
@@ -279,29 +323,26 @@ def train(msg: Message, context: Context) -> Message:
             "train-seconds": result.timing.epochs,
             "batch-seconds": result.timing.batches,
             "batches": result.timing.batch_count,
-            "handler-seconds": time.perf_counter() - t0,
-            "startup-seconds": startup,
             # 1 when this client still had its own arrays (local parts, transport residual)
             # from an earlier round: the engine kept its Flower context.state
             "kept-state": int(had_state),
             **_data_stats(data_yaml, config, pid, server_round),
         }
     )
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return RecordDict({"arrays": arrays, "metrics": metrics})
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate_content(content: RecordDict, node: Mapping, state: RecordDict) -> RecordDict:
     """Evaluate the received global model on this client's local validation split."""
     from fl_client.evaluate import evaluate_checkpoint
     from fl_client.model import save_checkpoint
     from fl_client.train import resolve_device
 
-    config = RoundConfig.from_record(msg.content["config"])
+    config = RoundConfig.from_record(content["config"])
     _setup_process(config)
-    data_yaml = shard_yaml(context, config)
-    model = _model_for(config, msg.content["arrays"])
-    _personalize(model, config, context)  # evaluate the model this client actually uses
+    data_yaml = shard_yaml(node, config)
+    model = _model_for(config, content["arrays"])
+    _personalize(model, config, state)  # evaluate the model this client actually uses
     imgsz = config.train.imgsz
     ckpt = save_checkpoint(model, _workdir() / "global.pt", {"imgsz": imgsz}, {})
     res = evaluate_checkpoint(
@@ -318,11 +359,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: num_val,
-            PARTITION_ID: int(context.node_config.get("partition-id", 0)),
+            PARTITION_ID: int(node.get("partition-id", 0)),
             "map50": res["map50"],
             "map50-95": res["map50_95"],
             "precision": res["precision"],
             "recall": res["recall"],
         }
     )
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return RecordDict({"metrics": metrics})

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from fl_client.transport import WEIGHTS_KEY  # defined with the wire format; re-exported here
+
 LOGGER = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -102,9 +104,6 @@ def build_model(cfg: str | dict, names: dict[int, str] | list[str]) -> torch.nn.
 def exchanged_keys(model: torch.nn.Module) -> list[str]:
     """Names of the state-dict entries that go over the wire (all floating-point tensors)."""
     return [k for k, v in model.state_dict().items() if v.dtype.is_floating_point]
-
-
-WEIGHTS_KEY = "weights"
 
 
 def layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:

@@ -37,8 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fl_client.model import WEIGHTS_KEY
-
+WEIGHTS_KEY = "weights"  # the one array of a model's record: every exchanged value, packed
 SCHEMES = ("fp32", "fp16", "q8", "q4", "topk")
 SCHEME_KEY = "transport"  # int8 array naming the scheme, so the server needs no side channel
 _CODES = {name: i for i, name in enumerate(SCHEMES)}

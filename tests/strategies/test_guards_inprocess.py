@@ -85,7 +85,7 @@ def test_fedbn_keeps_batchnorm_local_and_the_server_still_has_statistics(tmp_pat
 
 
 def test_personalize_overwrites_exactly_the_local_parts():
-    from flwr.app import Context, RecordDict
+    from flwr.app import RecordDict
 
     from fl_client.client_app import _keep_own, _personalize
     from fl_client.model import to_record
@@ -93,10 +93,10 @@ def test_personalize_overwrites_exactly_the_local_parts():
     model = build_model("fedyolo-tiny.yaml", ["a", "b"])
     masks = part_masks(model)
     g = to_record(model)[WEIGHTS_KEY].numpy()
-    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    state = RecordDict()  # the client's Flower context.state
     own = np.full(int(masks["head"].sum()), 7.0, np.float32)
-    _keep_own(ctx, {"local": own})
-    _personalize(model, _round_config(keep_local=("head",)), ctx)
+    _keep_own(state, {"local": own})
+    _personalize(model, _round_config(keep_local=("head",)), state)
     now = to_record(model)[WEIGHTS_KEY].numpy()
     assert (now[masks["head"]] == 7.0).all()
     np.testing.assert_array_equal(now[~masks["head"]], g[~masks["head"]])

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from flwr.app import Context, RecordDict
 
 from fl_client import faults
 from fl_client.client_app import shard_yaml
@@ -81,13 +80,13 @@ def test_flipped_label_shard_shifts_every_class_and_keeps_val(shards, tmp_path):
 def test_a_client_whose_classes_differ_from_the_federation_fails_with_both_lists(shards):
     data_yaml = shards["day"]
     names = tuple(read_data_yaml(data_yaml).names)
-    ctx = Context(1, 1, {"data-path": str(data_yaml)}, RecordDict(), {})
-    assert shard_yaml(ctx, SimpleNamespace(names=names, data_root="")) == data_yaml
+    node = {"data-path": str(data_yaml)}
+    assert shard_yaml(node, SimpleNamespace(names=names, data_root="")) == data_yaml
     with pytest.raises(ValueError, match="has classes .* the federation trains"):
-        shard_yaml(ctx, SimpleNamespace(names=names[::-1], data_root=""))
+        shard_yaml(node, SimpleNamespace(names=names[::-1], data_root=""))
 
 
 def test_shard_yaml_names_a_missing_file(tmp_path: Path):
-    ctx = Context(1, 1, {"data-path": str(tmp_path / "none.yaml")}, RecordDict(), {})
+    node = {"data-path": str(tmp_path / "none.yaml")}
     with pytest.raises(FileNotFoundError, match="none.yaml"):
-        shard_yaml(ctx, SimpleNamespace(names=("a",), data_root=""))
+        shard_yaml(node, SimpleNamespace(names=("a",), data_root=""))

@@ -1,0 +1,326 @@
+"""The warm worker: one long-lived process per SuperNode that does its ClientApp's work.
+
+Why: Flower 1.41's deployment runtime starts a new ``flwr-clientapp`` process for every message
+(its SuperExec launches one per task; the "warm executor pools" it has are pre-started
+Kubernetes pods, and they too start a process per task). Each such process would import torch
+and Ultralytics (~3 s) and rebuild the model, trainer and data pipeline (~2-3.5 s), every round.
+With node config ``warm-worker=true`` the per-message ClientApp, which imports only Flower and
+numpy, hands the message's content, its node config and its state to this node's worker, which
+keeps all of that loaded, and replies with what the worker answers. Flower still does everything
+else: transport, TLS, node authentication, heartbeats, the node's ``context.state``.
+
+Protocol: a Unix socket in a folder only this user can enter, one request per connection; every
+frame is an 8-byte big-endian length and bytes. Request: a JSON header (kind, node config, the
+caller's code digest), then the message content and the client's state as Flower's own protobuf
+``RecordDict``. Reply: a JSON header (``ok``, or the error), then the reply content and the
+updated state. Nothing is unpickled.
+
+Lifetime: a node's first message starts its worker (under a lock file). The worker lives as long
+as the node's SuperExec (the ``flwr-clientapp`` processes' parent, which Flower ties to its
+SuperNode) and exits within a second of it, or after ``FEDYOLO_WORKER_IDLE`` seconds without
+work (default 1800). A worker whose code differs from its caller's (an upgrade) retires and a
+fresh one starts. A worker that dies mid-message fails that message only (the round goes on
+without this client, as with any client failure); the next message starts a new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from flwr.app import Context, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+LOGGER = logging.getLogger("fedyolo.worker")
+
+START_TIMEOUT = 300.0  # seconds for a new worker to import torch and Ultralytics and listen
+_LEN = struct.Struct("!Q")
+
+
+class WorkerError(RuntimeError):
+    """The work failed in the worker; the message is already named (``ValueError: ...``)."""
+
+    named = True
+
+
+# -- where a node's worker listens -----------------------------------------------------------
+
+
+def worker_dir() -> Path:
+    """This user's folder of worker sockets (mode 0700), under ``FEDYOLO_WORKER_DIR`` or the
+    temporary folder; refused when another user owns it or can write to it."""
+    base = Path(os.environ.get("FEDYOLO_WORKER_DIR") or tempfile.gettempdir())
+    folder = base / f"fedyolo-worker-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(
+            f"warm worker folder '{folder}' must belong to uid {os.getuid()} with mode 0700"
+        )
+    return folder
+
+
+def socket_path(watch_pid: int, node_id: int) -> Path:
+    """The socket of the worker serving node ``node_id`` under the SuperExec ``watch_pid``."""
+    return worker_dir() / f"{watch_pid}-{node_id}.sock"
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 of the client package's source: a worker only serves callers of the same code."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+# -- frames ----------------------------------------------------------------------------------
+
+
+def _send(f, data: bytes) -> None:
+    f.write(_LEN.pack(len(data)))
+    f.write(data)
+
+
+def _recv(f) -> bytes:
+    head = f.read(_LEN.size)
+    if len(head) < _LEN.size:
+        raise ConnectionError("connection closed")
+    (n,) = _LEN.unpack(head)
+    data = f.read(n)
+    if len(data) < n:
+        raise ConnectionError("connection closed mid-frame")
+    return data
+
+
+def _records_to_bytes(rd: RecordDict) -> bytes:
+    return recorddict_to_proto(rd).SerializeToString()
+
+
+def _records_from_bytes(data: bytes) -> RecordDict:
+    return recorddict_from_proto(ProtoRecordDict.FromString(data))
+
+
+# -- the caller's side (the per-message ClientApp) -------------------------------------------
+
+
+def call(kind: str, content: RecordDict, context: Context, watch: int | None = None) -> RecordDict:
+    """Have this node's warm worker do ``kind`` (``train`` or ``evaluate``) on ``content``;
+    the worker is started when none answers. Updates the client's own entry of
+    ``context.state`` and returns the reply content.
+
+    ``watch``: the process the worker lives for; by default this process's parent, the
+    SuperExec that started this ``flwr-clientapp`` process.
+    """
+    from fl_client.client_app import STATE_KEY
+
+    watch = os.getppid() if watch is None else watch
+    path = socket_path(watch, int(context.node_id))
+    state = RecordDict()
+    if STATE_KEY in context.state:
+        state[STATE_KEY] = context.state[STATE_KEY]
+    header = {"kind": kind, "node": dict(context.node_config), "code": code_digest()}
+    for _ in range(2):  # a second time after a stale worker retired
+        with _connect_or_start(path, watch) as conn, conn.makefile("rwb") as f:
+            _send(f, json.dumps(header).encode())
+            _send(f, _records_to_bytes(content))
+            _send(f, _records_to_bytes(state))
+            f.flush()
+            try:
+                reply = json.loads(_recv(f))
+                if reply.get("stale"):
+                    continue
+                out, new_state = _records_from_bytes(_recv(f)), _records_from_bytes(_recv(f))
+            except ConnectionError as e:
+                raise ConnectionError(
+                    f"the warm worker at '{path}' ended mid-message ({e}); its node's log has why"
+                ) from e
+        if not reply.get("ok"):
+            raise WorkerError(str(reply.get("error", "unknown error")))
+        if STATE_KEY in new_state:
+            context.state[STATE_KEY] = new_state[STATE_KEY]
+        return out
+    raise RuntimeError(f"the warm worker at '{path}' kept retiring as stale")
+
+
+def _connect(path: Path) -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+    except OSError:
+        conn.close()
+        raise
+    return conn
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _connect_or_start(path: Path, watch: int) -> socket.socket:
+    with contextlib.suppress(OSError):
+        return _connect(path)
+    with _locked(path):
+        with contextlib.suppress(OSError):
+            return _connect(path)  # another message's process started it meanwhile
+        path.unlink(missing_ok=True)
+        LOGGER.info("starting the warm worker at %s", path)
+        # the same fl_client as this caller's (Flower may have loaded it from the app's FAB)
+        here = str(Path(__file__).resolve().parent.parent)
+        pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+        proc = subprocess.Popen(  # noqa: S603 - this interpreter, this module
+            [sys.executable, "-m", "fl_client.worker", str(path), "--watch-pid", str(watch)],
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+            env={**os.environ, "PYTHONPATH": pythonpath},
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            with contextlib.suppress(OSError):
+                return _connect(path)
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"the warm worker exited with code {proc.returncode} before it listened "
+                    f"at '{path}'; its node's log has why"
+                )
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError(
+                    f"the warm worker did not listen at '{path}' within {START_TIMEOUT:.0f} s"
+                )
+            time.sleep(0.05)
+
+
+# -- the worker's side -----------------------------------------------------------------------
+
+
+def _warm_up() -> None:
+    """Import and build once what every message needs."""
+    import torch
+
+    from fl_client import client_app, evaluate, model, train  # noqa: F401
+    from fl_client.ultralytics_adapter import local_trainer_class
+
+    local_trainer_class()
+    # torch imports its compiler stack inside the first optimiser's constructor (~2 s)
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+class _Watched:
+    """The process this worker lives for; pid reuse is told apart by its start time."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.pid = pid
+        try:
+            self.created = psutil.Process(pid).create_time()
+        except psutil.Error:
+            self.created = None
+
+    def alive(self) -> bool:
+        import psutil
+
+        try:
+            return psutil.Process(self.pid).create_time() == self.created
+        except psutil.Error:
+            return False
+
+
+def serve(path: Path, watch_pid: int, idle: float) -> None:
+    """Answer requests at ``path`` until ``watch_pid`` ends, ``idle`` seconds pass without
+    one, or a caller of other code retires this worker."""
+    watched = _Watched(watch_pid)
+    _warm_up()
+    from fl_client.client_app import handle
+
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path.unlink(missing_ok=True)
+        srv.bind(str(path))
+        srv.listen(8)
+        srv.settimeout(1.0)
+        LOGGER.info("warm worker %d listening at %s for SuperExec %d", os.getpid(), path, watch_pid)
+        last = time.monotonic()
+        while watched.alive() and time.monotonic() - last < idle:
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
+            with conn, conn.makefile("rwb") as f:
+                try:
+                    retire = _answer(f, handle)
+                except OSError as e:  # the caller went away (its process was killed)
+                    LOGGER.warning("warm worker: a caller left mid-message (%s)", e)
+                    retire = False
+            last = time.monotonic()
+            if retire:
+                LOGGER.info(
+                    "warm worker %d retires: a caller runs other code (an upgrade)", os.getpid()
+                )
+                break
+    finally:
+        srv.close()
+        path.unlink(missing_ok=True)
+
+
+def _answer(f, handle) -> bool:
+    """One request; True when this worker must retire (the caller's code differs)."""
+    header = json.loads(_recv(f))
+    content, state = _records_from_bytes(_recv(f)), _records_from_bytes(_recv(f))
+    if header.get("code") != code_digest():
+        _send(f, json.dumps({"ok": False, "stale": True}).encode())
+        f.flush()
+        return True
+    node: Mapping = header.get("node", {})
+    try:
+        out, reply = handle(str(header["kind"]), content, node, state), {"ok": True}
+    except Exception as e:  # noqa: BLE001 - every failure goes back to the caller, named
+        LOGGER.warning("warm worker: %s failed: %s: %s", header.get("kind"), type(e).__name__, e)
+        out, reply = RecordDict(), {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    _send(f, json.dumps(reply).encode())
+    _send(f, _records_to_bytes(out))
+    _send(f, _records_to_bytes(state))
+    f.flush()
+    return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m fl_client.worker", description=__doc__)
+    ap.add_argument("socket", type=Path)
+    ap.add_argument("--watch-pid", type=int, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[fedyolo worker] %(levelname)s %(message)s")
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # leave through serve's clean-up
+    idle = float(os.environ.get("FEDYOLO_WORKER_IDLE", "1800"))
+    serve(args.socket, args.watch_pid, idle)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The warm worker (``fl_client.worker``): a real worker process, real train and evaluate
+messages made by the server side, the same work as in-process, failures named, one process
+across messages, and its lifetime tied to the process it serves."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from flwr.app import Context, RecordDict
+from inprocess import tiny_config
+
+from fl_client import worker
+from fl_client.client_app import STATE_KEY, handle
+from fl_client.model import WEIGHTS_KEY, build_model, to_record
+from fl_client.wire import RoundConfig
+from fl_server.prepare import prepare_run
+from fl_server.server_app import round_config
+
+
+@pytest.fixture
+def worker_env(tmp_path, monkeypatch):
+    """A private socket folder and a stand-in for the SuperExec the worker lives for."""
+    monkeypatch.setenv("FEDYOLO_WORKER_DIR", str(tmp_path / "sockets"))
+    (tmp_path / "sockets").mkdir()
+    superexec = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield superexec
+    superexec.kill()
+    superexec.wait()
+    for p in _workers(tmp_path / "sockets"):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+def _workers(folder: Path) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "fl_client.worker" in cmd and any(str(folder) in c for c in cmd):
+            out.append(p)
+    return out
+
+
+def _messages(tmp_path: Path) -> tuple[RecordDict, RecordDict, dict]:
+    cfg = tiny_config(tmp_path, ["federation.rounds=1"], clients=2)
+    run = prepare_run(cfg)
+    names = json.loads(run.manifest.read_text())["data"]["names"]
+    model = build_model(str(cfg.model.cfg), names)
+    config = round_config(cfg, names, run.data, model.yaml).with_round(server_round=1)
+    train = RecordDict({"arrays": to_record(model), "config": config.to_record()})
+    evaluate = RecordDict({"arrays": to_record(model), "config": config.to_record()})
+    return train, evaluate, {"partition-id": 1, "warm-worker": True}
+
+
+def _context(node: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+
+
+def _wait(cond, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return cond()
+
+
+def test_the_worker_does_the_same_work_keeps_serving_and_ends_with_its_superexec(
+    tmp_path, worker_env
+):
+    train, evaluate, node = _messages(tmp_path)
+    received = train["arrays"][WEIGHTS_KEY].numpy()
+    ctx = _context(node)
+
+    out = worker.call("train", train, ctx, watch=worker_env.pid)
+    pids = {p.pid for p in _workers(tmp_path / "sockets")}
+    assert len(pids) == 1  # started on the first message
+    local = handle("train", train, node, RecordDict())  # the same work in this process
+    m, m_local = out["metrics"], local["metrics"]
+    assert m["num-examples"] == m_local["num-examples"] > 0 and m["partition-id"] == 1
+    trained = out["arrays"][WEIGHTS_KEY].numpy()
+    assert trained.shape == received.shape and np.isfinite(trained).all()
+    assert not np.array_equal(trained, received)  # it trained
+    assert STATE_KEY in ctx.state  # the client's own state came back into Flower's context
+
+    # a failure comes back named; the worker stays and serves the next message
+    bad = dict(node, **{"data-path": str(tmp_path / "nowhere" / "data.yaml")})
+    with pytest.raises(worker.WorkerError, match=r"^FileNotFoundError: client data: .*nowhere"):
+        worker.call("evaluate", evaluate, _context(bad), watch=worker_env.pid)
+    res = worker.call("evaluate", evaluate, _context(node), watch=worker_env.pid)
+    assert 0.0 <= res["metrics"]["map50-95"] <= 1.0
+    assert {p.pid for p in _workers(tmp_path / "sockets")} == pids  # one process throughout
+
+    # the SuperExec it serves ends: the worker leaves and removes its socket
+    sock = worker.socket_path(worker_env.pid, 7)
+    assert sock.exists()
+    worker_env.kill()
+    worker_env.wait()
+    assert _wait(lambda: not _workers(tmp_path / "sockets"), 15)
+    assert not sock.exists()
+
+
+def test_a_worker_killed_mid_message_fails_that_message_only_and_a_stale_one_retires(
+    tmp_path, worker_env
+):
+    train, evaluate, node = _messages(tmp_path)
+    ctx = _context(node)
+    worker.call("evaluate", evaluate, ctx, watch=worker_env.pid)
+    (first,) = _workers(tmp_path / "sockets")
+
+    def kill_soon() -> None:
+        time.sleep(1.0)
+        first.send_signal(signal.SIGKILL)
+
+    import threading
+
+    # the client stalls 60 s in this message (a hang fault): it is killed inside it, for sure
+    config = RoundConfig.from_record(train["config"])
+    hang = json.dumps([{"client": 1, "kind": "hang", "hang_seconds": 60}])
+    stalled = RecordDict(
+        {"arrays": train["arrays"], "config": replace(config, faults=hang).to_record()}
+    )
+    threading.Thread(target=kill_soon, daemon=True).start()
+    with pytest.raises(ConnectionError, match="ended mid-message"):
+        worker.call("train", stalled, ctx, watch=worker_env.pid)
+    out = worker.call("train", train, ctx, watch=worker_env.pid)  # a new worker serves
+    assert out["metrics"]["num-examples"] > 0
+    (second,) = _workers(tmp_path / "sockets")
+    assert second.pid != first.pid
+
+    # a caller of other code: the worker answers "stale" and retires
+    sock = worker.socket_path(worker_env.pid, 7)
+    with socket.socket(socket.AF_UNIX) as s, s.makefile("rwb") as f:
+        s.connect(str(sock))
+        header = {"kind": "evaluate", "node": node, "code": "other"}
+        for frame in (json.dumps(header).encode(), b"", b""):
+            worker._send(f, frame)
+        f.flush()
+        assert json.loads(worker._recv(f)) == {"ok": False, "stale": True}
+    assert _wait(lambda: not _workers(tmp_path / "sockets"), 15)  # (a zombie: no cmdline)
+
+
+def test_a_socket_folder_others_can_write_to_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDYOLO_WORKER_DIR", str(tmp_path))
+    folder = tmp_path / f"fedyolo-worker-{os.getuid()}"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    with pytest.raises(PermissionError, match="mode 0700"):
+        worker.worker_dir()
