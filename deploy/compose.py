@@ -219,7 +219,9 @@ def _inspect(cid: str, fmt: str) -> str:
 
 
 def ensure_images(e) -> tuple[str, str]:
-    """The server and client image tags, built as ``engine.build`` says."""
+    """The server and client image tags, built as ``engine.build`` says: ``missing`` builds
+    those that do not exist or were built from other source than this checkout's (their
+    ``io.fedyolo.source`` label), ``always`` both, ``never`` none."""
     tags = {"server": str(e.server_image), "client": str(e.client_image)}
     mode = str(e.build)
     if mode not in ("missing", "always", "never"):
@@ -231,7 +233,20 @@ def ensure_images(e) -> tuple[str, str]:
             f"engine.build=never but {', '.join(tags[r] for r in missing)} does not exist: "
             "`fedyolo deploy images` (or `make images`) builds it"
         )
+    digest = images.source_digest()
+    stale = [
+        r for r in images.ROLES if r not in missing and images.image_source(tags[r], cli) != digest
+    ]
+    if mode == "never" and stale:
+        LOGGER.warning(
+            "engine.build=never: %s was built from other source than this checkout's",
+            ", ".join(tags[r] for r in stale),
+        )
+    for r in stale if mode == "missing" else []:
+        LOGGER.info("compose engine: %s was built from other source: rebuilding", tags[r])
     roles = tuple(images.ROLES) if mode == "always" else tuple(missing)
+    if mode == "missing":
+        roles = tuple(r for r in images.ROLES if r in missing or r in stale)
     if roles:
         LOGGER.info("compose engine: building %s", ", ".join(tags[r] for r in roles))
         for built in images.build_images(
@@ -284,6 +299,7 @@ def run_compose(run_dir: Path, cfg) -> None:
         "FEDYOLO_CLIENTS": str(num_clients),
         "FEDYOLO_CLIENT_CPUS": str(e.client_cpus),
         "FEDYOLO_CLIENT_THREADS": str(e.client_threads),
+        "FEDYOLO_WARM_WORKER": str(bool(e.warm_worker)).lower(),
         **_owner_env([run_dir]),
     }
     extra = client_services(yaml.safe_load(COMPOSE_FILE.read_text()), num_clients)

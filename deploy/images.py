@@ -83,6 +83,39 @@ def image_exists(tag: str, cli: str | None = None) -> bool:
     return _ok([cli or docker_cli(), "image", "inspect", tag])
 
 
+SOURCE_LABEL = "io.fedyolo.source"
+SOURCE_PARTS = (
+    "pyproject.toml",
+    "fl_server",
+    "fl_client",
+    "strategies",
+    "tuning",
+    "deploy",
+    "configs",
+)
+IGNORED = (".pyc", ".pt", ".key")  # as .dockerignore: never sent to a build
+
+
+def source_digest(root: Path = PROJECT_ROOT) -> str:
+    """sha256 of the source an image installs (what the Dockerfiles copy, less the README):
+    an image labelled with another digest runs other code than this checkout's."""
+    h = hashlib.sha256()
+    for part in SOURCE_PARTS:
+        top = root / part
+        files = [top] if top.is_file() else sorted(top.rglob("*"))
+        for f in files:
+            if f.is_file() and "__pycache__" not in f.parts and f.suffix not in IGNORED:
+                h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def image_source(tag: str, cli: str | None = None) -> str:
+    """The source digest an image was built from ("" when it has none)."""
+    fmt = f'{{{{ index .Config.Labels "{SOURCE_LABEL}" }}}}'
+    out = _out([cli or docker_cli(), "image", "inspect", "--format", fmt, tag]) or ""
+    return "" if out == "<no value>" else out
+
+
 def image_size(tag: str, cli: str | None = None) -> int:
     return int(_out([cli or docker_cli(), "image", "inspect", "--format", "{{.Size}}", tag]) or 0)
 
@@ -179,6 +212,8 @@ def build(
         f"REVISION={_out(['git', '-C', str(PROJECT_ROOT), 'rev-parse', 'HEAD']) or 'unknown'}",
         "--build-arg",
         f"CREATED={dt.datetime.now(dt.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}",
+        "--label",
+        f"{SOURCE_LABEL}={source_digest()}",
     ]
     if base:
         args += ["--build-arg", f"BASE_IMAGE={base}"]

@@ -85,9 +85,32 @@ def test_compose_secrets_and_data_come_from_the_environment():
     for i in (0, 1):
         node = compose["services"][f"supernode-{i}"]
         assert f"partition-id={i} " in node["command"][-1] and "data-path=" in node["command"][-1]
+        assert "warm-worker=${FEDYOLO_WARM_WORKER:-true}" in node["command"][-1]
         data = [v for v in node["volumes"] if v.endswith(":/data:ro")]
         assert data == [f"${{FEDYOLO_SHARDS:-./.fedyolo/compose/shards}}/client_{i}:/data:ro"]
         assert node["depends_on"]["superlink"]["condition"] == "service_healthy"
+
+
+def test_the_image_source_digest_follows_the_code_and_not_the_readme(tmp_path):
+    """``engine.build=missing`` rebuilds an image whose ``io.fedyolo.source`` label differs
+    from the checkout's: the digest must change with the code an image installs, only."""
+    from deploy.images import SOURCE_PARTS, source_digest
+
+    for part in SOURCE_PARTS:
+        src = ROOT / part
+        if src.is_file():
+            shutil.copy2(src, tmp_path / part)
+        else:
+            shutil.copytree(src, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    first = source_digest(tmp_path)
+    assert first == source_digest(ROOT)
+    (tmp_path / "README.md").write_text("edited")
+    (tmp_path / "fl_client" / "__pycache__").mkdir(exist_ok=True)
+    (tmp_path / "fl_client" / "__pycache__" / "x.pyc").write_bytes(b"cache")
+    assert source_digest(tmp_path) == first
+    worker = tmp_path / "fl_client" / "worker.py"
+    worker.write_text(worker.read_text() + "\n# edited\n")
+    assert source_digest(tmp_path) != first
 
 
 def test_more_clients_are_made_from_the_first():
@@ -98,6 +121,7 @@ def test_more_clients_are_made_from_the_first():
     assert sorted(extra) == ["supernode-2", "supernode-3"]
     node = extra["supernode-3"]
     assert "partition-id=3 " in node["command"][-1]
+    assert "warm-worker=" in node["command"][-1]
     assert any("supernodes/supernode-3:/secrets/node.key:ro" in v for v in node["volumes"])
     assert any(v.endswith("/client_3:/data:ro") for v in node["volumes"])
 
