@@ -136,6 +136,9 @@ def client_services(compose: dict, num_clients: int) -> dict[str, dict]:
     return out
 
 
+_NOT_FOR_CLI = ("PYTHONPATH", "PYTHONHOME")
+
+
 class Compose:
     """One compose project of one run: ``up``, ``logs``, ``down``."""
 
@@ -144,7 +147,10 @@ class Compose:
         self.project = project_name(run_dir)
         self.env_file = run_dir / "compose.env"
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in sorted(env.items())))
-        self.env = {**os.environ, **env}
+        # The compose CLI is another program: v1 is a Python program of the system, which an
+        # inherited PYTHONPATH (Flower's Ray backend exports this interpreter's sys.path into
+        # os.environ) would make import this environment's docker SDK, and fail.
+        self.env = {k: v for k, v in {**os.environ, **env}.items() if k not in _NOT_FOR_CLI}
         files = [COMPOSE_FILE, *extra_files]
         self.base = [
             *self.cli,

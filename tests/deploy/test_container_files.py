@@ -113,6 +113,17 @@ def test_the_image_source_digest_follows_the_code_and_not_the_readme(tmp_path):
     assert source_digest(tmp_path) != first
 
 
+def test_the_compose_cli_never_inherits_this_interpreters_python_path(tmp_path, monkeypatch):
+    """Flower's Ray backend exports this interpreter's sys.path as PYTHONPATH; Compose v1 (a
+    system Python program) then imported this environment's docker SDK and failed."""
+    import deploy.compose as compose
+
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/site-packages")
+    monkeypatch.setattr(compose, "compose_cli", lambda: ["docker-compose"])
+    c = compose.Compose(tmp_path, {"FEDYOLO_CLIENTS": "2"}, [])
+    assert "PYTHONPATH" not in c.env and c.env["FEDYOLO_CLIENTS"] == "2"
+
+
 def test_more_clients_are_made_from_the_first():
     from deploy.compose import client_services
 
