@@ -103,6 +103,32 @@ def check_run_dir(run: Path, rounds: int, clients: int, kept_state: bool = False
     return lines
 
 
+def check_best_reevaluates(run: Path, workdir: Path, imgsz: int = 64) -> dict:
+    """``best.pt`` is a plain Ultralytics checkpoint: it loads, predicts, and its mAP on the
+    held-out set is the one the run reported. Returns the re-evaluation."""
+    import numpy as np
+    from ultralytics import YOLO
+
+    from fl_client.evaluate import evaluate_checkpoint
+
+    model = YOLO(str(run / "best.pt"))
+    img = next((run / "data" / "server_val" / "images").iterdir())
+    pred = model.predict(str(img), imgsz=imgsz, device="cpu", verbose=False)
+    assert len(pred) == 1 and pred[0].boxes is not None
+    assert model.names == {0: "car", 1: "pedestrian", 2: "cyclist", 3: "traffic_sign"}
+    summary = json.loads((run / "summary.json").read_text())
+    res = evaluate_checkpoint(
+        run / "best.pt",
+        run / "data" / "server_val" / "data.yaml",
+        imgsz=imgsz,
+        batch=16,
+        device="cpu",
+        workdir=workdir,
+    )
+    np.testing.assert_allclose(res["map50_95"], summary["best"]["map50_95"], atol=1e-6)
+    return res
+
+
 def check_interrupted(run: Path) -> int:
     """A run stopped by Ctrl-C/SIGTERM tells the truth: ``interrupted``, no invented failures,
     every finished round recorded once. Returns the rounds it completed."""

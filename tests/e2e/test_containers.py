@@ -19,7 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_helpers import check_run_dir, fedyolo, start_fedyolo, tiny_run_args, wait_for_rounds
+from e2e_helpers import (
+    check_best_reevaluates,
+    check_run_dir,
+    fedyolo,
+    start_fedyolo,
+    tiny_run_args,
+    wait_for_rounds,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.containers]
 
@@ -121,7 +128,9 @@ def test_compose_federation_with_tls_and_node_auth(tmp_path, docker_engine, imag
     assert len(registered) == 2 and activated == registered, (registered, activated)
     for i in (0, 1):
         log = (run / "logs" / f"supernode-{i}.log").read_text()
-        assert log, f"supernode-{i} logged nothing"
+        # one warm worker per client container served both rounds (fl_client.worker)
+        assert len(re.findall(r"warm worker \d+ listening at /tmp/", log)) == 1, log[-3000:]
+    check_best_reevaluates(run, tmp_path / "val")  # the container's best.pt, on the host
     env = (run / "compose.env").read_text()
     assert "FEDYOLO_SECRETS=" in env and "KEY" not in env.replace("FEDYOLO_", "")
     assert _leftovers(docker_engine, project_name(run.resolve())) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +47,10 @@ def test_deployment_run_completes_and_leaves_no_process(tmp_path):
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert sorted(c["id"] for c in first["clients"]) == [0, 1]
     assert (run / "logs" / "superlink.log").exists()
-    assert flower_processes(run) == []
+    for i in (0, 1):  # one warm worker per SuperNode served every message (fl_client.worker)
+        log = (run / "logs" / f"supernode-{i}.log").read_text()
+        assert len(re.findall(r"warm worker \d+ listening at ", log)) == 1, log[-3000:]
+    assert flower_processes(run) == []  # the workers included: they carry the run's FLWR_HOME
 
 
 def test_ctrl_c_ends_the_deployment_run_interrupted_and_it_resumes(tmp_path):

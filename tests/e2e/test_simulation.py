@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from e2e_helpers import check_run_dir, fedyolo, tiny_run_args
+from e2e_helpers import check_best_reevaluates, check_run_dir, fedyolo, tiny_run_args
 
 pytestmark = pytest.mark.e2e
 
@@ -36,27 +35,7 @@ def test_simulation_run_writes_a_complete_run_directory(tmp_path):
     assert set(scalars[("client bytes up", "client 1")]) == {1, 2}
     assert len(sessions(RunDir(run))) == 1  # one task: the server's
 
-    # best.pt is a plain Ultralytics checkpoint: it loads, predicts, and its mAP on the
-    # held-out set is the one the run reported.
-    from ultralytics import YOLO
-
-    from fl_client.evaluate import evaluate_checkpoint
-
-    model = YOLO(str(run / "best.pt"))
-    img = next((run / "data" / "server_val" / "images").iterdir())
-    pred = model.predict(str(img), imgsz=64, device="cpu", verbose=False)
-    assert len(pred) == 1 and pred[0].boxes is not None
-    assert model.names == {0: "car", 1: "pedestrian", 2: "cyclist", 3: "traffic_sign"}
-    summary = json.loads((run / "summary.json").read_text())
-    res = evaluate_checkpoint(
-        run / "best.pt",
-        run / "data" / "server_val" / "data.yaml",
-        imgsz=64,
-        batch=16,
-        device="cpu",
-        workdir=tmp_path / "val",
-    )
-    np.testing.assert_allclose(res["map50_95"], summary["best"]["map50_95"], atol=1e-6)
+    check_best_reevaluates(run, tmp_path / "val")
 
 
 def test_ctrl_c_stops_the_simulation_within_seconds_and_the_run_resumes(tmp_path):
