@@ -10,9 +10,16 @@ from the end of one round's evaluation to the end of the next) into
   transport, aggregation and the server's evaluation. ``eval_seconds`` and the slowest client's
   ``setup_seconds`` are reported separately.
 
-Writes ``benchmarks/results/round_overhead.json``.
+Setups: ``simulation``, ``local-deployment`` and ``compose`` as configured by default (the
+deployment engines hand each message to the SuperNode's warm worker, ``fl_client.worker``), and
+``local-deployment-cold`` (``engine.warm_worker=false``: every message's work in its own new
+``flwr-clientapp`` process, as before the warm worker). ``compose`` needs a Docker engine and
+the images (``make images``).
 
-    .venv/bin/python benchmarks/round_overhead.py --rounds 6 --deploy-rounds 3
+Writes ``benchmarks/results/round_overhead.json`` (setups not run this time are kept).
+
+    .venv/bin/python benchmarks/round_overhead.py --rounds 6 --deploy-rounds 4 \
+        --setups simulation,local-deployment,local-deployment-cold,compose
 """
 
 from __future__ import annotations
@@ -23,13 +30,18 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks_common import RESULTS, fedyolo_run, machine
+from benchmarks_common import RESULTS, WORK, fedyolo_run, machine
+
+SETUPS = {
+    "simulation": ["engine=simulation"],
+    "local-deployment": ["engine=local-deployment"],
+    "local-deployment-cold": ["engine=local-deployment", "engine.warm_worker=false"],
+    "compose": ["engine=compose"],
+}
 
 
-def run(engine: str, rounds: int, extra: list[str]) -> Path:
-    return fedyolo_run(
-        f"overhead-{engine}", [f"engine={engine}", f"federation.rounds={rounds}", *extra]
-    )
+def run(setup: str, rounds: int, extra: list[str]) -> Path:
+    return fedyolo_run(f"overhead-{setup}", [*SETUPS[setup], f"federation.rounds={rounds}", *extra])
 
 
 def split(run_dir: Path) -> dict:
@@ -47,6 +59,8 @@ def split(run_dir: Path) -> dict:
                 "eval_seconds": r["eval_seconds"],
                 "client_setup_seconds": max(c["setup_seconds"] for c in r["clients"]),
                 "client_handler_seconds": max(c["handler_seconds"] for c in r["clients"]),
+                # per-message process: its creation to the handler (0 when the process lives on)
+                "client_startup_seconds": max(c.get("startup_seconds", 0) for c in r["clients"]),
             }
         )
     steady = rows[1:] if len(rows) > 1 else rows
@@ -62,6 +76,8 @@ def split(run_dir: Path) -> dict:
             "other_seconds",
             "eval_seconds",
             "client_setup_seconds",
+            "client_handler_seconds",
+            "client_startup_seconds",
         )
     }
     summary["other_share"] = 1 - summary["training_seconds"] / summary["round_seconds"]
@@ -72,25 +88,46 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--deploy-rounds", type=int, default=3)
-    ap.add_argument("--engines", default="simulation,local-deployment")
+    ap.add_argument("--setups", default="simulation,local-deployment,local-deployment-cold")
     ap.add_argument("--extra", nargs="*", default=[], help="more fedyolo overrides")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="split a setup's completed run in benchmarks/work instead of running it again",
+    )
     args = ap.parse_args()
+    path = RESULTS / "round_overhead.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
     out = {
         "benchmark": "round_overhead",
         "machine": machine(),
-        "date": time.strftime("%Y-%m-%d"),
         "overrides": args.extra,
-        "engines": {},
+        "engines": {k: v for k, v in old.get("engines", {}).items() if k in SETUPS},
     }
-    for engine in args.engines.split(","):
-        rounds = args.rounds if engine == "simulation" else args.deploy_rounds
-        run_dir = run(engine, rounds, args.extra)
-        cfg = (run_dir / "config.yaml").read_text()
-        out["engines"][engine] = {"rounds": rounds, **split(run_dir)}
-        out["config"] = cfg
-        print(engine, json.dumps(out["engines"][engine]["steady_state_rounds_2_to_n"]), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "round_overhead.json").write_text(json.dumps(out, indent=2) + "\n")
+    for setup in args.setups.split(","):
+        rounds = args.rounds if setup == "simulation" else args.deploy_rounds
+        run_dir = WORK / "runs" / f"overhead-{setup}"
+        if not (args.reuse and _completed(run_dir, rounds)):
+            run_dir = run(setup, rounds, args.extra)
+        out["engines"][setup] = {
+            "date": time.strftime("%Y-%m-%d"),
+            "overrides": SETUPS[setup],
+            "rounds": rounds,
+            **split(run_dir),
+        }
+        out["config"] = (run_dir / "config.yaml").read_text()
+        print(setup, json.dumps(out["engines"][setup]["steady_state_rounds_2_to_n"]), flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")  # after each setup: none is lost
+
+
+def _completed(run_dir: Path, rounds: int) -> bool:
+    """A finished run of this setup is already in benchmarks/work (``--reuse``)."""
+    f = run_dir / "summary.json"
+    if not f.is_file():
+        return False
+    summary = json.loads(f.read_text())
+    return summary.get("status") == "completed" and summary.get("rounds_completed") == rounds
 
 
 if __name__ == "__main__":
