@@ -233,26 +233,19 @@ def ensure_images(e) -> tuple[str, str]:
     if mode not in ("missing", "always", "never"):
         raise ComposeError(f"engine.build={mode!r}: one of missing, always, never")
     cli = images.docker_cli()
-    missing = [r for r in images.ROLES if not images.image_exists(tags[r], cli)]
+    why = images.outdated(tags, cli)
+    missing = [r for r, w in why.items() if w == "missing"]
     if mode == "never" and missing:
         raise ComposeError(
             f"engine.build=never but {', '.join(tags[r] for r in missing)} does not exist: "
             "`fedyolo deploy images` (or `make images`) builds it"
         )
-    digest = images.source_digest()
-    stale = [
-        r for r in images.ROLES if r not in missing and images.image_source(tags[r], cli) != digest
-    ]
-    if mode == "never" and stale:
-        LOGGER.warning(
-            "engine.build=never: %s was built from other source than this checkout's",
-            ", ".join(tags[r] for r in stale),
-        )
-    for r in stale if mode == "missing" else []:
-        LOGGER.info("compose engine: %s was built from other source: rebuilding", tags[r])
-    roles = tuple(images.ROLES) if mode == "always" else tuple(missing)
+    for r, w in why.items():
+        if w != "missing":
+            LOGGER.warning("compose engine: %s was %s", tags[r], w)
+    roles = tuple(images.ROLES) if mode == "always" else ()
     if mode == "missing":
-        roles = tuple(r for r in images.ROLES if r in missing or r in stale)
+        roles = tuple(why)
     if roles:
         LOGGER.info("compose engine: building %s", ", ".join(tags[r] for r in roles))
         for built in images.build_images(

@@ -116,6 +116,19 @@ def image_source(tag: str, cli: str | None = None) -> str:
     return "" if out == "<no value>" else out
 
 
+def outdated(tags: dict[str, str], cli: str | None = None) -> dict[str, str]:
+    """The roles whose image must be built, with why: it does not exist, or it was built
+    from other source than this checkout's."""
+    cli = cli or docker_cli()
+    digest, out = source_digest(), {}
+    for role in ROLES:
+        if not image_exists(tags[role], cli):
+            out[role] = "missing"
+        elif image_source(tags[role], cli) != digest:
+            out[role] = "built from other source than this checkout's"
+    return out
+
+
 def image_size(tag: str, cli: str | None = None) -> int:
     return int(_out([cli or docker_cli(), "image", "inspect", "--format", "{{.Size}}", tag]) or 0)
 

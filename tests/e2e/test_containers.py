@@ -58,10 +58,10 @@ def docker_engine() -> str:
 
 @pytest.fixture(scope="session")
 def images(docker_engine) -> dict[str, str]:
-    from deploy.images import ROLES, ImageError, build_images, default_tag, image_exists
+    from deploy.images import ROLES, ImageError, build_images, default_tag, outdated
 
     tags = {r: default_tag(r) for r in ROLES}
-    missing = tuple(r for r in ROLES if not image_exists(tags[r], docker_engine))
+    missing = tuple(outdated(tags, docker_engine))  # missing, or built from other source
     if missing:
         wanted = os.environ.get("FEDYOLO_IMAGES_OFFLINE")
         if wanted is not None:
