@@ -15,14 +15,13 @@ are trial 0, so a study never ends worse than the defaults.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +88,13 @@ def _check(cfg: DictConfig) -> None:
         )
     if len(objectives) > 1 and cfg.sampler not in ("nsga2", "random", "tpe"):
         raise bad("sampler", "nsga2, tpe or random for a multi-objective study")
+    for key in ("heartbeat_interval", "grace_period"):
+        if not (isinstance(cfg[key], int) and cfg[key] >= 1):
+            raise bad(key, "whole seconds >= 1")
+    if cfg.grace_period <= cfg.heartbeat_interval:
+        raise bad("grace_period", f"more than tuning.heartbeat_interval ({cfg.heartbeat_interval})")
+    if not (isinstance(cfg.max_retry, int) and cfg.max_retry >= 0):
+        raise bad("max_retry", "an integer >= 0")
     if cfg.study is not None and not str(cfg.study).replace("-", "").replace("_", "").isalnum():
         raise bad("study", "letters, digits, '-' and '_'")
 
@@ -158,9 +164,9 @@ def _storage(cfg: DictConfig, folder: Path) -> Any:
     if cfg.storage:
         return RDBStorage(
             str(cfg.storage),
-            heartbeat_interval=30,
-            grace_period=120,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            heartbeat_interval=int(cfg.heartbeat_interval),
+            grace_period=int(cfg.grace_period),
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=int(cfg.max_retry)),
         )
     return JournalStorage(JournalFileBackend(str(folder / "study.journal")))
 
@@ -274,50 +280,114 @@ def run_trial(st: Study, trial: Any) -> list[float]:
     return _values(st.cfg, summary)
 
 
-@contextlib.contextmanager
-def _claim(folder: Path) -> Iterator[None]:
-    """One worker at a time counts the trials and asks for the next (journal on one host)."""
-    with (folder / ".ask.lock").open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+class _Claim:
+    """One worker at a time counts the trials and asks for the next (journal on one host).
+
+    Held from the count until the trial exists: the objective releases it as it starts.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".ask.lock"
+        self._f = None
+
+    def acquire(self) -> None:
+        self._f = self.path.open("w")
+        fcntl.flock(self._f, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._f is not None:
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> _Claim:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _claim(folder: Path) -> _Claim:
+    return _Claim(folder)
+
+
+def counted(trials: Sequence[Any]) -> list[Any]:
+    """The trials that count towards ``tuning.trials``: every trial begun, except one that
+    failed as stale (its worker died) and was re-run by Optuna's retry callback."""
+    from optuna.storages import RetryFailedTrialCallback
+    from optuna.trial import TrialState
+
+    retried = {RetryFailedTrialCallback.retried_trial_number(t) for t in trials} - {None}
+    return [t for t in trials if t.state != TrialState.WAITING and t.number not in retried]
 
 
 def optimize(st: Study) -> None:
-    """Run trials until the study holds ``tuning.trials`` (all workers) or the timeout."""
+    """Run trials until the study holds ``tuning.trials`` (all workers) or the timeout.
+
+    Each trial runs through Optuna's own ``study.optimize``: with an RDB storage that gives the
+    trial a heartbeat, fails the trials of dead workers (stale heartbeats) before asking, and
+    lets the storage's retry callback re-run them.
+    """
     import optuna
-    from optuna.trial import TrialState
 
     study = st.optuna_study
     total = int(st.cfg.trials)
     deadline = None if st.cfg.timeout is None else time.monotonic() + float(st.cfg.timeout)
+    claim = _claim(st.folder)
     while deadline is None or time.monotonic() < deadline:
-        with _claim(st.folder):
-            started = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
-            if len(started) >= total:
-                break
-            trial = study.ask()
-        LOGGER.info("study %s: trial %d of %d", study.study_name, trial.number, total)
+        claim.acquire()
         try:
-            values = run_trial(st, trial)
-        except optuna.TrialPruned as e:
-            LOGGER.info("trial %d pruned: %s", trial.number, e)
-            study.tell(trial, state=TrialState.PRUNED)
-        except Exception as e:  # noqa: BLE001 - a failed federation is a FAIL trial, not the end
-            reason = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
-            LOGGER.warning("trial %d failed: %s", trial.number, reason)
-            trial.set_user_attr("fail_reason", reason)
-            study.tell(trial, state=TrialState.FAIL)
-        else:
-            study.tell(trial, values if len(values) > 1 else values[0])
+            if st.cfg.storage:  # an RDB storage, with heartbeats (see _storage)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+            if len(counted(study.get_trials(deepcopy=False))) >= total:
+                break
+            study.optimize(
+                lambda trial: _objective(st, trial, claim, total),
+                n_trials=1,
+                catch=(Exception,),
+                gc_after_trial=True,
+            )
+        finally:
+            claim.release()
         write_outputs(st)
     write_outputs(st, plots=True)
+    from optuna.trial import TrialState
+
     with _claim(st.folder):
         running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
         if not running:  # the last worker to finish reports the study
             report_study(st)
+
+
+def _objective(st: Study, trial: Any, claim: _Claim, total: int) -> Any:
+    """One trial (Optuna records the outcome): values, ``TrialPruned``, or a failure with its
+    reason kept as the trial's ``fail_reason``."""
+    import optuna
+
+    claim.release()  # the trial exists: other workers may count and ask
+    (frozen,) = [t for t in st.optuna_study.get_trials(deepcopy=False) if t.number == trial.number]
+    retry = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
+    LOGGER.info(
+        "study %s: trial %d of %d%s",
+        st.optuna_study.study_name,
+        trial.number,
+        total,
+        f" (re-run of trial {retry}, whose worker died)" if retry is not None else "",
+    )
+    try:
+        values = run_trial(st, trial)
+    except optuna.TrialPruned as e:
+        LOGGER.info("trial %d pruned: %s", trial.number, e)
+        raise
+    except Exception as e:
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+        LOGGER.warning("trial %d failed: %s", trial.number, reason)
+        trial.set_user_attr("fail_reason", reason)
+        raise
+    return values if len(values) > 1 else values[0]
 
 
 # -- what a person reads --------------------------------------------------------------------------
