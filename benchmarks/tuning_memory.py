@@ -7,7 +7,9 @@ RSS right after each trial and the descendants still alive then; after the worke
 process (``raylet``, ``gcs_server``, ``ray::``) started during the benchmark that is still
 running counts as left behind.
 
-Writes ``benchmarks/results/tuning_memory.json``.
+Writes ``benchmarks/results/tuning_memory.json`` (``--out``). Whether growth is glibc's
+allocator keeping freed memory rather than a leak: run it again with, e.g.,
+``GLIBC_TUNABLES=glibc.malloc.trim_threshold=131072:glibc.malloc.arena_max=2``.
 
     .venv/bin/python benchmarks/tuning_memory.py --trials 10
 """
@@ -62,6 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default="tuning_memory.json")
     args = ap.parse_args()
     name = f"memory-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = WORK / "studies"
@@ -119,7 +122,11 @@ def main() -> None:
         "benchmark": "tuning_memory",
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
-        "setup": {"overrides": base, "trials": args.trials},
+        "setup": {
+            "overrides": base,
+            "trials": args.trials,
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
+        },
         "exit_code": rc,
         "after_each_trial": after,
         "peak_worker_rss_mb": round(max(s["rss_mb"] for s in samples), 1) if samples else None,
@@ -131,7 +138,7 @@ def main() -> None:
             after[-1]["worker_rss_mb"] - after[0]["worker_rss_mb"], 1
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tuning_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "after_each_trial"}, indent=1))
     for a in after:
         print(a["trial"], a["state"], a["worker_rss_mb"], len(a["children"]))
