@@ -19,3 +19,26 @@ def use_reporting_thread(task_class: Any) -> None:
             "fl_server/clearml_adapter.py needs another way to pick the reporting thread"
         )
     task_class._report_subprocess_enabled = False
+
+
+def no_reporting_in_forked_children() -> None:
+    """Keep ClearML out of this process's forked children.
+
+    ``Task.init`` registers an ``os.register_at_fork`` child hook which, with a reporting
+    thread, starts ClearML's background threads and thread pools inside every forked child,
+    before the child execs. Ray starts its processes with fork and a ``preexec_fn``: a child forked
+    while another thread of the server held a module's import lock deadlocked in that hook
+    (seen in CI: a resumed simulation hung in ``ray.init``, its forked child waiting on
+    ``multiprocessing.dummy``'s module lock, found with gdb). fedyolo reports from the server
+    process only, never from a forked child. The hook returns at once when PRIVATE
+    ``clearml.binding.environ_bind.PatchOsFork._current_task`` is None, which ClearML's own
+    ``PatchOsFork.patch_fork(None)`` sets.
+    """
+    from clearml.binding.environ_bind import PatchOsFork
+
+    if not hasattr(PatchOsFork, "_current_task") or not hasattr(PatchOsFork, "patch_fork"):
+        raise AttributeError(
+            "clearml.binding.environ_bind.PatchOsFork changed (ClearML upgraded?): "
+            "fl_server/clearml_adapter.py needs another way to keep ClearML out of forked children"
+        )
+    PatchOsFork.patch_fork(None)

@@ -94,7 +94,7 @@ def open_task(
     into ``run.clearml`` and is listed in ``sessions.json`` for ``fedyolo clearml-import``."""
     from clearml import Task
 
-    from fl_server.clearml_adapter import use_reporting_thread
+    from fl_server.clearml_adapter import no_reporting_in_forked_children, use_reporting_thread
 
     current = Task.current_task()
     if current is not None:  # a task left open in this process (tests run many federations)
@@ -116,6 +116,7 @@ def open_task(
         auto_connect_streams=False,
         auto_resource_monitoring=False,
     )
+    no_reporting_in_forked_children()  # Ray forks its processes: see the adapter
     if offline:
         _record_session(run, str(task.id), Path(task.get_offline_mode_folder()))
     return task

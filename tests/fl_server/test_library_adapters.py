@@ -40,3 +40,30 @@ def test_clearml_reporting_thread_switch_exists():
         assert Task._report_subprocess_enabled is False
     finally:
         Task._report_subprocess_enabled = saved
+
+
+def test_clearml_starts_nothing_in_a_forked_child(tmp_path, monkeypatch):
+    """ClearML's at-fork hook started its reporting threads in every forked child before exec;
+    Ray forks with a preexec_fn, and one such child deadlocked on an import lock. After
+    ``open_task`` a forked child has only the thread that forked it."""
+    import subprocess
+    import sys
+    import threading
+
+    from fl_server.run_dir import RunDir
+    from fl_server.tracking import open_task
+
+    run = RunDir(tmp_path / "run")
+    run.clearml.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("CLEARML_CACHE_DIR", str(run.clearml))
+    task = open_task(run, "offline", "fedyolo-tests", "fork")
+    out = tmp_path / "threads"
+    try:
+
+        def count_threads() -> None:  # runs in the forked child, before exec (as Ray's does)
+            out.write_text(str(threading.active_count()))
+
+        subprocess.run([sys.executable, "-c", "pass"], preexec_fn=count_threads, check=True)
+    finally:
+        task.close()
+    assert out.read_text() == "1"
