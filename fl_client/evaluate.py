@@ -17,11 +17,14 @@ def evaluate_checkpoint(
     device: str,
     workdir: Path,
     split: str = "val",
+    rect: bool | None = None,
 ) -> dict:
     """mAP50, mAP50-95, precision, recall (and per class) of ``checkpoint`` on ``data_yaml``.
 
     Goes through ``YOLO(checkpoint).val()``: the numbers are the ones a user gets from the
-    same file with Ultralytics' own tools.
+    same file with Ultralytics' own tools. The checkpoint may be any format Ultralytics loads
+    (``.pt``, ``.onnx``, ...); ``rect=False`` makes a ``.pt`` see the square letterboxed inputs
+    an exported fixed-shape model sees.
     """
     from ultralytics import YOLO
 
@@ -38,6 +41,7 @@ def evaluate_checkpoint(
         name="val",
         exist_ok=True,
         workers=0,
+        **({} if rect is None else {"rect": rect}),
     )
     box = metrics.box
     names = metrics.names

@@ -5,6 +5,9 @@
     fedyolo data partition DATA OUT ...    split a dataset into client shards + server val set
     fedyolo data check PATH                report (and list) bad images and labels
     fedyolo tune [overrides...]            an Optuna study of federations; writes runs/<study>/
+    fedyolo export MODEL.pt [key=value...]  a gated edge bundle (ONNX fp32/fp16/int8, TensorRT)
+    fedyolo export BUNDLE --check          re-run an edge bundle's gates
+    fedyolo bench MODEL... [key=value...]  latency, memory, size and held-out mAP of models
     fedyolo clearml-import runs/<name>     upload a run's offline ClearML session to a server
     fedyolo deploy images [--offline]      build the server and client container images
     fedyolo deploy certs OUT --clients N   a CA, a SuperLink certificate, one key pair per client
@@ -136,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="an Optuna study whose trials are federations (tuning.* and base overrides)"
     )
     tune.add_argument("overrides", nargs="*", help="e.g. tuning.trials=20 federation.clients=4")
+    ex = sub.add_parser(
+        "export", help="an edge bundle from a checkpoint (configs/edge/export.yaml: key=value)"
+    )
+    ex.add_argument(
+        "model", help="a .pt checkpoint (e.g. runs/<name>/best.pt); with --check, a bundle"
+    )
+    ex.add_argument("overrides", nargs="*", help="e.g. quantize=8 imgsz=320")
+    ex.add_argument("--check", action="store_true", help="re-run the gates of an existing bundle")
+    be = sub.add_parser(
+        "bench", help="latency, memory, size and mAP of models (configs/edge/bench.yaml: key=value)"
+    )
+    be.add_argument("items", nargs="+", help="models (.pt, .onnx, bundle folders), then key=value")
     d = sub.add_parser("data", help="synthetic data, partitions, checks")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     s = dsub.add_parser("synth", help="generate the synthetic driving fleet (YOLO format)")
@@ -229,6 +244,52 @@ def cmd_clearml_import(path: str) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``fedyolo export``: exit 0 for an accepted bundle, 1 for a rejected one (one line why)."""
+    from deploy.edge import export, settings
+
+    cfg = settings.load("export", args.overrides)
+    _setup_logging()
+    if args.check:
+        report = export.check(Path(args.model), cfg)
+        meta = json.loads((Path(args.model) / "model.json").read_text())
+        bundle = Path(args.model)
+    else:
+        meta = export.export(Path(args.model), cfg)
+        bundle = Path(meta["bundle"])
+        report = json.loads((bundle / "gates.json").read_text())
+    acc = next((c for c in report["checks"] if c["gate"] == "accuracy"), None)
+    figures = "not gated"
+    if acc:
+        figures = (
+            f"held-out mAP50-95 {acc['export_map50_95']:.4f} "
+            f"(checkpoint {acc['checkpoint_map50_95']:.4f})"
+        )
+    if not report["passed"]:
+        print(f"fedyolo: {export.verdict_line(report, bundle / meta['file'])}", file=sys.stderr)
+        print(f"bundle {bundle} marked rejected; see {bundle / 'gates.json'}", file=sys.stderr)
+        return 1
+    print(
+        f"{meta['variant']}: {bundle / meta['file']} ({meta['size_bytes'] / 1e6:.1f} MB), "
+        f"gates passed: {figures}"
+    )
+    return 0
+
+
+def cmd_bench(items: list[str]) -> int:
+    from deploy.edge import bench, settings
+
+    models = [i for i in items if "=" not in i]
+    cfg = settings.load("bench", [i for i in items if "=" in i])
+    if not models:
+        raise settings.EdgeError("bench: give at least one model (.pt, .onnx or bundle folder)")
+    _setup_logging()
+    report = bench.bench([Path(m) for m in models], cfg)
+    print(bench.table(report["results"]), end="")
+    print(f"written: {report['out']}/bench.json, bench.md, bench.png")
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     _setup_logging()
     if args.deploy_cmd == "images":
@@ -271,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_clearml_import(args.run)
         if args.cmd == "deploy":
             return cmd_deploy(args)
+        if args.cmd == "export":
+            return cmd_export(args)
+        if args.cmd == "bench":
+            return cmd_bench(args.items)
         return cmd_data(args)
     except (
         ConfigError,
@@ -279,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         TuningError,
         DeployError,
-    ) as e:
+    ) as e:  # EdgeError is a DeployError
         print(f"fedyolo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -181,11 +181,16 @@ class RunDir:
         ]
         if summary["best"]:
             b, f = summary["best"], summary["final"]
-            lines += [
+            lines.append(
                 f"- Best: round {b['round']}, mAP50-95 {b['map50_95']:.3f}, mAP50 {b['map50']:.3f}"
-                f" → `best.pt`",
-                f"- Final: round {f['round']}, mAP50-95 {f['map50_95']:.3f}, mAP50 {f['map50']:.3f}"
-                f" → `last.pt`",
+                f" → `best.pt`"
+            )
+            if f:  # None when the run ended before its first round finished
+                lines.append(
+                    f"- Final: round {f['round']}, mAP50-95 {f['map50_95']:.3f}, "
+                    f"mAP50 {f['map50']:.3f} → `last.pt`"
+                )
+            lines += [
                 "",
                 "All metrics are on the server's held-out validation set (no client trains on it).",
                 "",

@@ -16,7 +16,9 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = frozenset(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "tuning")
+GROUPS = frozenset(  # the run's config groups (configs/edge holds the export/bench commands')
+    p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in ("tuning", "edge")
+)
 KINDS = ("float", "int", "categorical")
 
 

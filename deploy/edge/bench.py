@@ -1,0 +1,261 @@
+"""``fedyolo bench MODEL...``: what a model costs on this machine, and what it is worth.
+
+For every model (a ``.pt`` checkpoint, an ``.onnx`` file or an edge bundle folder), image size
+and thread count: latency p50/p95/p99 and throughput of the model itself (a preprocessed
+1×3×imgsz×imgsz input to raw outputs, no NMS: the part the export changes), the process's peak
+resident memory, the file size and the held-out mAP50-95 through Ultralytics' validator.
+
+Each model and image size is timed in a child process of its own, so the peak RSS is that
+model's (runtime, weights and arena) and one model's allocations do not slow the next. A
+fixed-shape ONNX file runs at its own input size only; a ``.pt`` runs at every ``imgsz``.
+
+Writes ``bench.json``, ``bench.md`` (the table) and ``bench.png`` (latency against mAP50-95).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from deploy.edge import EdgeError
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def onnx_runner(path: Path, threads: int) -> tuple[Callable[[np.ndarray], list], int]:
+    """A function running the ONNX file on one input, and the file's input size."""
+    sess = ort_session(path, threads)
+    inp = sess.get_inputs()[0]
+    size = inp.shape[-1] if isinstance(inp.shape[-1], int) else None
+
+    def run(x: np.ndarray) -> list:
+        return sess.run(None, {inp.name: x})
+
+    return run, size
+
+
+def torch_runner(path: Path, threads: int) -> Callable[[np.ndarray], list]:
+    import torch
+    from ultralytics import YOLO
+
+    torch.set_num_threads(threads)
+    model = YOLO(str(path)).model.float().eval()
+
+    def run(x: np.ndarray) -> list:
+        with torch.inference_mode():
+            y = model(torch.from_numpy(x))
+        return [(y[0] if isinstance(y, list | tuple) else y).numpy()]
+
+    return run
+
+
+def timed(run: Callable[[np.ndarray], list], x: np.ndarray, runs: int, warmup: int) -> dict:
+    """p50/p95/p99/mean latency in ms over ``runs`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run(x)
+    t = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        run(x)
+        t[i] = time.perf_counter() - t0
+    t *= 1e3
+    p50, p95, p99 = np.percentile(t, [50, 95, 99])
+    return {
+        "p50_ms": round(float(p50), 3),
+        "p95_ms": round(float(p95), 3),
+        "p99_ms": round(float(p99), 3),
+        "mean_ms": round(float(t.mean()), 3),
+        "throughput_ips": round(1e3 / float(t.mean()), 2),
+        "runs": runs,
+    }
+
+
+def _measure(spec: dict) -> dict:
+    """In the child: time one model at one size for each thread count; the peak RSS."""
+    import resource
+
+    path, imgsz = Path(spec["path"]), int(spec["imgsz"])
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    rows = []
+    for threads in spec["threads"]:
+        if path.suffix == ".onnx":
+            run, _ = onnx_runner(path, threads)
+        else:
+            run = torch_runner(path, threads)
+        rows.append({"threads": threads, **timed(run, x, spec["runs"], spec["warmup"])})
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"rows": rows, "peak_rss_mb": round(peak_kb / 1024, 1)}
+
+
+def measure_in_child(path: Path, imgsz: int, threads: Sequence[int], runs: int, warmup: int):
+    spec = {
+        "path": str(path),
+        "imgsz": imgsz,
+        "threads": list(threads),
+        "runs": runs,
+        "warmup": warmup,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "deploy.edge.bench", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(max(threads))},
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgeError(f"bench {path} at {imgsz}: the measuring process failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _resolve(model: Path) -> tuple[Path, dict | None]:
+    """A model file and its bundle's model.json (None for a bare file)."""
+    if model.is_dir():
+        meta = model / "model.json"
+        if not meta.is_file():
+            raise EdgeError(f"bench: {model} is a folder without model.json (not an edge bundle)")
+        m = json.loads(meta.read_text())
+        return model / m["file"], m
+    if not model.is_file():
+        raise EdgeError(f"bench: {model} not found")
+    if model.suffix not in (".pt", ".onnx"):
+        raise EdgeError(f"bench: {model}: only .pt, .onnx and bundle folders are measured")
+    sibling = model.parent / "model.json"
+    m = json.loads(sibling.read_text()) if sibling.is_file() else None
+    if m is not None and m.get("file") != model.name:
+        m = None
+    return model, m
+
+
+def _label(path: Path, meta: dict | None) -> str:
+    if meta is None:
+        return path.name if path.suffix == ".pt" else f"{path.name} (onnx)"
+    return meta["variant"]
+
+
+def bench(models: Sequence[Path], cfg) -> dict:
+    """Measure ``models``; write bench.json/.md/.png to ``cfg.out`` (or beside the first)."""
+    from fl_client.evaluate import evaluate_checkpoint
+
+    out = Path(cfg.out) if cfg.out else _resolve(Path(models[0]))[0].parent
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for model in models:
+        path, meta = _resolve(Path(model))
+        data = cfg.data or (meta or {}).get("heldout_data")
+        if path.suffix == ".onnx":
+            _, fixed = onnx_runner(path, 1)
+            sizes = [fixed] if fixed else list(cfg.imgsz)
+        else:
+            sizes = list(cfg.imgsz)
+        for imgsz in sizes:
+            m = measure_in_child(path, imgsz, cfg.threads, int(cfg.runs), int(cfg.warmup))
+            map50_95 = None
+            if data and Path(data).is_file():
+                map50_95 = evaluate_checkpoint(
+                    path,
+                    Path(data),
+                    imgsz=imgsz,
+                    batch=1,
+                    device="cpu",
+                    workdir=out / ".bench-val",
+                    rect=False,
+                )["map50_95"]
+            for row in m["rows"]:
+                results.append(
+                    {
+                        "model": _label(path, meta),
+                        "file": str(path),
+                        "size_mb": round(path.stat().st_size / 1e6, 3),
+                        "imgsz": imgsz,
+                        **row,
+                        "peak_rss_mb": m["peak_rss_mb"],
+                        "map50_95": None if map50_95 is None else round(map50_95, 4),
+                        "data": str(data) if data else None,
+                    }
+                )
+    report = {
+        "machine": _machine(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "what": "latency of the model alone: a preprocessed 1x3xSxS float32 input to raw "
+        "outputs (no NMS); mAP50-95 through Ultralytics' validator on the held-out set",
+        "results": results,
+        "out": str(out),
+    }
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    (out / "bench.md").write_text(table(results))
+    _plot(results, out / "bench.png")
+    return report
+
+
+def _machine() -> dict:
+    import platform
+
+    import onnxruntime
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def table(results: list[dict]) -> str:
+    head = (
+        "| model | imgsz | threads | p50 ms | p95 ms | p99 ms | images/s | peak RSS MB "
+        "| size MB | mAP50-95 |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in results:
+        m = "" if r["map50_95"] is None else f"{r['map50_95']:.4f}"
+        rows.append(
+            f"| {r['model']} | {r['imgsz']} | {r['threads']} | {r['p50_ms']:.2f} "
+            f"| {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['throughput_ips']:.1f} "
+            f"| {r['peak_rss_mb']:.0f} | {r['size_mb']:.2f} | {m} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r["map50_95"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["p50_ms"], r["map50_95"])
+        ax.annotate(
+            f"{r['model']} {r['imgsz']}px {r['threads']}t",
+            (r["p50_ms"], r["map50_95"]),
+            fontsize=7,
+        )
+    ax.set_xlabel("p50 latency (ms)")
+    ax.set_ylabel("held-out mAP50-95")
+    ax.set_title("latency vs mAP50-95" if rows else "no held-out data: latency only")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # the measuring child: one JSON line on stdout
+    print(json.dumps(_measure(json.loads(sys.argv[1]))))

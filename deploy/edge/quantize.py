@@ -1,0 +1,206 @@
+"""INT8 with ONNX Runtime's static quantization, calibrated centrally or federatedly.
+
+**Which INT8.** Ultralytics' exporter quantizes ONNX with ``quantize_static``'s defaults:
+signed 8-bit activations and per-tensor weights. On a 2-core x86 CPU that ran *slower* than
+fp32, while unsigned activations with signed per-channel weights (ONNX Runtime's
+"U8S8" kernels) ran faster (``benchmarks/edge.py``). So the choice is a setting
+(``int8.activations``: ``u8`` | ``s8`` | ``auto``, where ``auto`` builds both, times both on this
+machine and keeps the faster one that passes the gates), and ``model.json`` records it.
+
+**What is quantized.** Only weighted operators (Conv, Gemm, MatMul), as in Ultralytics'
+``onnx_int8_quantize``: the detection head's decode stays float, because one INT8 scale that
+spans box pixels (0..imgsz) and class probabilities (0..1) would round every score to 0. One
+Conv is decode too: the DFL layer, a fixed 1×1 convolution with weights 0, 1, ..., reg_max-1
+that takes the expectation of each box side's distribution. Quantized, it cost a YOLOv8n 0.011
+held-out mAP50-95 (0.1436 → 0.1327); kept float, 0.1440, for 0 bytes and no measurable time
+(:func:`decode_convs`).
+
+**Calibration.** Activation ranges are ONNX Runtime's MinMax ranges (``create_calibrator``).
+The ranges of a set of images are the element-wise min and max over its parts, so a client can
+compute ranges on its own images and send only those numbers (two floats per tensor, no image);
+the server merges them (:func:`merge_ranges`) and quantizes with the merged ranges through
+``quantize_static(calibration_cache_path=...)``. Calibration never uses the held-out set the
+gates evaluate on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from deploy.edge import EdgeError
+from deploy.edge.inputs import batches
+
+LOGGER = logging.getLogger("fedyolo")
+
+ACTIVATIONS = ("u8", "s8")
+QUANTIZED_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+
+
+def decode_convs(model) -> list[str]:
+    """Conv nodes whose weight is a fixed arange over input channels: DFL's expectation."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    names = []
+    for n in model.graph.node:
+        if n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        w = inits[n.input[1]]
+        if len(w.dims) == 4 and w.dims[0] == 1 and w.dims[2] == w.dims[3] == 1:
+            a = numpy_helper.to_array(w).reshape(-1)
+            if np.array_equal(a, np.arange(a.size, dtype=a.dtype)):
+                names.append(n.name)
+    return names
+
+
+def input_name(onnx_path: Path) -> str:
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    return next(i.name for i in graph.input if i.name not in inits)
+
+
+class ImageReader:
+    """ONNX Runtime's ``CalibrationDataReader`` protocol over image files."""
+
+    def __init__(self, name: str, paths: Sequence[Path], imgsz: int):
+        self.name, self.paths, self.imgsz = name, list(paths), imgsz
+        self._it = iter(batches(self.paths, imgsz))
+
+    def get_next(self) -> dict | None:
+        x = next(self._it, None)
+        return None if x is None else {self.name: x}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def activation_ranges(onnx_path: Path, images: Sequence[Path], imgsz: int) -> dict:
+    """MinMax ranges of every float tensor of ``onnx_path`` over ``images``.
+
+    ``{"images": n, "ranges": {tensor: [lowest, highest]}}``: JSON, no pixels. This is what a
+    client computes on its own images in federated calibration.
+    """
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    if not images:
+        raise EdgeError("calibration: no images")
+    with tempfile.TemporaryDirectory(prefix="fedyolo-calib-") as tmp:
+        cal = create_calibrator(
+            Path(onnx_path),
+            None,  # every float tensor, as quantize_static calibrates them
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=CalibrationMethod.MinMax,
+            providers=["CPUExecutionProvider"],
+        )
+        cal.collect_data(ImageReader(input_name(onnx_path), images, imgsz))
+        data = cal.compute_data()
+        del cal
+    ranges = {k: [_floats(v.range_value[0]), _floats(v.range_value[1])] for k, v in data.items()}
+    return {"images": len(images), "ranges": ranges}
+
+
+def _floats(a) -> list[float]:
+    """A range end as JSON: a list of one float (per-tensor) or of one per channel."""
+    return np.asarray(a, dtype=np.float64).reshape(-1).tolist()
+
+
+def merge_ranges(parts: Sequence[dict]) -> dict:
+    """The ranges of the union of the parts' images: per tensor, the min of the lows and the max
+    of the highs. Parts of another model (other tensors) are refused."""
+    if not parts:
+        raise EdgeError("calibration: no client sent activation ranges")
+    names = set(parts[0]["ranges"])
+    for i, p in enumerate(parts[1:], 1):
+        if set(p["ranges"]) != names:
+            raise EdgeError(
+                f"calibration: part {i} has ranges for other tensors than part 0 "
+                "(computed on another model?)"
+            )
+    merged = {}
+    for k in parts[0]["ranges"]:
+        lows = np.array([p["ranges"][k][0] for p in parts], dtype=np.float64)
+        highs = np.array([p["ranges"][k][1] for p in parts], dtype=np.float64)
+        if not (np.isfinite(lows).all() and np.isfinite(highs).all()):
+            raise EdgeError(f"calibration: tensor {k!r} has a non-finite range in some part")
+        merged[k] = [_floats(lows.min(axis=0)), _floats(highs.max(axis=0))]
+    return {"images": sum(int(p["images"]) for p in parts), "ranges": merged}
+
+
+def quantize(
+    fp32_onnx: Path,
+    out: Path,
+    ranges: dict,
+    *,
+    activations: str = "u8",
+    per_channel: bool = True,
+) -> Path:
+    """An INT8 (QDQ) copy of ``fp32_onnx`` at ``out``, quantized with the given ``ranges``.
+
+    The fp32 file's metadata (Ultralytics' names, stride, imgsz) is kept, so Ultralytics'
+    ``YOLO(out)`` loads, predicts and validates the INT8 file like the fp32 one.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import (
+        CalibrationMethod,
+        TensorsData,
+        save_tensors_data,
+    )
+
+    if activations not in ACTIVATIONS:
+        raise EdgeError(f"int8.activations: {activations!r} is not one of {', '.join(ACTIVATIONS)}")
+    source = onnx.load(str(fp32_onnx))
+    exclude = [n.name for n in source.graph.node if n.op_type not in QUANTIZED_OPS]
+    exclude += decode_convs(source)
+    data = {
+        k: (np.array(lo, dtype=np.float32), np.array(hi, dtype=np.float32))
+        for k, (lo, hi) in ranges["ranges"].items()
+    }
+    with tempfile.TemporaryDirectory(prefix="fedyolo-quant-") as tmp, _quiet_root():
+        cache = Path(tmp) / "ranges.json"
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
+        quantize_static(
+            str(fp32_onnx),
+            str(out),
+            None,
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            calibrate_method=CalibrationMethod.MinMax,
+            calibration_cache_path=cache,
+        )
+    model = onnx.load(str(out))
+    have = {p.key for p in model.metadata_props}
+    for p in source.metadata_props:
+        if p.key not in have:
+            model.metadata_props.add(key=p.key, value=p.value)
+    onnx.save(model, str(out))
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_root():
+    """ONNX Runtime's quantizer logs advice through the root logger at every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def write_ranges(path: Path, ranges: dict) -> Path:
+    path.write_text(json.dumps(ranges, indent=1))
+    return path

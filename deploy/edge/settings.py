@@ -1,0 +1,72 @@
+"""The settings of ``fedyolo export`` and ``fedyolo bench``: ``configs/edge/<command>.yaml`` plus
+``key=value`` overrides, checked so a wrong value stops with one line naming the key."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from deploy.edge import EdgeError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "edge"
+
+
+def _flat(cfg: DictConfig, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in cfg.items():
+        keys.add(f"{prefix}{k}")
+        if isinstance(v, DictConfig):
+            keys |= _flat(v, f"{prefix}{k}.")
+    return keys
+
+
+def load(command: str, overrides: Sequence[str] = ()) -> DictConfig:
+    cfg = OmegaConf.load(CONFIG_DIR / f"{command}.yaml")
+    known = _flat(cfg)
+    for o in overrides:
+        key, sep, _ = o.partition("=")
+        if not sep:
+            raise EdgeError(f"{command}: {o!r} is not key=value")
+        if key not in known:
+            raise EdgeError(f"{command}: unknown setting {key!r} (see configs/edge/{command}.yaml)")
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    (_check_export if command == "export" else _check_bench)(cfg)
+    return cfg
+
+
+def _ints(value, key: str, minimum: int = 1) -> list[int]:
+    values = list(value) if OmegaConf.is_list(value) or isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and v >= minimum for v in values):
+        raise EdgeError(f"{key}: expected integers >= {minimum}, got {value}")
+    return values
+
+
+def _check_export(cfg: DictConfig) -> None:
+    if cfg.format not in ("onnx", "engine"):
+        raise EdgeError(f"format: {cfg.format!r} is not onnx or engine")
+    if cfg.quantize not in (32, 16, 8):
+        raise EdgeError(f"quantize: {cfg.quantize!r} is not 32, 16 or 8")
+    if cfg.imgsz is not None:
+        (size,) = _ints(cfg.imgsz, "imgsz", 32)
+        if size % 32:
+            raise EdgeError(f"imgsz: {size} is not a multiple of the stride 32")
+    if cfg.int8.activations not in ("auto", "u8", "s8"):
+        raise EdgeError(f"int8.activations: {cfg.int8.activations!r} is not auto, u8 or s8")
+    cal = str(cfg.int8.calibration)
+    if cal not in ("federated", "pooled") and not Path(cal).expanduser().is_dir():
+        raise EdgeError(f"int8.calibration: {cal!r} is not federated, pooled or a folder")
+    _ints(cfg.int8.images, "int8.images")
+    _ints(cfg.gates.samples, "gates.samples")
+    for key in ("parity_max_abs", "map_tolerance", "int8_max_drop", "conf", "iou"):
+        value = cfg.gates[key] if key in cfg.gates else cfg[key]
+        if not isinstance(value, int | float) or value < 0:
+            raise EdgeError(f"{key}: expected a number >= 0, got {value!r}")
+
+
+def _check_bench(cfg: DictConfig) -> None:
+    cfg.imgsz = _ints(cfg.imgsz, "imgsz", 32)
+    cfg.threads = _ints(cfg.threads, "threads")
+    _ints(cfg.runs, "runs")
+    _ints(cfg.warmup, "warmup", 0)

@@ -1,0 +1,232 @@
+"""The edge pipeline on a real (tiny) federated run: export, bundle, gates, INT8, bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inprocess import run_inprocess  # noqa: E402
+
+from deploy.edge import EdgeError, inputs, settings  # noqa: E402
+from deploy.edge import export as ex  # noqa: E402
+from deploy.edge import quantize as q  # noqa: E402
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished 2-client, 2-round tiny federation: best.pt, manifest, shards, server_val."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    tmp = tmp_path_factory.mktemp("edge")
+    with pytest.MonkeyPatch.context() as mp:  # what conftest's _task_identity does per test
+        for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+            mp.setattr(TaskIdentity, attr, value)
+        run, _ = run_inprocess(tmp, ["federation.rounds=2"], clients=2, name="edge")
+    assert run.best.is_file()
+    return run.path
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(run_dir, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bundle") / "fp32"
+    meta = ex.export(run_dir / "best.pt", settings.load("export", [f"out={out}"]))
+    return out, meta
+
+
+def test_fp32_bundle_describes_the_model_it_holds(run_dir, fp32_bundle):
+    import onnxruntime as ort
+    from ultralytics import YOLO
+
+    out, meta = fp32_bundle
+    assert meta["status"] == "accepted", (out / "gates.json").read_text()
+    model = out / meta["file"]
+    assert meta["sha256"] == ex.sha256(model) and meta["size_bytes"] == model.stat().st_size
+    ckpt = YOLO(str(run_dir / "best.pt"))
+    assert meta["names"] == {str(k): v for k, v in ckpt.names.items()}
+    imgsz = int(ckpt.ckpt["train_args"]["imgsz"])
+    assert meta["imgsz"] == [imgsz, imgsz]
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    (inp,), (outp,) = sess.get_inputs(), sess.get_outputs()
+    assert meta["inputs"] == [{"name": inp.name, "shape": [1, 3, imgsz, imgsz], "type": inp.type}]
+    assert meta["outputs"][0]["name"] == outp.name
+    assert meta["outputs"][0]["shape"] == list(outp.shape)
+    assert outp.shape[1] == 4 + len(ckpt.names)  # boxes + class scores, NMS outside
+    assert meta["nms"]["inside"] is False
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert meta["source"]["data_version"] == manifest["data"]["data_version"]
+    assert meta["source"]["checkpoint_sha256"] == ex.sha256(run_dir / "best.pt")
+    gates = json.loads((out / "gates.json").read_text())
+    parity = next(c for c in gates["checks"] if c["gate"] == "parity")
+    assert parity["passed"] and parity["max_abs_diff"] <= parity["threshold"]
+    acc = next(c for c in gates["checks"] if c["gate"] == "accuracy")
+    assert acc["data"].endswith("server_val/data.yaml")
+    # the bundle's preprocessing reproduces the parity numbers: ONNX Runtime on inputs.load()
+    x = inputs.load(inputs.image_files(run_dir / "data" / "server_val")[0], imgsz)
+    (y,) = sess.run(None, {inp.name: x})
+    assert y.shape == tuple(outp.shape) and np.isfinite(y).all()
+    # and Ultralytics runs the file as it is, metadata included
+    res = YOLO(str(model), task="detect").predict(
+        inputs.image_files(run_dir / "data" / "server_val")[0], imgsz=imgsz, verbose=False
+    )
+    assert res[0].names == ckpt.names
+
+
+def test_corrupted_export_fails_its_parity_gate(fp32_bundle, tmp_path, capsys):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from fl_server.cli import main
+
+    src, _ = fp32_bundle
+    bundle = tmp_path / "corrupt"
+    shutil.copytree(src, bundle)
+    meta = json.loads((bundle / "model.json").read_text())
+    model = onnx.load(str(bundle / meta["file"]))
+    # the head's last convolutions (box distributions, class logits) with their weights and
+    # biases' signs flipped (a barely trained head's outputs are mostly its biases)
+    heads = [n for n in model.graph.node if n.op_type == "Conv" and n.name.endswith(".2/Conv")]
+    assert len(heads) == 6, [n.name for n in heads]
+    inits = {i.name: i for i in model.graph.initializer}
+    for conv in heads:
+        for name in conv.input[1:]:
+            t = inits[name]
+            t.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(t), t.name))
+    onnx.save(model, str(bundle / meta["file"]))
+
+    assert main(["export", str(bundle), "--check"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "rejected" in err[0] and "parity max |diff|" in err[0], err
+    assert json.loads((bundle / "model.json").read_text())["status"] == "rejected"
+    report = json.loads((bundle / "gates.json").read_text())
+    assert report["passed"] is False and report["file_sha256_matches"] is False
+    # the untouched bundle still passes the same check
+    assert main(["export", str(src), "--check"]) == 0
+
+
+def test_int8_export_is_calibrated_federatedly_and_runs(run_dir, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "int8"
+    meta = ex.export(
+        run_dir / "best.pt",
+        settings.load("export", [f"out={out}", "quantize=8", "int8.activations=auto"]),
+    )
+    model = out / meta["file"]
+    ops = {n.op_type for n in onnx.load(str(model)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    i8 = meta["int8"]
+    assert i8["activations"] in ("u8", "s8") and i8["weights"] == "s8"
+    assert set(i8["choice"]["measured_p50_ms"]) == {"fp32", "u8", "s8"}
+    cal = i8["calibration"]
+    assert cal["method"] == "federated" and len(cal["parts"]) == 2
+    for part in cal["parts"]:
+        assert part["images_from"].endswith("/train") and "server_val" not in part["images_from"]
+    assert cal["images"] == sum(c["images"] for c in cal["parts"])
+    ranges = json.loads((out / "calibration.json").read_text())
+    assert ranges["images"] == cal["images"] and ranges["ranges"]
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    imgsz = meta["imgsz"][0]
+    x = inputs.load(inputs.image_files(run_dir / "data" / "server_val")[0], imgsz)
+    (y,) = sess.run(None, {sess.get_inputs()[0].name: x})
+    assert y.shape == tuple(meta["outputs"][0]["shape"]) and np.isfinite(y).all()
+    assert meta["size_bytes"] < 0.5 * (run_dir / "best.pt").stat().st_size
+    # the DFL decode conv (weights 0..reg_max-1) stays float: its weight is no dequantized tensor
+    graph = onnx.load(str(model)).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    float_convs = [n.name for n in convs if n.input[1] not in dequantized]
+    assert len(float_convs) == 1 and "dfl" in float_convs[0], float_convs
+
+
+def test_federated_ranges_are_the_pooled_ranges(run_dir, fp32_bundle):
+    """Merging per-client MinMax ranges gives exactly the ranges of all images together."""
+    out, meta = fp32_bundle
+    model, imgsz = out / meta["file"], meta["imgsz"][0]
+    a = inputs.image_files(run_dir / "data" / "client_0" / "train")[:6]
+    b = inputs.image_files(run_dir / "data" / "client_1" / "train")[:6]
+    merged = q.merge_ranges(
+        [q.activation_ranges(model, a, imgsz), q.activation_ranges(model, b, imgsz)]
+    )
+    pooled = q.activation_ranges(model, a + b, imgsz)
+    assert merged["images"] == 12 and merged["ranges"].keys() == pooled["ranges"].keys()
+    for k, (lo, hi) in pooled["ranges"].items():
+        assert merged["ranges"][k] == [lo, hi], k
+    with pytest.raises(EdgeError, match="other tensors"):
+        q.merge_ranges([merged, {"images": 1, "ranges": {"x": [[0.0], [1.0]]}}])
+
+
+def test_dfl_decode_conv_is_left_float(fp32_bundle):
+    import onnx
+
+    out, meta = fp32_bundle
+    model = onnx.load(str(out / meta["file"]))
+    (name,) = q.decode_convs(model)
+    assert "dfl" in name
+
+
+def test_bench_writes_its_table(run_dir, fp32_bundle, tmp_path):
+    from deploy.edge.bench import bench
+
+    out, meta = fp32_bundle
+    cfg = settings.load(
+        "bench", [f"out={tmp_path}", "runs=3", "warmup=1", "threads=[1]", "imgsz=[64]"]
+    )
+    report = bench([out, run_dir / "best.pt"], cfg)
+    rows = report["results"]
+    assert [r["model"] for r in rows] == ["onnx-fp32", "best.pt"]
+    for r in rows:
+        assert r["p50_ms"] > 0 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert r["peak_rss_mb"] > 50 and r["size_mb"] > 0
+    assert rows[0]["map50_95"] is not None  # the bundle names its held-out set
+    md = (tmp_path / "bench.md").read_text()
+    assert md.startswith("| model |") and md.count("\n") == 4
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert json.loads((tmp_path / "bench.json").read_text())["results"] == rows
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("quantize=7", "quantize: 7 is not 32, 16 or 8"),
+        ("imgsz=100", "imgsz: 100 is not a multiple of the stride 32"),
+        ("int8.activations=u16", "int8.activations"),
+        ("qantize=8", "unknown setting 'qantize'"),
+        ("int8.calibration=/no/such/folder", "int8.calibration"),
+    ],
+)
+def test_bad_export_settings_are_one_line(override, message):
+    with pytest.raises(EdgeError, match=message.replace("|", r"\|")):
+        settings.load("export", [override])
+
+
+def test_calibration_on_the_held_out_set_is_refused(run_dir, tmp_path):
+    held_out = run_dir / "data" / "server_val" / "images"
+    cfg = settings.load("export", [f"out={tmp_path}", "quantize=8", f"int8.calibration={held_out}"])
+    with pytest.raises(EdgeError, match="held-out set"):
+        ex.export(run_dir / "best.pt", cfg)
+
+
+def test_tensorrt_without_a_gpu_says_why(run_dir, tmp_path, capsys):
+    import torch
+
+    from fl_server.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: TensorRT may run here")
+    assert main(["export", str(run_dir / "best.pt"), "format=engine", f"out={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "fedyolo: error: format=engine (TensorRT) needs an NVIDIA GPU; this machine has no CUDA "
+        "device"
+    )
