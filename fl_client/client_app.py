@@ -155,6 +155,7 @@ def _setup_process(config: RoundConfig) -> None:
 
 
 STATE_KEY = "fedyolo"  # this client's own arrays in its Flower context.state
+PROJECTOR = "projector."  # ... its distillation projector's tensors, by this prefix
 
 
 def _own_state(state: RecordDict) -> dict[str, np.ndarray]:
@@ -275,7 +276,7 @@ def handle(kind: str, content: RecordDict, node: Mapping, state: RecordDict) -> 
 
 def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> RecordDict:
     """Train the received global model on this client's shard for one round."""
-    from fl_client import faults
+    from fl_client import distill, faults
     from fl_client.model import WEIGHTS_KEY, to_record
     from fl_client.train import resolve_device, train_round
     from fl_client.transport import encode
@@ -292,6 +293,9 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
     mask = _personalize(model, config, state)
     seed = config.seed + 1000 * server_round + pid
     args = {k: v for k, v in asdict(config.train).items() if k != "eval_batch"}
+    teacher = distill.teacher_for(config.teacher_sha256, content, list(config.names))
+    own = _own_state(state)
+    projector = {k.removeprefix(PROJECTOR): v for k, v in own.items() if k.startswith(PROJECTOR)}
     result = train_round(
         model,
         train_yaml,
@@ -299,16 +303,20 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
         **{**args, "device": resolve_device(config.train.device)},
         seed=seed,
         prox_mu=config.proximal_mu,
+        teacher=teacher,
+        distill_weight=config.distill_weight,
+        projector=projector or None,
     )
     trained = to_record(model)[WEIGHTS_KEY].numpy()
     for fault in injected:
         trained = faults.corrupt_weights(fault, trained, received, seed)
-    own = _own_state(state)
     had_state = bool(own)
     arrays, residual = encode(trained, received, config.transport, own.get("residual"))
     own = {"residual": residual} if residual is not None else {}
     if mask is not None:
         own["local"] = trained[mask]
+    for k, v in (result.projector or {}).items():  # distillation projectors stay here
+        own[PROJECTOR + k] = v
     _keep_own(state, own)
     losses = result.losses
     metrics = MetricRecord(
@@ -319,6 +327,14 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
             "loss-box": float(losses.get("box_loss", float("nan"))),
             "loss-cls": float(losses.get("cls_loss", float("nan"))),
             "loss-dfl": float(losses.get("dfl_loss", float("nan"))),
+            **(
+                {
+                    "loss-distill": float(losses.get("dis_loss", float("nan"))),
+                    "teacher-received": int(distill.TEACHER_KEY in content.array_records),
+                }
+                if teacher is not None
+                else {}
+            ),
             "setup-seconds": result.timing.setup,
             "train-seconds": result.timing.epochs,
             "batch-seconds": result.timing.batches,

@@ -53,8 +53,9 @@ class LocalResult:
     """What a round of local training produced."""
 
     num_examples: int
-    losses: dict[str, float]  # mean training losses of the last epoch: box, cls, dfl
+    losses: dict[str, float]  # mean training losses of the last epoch: box, cls, dfl (, dis)
     timing: RoundTiming
+    projector: dict | None = None  # distillation: the projector's weights after the round
 
 
 def train_round(
@@ -75,8 +76,16 @@ def train_round(
     workers: int,
     seed: int,
     prox_mu: float = 0.0,
+    teacher: torch.nn.Module | None = None,
+    distill_weight: float = 6.0,
+    projector: dict | None = None,
 ) -> LocalResult:
-    """Train ``model`` in place for ``epochs`` local epochs on the shard in ``data_yaml``."""
+    """Train ``model`` in place for ``epochs`` local epochs on the shard in ``data_yaml``.
+
+    With a ``teacher``, Ultralytics' distillation adds its feature loss (weight
+    ``distill_weight``, reported as ``dis_loss``); ``projector`` is the client's projector from
+    its earlier rounds (``fl_client.distill``), and the result carries it on.
+    """
     timing = RoundTiming(setup=time.perf_counter())
     overrides = {
         "model": "fedyolo-global",  # unused: the trainer gets the model object
@@ -107,10 +116,17 @@ def train_round(
         "name": "train",
         "exist_ok": True,
     }
+    if teacher is not None:
+        overrides["dis"] = distill_weight
     with lean_ultralytics():
-        trainer = local_trainer_class()(model, overrides, timing, prox_mu)
+        trainer = local_trainer_class()(model, overrides, timing, prox_mu, teacher, projector)
         trainer.train()
-    trained = trainer.model
+    trained, kept = trainer.model, None
+    if teacher is not None and hasattr(trained, "student_model"):  # Ultralytics' wrapper
+        from fl_client.distill import projector_state
+
+        kept = projector_state(trained)
+        trained = trained.student_model
     if trained is not model:  # the trainer only moves the same object between devices
         raise RuntimeError("Ultralytics trained another model object than the one received")
     model.to("cpu")
@@ -125,6 +141,7 @@ def train_round(
         num_examples=len(trainer.train_loader.dataset),
         losses=losses,
         timing=timing,
+        projector=kept,
     )
 
 

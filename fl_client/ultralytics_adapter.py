@@ -30,12 +30,18 @@ def local_trainer_class() -> type:
             overrides: dict[str, Any],
             timing: Any,  # fl_client.train.RoundTiming
             prox_mu: float = 0.0,
+            teacher: torch.nn.Module | None = None,
+            projector: dict | None = None,
         ):
             super().__init__(overrides=overrides)
             self.model = model
             self.timing = timing
             self.prox_mu = prox_mu
             self.prox_ref: list[torch.Tensor] | None = None
+            # distillation: Ultralytics wraps self.model in its DistillationModel when
+            # args.distill_model is set; it takes a path or a module (fl_client.distill)
+            self.args.distill_model = teacher
+            self.projector = projector  # the client's projector from its earlier rounds
             self.add_callback("on_train_start", self._on_train_start)
             self.add_callback("on_train_epoch_start", self._on_epoch_start)
             self.add_callback("on_train_epoch_end", self._on_epoch_end)
@@ -46,6 +52,11 @@ def local_trainer_class() -> type:
         @staticmethod
         def _on_train_start(trainer: Any) -> None:
             trainer.timing.setup = time.perf_counter() - trainer.timing.setup
+            if trainer.projector and hasattr(trainer.model, "projector"):
+                from fl_client.distill import load_projector
+
+                # in place: the optimiser already holds these parameters
+                trainer.projector_restored = load_projector(trainer.model, trainer.projector)
             if trainer.prox_mu > 0:  # the global weights, on the training device
                 trainer.prox_ref = [p.detach().clone() for p in trainer.model.parameters()]
 

@@ -76,6 +76,8 @@ class RoundConfig:
     faults: str = ""  # this round's injected faults, JSON (fl_client.faults)
     server_round: int = 0  # set by Flower's strategies
     proximal_mu: float = 0.0  # set by Flower's FedProx
+    teacher_sha256: str = ""  # distillation: the teacher's identity ('' = none; fl_client.distill)
+    distill_weight: float = 0.0  # distillation: Ultralytics' ``dis``
 
     def with_round(self, **changes: Any) -> RoundConfig:
         """A copy with top-level or ``train`` fields changed (e.g. ``lr0`` after a rollback)."""

@@ -157,3 +157,47 @@ def run(
     if watcher is not None and watcher.error is not None:
         raise watcher.error
     return summary
+
+
+def distill(
+    run_dir: str | Path,
+    student: str,
+    overrides: Sequence[str] = (),
+    *,
+    callbacks: Sequence[Any] = (),
+) -> Summary:
+    """Distil run ``run_dir``'s ``best.pt`` into a ``student`` (e.g. ``yolov8n.yaml``) trained
+    federatedly on the same data, partition, seed and training settings (``fedyolo distill``).
+
+    The new run is ``<run>-distill-<student>`` beside the teacher's (``name=`` overrides it).
+    Raises ``ConfigError`` when the new run's data version is not the teacher's: its held-out
+    set would not be the one the teacher was chosen on.
+    """
+    from fl_server import config as config_mod
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    best = run_dir / "best.pt"
+    if not best.is_file():
+        raise config_mod.ConfigError(f"distill: {run_dir} has no best.pt (a finished run?)")
+    stem = Path(student).stem
+    cfg = config_mod.from_run(
+        run_dir,
+        [
+            f"model.cfg={student}",
+            f"distill.teacher={best}",
+            f"name={run_dir.name}-distill-{stem}",
+            f"output.dir={run_dir.parent}",
+            "resume=null",
+            "output.overwrite=false",
+            *overrides,
+        ],
+    )
+    summary = run(cfg, callbacks=callbacks)
+    theirs = json.loads((run_dir / "manifest.json").read_text())["data"]["data_version"]
+    ours = json.loads((summary.run_dir / "manifest.json").read_text())["data"]["data_version"]
+    if theirs != ours:
+        raise config_mod.ConfigError(
+            f"distill: {summary.run_dir} trained on data version {ours[:12]}, the teacher's run "
+            f"on {theirs[:12]}: its metrics are not comparable with the teacher's"
+        )
+    return summary

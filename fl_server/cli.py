@@ -5,6 +5,7 @@
     fedyolo data partition DATA OUT ...    split a dataset into client shards + server val set
     fedyolo data check PATH                report (and list) bad images and labels
     fedyolo tune [overrides...]            an Optuna study of federations; writes runs/<study>/
+    fedyolo distill RUN student=YAML [k=v]  a small student taught by RUN's best.pt, federatedly
     fedyolo export MODEL.pt [key=value...]  a gated edge bundle (ONNX fp32/fp16/int8, TensorRT)
     fedyolo export BUNDLE --check          re-run an edge bundle's gates
     fedyolo bench MODEL... [key=value...]  latency, memory, size and held-out mAP of models
@@ -139,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="an Optuna study whose trials are federations (tuning.* and base overrides)"
     )
     tune.add_argument("overrides", nargs="*", help="e.g. tuning.trials=20 federation.clients=4")
+    di = sub.add_parser(
+        "distill",
+        help="train a student federatedly with a run's best.pt as its teacher (same data)",
+    )
+    di.add_argument("run", help="the teacher's run directory, runs/<name>")
+    di.add_argument(
+        "items", nargs="+", help="student=<model yaml>, then key=value on that run's config"
+    )
     ex = sub.add_parser(
         "export", help="an edge bundle from a checkpoint (configs/edge/export.yaml: key=value)"
     )
@@ -244,6 +253,27 @@ def cmd_clearml_import(path: str) -> int:
     return 0
 
 
+def cmd_distill(run: str, items: list[str]) -> int:
+    from fl_server import api
+    from fl_server.config import ConfigError
+
+    students = [i.split("=", 1)[1] for i in items if i.startswith("student=")]
+    if len(students) != 1:
+        raise ConfigError("distill: give the student once, e.g. student=yolov8n.yaml")
+    _setup_logging()
+    teacher = api.Summary.read(Path(run))
+    summary = api.distill(run, students[0], [i for i in items if not i.startswith("student=")])
+    if summary.status != "completed":
+        print(f"fedyolo: {summary.run_dir} ended with status {summary.status}", file=sys.stderr)
+        return 1
+    print(
+        f"student {students[0]}: best mAP50-95 {summary.best.map50_95:.3f} "
+        f"(round {summary.best.round}) on the same held-out set as its teacher's "
+        f"{teacher.best.map50_95:.3f} → {summary.best_checkpoint}"
+    )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """``fedyolo export``: exit 0 for an accepted bundle, 1 for a rejected one (one line why)."""
     from deploy.edge import export, settings
@@ -332,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_clearml_import(args.run)
         if args.cmd == "deploy":
             return cmd_deploy(args)
+        if args.cmd == "distill":
+            return cmd_distill(args.run, args.items)
         if args.cmd == "export":
             return cmd_export(args)
         if args.cmd == "bench":

@@ -70,16 +70,11 @@ def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:
         ) from e
     except state.StateError as e:
         raise ConfigError(f"config: resume={path}: {e}") from e
-    cfg = load(path / "config.yaml")
-    if "hooks" not in cfg:  # a run directory written before round hooks existed
-        cfg.hooks = []
+    cfg = _with_new_keys(load(path / "config.yaml"))
     for o in overrides:
         key, sep, value = o.partition("=")
         if key == "engine" and sep:  # the group: continue on another engine
-            group = CONFIG_DIR / "engine" / f"{value}.yaml"
-            if not group.is_file():
-                raise ConfigError(f"config: engine={value!r} is not one of configs/engine/")
-            cfg.engine = OmegaConf.load(group)
+            _switch_engine(cfg, value)
             continue
         if not sep or not any(key == k or key.startswith(k + ".") for k in RESUME_OVERRIDABLE):
             raise ConfigError(
@@ -87,6 +82,46 @@ def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:
             )
         OmegaConf.update(cfg, key, yaml.safe_load(value), force_add=False)
     cfg.resume = str(path)
+    validate(cfg)
+    return cfg
+
+
+def _switch_engine(cfg: DictConfig, name: str) -> None:
+    group = CONFIG_DIR / "engine" / f"{name}.yaml"
+    if not group.is_file():
+        raise ConfigError(f"config: engine={name!r} is not one of configs/engine/")
+    cfg.engine = OmegaConf.load(group)
+
+
+def _with_new_keys(cfg: DictConfig) -> DictConfig:
+    """A run directory's config written before a setting existed gets its default."""
+    if "hooks" not in cfg:
+        cfg.hooks = []
+    if "distill" not in cfg:
+        cfg.distill = {"teacher": None, "weight": 6.0}
+    return cfg
+
+
+def from_run(path: Path, overrides: Sequence[str]) -> DictConfig:
+    """A new run's config: run ``path``'s own config.yaml with ``key=value`` overrides (any key
+    that exists; ``engine=<name>`` switches the engine group). Same data, partition and seed as
+    that run unless overridden: what ``fedyolo distill`` starts from."""
+    import yaml
+
+    path = Path(path).expanduser().resolve()
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"config: {path} is not a run directory (no config.yaml)")
+    cfg = _with_new_keys(load(path / "config.yaml"))
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not sep:
+            raise ConfigError(f"config: {o!r} is not key=value")
+        if key == "engine":
+            _switch_engine(cfg, value)
+            continue
+        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            raise ConfigError(f"config: {key!r} is not a setting of {path / 'config.yaml'}")
+        OmegaConf.update(cfg, key, yaml.safe_load(value), force_add=False)
     validate(cfg)
     return cfg
 
@@ -233,6 +268,11 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tracking.mode": _rule(lambda v: v in {"auto", "online", "offline"}, "auto, online or offline"),
     "tracking.project": _rule(lambda v: isinstance(v, str) and v != "", "a ClearML project name"),
     "tracking.connect_timeout": _rule(lambda v: _is_num(v) and 0 < v <= 600, "seconds in (0, 600]"),
+    "distill.teacher": _rule(
+        lambda v: v is None or (isinstance(v, str) and v.endswith(".pt")),
+        "null or a .pt checkpoint (e.g. runs/<run>/best.pt)",
+    ),
+    "distill.weight": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
     "drift.enabled": _rule(lambda v: isinstance(v, bool), "true or false"),
     "drift.sample": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "drift.reference_rounds": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -266,6 +306,9 @@ def validate(cfg: DictConfig) -> None:
         )
     for hook in cfg.hooks or []:
         _check_import(str(hook), "hooks")
+    teacher = cfg.distill.teacher
+    if teacher is not None and not Path(str(teacher)).expanduser().is_file():
+        raise ConfigError(f"config: distill.teacher={cfg.distill.teacher!r} does not exist")
     if cfg.data.path is not None and not Path(str(cfg.data.path)).expanduser().exists():
         raise ConfigError(f"config: data.path={cfg.data.path!r} does not exist")
     from fl_client.model import ModelConfigError, resolve_model_cfg

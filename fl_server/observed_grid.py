@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Error, Message
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fl_client.distill import TEACHER_KEY
 from fl_client.model import WEIGHTS_KEY
 from fl_client.transport import decode
 from fl_client.wire import (
@@ -70,7 +71,7 @@ def _sent_weights(messages: list[Message]) -> dict[int, np.ndarray | None]:
     decoded: dict[int, np.ndarray | None] = {}
     out = {}
     for m in messages:
-        records = m.content.array_records
+        records = {k: v for k, v in m.content.array_records.items() if k != TEACHER_KEY}
         record = next(iter(records.values())) if len(records) == 1 else None
         if id(record) not in decoded:
             ok = record is not None and list(record.keys()) == [WEIGHTS_KEY]
@@ -111,6 +112,10 @@ class ObservedGrid(Grid):
         # set by an engine that turns Ctrl-C/SIGTERM into a clean stop: a threading.Event
         # (fl_server.simulation) or an interrupts.StopFile (the deployment engine)
         self.interrupt = None
+        # distillation (fl_client.distill): the teacher's records, added to a node's train
+        # message until that node has answered one carrying it; a node that fails gets it again
+        self.teacher: dict[str, Any] | None = None
+        self._has_teacher: set[int] = set()
 
     # -- the Grid interface, delegated -------------------------------------------------------
     def __getattr__(self, name: str) -> Any:  # anything else a Grid offers (e.g. get_nodes)
@@ -162,6 +167,7 @@ class ObservedGrid(Grid):
         )
         log = self.rounds.setdefault(rnd, RoundLog())
         is_train = messages[0].metadata.message_type == TRAIN
+        carried = self._add_teacher(messages) if is_train else set()
         sizes: dict[int, int] = {}  # shared contents are sized once
         down = {m.metadata.dst_node_id: wire_bytes(m, sizes) for m in messages}
         sent = _sent_weights(messages) if is_train else {}
@@ -188,6 +194,8 @@ class ObservedGrid(Grid):
                 continue
             if taken is not None and entry is not None:
                 good.append((taken, entry))
+                if node in carried:
+                    self._has_teacher.add(node)
             elif taken is not None:
                 kept.append(taken)
         for reply, entry in self._outliers(good, log, rnd):
@@ -199,6 +207,18 @@ class ObservedGrid(Grid):
         if is_train:
             log.sent += len(messages)
         return kept
+
+    def _add_teacher(self, messages: list[Message]) -> set[int]:
+        """Put the teacher into the train messages of nodes that do not have it yet."""
+        if not self.teacher:
+            return set()
+        carried = set()
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if node not in self._has_teacher:
+                m.content = RecordDict({**dict(m.content.items()), **self.teacher})
+                carried.add(node)
+        return carried
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
         """Flower's push-then-pull exchange, abandoned within a second of an interrupt.
@@ -324,6 +344,8 @@ class ObservedGrid(Grid):
     ) -> None:
         """Count, record in events.jsonl and log one client's failure in round ``rnd``."""
         log.failed += 1
+        if is_train:  # it may have lost the teacher with its process: it gets it again
+            self._has_teacher.discard(node)
         phase = "train" if is_train else "evaluate"
         client = self._client(node)
         self._run.event(rnd, kind, client=client, node_id=node, phase=phase, reason=reason)

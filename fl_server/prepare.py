@@ -132,6 +132,7 @@ def prepare_run(cfg: DictConfig) -> RunDir:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         source, ds, report, part = _checked_data(cfg, staging / "repaired_labels")
+        _check_teacher(cfg, list(ds.names))
         aside = run.path.with_name(f".{run.path.name}.replaced") if replacing else None
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
@@ -148,6 +149,22 @@ def prepare_run(cfg: DictConfig) -> RunDir:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return run
+
+
+TEACHER = "teacher.pt"  # a distillation run's copy of its teacher (fl_client.distill)
+
+
+def _check_teacher(cfg: DictConfig, names: list[str]) -> None:
+    """A distillation teacher that cannot teach this federation stops here, in one line."""
+    if cfg.distill.teacher is None:
+        return
+    from fl_client.distill import load_teacher
+    from fl_client.model import ModelConfigError, build_model
+
+    try:
+        load_teacher(str(cfg.distill.teacher), names, build_model(str(cfg.model.cfg), names))
+    except ModelConfigError as e:
+        raise config_mod.ConfigError(f"config: {e}") from e
 
 
 def _checked_data(cfg: DictConfig, repaired: Path):
@@ -183,6 +200,14 @@ def _write_run(cfg, run: RunDir, source: Path, ds, report, part, repaired: Path)
         os.replace(repaired, run.data / "repaired_labels")
 
     run.config.write_text(config_mod.to_yaml(cfg))
+    teacher = None
+    if cfg.distill.teacher is not None:  # the run keeps the teacher it learnt from
+        shutil.copy2(Path(str(cfg.distill.teacher)).expanduser(), run.path / TEACHER)
+        teacher = {
+            "source": str(Path(str(cfg.distill.teacher)).expanduser().resolve()),
+            "file": TEACHER,
+            "sha256": hashlib.sha256((run.path / TEACHER).read_bytes()).hexdigest(),
+        }
     write_json(
         run.manifest,
         {
@@ -193,6 +218,7 @@ def _write_run(cfg, run: RunDir, source: Path, ds, report, part, repaired: Path)
             "python": platform.python_version(),
             "platform": platform.platform(),
             "packages": _versions(),
+            "distill_teacher": teacher,
             "data": {
                 "source": str(source),
                 "names": list(ds.names),

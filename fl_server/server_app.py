@@ -7,6 +7,7 @@ simulation engine gets an app bound to the run directory from ``server_app_for()
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from omegaconf import OmegaConf
 
 from fl_client.evaluate import evaluate_checkpoint
 from fl_client.model import (
@@ -188,6 +190,9 @@ class Federation:
             self.drift = DriftMonitor(int(cfg.drift.reference_rounds), float(cfg.drift.threshold))
         self.faults = faults_mod.parse(cfg.faults, int(cfg.federation.clients))
         self.base_config = round_config(cfg, self.names, run.data, self.model.yaml)
+        self.teacher_sha256 = None
+        if OmegaConf.select(cfg, "distill.teacher") is not None:
+            self._set_up_teacher(float(cfg.distill.weight))
         self.tracker = None  # fl_server.tracking.Tracker, from start_fresh/start_resumed
         self.hooks: list = []  # round hooks (fl_server.hooks), with the tracker
         self.round = 0  # last finished round
@@ -196,6 +201,20 @@ class Federation:
         self._skipped_warned: list[str] = []
         self.t_start = time.perf_counter()
         self.first_round = 1  # of this process (a resumed run starts later)
+
+    def _set_up_teacher(self, weight: float) -> None:
+        """Distillation: the teacher the run copied goes to each client once (the grid sends
+        it); every round's config names it by sha256 (``fl_client.distill``)."""
+        from fl_client import distill
+        from fl_server.prepare import TEACHER
+
+        teacher = distill.load_teacher(self.run.path / TEACHER, self.names, self.model)
+        sha, records = distill.teacher_records(teacher)
+        self.teacher_sha256 = sha
+        self.base_config = dataclasses.replace(
+            self.base_config, teacher_sha256=sha, distill_weight=weight
+        )
+        self.grid.teacher = records
 
     def _start_tracker(self, task_id: str | None = None) -> None:
         from fl_server.tracking import Tracker
@@ -234,6 +253,7 @@ class Federation:
             rounds=int(cfg.federation.rounds),
             faults=[f.__dict__ for f in self.faults] or None,
             tracker_task=self.tracker.task_id,
+            distill_teacher_sha256=self.teacher_sha256,
         )
         res = self.evaluate(self.arrays, self.run.work / "candidate.pt", 0)
         metrics = {k: res[k] for k in METRIC_KEYS}
