@@ -314,11 +314,14 @@ def _claim(folder: Path) -> _Claim:
 
 def counted(trials: Sequence[Any]) -> list[Any]:
     """The trials that count towards ``tuning.trials``: every trial begun, except one that
-    failed as stale (its worker died) and was re-run by Optuna's retry callback."""
+    failed as stale (its worker died) and was re-run by Optuna's retry callback.
+
+    A retry of a retry names the original in ``failed_trial``; the chain is its retry history
+    (original, first retry, ...), so every trial in some trial's history was re-run."""
     from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
-    retried = {RetryFailedTrialCallback.retried_trial_number(t) for t in trials} - {None}
+    retried = {n for t in trials for n in RetryFailedTrialCallback.retry_history(t)}
     return [t for t in trials if t.state != TrialState.WAITING and t.number not in retried]
 
 

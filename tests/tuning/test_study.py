@@ -173,3 +173,31 @@ def test_two_workers_share_one_study_and_run_disjoint_trials(tmp_path):
     assert all(t.state.name == "COMPLETE" for t in trials)
     dirs = {t.user_attrs["run_dir"] for t in trials}
     assert len(dirs) == 4 and all((Path(d) / "summary.json").is_file() for d in dirs)
+
+
+def test_a_retried_chain_counts_once():
+    """Trial 0 died (stale), its retry 1 died too, retry 2 finished: one trial counts, plus any
+    trial that failed for its own reasons (3) and one still waiting (4) does not."""
+    from optuna.trial import TrialState
+
+    from tuning.study import counted
+
+    study = optuna.create_study(direction="maximize")
+    stale = {"fail_reason": "stale"}
+    for state, attrs in [  # trials 0..3
+        (TrialState.FAIL, stale),
+        (TrialState.FAIL, {**stale, "failed_trial": 0, "retry_history": [0]}),
+        (TrialState.COMPLETE, {"failed_trial": 0, "retry_history": [0, 1]}),
+        (TrialState.FAIL, {}),
+    ]:
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                value=0.5 if state == TrialState.COMPLETE else None,
+                system_attrs=attrs,
+            )
+        )
+    study.enqueue_trial({})
+    trials = study.get_trials(deepcopy=False)
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert [t.number for t in counted(trials)] == [2, 3]
