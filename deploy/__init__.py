@@ -1,7 +1,8 @@
-"""Everything that starts fedyolo somewhere: the deployment engine on one machine
-(``deploy.local``), TLS and node keys (``deploy.certs``), container images
-(``deploy.images``), the compose engine (``deploy.compose``) and the containers' health check
-(``deploy.health``). Nothing is imported here, so a health check stays light."""
+"""Everything that starts fedyolo somewhere, and everything after training: the deployment
+engine on one machine (``deploy.local``), TLS and node keys (``deploy.certs``), container images
+(``deploy.images``), the compose engine (``deploy.compose``), the containers' health check
+(``deploy.health``), EC2 Auto Scaling (``deploy.aws``) and the edge pipeline (``deploy.edge``).
+Nothing is imported here, so a health check stays light."""
 
 
 class DeployError(RuntimeError):

@@ -11,6 +11,7 @@
     fedyolo bench MODEL... [key=value...]  latency, memory, size and held-out mAP of models
     fedyolo clearml-import runs/<name>     upload a run's offline ClearML session to a server
     fedyolo deploy images [--offline]      build the server and client container images
+    fedyolo deploy aws plan|up|status|scale N|down [key=value...]   EC2 Auto Scaling
     fedyolo deploy certs OUT --clients N   a CA, a SuperLink certificate, one key pair per client
 
 A user's mistake ends with one line naming the thing; a bug still raises.
@@ -205,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--base", help="BASE_IMAGE (default python:3.11-slim; offline: local base)")
     im.add_argument("--torch-index", default="", help="e.g. https://download.pytorch.org/whl/cpu")
     im.add_argument("--role", choices=["server", "client"], action="append", help="default both")
+    aws = depsub.add_parser(
+        "aws", help="EC2 Auto Scaling deployment (configs/deploy/aws.yaml: key=value)"
+    )
+    aws.add_argument("action", choices=["plan", "up", "status", "scale", "down"])
+    aws.add_argument("items", nargs="*", help="scale: the client count first; then key=value")
     ce = depsub.add_parser("certs", help="a CA, a SuperLink certificate and client key pairs")
     ce.add_argument("out", help="folder for the files (created 0700)")
     ce.add_argument("--clients", type=int, required=True, help="key pairs supernode-0..N-1")
@@ -334,6 +340,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         for b in built:
             print(f"{b.tag}: {b.size_bytes / 1e9:.2f} GB, built in {b.seconds:.0f} s")
         return 0
+    if args.deploy_cmd == "aws":
+        return cmd_aws(args.action, args.items)
     from deploy.local import make_security, node_names
 
     hosts = args.host or ["superlink", "localhost", "127.0.0.1"]
@@ -343,6 +351,47 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         print(f"{name}: private {keys.private} (0600), public {keys.public}")
     print("register each public key: flwr supernode register <public key> <federation>")
     return 0
+
+
+def cmd_aws(action: str, items: list[str]) -> int:
+    """``fedyolo deploy aws``: plan prints and creates nothing; down exits 1 with one line per
+    leftover."""
+    from deploy.aws import AwsError, stack
+
+    count = None
+    if action == "scale":
+        if not items or not items[0].isdigit():
+            raise AwsError("deploy aws scale: give the number of clients first, e.g. scale 4")
+        count, items = int(items[0]), items[1:]
+    cfg = stack.load_settings(items)
+    if action == "plan":
+        rows = stack.plan(cfg)
+        for r in rows:
+            cost = f"  ${r['usd_per_hour']:.3f}/h" if r["usd_per_hour"] else ""
+            print(f"{r['action']:7} {r['kind']:18} {cfg.name}-{r['name']}{cost}  {r['what']}")
+        total = sum(r["usd_per_hour"] for r in rows)
+        print(
+            f"estimated ${total:.2f}/h (${total * 730:.0f}/month) for instances and volumes; "
+            f"prices from configs/deploy/aws.yaml ({cfg.prices.date}; check them)"
+        )
+        return 0
+    if action == "up":
+        rows = stack.up(cfg)
+        made = [r for r in rows if r["action"] == "created"]
+        print(f"{len(made)} created, {len(rows) - len(made)} already there")
+        return 0
+    if action == "scale":
+        print(json.dumps(stack.scale(cfg, count)))
+        return 0
+    if action == "status":
+        print(json.dumps(stack.status(cfg), indent=1, default=str))
+        return 0
+    left = stack.down(cfg)
+    for line in left:
+        print(line, file=sys.stderr)
+    if not left:
+        print(f"deployment {cfg.name}: nothing left")
+    return 1 if left else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,10 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = frozenset(  # the run's config groups (configs/edge holds the export/bench commands')
-    p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in ("tuning", "edge")
+GROUPS = frozenset(  # the run's config groups (edge, deploy: the settings of other commands)
+    p.name
+    for p in CONFIG_DIR.iterdir()
+    if p.is_dir() and p.name not in ("tuning", "edge", "deploy")
 )
 KINDS = ("float", "int", "categorical")
 

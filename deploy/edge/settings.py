@@ -8,30 +8,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from deploy import settings
 from deploy.edge import EdgeError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "edge"
 
 
-def _flat(cfg: DictConfig, prefix: str = "") -> set[str]:
-    keys = set()
-    for k, v in cfg.items():
-        keys.add(f"{prefix}{k}")
-        if isinstance(v, DictConfig):
-            keys |= _flat(v, f"{prefix}{k}.")
-    return keys
-
-
 def load(command: str, overrides: Sequence[str] = ()) -> DictConfig:
-    cfg = OmegaConf.load(CONFIG_DIR / f"{command}.yaml")
-    known = _flat(cfg)
-    for o in overrides:
-        key, sep, _ = o.partition("=")
-        if not sep:
-            raise EdgeError(f"{command}: {o!r} is not key=value")
-        if key not in known:
-            raise EdgeError(f"{command}: unknown setting {key!r} (see configs/edge/{command}.yaml)")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    cfg = settings.load(CONFIG_DIR / f"{command}.yaml", overrides, command, EdgeError)
     (_check_export if command == "export" else _check_bench)(cfg)
     return cfg
 

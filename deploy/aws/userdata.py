@@ -1,0 +1,73 @@
+"""The instances' boot script: one template (``userdata.sh``), rendered per role.
+
+The containers start with the same arguments as in ``docker-compose.yml`` (the SuperLink's TLS
+and node authentication, each SuperNode's TLS root, key and node config); only the addresses
+differ: the SuperLink's fixed private IP instead of the compose service name, a client's claimed
+key slot as its partition id. ``tests/deploy/test_aws.py`` compares the two and runs Debian's
+``shellcheck`` on every rendering.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+TEMPLATE = Path(__file__).with_name("userdata.sh")
+
+# docker-compose.yml's `superlink` command, verbatim
+SERVER_ARGS = [
+    "--host=0.0.0.0",
+    "--port=9092",
+    "--ssl-ca-certfile=/secrets/ca.crt",
+    "--ssl-certfile=/secrets/superlink.crt",
+    "--ssl-keyfile=/secrets/superlink.key",
+    "--enable-supernode-auth",
+    "--database=/state/superlink.db",
+    "--disable-runtime-dependency-installation",
+]
+
+# docker-compose.yml's `supernode-<i>` command; the shell expands the variables
+CLIENT_ARGS = [
+    "--superlink=${SERVER_IP}:${FLEET_PORT}",
+    "--root-certificates=/secrets/ca.crt",
+    "--auth-supernode-private-key=/secrets/node.key",
+    '--node-config=partition-id=${PARTITION_ID} num-partitions=${SLOTS} data-path="/data/data.yaml"'
+    " warm-worker=true",
+]
+
+
+def _continued(args: list[str]) -> str:
+    """Arguments as the tail of a ``docker run`` line: one per line, double-quoted (the
+    variables expand, the quotes inside stay literal)."""
+    quoted = ['    "' + a.replace('"', '\\"') + '"' for a in args]
+    return " \\\n".join(quoted)
+
+
+def render(ctx: Any, role: str) -> str:
+    """The boot script of a ``role`` instance (``ctx``: ``deploy.aws.stack.Context``)."""
+    from deploy.aws.stack import image_uri, server_ip
+
+    cfg = ctx.cfg
+    values = {
+        "__NAME__": ctx.name,
+        "__REGION__": str(cfg.region),
+        "__ROLE__": role,
+        "__IMAGE__": image_uri(ctx, role),
+        "__SERVER_IP__": server_ip(ctx),
+        "__INTERFACE__": str(ctx.ids["superlink"]),
+        "__FLEET_PORT__": str(int(cfg.ports.fleet)),
+        "__CONTROL_PORT__": str(int(cfg.ports.control)),
+        "__SLOTS__": str(int(cfg.clients.max)),
+        "__DATA_PATH__": str(cfg.clients.data_path),
+        "__SERVER_ARGS__": _continued(SERVER_ARGS),
+        "__CLIENT_ARGS__": _continued(CLIENT_ARGS),
+    }
+    text = TEMPLATE.read_text()
+    for key, value in values.items():
+        if key not in ("__SERVER_ARGS__", "__CLIENT_ARGS__") and (
+            '"' in value or "$" in value or "`" in value or "\\" in value
+        ):
+            raise ValueError(f"user data: {key.strip('_').lower()}={shlex.quote(value)} is unsafe")
+        text = text.replace(key, value)
+    return text

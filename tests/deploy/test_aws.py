@@ -1,0 +1,267 @@
+"""``fedyolo deploy aws`` against a real AWS API endpoint: moto's HTTP server on 127.0.0.1.
+
+boto3 talks HTTP to it with real botocore serialization (``AWS_ENDPOINT_URL``); no decorator
+mocks. What moto does not do: boot instances (its Auto Scaling group shows fake instances, no
+user data runs), evaluate alarms, or run scaling policies. The user data is checked by
+``shellcheck`` and against docker-compose.yml instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+pytest.importorskip("moto")
+boto3 = pytest.importorskip("boto3")
+
+from deploy.aws import TAG, AwsError, stack  # noqa: E402
+from deploy.aws.userdata import CLIENT_ARGS, SERVER_ARGS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+REGION = "eu-west-1"
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    os.environ["MOTO_IAM_LOAD_MANAGED_POLICIES"] = "true"  # AmazonSSMManagedInstanceCore
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws(endpoint, monkeypatch):
+    for k, v in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return boto3.Session(region_name=REGION)
+
+
+def settings(name: str, *more: str):
+    return stack.load_settings(
+        [
+            f"name={name}",
+            f"region={REGION}",
+            "ami=ami-12345678",
+            "operator_cidrs=[203.0.113.7/32]",
+            *more,
+        ]
+    )
+
+
+def test_plan_creates_nothing_and_prices_the_instances(aws):
+    cfg = settings("plan1")
+    rows = stack.plan(cfg)
+    assert rows and all(r["action"] == "create" for r in rows)
+    assert stack.leftovers(cfg, aws) == []
+    priced = {r["name"]: r["usd_per_hour"] for r in rows if r["usd_per_hour"]}
+    assert set(priced) == {"server-group", "client-group"}
+    # 1 on-demand + 1 spot c7i.xlarge at the table's prices, plus their volumes
+    p = cfg.prices
+    clients = p["c7i.xlarge"] * (1 + p.spot_factor) + 2 * 50 * p.ebs_gb_month / 730
+    assert priced["client-group"] == pytest.approx(clients, abs=1e-3)
+
+
+def test_up_creates_what_was_planned_locked_down(aws):
+    cfg = settings("up1")
+    planned = [(r["kind"], r["name"]) for r in stack.plan(cfg)]
+    rows = stack.up(cfg)
+    assert [(r["kind"], r["name"]) for r in rows] == planned
+    assert all(r["action"] == "created" for r in rows)
+    ids = {r["name"]: r["id"] for r in rows}
+    ec2, asg = aws.client("ec2"), aws.client("autoscaling")
+
+    groups = {
+        g["AutoScalingGroupName"]: g
+        for g in asg.describe_auto_scaling_groups(
+            AutoScalingGroupNames=["up1-server", "up1-clients"]
+        )["AutoScalingGroups"]
+    }
+    assert (groups["up1-server"]["MinSize"], groups["up1-server"]["MaxSize"]) == (1, 1)
+    c = groups["up1-clients"]
+    assert (c["MinSize"], c["DesiredCapacity"], c["MaxSize"]) == (1, 2, 4)
+    dist = c["MixedInstancesPolicy"]["InstancesDistribution"]
+    assert dist["OnDemandBaseCapacity"] == 1 and dist["OnDemandPercentageAboveBaseCapacity"] == 0
+    assert {"Key": TAG, "Value": "up1"} in [
+        {"Key": t["Key"], "Value": t["Value"]} for t in c["Tags"]
+    ]
+
+    # security groups: the Fleet port from the clients' group only, control from operators only
+    sgs = {
+        g["GroupName"]: g
+        for g in ec2.describe_security_groups(GroupIds=[ids["server-sg"], ids["clients-sg"]])[
+            "SecurityGroups"
+        ]
+    }
+    assert sgs["up1-clients-sg"]["IpPermissions"] == []
+    rules = {p["FromPort"]: p for p in sgs["up1-server-sg"]["IpPermissions"]}
+    assert set(rules) == {9092, 9093}  # no SSH
+    assert [g["GroupId"] for g in rules[9092]["UserIdGroupPairs"]] == [ids["clients-sg"]]
+    assert rules[9092]["IpRanges"] == []
+    assert [r["CidrIp"] for r in rules[9093]["IpRanges"]] == ["203.0.113.7/32"]
+
+    # launch templates: IMDSv2, encrypted volumes, user data without secrets
+    for role in ("server", "client"):
+        v = ec2.describe_launch_template_versions(LaunchTemplateName=f"up1-{role}")[
+            "LaunchTemplateVersions"
+        ][0]["LaunchTemplateData"]
+        assert v["MetadataOptions"]["HttpTokens"] == "required"
+        assert all(b["Ebs"]["Encrypted"] for b in v["BlockDeviceMappings"])
+        assert v["IamInstanceProfile"]["Name"] == f"up1-{role}"
+        script = base64.b64decode(v["UserData"]).decode()
+        assert f'ROLE="{role}"' in script and "PRIVATE KEY" not in script
+        assert f'SERVER_IP="{stack.server_ip(_ctx(cfg, aws, ids))}"' in script
+
+    # secrets: private material as SecureString
+    ssm = aws.client("ssm")
+    key = ssm.get_parameter(Name="/fedyolo/up1/clients/0/key")["Parameter"]
+    assert key["Type"] == "SecureString"
+    tls_key = ssm.get_parameter(Name="/fedyolo/up1/tls/superlink.key")["Parameter"]
+    assert tls_key["Type"] == "SecureString"
+
+    # IAM: no wildcard action, '*' resource only where AWS has no resource level
+    iam = aws.client("iam")
+    for role in ("server", "client"):
+        doc = iam.get_role_policy(RoleName=f"up1-{role}", PolicyName="fedyolo")["PolicyDocument"]
+        doc = json.loads(doc) if isinstance(doc, str) else doc
+        for st in doc["Statement"]:
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            assert not any("*" in a for a in actions), st
+            if st["Resource"] == "*":
+                assert set(actions) <= {"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"}
+        attached = iam.list_attached_role_policies(RoleName=f"up1-{role}")["AttachedPolicies"]
+        assert [p["PolicyName"] for p in attached] == ["AmazonSSMManagedInstanceCore"]
+
+    cw = aws.client("cloudwatch")
+    alarms = {a["AlarmName"]: a for a in cw.describe_alarms(AlarmNamePrefix="up1-")["MetricAlarms"]}
+    assert set(alarms) == {"up1-no-round", "up1-few-clients", "up1-rollback"}
+    assert alarms["up1-no-round"]["TreatMissingData"] == "breaching"
+    assert alarms["up1-few-clients"]["AlarmActions"] == [ids["add-client"]]
+    board = json.loads(cw.get_dashboard(DashboardName="up1")["DashboardBody"])
+    assert len(board["widgets"]) == 5
+
+    # a second up changes nothing and duplicates nothing
+    again = stack.up(cfg)
+    assert {r["action"] for r in again} == {"exists"}
+    assert [r["id"] for r in again] == [r["id"] for r in rows]
+    vpcs = ec2.describe_vpcs(Filters=[{"Name": f"tag:{TAG}", "Values": ["up1"]}])["Vpcs"]
+    assert len(vpcs) == 1
+
+    assert stack.down(cfg) == []
+    assert stack.leftovers(cfg, aws) == []
+
+
+def _ctx(cfg, sess, ids):
+    ctx = stack.Context(cfg, sess)
+    ctx.ids.update(ids)
+    return ctx
+
+
+def test_scale_and_status_read_back_a_federations_metrics(aws, tmp_path, capsys):
+    from inprocess import run_inprocess
+
+    from fl_server.cli import main
+
+    cfg = settings("fed1")
+    stack.up(cfg)
+    assert main(["deploy", "aws", "scale", "3", "name=fed1", f"region={REGION}", "ami=ami-1"]) == 0
+    g = aws.client("autoscaling").describe_auto_scaling_groups(
+        AutoScalingGroupNames=["fed1-clients"]
+    )["AutoScalingGroups"][0]
+    assert g["DesiredCapacity"] == 3
+    with pytest.raises(AwsError, match="outside clients.min..max"):
+        stack.scale(cfg, 9)
+
+    # a tiny federation whose ServerApp publishes every round through the round hook
+    os.environ["FEDYOLO_AWS_DEPLOYMENT"] = "fed1"
+    try:
+        run, _ = run_inprocess(
+            tmp_path,
+            ["federation.rounds=2", "hooks=[deploy.aws.cloudwatch:RoundMetrics]"],
+            clients=2,
+            name="cw",
+        )
+    finally:
+        del os.environ["FEDYOLO_AWS_DEPLOYMENT"]
+    last = json.loads(run.metrics.read_text().splitlines()[-1])
+    st = stack.status(cfg)
+    assert st["federation"]["round"] == 2
+    assert st["federation"]["map50_95"] == pytest.approx(last["map50_95"])
+    assert len(st["groups"]["fed1-clients"]["instances"]) == 3
+    assert main(["deploy", "aws", "status", "name=fed1", f"region={REGION}", "ami=ami-1"]) == 0
+    assert '"round": 2' in capsys.readouterr().out
+    assert main(["deploy", "aws", "down", "name=fed1", f"region={REGION}", "ami=ami-1"]) == 0
+
+
+def test_a_failed_up_leaves_nothing_down_cannot_remove(aws):
+    cfg = settings("half1")
+    with pytest.raises(AwsError, match="injected failure"):
+        stack.up(cfg, fail_at=12)  # the 13th creation fails: VPC, groups, secrets exist
+    assert len(stack.leftovers(cfg, aws)) == 12
+    rows = stack.up(cfg)  # a re-run converges
+    assert [r["action"] for r in rows].count("created") == len(rows) - 12
+    assert stack.down(cfg) == []
+    assert stack.leftovers(cfg, aws) == []
+    assert stack.down(cfg) == []  # and down is idempotent
+
+
+def test_user_data_is_shellcheck_clean_and_runs_the_compose_commands(aws):
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert compose["superlink"]["command"] == SERVER_ARGS
+    expected = [
+        a.replace("superlink:9092", "${SERVER_IP}:${FLEET_PORT}")
+        .replace("partition-id=0", "partition-id=${PARTITION_ID}")
+        .replace("${FEDYOLO_CLIENTS:-2}", "${SLOTS}")
+        .replace("${FEDYOLO_WARM_WORKER:-true}", "true")
+        for a in compose["supernode-0"]["command"]
+    ]
+    assert expected == CLIENT_ARGS
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("FEDYOLO_REQUIRE_SHELLCHECK"):
+            pytest.fail("shellcheck is required here (FEDYOLO_REQUIRE_SHELLCHECK) but missing")
+        pytest.skip("shellcheck not installed (Debian: apt install shellcheck)")
+    cfg = settings("ud1")
+    rows = stack.up(cfg)
+    ctx = _ctx(cfg, aws, {r["name"]: r["id"] for r in rows})
+    from deploy.aws.userdata import render
+
+    try:
+        for role in ("server", "client"):
+            script = render(ctx, role)
+            done = subprocess.run(
+                ["shellcheck", "-s", "bash", "-"], input=script, capture_output=True, text=True
+            )
+            assert done.returncode == 0, done.stdout
+            for a in SERVER_ARGS if role == "server" else CLIENT_ARGS:  # as docker run's args
+                assert '    "' + a.replace('"', '\\"') + '"' in script, a
+    finally:
+        assert stack.down(cfg) == []
+
+
+def test_bad_settings_are_one_line():
+    with pytest.raises(AwsError, match="unknown setting 'clients.maxx'"):
+        stack.load_settings(["clients.maxx=3"])
+    with pytest.raises(AwsError, match="min <= desired <= max"):
+        stack.load_settings(["clients.desired=9"])
