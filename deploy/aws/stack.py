@@ -793,7 +793,9 @@ def resources(ctx: Context) -> list[Resource]:
     ]
 
 
-def session(endpoint_url: str | None = None):
+def session():
+    """boto3's default session: credentials, region and endpoint from its own settings
+    (``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, ...)."""
     import boto3
 
     return boto3.Session()
