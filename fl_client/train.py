@@ -31,7 +31,11 @@ from pathlib import Path
 
 import torch
 
-from fl_client.ultralytics_adapter import lean_ultralytics, local_trainer_class
+from fl_client.ultralytics_adapter import (
+    lean_ultralytics,
+    local_trainer_class,
+    strip_feature_hooks,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -120,7 +124,11 @@ def train_round(
         overrides["dis"] = distill_weight
     with lean_ultralytics():
         trainer = local_trainer_class()(model, overrides, timing, prox_mu, teacher, projector)
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            if teacher is not None:
+                strip_feature_hooks(model, teacher)
     trained, kept = trainer.model, None
     if teacher is not None and hasattr(trained, "student_model"):  # Ultralytics' wrapper
         from fl_client.distill import projector_state

@@ -119,6 +119,24 @@ def local_trainer_class() -> type:
     return LocalTrainer
 
 
+def strip_feature_hooks(*models: torch.nn.Module) -> None:
+    """Take Ultralytics' distillation hooks off ``models`` (the student, the teacher).
+
+    PRIVATE: ``DistillationModel`` registers a ``FeatureHook`` (public class) in each feature
+    layer's ``_forward_hooks`` (torch's hook table) of both models and never removes them; they
+    keep the last batch's features. On a client that keeps its model between rounds, the next
+    training deep-copies the model for its EMA, and deep-copying those non-leaf feature tensors
+    fails. Removed after every distillation round, whatever happened in it.
+    """
+    from ultralytics.nn.distill_model import FeatureHook
+
+    for model in models:
+        for m in model.modules():
+            for handle_id, hook in list(m._forward_hooks.items()):
+                if isinstance(hook, FeatureHook):
+                    del m._forward_hooks[handle_id]
+
+
 @contextlib.contextmanager
 def lean_ultralytics() -> Iterator[None]:
     """Scope in which Ultralytics' trainer registers no integration callbacks.

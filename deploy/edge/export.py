@@ -44,11 +44,22 @@ LOGGER = logging.getLogger("fedyolo")
 
 
 def sha256(path: Path) -> str:
+    """Of a file, or of a folder's files (names and bytes, sorted): an OpenVINO model."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
 @dataclass
@@ -126,23 +137,29 @@ def _ultralytics_export(src: Source, work: Path, cfg, imgsz: int, quantize: int)
         dynamic=False,
         nms=False,
         batch=1,
-        device="cpu" if cfg.format == "onnx" else 0,
+        device=0 if cfg.format == "engine" else "cpu",
     )
     if not f or not Path(f).exists():
         raise EdgeError(f"export: Ultralytics' exporter produced no {cfg.format} file")
     return Path(f)
 
 
-def _engine_available() -> str | None:
-    """None when TensorRT can run here, else why not (one line)."""
+def _unavailable(fmt: str, quantize: int) -> str | None:
+    """None when ``fmt`` can be exported here, else why not (one line). Nothing is installed
+    at run time: Ultralytics' exporter would pip-install a missing package."""
     import importlib.util
 
     import torch
 
-    if not torch.cuda.is_available():
-        return "format=engine (TensorRT) needs an NVIDIA GPU; this machine has no CUDA device"
-    if importlib.util.find_spec("tensorrt") is None:
-        return "format=engine needs the tensorrt package (pip install tensorrt), not installed"
+    if fmt == "engine":
+        if not torch.cuda.is_available():
+            return "format=engine (TensorRT) needs an NVIDIA GPU; this machine has no CUDA device"
+        if importlib.util.find_spec("tensorrt") is None:
+            return "format=engine needs the tensorrt package (pip install tensorrt), not installed"
+    if fmt == "openvino" and importlib.util.find_spec("openvino") is None:
+        return "format=openvino needs the openvino package (pip install openvino), not installed"
+    if fmt != "onnx" and quantize == 8:
+        return f"format={fmt} quantize=8: INT8 is built for ONNX Runtime only (quantize=32 or 16)"
     return None
 
 
@@ -204,20 +221,33 @@ def held_out_map(model: Path, data: Path, imgsz: int, work: Path) -> float:
     )["map50_95"]
 
 
-def gates(src: Source, model: Path, cfg, imgsz: int, precision: str, work: Path, ref_map=None):
-    """Every gate's numbers, thresholds and verdict for ``model`` (an exported file)."""
+def gates(
+    src: Source,
+    model: Path,
+    cfg,
+    imgsz: int,
+    precision: str,
+    work: Path,
+    ref_map=None,
+    parity_check: bool = True,
+):
+    """Every gate's numbers, thresholds and verdict for ``model`` (an exported file); the
+    parity gate runs the file in ONNX Runtime (``parity_check=False`` for other runtimes)."""
     g = cfg.gates
     report: dict = {"imgsz": imgsz, "checks": []}
-    samples = _samples(src, int(g.samples))
-    diff = parity(src.checkpoint, model, samples, imgsz)
-    check = {
-        "gate": "parity",
-        "max_abs_diff": diff,
-        "samples": len(samples),
-        "threshold": float(g.parity_max_abs) if precision == "fp32" else None,
-    }
-    check["passed"] = precision != "fp32" or diff <= float(g.parity_max_abs)
-    report["checks"].append(check)
+    if src.heldout is None:
+        _samples(src, 1)  # one line: no held-out set to gate on
+    if parity_check:
+        samples = _samples(src, int(g.samples))
+        diff = parity(src.checkpoint, model, samples, imgsz)
+        check = {
+            "gate": "parity",
+            "max_abs_diff": diff,
+            "samples": len(samples),
+            "threshold": float(g.parity_max_abs) if precision == "fp32" else None,
+        }
+        check["passed"] = precision != "fp32" or diff <= float(g.parity_max_abs)
+        report["checks"].append(check)
     if ref_map is None:
         ref_map = held_out_map(src.checkpoint, src.heldout, imgsz, work)
     got = held_out_map(model, src.heldout, imgsz, work)
@@ -311,10 +341,9 @@ def export(checkpoint: Path, cfg) -> dict:
     src = source_of(checkpoint, cfg.data)
     imgsz = int(cfg.imgsz or src.train_imgsz)
     quantize = int(cfg.quantize)
-    if cfg.format == "engine":
-        why = _engine_available()
-        if why:
-            raise EdgeError(why)
+    why = _unavailable(str(cfg.format), quantize)
+    if why:
+        raise EdgeError(why)
     out = Path(
         cfg.out or src.checkpoint.parent / "edge" / f"{src.checkpoint.stem}-{_variant(cfg)}-{imgsz}"
     )
@@ -326,11 +355,14 @@ def export(checkpoint: Path, cfg) -> dict:
     exported = _ultralytics_export(src, work, cfg, imgsz, 16 if quantize == 16 else 32)
     ref_map = None
     extra: dict = {}
-    if cfg.format == "engine":  # TensorRT: gated on accuracy only (no ONNX Runtime session)
-        final = out / f"model{exported.suffix}"
+    if cfg.format != "onnx":  # TensorRT, OpenVINO: the accuracy gate (no ONNX Runtime here)
+        final = out / ("model.engine" if cfg.format == "engine" else "model_openvino_model")
+        if final.is_dir():
+            shutil.rmtree(final)
+        final.unlink(missing_ok=True)
         os.replace(exported, final)
-        report = {"imgsz": imgsz, "checks": [], "note": "TensorRT: not gated by parity here"}
-        report["passed"] = True
+        precision = "fp16" if quantize == 16 else "fp32"
+        report = gates(src, final, cfg, imgsz, precision, work, parity_check=False)
         io = {}
     elif quantize == 8:
         ranges = calibration_ranges(exported, *calibration, imgsz, int(cfg.int8.images))
@@ -347,7 +379,7 @@ def export(checkpoint: Path, cfg) -> dict:
                 per_channel=bool(cfg.int8.per_channel),
             )
             rep = gates(src, f, cfg, imgsz, "int8", work, ref_map)
-            ref_map = rep["checks"][1]["checkpoint_map50_95"]
+            ref_map = rep["checks"][-1]["checkpoint_map50_95"]
             tried.append({"activations": act, "file": f, "p50_ms": _p50(f, imgsz), "gates": rep})
         passing = [t for t in tried if t["gates"]["passed"]] or tried
         best = min(passing, key=lambda t: t["p50_ms"])
@@ -379,6 +411,8 @@ def export(checkpoint: Path, cfg) -> dict:
     for stale in ("model.onnx", "model-int8.onnx", "model.engine"):
         if (out / stale).exists() and (out / stale) != final:
             (out / stale).unlink()
+    if (out / "model_openvino_model") != final:
+        shutil.rmtree(out / "model_openvino_model", ignore_errors=True)
     meta = _model_json(src, cfg, final, imgsz, io, report, extra)
     meta["bundle"] = str(out)
     meta["export_seconds"] = round(time.perf_counter() - t0, 1)
@@ -404,7 +438,7 @@ def _model_json(src: Source, cfg, final: Path, imgsz, io, report, extra) -> dict
         "status": "accepted" if report["passed"] else "rejected",
         "file": final.name,
         "sha256": sha256(final),
-        "size_bytes": final.stat().st_size,
+        "size_bytes": _size(final),
         "format": str(cfg.format),
         "variant": _variant(cfg, (extra.get("int8") or {}).get("activations")),
         "precision": {32: "fp32", 16: "fp16", 8: "int8"}[int(cfg.quantize)],

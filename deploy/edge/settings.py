@@ -28,8 +28,8 @@ def _ints(value, key: str, minimum: int = 1) -> list[int]:
 
 
 def _check_export(cfg: DictConfig) -> None:
-    if cfg.format not in ("onnx", "engine"):
-        raise EdgeError(f"format: {cfg.format!r} is not onnx or engine")
+    if cfg.format not in ("onnx", "engine", "openvino"):
+        raise EdgeError(f"format: {cfg.format!r} is not onnx, engine or openvino")
     if cfg.quantize not in (32, 16, 8):
         raise EdgeError(f"quantize: {cfg.quantize!r} is not 32, 16 or 8")
     if cfg.imgsz is not None:

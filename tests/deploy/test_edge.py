@@ -175,14 +175,14 @@ def test_dfl_decode_conv_is_left_float(fp32_bundle):
     assert "dfl" in name
 
 
-def test_bench_writes_its_table(run_dir, fp32_bundle, tmp_path):
-    from deploy.edge.bench import bench
+def test_bench_writes_its_table(run_dir, fp32_bundle, tmp_path, capsys):
+    from fl_server.cli import main
 
     out, meta = fp32_bundle
-    cfg = settings.load(
-        "bench", [f"out={tmp_path}", "runs=3", "warmup=1", "threads=[1]", "imgsz=[64]"]
-    )
-    report = bench([out, run_dir / "best.pt"], cfg)
+    args = [f"out={tmp_path}", "runs=3", "warmup=1", "threads=[1]", "imgsz=[64]"]
+    assert main(["bench", str(out), str(run_dir / "best.pt"), *args]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["results"]
     assert [r["model"] for r in rows] == ["onnx-fp32", "best.pt"]
     for r in rows:
@@ -191,8 +191,8 @@ def test_bench_writes_its_table(run_dir, fp32_bundle, tmp_path):
     assert rows[0]["map50_95"] is not None  # the bundle names its held-out set
     md = (tmp_path / "bench.md").read_text()
     assert md.startswith("| model |") and md.count("\n") == 4
+    assert md in printed
     assert (tmp_path / "bench.png").stat().st_size > 0
-    assert json.loads((tmp_path / "bench.json").read_text())["results"] == rows
 
 
 @pytest.mark.parametrize(
@@ -217,16 +217,22 @@ def test_calibration_on_the_held_out_set_is_refused(run_dir, tmp_path):
         ex.export(run_dir / "best.pt", cfg)
 
 
-def test_tensorrt_without_a_gpu_says_why(run_dir, tmp_path, capsys):
+def test_formats_this_machine_cannot_export_say_why(run_dir, tmp_path, capsys):
+    import importlib.util
+
     import torch
 
     from fl_server.cli import main
 
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present: TensorRT may run here")
-    assert main(["export", str(run_dir / "best.pt"), "format=engine", f"out={tmp_path}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == (
-        "fedyolo: error: format=engine (TensorRT) needs an NVIDIA GPU; this machine has no CUDA "
-        "device"
-    )
+    checkpoint = str(run_dir / "best.pt")
+    if not torch.cuda.is_available():
+        assert main(["export", checkpoint, "format=engine", f"out={tmp_path}"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            "fedyolo: error: format=engine (TensorRT) needs an NVIDIA GPU; this machine has no "
+            "CUDA device"
+        )
+    if importlib.util.find_spec("openvino") is None:
+        assert main(["export", checkpoint, "format=openvino", f"out={tmp_path}"]) == 2
+        assert "needs the openvino package" in capsys.readouterr().err
+    assert main(["export", checkpoint, "format=openvino", "quantize=8"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

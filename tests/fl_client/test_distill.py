@@ -82,6 +82,24 @@ def test_teacher_is_sent_once_and_distillation_loss_is_reported(distilled, teach
     assert manifest["distill_teacher"]["file"] == "teacher.pt"
 
 
+def test_no_distillation_hook_outlives_its_round(distilled):
+    """The client's cached student and teacher carry no feature hook after a distilled round:
+    a later round without distillation deep-copies the model (Ultralytics' EMA) and would fail
+    on the hooks' non-leaf tensors."""
+    import copy
+
+    from ultralytics.nn.distill_model import FeatureHook
+
+    from fl_client import client_app
+
+    models = [*client_app._MODEL_CACHE.values(), *distill._MEMORY.values()]
+    assert models
+    for model in models:
+        hooks = [h for m in model.modules() for h in m._forward_hooks.values()]
+        assert not any(isinstance(h, FeatureHook) for h in hooks)
+        copy.deepcopy(model)
+
+
 def test_teacher_is_never_trained_nor_aggregated(distilled, teacher):
     import torch
     from ultralytics.nn.tasks import torch_safe_load
