@@ -139,20 +139,21 @@ def call(kind: str, content: RecordDict, context: Context, watch: int | None = N
         state[STATE_KEY] = context.state[STATE_KEY]
     header = {"kind": kind, "node": dict(context.node_config), "code": code_digest()}
     for _ in range(2):  # a second time after a stale worker retired
-        with _connect_or_start(path, watch) as conn, conn.makefile("rwb") as f:
-            _send(f, json.dumps(header).encode())
-            _send(f, _records_to_bytes(content))
-            _send(f, _records_to_bytes(state))
-            f.flush()
-            try:
+        conn = _connect_or_start(path, watch)
+        try:  # a worker that dies while the message is still being sent breaks the pipe
+            with conn, conn.makefile("rwb") as f:
+                _send(f, json.dumps(header).encode())
+                _send(f, _records_to_bytes(content))
+                _send(f, _records_to_bytes(state))
+                f.flush()
                 reply = json.loads(_recv(f))
                 if reply.get("stale"):
                     continue
                 out, new_state = _records_from_bytes(_recv(f)), _records_from_bytes(_recv(f))
-            except ConnectionError as e:
-                raise ConnectionError(
-                    f"the warm worker at '{path}' ended mid-message ({e}); its node's log has why"
-                ) from e
+        except ConnectionError as e:
+            raise ConnectionError(
+                f"the warm worker at '{path}' ended mid-message ({e}); its node's log has why"
+            ) from e
         if not reply.get("ok"):
             raise WorkerError(str(reply.get("error", "unknown error")))
         if STATE_KEY in new_state:

@@ -158,3 +158,26 @@ def test_a_socket_folder_others_can_write_to_is_refused(tmp_path, monkeypatch):
     folder.chmod(0o777)
     with pytest.raises(PermissionError, match="mode 0700"):
         worker.worker_dir()
+
+
+def test_a_worker_gone_while_the_message_is_sent_is_the_same_one_line(tmp_path, worker_env):
+    """A worker that dies before it has read the whole message breaks the pipe on the sending
+    side: the same ConnectionError naming the socket as a death mid-reply (not a bare
+    BrokenPipeError), whatever the machine's speed."""
+    import threading
+
+    train, _, node = _messages(tmp_path)
+    path = worker.socket_path(worker_env.pid, 7)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def accept_and_die() -> None:
+            conn, _ = listener.accept()
+            conn.recv(16)  # part of the header, then gone
+            conn.close()
+
+        threading.Thread(target=accept_and_die, daemon=True).start()
+        with pytest.raises(ConnectionError, match="ended mid-message"):
+            worker.call("train", train, _context(node), watch=worker_env.pid)
