@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from omegaconf import DictConfig
@@ -27,12 +28,22 @@ def run_simulation(run: RunDir, cfg: DictConfig) -> None:
         "client_resources": {"num_cpus": int(cfg.engine.client_cpus), "num_gpus": gpus},
         "init_args": {"log_to_driver": False, "include_dashboard": False},
     }
-    with interrupts_to(stop):  # Ctrl-C ends the round loop within a second
-        flwr_run_simulation(
-            server_app=server_app_for(run.path, stop),
-            client_app=client_app,
-            num_supernodes=int(cfg.federation.clients),
-            backend_config=backend_config,
-        )
+    # Flower's Ray backend exports this interpreter's sys.path as PYTHONPATH into os.environ
+    # and leaves it there: every process started later from this one (a `fedyolo tune` worker,
+    # Compose v1) would import from whatever sys.path held, e.g. a test folder named fl_client.
+    pythonpath = os.environ.get("PYTHONPATH")
+    try:
+        with interrupts_to(stop):  # Ctrl-C ends the round loop within a second
+            flwr_run_simulation(
+                server_app=server_app_for(run.path, stop),
+                client_app=client_app,
+                num_supernodes=int(cfg.federation.clients),
+                backend_config=backend_config,
+            )
+    finally:
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
     if stop.is_set():
         raise KeyboardInterrupt  # the run is recorded `interrupted`; the caller decides the rest

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from fl_server import run
@@ -21,6 +22,7 @@ def main() -> int:
         seen.append({"round": record["round"], "map50_95": record["map50_95"]})
         return "pruned" if record["round"] >= args.stop_after else None
 
+    pythonpath = os.environ.get("PYTHONPATH")
     summary = run(args.overrides, callbacks=[prune])
     json.dump(
         {
@@ -29,6 +31,8 @@ def main() -> int:
             "run_dir": str(summary.run_dir),
             "best_round": summary.best.round if summary.best else None,
             "seen": seen,
+            # the engine leaves this process's environment as it found it (Ray exports sys.path)
+            "pythonpath_kept": os.environ.get("PYTHONPATH") == pythonpath,
         },
         sys.stdout,
     )

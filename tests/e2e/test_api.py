@@ -39,6 +39,7 @@ def test_a_callback_stops_the_run_after_round_one(tmp_path, engine):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     run = Path(out["run_dir"])
     assert out["status"] == "pruned" and out["rounds_completed"] == 1
+    assert out["pythonpath_kept"]
     # the callback ran in the caller's process on exactly the round the server recorded
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert out["seen"] == [{"round": 1, "map50_95": lines[0]["map50_95"]}]
