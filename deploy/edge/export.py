@@ -479,7 +479,15 @@ def check(bundle: Path, cfg) -> dict:
     if src.sha256 != meta["source"]["checkpoint_sha256"]:
         raise EdgeError(f"check: {src.checkpoint} changed since the export (sha256 differs)")
     work = bundle / ".work"
-    report = gates(src, final, cfg, meta["imgsz"][0], meta["precision"], work)
+    report = gates(
+        src,
+        final,
+        cfg,
+        meta["imgsz"][0],
+        meta["precision"],
+        work,
+        parity_check=meta["format"] == "onnx",  # as at export: ONNX Runtime runs ONNX only
+    )
     shutil.rmtree(work, ignore_errors=True)
     report["file_sha256_matches"] = sha256(final) == meta["sha256"]
     report["passed"] = report["passed"] and report["file_sha256_matches"]
