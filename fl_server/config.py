@@ -38,7 +38,10 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     """
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     if resume not in (None, "", "null"):
-        return _compose_resume(Path(resume), [o for o in overrides if not o.startswith("resume=")])
+        rest = [o for o in overrides if not o.startswith("resume=")]
+        if str(resume).startswith("s3://"):
+            return _compose_resume(_fetch_s3(str(resume)), rest)
+        return _compose_resume(Path(resume), rest)
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -51,6 +54,20 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(f"config: {_one_line(str(e))}") from e
     validate(cfg)
     return cfg
+
+
+def _fetch_s3(url: str) -> Path:
+    """``resume=s3://bucket/prefix/<run>``: the server's copy (``deploy.aws.s3state``), signed
+    and checked, into ``runs/<run>`` of the current directory; then resumed from there."""
+    from deploy.aws.s3state import SyncError, fetch
+
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    dest = Path("runs") / name
+    try:
+        fetch(url.rstrip("/"), dest)
+    except SyncError as e:
+        raise ConfigError(f"config: resume={url}: {e}") from e
+    return dest
 
 
 def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import secrets
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,6 +156,21 @@ def _bucket() -> Resource:
             },
         )
         s3.put_bucket_versioning(Bucket=ctx.bucket, VersioningConfiguration={"Status": "Enabled"})
+        # versions replaced or dropped by the server's sync (deploy.aws.s3state) go after a week
+        s3.put_bucket_lifecycle_configuration(
+            Bucket=ctx.bucket,
+            LifecycleConfiguration={
+                "Rules": [
+                    {
+                        "ID": "fedyolo-old-versions",
+                        "Status": "Enabled",
+                        "Filter": {"Prefix": ""},
+                        "NoncurrentVersionExpiration": {"NoncurrentDays": 7},
+                        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+                    }
+                ]
+            },
+        )
         return ctx.bucket
 
     def delete(ctx, bucket):
@@ -429,7 +445,7 @@ def parameter_names(ctx) -> list[str]:
     names = [f"{base}/tls/ca.crt", f"{base}/tls/superlink.crt", f"{base}/tls/superlink.key"]
     names += [f"{base}/clients/{i}/key" for i in range(int(ctx.cfg.clients.max))]
     names += [f"{base}/clients/{i}/pub" for i in range(int(ctx.cfg.clients.max))]
-    return names
+    return names + [f"{base}/state/key"]  # signs the server's copy in S3 (deploy.aws.s3state)
 
 
 def _parameters() -> Resource:
@@ -458,6 +474,7 @@ def _parameters() -> Resource:
             for slot, k in keys.items():
                 values[f"{base}/clients/{slot}/key"] = k.private.read_text()
                 values[f"{base}/clients/{slot}/pub"] = k.public.read_text()
+        values[f"{base}/state/key"] = secrets.token_hex(32)
         for name, value in values.items():  # private material as SecureString, all tagged
             ssm.put_parameter(
                 Name=name,
@@ -485,6 +502,7 @@ def role_policy(ctx, role: str) -> dict:
     """Least privilege for one role; ``*`` only where the action has no resource level."""
     region, account, name = str(ctx.cfg.region), ctx.account, ctx.name
     params = f"arn:aws:ssm:{region}:{account}:parameter/fedyolo/{name}"
+    prefix = str(ctx.cfg.state_prefix).strip("/")
     statements = [
         {
             "Sid": "PullOwnImage",
@@ -511,13 +529,24 @@ def role_policy(ctx, role: str) -> dict:
                 "Sid": "ReadServerParameters",
                 "Effect": "Allow",
                 "Action": ["ssm:GetParameter", "ssm:GetParameters"],
-                "Resource": [f"{params}/tls/*", f"{params}/clients/*/pub"],
+                "Resource": [
+                    f"{params}/tls/*",
+                    f"{params}/clients/*/pub",
+                    f"{params}/state/key",
+                ],
             },
             {
+                "Sid": "ListState",
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket"],
+                "Resource": f"arn:aws:s3:::{ctx.bucket}",
+                "Condition": {"StringLike": {"s3:prefix": [f"{prefix}/*"]}},
+            },
+            {  # deploy.aws.s3state: content-addressed objects, the manifest, old objects dropped
                 "Sid": "State",
                 "Effect": "Allow",
-                "Action": ["s3:GetObject", "s3:PutObject", "s3:ListBucket"],
-                "Resource": [f"arn:aws:s3:::{ctx.bucket}", f"arn:aws:s3:::{ctx.bucket}/*"],
+                "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+                "Resource": f"arn:aws:s3:::{ctx.bucket}/{prefix}/*",
             },
             {  # PutMetricData has no resource level: limited to fedyolo's namespace
                 "Sid": "Metrics",

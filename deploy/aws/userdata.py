@@ -60,6 +60,7 @@ def render(ctx: Any, role: str) -> str:
         "__CONTROL_PORT__": str(int(cfg.ports.control)),
         "__SLOTS__": str(int(cfg.clients.max)),
         "__DATA_PATH__": str(cfg.clients.data_path),
+        "__STATE_URL__": f"s3://{ctx.bucket}/{str(cfg.state_prefix).strip('/')}",
         "__SERVER_ARGS__": _continued(SERVER_ARGS),
         "__CLIENT_ARGS__": _continued(CLIENT_ARGS),
     }

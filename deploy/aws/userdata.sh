@@ -14,6 +14,8 @@ FLEET_PORT="__FLEET_PORT__"
 CONTROL_PORT="__CONTROL_PORT__"
 SLOTS="__SLOTS__"
 DATA_PATH="__DATA_PATH__"
+# the server's run directory after every round (deploy/aws/s3state.py); resume=s3://... reads it
+STATE_URL="__STATE_URL__"
 LOG_GROUP="/fedyolo/${DEPLOYMENT}"
 SECRETS=/etc/fedyolo/secrets
 
@@ -51,6 +53,8 @@ if [ "${ROLE}" = server ]; then
     -p "${FLEET_PORT}:9092" -p "${CONTROL_PORT}:9093" \
     -e FLWR_TELEMETRY_ENABLED=0 -e FEDYOLO_AWS_DEPLOYMENT="${DEPLOYMENT}" \
     -e AWS_REGION="${REGION}" \
+    -e FEDYOLO_STATE_URL="${STATE_URL}" \
+    -e FEDYOLO_STATE_KEY_PARAMETER="/fedyolo/${DEPLOYMENT}/state/key" \
     -v "${SECRETS}/ca.crt:/secrets/ca.crt:ro" \
     -v "${SECRETS}/superlink.crt:/secrets/superlink.crt:ro" \
     -v "${SECRETS}/superlink.key:/secrets/superlink.key:ro" \

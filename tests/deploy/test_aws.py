@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 pytest.importorskip("moto")
 boto3 = pytest.importorskip("boto3")
 
-from deploy.aws import TAG, AwsError, stack  # noqa: E402
+from deploy.aws import TAG, AwsError, s3state, stack  # noqa: E402
 from deploy.aws.userdata import CLIENT_ARGS, SERVER_ARGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,6 +213,159 @@ def test_scale_and_status_read_back_a_federations_metrics(aws, tmp_path, capsys)
     assert main(["deploy", "aws", "status", "name=fed1", f"region={REGION}", "ami=ami-1"]) == 0
     assert '"round": 2' in capsys.readouterr().out
     assert main(["deploy", "aws", "down", "name=fed1", f"region={REGION}", "ami=ami-1"]) == 0
+
+
+def _state_env(monkeypatch, cfg, aws):
+    ctx = stack.Context(cfg, aws)
+    url = f"s3://{ctx.bucket}/{cfg.state_prefix}"
+    monkeypatch.setenv(s3state.ENV_URL, url)
+    monkeypatch.setenv(s3state.ENV_KEY_PARAMETER, f"/fedyolo/{cfg.name}/state/key")
+    return ctx.bucket, url
+
+
+def test_the_servers_copy_in_s3_resumes_a_run_after_its_instance_is_lost(
+    aws, tmp_path, monkeypatch
+):
+    from inprocess import InProcessGrid, run_inprocess
+
+    from fl_server.config import compose, to_yaml
+    from fl_server.server_app import serve
+
+    cfg = settings("st1")
+    stack.up(cfg)  # the bucket and the signing key (an SSM SecureString only the server reads)
+    bucket, url = _state_env(monkeypatch, cfg, aws)
+    run, _ = run_inprocess(
+        tmp_path, ["federation.rounds=2", "hooks=[deploy.aws.s3state:StateSync]"], 2, name="s3run"
+    )
+    before = run.rounds()
+    s3 = aws.client("s3")
+    doc = json.loads(s3.get_object(Bucket=bucket, Key="state/s3run/sync.json")["Body"].read())
+    assert {"server_state.npz", "metrics.jsonl", "best.pt", "config.yaml"} <= set(doc["files"])
+    assert not any(f.startswith(("data/client_", ".work")) for f in doc["files"])  # no client image
+    held_out = [f for f in doc["files"] if f.startswith("data/server_val/")]
+    assert held_out
+    # the bucket holds exactly the objects of the last two manifests (the bucket is versioned:
+    # the one before is the previous version of sync.json); the rest were dropped
+    versions = s3.list_object_versions(Bucket=bucket, Prefix="state/s3run/sync.json")["Versions"]
+    assert len(versions) == 3  # after round 1, round 2, and at the end
+    assert versions[0]["IsLatest"]  # S3 lists the newest version first
+    prev = s3.get_object(
+        Bucket=bucket, Key="state/s3run/sync.json", VersionId=versions[1]["VersionId"]
+    )
+    prev_files = json.loads(prev["Body"].read())["files"]
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="state/s3run/objects/")["Contents"]
+    assert {o["Key"].rsplit("/", 1)[1] for o in listed} == {
+        e["sha256"] for e in [*doc["files"].values(), *prev_files.values()]
+    }
+
+    # the instance is gone: only the clients' shards (on the clients) are left
+    for p in sorted(run.path.iterdir()):
+        if p.name != "data":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in (run.path / "data").iterdir():
+        if not p.name.startswith("client_"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    monkeypatch.chdir(tmp_path)  # resume=s3://... fetches into ./runs/<run>
+    rcfg = compose([f"resume={url}/s3run", "federation.rounds=3"])
+    assert Path(rcfg.resume) == (tmp_path / "runs" / "s3run").resolve()
+    run.config.write_text(to_yaml(rcfg))
+    serve(InProcessGrid(2), run.path)
+    after = run.rounds()
+    assert [r["round"] for r in after] == [1, 2, 3]
+    assert [r["map50_95"] for r in after[:2]] == [r["map50_95"] for r in before]
+    resumed = [e for e in _events(run) if e["kind"] == "resume"]
+    assert resumed and resumed[0]["from_round"] == 3
+    doc = json.loads(s3.get_object(Bucket=bucket, Key="state/s3run/sync.json")["Body"].read())
+    assert doc["round"] == 3 and "summary.json" in doc["files"]
+    assert stack.down(cfg) == []
+
+
+def _events(run):
+    return [json.loads(x) for x in run.events.read_text().splitlines()]
+
+
+class _Boom:
+    """A pickle that would create a file if anything unpickled it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_tampered_copy_in_s3_is_refused_and_runs_nothing(aws, tmp_path, monkeypatch):
+    import pickle
+
+    import numpy as np
+
+    from fl_server import state
+    from fl_server.config import ConfigError, compose
+    from fl_server.run_dir import RunDir
+
+    s3 = aws.client("s3")
+    s3.create_bucket(Bucket="tamper", CreateBucketConfiguration={"LocationConstraint": REGION})
+    monkeypatch.setenv(s3state.ENV_KEY, "k" * 40)
+    run = RunDir(tmp_path / "src" / "r1")
+    run.path.mkdir(parents=True)
+    run.config.write_text("name: r1\n")
+    (run.path / "data" / "client_0").mkdir(parents=True)
+    (run.path / "data" / "client_0" / "img.jpg").write_bytes(b"client pixels")
+    w = np.arange(5, dtype=np.float32)
+    state.save(run.state, {"round": 1, "weights": w, "strategy": None, "best": (w, None)})
+    sync = s3state.StateSync(run, url="s3://tamper/state")
+    sync.push(1)
+    doc = json.loads(s3.get_object(Bucket="tamper", Key="state/r1/sync.json")["Body"].read())
+    assert set(doc["files"]) == {"config.yaml", "server_state.npz"}  # the client's image stays
+    dest = tmp_path / "dst"
+
+    def refused(match):
+        with pytest.raises(s3state.SyncError, match=match):
+            s3state.fetch("s3://tamper/state/r1", dest)
+        assert not dest.exists() or not any(p.is_file() for p in dest.rglob("*"))
+
+    good = s3state.fetch("s3://tamper/state/r1", tmp_path / "ok")
+    assert good["round"] == 1 and (tmp_path / "ok" / "server_state.npz").read_bytes() == (
+        run.state.read_bytes()
+    )
+
+    # 1. an object changed in the bucket
+    obj = f"state/r1/objects/{doc['files']['server_state.npz']['sha256']}"
+    body = bytearray(s3.get_object(Bucket="tamper", Key=obj)["Body"].read())
+    body[100] ^= 0xFF
+    s3.put_object(Bucket="tamper", Key=obj, Body=bytes(body))
+    refused("does not match its sha256")
+
+    # 2. the manifest pointed at another object, by someone without the key
+    marker = tmp_path / "executed"
+    evil = pickle.dumps(_Boom(marker))
+    sha = __import__("hashlib").sha256(evil).hexdigest()
+    s3.put_object(Bucket="tamper", Key=f"state/r1/objects/{sha}", Body=evil)
+    forged = dict(
+        doc, files=dict(doc["files"], **{"server_state.npz": {"sha256": sha, "size": len(evil)}})
+    )
+    s3.put_object(Bucket="tamper", Key="state/r1/sync.json", Body=json.dumps(forged).encode())
+    refused("signature does not match")
+
+    # 3. a path out of the run directory, even signed
+    key = s3state.load_key()
+    bad = dict(doc, files=dict(doc["files"], **{"../escape": doc["files"]["config.yaml"]}))
+    bad["hmac"] = s3state._signature(key, bad)
+    s3.put_object(Bucket="tamper", Key="state/r1/sync.json", Body=json.dumps(bad).encode())
+    refused("never has")
+
+    # 4. even with the key, a pickle in place of the state is data that is refused, never run
+    forged["hmac"] = s3state._signature(key, forged)
+    s3.put_object(Bucket="tamper", Key="state/r1/sync.json", Body=json.dumps(forged).encode())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="not a readable fedyolo server state"):
+        compose(["resume=s3://tamper/state/r1"])
+    assert not marker.exists()
+
+    # 5. no key: one line, before anything is read
+    monkeypatch.delenv(s3state.ENV_KEY)
+    with pytest.raises(s3state.SyncError, match="no signing key"):
+        s3state.fetch("s3://tamper/state/r1", dest)
 
 
 def test_a_failed_up_leaves_nothing_down_cannot_remove(aws):
