@@ -188,6 +188,7 @@ def main() -> None:
             *start,
             faults_override(GUARD_ONLY),
             "aggregation.max_update_ratio=null",
+            "aggregation.max_step_norm_x_median=null",
             "guard.policy=exclude",
         ],
     )

@@ -17,9 +17,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
-from benchmarks_common import RESULTS, WORK, fedyolo_run, machine
+from benchmarks_common import RESULTS, ROOT, WORK, fedyolo_run, machine
+
+# this file is benchmarks/tuning.py: without the repository first on the path, `tuning` would be
+# this script instead of the package
+sys.path.insert(0, str(ROOT))
 
 
 def _client_seconds(run_dir: str) -> float:

@@ -261,6 +261,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "aggregation.max_norm_x_median": _rule(
         lambda v: v is None or (_is_num(v) and v >= 1), "null or a number >= 1"
     ),
+    "aggregation.max_step_norm_x_median": _rule(
+        lambda v: v is None or (_is_num(v) and v >= 1), "null or a number >= 1"
+    ),
     "transport.scheme": _rule(lambda v: v in _schemes(), "a scheme of fl_client.transport"),
     "transport.block": _rule(
         lambda v: _is_int(v) and v >= 2 and v % 2 == 0, "an even integer >= 2"

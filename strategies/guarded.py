@@ -6,8 +6,9 @@ from the config group ``aggregation`` (read once, into :class:`AggregationPolicy
 
 1. **Decoding and per-reply checks** (``fl_server.observed_grid``): the reply's transport is
    decoded against the model that client was sent; wrong keys, dtypes or sizes, non-finite
-   values, malformed metrics and an update norm above ``max_update_ratio`` × the global model's
-   (or ``max_norm_x_median`` × the round's median) drop the reply (``update_rejected`` /
+   values, malformed metrics and an update norm above ``max_update_ratio`` × the global model's,
+   a norm per local step above ``max_step_norm_x_median`` × the round's median (or a raw norm
+   above ``max_norm_x_median`` × the median) drop the reply (``update_rejected`` /
    ``client_failed`` event). A dropped reply never reaches a strategy.
 2. **Aggregation** (:class:`GuardedStrategy`, this module), around the configured strategy
    (Flower's, a DP wrapper, or a user's):
@@ -62,6 +63,7 @@ class AggregationPolicy:
     clip_x_median: float | None = None
     max_update_ratio: float | None = None
     max_norm_x_median: float | None = None
+    max_step_norm_x_median: float | None = None
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> AggregationPolicy:
@@ -77,6 +79,7 @@ class AggregationPolicy:
             clip_x_median=opt(agg.clip_x_median, float),
             max_update_ratio=opt(agg.max_update_ratio, float),
             max_norm_x_median=opt(agg.max_norm_x_median, float),
+            max_step_norm_x_median=opt(agg.get("max_step_norm_x_median"), float),
         )
 
 

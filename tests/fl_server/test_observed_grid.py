@@ -38,13 +38,14 @@ def _weights(value) -> ArrayRecord:
     return ArrayRecord({WEIGHTS_KEY: Array(np.broadcast_to(value, (N,)).astype(np.float32))})
 
 
-def _reply(msg, pid: int, arrays: ArrayRecord, num_examples: int | None = None):
+def _reply(msg, pid: int, arrays: ArrayRecord, num_examples: int | None = None, **more):
     metrics = MetricRecord(
         {
             "num-examples": 10 + pid if num_examples is None else num_examples,
             "partition-id": pid,
             "loss": 0.5,
             "train-seconds": 1.5,
+            **more,
         }
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
@@ -139,6 +140,36 @@ def test_huge_update_norm_is_dropped_against_the_global_model_and_the_median(tmp
     assert "max_norm_x_median" in reasons[5]
     norms = [c["update_norm"] for c in grid.rounds[3].clients]
     assert all(0.3 < n < 1.0 for n in norms), norms  # 0.01 * sqrt(4096) = 0.64
+
+
+def test_norm_per_local_step_keeps_honest_skewed_shards_and_drops_a_scaled_update(tmp_path):
+    """Honest norms grow with local steps (here as steps^0.8, what a Dirichlet-0.1 fleet
+    showed): the raw median rule drops the big shard, the per-step rule keeps every honest
+    client and drops the x10 update; a reply without a batch count counts as one step."""
+    sent, rng = 0.5, np.random.default_rng(3)
+
+    def honest(pid, steps, factor=1.0):
+        noise = rng.normal(0, 0.002 * steps**0.8, N) * factor  # norm ~ 0.128 * steps^0.8
+        return lambda m: _reply(m, pid, _weights(sent + noise), batches=steps)
+
+    behaviour = {0: honest(0, 2), 1: honest(1, 4), 2: honest(2, 8), 3: honest(3, 64)}
+    behaviour[4] = honest(4, 8, factor=10.0)  # scaled_weights at the median's step count
+    noise5 = rng.normal(0, 0.002 * 8**0.8, N)
+    behaviour[5] = lambda m: _reply(m, 5, _weights(sent + noise5))  # no 'batches': one step
+
+    def run_with(policy, name):
+        run = RunDir(tmp_path / name)
+        run.path.mkdir()
+        grid = ObservedGrid(FakeGrid(behaviour), run, policy)
+        kept = sorted(r.metadata.src_node_id for r in _send(grid, list(behaviour), value=sent))
+        return kept, _rejections(run)
+
+    kept, reasons = run_with(AggregationPolicy(max_step_norm_x_median=4.0), "step")
+    assert kept == [0, 1, 2, 3]
+    assert "norm per local step" in reasons[4] and "max_step_norm_x_median=4.0" in reasons[4]
+    assert "None batches" in reasons[5]
+    kept, reasons = run_with(AggregationPolicy(max_norm_x_median=4.0), "raw")
+    assert 3 not in kept and "max_norm_x_median" in reasons[3]  # the honest big shard
 
 
 @pytest.mark.parametrize("scheme", ["fp16", "q8", "q4", "topk"])

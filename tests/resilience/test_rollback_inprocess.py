@@ -19,7 +19,11 @@ from fl_server.tracking import offline_scalars, sessions
 
 # Honest rounds of this fleet moved the held-out mAP50-95 by up to 0.018 (measured); a poisoned
 # global model falls to ~0 from ~0.08. The absolute floor sits between the two.
-GUARDED = ["guard.min_abs_drop=0.04", "aggregation.max_update_ratio=null"]
+GUARDED = [
+    "guard.min_abs_drop=0.04",
+    "aggregation.max_update_ratio=null",
+    "aggregation.max_step_norm_x_median=null",
+]
 
 
 def _digest(checkpoint) -> str:
