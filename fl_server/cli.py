@@ -11,7 +11,7 @@
     fedyolo bench MODEL... [key=value...]  latency, memory, size and held-out mAP of models
     fedyolo clearml-import runs/<name>     upload a run's offline ClearML session to a server
     fedyolo deploy images [--offline]      build the server and client container images
-    fedyolo deploy aws plan|up|status|scale N|down [key=value...]   EC2 Auto Scaling
+    fedyolo deploy aws plan|up|push|status|scale N|down [key=value...]   EC2 Auto Scaling
     fedyolo deploy certs OUT --clients N   a CA, a SuperLink certificate, one key pair per client
 
 A user's mistake ends with one line naming the thing; a bug still raises.
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     aws = depsub.add_parser(
         "aws", help="EC2 Auto Scaling deployment (configs/deploy/aws.yaml: key=value)"
     )
-    aws.add_argument("action", choices=["plan", "up", "status", "scale", "down"])
+    aws.add_argument("action", choices=["plan", "up", "push", "status", "scale", "down"])
     aws.add_argument("items", nargs="*", help="scale: the client count first; then key=value")
     ce = depsub.add_parser("certs", help="a CA, a SuperLink certificate and client key pairs")
     ce.add_argument("out", help="folder for the files (created 0700)")
@@ -379,6 +379,12 @@ def cmd_aws(action: str, items: list[str]) -> int:
         rows = stack.up(cfg)
         made = [r for r in rows if r["action"] == "created"]
         print(f"{len(made)} created, {len(rows) - len(made)} already there")
+        return 0
+    if action == "push":
+        from deploy.aws import ecr
+
+        for r in ecr.push(cfg):
+            print(f"{r['action']:7} {r['image']} -> {r['target']}  {r.get('digest', '')}")
         return 0
     if action == "scale":
         print(json.dumps(stack.scale(cfg, count)))

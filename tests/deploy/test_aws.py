@@ -9,6 +9,7 @@ user data runs), evaluate alarms, or run scaling policies. The user data is chec
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -418,3 +419,125 @@ def test_bad_settings_are_one_line():
         stack.load_settings(["clients.maxx=3"])
     with pytest.raises(AwsError, match="min <= desired <= max"):
         stack.load_settings(["clients.desired=9"])
+
+
+# -- pushing the images: the docker SDK against a real registry ----------------------------------
+def _need(env: str, problem: str | None, what: str):
+    if problem:
+        if os.environ.get(env) == "1":
+            pytest.fail(f"{what} is required here but {problem}")
+        pytest.skip(f"{what}: {problem}")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """Debian's docker-registry (the Distribution registry) on 127.0.0.1: what ECR speaks."""
+    import socket
+    import time
+    import urllib.request
+
+    docker = pytest.importorskip("docker")
+    try:
+        docker.from_env().ping()
+        problem = None
+    except Exception as e:  # noqa: BLE001
+        problem = f"no Docker engine ({e})"
+    _need("FEDYOLO_REQUIRE_DOCKER", problem, "pushing images")
+    binary = shutil.which("docker-registry")
+    _need("FEDYOLO_REQUIRE_REGISTRY", None if binary else "no docker-registry", "pushing images")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = tmp_path_factory.mktemp("registry")
+    conf = root / "config.yml"
+    conf.write_text(
+        "version: 0.1\nlog: {level: error}\n"
+        f"storage: {{filesystem: {{rootdirectory: {root / 'data'}}}}}\n"
+        f"http: {{addr: 127.0.0.1:{port}}}\n"
+    )
+    proc = subprocess.Popen([binary, "serve", str(conf)], stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/v2/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _tiny_image(client, tag: str) -> None:
+    """A two-file image built from scratch (nothing pulled)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (
+            ("Dockerfile", b"FROM scratch\nCOPY hello /hello\n"),
+            ("hello", tag.encode()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    client.images.build(fileobj=buf, custom_context=True, tag=tag, rm=True)
+
+
+def test_push_puts_both_images_into_the_registry_with_the_docker_sdk(aws, registry):
+    import urllib.request
+
+    import docker
+
+    from deploy.aws import ecr
+
+    client = docker.from_env()
+    local = {"server": "fedyolo-test/push-server:1", "client": "fedyolo-test/push-client:1"}
+    for tag in local.values():
+        _tiny_image(client, tag)
+    cfg = settings(
+        "push1",
+        f"images.server={registry}/fleet/server:0.1.0",
+        f"images.client={registry}/fleet/client:0.1.0",
+    )
+    rows = []
+    try:
+        rows = ecr.push(cfg, local=local)
+        assert [(r["role"], r["action"]) for r in rows] == [
+            ("server", "pushed"),
+            ("client", "pushed"),
+        ]
+        for r in rows:  # the registry serves the manifest under the digest the push reported
+            repo = r["target"].split("/", 1)[1].rsplit(":", 1)[0]
+            req = urllib.request.Request(
+                f"http://{registry}/v2/{repo}/manifests/0.1.0",
+                headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+            )
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert resp.headers["Docker-Content-Digest"] == r["digest"]
+
+        # ECR: a tag already in the (immutable) repository is not pushed again; a push that
+        # fails (no route to this account's registry from here) is one line naming the image
+        ecr_cfg = settings("push2")
+        stack.up(ecr_cfg)
+        from importlib.metadata import version
+
+        ecr_client = aws.client("ecr")
+        media = "application/vnd.docker.distribution.manifest.v2+json"
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": media, "layers": []})
+        ecr_client.put_image(
+            repositoryName="push2/server", imageManifest=manifest, imageTag=version("fedyolo")
+        )
+        with pytest.raises(AwsError, match=r"deploy aws push: .*dkr\.ecr.*push2/client"):
+            ecr.push(ecr_cfg, local=local)
+        assert stack.down(ecr_cfg) == []
+        with pytest.raises(AwsError, match="no ECR repository push2/server"):
+            ecr.push(ecr_cfg, local=local)
+        with pytest.raises(AwsError, match="no local image nothing:here"):
+            ecr.push(cfg, local={"server": "nothing:here"})
+    finally:
+        for tag in [*local.values(), *(r["target"] for r in rows)]:
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                client.images.remove(tag, force=True)
