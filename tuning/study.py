@@ -33,7 +33,7 @@ from tuning.space import CONFIG_DIR, Param, TuningError, defaults, load_space, o
 
 LOGGER = logging.getLogger("fedyolo")
 
-SAMPLERS = ("tpe", "random", "cmaes", "nsga2")
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "nsga2")
 PRUNERS = ("median", "hyperband", "successive_halving", "threshold", "none")
 # objective -> (direction, what it reads from a finished federation)
 OBJECTIVES = {
@@ -183,6 +183,8 @@ def _sampler(cfg: DictConfig) -> Any:
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
+    if cfg.sampler == "gp":  # Gaussian process (scipy, torch); keys outside the space every
+        return optuna.samplers.GPSampler(seed=seed)  # trial shares are sampled at random
     try:
         import cmaes  # noqa: F401
     except ImportError as e:

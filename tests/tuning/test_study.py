@@ -201,3 +201,32 @@ def test_a_retried_chain_counts_once():
     trials = study.get_trials(deepcopy=False)
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
     assert [t.number for t in counted(trials)] == [2, 3]
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "random"])
+def test_every_sampler_walks_the_default_conditional_space(sampler):
+    """The default space (conditional keys, a group choice, log and stepped ranges) through each
+    sampler fedyolo offers for one objective: every trial gets the keys active for its strategy
+    and only those (no federation is run: a toy objective of the chosen values)."""
+    from omegaconf import OmegaConf
+
+    from tuning.space import load_space, suggest
+    from tuning.study import _sampler
+
+    params = load_space("default")
+    cfg = OmegaConf.create({"sampler": sampler, "seed": 0})
+    study = optuna.create_study(sampler=_sampler(cfg), direction="maximize")
+    seen = []
+
+    def objective(trial):
+        chosen = suggest(trial, params)
+        seen.append(chosen)
+        return -abs(chosen["train.lr0"] - 0.01) - 0.1 * (chosen["strategy"] == "fedadam")
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=12)
+    assert len(seen) == 12 and all(t.state.name == "COMPLETE" for t in study.trials)
+    for chosen in seen:
+        assert ("strategy.proximal_mu" in chosen) == (chosen["strategy"] == "fedprox")
+        assert ("strategy.eta" in chosen) == (chosen["strategy"] in ("fedadam", "fedyogi"))
+        assert 0.5 <= chosen["federation.fraction"] <= 1.0
