@@ -537,11 +537,20 @@ def report_study(st: Study) -> str | None:
         return None
     doc = json.loads((st.folder / "study.json").read_text())
     here = RunDir(st.folder)  # sessions.json and the import use the same layout as a run's
+    marker = st.folder / "clearml_task.json"  # the study's task, continued by a later run
+    earlier = json.loads(marker.read_text()) if marker.is_file() else {}
     try:
         mode = tracking.resolve_mode(base.tracking, here)
+        # online, a continued study reports into its task again; offline, ClearML cannot
+        # continue a task, so the continuation is a new one naming the earlier one
+        continued = earlier.get("task_id") if earlier.get("mode") == mode == "online" else False
+        name = doc["study"]
+        if earlier.get("task_id") and not continued:
+            name += f" (continued from {earlier['task_id']})"
         task = tracking.open_task(
-            here, mode, str(base.tracking.project), doc["study"], task_type="optimizer"
-        )
+            here, mode, str(base.tracking.project), name, task_type="optimizer",
+            continue_task=continued,
+        )  # fmt: skip
         task.connect(OmegaConf.to_container(st.cfg, resolve=True), name="tuning")
         log = task.get_logger()
         for row in doc["trials"]:
@@ -570,6 +579,7 @@ def report_study(st: Study) -> str | None:
             log.report_image("study", png.stem, iteration=0, local_path=str(png))
         tracking.close_task(here, task, mode)
         task_id = str(task.id)
+        marker.write_text(json.dumps({"task_id": task_id, "mode": mode}))
         LOGGER.info("study %s: ClearML %s task %s", doc["study"], mode, task_id)
         return task_id
     except Exception as e:  # noqa: BLE001 - tracking never costs the study

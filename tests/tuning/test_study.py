@@ -103,10 +103,20 @@ def test_a_tiny_study_records_what_its_federations_measured(tmp_path, capsys, mo
         "completed"
     )
 
-    # running the same study again continues it: the finished trials are kept
-    args = _args(tmp_path, "tiny", "tuning.trials=4", "federation.rounds=1", "tuning.pruner=none")
+    # running the same study again continues it: the finished trials are kept, and the study's
+    # ClearML report names the earlier task (offline, ClearML cannot continue a task)
+    args = _args(
+        tmp_path, "tiny", "tuning.trials=4", "federation.rounds=1", "tuning.pruner=none",
+        tracking=True,
+    )  # fmt: skip
     assert main(["tune", *args]) == 0
     assert [t.number for t in _load(folder, "tiny").get_trials()] == [0, 1, 2, 3]
+    first, second = sessions(RunDir(folder))
+    assert first["task_id"] == study_session["task_id"]
+    with zipfile.ZipFile(second["folder"] + ".zip") as z:
+        task = json.loads(z.read("task.json"))
+    assert task["name"] == f"tiny (continued from {first['task_id']})"
+    assert set(offline_scalars(RunDir(folder))[("trials", "best_map")]) == {0, 1, 2, 3}
 
 
 def test_a_pruned_trial_stops_early_with_a_complete_run_directory(tmp_path):
