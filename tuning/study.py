@@ -141,7 +141,7 @@ def open_study(overrides_: Sequence[str]) -> Study:
     folder = Path(str(base_cfg.output.dir)).expanduser().resolve() / name
     folder.mkdir(parents=True, exist_ok=True)
     directions = [OBJECTIVES[o] for o in cfg.objectives]
-    with _claim(folder):  # workers starting together create the study and trial 0 once
+    with _Claim(folder):  # workers starting together create the study and trial 0 once
         study = optuna.create_study(
             study_name=name,
             storage=_storage(cfg, folder),
@@ -310,10 +310,6 @@ class _Claim:
         self.release()
 
 
-def _claim(folder: Path) -> _Claim:
-    return _Claim(folder)
-
-
 def counted(trials: Sequence[Any]) -> list[Any]:
     """The trials that count towards ``tuning.trials``: every trial begun, except one that
     failed as stale (its worker died) and was re-run by Optuna's retry callback.
@@ -324,7 +320,25 @@ def counted(trials: Sequence[Any]) -> list[Any]:
     from optuna.trial import TrialState
 
     retried = {n for t in trials for n in RetryFailedTrialCallback.retry_history(t)}
-    return [t for t in trials if t.state != TrialState.WAITING and t.number not in retried]
+    return [
+        t
+        for t in trials
+        if t.state != TrialState.WAITING
+        and t.number not in retried
+        and not t.user_attrs.get(SURPLUS)
+    ]
+
+
+SURPLUS = "surplus"  # a trial asked for after the study was full (workers on several hosts)
+
+
+def surplus(trials: Sequence[Any], number: int, total: int) -> bool:
+    """Whether trial ``number`` is beyond ``tuning.trials``: the lock that makes a worker count
+    and ask alone is a file, which workers on other hosts (RDB storage) do not share, so two of
+    them can both see one trial left and both ask. Counted after the trial exists, in trial
+    order, every worker reaches the same verdict: the later trial is the surplus one."""
+    ahead = [t for t in counted(trials) if t.number < number]
+    return len(ahead) >= total
 
 
 def optimize(st: Study) -> None:
@@ -339,7 +353,7 @@ def optimize(st: Study) -> None:
     study = st.optuna_study
     total = int(st.cfg.trials)
     deadline = None if st.cfg.timeout is None else time.monotonic() + float(st.cfg.timeout)
-    claim = _claim(st.folder)
+    claim = _Claim(st.folder)
     while deadline is None or time.monotonic() < deadline:
         claim.acquire()
         try:
@@ -362,7 +376,7 @@ def optimize(st: Study) -> None:
     write_outputs(st, plots=True)
     from optuna.trial import TrialState
 
-    with _claim(st.folder):
+    with _Claim(st.folder):
         running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
         if not running:  # the last worker to finish reports the study
             report_study(st)
@@ -382,13 +396,23 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+class _Surplus(RuntimeError):
+    """A trial beyond ``tuning.trials``: recorded FAIL without running (not counted)."""
+
+
 def _objective(st: Study, trial: Any, claim: _Claim, total: int) -> Any:
     """One trial (Optuna records the outcome): values, ``TrialPruned``, or a failure with its
     reason kept as the trial's ``fail_reason``."""
     import optuna
 
     claim.release()  # the trial exists: other workers may count and ask
-    (frozen,) = [t for t in st.optuna_study.get_trials(deepcopy=False) if t.number == trial.number]
+    trials = st.optuna_study.get_trials(deepcopy=False)
+    if surplus(trials, trial.number, total):
+        trial.set_user_attr(SURPLUS, True)
+        reason = f"surplus: the study already had its {total} trials (a worker on another host)"
+        trial.set_user_attr("fail_reason", reason)
+        raise _Surplus(reason)
+    (frozen,) = [t for t in trials if t.number == trial.number]
     retry = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
     LOGGER.info(
         "study %s: trial %d of %d%s",

@@ -240,3 +240,27 @@ def test_every_sampler_walks_the_default_conditional_space(sampler):
         assert ("strategy.proximal_mu" in chosen) == (chosen["strategy"] == "fedprox")
         assert ("strategy.eta" in chosen) == (chosen["strategy"] in ("fedadam", "fedyogi"))
         assert 0.5 <= chosen["federation.fraction"] <= 1.0
+
+
+def test_a_trial_asked_for_after_the_study_is_full_is_surplus_and_runs_nothing(tmp_path):
+    """Workers on two hosts share an RDB storage but not the ask lock (a file): both saw one
+    trial left and both asked. Counted after the trials exist, the later one is surplus on
+    every worker: it fails without running a federation and does not count."""
+    from omegaconf import OmegaConf
+    from optuna.trial import TrialState
+
+    from tuning.study import Study, _Claim, _objective, counted, surplus
+
+    study = optuna.create_study(direction="maximize")
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.1))
+    other_host = study.ask()  # trial 2: the last of 3, asked by the worker on the other host
+    mine = study.ask()  # trial 3: asked here at the same moment
+    trials = study.get_trials(deepcopy=False)
+    assert not surplus(trials, other_host.number, 3) and surplus(trials, mine.number, 3)
+
+    st = Study(tmp_path, study, OmegaConf.create({"trials": 3}), [], [])
+    with pytest.raises(RuntimeError, match="surplus: the study already had its 3 trials"):
+        _objective(st, mine, _Claim(tmp_path), 3)  # before any federation: nothing ran
+    study.tell(mine, state=TrialState.FAIL)
+    assert [t.number for t in counted(study.get_trials(deepcopy=False))] == [0, 1, 2]
