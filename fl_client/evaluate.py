@@ -18,17 +18,21 @@ def evaluate_checkpoint(
     workdir: Path,
     split: str = "val",
     rect: bool | None = None,
+    keep_images: bool = False,
 ) -> dict:
     """mAP50, mAP50-95, precision, recall (and per class) of ``checkpoint`` on ``data_yaml``.
 
     Goes through ``YOLO(checkpoint).val()``: the numbers are the ones a user gets from the
     same file with Ultralytics' own tools. The checkpoint may be any format Ultralytics loads
     (``.pt``, ``.onnx``, ...); ``rect=False`` makes a ``.pt`` see the square letterboxed inputs
-    an exported fixed-shape model sees.
+    an exported fixed-shape model sees. ``keep_images``: also each image's matches, under
+    ``images`` (for the guard's paired bootstrap; not JSON).
     """
     from ultralytics import YOLO
 
-    metrics = YOLO(str(checkpoint)).val(
+    model = YOLO(str(checkpoint))
+    metrics = model.val(
+        **({"validator": _keeping_validator()} if keep_images and model.task == "detect" else {}),
         data=str(data_yaml),
         split=split,
         imgsz=imgsz,
@@ -51,10 +55,34 @@ def evaluate_checkpoint(
             "map50": float(box.all_ap[i, 0]),
             "map50_95": float(box.all_ap[i].mean()),
         }
-    return {
+    out = {
         "map50": float(box.map50),
         "map50_95": float(box.map),
         "precision": float(box.mp),
         "recall": float(box.mr),
         "per_class": per_class,
     }
+    images = getattr(metrics, "fedyolo_images", None)
+    if images is not None:
+        out["images"] = images  # not JSON: the server's guard resamples it (fl_server.guard)
+    return out
+
+
+def _keeping_validator():
+    """Ultralytics' detection validator, keeping what each image contributed to the mAP (its
+    predictions' IoU matches, confidences and classes, and its targets' classes) before the
+    validator concatenates and clears them: the guard resamples images from it to tell a real
+    drop from the held-out set's noise (``fl_server.guard.paired_drop``)."""
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    class KeepingValidator(DetectionValidator):
+        def get_stats(self):
+            st = self.metrics.stats
+            files = list(getattr(self.dataloader.dataset, "im_files", []))[: len(st["tp"])]
+            self.metrics.fedyolo_images = {
+                "names": [Path(f).name for f in files],
+                **{k: list(st[k]) for k in ("tp", "conf", "pred_cls", "target_cls")},
+            }
+            return super().get_stats()
+
+    return KeepingValidator

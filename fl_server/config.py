@@ -116,6 +116,13 @@ def _with_new_keys(cfg: DictConfig) -> DictConfig:
         cfg.hooks = []
     if "distill" not in cfg:
         cfg.distill = {"teacher": None, "weight": 6.0}
+    # checks added later stay off for a run that started without them (it resumes as it ran)
+    if "max_step_norm_x_median" not in cfg.aggregation:
+        cfg.aggregation.max_step_norm_x_median = None
+    if "significance" not in cfg.guard:
+        cfg.guard.significance = None
+    if "bootstrap" not in cfg.guard:
+        cfg.guard.bootstrap = 200
     return cfg
 
 
@@ -276,6 +283,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "guard.reference": _rule(lambda v: v in {"best", "previous"}, "best or previous"),
     "guard.max_drop": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
     "guard.min_abs_drop": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "guard.significance": _rule(
+        lambda v: v is None or (_is_num(v) and 0 < v < 0.5), "null or a number in (0, 0.5)"
+    ),
+    "guard.bootstrap": _rule(lambda v: _is_int(v) and v >= 20, "an integer >= 20"),
     "guard.policy": _rule(
         lambda v: v in {"rollback", "lower_lr", "exclude"}, "rollback, lower_lr or exclude"
     ),

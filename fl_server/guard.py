@@ -3,8 +3,13 @@
 The global model's monitored metric (``guard.metric``, on the server's held-out set) is compared
 with a reference: the best accepted round so far (``guard.reference=best``) or the last accepted
 one (``previous``). A relative drop above ``guard.max_drop`` (default 10 %) that is also at least
-``guard.min_abs_drop`` in absolute terms rolls the global model back to the best checkpoint,
-server-side strategy state included (``fl_server.server_app``). Then the policy:
+``guard.min_abs_drop`` in absolute terms, and *significant* on the held-out images, rolls the
+global model back to the best checkpoint, server-side strategy state included
+(``fl_server.server_app``). Significant: a paired bootstrap over the held-out images
+(``paired_drop``: both models' per-image matches are computed once by the evaluation; each of
+``guard.bootstrap`` resamples recomputes both mAPs on the same resampled images) puts the
+one-sided ``guard.significance`` lower bound of the drop above 0, so a dip within the held-out
+set's own noise is not a rollback. It is computed only when the rule above fires. Then the policy:
 
 * ``rollback``: only roll back;
 * ``lower_lr``: roll back and multiply the clients' ``lr0`` by ``guard.lr_factor`` from now on;
@@ -19,9 +24,12 @@ A rejected model is never promoted to ``best.pt``.
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 
 @dataclass
@@ -35,6 +43,10 @@ class Decision:
     drop: float  # relative drop below the reference (negative: an improvement)
     abs_drop: float
     rolled_back: bool
+    # paired bootstrap of the absolute drop when the rule fired: {low, high, resamples, seconds};
+    # None when not computed (no rule fired, significance off, or no per-image data)
+    drop_ci: dict | None = None
+    significant: bool | None = None
 
     def as_dict(self) -> dict:
         return {"decision": "rollback" if self.rolled_back else "accept", **asdict(self)}
@@ -63,7 +75,12 @@ class Guard:
         self.lr_factor = float(cfg.lr_factor)
         self.exclude_rounds = int(cfg.exclude_rounds)
         self.stop_after = None if cfg.stop_after is None else int(cfg.stop_after)
+        sig = cfg.get("significance")
+        self.significance = None if sig is None else float(sig)
+        self.bootstrap = int(cfg.get("bootstrap") or 200)
         self.state = GuardState()
+        # the reference rounds' per-image matches (not saved: re-evaluated on resume)
+        self.images: dict[str, dict | None] = {"best": None, "previous": None}
 
     def check(self, server_round: int, metrics: dict) -> Decision:
         """Compare this round's metric with the reference; does not change any state."""
@@ -75,8 +92,19 @@ class Guard:
             ref, ref_round = s.previous_value, s.previous_round
         abs_drop = 0.0 if ref is None else ref - value
         drop = abs_drop / ref if ref else 0.0
-        trigger = self.enabled and ref is not None and self.is_drop(value, ref)
-        return Decision(self.metric, value, ref, ref_round, drop, abs_drop, bool(trigger))
+        trigger = bool(self.enabled and ref is not None and self.is_drop(value, ref))
+        ci, significant = None, None
+        ref_images, images = self.images[self.reference], metrics.get("images")
+        if trigger and self.significance is not None and ref_images and images:
+            ci = paired_drop(
+                ref_images, images, self.metric, self.bootstrap, self.significance, server_round
+            )
+            if ci is not None:
+                significant = ci["low"] > 0
+                trigger = significant
+        return Decision(
+            self.metric, value, ref, ref_round, drop, abs_drop, trigger, ci, significant
+        )
 
     def is_drop(self, value: float, reference: float) -> bool:
         """The user's rule: more than ``max_drop`` below ``reference``, and ``min_abs_drop``."""
@@ -92,8 +120,10 @@ class Guard:
         value = float(metrics[self.metric])
         s.previous_round, s.previous_value = server_round, value
         s.consecutive = 0
+        self.images["previous"] = metrics.get("images")
         if s.best_value is None or value > s.best_value:
             s.best_round, s.best_value = server_round, value
+            self.images["best"] = metrics.get("images")
             return True
         return False
 
@@ -125,6 +155,49 @@ class Guard:
 
     def load_state_dict(self, d: dict) -> None:
         self.state = GuardState(**d)
+
+
+def _map(images: dict, idx: np.ndarray, metric: str) -> float:
+    """mAP50-95 (or mAP50) of the images ``idx`` (repeats allowed), as Ultralytics computes it."""
+    from ultralytics.utils.metrics import ap_per_class
+
+    target = np.concatenate([images["target_cls"][i] for i in idx])
+    if target.size == 0:
+        return 0.0
+    tp = np.concatenate([images["tp"][i] for i in idx])
+    conf = np.concatenate([images["conf"][i] for i in idx])
+    pred = np.concatenate([images["pred_cls"][i] for i in idx])
+    ap = ap_per_class(tp, conf, pred, target)[5]  # (classes with targets, 10 IoU thresholds)
+    if not len(ap):
+        return 0.0
+    return float(ap[:, 0].mean() if metric == "map50" else ap.mean())
+
+
+def paired_drop(
+    reference: dict, candidate: dict, metric: str, resamples: int, alpha: float, seed: int
+) -> dict | None:
+    """Bootstrap of ``metric(reference) - metric(candidate)`` over the held-out images, paired
+    (both models on the same resampled images): its ``alpha`` and ``1 - alpha`` quantiles.
+    None when the two were not evaluated on the same images in the same order."""
+    if reference["names"] != candidate["names"] or not reference["names"]:
+        return None
+    t0 = time.perf_counter()
+    n = len(reference["names"])
+    rng = np.random.default_rng(seed)
+    diffs = np.array(
+        [
+            _map(reference, idx, metric) - _map(candidate, idx, metric)
+            for idx in rng.integers(0, n, (resamples, n))
+        ]
+    )
+    return {
+        "low": float(np.quantile(diffs, alpha)),
+        "high": float(np.quantile(diffs, 1 - alpha)),
+        "level": 1 - alpha,
+        "resamples": resamples,
+        "images": n,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 @dataclass

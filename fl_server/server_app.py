@@ -123,6 +123,7 @@ class Evaluator:
             batch=int(t.eval_batch),
             device=resolve_device(str(t.device)),
             workdir=self.run.work,
+            keep_images=True,  # the guard's significance test (fl_server.guard.paired_drop)
         )
         res["weights_sha256"] = record_digest(arrays)
         return res
@@ -275,6 +276,11 @@ class Federation:
         best_w, best_strategy = st["best"]
         self.best = (ArrayRecord({WEIGHTS_KEY: Array(best_w)}), best_strategy)
         self.guard.load_state_dict(st["guard"])
+        if self.guard.enabled and self.guard.significance is not None:
+            # the reference's per-image matches are not in the state: evaluate it once again
+            ref = self.best[0] if self.guard.reference == "best" else self.arrays
+            res = self.evaluate(ref, self.run.work / "reference.pt", self.round)
+            self.guard.images[self.guard.reference] = res.get("images")
         if self.drift is not None and st["drift"] is not None:
             self.drift.load_state_dict(st["drift"])
         kept = [r for r in self.run.rounds() if r["round"] <= self.round]
@@ -343,6 +349,8 @@ class Federation:
             res = self.evaluate(candidate, self.run.work / "candidate.pt", rnd)
             eval_seconds = time.perf_counter() - t_eval
             decision = self.guard.check(rnd, res)
+            if decision.significant is False:
+                self._noise_event(rnd, decision)
             if decision.rolled_back:
                 self._rollback(rnd, res, decision)
             else:
@@ -406,11 +414,19 @@ class Federation:
             state_mod.restore_strategy(self.strategy, best_strategy)
         _replace(self.run.best, self.run.last)  # the global model is the best one again
         changes = self.guard.rolled_back(rnd, culprits)
+        ci = decision.drop_ci
         reason = (
             f"{decision.metric} {decision.value:.4f} is {decision.drop:.1%} below the reference "
             f"{decision.reference:.4f} (round {decision.reference_round}); limit "
             f"guard.max_drop={self.guard.max_drop} and guard.min_abs_drop="
-            f"{self.guard.min_abs_drop}: rolled back to round {self.guard.state.best_round}"
+            f"{self.guard.min_abs_drop}"
+            + (
+                f"; significant: the drop's {ci['level']:.0%} lower bound is {ci['low']:.4f} > 0 "
+                f"(paired bootstrap, {ci['images']} held-out images)"
+                if ci
+                else ""
+            )
+            + f": rolled back to round {self.guard.state.best_round}"
         )
         LOGGER.warning("round %d: %s", rnd, reason)
         self.run.event(
@@ -431,6 +447,20 @@ class Federation:
             attribution=attribution.as_dict() if attribution else None,
             **changes,
         )
+
+    def _noise_event(self, rnd: int, decision) -> None:
+        """The user's rule fired but the drop is within the held-out set's noise: accepted,
+        and said so with the evidence."""
+        ci = decision.drop_ci
+        reason = (
+            f"{decision.metric} {decision.value:.4f} is {decision.drop:.1%} below the reference "
+            f"{decision.reference:.4f} (round {decision.reference_round}), but not significantly: "
+            f"the drop's {ci['level']:.0%} lower bound is {ci['low']:.4f} <= 0 (paired bootstrap "
+            f"over {ci['images']} held-out images, guard.significance={self.guard.significance}); "
+            "accepted"
+        )
+        LOGGER.info("round %d: %s", rnd, reason)
+        self.run.event(rnd, "drop_within_noise", reason=reason, drop_ci=ci)
 
     def _attribute(self, log, decision, rnd: int) -> Attribution:
         """Leave-one-out over the round's replies (``fl_server.guard.attribute``).

@@ -49,3 +49,30 @@ def test_cli_prints_one_line_and_exits_2(capsys, tmp_path):
     assert rc == 2
     assert err.count("\n") == 0 and "federation.clients=0" in err
     assert not any(tmp_path.iterdir())  # nothing was started or written
+
+
+def test_a_run_from_before_newer_checks_resumes_as_it_ran(tmp_path):
+    """A run directory whose config predates the per-step norm rule and the guard's significance
+    test resumes with both off (as it ran), not with an error about a missing key."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from fl_server import state
+    from fl_server.config import to_yaml
+
+    cfg = compose([])
+    OmegaConf.set_struct(cfg, False)
+    del cfg.aggregation["max_step_norm_x_median"]
+    del cfg.guard["significance"], cfg.guard["bootstrap"]
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    w = np.zeros(3, np.float32)
+    state.save(
+        tmp_path / state.FILENAME, {"round": 1, "weights": w, "strategy": None, "best": (w, None)}
+    )
+    resumed = compose([f"resume={tmp_path}"])
+    assert resumed.aggregation.max_step_norm_x_median is None
+    assert resumed.guard.significance is None and resumed.guard.bootstrap == 200
+    fresh = compose([])
+    assert fresh.aggregation.max_step_norm_x_median == 4.0 and fresh.guard.significance == 0.05
+    with pytest.raises(ConfigError, match="guard.significance"):
+        compose(["guard.significance=0.7"])

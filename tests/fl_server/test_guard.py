@@ -161,3 +161,52 @@ def test_weight_faults_do_what_they_say():
     rand = faults.corrupt_weights({"kind": "random_weights"}, trained, received, seed=7)
     assert abs(np.linalg.norm(rand) / np.linalg.norm(received) - 1) < 0.1
     assert abs(np.corrcoef(rand, received)[0, 1]) < 0.1
+
+
+def _images(hits: list[bool]) -> dict:
+    """Per-image matches as the evaluator keeps them: one target of class 0 per image and one
+    prediction, a true positive at every IoU threshold when ``hit`` (else a false positive)."""
+    return {
+        "names": [f"{i:03d}.jpg" for i in range(len(hits))],
+        "tp": [np.full((1, 10), h) for h in hits],
+        "conf": [np.array([0.9 - 0.001 * i]) for i in range(len(hits))],
+        "pred_cls": [np.zeros(1) for _ in hits],
+        "target_cls": [np.zeros(1) for _ in hits],
+    }
+
+
+def _with_map(images: dict) -> dict:
+    from fl_server.guard import _map
+
+    idx = np.arange(len(images["names"]))
+    return {"map50_95": _map(images, idx, "map50_95"), "map50": 0.0, "images": images}
+
+
+def test_a_drop_rolls_back_only_when_the_held_out_images_say_it_is_real():
+    """The user's rule (10 % and min_abs_drop) fires in both cases; the paired bootstrap keeps
+    a real drop (half the images lost) and accepts one image of eight going wrong, which the
+    resamples that leave that image out cannot tell from no change."""
+    ref = _images([True] * 8 + [True] * 52)
+    g = guard(max_drop=0.10, min_abs_drop=0.0, significance=0.05, bootstrap=200)
+    g.accept(0, _with_map(ref))
+    real = g.check(1, _with_map(_images([True] * 30 + [False] * 30)))
+    assert real.rolled_back and real.significant and real.drop_ci["low"] > 0.2
+
+    small = _images([True] * 8)
+    g = guard(max_drop=0.10, min_abs_drop=0.0, significance=0.05, bootstrap=200)
+    g.accept(0, _with_map(small))
+    noisy = g.check(1, _with_map(_images([True] * 7 + [False])))
+    assert noisy.drop > 0.10  # the rule alone would roll back
+    assert not noisy.rolled_back and noisy.significant is False and noisy.drop_ci["low"] <= 0
+    assert noisy.as_dict()["drop_ci"]["images"] == 8  # the evidence goes to metrics.jsonl
+
+    off = guard(max_drop=0.10, min_abs_drop=0.0, significance=None)
+    off.accept(0, _with_map(small))
+    d = off.check(1, _with_map(_images([True] * 7 + [False])))
+    assert d.rolled_back and d.drop_ci is None  # significance off: the rule alone, as before
+    # images evaluated in another order cannot be paired: the rule alone decides
+    shuffled = _images([True] * 7 + [False])
+    shuffled["names"] = shuffled["names"][::-1]
+    g = guard(max_drop=0.10, min_abs_drop=0.0, significance=0.05)
+    g.accept(0, _with_map(small))
+    assert g.check(1, _with_map(shuffled)).rolled_back
