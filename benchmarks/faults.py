@@ -52,6 +52,9 @@ DEFAULTS = [
 ]
 # weight faults only, with the update hygiene off: the drift guard is the defence
 GUARD_ONLY = [(0, 3, "random_weights"), (3, 6, "scaled_weights")]
+# slow poisoning: one client of four trains on corrupted labels from round 3 to the end, under
+# guard.contribution (per-client leave-one-out scores each round) and policy exclude
+SLOW_POISON = [(2, r, "corrupt_labels") for r in range(3, 10)]
 
 
 def faults_override(faults: list[tuple[int, int, str]]) -> str:
@@ -114,6 +117,13 @@ def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
             }
         )
     summary = json.loads((run / "summary.json").read_text())
+    poisoned = {c for c, _, k in faults if k == "corrupt_labels"} | {
+        c for c, _, k in faults if k in WEIGHT_FAULTS
+    }
+    flags = [(e["round"], int(e["client"])) for e in events if e["kind"] == "client_flagged"]
+    contribution = [
+        r["contribution_seconds"] for r in records.values() if r.get("contribution_seconds")
+    ]
     return {
         "run": run.name,
         "status": summary["status"],
@@ -124,6 +134,14 @@ def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
         "rollbacks_correct": [r for r in rollbacks if r in weight_rounds],
         "false_triggers": [r for r in rollbacks if r not in weight_rounds],
         "resumes": sum(e["kind"] == "resume" for e in events),
+        "drops_within_noise": [e["round"] for e in events if e["kind"] == "drop_within_noise"],
+        "flags": flags,
+        "honest_flags": [f for f in flags if f[1] not in poisoned],
+        "contribution_seconds_per_round": (
+            sum(contribution) / len(contribution) if contribution else None
+        ),
+        "round_seconds_mean": sum(r["round_seconds"] for r in records.values())
+        / max(1, len(records)),
         "best": summary["best"],
         "final": summary["final"],
         "curve_map50_95": [records[r]["map50_95"] for r in sorted(records)],
@@ -145,7 +163,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.tally_only:
         out = json.loads((RESULTS / "faults.json").read_text())
-        runs = {"faults-defaults": DEFAULTS, "faults-guard-only": GUARD_ONLY}
+        runs = {
+            "faults-defaults": DEFAULTS,
+            "faults-guard-only": GUARD_ONLY,
+            "faults-slow-poison": SLOW_POISON,
+        }
         for row in out["rows"]:
             row.update(tally(WORK / "runs" / row["run"], runs[row["run"]], args.rounds))
         (RESULTS / "faults.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -193,6 +215,14 @@ def main() -> None:
         ],
     )
     out["rows"].append({**tally(run, GUARD_ONLY, args.rounds), "seconds": time.perf_counter() - t1})
+    t1 = time.perf_counter()
+    run = fedyolo_run(
+        "faults-slow-poison",
+        [*start, faults_override(SLOW_POISON), "guard.contribution=true", "guard.policy=exclude"],
+    )
+    out["rows"].append(
+        {**tally(run, SLOW_POISON, args.rounds), "seconds": time.perf_counter() - t1}
+    )
     out["seconds"] = time.perf_counter() - t0
     (RESULTS / "faults.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({r["run"]: {k: r[k] for k in list(r)[:9]} for r in out["rows"]}, indent=1))

@@ -123,6 +123,8 @@ def _with_new_keys(cfg: DictConfig) -> DictConfig:
         cfg.guard.significance = None
     if "bootstrap" not in cfg.guard:
         cfg.guard.bootstrap = 200
+    if "contribution" not in cfg.guard:
+        cfg.guard.contribution = False
     return cfg
 
 
@@ -287,6 +289,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v is None or (_is_num(v) and 0 < v < 0.5), "null or a number in (0, 0.5)"
     ),
     "guard.bootstrap": _rule(lambda v: _is_int(v) and v >= 20, "an integer >= 20"),
+    "guard.contribution": _rule(lambda v: isinstance(v, bool), "true or false"),
     "guard.policy": _rule(
         lambda v: v in {"rollback", "lower_lr", "exclude"}, "rollback, lower_lr or exclude"
     ),

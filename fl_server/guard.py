@@ -62,6 +62,9 @@ class GuardState:
     rollbacks: int = 0
     lr_scale: float = 1.0
     excluded: dict[str, int] = field(default_factory=dict)  # client id → last excluded round
+    suspicious: dict[str, int] = field(default_factory=dict)  # client id → last suspicious round
+    participated: dict[str, int] = field(default_factory=dict)  # client id → last scored round
+    flags: int = 0
 
 
 class Guard:
@@ -78,6 +81,7 @@ class Guard:
         sig = cfg.get("significance")
         self.significance = None if sig is None else float(sig)
         self.bootstrap = int(cfg.get("bootstrap") or 200)
+        self.contribution = bool(cfg.get("contribution") or False)
         self.state = GuardState()
         # the reference rounds' per-image matches (not saved: re-evaluated on resume)
         self.images: dict[str, dict | None] = {"best": None, "previous": None}
@@ -143,6 +147,42 @@ class Guard:
             changes["excluded_until_round"] = until if culprits else None
         return changes
 
+    def contributions(self, server_round: int, everyone: dict, without: dict[str, dict]) -> dict:
+        """Per client k: ``gain`` = metric(aggregate without k) - metric(aggregate of all), its
+        paired-bootstrap interval, ``suspicious`` (the gain is more than ``max_drop`` of the
+        aggregate without k, and its one-sided lower bound is above 0) and ``flagged``
+        (suspicious in this round and in the last round before it that k took part in)."""
+        s = self.state
+        alpha = self.significance if self.significance is not None else 0.05
+        out = {}
+        for k, res in without.items():
+            gain = float(res[self.metric]) - float(everyone[self.metric])
+            ci = None
+            if everyone.get("images") and res.get("images"):
+                ci = paired_drop(
+                    res["images"], everyone["images"], self.metric, self.bootstrap, alpha,
+                    server_round * 1000 + len(out),
+                )  # fmt: skip
+            suspicious = bool(
+                ci is not None and ci["low"] > 0 and gain > self.max_drop * float(res[self.metric])
+            )
+            before = s.participated.get(k)
+            flagged = suspicious and before is not None and s.suspicious.get(k) == before
+            s.participated[k] = server_round
+            if suspicious:
+                s.suspicious[k] = server_round
+            out[k] = {"gain": gain, "ci": ci, "suspicious": suspicious, "flagged": flagged}
+        return out
+
+    def flag(self, server_round: int, client: str) -> int | None:
+        """Record a flagged client; under policy ``exclude`` it sits out the next rounds."""
+        self.state.flags += 1
+        if self.policy != "exclude":
+            return None
+        until = server_round + self.exclude_rounds
+        self.state.excluded[str(client)] = until
+        return until
+
     def should_stop(self) -> bool:
         return self.stop_after is not None and self.state.consecutive >= self.stop_after
 
@@ -154,7 +194,7 @@ class Guard:
         return asdict(self.state)
 
     def load_state_dict(self, d: dict) -> None:
-        self.state = GuardState(**d)
+        self.state = GuardState(**d)  # a state saved before a field existed gets its default
 
 
 def _map(images: dict, idx: np.ndarray, metric: str) -> float:

@@ -183,7 +183,9 @@ class Federation:
         self.evaluate = Evaluator(run, cfg, self.model, run.data / "server_val" / "data.yaml")
         self.guard = Guard(cfg.guard)
         # policy exclude scores each reply on the held-out set: the grid keeps the round's updates
-        self.grid.keep_updates = self.guard.enabled and self.guard.policy == "exclude"
+        self.grid.keep_updates = self.guard.enabled and (
+            self.guard.policy == "exclude" or self.guard.contribution
+        )
         self.drift = None  # per-client data drift (fl_server.data_drift)
         if bool(cfg.drift.enabled):
             from fl_server.data_drift import DriftMonitor
@@ -202,6 +204,7 @@ class Federation:
         self._skipped_warned: list[str] = []
         self.t_start = time.perf_counter()
         self.first_round = 1  # of this process (a resumed run starts later)
+        self._contribution_seconds: dict[int, float] = {}  # guard.contribution, per round
 
     def _set_up_teacher(self, weight: float) -> None:
         """Distillation: the teacher the run copied goes to each client once (the grid sends
@@ -351,6 +354,8 @@ class Federation:
             decision = self.guard.check(rnd, res)
             if decision.significant is False:
                 self._noise_event(rnd, decision)
+            if self.guard.enabled and self.guard.contribution:
+                self._contributions(rnd)  # also in a rolled-back round: evidence all the same
             if decision.rolled_back:
                 self._rollback(rnd, res, decision)
             else:
@@ -462,21 +467,75 @@ class Federation:
         LOGGER.info("round %d: %s", rnd, reason)
         self.run.event(rnd, "drop_within_noise", reason=reason, drop_ci=ci)
 
+    def _mean_without(self, log, excluded: frozenset[str]) -> ArrayRecord:
+        """The example-weighted mean of the round's returned models, without ``excluded``:
+        FedAvg's rule, used for every strategy as the measure of what a client moved."""
+        weights = {str(e["id"]): max(1, int(e["num_examples"])) for e in log.clients}
+        keep = [k for k in sorted(log.updates) if k in weights and k not in excluded]
+        total = float(sum(weights[k] for k in keep))
+        mean = sum((weights[k] / total) * log.updates[k].astype(np.float64) for k in keep)
+        return ArrayRecord({WEIGHTS_KEY: Array(np.asarray(mean, dtype=np.float32))})
+
+    def _contributions(self, rnd: int) -> None:
+        """``guard.contribution``: what each client did to this round's aggregate, on the
+        held-out set (``fl_server.guard.Guard.contributions``): the mean of every reply and the
+        mean without client k are evaluated; k is suspicious when leaving it out gains more than
+        ``guard.max_drop`` and significantly (paired bootstrap), flagged when suspicious in two
+        consecutive rounds it took part in. Each client's entry in ``metrics.jsonl`` gets its
+        ``loo_gain``; a flag is a ``client_flagged`` event with the evidence, and under
+        ``guard.policy=exclude`` the client sits out ``guard.exclude_rounds`` rounds."""
+        log = self.grid.rounds.get(rnd)
+        if log is None or len(log.updates) < 3:
+            return
+        t0 = time.perf_counter()
+        path = self.run.work / "client_update.pt"
+        everyone = self.evaluate(self._mean_without(log, frozenset()), path, rnd)
+        without = {
+            k: self.evaluate(self._mean_without(log, frozenset({k})), path, rnd)
+            for k in sorted(log.updates)
+        }
+        path.unlink(missing_ok=True)
+        scores = self.guard.contributions(rnd, everyone, without)
+        seconds = time.perf_counter() - t0
+        self._contribution_seconds[rnd] = seconds
+        for entry in log.clients:
+            sc = scores.get(str(entry["id"]))
+            if sc is not None:
+                entry["loo_gain"] = sc["gain"]
+                entry["loo_ci"] = sc["ci"]
+        for k, sc in scores.items():
+            if not sc["flagged"]:
+                continue
+            reason = (
+                f"client {k}: leaving its update out of the aggregate raised {self.guard.metric} "
+                f"from {everyone[self.guard.metric]:.4f} to {without[k][self.guard.metric]:.4f} "
+                f"(+{sc['gain']:.4f}, 95% lower bound {sc['ci']['low']:.4f} > 0) in this round and "
+                f"the one before it took part in (guard.contribution)"
+            )
+            LOGGER.warning("round %d: %s", rnd, reason)
+            self.run.event(
+                rnd,
+                "client_flagged",
+                client=k,
+                reason=reason,
+                scores={c: v["gain"] for c, v in scores.items()},
+                evidence=sc,
+                excluded_until_round=self.guard.flag(rnd, k),
+                seconds=seconds,
+            )
+        LOGGER.info("round %d: contributions of %d clients in %.1f s", rnd, len(scores), seconds)
+
     def _attribute(self, log, decision, rnd: int) -> Attribution:
         """Leave-one-out over the round's replies (``fl_server.guard.attribute``).
 
         The aggregate without a client is the example-weighted mean of the others' returned
         models: FedAvg's rule, used for every strategy as the measure of what a client moved.
         """
-        weights = {str(e["id"]): max(1, int(e["num_examples"])) for e in log.clients}
-        ids = [k for k in sorted(log.updates) if k in weights]
+        ids = [k for k in sorted(log.updates) if k in {str(e["id"]) for e in log.clients}]
         path = self.run.work / "client_update.pt"
 
         def score_without(excluded: frozenset[str]) -> float:
-            keep = [k for k in ids if k not in excluded]
-            total = float(sum(weights[k] for k in keep))
-            mean = sum((weights[k] / total) * log.updates[k].astype(np.float64) for k in keep)
-            record = ArrayRecord({WEIGHTS_KEY: Array(np.asarray(mean, dtype=np.float32))})
+            record = self._mean_without(log, excluded)
             return float(self.evaluate(record, path, rnd)[self.guard.metric])
 
         t0 = time.perf_counter()
@@ -510,6 +569,7 @@ class Federation:
             "per_class": res["per_class"],
             "round_seconds": now - t_round,
             "eval_seconds": eval_seconds,
+            "contribution_seconds": self._contribution_seconds.pop(rnd, None),
             "transport_seconds": log.transport_seconds if log else 0.0,
             "clients": clients,
             "failures": log.failed if log else 0,

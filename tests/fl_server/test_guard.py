@@ -210,3 +210,21 @@ def test_a_drop_rolls_back_only_when_the_held_out_images_say_it_is_real():
     g = guard(max_drop=0.10, min_abs_drop=0.0, significance=0.05)
     g.accept(0, _with_map(small))
     assert g.check(1, _with_map(shuffled)).rolled_back
+
+
+def test_contributions_flag_only_a_client_that_hurts_two_rounds_running():
+    good, bad = _images([True] * 40), _images([True] * 20 + [False] * 20)
+    g = guard(max_drop=0.10, significance=0.05, bootstrap=100, policy="exclude")
+    everyone = _with_map(bad)  # the aggregate with client "2" in it
+    without = {"0": _with_map(bad), "1": _with_map(bad), "2": _with_map(good)}
+    r1 = g.contributions(1, everyone, without)
+    assert r1["2"]["suspicious"] and not r1["2"]["flagged"]
+    assert not r1["0"]["suspicious"] and r1["0"]["gain"] == 0
+    r2 = g.contributions(2, everyone, without)
+    assert r2["2"]["flagged"] and not any(r2[k]["flagged"] for k in ("0", "1"))
+    assert g.flag(2, "2") == 2 + g.exclude_rounds and g.excluded(3) == {"2"}
+    # suspicious once, then fine: never flagged
+    g = guard(max_drop=0.10, significance=0.05, bootstrap=100)
+    g.contributions(1, everyone, without)
+    r2 = g.contributions(2, _with_map(good), {k: _with_map(good) for k in "012"})
+    assert not any(v["flagged"] for v in r2.values())

@@ -124,3 +124,36 @@ def test_lower_lr_policy_and_stop_after_consecutive_rollbacks(tmp_path, pretrain
     assert summary["status"] == "stopped" and summary["rollbacks"] == 2
     assert summary["final"]["round"] == summary["best"]["round"] <= 2
     assert [e["kind"] for e in read_jsonl(run.events)][-2:] == ["guard_stop", "run_end"]
+
+
+def test_a_client_that_keeps_hurting_the_aggregate_is_flagged_and_excluded(
+    tmp_path, pretrained_fleet
+):
+    """guard.contribution: each round, the aggregate without each client is scored on the
+    held-out set. Client 1 sends random weights in rounds 1 and 2: both rounds are rolled back
+    (the global model stays good), and client 1 is suspicious in round 1 and flagged in round 2
+    (two rounds running) with its evidence; the honest clients never are. (Exclusion after a
+    flag under policy=exclude: tests/fl_server/test_guard.py.)"""
+    run, _ = run_inprocess(
+        tmp_path,
+        [
+            *pretrained_fleet,
+            *GUARDED,
+            "federation.rounds=3",
+            "faults.client=1",
+            "faults.round=[1,2]",
+            "faults.kind=random_weights",
+            "guard.contribution=true",
+        ],
+        clients=3,
+    )
+    rounds = run.rounds()
+    assert [r["guard"]["rolled_back"] for r in rounds] == [True, True, False]
+    for r in rounds[:2]:
+        gains = {c["id"]: c["loo_gain"] for c in r["clients"]}
+        assert gains[1] > 0.05 and gains[1] > 10 * max(abs(gains[0]), abs(gains[2])), gains
+        assert all(c["loo_ci"]["images"] > 0 for c in r["clients"])
+    flags = [e for e in read_jsonl(run.events) if e["kind"] == "client_flagged"]
+    assert [(e["round"], e["client"]) for e in flags] == [(2, "1")], flags
+    assert flags[0]["evidence"]["ci"]["low"] > 0 and flags[0]["excluded_until_round"] is None
+    assert "loo_gain" in rounds[2]["clients"][0]  # round 3: everyone honest, nobody flagged
