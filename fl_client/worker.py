@@ -76,9 +76,13 @@ def worker_dir() -> Path:
     return folder
 
 
+PROTOCOL = 2  # in the socket's name: a caller never talks to a worker of another protocol
+ACK = b"\x06"  # the worker took the connection (protocol 2)
+
+
 def socket_path(watch_pid: int, node_id: int) -> Path:
     """The socket of the worker serving node ``node_id`` under the SuperExec ``watch_pid``."""
-    return worker_dir() / f"{watch_pid}-{node_id}.sock"
+    return worker_dir() / f"{watch_pid}-{node_id}.v{PROTOCOL}.sock"
 
 
 @functools.cache
@@ -163,9 +167,15 @@ def call(kind: str, content: RecordDict, context: Context, watch: int | None = N
 
 
 def _connect(path: Path) -> socket.socket:
+    """A connection the worker has taken: it sends ``ACK`` when it accepts. A worker that is
+    dying may still have its listening socket for a moment: a connection queued there is reset
+    before it is taken, and that is a worker that is not there (one is started), never a
+    message lost half-way. Waits while a live worker finishes another message."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(str(path))
+        if conn.recv(1) != ACK:
+            raise ConnectionRefusedError(f"the warm worker at '{path}' closed before taking it")
     except OSError:
         conn.close()
         raise
@@ -275,6 +285,7 @@ def serve(path: Path, watch_pid: int, idle: float) -> None:
             conn.settimeout(None)
             with conn, conn.makefile("rwb") as f:
                 try:
+                    conn.sendall(ACK)  # taken: from here a failure is this message's own
                     retire = _answer(f, handle)
                 except OSError as e:  # the caller went away (its process was killed)
                     LOGGER.warning("warm worker: a caller left mid-message (%s)", e)

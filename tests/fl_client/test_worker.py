@@ -143,6 +143,7 @@ def test_a_worker_killed_mid_message_fails_that_message_only_and_a_stale_one_ret
     sock = worker.socket_path(worker_env.pid, 7)
     with socket.socket(socket.AF_UNIX) as s, s.makefile("rwb") as f:
         s.connect(str(sock))
+        assert s.recv(1) == worker.ACK  # the worker took the connection
         header = {"kind": "evaluate", "node": node, "code": "other"}
         for frame in (json.dumps(header).encode(), b"", b""):
             worker._send(f, frame)
@@ -175,9 +176,35 @@ def test_a_worker_gone_while_the_message_is_sent_is_the_same_one_line(tmp_path, 
 
         def accept_and_die() -> None:
             conn, _ = listener.accept()
-            conn.recv(16)  # part of the header, then gone
+            conn.sendall(worker.ACK)  # it took the message...
+            conn.recv(16)  # ...read part of the header, and is gone
             conn.close()
 
         threading.Thread(target=accept_and_die, daemon=True).start()
         with pytest.raises(ConnectionError, match="ended mid-message"):
             worker.call("train", train, _context(node), watch=worker_env.pid)
+
+
+def test_a_connection_a_dying_worker_never_took_goes_to_a_new_worker(tmp_path, worker_env):
+    """A worker being killed can keep its listening socket for a moment: a caller that
+    connects then is queued and reset, never taken (no ACK). That is no worker, not a message
+    lost half-way: a new worker is started and serves it. (Seen under load: the next message
+    after a kill failed with a broken pipe.)"""
+    import threading
+
+    _, evaluate, node = _messages(tmp_path)
+    path = worker.socket_path(worker_env.pid, 7)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def dying() -> None:
+        conn, _ = listener.accept()
+        conn.close()  # never sent ACK
+        listener.close()
+
+    threading.Thread(target=dying, daemon=True).start()
+    out = worker.call("evaluate", evaluate, _context(node), watch=worker_env.pid)
+    assert "metrics" in out
+    assert len(_workers(tmp_path / "sockets")) == 1
