@@ -77,6 +77,27 @@ def run_killed_and_resumed(name: str, overrides: list[str], kill_after: int) -> 
     return run
 
 
+def replay_flags(records: dict[int, dict]) -> list[tuple[int, int]]:
+    """(round, client) flags of the contribution rule on each client's recorded ``loo_gain``
+    and ``loo_ci`` (exclusion after a flag is not replayed: the client stays in)."""
+    last_seen: dict[int, int] = {}
+    last_suspicious: dict[int, int] = {}
+    flags = []
+    for rnd in sorted(records):
+        for c in records[rnd]["clients"]:
+            if "loo_gain" not in c:
+                continue
+            k = int(c["id"])
+            ci = c.get("loo_ci") or {}
+            suspicious = c["loo_gain"] > 0 and ci.get("low", 0.0) > 0
+            if suspicious and k in last_seen and last_suspicious.get(k) == last_seen[k]:
+                flags.append((rnd, k))
+            last_seen[k] = rnd
+            if suspicious:
+                last_suspicious[k] = rnd
+    return flags
+
+
 def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
     records = {r["round"]: r for r in read_jsonl(run / "metrics.jsonl")}
     events = read_jsonl(run / "events.jsonl")
@@ -121,6 +142,7 @@ def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
         c for c, _, k in faults if k in WEIGHT_FAULTS
     }
     flags = [(e["round"], int(e["client"])) for e in events if e["kind"] == "client_flagged"]
+    replayed = replay_flags(records)
     contribution = [
         r["contribution_seconds"] for r in records.values() if r.get("contribution_seconds")
     ]
@@ -137,6 +159,10 @@ def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
         "drops_within_noise": [e["round"] for e in events if e["kind"] == "drop_within_noise"],
         "flags": flags,
         "honest_flags": [f for f in flags if f[1] not in poisoned],
+        # the flag rule of fl_server.guard (significant gain, two participations running) on the
+        # recorded scores: the same decisions a run with today's rule takes on these numbers
+        "flags_replayed": replayed,
+        "honest_flags_replayed": [f for f in replayed if f[1] not in poisoned],
         "contribution_seconds_per_round": (
             sum(contribution) / len(contribution) if contribution else None
         ),

@@ -149,9 +149,12 @@ class Guard:
 
     def contributions(self, server_round: int, everyone: dict, without: dict[str, dict]) -> dict:
         """Per client k: ``gain`` = metric(aggregate without k) - metric(aggregate of all), its
-        paired-bootstrap interval, ``suspicious`` (the gain is more than ``max_drop`` of the
-        aggregate without k, and its one-sided lower bound is above 0) and ``flagged``
-        (suspicious in this round and in the last round before it that k took part in)."""
+        paired-bootstrap interval, ``suspicious`` (the aggregate is significantly better
+        without k: the gain's one-sided lower bound is above 0) and ``flagged`` (suspicious in
+        this round and in the last round before it that k took part in). No effect-size floor:
+        a client of four training on wrong labels cost the aggregate 1-4 % a round
+        (benchmarks/faults.py), far below the rollback rule's 10 %; removing an honest client
+        makes the aggregate worse, not better, in the same runs."""
         s = self.state
         alpha = self.significance if self.significance is not None else 0.05
         out = {}
@@ -163,9 +166,7 @@ class Guard:
                     res["images"], everyone["images"], self.metric, self.bootstrap, alpha,
                     server_round * 1000 + len(out),
                 )  # fmt: skip
-            suspicious = bool(
-                ci is not None and ci["low"] > 0 and gain > self.max_drop * float(res[self.metric])
-            )
+            suspicious = bool(ci is not None and ci["low"] > 0 and gain > 0)
             before = s.participated.get(k)
             flagged = suspicious and before is not None and s.suspicious.get(k) == before
             s.participated[k] = server_round

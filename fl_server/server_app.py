@@ -479,8 +479,8 @@ class Federation:
     def _contributions(self, rnd: int) -> None:
         """``guard.contribution``: what each client did to this round's aggregate, on the
         held-out set (``fl_server.guard.Guard.contributions``): the mean of every reply and the
-        mean without client k are evaluated; k is suspicious when leaving it out gains more than
-        ``guard.max_drop`` and significantly (paired bootstrap), flagged when suspicious in two
+        mean without client k are evaluated; k is suspicious when leaving it out makes the
+        aggregate significantly better (paired bootstrap), flagged when suspicious in two
         consecutive rounds it took part in. Each client's entry in ``metrics.jsonl`` gets its
         ``loo_gain``; a flag is a ``client_flagged`` event with the evidence, and under
         ``guard.policy=exclude`` the client sits out ``guard.exclude_rounds`` rounds."""

@@ -228,3 +228,16 @@ def test_contributions_flag_only_a_client_that_hurts_two_rounds_running():
     g.contributions(1, everyone, without)
     r2 = g.contributions(2, _with_map(good), {k: _with_map(good) for k in "012"})
     assert not any(v["flagged"] for v in r2.values())
+
+
+def test_a_small_but_significant_cost_is_suspicious_and_a_honest_removal_is_not():
+    """Label poisoning by one client of four cost the aggregate a few percent a round, far below
+    the rollback rule's 10 %: suspicion needs significance, not the rule's size. Removing an
+    honest client makes the aggregate worse: never suspicious."""
+    g = guard(max_drop=0.10, significance=0.05, bootstrap=200)
+    everyone = _with_map(_images([True] * 56 + [False] * 4))  # 4 of 60 images lost: ~7 %
+    clean = _with_map(_images([True] * 60))
+    worse = _with_map(_images([True] * 50 + [False] * 10))
+    r = g.contributions(1, everyone, {"0": worse, "1": worse, "2": clean})
+    assert 0 < r["2"]["gain"] < 0.10 * clean["map50_95"] and r["2"]["suspicious"]
+    assert r["0"]["gain"] < 0 and not r["0"]["suspicious"] and not r["1"]["suspicious"]
