@@ -154,14 +154,17 @@ def faults() -> list[str]:
         f"run's best.pt (mAP50-95 {w['best']['map50_95']:.3f}); round timeout 120 s.",
         "",
         "| run | faults injected | survived | rounds lost | rollbacks (correct) | false triggers "
-        "| server killed + resumed | final mAP50-95 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server killed + resumed | clients flagged (replayed: round, client) | honest flagged "
+        "| final mAP50-95 |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in d["rows"]:
+        flags = ", ".join(f"{a}: {b}" for a, b in r.get("flags_replayed", [])) or "none"
         lines.append(
             f"| {r['run']} | {r['faults_injected']} | {r['faults_survived']} "
             f"| {r['rounds_lost']} | {len(r['rollbacks'])} ({len(r['rollbacks_correct'])}) "
-            f"| {len(r['false_triggers'])} | {r['resumes']} | {r['final']['map50_95']:.3f} |"
+            f"| {len(r['false_triggers'])} | {r['resumes']} | {flags} "
+            f"| {len(r.get('honest_flags_replayed', []))} | {r['final']['map50_95']:.3f} |"
         )
     lines += [
         "",

@@ -73,6 +73,6 @@ def test_a_run_from_before_newer_checks_resumes_as_it_ran(tmp_path):
     assert resumed.aggregation.max_step_norm_x_median is None
     assert resumed.guard.significance is None and resumed.guard.bootstrap == 200
     fresh = compose([])
-    assert fresh.aggregation.max_step_norm_x_median == 4.0 and fresh.guard.significance == 0.05
+    assert fresh.aggregation.max_step_norm_x_median == 3.0 and fresh.guard.significance == 0.05
     with pytest.raises(ConfigError, match="guard.significance"):
         compose(["guard.significance=0.7"])
