@@ -78,23 +78,20 @@ def run_killed_and_resumed(name: str, overrides: list[str], kill_after: int) -> 
 
 
 def replay_flags(records: dict[int, dict]) -> list[tuple[int, int]]:
-    """(round, client) flags of the contribution rule on each client's recorded ``loo_gain``
-    and ``loo_ci`` (exclusion after a flag is not replayed: the client stays in)."""
-    last_seen: dict[int, int] = {}
-    last_suspicious: dict[int, int] = {}
+    """(round, client) flags of the guard's own rule (``Guard.score``) on each client's recorded
+    ``loo_gain`` and ``loo_ci`` (exclusion after a flag is not replayed: the client stays in)."""
+    from fl_server.config import compose
+    from fl_server.guard import Guard
+
+    guard = Guard(compose([]).guard)
     flags = []
     for rnd in sorted(records):
         for c in records[rnd]["clients"]:
-            if "loo_gain" not in c:
-                continue
-            k = int(c["id"])
-            ci = c.get("loo_ci") or {}
-            suspicious = c["loo_gain"] > 0 and ci.get("low", 0.0) > 0
-            if suspicious and k in last_seen and last_suspicious.get(k) == last_seen[k]:
-                flags.append((rnd, k))
-            last_seen[k] = rnd
-            if suspicious:
-                last_suspicious[k] = rnd
+            if (
+                "loo_gain" in c
+                and guard.score(rnd, str(c["id"]), c["loo_gain"], c.get("loo_ci"))["flagged"]
+            ):
+                flags.append((rnd, int(c["id"])))
     return flags
 
 

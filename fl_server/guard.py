@@ -155,7 +155,6 @@ class Guard:
         a client of four training on wrong labels cost the aggregate 1-4 % a round
         (benchmarks/faults.py), far below the rollback rule's 10 %; removing an honest client
         makes the aggregate worse, not better, in the same runs."""
-        s = self.state
         alpha = self.significance if self.significance is not None else 0.05
         out = {}
         for k, res in without.items():
@@ -166,14 +165,20 @@ class Guard:
                     res["images"], everyone["images"], self.metric, self.bootstrap, alpha,
                     server_round * 1000 + len(out),
                 )  # fmt: skip
-            suspicious = bool(ci is not None and ci["low"] > 0 and gain > 0)
-            before = s.participated.get(k)
-            flagged = suspicious and before is not None and s.suspicious.get(k) == before
-            s.participated[k] = server_round
-            if suspicious:
-                s.suspicious[k] = server_round
-            out[k] = {"gain": gain, "ci": ci, "suspicious": suspicious, "flagged": flagged}
+            out[k] = self.score(server_round, k, gain, ci)
         return out
+
+    def score(self, server_round: int, client: str, gain: float, ci: dict | None) -> dict:
+        """The flag rule on one client's leave-one-out ``gain`` and its interval ``ci`` (also
+        what ``benchmarks/faults.py`` replays on recorded scores)."""
+        s = self.state
+        suspicious = bool(ci is not None and ci["low"] > 0 and gain > 0)
+        before = s.participated.get(client)
+        flagged = suspicious and before is not None and s.suspicious.get(client) == before
+        s.participated[client] = server_round
+        if suspicious:
+            s.suspicious[client] = server_round
+        return {"gain": gain, "ci": ci, "suspicious": suspicious, "flagged": flagged}
 
     def flag(self, server_round: int, client: str) -> int | None:
         """Record a flagged client; under policy ``exclude`` it sits out the next rounds."""
