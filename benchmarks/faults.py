@@ -172,6 +172,31 @@ def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
     }
 
 
+CONTRIBUTION = [
+    "guard.contribution=true",
+    "guard.policy=exclude",
+    "output.save_matches=true",  # every rule can be replayed exactly on these runs
+]
+
+
+def contribution_runs(rounds: int) -> None:
+    """``faults-slow-poison`` and ``faults-honest`` (the same fleet and start, nothing
+    injected) under guard.contribution; their rows in ``faults.json`` are replaced."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    path = RESULTS / "faults.json"
+    out = json.loads(path.read_text())
+    warm = WORK / "runs" / "faults-warmup"
+    start = [*FLEET, f"model.cfg={warm / 'best.pt'}", f"federation.rounds={rounds}"]
+    for name, faults in (("faults-slow-poison", SLOW_POISON), ("faults-honest", [])):
+        t1 = time.perf_counter()
+        extra = [faults_override(faults)] if faults else []
+        run = fedyolo_run(name, [*start, *extra, *CONTRIBUTION])
+        row = {**tally(run, faults, rounds), "seconds": time.perf_counter() - t1}
+        out["rows"] = [r for r in out["rows"] if r["run"] != name] + [row]
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps({k: row[k] for k in ("run", "flags", "flags_replayed")}), flush=True)
+
+
 def main() -> None:
     import argparse
 
@@ -183,13 +208,23 @@ def main() -> None:
     ap.add_argument(
         "--tally-only", action="store_true", help="recount the existing runs' files only"
     )
+    ap.add_argument(
+        "--contribution-only",
+        action="store_true",
+        help="from the existing warm-up: re-run slow poisoning and its honest twin (same fleet, "
+        "no fault) under guard.contribution, keeping every evaluation's per-image matches",
+    )
     args = ap.parse_args()
+    if args.contribution_only:
+        contribution_runs(args.rounds)
+        return
     if args.tally_only:
         out = json.loads((RESULTS / "faults.json").read_text())
         runs = {
             "faults-defaults": DEFAULTS,
             "faults-guard-only": GUARD_ONLY,
             "faults-slow-poison": SLOW_POISON,
+            "faults-honest": [],
         }
         for row in out["rows"]:
             row.update(tally(WORK / "runs" / row["run"], runs[row["run"]], args.rounds))
@@ -239,15 +274,9 @@ def main() -> None:
     )
     out["rows"].append({**tally(run, GUARD_ONLY, args.rounds), "seconds": time.perf_counter() - t1})
     t1 = time.perf_counter()
-    run = fedyolo_run(
-        "faults-slow-poison",
-        [*start, faults_override(SLOW_POISON), "guard.contribution=true", "guard.policy=exclude"],
-    )
-    out["rows"].append(
-        {**tally(run, SLOW_POISON, args.rounds), "seconds": time.perf_counter() - t1}
-    )
     out["seconds"] = time.perf_counter() - t0
     (RESULTS / "faults.json").write_text(json.dumps(out, indent=2) + "\n")
+    contribution_runs(args.rounds)
     print(json.dumps({r["run"]: {k: r[k] for k in list(r)[:9]} for r in out["rows"]}, indent=1))
 
 

@@ -12,15 +12,41 @@ checkpoint, so only the number of runs with at least one false trigger is report
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import time
 
-from benchmarks_common import RESULTS, WORK, machine
+from benchmarks_common import RESULTS, WORK, fedyolo_run, machine
 from omegaconf import OmegaConf
 
 from fl_server.config import compose
 from fl_server.guard import Guard
 from fl_server.run_dir import read_jsonl
+
+# honest runs re-run with output.save_matches=true (guard off: the whole honest curve), for the
+# significance test's replay: the fed_vs_central and strategies_noniid configurations whose old
+# curves fired the 10 % rule at some floor. fvc-<split>-e1 at 45 rounds also covers the 15-round
+# fvc-<split> runs (the same configuration, stopped at 15).
+FVC = ["federation.clients=2"]
+STRAT = ["federation.clients=4", "federation.rounds=10", "train.epochs=2"]
+HONEST_RERUNS = {
+    "honest-fvc-iid-e1": [*FVC, "data.partition=iid", "federation.rounds=45", "train.epochs=1"],
+    "honest-fvc-domain-e1": [
+        *FVC, "data.partition=domain", "federation.rounds=45", "train.epochs=1"
+    ],
+    "honest-fvc-domain-e3": [
+        *FVC, "data.partition=domain", "federation.rounds=15", "train.epochs=3"
+    ],
+    "honest-strat-iid-fedbn": [*STRAT, "data.partition=iid", "strategy=fedbn"],
+    "honest-strat-domain-fedavgm": [
+        *STRAT, "data.partition=domain", "strategy=fedavgm", "strategy.server_momentum=0.7"
+    ],
+    "honest-strat-dirichlet-0.5-fedprox": [
+        *STRAT, "data.partition=dirichlet", "data.alpha=0.5", "strategy=fedprox",
+        "strategy.proximal_mu=0.01",
+    ],
+}  # fmt: skip
 
 SETTINGS = [(0.10, 0.0), (0.10, 0.02), (0.10, 0.03), (0.10, 0.05), (0.10, 0.07), (0.20, 0.05)]
 
@@ -35,7 +61,23 @@ def first_trigger(curve: list[float], max_drop: float, min_abs: float) -> int | 
     return None
 
 
+def rerun(names: list[str]) -> None:
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    for name in names:
+        t0 = time.perf_counter()
+        fedyolo_run(
+            name,
+            [*HONEST_RERUNS[name], "guard.enabled=false", "output.save_matches=true"],
+        )
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rerun", nargs="*", help=f"re-run honest runs first: {list(HONEST_RERUNS)}")
+    args = ap.parse_args()
+    if args.rerun is not None:
+        rerun(args.rerun or list(HONEST_RERUNS))
     curves = {}
     for path in sorted((WORK / "runs").glob("*/metrics.jsonl")):
         rounds = read_jsonl(path)

@@ -123,6 +123,8 @@ def _with_new_keys(cfg: DictConfig) -> DictConfig:
         cfg.guard.significance = None
     if "bootstrap" not in cfg.guard:
         cfg.guard.bootstrap = 200
+    if "save_matches" not in cfg.output:
+        cfg.output.save_matches = False
     if "contribution" not in cfg.guard:
         cfg.guard.contribution = False
     return cfg

@@ -203,6 +203,51 @@ class Guard:
         self.state = GuardState(**d)  # a state saved before a field existed gets its default
 
 
+def save_images(path, images: dict) -> None:
+    """Write one evaluation's per-image matches (``evaluate_checkpoint(keep_images=True)``) as
+    a plain ``.npz`` (no pickle): the arrays concatenated, with each image's offsets. What
+    ``output.save_matches`` keeps per round, so a rule can be replayed on a finished run
+    (``benchmarks/guard_replay.py``)."""
+    from pathlib import Path
+
+    def flat(key: str, width: int | None = None):
+        parts = [np.asarray(a) for a in images[key]]
+        sizes = np.array([len(a) for a in parts], dtype=np.int64)
+        empty = np.zeros((0, width) if width else (0,))
+        return (np.concatenate(parts) if parts else empty), np.concatenate([[0], np.cumsum(sizes)])
+
+    tp, pred_at = flat("tp", 10)
+    conf, _ = flat("conf")
+    pred_cls, _ = flat("pred_cls")
+    target_cls, target_at = flat("target_cls")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(
+        tmp,
+        names=np.array(images["names"], dtype=str),
+        tp=tp.astype(bool),
+        conf=conf.astype(np.float32),
+        pred_cls=pred_cls.astype(np.float32),
+        target_cls=target_cls.astype(np.float32),
+        pred_at=pred_at,
+        target_at=target_at,
+    )
+    tmp.replace(path)
+
+
+def load_images(path) -> dict:
+    """The per-image matches ``save_images`` wrote."""
+    with np.load(path, allow_pickle=False) as z:
+        pa, ta = z["pred_at"], z["target_at"]
+        n = len(z["names"])
+        return {
+            "names": [str(x) for x in z["names"]],
+            **{k: [z[k][pa[i] : pa[i + 1]] for i in range(n)] for k in ("tp", "conf", "pred_cls")},
+            "target_cls": [z["target_cls"][ta[i] : ta[i + 1]] for i in range(n)],
+        }
+
+
 def _map(images: dict, idx: np.ndarray, metric: str) -> float:
     """mAP50-95 (or mAP50) of the images ``idx`` (repeats allowed), as Ultralytics computes it."""
     from ultralytics.utils.metrics import ap_per_class

@@ -260,6 +260,7 @@ class Federation:
             distill_teacher_sha256=self.teacher_sha256,
         )
         res = self.evaluate(self.arrays, self.run.work / "candidate.pt", 0)
+        self._save_matches(res, 0)
         metrics = {k: res[k] for k in METRIC_KEYS}
         self.run.event(0, "initial_eval", **metrics, weights_sha256=res["weights_sha256"])
         LOGGER.info("round 0 (initial model): mAP50-95 %.3f", res["map50_95"])
@@ -351,6 +352,7 @@ class Federation:
             t_eval = time.perf_counter()
             res = self.evaluate(candidate, self.run.work / "candidate.pt", rnd)
             eval_seconds = time.perf_counter() - t_eval
+            self._save_matches(res, rnd)
             decision = self.guard.check(rnd, res)
             if decision.significant is False:
                 self._noise_event(rnd, decision)
@@ -467,6 +469,16 @@ class Federation:
         LOGGER.info("round %d: %s", rnd, reason)
         self.run.event(rnd, "drop_within_noise", reason=reason, drop_ci=ci)
 
+    def _save_matches(self, res: dict, rnd: int, model: str = "") -> None:
+        """``output.save_matches``: keep an evaluation's per-image matches in
+        ``eval/round_NNNN[_model].npz`` (``fl_server.guard.save_images``), so the guard's rules
+        can be replayed on the finished run."""
+        if self.cfg.output.get("save_matches") and res.get("images"):
+            from fl_server.guard import save_images
+
+            suffix = f"_{model}" if model else ""
+            save_images(self.run.path / "eval" / f"round_{rnd:04d}{suffix}.npz", res["images"])
+
     def _mean_without(self, log, excluded: frozenset[str]) -> ArrayRecord:
         """The example-weighted mean of the round's returned models, without ``excluded``:
         FedAvg's rule, used for every strategy as the measure of what a client moved."""
@@ -495,6 +507,9 @@ class Federation:
             for k in sorted(log.updates)
         }
         path.unlink(missing_ok=True)
+        self._save_matches(everyone, rnd, "all")
+        for k, res in without.items():
+            self._save_matches(res, rnd, f"without_{k}")
         scores = self.guard.contributions(rnd, everyone, without)
         seconds = time.perf_counter() - t0
         self._contribution_seconds[rnd] = seconds
