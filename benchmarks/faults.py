@@ -77,22 +77,20 @@ def run_killed_and_resumed(name: str, overrides: list[str], kill_after: int) -> 
     return run
 
 
-def replay_flags(records: dict[int, dict]) -> list[tuple[int, int]]:
-    """(round, client) flags of the guard's own rule (``Guard.score``) on each client's recorded
-    ``loo_gain`` and ``loo_ci`` (exclusion after a flag is not replayed: the client stays in)."""
+def replay_flags(run: Path, records: dict[int, dict]) -> list[tuple[int, int]] | None:
+    """(round, client) flags of the guard's own rule (``Guard.contributions``) replayed on the
+    run's kept per-image matches (``output.save_matches``); None for a run that kept none.
+    Exclusion after a flag is not replayed: the client stays in, so rounds after a real
+    exclusion are not what the run saw."""
     from fl_server.config import compose
-    from fl_server.guard import Guard
+    from fl_server.guard import Guard, replay_contributions
 
-    guard = Guard(compose([]).guard)
-    flags = []
-    for rnd in sorted(records):
-        for c in records[rnd]["clients"]:
-            if (
-                "loo_gain" in c
-                and guard.score(rnd, str(c["id"]), c["loo_gain"], c.get("loo_ci"))["flagged"]
-            ):
-                flags.append((rnd, int(c["id"])))
-    return flags
+    if not (run / "eval").is_dir():
+        return None
+    scores = replay_contributions(Guard(compose([]).guard), run / "eval", list(records.values()))
+    return [
+        (r, int(k)) for r in sorted(scores) for k, v in sorted(scores[r].items()) if v["flagged"]
+    ]
 
 
 def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
@@ -139,7 +137,7 @@ def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
         c for c, _, k in faults if k in WEIGHT_FAULTS
     }
     flags = [(e["round"], int(e["client"])) for e in events if e["kind"] == "client_flagged"]
-    replayed = replay_flags(records)
+    replayed = replay_flags(run, records)
     contribution = [
         r["contribution_seconds"] for r in records.values() if r.get("contribution_seconds")
     ]
@@ -156,10 +154,12 @@ def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
         "drops_within_noise": [e["round"] for e in events if e["kind"] == "drop_within_noise"],
         "flags": flags,
         "honest_flags": [f for f in flags if f[1] not in poisoned],
-        # the flag rule of fl_server.guard (significant gain, two participations running) on the
-        # recorded scores: the same decisions a run with today's rule takes on these numbers
+        # today's flag rule (fl_server.guard.Guard.contributions) on the run's kept matches: the
+        # decisions a run with it would take on these models, up to a real exclusion
         "flags_replayed": replayed,
-        "honest_flags_replayed": [f for f in replayed if f[1] not in poisoned],
+        "honest_flags_replayed": (
+            None if replayed is None else [f for f in replayed if f[1] not in poisoned]
+        ),
         "contribution_seconds_per_round": (
             sum(contribution) / len(contribution) if contribution else None
         ),

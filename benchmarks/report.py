@@ -159,12 +159,17 @@ def faults() -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in d["rows"]:
-        flags = ", ".join(f"{a}: {b}" for a, b in r.get("flags_replayed", [])) or "none"
+        replayed, honest = r.get("flags_replayed"), r.get("honest_flags_replayed")
+        flags = (
+            "matches not kept"
+            if replayed is None
+            else ", ".join(f"{a}: {b}" for a, b in replayed) or "none"
+        )
         lines.append(
             f"| {r['run']} | {r['faults_injected']} | {r['faults_survived']} "
             f"| {r['rounds_lost']} | {len(r['rollbacks'])} ({len(r['rollbacks_correct'])}) "
             f"| {len(r['false_triggers'])} | {r['resumes']} | {flags} "
-            f"| {len(r.get('honest_flags_replayed', []))} | {r['final']['map50_95']:.3f} |"
+            f"| {'—' if honest is None else len(honest)} | {r['final']['map50_95']:.3f} |"
         )
     lines += [
         "",
@@ -198,6 +203,33 @@ def guard_replay() -> list[str]:
         lines.append(
             f"| {r['max_drop']:.2f} | {r['min_abs_drop']:.2f} "
             f"| {r['runs_with_false_trigger']}/{r['runs']} | {first} |"
+        )
+    sig = d.get("significance_rows") or []
+    if sig:
+        lines += [
+            "",
+            f"The whole guard, significance test included, on the {sig[0]['runs']} honest runs "
+            f"that kept their per-image matches ({sig[0]['rounds']} rounds); a run counts once, "
+            "at its first rollback (the lower bound of the drop in brackets).",
+            "",
+            "| max_drop | min_abs_drop | significance | runs that would roll back "
+            "| first rollback (run: round [lower bound]) | rule fired, within noise |",
+            "|---:|---:|---|---:|---|---:|",
+        ]
+    for r in sig:
+        first = (
+            ", ".join(
+                f"{k}: {v['rollback']}"
+                + (f" [{v['drop_ci']['low']:+.3f}]" if v.get("drop_ci") else "")
+                for k, v in r["per_run"].items()
+                if v["rollback"] is not None
+            )
+            or "none"
+        )
+        noise = sum(len(v["within_noise"]) for v in r["per_run"].values())
+        lines.append(
+            f"| {r['max_drop']:.2f} | {r['min_abs_drop']:.2f} | {r['significance'] or 'off'} "
+            f"| {r['runs_with_false_rollback']}/{r['runs']} | {first} | {noise} |"
         )
     return [*lines, ""]
 

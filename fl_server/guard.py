@@ -62,8 +62,10 @@ class GuardState:
     rollbacks: int = 0
     lr_scale: float = 1.0
     excluded: dict[str, int] = field(default_factory=dict)  # client id → last excluded round
-    suspicious: dict[str, int] = field(default_factory=dict)  # client id → last suspicious round
+    suspicious: dict[str, int] = field(default_factory=dict)  # client id → last flagged round
     participated: dict[str, int] = field(default_factory=dict)  # client id → last scored round
+    # client id → its last scored round's leave-one-out gain and bootstrap samples
+    gains: dict[str, dict] = field(default_factory=dict)
     flags: int = 0
 
 
@@ -147,38 +149,72 @@ class Guard:
             changes["excluded_until_round"] = until if culprits else None
         return changes
 
-    def contributions(self, server_round: int, everyone: dict, without: dict[str, dict]) -> dict:
-        """Per client k: ``gain`` = metric(aggregate without k) - metric(aggregate of all), its
-        paired-bootstrap interval, ``suspicious`` (the aggregate is significantly better
-        without k: the gain's one-sided lower bound is above 0) and ``flagged`` (suspicious in
-        this round and in the last round before it that k took part in). No effect-size floor:
-        a client of four training on wrong labels cost the aggregate 1-4 % a round
-        (benchmarks/faults.py), far below the rollback rule's 10 %; removing an honest client
-        makes the aggregate worse, not better, in the same runs."""
-        alpha = self.significance if self.significance is not None else 0.05
-        out = {}
-        for k, res in without.items():
-            gain = float(res[self.metric]) - float(everyone[self.metric])
-            ci = None
-            if everyone.get("images") and res.get("images"):
-                ci = paired_drop(
-                    res["images"], everyone["images"], self.metric, self.bootstrap, alpha,
-                    server_round * 1000 + len(out),
-                )  # fmt: skip
-            out[k] = self.score(server_round, k, gain, ci)
-        return out
+    def contributions(
+        self,
+        server_round: int,
+        everyone: dict,
+        without: dict[str, dict],
+    ) -> dict:
+        """Per client k: ``gain`` = metric(aggregate without k) - metric(aggregate of all), with
+        its paired-bootstrap interval ``ci`` (every model on the same resampled held-out images,
+        the same resamples every round), and ``gain_2``/``ci_2``: the gains of this round and of
+        the last round before it that k took part in, summed resample by resample.
 
-    def score(self, server_round: int, client: str, gain: float, ci: dict | None) -> dict:
-        """The flag rule on one client's leave-one-out ``gain`` and its interval ``ci`` (also
-        what ``benchmarks/faults.py`` replays on recorded scores)."""
+        k is ``flagged`` when ``ci_2``'s lower bound is above 0 (over its last two
+        participations, the aggregate would have been significantly better without it), and
+        this round its ``gain`` is not below 0 (a client that hurt once and helps now is not
+        flagged again on old evidence) and above the other clients' median (``vs_others`` > 0:
+        a round where every removal helps alike names nobody). Why two rounds summed: in the
+        slow-poisoning benchmark (benchmarks/faults.py) the poisoned client's removal gained
+        +0.04 in its first round and then 0 to +0.03 a round, often not significant alone,
+        while every honest client's removal cost; a single-round rule comparing each client
+        with the others flagged two honest clients in the honest twin run (which client helps
+        most moves from round to round)."""
+        alpha = self.significance if self.significance is not None else 0.05
         s = self.state
-        suspicious = bool(ci is not None and ci["low"] > 0 and gain > 0)
-        before = s.participated.get(client)
-        flagged = suspicious and before is not None and s.suspicious.get(client) == before
-        s.participated[client] = server_round
-        if suspicious:
-            s.suspicious[client] = server_round
-        return {"gain": gain, "ci": ci, "suspicious": suspicious, "flagged": flagged}
+        clients = sorted(without)
+        gains = {k: float(without[k][self.metric]) - float(everyone[self.metric]) for k in clients}
+        boot = None
+        if everyone.get("images") and all(without[k].get("images") for k in clients):
+            boot = joint_gains(
+                everyone["images"],
+                [without[k]["images"] for k in clients],
+                self.metric,
+                self.bootstrap,
+                seed=0,  # the same resamples every round: two rounds' gains pair up
+            )
+        out = {}
+        for i, k in enumerate(clients):
+            gain = gains[k]
+            vs_others = gain - statistics.median(gains[j] for j in clients if j != k)
+            ci = gain_2 = ci_2 = None
+            last = s.gains.get(k)
+            if boot is not None:
+                samples, seconds = boot
+                n = len(everyone["images"]["names"])
+                ci = _interval(samples[:, i], alpha, n, seconds)
+                if last is not None and len(last["samples"]) == len(samples):
+                    gain_2 = gain + last["gain"]
+                    ci_2 = _interval(samples[:, i] + np.array(last["samples"]), alpha, n, seconds)
+                    ci_2["rounds"] = [last["round"], server_round]
+                s.gains[k] = {
+                    "round": server_round,
+                    "gain": gain,
+                    "samples": [round(float(v), 6) for v in samples[:, i]],
+                }
+            flagged = bool(ci_2 is not None and ci_2["low"] > 0 and gain >= 0 and vs_others > 0)
+            s.participated[k] = server_round
+            if flagged:
+                s.suspicious[k] = server_round
+            out[k] = {
+                "gain": gain,
+                "ci": ci,
+                "gain_2": gain_2,
+                "ci_2": ci_2,
+                "vs_others": vs_others,
+                "flagged": flagged,
+            }
+        return out
 
     def flag(self, server_round: int, client: str) -> int | None:
         """Record a flagged client; under policy ``exclude`` it sits out the next rounds."""
@@ -227,9 +263,9 @@ def save_images(path, images: dict) -> None:
         tmp,
         names=np.array(images["names"], dtype=str),
         tp=tp.astype(bool),
-        conf=conf.astype(np.float32),
-        pred_cls=pred_cls.astype(np.float32),
-        target_cls=target_cls.astype(np.float32),
+        conf=conf,  # as the validator made them (float32 there): the same mAP when reloaded
+        pred_cls=pred_cls,
+        target_cls=target_cls,
         pred_at=pred_at,
         target_at=target_at,
     )
@@ -246,6 +282,40 @@ def load_images(path) -> dict:
             **{k: [z[k][pa[i] : pa[i + 1]] for i in range(n)] for k in ("tp", "conf", "pred_cls")},
             "target_cls": [z["target_cls"][ta[i] : ta[i + 1]] for i in range(n)],
         }
+
+
+def replay_contributions(guard: Guard, eval_dir, rounds: list[dict]) -> dict[int, dict]:
+    """``guard.contributions`` again, round after round, on a finished run's kept matches
+    (``output.save_matches``: ``eval/round_NNNN_all.npz`` and ``..._without_<k>.npz``) and the
+    repliers in its ``metrics.jsonl`` records: round → per-client scores, for the rounds that
+    kept them. A rule can so be tried on a run after the fact."""
+    from pathlib import Path
+
+    eval_dir = Path(eval_dir)
+    out = {}
+    for rec in sorted(rounds, key=lambda r: r["round"]):
+        rnd = rec["round"]
+        everyone = eval_dir / f"round_{rnd:04d}_all.npz"
+        if not everyone.is_file():
+            continue
+        ids = [str(c["id"]) for c in rec["clients"]]
+        without = {
+            k: _scored(load_images(p), guard.metric)
+            for k in ids
+            if (p := eval_dir / f"round_{rnd:04d}_without_{k}.npz").is_file()
+        }
+        everyone_res = _scored(load_images(everyone), guard.metric)
+        out[rnd] = guard.contributions(rnd, everyone_res, without)
+    return out
+
+
+def _scored(images: dict, metric: str) -> dict:
+    return {metric: metric_of(images, metric), "images": images}
+
+
+def metric_of(images: dict, metric: str) -> float:
+    """``metric`` over all the images of kept per-image matches: what the evaluation reported."""
+    return _map(images, np.arange(len(images["names"])), metric)
 
 
 def _map(images: dict, idx: np.ndarray, metric: str) -> float:
@@ -281,13 +351,38 @@ def paired_drop(
             for idx in rng.integers(0, n, (resamples, n))
         ]
     )
+    return _interval(diffs, alpha, n, time.perf_counter() - t0)
+
+
+def joint_gains(
+    everyone: dict, without: list[dict], metric: str, resamples: int, seed: int
+) -> tuple[np.ndarray, float] | None:
+    """Bootstrap of ``metric(without[j]) - metric(everyone)`` for every j on the same resampled
+    held-out images: a (resamples, len(without)) array, and the seconds it took. None when the
+    models were not evaluated on the same images in the same order."""
+    names = everyone["names"]
+    if not names or any(w["names"] != names for w in without):
+        return None
+    t0 = time.perf_counter()
+    n = len(names)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for idx in rng.integers(0, n, (resamples, n)):
+        base = _map(everyone, idx, metric)
+        rows.append([_map(w, idx, metric) - base for w in without])
+    return np.array(rows), time.perf_counter() - t0
+
+
+def _interval(samples: np.ndarray, alpha: float, images: int, seconds: float) -> dict:
+    """The ``alpha`` and ``1 - alpha`` quantiles of bootstrap ``samples``, with how they were
+    obtained (what ``metrics.jsonl`` records as the evidence)."""
     return {
-        "low": float(np.quantile(diffs, alpha)),
-        "high": float(np.quantile(diffs, 1 - alpha)),
+        "low": float(np.quantile(samples, alpha)),
+        "high": float(np.quantile(samples, 1 - alpha)),
         "level": 1 - alpha,
-        "resamples": resamples,
-        "images": n,
-        "seconds": time.perf_counter() - t0,
+        "resamples": len(samples),
+        "images": images,
+        "seconds": seconds,
     }
 
 

@@ -129,6 +129,11 @@ class Evaluator:
         return res
 
 
+def _weights(log) -> dict[str, int]:
+    """Each replier's weight in the round's mean: its example count, as FedAvg weighs it."""
+    return {str(e["id"]): max(1, int(e["num_examples"])) for e in log.clients}
+
+
 def _copy(arrays: ArrayRecord) -> ArrayRecord:
     """An independent copy (a strategy may keep and change the record it returned)."""
     return ArrayRecord({WEIGHTS_KEY: Array(arrays[WEIGHTS_KEY].numpy().copy())})
@@ -482,7 +487,7 @@ class Federation:
     def _mean_without(self, log, excluded: frozenset[str]) -> ArrayRecord:
         """The example-weighted mean of the round's returned models, without ``excluded``:
         FedAvg's rule, used for every strategy as the measure of what a client moved."""
-        weights = {str(e["id"]): max(1, int(e["num_examples"])) for e in log.clients}
+        weights = _weights(log)
         keep = [k for k in sorted(log.updates) if k in weights and k not in excluded]
         total = float(sum(weights[k] for k in keep))
         mean = sum((weights[k] / total) * log.updates[k].astype(np.float64) for k in keep)
@@ -491,11 +496,13 @@ class Federation:
     def _contributions(self, rnd: int) -> None:
         """``guard.contribution``: what each client did to this round's aggregate, on the
         held-out set (``fl_server.guard.Guard.contributions``): the mean of every reply and the
-        mean without client k are evaluated; k is suspicious when leaving it out makes the
-        aggregate significantly better (paired bootstrap), flagged when suspicious in two
-        consecutive rounds it took part in. Each client's entry in ``metrics.jsonl`` gets its
-        ``loo_gain``; a flag is a ``client_flagged`` event with the evidence, and under
-        ``guard.policy=exclude`` the client sits out ``guard.exclude_rounds`` rounds."""
+        mean without client k are evaluated; k is flagged when, over its last two
+        participations, the aggregate would have been significantly better without it (paired
+        bootstrap), and this round it did not help and did less than the other clients. Each
+        client's entry in ``metrics.jsonl`` gets its ``loo_gain``, ``loo_gain_2`` (two
+        participations), their intervals and ``loo_vs_others``; a flag is a
+        ``client_flagged`` event with the evidence, and under ``guard.policy=exclude`` the
+        client sits out ``guard.exclude_rounds`` rounds."""
         log = self.grid.rounds.get(rnd)
         if log is None or len(log.updates) < 3:
             return
@@ -518,14 +525,19 @@ class Federation:
             if sc is not None:
                 entry["loo_gain"] = sc["gain"]
                 entry["loo_ci"] = sc["ci"]
+                entry["loo_gain_2"] = sc["gain_2"]
+                entry["loo_ci_2"] = sc["ci_2"]
+                entry["loo_vs_others"] = sc["vs_others"]
         for k, sc in scores.items():
             if not sc["flagged"]:
                 continue
+            m, ci2 = self.guard.metric, sc["ci_2"]
             reason = (
-                f"client {k}: leaving its update out of the aggregate raised {self.guard.metric} "
-                f"from {everyone[self.guard.metric]:.4f} to {without[k][self.guard.metric]:.4f} "
-                f"(+{sc['gain']:.4f}, 95% lower bound {sc['ci']['low']:.4f} > 0) in this round and "
-                f"the one before it took part in (guard.contribution)"
+                f"client {k}: leaving its update out would have raised the aggregate's {m} by "
+                f"{sc['gain_2']:+.4f} over rounds {ci2['rounds'][0]} and {ci2['rounds'][1]} "
+                f"({ci2['level']:.0%} lower bound {ci2['low']:+.4f} > 0; this round "
+                f"{everyone[m]:.4f} with it, {without[k][m]:.4f} without: it did not help, and "
+                f"less than the other clients) (guard.contribution)"
             )
             LOGGER.warning("round %d: %s", rnd, reason)
             self.run.event(

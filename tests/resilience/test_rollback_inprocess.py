@@ -14,6 +14,8 @@ import torch
 from inprocess import run_inprocess
 
 from fl_client.model import record_digest, to_record
+from fl_server.config import load
+from fl_server.guard import Guard, replay_contributions
 from fl_server.run_dir import read_jsonl
 from fl_server.tracking import offline_scalars, sessions
 
@@ -131,8 +133,9 @@ def test_a_client_that_keeps_hurting_the_aggregate_is_flagged_and_excluded(
 ):
     """guard.contribution: each round, the aggregate without each client is scored on the
     held-out set. Client 1 sends random weights in rounds 1 and 2: both rounds are rolled back
-    (the global model stays good), and client 1 is suspicious in round 1 and flagged in round 2
-    (two rounds running) with its evidence; the honest clients never are. (Exclusion after a
+    (the global model stays good), and client 1 is flagged in round 2 (its gains over two
+    participations) with its evidence; the honest clients never are. With output.save_matches
+    the scores replay exactly from the kept matches. (Exclusion after a
     flag under policy=exclude: tests/fl_server/test_guard.py.)"""
     run, _ = run_inprocess(
         tmp_path,
@@ -144,6 +147,7 @@ def test_a_client_that_keeps_hurting_the_aggregate_is_flagged_and_excluded(
             "faults.round=[1,2]",
             "faults.kind=random_weights",
             "guard.contribution=true",
+            "output.save_matches=true",
         ],
         clients=3,
     )
@@ -153,7 +157,26 @@ def test_a_client_that_keeps_hurting_the_aggregate_is_flagged_and_excluded(
         gains = {c["id"]: c["loo_gain"] for c in r["clients"]}
         assert gains[1] > 0.05 and gains[1] > 10 * max(abs(gains[0]), abs(gains[2])), gains
         assert all(c["loo_ci"]["images"] > 0 for c in r["clients"])
+        c1 = next(c for c in r["clients"] if c["id"] == 1)
+        assert c1["loo_vs_others"] > 0.05 and c1["loo_ci"]["low"] > 0
     flags = [e for e in read_jsonl(run.events) if e["kind"] == "client_flagged"]
     assert [(e["round"], e["client"]) for e in flags] == [(2, "1")], flags
-    assert flags[0]["evidence"]["ci"]["low"] > 0 and flags[0]["excluded_until_round"] is None
+    evidence = flags[0]["evidence"]
+    assert evidence["ci_2"]["low"] > 0 and evidence["ci_2"]["rounds"] == [1, 2]
+    assert flags[0]["excluded_until_round"] is None
     assert "loo_gain" in rounds[2]["clients"][0]  # round 3: everyone honest, nobody flagged
+
+    # output.save_matches: the kept matches replay the same scores, bit for bit
+    def timeless(ci: dict) -> dict:
+        return {k: v for k, v in ci.items() if k != "seconds"}
+
+    replayed = replay_contributions(Guard(load(run.config).guard), run.path / "eval", rounds)
+    assert sorted(replayed) == [1, 2, 3]
+    for r in rounds:
+        for c in r["clients"]:
+            again = replayed[r["round"]][str(c["id"])]
+            assert again["gain"] == c["loo_gain"]
+            assert timeless(again["ci"]) == timeless(c["loo_ci"])
+            assert again["gain_2"] == c["loo_gain_2"] and again["vs_others"] == c["loo_vs_others"]
+            assert timeless(again["ci_2"] or {}) == timeless(c["loo_ci_2"] or {})
+    assert [k for k, v in replayed[2].items() if v["flagged"]] == ["1"]
