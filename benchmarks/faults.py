@@ -192,6 +192,7 @@ def contribution_runs(rounds: int) -> None:
         extra = [faults_override(faults)] if faults else []
         run = fedyolo_run(name, [*start, *extra, *CONTRIBUTION])
         row = {**tally(run, faults, rounds), "seconds": time.perf_counter() - t1}
+        row["date"] = time.strftime("%Y-%m-%d")
         out["rows"] = [r for r in out["rows"] if r["run"] != name] + [row]
         path.write_text(json.dumps(out, indent=2) + "\n")
         print(json.dumps({k: row[k] for k in ("run", "flags", "flags_replayed")}), flush=True)

@@ -113,7 +113,7 @@ def replay_significance(run: Path, max_drop: float, min_abs: float, sig: float |
 
 
 def significance_rows() -> list[dict]:
-    runs = sorted(p.parent for p in (WORK / "runs").glob("*/eval/round_0000.npz"))
+    runs = sorted(p.parent.parent for p in (WORK / "runs").glob("*/eval/round_0000.npz"))
     runs = [r for r in runs if not injected(r) and len(read_jsonl(r / "metrics.jsonl")) >= 5]
     rows = []
     for max_drop, min_abs, sig in SIGNIFICANCE_SETTINGS:
@@ -132,6 +132,36 @@ def significance_rows() -> list[dict]:
             }
         )
         print(f"{max_drop} {min_abs} sig={sig}: {len(rolled)}/{len(runs)} {rolled}", flush=True)
+    return rows
+
+
+def contribution_rows() -> list[dict]:
+    """Today's contribution flag rule replayed on every honest run that kept the matches of its
+    leave-one-out aggregates (``guard.contribution`` with ``output.save_matches``): every flag
+    is an honest client flagged."""
+    from fl_server.guard import replay_contributions
+
+    rows = []
+    for run in sorted({p.parent.parent for p in (WORK / "runs").glob("*/eval/round_*_all.npz")}):
+        if injected(run):
+            continue
+        records = read_jsonl(run / "metrics.jsonl")
+        scores = replay_contributions(Guard(compose([]).guard), run / "eval", records)
+        metric = {r["round"]: r["map50_95"] for r in records}
+        flags = [
+            {
+                "round": rnd,
+                "client": k,
+                "gain_2": v["gain_2"],
+                "low": v["ci_2"]["low"],
+                "map50_95": metric[rnd],
+            }  # fmt: skip
+            for rnd in sorted(scores)
+            for k, v in sorted(scores[rnd].items())
+            if v["flagged"]
+        ]
+        rows.append({"run": run.name, "rounds": len(scores), "honest_flags": flags})
+        print(f"{run.name}: {len(flags)} honest flags {flags}", flush=True)
     return rows
 
 
@@ -184,6 +214,8 @@ def main() -> None:
         "rows": rows,
         # the whole guard, significance test included, on the runs that kept their matches
         "significance_rows": significance_rows(),
+        # the contribution flags on honest runs that scored every client
+        "contribution_rows": contribution_rows(),
     }
     (RESULTS / "guard_replay.json").write_text(json.dumps(out, indent=2) + "\n")
 

@@ -151,7 +151,12 @@ def faults() -> list[str]:
     lines = [
         f"**Faults** (`{path.name}`; {d['machine']}; {d['date']}): yolov8n, 4 clients, iid, "
         f"{s['rounds']} rounds × {s['local_epochs']} local epoch, warm-started from an honest "
-        f"run's best.pt (mAP50-95 {w['best']['map50_95']:.3f}); round timeout 120 s.",
+        f"run's best.pt (mAP50-95 {w['best']['map50_95']:.3f}); round timeout 120 s."
+        + "".join(
+            f" {r['run']} re-run {r['date']}."
+            for r in d["rows"]
+            if r.get("date", d["date"]) != d["date"]
+        ),
         "",
         "| run | faults injected | survived | rounds lost | rollbacks (correct) | false triggers "
         "| server killed + resumed | clients flagged (replayed: round, client) | honest flagged "
@@ -231,6 +236,25 @@ def guard_replay() -> list[str]:
             f"| {r['max_drop']:.2f} | {r['min_abs_drop']:.2f} | {r['significance'] or 'off'} "
             f"| {r['runs_with_false_rollback']}/{r['runs']} | {first} | {noise} |"
         )
+    contrib = d.get("contribution_rows") or []
+    if contrib:
+        lines += [
+            "",
+            "`guard.contribution`'s flag rule replayed on the honest runs that scored every "
+            "client (every flag is an honest client flagged):",
+            "",
+            "| run | rounds scored | honest flags (round: client, two-round gain, mAP50-95) |",
+            "|---|---:|---|",
+        ]
+    for r in contrib:
+        flags = (
+            ", ".join(
+                f"{f['round']}: {f['client']}, {f['gain_2']:+.3f}, {f['map50_95']:.3f}"
+                for f in r["honest_flags"]
+            )
+            or "none"
+        )
+        lines.append(f"| {r['run']} | {r['rounds']} | {flags} |")
     return [*lines, ""]
 
 

@@ -127,6 +127,8 @@ def _with_new_keys(cfg: DictConfig) -> DictConfig:
         cfg.output.save_matches = False
     if "contribution" not in cfg.guard:
         cfg.guard.contribution = False
+    if "min_flag_gain" not in cfg.guard:
+        cfg.guard.min_flag_gain = 0.01
     return cfg
 
 
@@ -291,6 +293,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v is None or (_is_num(v) and 0 < v < 0.5), "null or a number in (0, 0.5)"
     ),
     "guard.bootstrap": _rule(lambda v: _is_int(v) and v >= 20, "an integer >= 20"),
+    "guard.min_flag_gain": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "guard.contribution": _rule(lambda v: isinstance(v, bool), "true or false"),
     "guard.policy": _rule(
         lambda v: v in {"rollback", "lower_lr", "exclude"}, "rollback, lower_lr or exclude"

@@ -84,6 +84,7 @@ class Guard:
         self.significance = None if sig is None else float(sig)
         self.bootstrap = int(cfg.get("bootstrap") or 200)
         self.contribution = bool(cfg.get("contribution") or False)
+        self.min_flag_gain = float(cfg.get("min_flag_gain") or 0.0)
         self.state = GuardState()
         # the reference rounds' per-image matches (not saved: re-evaluated on resume)
         self.images: dict[str, dict | None] = {"best": None, "previous": None}
@@ -161,7 +162,9 @@ class Guard:
         the last round before it that k took part in, summed resample by resample.
 
         k is ``flagged`` when ``ci_2``'s lower bound is above 0 (over its last two
-        participations, the aggregate would have been significantly better without it), and
+        participations, the aggregate would have been significantly better without it) and
+        ``gain_2`` is at least ``guard.min_flag_gain`` (significant is not enough: at mAP
+        ~0.004, at the onset of learning, an honest client's +0.003 was significant), and
         this round its ``gain`` is not below 0 (a client that hurt once and helps now is not
         flagged again on old evidence) and above the other clients' median (``vs_others`` > 0:
         a round where every removal helps alike names nobody). Why two rounds summed: in the
@@ -202,7 +205,13 @@ class Guard:
                     "gain": gain,
                     "samples": [round(float(v), 6) for v in samples[:, i]],
                 }
-            flagged = bool(ci_2 is not None and ci_2["low"] > 0 and gain >= 0 and vs_others > 0)
+            flagged = bool(
+                ci_2 is not None
+                and ci_2["low"] > 0
+                and gain_2 >= self.min_flag_gain
+                and gain >= 0
+                and vs_others > 0
+            )
             s.participated[k] = server_round
             if flagged:
                 s.suspicious[k] = server_round

@@ -245,6 +245,12 @@ def test_a_small_cost_over_two_rounds_is_flagged_and_an_honest_removal_is_not():
         assert r["2"]["ci"]["low"] <= 0  # alone, within the held-out set's noise
     assert r["2"]["ci_2"]["low"] > 0 and r["2"]["flagged"]  # significant over two rounds
     assert r["0"]["gain"] < 0 and not r["0"]["flagged"] and not r["1"]["flagged"]
+    # significant, but smaller than guard.min_flag_gain: not flagged
+    floor = guard(max_drop=0.10, significance=0.05, bootstrap=200, min_flag_gain=0.2)
+    for rnd, wrong in enumerate(lost, start=1):
+        everyone = _with_map(_images([i not in wrong for i in range(60)]))
+        r = floor.contributions(rnd, everyone, {"0": worse, "1": worse, "2": clean})
+    assert r["2"]["ci_2"]["low"] > 0 and r["2"]["gain_2"] < 0.2 and not r["2"]["flagged"]
 
 
 def test_a_round_where_every_removal_helps_alike_names_nobody():
