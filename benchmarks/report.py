@@ -141,6 +141,11 @@ def transport() -> list[str]:
     return [*lines, ""]
 
 
+def _listing(items) -> str:
+    """A table cell: the items joined by commas, or "none"."""
+    return ", ".join(items) or "none"
+
+
 def faults() -> list[str]:
     path = RESULTS / "faults.json"
     if not path.exists():
@@ -166,9 +171,7 @@ def faults() -> list[str]:
     for r in d["rows"]:
         replayed, honest = r.get("flags_replayed"), r.get("honest_flags_replayed")
         flags = (
-            "matches not kept"
-            if replayed is None
-            else ", ".join(f"{a}: {b}" for a, b in replayed) or "none"
+            "matches not kept" if replayed is None else _listing(f"{a}: {b}" for a, b in replayed)
         )
         lines.append(
             f"| {r['run']} | {r['faults_injected']} | {r['faults_survived']} "
@@ -204,7 +207,7 @@ def guard_replay() -> list[str]:
         "|---:|---:|---:|---|",
     ]
     for r in d["rows"]:
-        first = ", ".join(f"{k}: {v}" for k, v in r["first_triggers"].items()) or "none"
+        first = _listing(f"{k}: {v}" for k, v in r["first_triggers"].items())
         lines.append(
             f"| {r['max_drop']:.2f} | {r['min_abs_drop']:.2f} "
             f"| {r['runs_with_false_trigger']}/{r['runs']} | {first} |"
@@ -222,14 +225,10 @@ def guard_replay() -> list[str]:
             "|---:|---:|---|---:|---|---:|",
         ]
     for r in sig:
-        first = (
-            ", ".join(
-                f"{k}: {v['rollback']}"
-                + (f" [{v['drop_ci']['low']:+.3f}]" if v.get("drop_ci") else "")
-                for k, v in r["per_run"].items()
-                if v["rollback"] is not None
-            )
-            or "none"
+        first = _listing(
+            f"{k}: {v['rollback']}" + (f" [{v['drop_ci']['low']:+.3f}]" if v.get("drop_ci") else "")
+            for k, v in r["per_run"].items()
+            if v["rollback"] is not None
         )
         noise = sum(len(v["within_noise"]) for v in r["per_run"].values())
         lines.append(
@@ -247,12 +246,9 @@ def guard_replay() -> list[str]:
             "|---|---:|---|",
         ]
     for r in contrib:
-        flags = (
-            ", ".join(
-                f"{f['round']}: {f['client']}, {f['gain_2']:+.3f}, {f['map50_95']:.3f}"
-                for f in r["honest_flags"]
-            )
-            or "none"
+        flags = _listing(
+            f"{f['round']}: {f['client']}, {f['gain_2']:+.3f}, {f['map50_95']:.3f}"
+            for f in r["honest_flags"]
         )
         lines.append(f"| {r['run']} | {r['rounds']} | {flags} |")
     return [*lines, ""]

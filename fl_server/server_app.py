@@ -129,11 +129,6 @@ class Evaluator:
         return res
 
 
-def _weights(log) -> dict[str, int]:
-    """Each replier's weight in the round's mean: its example count, as FedAvg weighs it."""
-    return {str(e["id"]): max(1, int(e["num_examples"])) for e in log.clients}
-
-
 def _copy(arrays: ArrayRecord) -> ArrayRecord:
     """An independent copy (a strategy may keep and change the record it returned)."""
     return ArrayRecord({WEIGHTS_KEY: Array(arrays[WEIGHTS_KEY].numpy().copy())})
@@ -487,7 +482,7 @@ class Federation:
     def _mean_without(self, log, excluded: frozenset[str]) -> ArrayRecord:
         """The example-weighted mean of the round's returned models, without ``excluded``:
         FedAvg's rule, used for every strategy as the measure of what a client moved."""
-        weights = _weights(log)
+        weights = {str(e["id"]): max(1, int(e["num_examples"])) for e in log.clients}
         keep = [k for k in sorted(log.updates) if k in weights and k not in excluded]
         total = float(sum(weights[k] for k in keep))
         mean = sum((weights[k] / total) * log.updates[k].astype(np.float64) for k in keep)
