@@ -129,6 +129,10 @@ def _with_new_keys(cfg: DictConfig) -> DictConfig:
         cfg.guard.contribution = False
     if "min_flag_gain" not in cfg.guard:
         cfg.guard.min_flag_gain = 0.01
+    if "patience" not in cfg.guard:
+        cfg.guard.patience = 0
+    if "severe_drop" not in cfg.guard:
+        cfg.guard.severe_drop = 0.5
     return cfg
 
 
@@ -291,6 +295,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "guard.min_abs_drop": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "guard.significance": _rule(
         lambda v: v is None or (_is_num(v) and 0 < v < 0.5), "null or a number in (0, 0.5)"
+    ),
+    "guard.patience": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "guard.severe_drop": _rule(
+        lambda v: v is None or (_is_num(v) and 0 < v <= 1), "null or a number in (0, 1]"
     ),
     "guard.bootstrap": _rule(lambda v: _is_int(v) and v >= 20, "an integer >= 20"),
     "guard.min_flag_gain": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),

@@ -9,7 +9,18 @@ global model back to the best checkpoint, server-side strategy state included
 (``paired_drop``: both models' per-image matches are computed once by the evaluation; each of
 ``guard.bootstrap`` resamples recomputes both mAPs on the same resampled images) puts the
 one-sided ``guard.significance`` lower bound of the drop above 0, so a dip within the held-out
-set's own noise is not a rollback. It is computed only when the rule above fires. Then the policy:
+set's own noise is not a rollback. It is computed only when the rule above fires.
+
+Then training noise: honest FedAvg rounds dip by more than 10 %, significantly on the held-out
+images, and recover the next round (benchmarks/guard_replay.py). So a significant drop of less
+than ``guard.severe_drop`` (relative, default 50 %) is put *on probation* for ``guard.patience``
+rounds: it is accepted as the global model that training continues from, but it never becomes
+the reference nor ``best.pt``, and the round's metrics say so; if the next round is still a
+significant drop below the reference, that round rolls back; so does a drop in the run's last
+round (nothing is left to confirm it: a run never ends on a model on probation). A drop of
+``severe_drop`` or more (every weight fault in benchmarks/faults.py collapsed the mAP to ~0), or
+a metric that is not finite, rolls back at once (``severe_drop=null``: only the latter).
+``guard.patience=0``: every drop rolls back at once. Then the policy:
 
 * ``rollback``: only roll back;
 * ``lower_lr``: roll back and multiply the clients' ``lr0`` by ``guard.lr_factor`` from now on;
@@ -47,9 +58,30 @@ class Decision:
     # None when not computed (no rule fired, significance off, or no per-image data)
     drop_ci: dict | None = None
     significant: bool | None = None
+    # the rule fired (significantly) but the drop is not severe and the guard's patience is not
+    # spent: accepted on probation (training continues from it; never a reference nor best.pt)
+    probation: bool = False
 
     def as_dict(self) -> dict:
-        return {"decision": "rollback" if self.rolled_back else "accept", **asdict(self)}
+        kind = "rollback" if self.rolled_back else "probation" if self.probation else "accept"
+        return {"decision": kind, **asdict(self)}
+
+    def describe(self) -> str:
+        """How far below the reference, the start of every guard event's reason."""
+        return (
+            f"{self.metric} {self.value:.4f} is {self.drop:.1%} below the reference "
+            f"{self.reference:.4f} (round {self.reference_round})"
+        )
+
+    def evidence(self) -> dict:
+        """The numbers every guard event carries."""
+        return {
+            "metric": self.metric,
+            "value": self.value,
+            "reference": self.reference,
+            "reference_round": self.reference_round,
+            "drop": self.drop,
+        }
 
 
 @dataclass
@@ -60,6 +92,7 @@ class GuardState:
     previous_value: float | None = None
     consecutive: int = 0
     rollbacks: int = 0
+    probation: int = 0  # consecutive rounds accepted on probation (guard.patience)
     lr_scale: float = 1.0
     excluded: dict[str, int] = field(default_factory=dict)  # client id → last excluded round
     suspicious: dict[str, int] = field(default_factory=dict)  # client id → last flagged round
@@ -85,12 +118,16 @@ class Guard:
         self.bootstrap = int(cfg.get("bootstrap") or 200)
         self.contribution = bool(cfg.get("contribution") or False)
         self.min_flag_gain = float(cfg.get("min_flag_gain") or 0.0)
+        self.patience = int(cfg.get("patience") or 0)
+        severe = cfg.get("severe_drop", 0.5)
+        self.severe_drop = None if severe is None else float(severe)
         self.state = GuardState()
         # the reference rounds' per-image matches (not saved: re-evaluated on resume)
         self.images: dict[str, dict | None] = {"best": None, "previous": None}
 
-    def check(self, server_round: int, metrics: dict) -> Decision:
-        """Compare this round's metric with the reference; does not change any state."""
+    def check(self, server_round: int, metrics: dict, final: bool = False) -> Decision:
+        """Compare this round's metric with the reference; does not change any state. In the
+        run's ``final`` round no drop is put on probation (no round is left to confirm it)."""
         s = self.state
         value = float(metrics[self.metric])
         if self.reference == "best":
@@ -102,31 +139,57 @@ class Guard:
         trigger = bool(self.enabled and ref is not None and self.is_drop(value, ref))
         ci, significant = None, None
         ref_images, images = self.images[self.reference], metrics.get("images")
-        if trigger and self.significance is not None and ref_images and images:
+        severe = trigger and (
+            not np.isfinite(value) or (self.severe_drop is not None and drop >= self.severe_drop)
+        )
+        if (
+            trigger
+            and np.isfinite(value)
+            and self.significance is not None
+            and ref_images
+            and images
+        ):
             ci = paired_drop(
                 ref_images, images, self.metric, self.bootstrap, self.significance, server_round
             )
             if ci is not None:
                 significant = ci["low"] > 0
                 trigger = significant
+        probation = trigger and not severe and not final and s.probation < self.patience
         return Decision(
-            self.metric, value, ref, ref_round, drop, abs_drop, trigger, ci, significant
+            self.metric,
+            value,
+            ref,
+            ref_round,
+            drop,
+            abs_drop,
+            trigger and not probation,
+            ci,
+            significant,
+            probation,
         )
 
     def is_drop(self, value: float, reference: float) -> bool:
         """The user's rule: more than ``max_drop`` below ``reference``, and ``min_abs_drop``."""
         if reference <= 0:
             return False
+        if not np.isfinite(value):
+            return True
         return (reference - value) / reference > self.max_drop and (
             reference - value >= self.min_abs_drop
         )
 
-    def accept(self, server_round: int, metrics: dict) -> bool:
-        """Record an accepted round; True when it is the new best."""
+    def accept(self, server_round: int, metrics: dict, probation: bool = False) -> bool:
+        """Record an accepted round; True when it is the new best. A round accepted on
+        probation (``Decision.probation``) is not a reference: only the count moves."""
         s = self.state
+        s.consecutive = 0
+        if probation:
+            s.probation += 1
+            return False
+        s.probation = 0
         value = float(metrics[self.metric])
         s.previous_round, s.previous_value = server_round, value
-        s.consecutive = 0
         self.images["previous"] = metrics.get("images")
         if s.best_value is None or value > s.best_value:
             s.best_round, s.best_value = server_round, value
@@ -139,6 +202,7 @@ class Guard:
         s = self.state
         s.consecutive += 1
         s.rollbacks += 1
+        s.probation = 0
         changes: dict[str, Any] = {"policy": self.policy, "consecutive": s.consecutive}
         if self.policy == "lower_lr":
             s.lr_scale *= self.lr_factor

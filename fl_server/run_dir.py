@@ -112,7 +112,9 @@ class RunDir:
         accepted = initial + [
             r
             for r in rounds
-            if r.get("map50_95") is not None and not r.get("guard", {}).get("rolled_back")
+            if r.get("map50_95") is not None
+            and not r.get("guard", {}).get("rolled_back")
+            and not r.get("guard", {}).get("probation")  # never best.pt either
         ]
         metric = rounds[-1].get("guard", {}).get("metric", "map50_95") if rounds else "map50_95"
         best = max(accepted, key=lambda r: r[metric], default=None)
@@ -198,7 +200,14 @@ class RunDir:
                 "|---:|---:|---:|---:|---:|---:|---:|---|",
             ]
             for r in rounds:
-                guard = "rolled back" if r.get("guard", {}).get("rolled_back") else ""
+                guard = r.get("guard", {})
+                guard = (
+                    "rolled back"
+                    if guard.get("rolled_back")
+                    else "on probation"
+                    if guard.get("probation")
+                    else ""
+                )
                 lines.append(
                     f"| {r['round']} | {r['map50_95']:.3f} | {r['map50']:.3f} | "
                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['round_seconds']:.1f} | "

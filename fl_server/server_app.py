@@ -353,16 +353,18 @@ class Federation:
             res = self.evaluate(candidate, self.run.work / "candidate.pt", rnd)
             eval_seconds = time.perf_counter() - t_eval
             self._save_matches(res, rnd)
-            decision = self.guard.check(rnd, res)
+            decision = self.guard.check(rnd, res, final=rnd == total)
             if decision.significant is False:
                 self._noise_event(rnd, decision)
+            if decision.probation:
+                self._probation_event(rnd, decision)
             if self.guard.enabled and self.guard.contribution:
                 self._contributions(rnd)  # also in a rolled-back round: evidence all the same
             if decision.rolled_back:
                 self._rollback(rnd, res, decision)
             else:
                 self.arrays = candidate
-                improved = self.guard.accept(rnd, res)
+                improved = self.guard.accept(rnd, res, probation=decision.probation)
                 self._promote(self.run.work / "candidate.pt", best=improved)
                 if improved:
                     self.best = (_copy(candidate), self._strategy_state())
@@ -411,6 +413,7 @@ class Federation:
         from fl_server import state as state_mod
 
         log = self.grid.rounds.get(rnd)
+        held = self.guard.state.probation  # rounds on probation before this one
         attribution = None
         if self.guard.policy == "exclude" and log and log.updates:
             attribution = self._attribute(log, decision, rnd)
@@ -423,30 +426,29 @@ class Federation:
         changes = self.guard.rolled_back(rnd, culprits)
         ci = decision.drop_ci
         reason = (
-            f"{decision.metric} {decision.value:.4f} is {decision.drop:.1%} below the reference "
-            f"{decision.reference:.4f} (round {decision.reference_round}); limit "
-            f"guard.max_drop={self.guard.max_drop} and guard.min_abs_drop="
-            f"{self.guard.min_abs_drop}"
+            f"{decision.describe()}; limit guard.max_drop={self.guard.max_drop} and "
+            f"guard.min_abs_drop={self.guard.min_abs_drop}"
             + (
                 f"; significant: the drop's {ci['level']:.0%} lower bound is {ci['low']:.4f} > 0 "
                 f"(paired bootstrap, {ci['images']} held-out images)"
                 if ci
                 else ""
             )
+            + (
+                f"; below it since round {rnd - held}, past guard.patience={self.guard.patience}"
+                if held
+                else ""
+            )
             + f": rolled back to round {self.guard.state.best_round}"
         )
-        LOGGER.warning("round %d: %s", rnd, reason)
-        self.run.event(
+        self._warn(
             rnd,
             "rollback",
             reason=reason,
-            metric=decision.metric,
-            value=decision.value,
-            reference=decision.reference,
-            reference_round=decision.reference_round,
-            drop=decision.drop,
+            **decision.evidence(),
             rejected_sha256=res["weights_sha256"],
             restored_round=self.guard.state.best_round,
+            after_probation_rounds=held,
             restored_sha256=record_digest(best_arrays),
             culprits=culprits,
             # first search step: each client id → the metric of the aggregate without it
@@ -455,13 +457,41 @@ class Federation:
             **changes,
         )
 
+    def _warn(self, rnd: int, kind: str, reason: str, **fields) -> None:
+        """A guard event worth a warning: logged, and in events.jsonl with its evidence."""
+        LOGGER.warning("round %d: %s", rnd, reason)
+        self.run.event(rnd, kind, reason=reason, **fields)
+
+    def _probation_event(self, rnd: int, decision) -> None:
+        """The rule fired, significantly, but the drop is not severe: accepted on probation
+        (training continues from it; it is neither the reference nor best.pt), and said so."""
+        ci = decision.drop_ci
+        reason = (
+            decision.describe()
+            + (f", significantly (lower bound {ci['low']:.4f})" if ci else "")
+            + (
+                f", less than guard.severe_drop={self.guard.severe_drop:.0%}"
+                if self.guard.severe_drop is not None
+                else ""
+            )
+            + f": on probation ({self.guard.state.probation + 1} of guard.patience="
+            f"{self.guard.patience} round(s));"
+            " a further drop below the reference rolls back to the best checkpoint"
+        )
+        self._warn(
+            rnd,
+            "drop_on_probation",
+            reason=reason,
+            **decision.evidence(),
+            drop_ci=ci,
+        )
+
     def _noise_event(self, rnd: int, decision) -> None:
         """The user's rule fired but the drop is within the held-out set's noise: accepted,
         and said so with the evidence."""
         ci = decision.drop_ci
         reason = (
-            f"{decision.metric} {decision.value:.4f} is {decision.drop:.1%} below the reference "
-            f"{decision.reference:.4f} (round {decision.reference_round}), but not significantly: "
+            f"{decision.describe()}, but not significantly: "
             f"the drop's {ci['level']:.0%} lower bound is {ci['low']:.4f} <= 0 (paired bootstrap "
             f"over {ci['images']} held-out images, guard.significance={self.guard.significance}); "
             "accepted"
@@ -534,8 +564,7 @@ class Federation:
                 f"{everyone[m]:.4f} with it, {without[k][m]:.4f} without: it did not help, and "
                 f"less than the other clients) (guard.contribution)"
             )
-            LOGGER.warning("round %d: %s", rnd, reason)
-            self.run.event(
+            self._warn(
                 rnd,
                 "client_flagged",
                 client=k,

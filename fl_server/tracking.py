@@ -18,8 +18,9 @@ What the task holds: the resolved config as hyperparameters (section ``fedyolo``
 global mAP50/mAP50-95, precision and recall, mAP50-95 per class, the round time and failures; per
 client (series ``client <id>``) examples, loss, train seconds, bytes up and down, update norm and
 data-drift score; a ``clients`` table per round; the guard's decision (``guard/rolled back``,
-``guard/relative drop``); every event (rollback, data drift, failures...) as a scalar under
-``events`` plus a text line, with tags for rollbacks, guard stops and data drift; at the end the
+``guard/on probation``, ``guard/relative drop``); every event (rollback, data drift,
+failures...) as a scalar under ``events`` plus a text line, with tags for rollbacks, guard stops
+and data drift; at the end the
 metrics plot, ``best.pt`` as an artifact and the best/final mAP as single values.
 
 **Resume.** Online, a resumed run continues the same task (``Task.init(continue_last_task=id)``).
@@ -235,6 +236,7 @@ class Tracker:
         guard = record.get("guard") or {}
         if guard:
             scalars[("guard", "rolled back")] = int(bool(guard.get("rolled_back")))
+            scalars[("guard", "on probation")] = int(bool(guard.get("probation")))
             scalars[("guard", "relative drop")] = guard.get("drop")
         for c in record.get("clients") or []:
             for title, key in CLIENT_SERIES.items():

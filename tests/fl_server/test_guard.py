@@ -23,24 +23,63 @@ def m(v: float) -> dict:
 
 
 def test_drop_needs_both_relative_and_absolute_size():
-    g = guard(max_drop=0.10, min_abs_drop=0.02)
+    g = guard(max_drop=0.10, min_abs_drop=0.02, patience=0)
     g.accept(1, m(0.30))
     assert not g.check(2, m(0.28)).rolled_back  # 6.7 %: below the threshold
     d = g.check(2, m(0.26))  # 13 %, 0.04 absolute
     assert d.rolled_back and d.reference == 0.30 and d.drop == pytest.approx(0.1333, abs=1e-3)
-    g2 = guard(max_drop=0.10, min_abs_drop=0.02)
+    g2 = guard(max_drop=0.10, min_abs_drop=0.02, patience=0)
     g2.accept(1, m(0.05))
     assert not g2.check(2, m(0.035)).rolled_back  # 30 % of a tiny number: noise, not a drop
 
 
 def test_reference_best_or_previous():
-    best = guard(reference="best")
-    prev = guard(reference="previous")
+    best = guard(reference="best", patience=0)
+    prev = guard(reference="previous", patience=0)
     for g in (best, prev):
         g.accept(1, m(0.40))
         g.accept(2, m(0.33))  # a drop the guard accepted (e.g. below min_abs_drop)
     assert best.check(3, m(0.34)).rolled_back  # 15 % below the best
     assert not prev.check(3, m(0.34)).rolled_back  # above the previous round
+
+
+def test_a_moderate_drop_is_on_probation_and_rolls_back_only_if_it_lasts():
+    """Honest FedAvg dips >10 % and recovers the next round; a lasting drop still rolls back,
+    and a collapse (a weight fault: mAP ~0) or a NaN metric rolls back at once."""
+    g = guard(max_drop=0.10, min_abs_drop=0.02, patience=1, severe_drop=0.5)
+    g.accept(1, m(0.30))
+    dip = g.check(2, m(0.25))  # 17 %: on probation, accepted
+    assert dip.probation and not dip.rolled_back and dip.as_dict()["decision"] == "probation"
+    assert g.accept(2, m(0.25), probation=True) is False
+    assert g.state.previous_value == 0.30 and g.state.best_round == 1  # not a reference
+    back = g.check(3, m(0.31))  # recovered: a new best, the probation is over
+    assert not back.rolled_back and not back.probation and g.accept(3, m(0.31))
+    assert g.state.probation == 0
+
+    g.check(4, m(0.27))
+    g.accept(4, m(0.27), probation=True)
+    lasting = g.check(5, m(0.26))  # still >10 % below round 3: patience spent
+    assert lasting.rolled_back and not lasting.probation and lasting.reference_round == 3
+    g.rolled_back(5, [])
+    assert g.state.probation == 0
+    assert g.check(6, m(0.27)).probation  # after a rollback the patience is whole again
+
+    for collapse in (0.10, float("nan")):  # >= severe_drop, or not a number: at once
+        d = g.check(6, m(collapse))
+        assert d.rolled_back and not d.probation
+    g.accept(6, m(0.27), probation=True)
+    assert g.check(7, m(0.0)).rolled_back
+    g.rolled_back(7, [])
+    assert g.check(8, m(0.27), final=True).rolled_back  # the run's last round: no probation
+    lenient = guard(max_drop=0.10, min_abs_drop=0.02, patience=1, severe_drop=None)
+    lenient.accept(1, m(0.30))
+    assert lenient.check(2, m(0.0)).probation  # severe_drop=null: a collapse waits too
+    assert lenient.check(2, m(float("nan"))).rolled_back  # but never a NaN
+    # previous as the reference: the probation round is not the new "previous" either
+    p = guard(reference="previous", max_drop=0.10, min_abs_drop=0.02, patience=1)
+    p.accept(1, m(0.30))
+    p.accept(2, m(0.25), probation=p.check(2, m(0.25)).probation)
+    assert p.check(3, m(0.25)).rolled_back  # 17 % below round 1, two rounds running
 
 
 def test_policies_and_stop_after():
@@ -143,6 +182,8 @@ def test_fault_specs_parse_and_reach_only_their_client():
         (["faults.more=[{client: 0, kind: hang, hang_seconds: -1}]"], "hang_seconds"),
         (["guard.max_drop=1.5"], "guard.max_drop"),
         (["guard.policy=pray"], "guard.policy"),
+        (["guard.patience=-1"], "guard.patience"),
+        (["guard.severe_drop=0"], "guard.severe_drop"),
     ],
 )
 def test_bad_fault_and_guard_config_is_one_line(overrides, message):
@@ -192,21 +233,21 @@ def test_a_drop_rolls_back_only_when_the_held_out_images_say_it_is_real():
     assert real.rolled_back and real.significant and real.drop_ci["low"] > 0.2
 
     small = _images([True] * 8)
-    g = guard(max_drop=0.10, min_abs_drop=0.0, significance=0.05, bootstrap=200)
+    g = guard(max_drop=0.10, min_abs_drop=0.0, significance=0.05, bootstrap=200, patience=0)
     g.accept(0, _with_map(small))
     noisy = g.check(1, _with_map(_images([True] * 7 + [False])))
     assert noisy.drop > 0.10  # the rule alone would roll back
     assert not noisy.rolled_back and noisy.significant is False and noisy.drop_ci["low"] <= 0
     assert noisy.as_dict()["drop_ci"]["images"] == 8  # the evidence goes to metrics.jsonl
 
-    off = guard(max_drop=0.10, min_abs_drop=0.0, significance=None)
+    off = guard(max_drop=0.10, min_abs_drop=0.0, significance=None, patience=0)
     off.accept(0, _with_map(small))
     d = off.check(1, _with_map(_images([True] * 7 + [False])))
     assert d.rolled_back and d.drop_ci is None  # significance off: the rule alone, as before
     # images evaluated in another order cannot be paired: the rule alone decides
     shuffled = _images([True] * 7 + [False])
     shuffled["names"] = shuffled["names"][::-1]
-    g = guard(max_drop=0.10, min_abs_drop=0.0, significance=0.05)
+    g = guard(max_drop=0.10, min_abs_drop=0.0, significance=0.05, patience=0)
     g.accept(0, _with_map(small))
     assert g.check(1, _with_map(shuffled)).rolled_back
 

@@ -128,6 +128,44 @@ def test_lower_lr_policy_and_stop_after_consecutive_rollbacks(tmp_path, pretrain
     assert [e["kind"] for e in read_jsonl(run.events)][-2:] == ["guard_stop", "run_end"]
 
 
+def test_a_drop_on_probation_is_trained_on_and_rolled_back_when_it_lasts(
+    tmp_path, pretrained_fleet
+):
+    """guard.patience=1 (the default): a drop is accepted on probation, never the reference nor
+    best.pt; the next round still below rolls back to the best checkpoint. severe_drop=null so
+    that random weights (a collapse, which rolls back at once by default) take that path."""
+    run, _ = run_inprocess(
+        tmp_path,
+        [
+            *pretrained_fleet,
+            *GUARDED,
+            "federation.rounds=5",
+            "faults.client=1",
+            "faults.round=[3,4]",
+            "faults.kind=random_weights",
+            "guard.patience=1",
+            "guard.severe_drop=null",
+        ],
+        clients=3,
+    )
+    rounds = run.rounds()
+    decisions = [r["guard"]["decision"] for r in rounds]
+    assert decisions[:4] == ["accept", "accept", "probation", "rollback"], decisions
+    assert decisions[4] != "probation"  # the run's last round is never on probation
+    events = read_jsonl(run.events)
+    (held,) = [e for e in events if e["kind"] == "drop_on_probation"]
+    assert held["round"] == 3 and held["drop"] > 0.10 and held["drop_ci"]["low"] > 0
+    rb = next(e for e in events if e["kind"] == "rollback")
+    assert rb["round"] == 4 and rb["after_probation_rounds"] == 1 and rb["reference_round"] <= 2
+    assert "past guard.patience=1" in rb["reason"]
+    # round 3's model was the global model round 4 trained from; round 4 went back to the best
+    assert rounds[2]["global_sha256"] == rounds[2]["weights_sha256"] != rb["restored_sha256"]
+    assert rounds[3]["global_sha256"] == rb["restored_sha256"]
+    summary = json.loads(run.summary.read_text())
+    assert summary["best"]["round"] <= 2 or summary["best"]["round"] == 5
+    assert _digest(run.best) != rounds[2]["weights_sha256"]
+
+
 def test_a_client_that_keeps_hurting_the_aggregate_is_flagged_and_excluded(
     tmp_path, pretrained_fleet
 ):
