@@ -119,7 +119,13 @@ def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
             if rnd in rollbacks
             else "aggregated"
         )
-        before = [r for r in records.values() if r["round"] < rnd and not r["guard"]["rolled_back"]]
+        before = [
+            r
+            for r in records.values()
+            if r["round"] < rnd
+            and not r["guard"]["rolled_back"]
+            and not r["guard"].get("probation")
+        ]
         per_fault.append(
             {
                 "client": client,
@@ -152,6 +158,7 @@ def tally(run: Path, faults: list[tuple[int, int, str]], rounds: int) -> dict:
         "false_triggers": [r for r in rollbacks if r not in weight_rounds],
         "resumes": sum(e["kind"] == "resume" for e in events),
         "drops_within_noise": [e["round"] for e in events if e["kind"] == "drop_within_noise"],
+        "drops_on_probation": [e["round"] for e in events if e["kind"] == "drop_on_probation"],
         "flags": flags,
         "honest_flags": [f for f in flags if f[1] not in poisoned],
         # today's flag rule (fl_server.guard.Guard.contributions) on the run's kept matches: the

@@ -201,39 +201,59 @@ def guard_replay() -> list[str]:
     lines = [
         f"**Drift guard on honest runs** (`{path.name}`; {d['date']}): the guard's rule replayed "
         f"on {d['rows'][0]['runs']} honest runs' held-out curves ({d['rounds_replayed']} rounds, "
-        "no fault injected); a run counts once, at its first trigger.",
+        "no fault injected; curves kept in the JSON); a run counts once, at its first rollback. "
+        "Patience 0: every drop rolls back at once (the guard before `guard.patience`); 1: "
+        "today's default (a drop below `guard.severe_drop` must last two rounds).",
         "",
-        "| max_drop | min_abs_drop | runs that would roll back | first trigger (run: round) |",
-        "|---:|---:|---:|---|",
+        "| max_drop | min_abs_drop | patience | runs that would roll back "
+        "| first rollback (run: round) |",
+        "|---:|---:|---:|---:|---|",
     ]
     for r in d["rows"]:
         first = _listing(f"{k}: {v}" for k, v in r["first_triggers"].items())
         lines.append(
-            f"| {r['max_drop']:.2f} | {r['min_abs_drop']:.2f} "
+            f"| {r['max_drop']:.2f} | {r['min_abs_drop']:.2f} | {r.get('patience', 0)} "
             f"| {r['runs_with_false_trigger']}/{r['runs']} | {first} |"
         )
+    for r in d.get("weight_fault_rows") or []:
+        lines += [
+            "",
+            f"Weight faults of `faults.json` ({r['run']}) replayed with today's defaults: faults "
+            f"in rounds {_listing(map(str, r['weight_fault_rounds']))}, rolled back at once in "
+            f"rounds {_listing(map(str, r['rolled_back_at']))}.",
+        ]
     sig = d.get("significance_rows") or []
     if sig:
         lines += [
             "",
             f"The whole guard, significance test included, on the {sig[0]['runs']} honest runs "
-            f"that kept their per-image matches ({sig[0]['rounds']} rounds); a run counts once, "
-            "at its first rollback (the lower bound of the drop in brackets).",
+            "that kept their per-image matches (a run replayed on an earlier date whose "
+            "directory is gone is kept as it was, where the setting was replayed then: * marks "
+            "it); a run counts once, at its first rollback (the lower bound of the drop in "
+            "brackets).",
             "",
-            "| max_drop | min_abs_drop | significance | runs that would roll back "
-            "| first rollback (run: round [lower bound]) | rule fired, within noise |",
-            "|---:|---:|---|---:|---|---:|",
+            "| max_drop | min_abs_drop | significance | patience | runs that would roll back "
+            "| first rollback (run: round [lower bound]) | rule fired, within noise "
+            "| on probation (run: rounds) |",
+            "|---:|---:|---|---:|---:|---|---:|---|",
         ]
     for r in sig:
         first = _listing(
-            f"{k}: {v['rollback']}" + (f" [{v['drop_ci']['low']:+.3f}]" if v.get("drop_ci") else "")
+            f"{k}{'*' if v.get('kept_from') else ''}: {v['rollback']}"
+            + (f" [{v['drop_ci']['low']:+.3f}]" if v.get("drop_ci") else "")
             for k, v in r["per_run"].items()
             if v["rollback"] is not None
         )
         noise = sum(len(v["within_noise"]) for v in r["per_run"].values())
+        held = _listing(
+            f"{k}: {', '.join(str(p['round']) for p in v['probation'])}"
+            for k, v in r["per_run"].items()
+            if v.get("probation")
+        )
         lines.append(
             f"| {r['max_drop']:.2f} | {r['min_abs_drop']:.2f} | {r['significance'] or 'off'} "
-            f"| {r['runs_with_false_rollback']}/{r['runs']} | {first} | {noise} |"
+            f"| {r.get('patience', 0)} | {r['runs_with_false_rollback']}/{r['runs']} | {first} "
+            f"| {noise} | {held} |"
         )
     contrib = d.get("contribution_rows") or []
     if contrib:
