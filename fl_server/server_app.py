@@ -37,7 +37,7 @@ from fl_client.transport import TransportSpec
 from fl_client.wire import RoundConfig, TrainArgs
 from fl_server import config as config_mod
 from fl_server import hooks as hooks_mod
-from fl_server.guard import Attribution, Guard, attribute
+from fl_server.guard import Attribution, Decision, Guard, attribute
 from fl_server.interrupts import StopFile
 from fl_server.observed_grid import Interrupted, ObservedGrid
 from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter
@@ -205,6 +205,9 @@ class Federation:
         self.t_start = time.perf_counter()
         self.first_round = 1  # of this process (a resumed run starts later)
         self._contribution_seconds: dict[int, float] = {}  # guard.contribution, per round
+        # the round a drop on probation began in, and its decision: a rollback that confirms
+        # the drop searches that round's replies for culprits (its updates are kept till then)
+        self._drop_began: tuple[int, Decision] | None = None
 
     def _set_up_teacher(self, weight: float) -> None:
         """Distillation: the teacher the run copied goes to each client once (the grid sends
@@ -412,11 +415,16 @@ class Federation:
     def _rollback(self, rnd: int, res: dict, decision) -> None:
         from fl_server import state as state_mod
 
-        log = self.grid.rounds.get(rnd)
         held = self.guard.state.probation  # rounds on probation before this one
+        searched, scored = rnd, decision
+        if held and self._drop_began and self.grid.rounds.get(self._drop_began[0]):
+            # the drop began on probation: the replies that caused it are that round's (this
+            # round's clients all trained from the dropped model)
+            searched, scored = self._drop_began
+        log = self.grid.rounds.get(searched)
         attribution = None
         if self.guard.policy == "exclude" and log and log.updates:
-            attribution = self._attribute(log, decision, rnd)
+            attribution = self._attribute(log, scored, searched)
         culprits = attribution.culprits if attribution else []
         best_arrays, best_strategy = self.best
         self.arrays = best_arrays
@@ -449,6 +457,7 @@ class Federation:
             rejected_sha256=res["weights_sha256"],
             restored_round=self.guard.state.best_round,
             after_probation_rounds=held,
+            attributed_round=searched if attribution else None,
             restored_sha256=record_digest(best_arrays),
             culprits=culprits,
             # first search step: each client id → the metric of the aggregate without it
@@ -638,7 +647,14 @@ class Federation:
                 rnd, "round_failed", reason="no usable client update; the global model is unchanged"
             )
         self.run.add_round(record)
-        self.grid.rounds.pop(rnd, None)  # frees kept updates
+        if decision.probation and self._drop_began is None:
+            self._drop_began = (rnd, decision)  # its updates are kept for a culprit search
+        else:
+            if not decision.probation:
+                self._drop_began = None
+            kept = {self._drop_began[0]} if self._drop_began else set()
+            for r in [r for r in self.grid.rounds if r <= rnd and r not in kept]:
+                self.grid.rounds.pop(r)  # frees kept updates
         total = int(self.cfg.federation.rounds)
         left = (now - self.t_start) / max(1, rnd - self.first_round + 1) * (total - rnd)
         LOGGER.info(

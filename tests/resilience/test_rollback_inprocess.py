@@ -132,8 +132,9 @@ def test_a_drop_on_probation_is_trained_on_and_rolled_back_when_it_lasts(
     tmp_path, pretrained_fleet
 ):
     """guard.patience=1 (the default): a drop is accepted on probation, never the reference nor
-    best.pt; the next round still below rolls back to the best checkpoint. severe_drop=null so
-    that random weights (a collapse, which rolls back at once by default) take that path."""
+    best.pt; the next round still below rolls back to the best checkpoint, and policy exclude
+    names the client that caused the drop. severe_drop=null so that random weights (a collapse,
+    which rolls back at once by default) take that path."""
     run, _ = run_inprocess(
         tmp_path,
         [
@@ -145,6 +146,8 @@ def test_a_drop_on_probation_is_trained_on_and_rolled_back_when_it_lasts(
             "faults.kind=random_weights",
             "guard.patience=1",
             "guard.severe_drop=null",
+            "guard.policy=exclude",
+            "guard.exclude_rounds=1",
         ],
         clients=3,
     )
@@ -158,6 +161,10 @@ def test_a_drop_on_probation_is_trained_on_and_rolled_back_when_it_lasts(
     rb = next(e for e in events if e["kind"] == "rollback")
     assert rb["round"] == 4 and rb["after_probation_rounds"] == 1 and rb["reference_round"] <= 2
     assert "past guard.patience=1" in rb["reason"]
+    # the culprit search ran over round 3's replies, where the drop began (round 4's clients
+    # all trained from round 3's model), and found the poisoned client: it sits out round 5
+    assert rb["attributed_round"] == 3 and rb["culprits"] == ["1"], rb
+    assert sorted(c["id"] for c in rounds[4]["clients"]) == [0, 2]
     # round 3's model was the global model round 4 trained from; round 4 went back to the best
     assert rounds[2]["global_sha256"] == rounds[2]["weights_sha256"] != rb["restored_sha256"]
     assert rounds[3]["global_sha256"] == rb["restored_sha256"]
