@@ -262,12 +262,13 @@ class Guard:
                 ci = _interval(samples[:, i], alpha, n, seconds)
                 if last is not None and len(last["samples"]) == len(samples):
                     gain_2 = gain + last["gain"]
-                    ci_2 = _interval(samples[:, i] + np.array(last["samples"]), alpha, n, seconds)
+                    ci_2 = _interval(samples[:, i] + np.asarray(last["samples"]), alpha, n, seconds)
                     ci_2["rounds"] = [last["round"], server_round]
                 s.gains[k] = {
                     "round": server_round,
                     "gain": gain,
-                    "samples": [round(float(v), 6) for v in samples[:, i]],
+                    # an array: the server state stores it as one (binary, exact), not in JSON
+                    "samples": samples[:, i].copy(),
                 }
             flagged = bool(
                 ci_2 is not None

@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fl_client import faults
+from fl_server import state as state_mod
 from fl_server.config import ConfigError, compose
 from fl_server.guard import Guard, attribute
 
@@ -16,6 +17,14 @@ from fl_server.guard import Guard, attribute
 def guard(**over) -> Guard:
     cfg = OmegaConf.merge(compose([]).guard, over)
     return Guard(cfg)
+
+
+# the rest of a server state, for the guard's state to go through fl_server.state
+STATE = {
+    "weights": np.zeros(2, np.float32),
+    "best": (np.zeros(2, np.float32), None),
+    "strategy": None,
+}
 
 
 def m(v: float) -> dict:
@@ -252,7 +261,7 @@ def test_a_drop_rolls_back_only_when_the_held_out_images_say_it_is_real():
     assert g.check(1, _with_map(shuffled)).rolled_back
 
 
-def test_contributions_flag_a_client_that_hurts_over_two_participations():
+def test_contributions_flag_a_client_that_hurts_over_two_participations(tmp_path):
     good, bad = _images([True] * 40), _images([True] * 20 + [False] * 20)
     g = guard(max_drop=0.10, significance=0.05, bootstrap=100, policy="exclude")
     everyone = _with_map(bad)  # the aggregate with client "2" in it
@@ -260,9 +269,15 @@ def test_contributions_flag_a_client_that_hurts_over_two_participations():
     r1 = g.contributions(1, everyone, without)
     assert r1["2"]["ci"]["low"] > 0 and r1["2"]["ci_2"] is None and not r1["2"]["flagged"]
     assert r1["0"]["gain"] == 0 and r1["2"]["vs_others"] == r1["2"]["gain"]
+    # the first round's resamples survive a server restart exactly (an array in the state)
+    resumed = guard(max_drop=0.10, significance=0.05, bootstrap=100, policy="exclude")
+    state_mod.save(tmp_path / "s.npz", {**STATE, "guard": g.state_dict()})
+    resumed.load_state_dict(state_mod.load(tmp_path / "s.npz")["guard"])
     r2 = g.contributions(2, everyone, without)
     assert r2["2"]["flagged"] and not any(r2[k]["flagged"] for k in ("0", "1"))
     assert r2["2"]["ci_2"]["rounds"] == [1, 2] and r2["2"]["gain_2"] == 2 * r1["2"]["gain"]
+    again = resumed.contributions(2, everyone, without)["2"]["ci_2"]
+    assert {**again, "seconds": 0} == {**r2["2"]["ci_2"], "seconds": 0}
     assert g.flag(2, "2") == 2 + g.exclude_rounds and g.excluded(3) == {"2"}
     # hurts once, then does what the others do: never flagged
     g = guard(max_drop=0.10, significance=0.05, bootstrap=100)
