@@ -209,7 +209,8 @@ def part_masks(model: torch.nn.Module) -> dict[str, np.ndarray]:
     * ``bn_stats``: the running mean and variance only (statistics, not trained parameters);
     * ``params``: trained parameters (everything but ``bn_stats``);
     * ``backbone`` / ``neck`` / ``head``: layers of the yaml's ``backbone`` list, the layers of
-      its ``head`` list before the detection layer, and the detection layer (``Detect``).
+      its ``head`` list before the detection layer, and the detection layer (``Detect``);
+    * ``cls``: the detection layer's classification branch (``cv3``, ``one2one_cv3``).
     """
     layers = getattr(model, "model", None)
     nb = len(getattr(model, "yaml", {}).get("backbone", [])) if hasattr(model, "yaml") else 0
@@ -220,7 +221,7 @@ def part_masks(model: torch.nn.Module) -> dict[str, np.ndarray]:
     param_names = {name for name, _ in model.named_parameters()}
     shapes = layout(model)
     total = sum(int(np.prod(s)) for _, s in shapes)
-    masks = {k: np.zeros(total, dtype=bool) for k in (*PARTS, "bn_stats", "params")}
+    masks = {k: np.zeros(total, dtype=bool) for k in (*PARTS, "bn_stats", "params", "cls")}
     offset = 0
     for name, shape in shapes:
         sl = slice(offset, offset + int(np.prod(shape)))
@@ -236,6 +237,8 @@ def part_masks(model: torch.nn.Module) -> dict[str, np.ndarray]:
             i = int(parts[1])
             part = "backbone" if i < nb else ("head" if i == n_layers - 1 else "neck")
             masks[part][sl] = True
+            if part == "head" and parts[2] in ("cv3", "one2one_cv3"):
+                masks["cls"][sl] = True
     return masks
 
 

@@ -447,6 +447,23 @@ def joint_gains(
     return np.array(rows), time.perf_counter() - t0
 
 
+def update_agreement(base: np.ndarray, updates: dict[str, np.ndarray], mask) -> dict[str, float]:
+    """Per client k: the cosine between k's update (its returned weights minus ``base``, the
+    global model it was sent, on ``mask``) and the mean of the other clients' updates. Evidence
+    recorded next to the contribution score (``cls_cosine``: on the detection layer's
+    classification branch, where training on wrong labels should pull against the others)."""
+    deltas = {k: u[mask].astype(np.float64) - base[mask] for k, u in updates.items()}
+    out = {}
+    for k, d in deltas.items():
+        others = [v for j, v in deltas.items() if j != k]
+        if not others:
+            continue
+        o = np.mean(others, axis=0)
+        norm = float(np.linalg.norm(d) * np.linalg.norm(o))
+        out[k] = float(d @ o) / norm if norm > 0 else 0.0
+    return out
+
+
 def _interval(samples: np.ndarray, alpha: float, images: int, seconds: float) -> dict:
     """The ``alpha`` and ``1 - alpha`` quantiles of bootstrap ``samples``, with how they were
     obtained (what ``metrics.jsonl`` records as the evidence)."""

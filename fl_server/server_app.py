@@ -37,7 +37,7 @@ from fl_client.transport import TransportSpec
 from fl_client.wire import RoundConfig, TrainArgs
 from fl_server import config as config_mod
 from fl_server import hooks as hooks_mod
-from fl_server.guard import Attribution, Decision, Guard, attribute
+from fl_server.guard import Attribution, Decision, Guard, attribute, update_agreement
 from fl_server.interrupts import StopFile
 from fl_server.observed_grid import Interrupted, ObservedGrid
 from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter
@@ -182,6 +182,7 @@ class Federation:
         )
         self.evaluate = Evaluator(run, cfg, self.model, run.data / "server_val" / "data.yaml")
         self.guard = Guard(cfg.guard)
+        self._cls_mask = masks["cls"] & masks["params"]  # guard.contribution's cls_cosine
         # policy exclude scores each reply on the held-out set: the grid keeps the round's updates
         self.grid.keep_updates = self.guard.enabled and (
             self.guard.policy == "exclude" or self.guard.contribution
@@ -552,6 +553,8 @@ class Federation:
         for k, res in without.items():
             self._save_matches(res, rnd, f"without_{k}")
         scores = self.guard.contributions(rnd, everyone, without)
+        base = self.arrays[WEIGHTS_KEY].numpy().reshape(-1)  # the model this round was sent
+        agreement = update_agreement(base, log.updates, self._cls_mask)
         seconds = time.perf_counter() - t0
         self._contribution_seconds[rnd] = seconds
         for entry in log.clients:
@@ -562,6 +565,7 @@ class Federation:
                 entry["loo_gain_2"] = sc["gain_2"]
                 entry["loo_ci_2"] = sc["ci_2"]
                 entry["loo_vs_others"] = sc["vs_others"]
+                entry["cls_cosine"] = agreement.get(str(entry["id"]))
         for k, sc in scores.items():
             if not sc["flagged"]:
                 continue

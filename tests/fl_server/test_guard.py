@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from fl_client import faults
 from fl_server import state as state_mod
 from fl_server.config import ConfigError, compose
-from fl_server.guard import Guard, attribute
+from fl_server.guard import Guard, attribute, update_agreement
 
 
 def guard(**over) -> Guard:
@@ -333,3 +333,17 @@ def test_kept_matches_round_trip_exactly(tmp_path):
     for k in ("tp", "conf", "pred_cls", "target_cls"):
         assert [a.tolist() for a in back[k]] == [np.asarray(a).tolist() for a in images[k]], k
     assert metric_of(back, "map50_95") == metric_of(images, "map50_95")
+
+
+def test_update_agreement_is_the_cosine_with_the_others_mean_update():
+    base = np.array([1.0, 1.0, 1.0, 5.0])
+    mask = np.array([True, True, True, False])  # the last value is not compared
+    ups = {
+        "0": base + [1, 1, 0, 9],
+        "1": base + [1, 0.9, 0.1, -9],
+        "2": base + [0.9, 1, 0, 0],
+        "3": base - [1, 1, 0, 0],  # pulls against the three others
+    }
+    agree = update_agreement(base, ups, mask)
+    assert min(agree[k] for k in "012") > 0.5 and agree["3"] < -0.99
+    assert update_agreement(base, {"0": base, "1": base + 1}, mask)["0"] == 0.0  # no update
