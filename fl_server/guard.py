@@ -448,20 +448,19 @@ def joint_gains(
 
 
 def update_agreement(base: np.ndarray, updates: dict[str, np.ndarray], mask) -> dict[str, float]:
-    """Per client k: the cosine between k's update (its returned weights minus ``base``, the
-    global model it was sent, on ``mask``) and the mean of the other clients' updates. Evidence
-    recorded next to the contribution score (``cls_cosine``: on the detection layer's
-    classification branch, where training on wrong labels should pull against the others)."""
-    deltas = {k: u[mask].astype(np.float64) - base[mask] for k, u in updates.items()}
-    out = {}
-    for k, d in deltas.items():
-        others = [v for j, v in deltas.items() if j != k]
-        if not others:
-            continue
-        o = np.mean(others, axis=0)
-        norm = float(np.linalg.norm(d) * np.linalg.norm(o))
-        out[k] = float(d @ o) / norm if norm > 0 else 0.0
-    return out
+    """Per client k: the median, over the other clients j, of the cosine between k's update
+    (its returned weights minus ``base``, the global model it was sent, on ``mask``) and j's.
+    The median, not the cosine with the others' mean: one client pulling hard the other way
+    would drag that mean, and every honest client's agreement with it, to ~0. Evidence recorded
+    next to the contribution score (``cls_agreement``: on the detection layer's classification
+    branch, where training on wrong labels pulls against the others)."""
+    keys = sorted(updates)
+    d = np.stack([updates[k][mask].astype(np.float64) - base[mask] for k in keys])
+    norms = np.linalg.norm(d, axis=1)
+    norms[norms == 0] = np.inf  # no update: agrees with nobody (cosine 0)
+    unit = d / norms[:, None]
+    cos = unit @ unit.T
+    return {k: float(np.median(np.delete(cos[i], i))) for i, k in enumerate(keys) if len(keys) > 1}
 
 
 def _interval(samples: np.ndarray, alpha: float, images: int, seconds: float) -> dict:

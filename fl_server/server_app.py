@@ -182,7 +182,7 @@ class Federation:
         )
         self.evaluate = Evaluator(run, cfg, self.model, run.data / "server_val" / "data.yaml")
         self.guard = Guard(cfg.guard)
-        self._cls_mask = masks["cls"] & masks["params"]  # guard.contribution's cls_cosine
+        self._cls_mask = masks["cls"] & masks["params"]  # guard.contribution's cls_agreement
         # policy exclude scores each reply on the held-out set: the grid keeps the round's updates
         self.grid.keep_updates = self.guard.enabled and (
             self.guard.policy == "exclude" or self.guard.contribution
@@ -565,7 +565,7 @@ class Federation:
                 entry["loo_gain_2"] = sc["gain_2"]
                 entry["loo_ci_2"] = sc["ci_2"]
                 entry["loo_vs_others"] = sc["vs_others"]
-                entry["cls_cosine"] = agreement.get(str(entry["id"]))
+                entry["cls_agreement"] = agreement.get(str(entry["id"]))
         for k, sc in scores.items():
             if not sc["flagged"]:
                 continue

@@ -212,8 +212,8 @@ def test_a_client_that_keeps_hurting_the_aggregate_is_flagged_and_excluded(
     assert "loo_gain" in rounds[2]["clients"][0]  # round 3: everyone honest, nobody flagged
     # the update agreement on the classification branch is recorded as evidence: honest clients
     # that trained from the same model on similar shards pull the same way
-    assert all(-1 <= c["cls_cosine"] <= 1 for r in rounds for c in r["clients"])
-    assert all(c["cls_cosine"] > 0 for c in rounds[2]["clients"]), rounds[2]["clients"]
+    assert all(-1 <= c["cls_agreement"] <= 1 for r in rounds for c in r["clients"])
+    assert all(c["cls_agreement"] > 0 for c in rounds[2]["clients"]), rounds[2]["clients"]
 
     # output.save_matches: the kept matches replay the same scores, bit for bit
     def timeless(ci: dict) -> dict:
