@@ -129,6 +129,8 @@ def _with_new_keys(cfg: DictConfig) -> DictConfig:
         cfg.guard.contribution = False
     if "min_flag_gain" not in cfg.guard:
         cfg.guard.min_flag_gain = 0.01
+    if "flag_agreement" not in cfg.guard:
+        cfg.guard.flag_agreement = None
     if "patience" not in cfg.guard:
         cfg.guard.patience = 0
     if "severe_drop" not in cfg.guard:
@@ -295,6 +297,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "guard.min_abs_drop": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "guard.significance": _rule(
         lambda v: v is None or (_is_num(v) and 0 < v < 0.5), "null or a number in (0, 0.5)"
+    ),
+    "guard.flag_agreement": _rule(
+        lambda v: v is None or (_is_num(v) and -1 <= v <= 1), "null or a number in [-1, 1]"
     ),
     "guard.patience": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "guard.severe_drop": _rule(

@@ -118,6 +118,8 @@ class Guard:
         self.bootstrap = int(cfg.get("bootstrap") or 200)
         self.contribution = bool(cfg.get("contribution") or False)
         self.min_flag_gain = float(cfg.get("min_flag_gain") or 0.0)
+        agree = cfg.get("flag_agreement")
+        self.flag_agreement = None if agree is None else float(agree)
         self.patience = int(cfg.get("patience") or 0)
         severe = cfg.get("severe_drop", 0.5)
         self.severe_drop = None if severe is None else float(severe)
@@ -219,6 +221,7 @@ class Guard:
         server_round: int,
         everyone: dict,
         without: dict[str, dict],
+        agreement: dict[str, float | None] | None = None,
     ) -> dict:
         """Per client k: ``gain`` = metric(aggregate without k) - metric(aggregate of all), with
         its paired-bootstrap interval ``ci`` (every model on the same resampled held-out images,
@@ -231,7 +234,16 @@ class Guard:
         ~0.004, at the onset of learning, an honest client's +0.003 was significant), and
         this round its ``gain`` is not below 0 (a client that hurt once and helps now is not
         flagged again on old evidence) and above the other clients' median (``vs_others`` > 0:
-        a round where every removal helps alike names nobody). Why two rounds summed: in the
+        a round where every removal helps alike names nobody), and, with
+        ``guard.flag_agreement`` set, its update pulls against the others' on the detection
+        layer's classification branch (``agreement[k]``: ``update_agreement``, below that
+        value; a client without one is not flagged). Why the agreement: leave-one-out on a
+        held-out set cannot tell a client training on wrong labels from an honest one whose
+        data differ from the held-out mix, or one that happened to help least twice running
+        (benchmarks: honest clients of non-IID and of iid fleets flagged); a client training
+        on shifted labels pulled its class branch against every other client's (median cosine
+        -0.02 to -0.67) while honest clients, domain-shifted ones included, pulled with them
+        (see README). Why two rounds summed: in the
         slow-poisoning benchmark (benchmarks/faults.py) the poisoned client's removal gained
         +0.04 in its first round and then 0 to +0.03 a round, often not significant alone,
         while every honest client's removal cost; a single-round rule comparing each client
@@ -270,12 +282,17 @@ class Guard:
                     # an array: the server state stores it as one (binary, exact), not in JSON
                     "samples": samples[:, i].copy(),
                 }
+            agrees = None if agreement is None else agreement.get(k)
             flagged = bool(
                 ci_2 is not None
                 and ci_2["low"] > 0
                 and gain_2 >= self.min_flag_gain
                 and gain >= 0
                 and vs_others > 0
+                and (
+                    self.flag_agreement is None
+                    or (agrees is not None and agrees < self.flag_agreement)
+                )
             )
             s.participated[k] = server_round
             if flagged:
@@ -286,6 +303,7 @@ class Guard:
                 "gain_2": gain_2,
                 "ci_2": ci_2,
                 "vs_others": vs_others,
+                "agreement": agrees,
                 "flagged": flagged,
             }
         return out
@@ -361,8 +379,8 @@ def load_images(path) -> dict:
 def replay_contributions(guard: Guard, eval_dir, rounds: list[dict]) -> dict[int, dict]:
     """``guard.contributions`` again, round after round, on a finished run's kept matches
     (``output.save_matches``: ``eval/round_NNNN_all.npz`` and ``..._without_<k>.npz``) and the
-    repliers in its ``metrics.jsonl`` records: round → per-client scores, for the rounds that
-    kept them. A rule can so be tried on a run after the fact."""
+    repliers in its ``metrics.jsonl`` records (with their ``cls_agreement``): round → per-client
+    scores, for the rounds that kept them. A rule can so be tried on a run after the fact."""
     from pathlib import Path
 
     eval_dir = Path(eval_dir)
@@ -379,7 +397,8 @@ def replay_contributions(guard: Guard, eval_dir, rounds: list[dict]) -> dict[int
             if (p := eval_dir / f"round_{rnd:04d}_without_{k}.npz").is_file()
         }
         everyone_res = _scored(load_images(everyone), guard.metric)
-        out[rnd] = guard.contributions(rnd, everyone_res, without)
+        agreement = {str(c["id"]): c.get("cls_agreement") for c in rec["clients"]}
+        out[rnd] = guard.contributions(rnd, everyone_res, without, agreement)
     return out
 
 

@@ -552,9 +552,9 @@ class Federation:
         self._save_matches(everyone, rnd, "all")
         for k, res in without.items():
             self._save_matches(res, rnd, f"without_{k}")
-        scores = self.guard.contributions(rnd, everyone, without)
         base = self.arrays[WEIGHTS_KEY].numpy().reshape(-1)  # the model this round was sent
         agreement = update_agreement(base, log.updates, self._cls_mask)
+        scores = self.guard.contributions(rnd, everyone, without, agreement)
         seconds = time.perf_counter() - t0
         self._contribution_seconds[rnd] = seconds
         for entry in log.clients:

@@ -261,28 +261,42 @@ def test_a_drop_rolls_back_only_when_the_held_out_images_say_it_is_real():
     assert g.check(1, _with_map(shuffled)).rolled_back
 
 
+# client "2"'s classification-branch update pulls against the others' (update_agreement)
+AGAINST_2 = {"0": 0.3, "1": 0.25, "2": -0.4}
+
+
 def test_contributions_flag_a_client_that_hurts_over_two_participations(tmp_path):
     good, bad = _images([True] * 40), _images([True] * 20 + [False] * 20)
     g = guard(max_drop=0.10, significance=0.05, bootstrap=100, policy="exclude")
     everyone = _with_map(bad)  # the aggregate with client "2" in it
     without = {"0": _with_map(bad), "1": _with_map(bad), "2": _with_map(good)}
-    r1 = g.contributions(1, everyone, without)
+    r1 = g.contributions(1, everyone, without, AGAINST_2)
     assert r1["2"]["ci"]["low"] > 0 and r1["2"]["ci_2"] is None and not r1["2"]["flagged"]
     assert r1["0"]["gain"] == 0 and r1["2"]["vs_others"] == r1["2"]["gain"]
     # the first round's resamples survive a server restart exactly (an array in the state)
     resumed = guard(max_drop=0.10, significance=0.05, bootstrap=100, policy="exclude")
     state_mod.save(tmp_path / "s.npz", {**STATE, "guard": g.state_dict()})
     resumed.load_state_dict(state_mod.load(tmp_path / "s.npz")["guard"])
-    r2 = g.contributions(2, everyone, without)
+    r2 = g.contributions(2, everyone, without, AGAINST_2)
     assert r2["2"]["flagged"] and not any(r2[k]["flagged"] for k in ("0", "1"))
     assert r2["2"]["ci_2"]["rounds"] == [1, 2] and r2["2"]["gain_2"] == 2 * r1["2"]["gain"]
-    again = resumed.contributions(2, everyone, without)["2"]["ci_2"]
-    assert {**again, "seconds": 0} == {**r2["2"]["ci_2"], "seconds": 0}
+    again = resumed.contributions(2, everyone, without, AGAINST_2)["2"]
+    assert {**again["ci_2"], "seconds": 0} == {**r2["2"]["ci_2"], "seconds": 0}
+    # the same evidence from a client whose class branch pulls with the others': not flagged
+    # (an honest client whose data differ from the held-out mix); unknown: not flagged either
+    for agreement in ({"0": 0.3, "1": 0.3, "2": 0.2}, None):
+        other = guard(max_drop=0.10, significance=0.05, bootstrap=100)
+        other.contributions(1, everyone, without, agreement)
+        r = other.contributions(2, everyone, without, agreement)
+        assert r["2"]["ci_2"]["low"] > 0 and not r["2"]["flagged"]
+    lenient = guard(max_drop=0.10, significance=0.05, bootstrap=100, flag_agreement=None)
+    lenient.contributions(1, everyone, without)
+    assert lenient.contributions(2, everyone, without)["2"]["flagged"]  # leave-one-out alone
     assert g.flag(2, "2") == 2 + g.exclude_rounds and g.excluded(3) == {"2"}
     # hurts once, then does what the others do: never flagged
     g = guard(max_drop=0.10, significance=0.05, bootstrap=100)
-    g.contributions(1, everyone, without)
-    r2 = g.contributions(2, _with_map(good), {k: _with_map(good) for k in "012"})
+    g.contributions(1, everyone, without, AGAINST_2)
+    r2 = g.contributions(2, _with_map(good), {k: _with_map(good) for k in "012"}, AGAINST_2)
     assert r2["2"]["ci_2"]["low"] > 0 and not any(v["flagged"] for v in r2.values())
 
 
@@ -296,7 +310,7 @@ def test_a_small_cost_over_two_rounds_is_flagged_and_an_honest_removal_is_not():
     lost = [(0, 1), (30, 31)]  # each round, the aggregate gets two other images of 60 wrong
     for rnd, wrong in enumerate(lost, start=1):
         everyone = _with_map(_images([i not in wrong for i in range(60)]))
-        r = g.contributions(rnd, everyone, {"0": worse, "1": worse, "2": clean})
+        r = g.contributions(rnd, everyone, {"0": worse, "1": worse, "2": clean}, AGAINST_2)
         assert 0 < r["2"]["gain"] < 0.10 * clean["map50_95"]
         assert r["2"]["ci"]["low"] <= 0  # alone, within the held-out set's noise
     assert r["2"]["ci_2"]["low"] > 0 and r["2"]["flagged"]  # significant over two rounds
@@ -305,7 +319,7 @@ def test_a_small_cost_over_two_rounds_is_flagged_and_an_honest_removal_is_not():
     floor = guard(max_drop=0.10, significance=0.05, bootstrap=200, min_flag_gain=0.2)
     for rnd, wrong in enumerate(lost, start=1):
         everyone = _with_map(_images([i not in wrong for i in range(60)]))
-        r = floor.contributions(rnd, everyone, {"0": worse, "1": worse, "2": clean})
+        r = floor.contributions(rnd, everyone, {"0": worse, "1": worse, "2": clean}, AGAINST_2)
     assert r["2"]["ci_2"]["low"] > 0 and r["2"]["gain_2"] < 0.2 and not r["2"]["flagged"]
 
 
@@ -316,7 +330,7 @@ def test_a_round_where_every_removal_helps_alike_names_nobody():
     everyone = _with_map(_images([True] * 40 + [False] * 20))
     better = _with_map(_images([True] * 55 + [False] * 5))
     for rnd in (1, 2, 3):
-        r = g.contributions(rnd, everyone, {k: better for k in "0123"})
+        r = g.contributions(rnd, everyone, {k: better for k in "0123"}, {k: -0.5 for k in "0123"})
     assert all(v["ci_2"]["low"] > 0 and v["vs_others"] == 0 for v in r.values())
     assert not any(v["flagged"] for v in r.values())
 

@@ -180,7 +180,9 @@ def test_a_client_that_keeps_hurting_the_aggregate_is_flagged_and_excluded(
     held-out set. Client 1 sends random weights in rounds 1 and 2: both rounds are rolled back
     (the global model stays good), and client 1 is flagged in round 2 (its gains over two
     participations) with its evidence; the honest clients never are. With output.save_matches
-    the scores replay exactly from the kept matches. (Exclusion after a
+    the scores replay exactly from the kept matches. The leave-one-out evidence alone
+    (``guard.flag_agreement=null``): random weights are unrelated to the others' updates, not
+    against them, which the agreement condition is for. (Exclusion after a
     flag under policy=exclude: tests/fl_server/test_guard.py.)"""
     run, _ = run_inprocess(
         tmp_path,
@@ -192,6 +194,7 @@ def test_a_client_that_keeps_hurting_the_aggregate_is_flagged_and_excluded(
             "faults.round=[1,2]",
             "faults.kind=random_weights",
             "guard.contribution=true",
+            "guard.flag_agreement=null",
             "output.save_matches=true",
         ],
         clients=3,
