@@ -235,22 +235,32 @@ def contribution_rows() -> list[dict]:
         if injected(run):
             continue
         records = read_jsonl(run / "metrics.jsonl")
-        scores = replay_contributions(Guard(compose([]).guard), run / "eval", records)
         metric = {r["round"]: r["map50_95"] for r in records}
-        flags = [
-            {
-                "round": rnd,
-                "client": k,
-                "gain_2": v["gain_2"],
-                "low": v["ci_2"]["low"],
-                "map50_95": metric[rnd],
-            }  # fmt: skip
-            for rnd in sorted(scores)
-            for k, v in sorted(scores[rnd].items())
-            if v["flagged"]
-        ]
-        rows.append({"run": run.name, "rounds": len(scores), "honest_flags": flags})
-        print(f"{run.name}: {len(flags)} honest flags {flags}", flush=True)
+        row: dict[str, Any] = {"run": run.name}
+        # today's rule, and leave-one-out alone (guard.flag_agreement=null) for comparison
+        for key, over in (
+            ("honest_flags", {}),
+            ("honest_flags_loo_alone", {"flag_agreement": None}),
+        ):
+            guard = Guard(OmegaConf.merge(compose([]).guard, over))
+            scores = replay_contributions(guard, run / "eval", records)
+            row["rounds"] = len(scores)
+            row[key] = [
+                {
+                    "round": rnd,
+                    "client": k,
+                    "gain_2": v["gain_2"],
+                    "low": v["ci_2"]["low"],
+                    "agreement": v["agreement"],
+                    "map50_95": metric[rnd],
+                }  # fmt: skip
+                for rnd in sorted(scores)
+                for k, v in sorted(scores[rnd].items())
+                if v["flagged"]
+            ]
+        rows.append(row)
+        alone = len(row["honest_flags_loo_alone"])
+        print(f"{run.name}: {len(row['honest_flags'])} honest flags, {alone} with LOO alone")
     here = {r["run"] for r in rows}
     rows += [r for r in _previous("contribution_rows") if r["run"] not in here]
     return sorted(rows, key=lambda r: r["run"])

@@ -164,19 +164,21 @@ def faults() -> list[str]:
         ),
         "",
         "| run | faults injected | survived | rounds lost | rollbacks (correct) | false triggers "
-        "| server killed + resumed | clients flagged (replayed: round, client) | honest flagged "
-        "| final mAP50-95 |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| drops on probation (round) | server killed + resumed "
+        "| clients flagged (replayed: round, client) | honest flagged | final mAP50-95 |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---|---:|---:|",
     ]
     for r in d["rows"]:
         replayed, honest = r.get("flags_replayed"), r.get("honest_flags_replayed")
+        held = r.get("drops_on_probation")  # None: run before guard.patience
         flags = (
             "matches not kept" if replayed is None else _listing(f"{a}: {b}" for a, b in replayed)
         )
         lines.append(
             f"| {r['run']} | {r['faults_injected']} | {r['faults_survived']} "
             f"| {r['rounds_lost']} | {len(r['rollbacks'])} ({len(r['rollbacks_correct'])}) "
-            f"| {len(r['false_triggers'])} | {r['resumes']} | {flags} "
+            f"| {len(r['false_triggers'])} "
+            f"| {'—' if held is None else _listing(map(str, held))} | {r['resumes']} | {flags} "
             f"| {'—' if honest is None else len(honest)} | {r['final']['map50_95']:.3f} |"
         )
     lines += [
@@ -260,17 +262,28 @@ def guard_replay() -> list[str]:
         lines += [
             "",
             "`guard.contribution`'s flag rule replayed on the honest runs that scored every "
-            "client (every flag is an honest client flagged):",
+            "client (every flag is an honest client flagged), with today's rule and with "
+            "leave-one-out alone (`guard.flag_agreement=null`, the rule before it):",
             "",
-            "| run | rounds scored | honest flags (round: client, two-round gain, mAP50-95) |",
-            "|---|---:|---|",
+            "| run | rounds scored | honest flags | honest flags, leave-one-out alone (round: "
+            "client, two-round gain, class-branch agreement, mAP50-95) |",
+            "|---|---:|---|---|",
         ]
-    for r in contrib:
-        flags = _listing(
-            f"{f['round']}: {f['client']}, {f['gain_2']:+.3f}, {f['map50_95']:.3f}"
-            for f in r["honest_flags"]
+
+    def flagged(flags: list[dict]) -> str:
+        return _listing(
+            f"{f['round']}: {f['client']}, {f['gain_2']:+.3f}, "
+            + ("—" if f.get("agreement") is None else f"{f['agreement']:+.2f}")
+            + f", {f['map50_95']:.3f}"
+            for f in flags
         )
-        lines.append(f"| {r['run']} | {r['rounds']} | {flags} |")
+
+    for r in contrib:
+        alone = r.get("honest_flags_loo_alone")
+        lines.append(
+            f"| {r['run']} | {r['rounds']} | {flagged(r['honest_flags'])} "
+            f"| {'—' if alone is None else flagged(alone)} |"
+        )
     return [*lines, ""]
 
 
