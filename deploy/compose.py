@@ -271,6 +271,8 @@ def _owner_env(paths: list[Path]) -> dict[str, str]:
 
 def run_compose(run_dir: Path, cfg) -> None:
     """Run the prepared run directory's federation in containers (see the module docstring)."""
+    from fl_client import faults
+
     e = cfg.engine
     num_clients = int(cfg.federation.clients)
     server_image, client_image = ensure_images(e)
@@ -299,6 +301,8 @@ def run_compose(run_dir: Path, cfg) -> None:
         "FEDYOLO_CLIENT_CPUS": str(e.client_cpus),
         "FEDYOLO_CLIENT_THREADS": str(e.client_threads),
         "FEDYOLO_WARM_WORKER": str(bool(e.warm_worker)).lower(),
+        # this run's own SuperNodes act out the faults its config injects (fl_client.faults)
+        "FEDYOLO_FAULT_INJECTION": str(bool(faults.parse(cfg.faults, num_clients))).lower(),
         **_owner_env([run_dir]),
     }
     extra = client_services(yaml.safe_load(COMPOSE_FILE.read_text()), num_clients)

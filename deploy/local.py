@@ -151,6 +151,7 @@ def run_local_deployment(
     client_threads: int,
     insecure: bool,
     warm_worker: bool = True,
+    fault_injection: bool = False,
 ) -> None:
     """Run the prepared run directory's federation on a local SuperLink + SuperNodes.
 
@@ -201,7 +202,8 @@ def run_local_deployment(
                         str(free_port(host)),
                         "--node-config",
                         f"partition-id={i} num-partitions={num_clients} "
-                        f"warm-worker={str(warm_worker).lower()}",
+                        f"warm-worker={str(warm_worker).lower()} "
+                        f"fault-injection={str(fault_injection).lower()}",
                     ],
                     client_env,
                 )
@@ -331,6 +333,8 @@ def flwr_cli(args: list[str], env: dict[str, str]) -> None:
 def engine(run, cfg) -> None:
     """The ``local-deployment`` engine (``fl_server.engines``): this machine's SuperLink and
     one SuperNode per client, with ``configs/engine/local-deployment.yaml``'s settings."""
+    from fl_client import faults
+
     e = cfg.engine
     run_local_deployment(
         run.path,
@@ -341,6 +345,8 @@ def engine(run, cfg) -> None:
         client_threads=int(e.client_threads),
         insecure=bool(e.insecure),
         warm_worker=bool(e.warm_worker),
+        # this run's own SuperNodes act out the faults its config injects (fl_client.faults)
+        fault_injection=bool(faults.parse(cfg.faults, int(cfg.federation.clients))),
     )
 
 

@@ -70,6 +70,15 @@ def _client_error_mod(msg: Message, context: Context, call_next) -> Message:
         return ClientFailure(pid, rnd, why).to_reply(msg)
 
 
+def _fault_opt_in_mod(msg: Message, context: Context, call_next) -> Message:
+    """The simulation engine's nodes opt in to fault injection (its SuperNodes take no node
+    config): a run whose config injects faults gets ``app_with_fault_injection()``."""
+    from fl_client.faults import OPT_IN
+
+    context.node_config[OPT_IN] = True
+    return call_next(msg, context)
+
+
 app = ClientApp(mods=[_client_error_mod, _client_dp_mod])
 
 _MODEL_CACHE: dict[tuple, object] = {}
@@ -287,6 +296,16 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
     pid = int(node.get("partition-id", 0))
     server_round = config.server_round
     injected = faults.mine(config.faults, pid)
+    ignored = 0
+    if injected and not faults.opted_in(node):
+        ignored, injected = len(injected), []
+        LOGGER.warning(
+            "client %d: ignored %d injected fault(s) of round %d: node config has no %s=true",
+            pid,
+            ignored,
+            server_round,
+            faults.OPT_IN,
+        )
     train_yaml = _act_out_before(injected, server_round, data_yaml, len(config.names), pid)
     received = content["arrays"][WEIGHTS_KEY].numpy()
     model = _model_for(config, content["arrays"])
@@ -342,6 +361,7 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
             # 1 when this client still had its own arrays (local parts, transport residual)
             # from an earlier round: the engine kept its Flower context.state
             "kept-state": int(had_state),
+            **({faults.IGNORED_METRIC: ignored} if ignored else {}),
             **_data_stats(data_yaml, config, pid, server_round),
         }
     )
@@ -383,3 +403,11 @@ def evaluate_content(content: RecordDict, node: Mapping, state: RecordDict) -> R
         }
     )
     return RecordDict({"metrics": metrics})
+
+
+def app_with_fault_injection() -> ClientApp:
+    """This ClientApp, with every node opted in to fault injection (``fl_client.faults``)."""
+    opted = ClientApp(mods=[_fault_opt_in_mod, _client_error_mod, _client_dp_mod])
+    opted.train()(train)
+    opted.evaluate()(evaluate)
+    return opted

@@ -8,6 +8,11 @@ in every engine::
     fedyolo run faults.client=1 faults.round=3 faults.kind=random_weights
     fedyolo run 'faults.more=[{client: 0, round: 2, kind: crash}, {client: 2, round: 4, kind: nan}]'
 
+A client acts faults out only when its node config opts in (``fault-injection=true``; the
+local engines and the tests set it when faults are configured): a server must not be able to
+make a robot hang or train on flipped labels. Any other client trains honestly, logs that it
+ignored them and says so in its reply (metric ``faults-ignored``, an event on the server).
+
 Kinds:
 
 * ``crash``: the client's train handler raises (Flower returns an error reply);
@@ -32,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+OPT_IN = "fault-injection"  # the node config key that lets this node act faults out
+IGNORED_METRIC = "faults-ignored"  # a reply's count of faults the node did not act out
 
 KINDS = ("crash", "hang", "nan", "scaled_weights", "random_weights", "corrupt_labels")
 
@@ -124,6 +132,11 @@ def mine(round_faults: str, partition_id: int) -> list[dict]:
     """The faults this client must act out this round (``round_faults``: ``for_round``'s JSON)."""
     raw = str(round_faults or "")
     return [f for f in json.loads(raw) if int(f["client"]) == partition_id] if raw else []
+
+
+def opted_in(node: Mapping) -> bool:
+    """Whether this node's config lets it act out injected faults (``fault-injection=true``)."""
+    return str(node.get(OPT_IN, "")).strip().lower() in ("true", "1")
 
 
 def describe(fault: Mapping, server_round: int) -> str:

@@ -13,7 +13,14 @@ per-client bookkeeping and the same update hygiene:
   sizes, non-finite values (a NaN update must never reach the global model), or an update whose
   norm is not sane (``aggregation.max_update_ratio``, ``max_step_norm_x_median``,
   ``max_norm_x_median``). Stage 1 of
-  ``strategies.guarded``'s story of a bad update.
+  ``strategies.guarded``'s story of a bad update;
+* which partition a node answers for: a reply's ``partition-id`` is a claim, checked against
+  the partition the node is bound to. A node is bound to the partition it first claimed alone
+  (trust on first use: the SuperLink authenticates nodes, not their partitions); afterwards a
+  node claiming another partition, or a partition bound to another connected node, is rejected
+  (``update_rejected`` naming the claimed and the bound partition) and the honest node's reply
+  is untouched. Unbound nodes claiming one partition in the same round are all rejected and
+  none is bound: which of them is honest cannot be told.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fl_client.distill import TEACHER_KEY
+from fl_client.faults import IGNORED_METRIC
 from fl_client.model import WEIGHTS_KEY
 from fl_client.transport import decode
 from fl_client.wire import (
@@ -106,7 +114,8 @@ class ObservedGrid(Grid):
         self.params_mask = params_mask
         self._starving_since: float | None = None
         self._run = run_dir
-        self._node_to_client: dict[int, int] = {}
+        self._node_to_client: dict[int, int] = {}  # node → the partition it is bound to
+        self._partition_node: dict[int, int] = {}  # partition → the node bound to it
         self.rounds: dict[int, RoundLog] = {}
         self.excluded: set[str] = set()  # client ids left out of sampling (drift guard policy)
         self.keep_updates = False
@@ -182,14 +191,19 @@ class ObservedGrid(Grid):
         dst_by_id.pop("", None)
         kept, good = [], []
         answered: set[int] = set()
-        claimed: dict[int, int] = {}  # partition id -> the node that claimed it this round
-        for reply in replies:
-            node = dst_by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        by_node = [
+            (dst_by_id.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r)
+            for r in replies
+        ]
+        impostors = self._bind_claims(by_node, rnd)
+        for node, reply in by_node:
             answered.add(node)
+            if node in impostors:
+                claim, why = impostors[node]
+                self._fail(log, rnd, "update_rejected", node, why, is_train, **claim)
+                continue
             try:  # whatever a reply holds, it costs at most itself: never the round or the run
-                taken, entry = self._take(
-                    reply, node, sent_msgs, sent, down, claimed, log, rnd, is_train
-                )
+                taken, entry = self._take(reply, node, sent_msgs, sent, down, log, rnd, is_train)
             except Exception as e:  # noqa: BLE001 - a hostile or broken reply of any shape
                 self._fail(log, rnd, "update_rejected", node, _one_line(e), is_train)
                 continue
@@ -208,6 +222,59 @@ class ObservedGrid(Grid):
         if is_train:
             log.sent += len(messages)
         return kept
+
+    def _bind_claims(
+        self, by_node: list[tuple[int, Message]], rnd: int
+    ) -> dict[int, tuple[dict, str]]:
+        """Bind nodes to the partitions they claim for the first time; return the nodes whose
+        claim contradicts a binding (node → (event fields, reason)). See the module docstring."""
+        rejected: dict[int, tuple[dict, str]] = {}
+        connected: set[int] | None = None
+        fresh: dict[int, list[int]] = {}  # unbound partition → the unbound nodes claiming it
+        for node, reply in by_node:
+            pid = _claimed_partition(reply)
+            if pid is None:
+                continue
+            bound = self._node_to_client.get(node)
+            owner = self._partition_node.get(pid)
+            if bound is not None and bound != pid:
+                rejected[node] = (
+                    {"claimed_partition": pid, "bound_partition": bound},
+                    f"node {node} claims partition-id {pid}, but it is bound to partition "
+                    f"{bound}: its reply is not counted",
+                )
+            elif bound is None and owner is not None:
+                if connected is None:
+                    connected = set(self._grid.get_node_ids())
+                if owner in connected:
+                    rejected[node] = (
+                        {"claimed_partition": pid, "bound_node": owner},
+                        f"node {node} claims partition-id {pid}, which is bound to node {owner} "
+                        "(still connected): its reply is not counted",
+                    )
+                else:
+                    fresh.setdefault(pid, []).append(node)
+            elif bound is None:
+                fresh.setdefault(pid, []).append(node)
+        for pid, nodes in fresh.items():
+            if len(nodes) > 1:
+                for node in nodes:
+                    rejected[node] = (
+                        {"claimed_partition": pid, "claimed_by": nodes},
+                        f"nodes {nodes} all claim partition-id {pid} for the first time: none "
+                        "is bound and none of their replies is counted",
+                    )
+                continue
+            (node,) = nodes
+            gone = self._partition_node.get(pid)
+            if gone is not None:
+                self._node_to_client.pop(gone, None)
+                reason = f"partition {pid} moved from node {gone} (disconnected) to node {node}"
+                self._run.event(rnd, "partition_rebound", client=pid, node_id=node, reason=reason)
+                LOGGER.warning("round %d: %s", rnd, reason)
+            self._node_to_client[node] = pid
+            self._partition_node[pid] = node
+        return rejected
 
     def _add_teacher(self, messages: list[Message]) -> set[int]:
         """Put the teacher into the train messages of nodes that do not have it yet."""
@@ -251,7 +318,6 @@ class ObservedGrid(Grid):
         sent_msgs: dict[int, Message],
         sent: dict[int, np.ndarray | None],
         down: dict[int, int],
-        claimed: dict[int, int],
         log: RoundLog,
         rnd: int,
         is_train: bool,
@@ -260,8 +326,6 @@ class ObservedGrid(Grid):
         train reply, (None, None) for nothing; raise ValueError naming what is wrong."""
         failure = ClientFailure.from_reply(reply)
         if failure is not None:  # the ClientApp's structured failure (fl_client.wire)
-            if failure.partition_id is not None:
-                self._node_to_client.setdefault(node, failure.partition_id)
             if node not in sent_msgs:  # nothing was sent to it: no reply to count
                 self._fail(log, rnd, "client_failed", node, str(failure), is_train)
                 return None, None
@@ -274,12 +338,14 @@ class ObservedGrid(Grid):
         records = reply.content.metric_records
         metrics = dict(next(iter(records.values()))) if records else {}
         _check_metrics(metrics, is_train)
-        if PARTITION_ID in metrics:
-            pid = int(metrics[PARTITION_ID])
-            other = claimed.setdefault(pid, node)
-            if other != node:
-                raise ValueError(f"partition-id {pid} was already claimed by node {other}")
-            self._node_to_client[node] = pid
+        if metrics.get(IGNORED_METRIC):
+            reason = (
+                f"ignored {metrics[IGNORED_METRIC]} injected fault(s): its node config does not "
+                "opt in (fault-injection=true); it trained honestly"
+            )
+            client = self._client(node)
+            self._run.event(rnd, "faults_ignored", client=client, node_id=node, reason=reason)
+            LOGGER.warning("round %d: client %s %s", rnd, client, reason)
         stats = {k: v for k, v in metrics.items() if k.startswith(DATA_STATS_PREFIX)}
         metrics = {k: v for k, v in metrics.items() if not k.startswith(DATA_STATS_PREFIX)}
         entry = self._client_entry(node, metrics, down.get(node, 0), wire_bytes(reply))
@@ -366,7 +432,14 @@ class ObservedGrid(Grid):
 
     # -- helpers -----------------------------------------------------------------------------
     def _fail(
-        self, log: RoundLog, rnd: int, kind: str, node: int, reason: str, is_train: bool
+        self,
+        log: RoundLog,
+        rnd: int,
+        kind: str,
+        node: int,
+        reason: str,
+        is_train: bool,
+        **fields: Any,
     ) -> None:
         """Count, record in events.jsonl and log one client's failure in round ``rnd``."""
         log.failed += 1
@@ -374,7 +447,9 @@ class ObservedGrid(Grid):
             self._has_teacher.discard(node)
         phase = "train" if is_train else "evaluate"
         client = self._client(node)
-        self._run.event(rnd, kind, client=client, node_id=node, phase=phase, reason=reason)
+        self._run.event(
+            rnd, kind, client=client, node_id=node, phase=phase, reason=reason, **fields
+        )
         LOGGER.warning("round %d: %s %s (%s): %s", rnd, kind, client, phase, reason)
 
     def _client(self, node: int) -> int | str:
@@ -391,6 +466,23 @@ class ObservedGrid(Grid):
             bytes_up=up,
         )
         return entry
+
+
+def _claimed_partition(reply: Message) -> int | None:
+    """The partition a reply says it answers for (an ordinary reply's ``partition-id`` metric
+    or a structured failure's), None when it names none or not as a whole number >= 0."""
+    try:
+        if reply.has_error():
+            return None
+        failure = ClientFailure.from_reply(reply)
+        if failure is not None:
+            return failure.partition_id
+        records = reply.content.metric_records
+        metrics = next(iter(records.values())) if records else {}
+        value = metrics.get(PARTITION_ID) if PARTITION_ID in metrics else None
+        return None if value is None else _whole(value, PARTITION_ID, 0)
+    except Exception:  # noqa: BLE001 - a malformed reply is judged (and rejected) by _take
+        return None
 
 
 def _steps(value: Any) -> float | None:

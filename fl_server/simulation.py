@@ -19,8 +19,13 @@ def run_simulation(run: RunDir, cfg: DictConfig) -> None:
     import torch
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    from fl_client.client_app import app as client_app
+    from fl_client import faults
+    from fl_client.client_app import app, app_with_fault_injection
     from fl_server.server_app import server_app_for
+
+    # the simulated nodes are this run's own: they act out the faults its config injects
+    injecting = bool(faults.parse(cfg.faults, int(cfg.federation.clients)))
+    client_app = app_with_fault_injection() if injecting else app
 
     stop = threading.Event()
     gpus = float(cfg.engine.client_gpus) if torch.cuda.is_available() else 0.0

@@ -6,6 +6,8 @@ transport and fault through the same code paths as both engines, minus process b
 A ``tamper`` hook lets a test turn one client's reply into a bad one; ``down`` nodes are
 disconnected (gone from the node list, no reply to what was already sent to them); ``kill_at``
 stops the server when round N's training starts, as a killed server would (``ServerKilled``).
+Nodes opt in to fault injection (``fault-injection``), as the local engines' do when a run
+injects faults; ``fault_injection=False`` makes nodes that ignore them.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ class InProcessGrid(StubGrid):
         clients: int,
         tamper: dict[int, Callable[[Message], Message]] | None = None,
         kill_at: int | None = None,
+        fault_injection: bool = True,
     ):
         self.contexts = {
             n: Context(
                 run_id=1,
                 node_id=n,
-                node_config={"partition-id": n - 1},
+                node_config={"partition-id": n - 1, "fault-injection": fault_injection},
                 state=RecordDict(),
                 run_config={},
             )
