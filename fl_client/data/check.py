@@ -52,6 +52,8 @@ _MIN_SIDE = 1e-4  # normalised; a box side below this is degenerate (sub-pixel a
 _TOLERANCE = 1e-6  # coordinates this far outside [0, 1] are float noise, not an issue
 _JPEG_EOI = b"\xff\xd9"
 _LOG_EVERY = 1000
+FINDINGS_PER_KIND = 20  # per label file, kind and action; the rest is one record with a count
+MAX_LABEL_BYTES = 32 << 20  # a YOLO label of thousands of long polygons is a few MB
 
 
 @dataclass
@@ -66,7 +68,9 @@ class CheckReport:
     @property
     def counts(self) -> dict[str, int]:
         """Issue count for every kind (zeros included, so the schema is stable)."""
-        found = Counter(issue.kind for issue in self.issues)
+        found: Counter[str] = Counter()
+        for issue in self.issues:
+            found[issue.kind] += issue.count
         return {kind: found.get(kind, 0) for kind in ISSUE_KINDS}
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,12 +107,13 @@ class CheckReport:
             if not found:
                 continue
             actions = "/".join(sorted({i.action for i in found}))
-            rows.append(f"{kind:<20} {len(found):>6}  {actions}")
+            total = sum(i.count for i in found)
+            rows.append(f"{kind:<20} {total:>6}  {actions}")
             for i in found[:examples]:
                 where = i.path if i.line is None else f"{i.path}:{i.line}"
                 rows.append(f"    {where}: {i.detail}")
-            if len(found) > examples:
-                rows.append(f"    ... and {len(found) - examples} more (all in the JSON report)")
+            if total > examples:
+                rows.append(f"    ... and {total - examples} more (see the JSON report)")
         return "\n".join(rows)
 
 
@@ -126,7 +131,10 @@ def check_dataset(ds: Dataset, work_dir: Path | None = None, repair: bool = True
     remains.
     """
     if not ds.samples:
-        raise DataError(f"dataset {ds.root}: no usable images (no images found)")
+        found = ", ".join(f"{n} {kind}" for kind, n in Counter(i.kind for i in ds.issues).items())
+        raise DataError(
+            f"dataset {ds.root}: no usable images (no images found{'; ' + found if found else ''})"
+        )
     report = CheckReport(root=ds.root, num_images=len(ds.samples))
     report.issues.extend(ds.issues)  # found while loading (COCO: categories, paths, EXIF)
     repaired_dir = Path(work_dir) if work_dir is not None else None
@@ -307,7 +315,7 @@ class _LabelResult:
 
 def _check_label_file(path: Path, nc: int) -> _LabelResult:
     try:
-        text = path.read_text()
+        text = _read_label(path)
     except (OSError, UnicodeDecodeError) as exc:
         issue = Issue(
             "bad_value", str(path), None, f"cannot read label file: {_one_line(exc)}", "skipped"
@@ -316,19 +324,60 @@ def _check_label_file(path: Path, nc: int) -> _LabelResult:
     return _check_label_text(text, nc, str(path))
 
 
+def _read_label(path: Path) -> str:
+    """A label file's text, never more than ``MAX_LABEL_BYTES`` read (OSError past that)."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_LABEL_BYTES + 1)
+    if len(data) > MAX_LABEL_BYTES:
+        raise OSError(f"larger than {MAX_LABEL_BYTES >> 20} MiB, not a YOLO label file")
+    return data.decode()
+
+
+class _Findings:
+    """One label file's findings: the first ``FINDINGS_PER_KIND`` of each kind and action in
+    full, the rest counted, so memory and the report stay small whatever the file holds."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.kept: list[Issue] = []
+        self.seen: Counter[tuple[str, str]] = Counter()
+
+    def add(self, issue: Issue) -> None:
+        key = (issue.kind, issue.action)
+        self.seen[key] += 1
+        if self.seen[key] <= FINDINGS_PER_KIND:
+            self.kept.append(issue)
+
+    def issues(self) -> list[Issue]:
+        rest = [
+            Issue(
+                kind,
+                self.where,
+                None,
+                f"and {n - FINDINGS_PER_KIND} more {kind} findings ({action}) in this file",
+                action,
+                count=n - FINDINGS_PER_KIND,
+            )
+            for (kind, action), n in self.seen.items()
+            if n > FINDINGS_PER_KIND
+        ]
+        return self.kept + rest
+
+
 def _check_label_text(text: str, nc: int, where: str) -> _LabelResult:
     """Validate YOLO label text line by line; drop or repair bad lines."""
     lines: list[str] = []
-    issues: list[Issue] = []
+    findings = _Findings(where)
     seen: set[tuple[float, ...]] = set()
     changed = False
     for number, raw in numbered_lines(text):
         line_issues, box, text_out = _check_line(raw, nc, where, number)
-        issues.extend(line_issues)
+        for issue in line_issues:
+            findings.add(issue)
         if box is not None:
             key = tuple(round(v, 6) for v in box)
             if key in seen:
-                issues.append(
+                findings.add(
                     Issue(
                         "duplicate_label", where, number, "same box as an earlier line", "skipped"
                     )
@@ -340,7 +389,7 @@ def _check_label_text(text: str, nc: int, where: str) -> _LabelResult:
             changed = True
         if box is not None:
             lines.append(text_out)
-    return _LabelResult(lines, issues, changed)
+    return _LabelResult(lines, findings.issues(), changed)
 
 
 def _check_line(

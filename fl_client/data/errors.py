@@ -13,10 +13,15 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Issue:
-    """One finding: what (``kind``), where (``path``, 1-based ``line``), and what was done."""
+    """One finding: what (``kind``), where (``path``, 1-based ``line``), and what was done.
+
+    ``count`` > 1: one record standing for that many findings of a kind in one file, the ones
+    past the first few (a file of a million bad lines is a short report, its counts exact).
+    """
 
     kind: str
     path: str
     line: int | None
     detail: str
     action: str  # skipped | repaired | kept
+    count: int = 1

@@ -67,11 +67,17 @@ class Dataset:
 # ------------------------------------------------------------------------ entry point
 
 
-def load_dataset(path: Path | str, cache_dir: Path | str | None = None) -> Dataset:
+def load_dataset(
+    path: Path | str, cache_dir: Path | str | None = None, *, links_into: Iterable[Path] = ()
+) -> Dataset:
     """Load a dataset from a data.yaml, a folder holding one, or a COCO JSON file.
 
     ``cache_dir``: where COCO's converted YOLO labels go (``data.cache_dir`` in a run; the
     user's cache, ``$XDG_CACHE_HOME/fedyolo``, otherwise); never inside the dataset.
+    Data stays inside its dataset (:class:`_Extent`): an image, label or split entry whose real
+    path (links followed) is outside the dataset's root is an ``outside_dataset`` finding and is
+    never read. ``links_into``: folders outside the root that its links may point into, as a
+    shard written by ``write_partition`` links into the dataset it was cut from.
     Raises :class:`DataError` (one line) when the path is missing or not a dataset.
     """
     path = Path(path).expanduser()
@@ -81,10 +87,10 @@ def load_dataset(path: Path | str, cache_dir: Path | str | None = None) -> Datas
         yaml_path = next((path / n for n in _YAML_NAMES if (path / n).is_file()), None)
         if yaml_path is None:
             raise DataError(f"dataset {path}: folder has no data.yaml; {_EXPECTED}")
-        return _load_yaml_dataset(yaml_path)
+        return _load_yaml_dataset(yaml_path, links_into)
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
-        return _load_yaml_dataset(path)
+        return _load_yaml_dataset(path, links_into)
     if suffix == ".json":
         return _load_coco_dataset(path, Path(cache_dir) if cache_dir else user_cache_dir())
     raise DataError(f"dataset {path}: unsupported file type {suffix or '(none)'}; {_EXPECTED}")
@@ -125,11 +131,18 @@ class DataYaml:
         """The folders, list files or images a split entry names (DataError if missing)."""
         return [path for _, path in self._resolved(split)]
 
-    def images(self, split: str) -> list[Path]:
-        """Every image path of ``split`` (empty when the yaml has no such split)."""
+    def images(self, split: str, extent: _Extent | None = None) -> list[Path]:
+        """Every image path of ``split`` (empty when the yaml has no such split).
+
+        With ``extent``, an entry outside the dataset is recorded there and not walked.
+        A folder entry that is ``/`` or a system folder is refused (DataError), never walked.
+        """
         images: list[Path] = []
         for item, path in self._resolved(split):
+            if extent is not None and not extent.admits(path, f"{split} entry {item!r}"):
+                continue
             if path.is_dir():
+                _refuse_system_folder(path, f"dataset {self.path}: {split} entry {item!r}")
                 images += sorted(p for p in path.rglob("*") if is_image(p) and p.is_file())
             elif path.suffix.lower() == ".txt":
                 images += _images_from_list(path, self.root)
@@ -173,21 +186,28 @@ def read_data_yaml(yaml_path: Path | str) -> DataYaml:
     )
 
 
-def _load_yaml_dataset(yaml_path: Path) -> Dataset:
+def _load_yaml_dataset(yaml_path: Path, links_into: Iterable[Path] = ()) -> Dataset:
     """Ultralytics data.yaml, including Roboflow exports with their ``../train/images`` quirk."""
     spec = read_data_yaml(yaml_path)
+    extent = _Extent(spec.root, tuple(Path(p).resolve() for p in links_into))
     samples: list[Sample] = []
     seen: set[Path] = set()
     meta = _MetaIndex()
     for split in spec.entries:
-        for image in spec.images(split):
+        for image in spec.images(split, extent):
             key = image.resolve()
             if key in seen:  # train and val often point at the same images
                 continue
             seen.add(key)
-            samples.append(_make_sample(image, split, meta))
+            if not extent.admits(image, "image"):
+                continue
+            sample = _make_sample(image, split, meta, extent)
+            if sample is not None:
+                samples.append(sample)
+    for issue in extent.issues:
+        log.warning("%s: %s (%s)", issue.path, issue.detail, issue.action)
     log.info("loaded %d images (%d classes) from %s", len(samples), len(spec.names), spec.path)
-    return Dataset(names=spec.names, samples=samples, root=spec.root)
+    return Dataset(names=spec.names, samples=samples, root=spec.root, issues=extent.issues)
 
 
 def _read_yaml(yaml_path: Path) -> dict[str, Any]:
@@ -237,12 +257,65 @@ def _parse_names(config: dict[str, Any], yaml_path: Path) -> list[str]:
 
 
 def _yaml_root(config: dict[str, Any], yaml_path: Path) -> Path:
-    """The dataset root: ``path:`` (relative to the yaml's folder) or the yaml's folder."""
+    """The dataset root: ``path:`` (relative to the yaml's folder) or the yaml's folder.
+
+    ``/`` or a system folder (``/proc``, ``/sys``, ``/dev``) is refused: walking it would read
+    the whole machine (and die on ``/proc``).
+    """
     base = config.get("path")
     if not base:
-        return yaml_path.parent.resolve()
-    root = Path(str(base)).expanduser()
-    return (root if root.is_absolute() else yaml_path.parent / root).resolve()
+        root = yaml_path.parent.resolve()
+    else:
+        given = Path(str(base)).expanduser()
+        root = (given if given.is_absolute() else yaml_path.parent / given).resolve()
+    _refuse_system_folder(root, f"dataset {yaml_path}: path: {base or root}")
+    return root
+
+
+_SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def _refuse_system_folder(folder: Path, what: str) -> None:
+    """DataError when ``folder`` is the filesystem root or lies in a kernel filesystem."""
+    real = folder.resolve()
+    if real == Path(real.anchor) or any(real.is_relative_to(s) for s in _SYSTEM_FOLDERS):
+        raise DataError(
+            f"{what} is {real}, the filesystem root or a system folder; "
+            "point it at the dataset's own folder"
+        )
+
+
+@dataclass
+class _Extent:
+    """What belongs to a dataset: files whose real path (links followed) lies under its root,
+    or under ``links_into`` (see :func:`load_dataset`).
+
+    Anything else (a link to ``/etc/passwd`` as a label, a COCO ``file_name`` of ``../x.jpg``)
+    is one ``outside_dataset`` finding in ``issues`` and is not followed: never read, never
+    linked into a shard. The one place that decides it, for YAML and COCO datasets.
+    """
+
+    root: Path
+    links_into: tuple[Path, ...] = ()
+    issues: list[Issue] = field(default_factory=list)
+
+    def admits(self, path: Path, what: str, where: Path | None = None) -> bool:
+        """True when ``path`` is inside; else record the finding (``what`` names the thing,
+        ``where`` the file it is reported against, ``path`` by default) and return False."""
+        real = path.resolve()
+        if any(real.is_relative_to(r) for r in (self.root, *self.links_into)):
+            return True
+        link = f" (it resolves to {real})" if real != path.absolute() else ""
+        self.issues.append(
+            Issue(
+                "outside_dataset",
+                str(where or path),
+                None,
+                f"{what} is outside the dataset folder {self.root}{link}; not followed",
+                "skipped",
+            )
+        )
+        return False
 
 
 def _discover_split_folders(folder: Path) -> dict[str, str]:
@@ -286,8 +359,11 @@ def _images_from_list(list_file: Path, root: Path) -> Iterator[Path]:
         yield path
 
 
-def _make_sample(image: Path, split: str, meta: _MetaIndex) -> Sample:
+def _make_sample(image: Path, split: str, meta: _MetaIndex, extent: _Extent) -> Sample | None:
+    """The image's sample; None when its label file is outside the dataset (boxes unknown)."""
     label = label_path_for(image)
+    if label.is_file() and not extent.admits(label, f"label file of {image.name}"):
+        return None
     return Sample(
         image=image,
         label=label if label.is_file() else None,
@@ -369,7 +445,8 @@ def _load_coco_dataset(json_path: Path, cache_dir: Path) -> Dataset:
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     cat_index = {c["id"]: i for i, c in enumerate(categories)}
     names = [str(c.get("name", c["id"])) for c in categories]
-    issues: list[Issue] = []
+    extent = _Extent(json_path.parent.resolve())
+    issues = extent.issues
     boxes = _coco_boxes_by_image(coco["annotations"], cat_index, json_path, issues)
     key = hashlib.sha256(str(json_path).encode()).hexdigest()[:12]  # one folder per JSON file
     cache = cache_dir.expanduser().resolve() / COCO_CACHE_DIR / f"{json_path.stem}-{key}"
@@ -378,17 +455,8 @@ def _load_coco_dataset(json_path: Path, cache_dir: Path) -> Dataset:
     samples, written = [], set()
     for entry in coco["images"]:
         image = _resolve_coco_image(str(entry["file_name"]), json_path.parent)
-        if image is None:
-            issues.append(
-                Issue(
-                    "outside_dataset",
-                    str(json_path),
-                    None,
-                    f"image {entry.get('id')!r}: file_name {entry['file_name']!r} "
-                    f"is outside the dataset folder {json_path.parent}",
-                    "skipped",
-                )
-            )
+        what = f"image {entry.get('id')!r}: file_name {entry['file_name']!r}"
+        if not extent.admits(image, what, where=json_path):
             continue
         label = None
         lines = boxes.get(entry["id"], [])
@@ -483,23 +551,20 @@ def _is_box(bbox: Any) -> bool:
     )
 
 
-def _resolve_coco_image(file_name: str, folder: Path) -> Path | None:
+def _resolve_coco_image(file_name: str, folder: Path) -> Path:
     """COCO file names are relative to the JSON's folder or to an ``images/`` folder beside it.
 
-    None for a name that leaves the folder (absolute, ``..``, or a link pointing out).
+    The first candidate that exists, else the name under the folder (missing: the data check
+    reports it as unreadable); whether it is inside the dataset is the caller's :class:`_Extent`.
     """
-    root = folder.resolve()
     candidates = [
         folder / file_name,
         folder / "images" / file_name,
         folder / "images" / Path(file_name).name,
     ]
-    if Path(file_name).is_absolute() or not candidates[0].resolve().is_relative_to(root):
-        return None
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate if candidate.resolve().is_relative_to(root) else None
-    return candidates[0]  # missing: the data check reports it as unreadable
+    if not candidates[0].resolve().is_relative_to(folder.resolve()):
+        return candidates[0]  # leaves the folder: the caller records it; nothing is looked up
+    return next((c for c in candidates if c.is_file()), candidates[0])
 
 
 _SKIP = object()

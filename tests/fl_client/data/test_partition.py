@@ -184,8 +184,11 @@ def test_write_partition_layout_and_manifest(synth_ds: Dataset, tmp_path: Path) 
         objects = sum(len(label_classes(s.label)) for s in shard.samples)
         assert sum(entry["class_counts"].values()) == objects
         assert sum(entry["domains"].values()) == len(shard.samples)
-    reloaded = load_dataset(tmp_path / "out" / "client_0" / "data.yaml")
-    assert len(reloaded.samples) == len(part.clients[0].samples)
+    # a shard's images link into the dataset it was cut from: named, they are followed
+    reloaded = load_dataset(
+        tmp_path / "out" / "client_0" / "data.yaml", links_into=[synth_ds.root]
+    )
+    assert len(reloaded.samples) == len(part.clients[0].samples) and not reloaded.issues
     assert all(s.label is not None for s in reloaded.samples)
     domains = Counter(s.attrs["domain"] for s in reloaded.samples)  # via the symlinks' meta.jsonl
     assert domains == manifest["clients"][0]["domains"]
