@@ -68,6 +68,8 @@ class Summary:
     best_checkpoint: Path | None
     last_checkpoint: Path | None
     total_seconds: float
+    rounds_lost: int = 0  # finished rounds that aggregated no client update
+    reason: str | None = None  # why the run failed, in one line
     raw: dict = field(repr=False, default_factory=dict)
 
     @classmethod
@@ -83,6 +85,8 @@ class Summary:
             best_checkpoint=Path(d["best_checkpoint"]) if d.get("best_checkpoint") else None,
             last_checkpoint=Path(d["last_checkpoint"]) if d.get("last_checkpoint") else None,
             total_seconds=float(d.get("total_seconds", 0.0)),
+            rounds_lost=int(d.get("rounds_lost") or 0),
+            reason=d.get("reason"),
             raw=d,
         )
 
@@ -144,19 +148,31 @@ def run(
     watcher = Watcher(rd.path, hooks, callback_timeout) if hooks else None
     if watcher is None:  # a caller killed earlier may have left its marker: nobody waits now
         Watcher.forget(rd.path)
-    if watcher is None:
-        engine(rd, cfg)
-    else:
-        with watcher:
+    try:
+        if watcher is None:
             engine(rd, cfg)
-    if not rd.summary.exists():
-        raise RuntimeError(f"the run ended without writing {rd.summary}")
+        else:
+            with watcher:
+                engine(rd, cfg)
+    except RuntimeError as e:  # the engine's own trouble (Flower, Ray): the run failed
+        LOGGER.debug("the engine failed", exc_info=True)
+        _unfinished(rd, f"the {cfg.engine.name} engine failed: {' '.join(str(e).split())}")
+    _unfinished(rd, "the run ended without finishing summary.json (a full disk?); see events.jsonl")
     summary = Summary.read(rd.path)
     if hooks:
         call_on_end(hooks, summary.raw)
     if watcher is not None and watcher.error is not None:
         raise watcher.error
     return summary
+
+
+def _unfinished(rd: Any, reason: str) -> None:
+    """A run whose summary.json is missing or still ``running`` after its engine ended failed:
+    say so there, with ``reason`` (an OSError, e.g. a disk still full, reaches the caller)."""
+    if rd.summary.exists() and Summary.read(rd.path).status != "running":
+        return
+    LOGGER.error("the run failed: %s", reason)
+    rd.write_summary(rd.rounds(), status="failed", reason=reason)
 
 
 def distill(

@@ -20,6 +20,7 @@ A user's mistake ends with one line naming the thing; a bug still raises.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -29,6 +30,8 @@ from pathlib import Path
 import fl_server.api  # noqa: F401 - sets the offline/telemetry environment before any import
 
 LOGGER = logging.getLogger("fedyolo")
+# OSErrors a user meets and can act on, said in one line (any other is a bug: it raises)
+USER_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def _setup_logging(level: str = "INFO") -> None:
@@ -61,14 +64,18 @@ def cmd_run(overrides: list[str]) -> int:
         )
         return 1
     if summary.status != "completed":
-        print(
-            f"fedyolo: run {run} ended with status {summary.status}; see {run / 'events.jsonl'}",
-            file=sys.stderr,
-        )
+        why = f": {summary.reason}" if summary.reason else f"; see {run / 'events.jsonl'}"
+        print(f"fedyolo: run {run} ended with status {summary.status}{why}", file=sys.stderr)
         return 1
     best, final = summary.best, summary.final
     print(
-        f"\nDone in {time.perf_counter() - t0:.0f} s: {summary.rounds_completed} rounds.\n"
+        f"\nDone in {time.perf_counter() - t0:.0f} s: {summary.rounds_completed} rounds"
+        + (
+            f", {summary.rounds_lost} of them lost (no client update; see events.jsonl)"
+            if summary.rounds_lost
+            else ""
+        )
+        + ".\n"
         f"  final mAP50-95 {final.map50_95:.3f} (mAP50 {final.map50:.3f}) on the "
         f"server's held-out set\n"
         f"  best  mAP50-95 {best.map50_95:.3f} at round {best.round} → {summary.best_checkpoint}\n"
@@ -437,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedyolo: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # what a machine does to a run (a full disk, a read-only folder)
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        print(f"fedyolo: error: {e.strerror}: {e.filename or 'a file'}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -116,10 +116,11 @@ def _versions() -> dict[str, str | None]:
 def prepare_run(cfg: DictConfig) -> RunDir:
     """Create ``runs/<name>``: check and partition the data, write config and manifest.
 
-    With ``output.overwrite=true`` an existing run is replaced only once the new data has
-    loaded, checked and partitioned: it is moved aside, the new run is written, and the old one
-    is deleted last (put back if writing the new one fails). A failure before that leaves the
-    old run as it was.
+    With ``output.overwrite=true`` an existing run is replaced, and only a fedyolo run (a folder
+    with fedyolo's ``manifest.json``): anything else there is refused, never deleted. It is
+    replaced only once the new data has loaded, checked and partitioned: it is moved aside,
+    the new run is written, and the old one is deleted last (put back if writing the new one
+    fails). A failure before that leaves the old run as it was.
     """
     run = RunDir(Path(str(cfg.output.dir)).expanduser().resolve() / run_name(cfg))
     replacing = run.path.exists() and any(run.path.iterdir())
@@ -127,6 +128,11 @@ def prepare_run(cfg: DictConfig) -> RunDir:
         raise config_mod.ConfigError(
             f"run directory {run.path} already exists; choose another name= or set "
             "output.overwrite=true"
+        )
+    if replacing and not is_fedyolo_run(run.path):
+        raise config_mod.ConfigError(
+            f"output.overwrite=true: {run.path} is not a fedyolo run (no fedyolo manifest.json); "
+            "refusing to delete it: choose another name= or output.dir="
         )
     staging = run.path.with_name(f".{run.path.name}.preparing")
     shutil.rmtree(staging, ignore_errors=True)
@@ -149,6 +155,15 @@ def prepare_run(cfg: DictConfig) -> RunDir:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return run
+
+
+def is_fedyolo_run(path: Path) -> bool:
+    """Whether ``path`` holds a run fedyolo prepared: its ``manifest.json``, as written below."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"run", "created", "packages", "data"} <= set(manifest)
 
 
 TEACHER = "teacher.pt"  # a distillation run's copy of its teacher (fl_client.distill)

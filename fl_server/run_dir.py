@@ -3,7 +3,7 @@
 ``runs/<name>/``: ``config.yaml``, ``manifest.json``, ``metrics.jsonl`` (one line per finished
 round), ``events.jsonl``, ``summary.json``, ``summary.md``, ``metrics.png``, ``best.pt``,
 ``last.pt``. Files are appended or atomically replaced, so a run stopped at any moment leaves
-readable files.
+readable files; a replacement that fails (a full disk) removes its ``.tmp`` and raises.
 """
 
 from __future__ import annotations
@@ -29,10 +29,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, obj: Any) -> None:
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: through ``<path>.tmp``, removed if anything fails."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    replace_text(path, json.dumps(_clean(obj), indent=2) + "\n")
 
 
 def append_jsonl(path: Path, obj: dict) -> None:
@@ -45,6 +54,11 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def lost_rounds(rounds: list[dict]) -> list[int]:
+    """The finished rounds that aggregated no client update (their global model is unchanged)."""
+    return [int(r["round"]) for r in rounds if not r.get("clients")]
 
 
 class RunDir:
@@ -87,12 +101,14 @@ class RunDir:
 
     def rewrite_rounds(self, rounds: list[dict]) -> None:
         """Replace ``metrics.jsonl`` atomically (resume drops a round the state does not cover)."""
-        tmp = self.metrics.with_name(self.metrics.name + ".tmp")
-        tmp.write_text("".join(json.dumps(_clean(r)) + "\n" for r in rounds))
-        os.replace(tmp, self.metrics)
+        replace_text(self.metrics, "".join(json.dumps(_clean(r)) + "\n" for r in rounds))
 
     def write_summary(
-        self, rounds: list[dict], status: str, clearml_task: str | None = None
+        self,
+        rounds: list[dict],
+        status: str,
+        clearml_task: str | None = None,
+        reason: str | None = None,
     ) -> dict:
         """summary.json from the finished rounds, all on the server's held-out set.
 
@@ -101,6 +117,8 @@ class RunDir:
         candidate too: a federation that never beats its pre-trained start keeps the start.
         Ties go to the earlier round, as in the guard. ``final``: the model the run ended
         with, which after a rollback in the last round is the restored one, not the rejected.
+        ``rounds_lost``: finished rounds that aggregated no client update (every client failed
+        or was rejected: the global model did not change). ``reason``: why the run failed.
         """
 
         def pick(r: dict | None) -> dict | None:
@@ -127,6 +145,8 @@ class RunDir:
         summary = {
             "status": status,
             "rounds_completed": len(rounds),
+            "rounds_lost": len(lost_rounds(rounds)),
+            "reason": reason,
             "rollbacks": sum(bool(r.get("guard", {}).get("rolled_back")) for r in rounds),
             "best": pick(best),
             "final": pick(final),

@@ -15,6 +15,7 @@ import random
 import shutil
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from fl_server import hooks as hooks_mod
 from fl_server.guard import Attribution, Decision, Guard, attribute, update_agreement
 from fl_server.interrupts import StopFile
 from fl_server.observed_grid import Interrupted, ObservedGrid
-from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter
+from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter, lost_rounds
 from strategies import build_strategy
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -242,7 +243,11 @@ class Federation:
         writer, the config's ``hooks``, and last the caller of ``fl_server.run`` (if waiting)."""
         builtin = [self.tracker]
         self.hooks = [*builtin, SummaryWriter(self.run, builtin)]
-        self.hooks += hooks_mod.load_hooks(list(self.cfg.get("hooks") or []), self.run)
+        paths = list(self.cfg.get("hooks") or [])
+        try:
+            self.hooks += hooks_mod.load_hooks(paths, self.run)
+        except Exception as e:  # a user's hook that cannot start: the run fails, said so
+            raise RunFailed(f"hooks={paths}: a hook could not start ({_one_line(e)})") from e
         bridge = hooks_mod.CallerBridge.if_requested(self.run.path)
         if bridge is not None:
             self.hooks.append(bridge)
@@ -377,7 +382,7 @@ class Federation:
             )
             self.round = rnd
             self._save_state()
-            asked = hooks_mod.call_on_round(self.hooks, record)
+            asked = self._call_hooks(rnd, record)
             if self.guard.should_stop():
                 reason = (
                     f"{self.guard.state.consecutive} consecutive rollbacks "
@@ -392,6 +397,19 @@ class Federation:
                 self.run.event(rnd, "hook_stop", status=asked)
                 return asked
         return "completed"
+
+    def _call_hooks(self, rnd: int, record: dict) -> str | None:
+        """Every round hook on ``record`` (``fl_server.hooks.call_on_round``, one at a time so
+        that a failing hook is named); the first stop status asked for."""
+        asked = None
+        for hook in self.hooks:
+            try:
+                got = hooks_mod.call_on_round([hook], record)
+            except Exception as e:
+                name = type(hook).__name__
+                raise RunFailed(f"round hook {name} failed in round {rnd}: {_one_line(e)}") from e
+            asked = asked or got
+        return asked
 
     def _train_config(self, rnd: int) -> ConfigRecord:
         from fl_client import faults as faults_mod
@@ -730,22 +748,32 @@ class Federation:
             LOGGER.warning("strategy state left out of the resumable state: %s", skipped)
 
     # -- the end ----------------------------------------------------------------------------------
-    def finish(self, status: str) -> None:
+    def finish(self, status: str, reason: str | None = None) -> None:
         run = self.run
         if not self.hooks:  # the run failed before its hooks started: still write its summary
             self.hooks = [SummaryWriter(run, [])]
         task = self.tracker.task_id if self.tracker is not None else None
-        summary = run.write_summary(run.rounds(), status=status, clearml_task=task)
+        try:
+            summary = run.write_summary(
+                run.rounds(), status=status, clearml_task=task, reason=reason
+            )
+        except OSError as e:  # e.g. a full disk: the caller finds summary.json unfinished
+            LOGGER.error("could not write %s: %s", run.summary, _one_line(e))
+            return
         try:
             run.write_plot(run.rounds())
-        except Exception:  # a plot must never hide the run's outcome
-            LOGGER.exception("could not write metrics.png")
+        except Exception as e:  # noqa: BLE001 - a plot must never hide the run's outcome
+            LOGGER.error("could not write %s: %s", run.plot, _one_line(e))
         for hook in self.hooks:
             try:
                 hooks_mod.call_on_end([hook], summary)
-            except Exception:  # one hook's failure must not cost the others or run_end
-                LOGGER.exception("round hook %s failed at the end of the run", type(hook).__name__)
-        run.event(self.round, "run_end", status=status)  # last write: the run is complete
+            except Exception as e:  # noqa: BLE001 - one hook's failure must not cost the others
+                name = type(hook).__name__
+                LOGGER.error("round hook %s failed at the end of the run: %s", name, _one_line(e))
+        try:
+            run.event(self.round, "run_end", status=status)  # last write: the run is complete
+        except OSError as e:
+            LOGGER.error("could not write %s: %s", run.events, _one_line(e))
 
 
 def _restored_note(st: dict) -> str:
@@ -756,16 +784,56 @@ def _restored_note(st: dict) -> str:
     return "restored" if not skipped else f"restored except {', '.join(skipped)} (not data)"
 
 
+class RunFailed(RuntimeError):
+    """The run cannot go on, for a reason a user can act on (named in one line)."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, RunFailed) else f"{type(e).__name__}: {text}"
+
+
+def _failed(run: RunDir, rnd: int, e: Exception) -> str:
+    """Record why the run failed (the traceback in ``events.jsonl``, for a bug); the reason."""
+    reason = _one_line(e)
+    LOGGER.error("the run failed after round %d: %s", rnd, reason)
+    try:
+        run.event(rnd, "run_failed", reason=reason, traceback=traceback.format_exc())
+    except Exception as err:  # noqa: BLE001 - e.g. the full disk that failed the run
+        LOGGER.error("could not record the failure in %s: %s", run.events, _one_line(err))
+    return reason
+
+
+def _outcome(run: RunDir, status: str) -> tuple[str, str | None]:
+    """A run whose every round aggregated nothing did not train: it failed, with the reason."""
+    rounds = run.rounds()
+    lost = lost_rounds(rounds)
+    if status == "interrupted" or not rounds or len(lost) < len(rounds):
+        return status, None
+    reason = (
+        f"no round aggregated a client update: every client failed or was rejected in all "
+        f"{len(rounds)} round(s); see {run.events}"
+    )
+    LOGGER.error("the run failed: %s", reason)
+    return "failed", reason
+
+
 def serve(grid: Grid, run_path: Path, interrupt: threading.Event | StopFile | None = None) -> None:
     """Run (or resume) the whole federation for the prepared run directory ``run_path``.
 
     An ``interrupt`` (Ctrl-C/SIGTERM, set by the engine) abandons the round in progress and
     ends the run ``interrupted``: the state of the last finished round stays, ready to resume.
+    A failure ends the run ``failed`` with its reason in ``summary.json`` (and the traceback in
+    ``events.jsonl``): the engine's caller reads the summary, it does not get the exception.
     """
     run = RunDir(run_path)
-    fed = Federation(grid, run)
+    try:
+        fed = Federation(grid, run)
+    except Exception as e:  # noqa: BLE001 - said in summary.json, in one line
+        run.write_summary(run.rounds(), status="failed", reason=_failed(run, 0, e))
+        return
     fed.grid.interrupt = interrupt
-    status = "failed"
+    status, reason = "failed", None
     try:
         if fed.cfg.resume is not None and run.state.exists():
             fed.start_resumed()
@@ -774,10 +842,13 @@ def serve(grid: Grid, run_path: Path, interrupt: threading.Event | StopFile | No
         fed.first_round = fed.round + 1
         fed.wait_for_clients(float(fed.cfg.engine.get("startup_timeout", 120)))
         status = fed.run_rounds()
+        status, reason = _outcome(run, status)
     except Interrupted:
         LOGGER.warning("interrupted: the run stops after round %d; resume=%s", fed.round, run.path)
         status = "interrupted"
+    except Exception as e:  # noqa: BLE001 - said in summary.json, in one line
+        reason = _failed(run, fed.round, e)
     finally:
-        fed.finish(status)
+        fed.finish(status, reason)
     if status == "completed":
         LOGGER.info("run finished: %s", run.summary)
