@@ -10,6 +10,7 @@ the CA's key never leaves that folder and signs nothing but this SuperLink's cer
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -44,9 +45,21 @@ def _private_folder(folder: Path) -> Path:
 
 
 def _write(path: Path, data: bytes, secret: bool) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+    """``data`` as ``path``, exactly 0600 if ``secret`` else 0644, whatever was there before.
+
+    Written to a new file and renamed over ``path``: a key file left 0644 by an earlier run or
+    a copy is replaced, not rewritten in place (``os.open``'s mode applies only to a file it
+    creates, and a descriptor someone opened on the old file would read the new key); a
+    symlink put in its place is replaced, never followed."""
+    mode = 0o600 if secret else 0o644
+    tmp = path.with_name(f".{path.name}.writing")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)  # the umask cannot loosen or tighten it
         f.write(data)
+    os.replace(tmp, path)
     return path
 
 

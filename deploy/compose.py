@@ -12,8 +12,11 @@ each authenticated by its own key and reading only its own shard, mounted read-o
    ``local-deployment`` engine uses, with the service name ``superlink`` in the certificate;
 3. shards: each client's shard exported self-contained (links resolved, a ``data.yaml``
    relative to its folder) under ``runs/<name>/compose/shards/client_<i>``; the server's
-   held-out images are resolved in place, so the SuperLink container needs only the run
-   directory, mounted at the same path;
+   held-out images are resolved in place. The SuperLink container sees its own certificate
+   and key, the CA's certificate, the run directory at the same path with the run's keys
+   (``.flwr``) and every client's shard (``data/``, ``compose/``) hidden behind empty
+   folders, and the held-out set read-only; :func:`check_superlink_view` checks that view of
+   the rendered compose files before anything starts;
 4. ``compose up`` of the SuperLink, registration of the SuperNodes' public keys, ``compose up``
    of the SuperNodes, ``flwr run`` from this machine through the SuperLink's port published on
    loopback, followed to its ``run_end`` exactly as in ``local-deployment``;
@@ -33,6 +36,7 @@ import shutil
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -137,6 +141,109 @@ def client_services(compose: dict, num_clients: int) -> dict[str, dict]:
 
 
 _NOT_FOR_CLI = ("PYTHONPATH", "PYTHONHOME")
+
+
+# -- what a container sees ------------------------------------------------------------------
+_VARIABLE = re.compile(r"\$(?:\$|\{(\w+)(?:(:?-)([^}]*))?\}|(\w+))")
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's variable substitution (``$$``, ``$VAR``, ``${VAR}``, ``${VAR:-default}``,
+    ``${VAR-default}``) applied to every string of ``value``."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1) or m.group(4)
+        got = env.get(name)
+        if m.group(2) == ":-" and not got or m.group(2) == "-" and got is None:
+            return m.group(3)
+        return got or ""
+
+    return _VARIABLE.sub(one, value)
+
+
+@dataclass(frozen=True)
+class Mount:
+    target: str  # the path in the container
+    source: Path | None  # the host path of a bind mount; None: a tmpfs or a named volume
+    read_only: bool
+
+
+def service_mounts(service: str, env: dict[str, str], files: list[Path]) -> list[Mount]:
+    """The mounts of ``service`` as compose renders ``files`` (the later override the earlier,
+    volumes by their target) with the environment file's ``env``; relative host paths are
+    taken from the first file's folder, as compose does."""
+    by_target: dict[str, Mount] = {}
+    for f in files:
+        spec = (yaml.safe_load(Path(f).read_text()).get("services") or {}).get(service) or {}
+        for v in interpolate(spec.get("volumes") or [], env):
+            m = _mount(v, Path(files[0]).parent)
+            by_target[m.target] = m
+    return list(by_target.values())
+
+
+def _mount(v, base: Path) -> Mount:
+    if isinstance(v, dict):  # long syntax
+        src, target, ro = v.get("source"), str(v["target"]), bool(v.get("read_only"))
+        bind = v.get("type") == "bind"
+    else:
+        parts = str(v).split(":")
+        src, target = parts[0], parts[1] if len(parts) > 1 else parts[0]
+        ro = len(parts) > 2 and "ro" in parts[2].split(",")
+        bind = len(parts) > 1 and src.startswith((".", "/", "~"))
+    source = Path(os.path.abspath(base / Path(src).expanduser())) if bind and src else None
+    return Mount(os.path.normpath(target), source, ro)
+
+
+def visible_at(host_path: Path, mounts: list[Mount]) -> str | None:
+    """Where the host file ``host_path`` can be read inside the container, or None: each bind
+    mount that holds it, unless a deeper mount (an empty tmpfs, another bind) covers that
+    path in the container."""
+    host = Path(os.path.abspath(host_path))
+    for m in mounts:
+        if m.source is None or not host.is_relative_to(m.source):
+            continue
+        inside = os.path.normpath(os.path.join(m.target, host.relative_to(m.source)))
+        top = max(
+            (n for n in mounts if inside == n.target or inside.startswith(n.target + "/")),
+            key=lambda n: len(n.target),
+        )
+        if top.source is not None and top.source / os.path.relpath(inside, top.target) == host:
+            return inside
+    return None
+
+
+def superlink_secrets(secrets: Path) -> list[Path]:
+    """Every private key of the run but the SuperLink's own (the CA's, every SuperNode's)."""
+    return [
+        p
+        for p in sorted(secrets.rglob("*"))
+        if p.is_file() and p.name != "superlink.key" and not p.name.endswith((".crt", ".pub"))
+    ]
+
+
+def check_superlink_view(run_dir: Path, env: dict[str, str], files: list[Path]) -> None:
+    """Refuse to start a SuperLink container that could read a key not its own or a client's
+    shard (a compose file changed by hand, a layout changed in code)."""
+    mounts = service_mounts(SUPERLINK, env, files)
+    hidden = [
+        *superlink_secrets(Path(env["FEDYOLO_SECRETS"])),
+        *(p for p in sorted((run_dir / "data").glob("client_*/**/*")) if p.is_file()),
+        *(p for p in sorted(Path(env["FEDYOLO_SHARDS"]).rglob("*")) if p.is_file()),
+    ]
+    seen = [p for p in hidden if visible_at(p, mounts) or visible_at(p.resolve(), mounts)]
+    if seen:
+        raise ComposeError(
+            f"the SuperLink container would read {len(seen)} file(s) that are not the "
+            f"server's, e.g. {seen[0]}: {', '.join(map(str, files))} mounts too much; refused"
+        )
 
 
 class Compose:
@@ -269,6 +376,16 @@ def _owner_env(paths: list[Path]) -> dict[str, str]:
     return {"FEDYOLO_UID": str(CONTAINER_UID), "FEDYOLO_GID": str(CONTAINER_UID)}
 
 
+def mount_environment(run_dir: Path) -> dict[str, str]:
+    """Where docker-compose.yml finds this run's files: the run directory, its keys (made by
+    ``make_security`` in the Flower home ``.flwr``) and the clients' exported shards."""
+    return {
+        "FEDYOLO_RUN_DIR": str(run_dir),
+        "FEDYOLO_SECRETS": str(run_dir / ".flwr" / "secrets"),
+        "FEDYOLO_SHARDS": str(run_dir / "compose" / "shards"),
+    }
+
+
 def run_compose(run_dir: Path, cfg) -> None:
     """Run the prepared run directory's federation in containers (see the module docstring)."""
     from fl_client import faults
@@ -281,10 +398,10 @@ def run_compose(run_dir: Path, cfg) -> None:
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)
     os.chmod(flwr_home, 0o700)
-    secrets = flwr_home / "secrets"
+    secrets = Path(mount_environment(run_dir)["FEDYOLO_SECRETS"])
     nodes = node_names(num_clients)
     security = make_security(secrets, [SUPERLINK, "localhost", "127.0.0.1"], nodes, False)
-    shards = work / "shards"
+    shards = Path(mount_environment(run_dir)["FEDYOLO_SHARDS"])
     for i in range(num_clients):
         export_shard(run_dir / "data" / f"client_{i}", shards / f"client_{i}")
     resolve_links(run_dir / "data" / "server_val")
@@ -293,9 +410,7 @@ def run_compose(run_dir: Path, cfg) -> None:
     compose_env = {
         "FEDYOLO_SERVER_IMAGE": server_image,
         "FEDYOLO_CLIENT_IMAGE": client_image,
-        "FEDYOLO_RUN_DIR": str(run_dir),
-        "FEDYOLO_SECRETS": str(secrets),
-        "FEDYOLO_SHARDS": str(shards),
+        **mount_environment(run_dir),
         "FEDYOLO_PORT": str(port),
         "FEDYOLO_CLIENTS": str(num_clients),
         "FEDYOLO_CLIENT_CPUS": str(e.client_cpus),
@@ -311,6 +426,7 @@ def run_compose(run_dir: Path, cfg) -> None:
         override = work / "compose.clients.yml"
         override.write_text(yaml.safe_dump({"services": extra}, sort_keys=False))
         extra_files.append(override)
+    check_superlink_view(run_dir, compose_env, [COMPOSE_FILE, *extra_files])
     project = Compose(run_dir, compose_env, extra_files)
     group = ProcessGroup(run_dir / "logs", flwr_home=str(flwr_home))
     stop = StopFile(run_dir / ".interrupt")

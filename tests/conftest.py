@@ -48,3 +48,38 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "day2": generate(root / "day2", 48, imgsz=64, seed=2, domains=["day"]),
         "night": generate(root / "night", 48, imgsz=64, seed=1, domains=["night"]),
     }
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto's real HTTP AWS endpoint on 127.0.0.1 (never its default 0.0.0.0:5000): boto3
+    talks to it with real botocore serialization (``AWS_ENDPOINT_URL``)."""
+    import logging
+
+    pytest.importorskip("moto")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    os.environ["MOTO_IAM_LOAD_MANAGED_POLICIES"] = "true"  # AmazonSSMManagedInstanceCore
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto_endpoint, monkeypatch):
+    """A boto3 session in eu-west-1 whose every client talks to ``moto_endpoint``."""
+    boto3 = pytest.importorskip("boto3")
+    region = "eu-west-1"
+    for k, v in {
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": region,
+        "AWS_REGION": region,
+    }.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return boto3.Session(region_name=region)

@@ -15,8 +15,13 @@ complete copy: objects of the new round are added, none of the old one is overwr
 no longer named by the last two manifests are deleted after the new manifest is in place. A file
 that did not change (the held-out images, ``config.yaml``) is uploaded once.
 
-**What never goes to S3**: the clients' shards (``data/client_*``: client images stay where they
-are, also in a local simulation), scratch (``.work``), the control files of the caller bridge.
+**What never goes to S3**: the clients' shards (``data/client_*``, and the copies the compose
+engine exports under ``compose/shards``: client images stay where they are, also in a local
+simulation), scratch (``.work``), the control files of the caller bridge, and every private key:
+the deployment's Flower home ``.flwr`` (the run CA's key, the SuperLink's, every SuperNode's,
+made anew by each engine start) and any other file that holds a PEM or OpenSSH private key.
+A key in the bucket would let whoever reads it pass for the SuperLink or any client. A copy is
+restored with files 0600 in folders 0700 (the run directory is its owner's).
 
 **Tampering.** ``sync.json`` carries an HMAC-SHA256 over its content with a key that is *not* in
 the bucket: ``FEDYOLO_STATE_KEY`` or the SSM SecureString named by
@@ -35,6 +40,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -51,6 +57,9 @@ KIND = "fedyolo-run-sync"
 FORMAT = 1
 MANIFEST = "sync.json"
 EXCLUDED_DIRS = (".work", "control")  # scratch, the caller bridge's files
+SECRET_DIRS = (".flwr",)  # the deployment's Flower home: its config and the run's keys
+# the first line of a PEM ("-----BEGIN EC PRIVATE KEY-----", PKCS#8, OpenSSH, encrypted) key
+PRIVATE_KEY_MARK = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 MIN_KEY_CHARS = 32
 
 
@@ -109,14 +118,28 @@ def _signature(key: bytes, doc: dict) -> str:
 
 # -- what is copied -------------------------------------------------------------------------
 def excluded(rel: PurePosixPath) -> bool:
+    """Whether the run-directory path ``rel`` stays out of the copy (by its name alone)."""
     parts = rel.parts
     return (
         not parts
         or parts[0] in EXCLUDED_DIRS
+        or secret_path(rel)
         or parts[0] == ".interrupt"
         or (len(parts) > 1 and parts[0] == "data" and parts[1].startswith("client_"))
+        or parts[:2] == ("compose", "shards")
         or rel.name.endswith(".tmp")
     )
+
+
+def secret_path(rel: PurePosixPath) -> bool:
+    """A path where a deployment keeps its keys (``.flwr/...``)."""
+    return bool(rel.parts) and rel.parts[0] in SECRET_DIRS
+
+
+def holds_private_key(path: Path) -> bool:
+    """Whether the file's first 4 KiB carry a PEM/OpenSSH private key's header."""
+    with path.open("rb") as f:
+        return PRIVATE_KEY_MARK.search(f.read(4096)) is not None
 
 
 def _sha256(path: Path) -> str:
@@ -186,11 +209,14 @@ class StateSync:
         return out
 
     def _hash(self, rel: str, path: Path) -> tuple[str, int]:
+        """(sha256, size) of the file, or ("", size) for a file that holds a private key."""
         st = path.stat()
         cached = self._hashes.get(rel)
         if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
             return cached[2], st.st_size
-        sha = _sha256(path)
+        sha = "" if holds_private_key(path) else _sha256(path)
+        if not sha:  # once per version of the file
+            LOGGER.warning("state: %s holds a private key: it is not copied to S3", rel)
         self._hashes[rel] = (st.st_size, st.st_mtime_ns, sha)
         return sha, st.st_size
 
@@ -214,6 +240,8 @@ class StateSync:
         entries, sent = {}, 0
         for rel, path in self.files().items():
             sha, size = self._hash(rel, path)
+            if not sha:
+                continue
             entries[rel] = {"sha256": sha, "size": size}
             if sha not in self._stored:
                 with path.open("rb") as body:
@@ -295,23 +323,32 @@ def read_manifest(url: str, key: bytes, session: Any = None) -> dict:
 def fetch(url: str, dest: Path, session: Any = None) -> dict:
     """Download the copy at ``url`` into ``dest`` (the run directory), every object checked
     before any file is written; files not in the copy (a client's shard) are left alone.
+    Files are written 0600 and the folders made 0700; a private key in a copy written before
+    keys were kept out is not restored (the engines make the run's keys anew).
     Returns the manifest."""
     key = load_key(session)
     doc = read_manifest(url, key, session)
     bucket, base = split_url(url)
     s3 = (session or _session()).client("s3")
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _private_dirs(dest)
     staged: list[tuple[Path, Path]] = []
+    keys: list[str] = []
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest) as tmp:
         for i, (rel, entry) in enumerate(sorted(doc["files"].items())):
+            if secret_path(PurePosixPath(rel)):
+                keys.append(rel)
+                continue
             p = _safe_path(rel, f"s3://{bucket}/{base}/{MANIFEST}")
             obj = f"{base}/objects/{entry['sha256']}"
             part = Path(tmp) / str(i)
             h = hashlib.sha256()
             try:
                 stream = s3.get_object(Bucket=bucket, Key=obj)["Body"]
-                with part.open("wb") as f:
+                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    os.fchmod(f.fileno(), 0o600)
                     while block := stream.read(1 << 20):
                         h.update(block)
                         f.write(block)
@@ -322,12 +359,35 @@ def fetch(url: str, dest: Path, session: Any = None) -> dict:
                     f"state: s3://{bucket}/{obj} ({rel}) does not match its sha256 in the signed "
                     "manifest: the object was changed; refused, nothing written"
                 )
+            if holds_private_key(part):
+                keys.append(rel)
+                continue
             staged.append((part, dest / p))
         for part, target in staged:  # every object checked: now write them all
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _private_dirs(target.parent)
             os.replace(part, target)
+    if keys:
+        LOGGER.warning(
+            "state: s3://%s/%s holds %d private key file(s) (%s): not restored; they were "
+            "readable by whoever reads that bucket, delete them there and treat them as leaked",
+            bucket,
+            base,
+            len(keys),
+            ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else ""),
+        )
     LOGGER.info("state: %s (round %s, %d files) -> %s", url, doc["round"], len(staged), dest)
     return doc
+
+
+def _private_dirs(folder: Path) -> None:
+    """``folder`` and its missing parents made 0700 (folders that exist are left as they are)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700)
+        os.chmod(d, 0o700)  # whatever the umask
 
 
 __all__ = [

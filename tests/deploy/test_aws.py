@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -30,34 +29,7 @@ from deploy.aws import TAG, AwsError, s3state, stack  # noqa: E402
 from deploy.aws.userdata import CLIENT_ARGS, SERVER_ARGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-REGION = "eu-west-1"
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    os.environ["MOTO_IAM_LOAD_MANAGED_POLICIES"] = "true"  # AmazonSSMManagedInstanceCore
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def aws(endpoint, monkeypatch):
-    for k, v in {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return boto3.Session(region_name=REGION)
+REGION = "eu-west-1"  # the `aws` fixture's (tests/conftest.py)
 
 
 def settings(name: str, *more: str):
