@@ -135,6 +135,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fl_server import plugins
+
     p = argparse.ArgumentParser(prog="fedyolo", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run one federation (Hydra overrides: key=value ...)")
@@ -144,10 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="from_file",
         help="a yaml list of overrides applied before the others (e.g. a study's best.yaml)",
     )
+    plugins.add_flag(run)
     tune = sub.add_parser(
         "tune", help="an Optuna study whose trials are federations (tuning.* and base overrides)"
     )
     tune.add_argument("overrides", nargs="*", help="e.g. tuning.trials=20 federation.clients=4")
+    plugins.add_flag(tune)
     di = sub.add_parser(
         "distill",
         help="train a student federatedly with a run's best.pt as its teacher (same data)",
@@ -156,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument(
         "items", nargs="+", help="student=<model yaml>, then key=value on that run's config"
     )
+    plugins.add_flag(di)
     ex = sub.add_parser(
         "export", help="an edge bundle from a checkpoint (configs/edge/export.yaml: key=value)"
     )
@@ -412,10 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     from deploy import DeployError  # light: the engines are imported when they run
     from fl_client.data.errors import DataError
     from fl_client.model import ModelConfigError
+    from fl_server import plugins
     from fl_server.config import ConfigError
     from tuning.space import TuningError  # light: the study itself is imported by `tune` only
 
     try:
+        plugins.grant(getattr(args, "trust_plugin", None) or [])  # --trust-plugin, this run only
         if args.cmd == "run":
             return cmd_run([*_overrides_file(args.from_file), *args.overrides])
         if args.cmd == "tune":
@@ -449,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fedyolo: error: {e.strerror}: {e.filename or 'a file'}", file=sys.stderr)
         return 2
+    finally:
+        plugins.grant([])  # the grant was this command's, not the process's
 
 
 if __name__ == "__main__":

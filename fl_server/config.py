@@ -7,6 +7,7 @@ work starts.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,7 +36,13 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 
     With ``resume=runs/<name>`` the run's own ``config.yaml`` is the base instead, and only
     ``RESUME_OVERRIDABLE`` keys may change.
+
+    The plug-ins this process trusts (``fl_server.plugins.granted``, from ``--trust-plugin``)
+    are recorded as ``trusted_plugins``, replacing whatever a file said; no override sets them.
     """
+    from fl_server import plugins
+
+    plugins.refuse_overrides(overrides)
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     if resume not in (None, "", "null"):
         rest = [o for o in overrides if not o.startswith("resume=")]
@@ -52,8 +59,20 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"config: {_one_line(str(e))}") from e
+    _record_trust(cfg)
     validate(cfg)
     return cfg
+
+
+def _record_trust(cfg: DictConfig) -> None:
+    """``trusted_plugins``: this process's grant, whatever the config said before (a run
+    directory's config.yaml, a file): see ``fl_server.plugins`` for why only the command line."""
+    from omegaconf import open_dict
+
+    from fl_server import plugins
+
+    with open_dict(cfg):
+        cfg[plugins.KEY] = list(plugins.granted())
 
 
 def _fetch_s3(url: str) -> Path:
@@ -99,6 +118,7 @@ def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:
             )
         OmegaConf.update(cfg, key, yaml.safe_load(value), force_add=False)
     cfg.resume = str(path)
+    _record_trust(cfg)
     validate(cfg)
     return cfg
 
@@ -144,6 +164,9 @@ def from_run(path: Path, overrides: Sequence[str]) -> DictConfig:
     that run unless overridden: what ``fedyolo distill`` starts from."""
     import yaml
 
+    from fl_server import plugins
+
+    plugins.refuse_overrides(overrides)
     path = Path(path).expanduser().resolve()
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"config: {path} is not a run directory (no config.yaml)")
@@ -158,6 +181,7 @@ def from_run(path: Path, overrides: Sequence[str]) -> DictConfig:
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise ConfigError(f"config: {key!r} is not a setting of {path / 'config.yaml'}")
         OmegaConf.update(cfg, key, yaml.safe_load(value), force_add=False)
+    _record_trust(cfg)
     validate(cfg)
     return cfg
 
@@ -332,16 +356,6 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _check_import(path: str, key: str) -> None:
-    import importlib
-
-    module, _, attr = path.partition(":")
-    try:
-        getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"config: {key}: {path!r} cannot be imported ({e})") from e
-
-
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` naming the first key whose value is wrong."""
     for key, (check, expected) in _RULES.items():
@@ -356,8 +370,10 @@ def validate(cfg: DictConfig) -> None:
             f"config: engine.insecure=true with engine.host={engine.get('host')}: plaintext "
             "(no TLS, no SuperNode authentication) is allowed on a loopback address only"
         )
-    for hook in cfg.hooks or []:
-        _check_import(str(hook), "hooks")
+    from fl_server import plugins
+    from fl_server.hooks import hook_classes
+
+    hook_classes([str(h) for h in cfg.hooks or []], plugins.recorded(cfg))  # imports if trusted
     teacher = cfg.distill.teacher
     if teacher is not None and not Path(str(teacher)).expanduser().is_file():
         raise ConfigError(f"config: distill.teacher={cfg.distill.teacher!r} does not exist")
@@ -390,6 +406,10 @@ def _validate_strategy(cfg: DictConfig) -> None:
             f"config: aggregation.min_replies={cfg.aggregation.min_replies} is more than the "
             f"{sampled_clients(cfg)} clients sampled per round: no round could succeed"
         )
+    from flwr.common.logger import FLOWER_LOGGER
+
+    level = FLOWER_LOGGER.level  # a throwaway build: its notes (e.g. "fraction_evaluate is 0")
+    FLOWER_LOGGER.setLevel(logging.ERROR)  # come from the ServerApp's real one, not before an error
     try:
         build_strategy(cfg)
     except StrategyConfigError as e:
@@ -397,6 +417,8 @@ def _validate_strategy(cfg: DictConfig) -> None:
     except OmegaConfBaseException as e:  # e.g. strategy=custom without strategy._target_
         first = str(e).strip().splitlines()[0]
         raise ConfigError(f"config: strategy: {first}") from e
+    finally:
+        FLOWER_LOGGER.setLevel(level)
 
 
 def to_yaml(cfg: DictConfig) -> str:

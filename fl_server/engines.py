@@ -7,6 +7,10 @@ of installed packages (``pyproject.toml``), so the package that owns an engine r
 ``fl_server`` imports none of them: ``simulation`` lives here (Flower's simulation engine),
 ``local-deployment`` in ``deploy.local``, and a new one is one more line in ``pyproject.toml``
 plus ``configs/engine/<name>.yaml``.
+
+An engine is trusted because it is installed (``fl_server.plugins``): a config names an engine
+only by its registered name, never by an import path. What the entry point loads is checked to
+be an engine function ``(run, cfg)`` before it is called.
 """
 
 from __future__ import annotations
@@ -39,4 +43,7 @@ def get(name: str) -> Engine:
             f"engine {name!r} is not registered (entry points {GROUP}: {names()}); "
             "is fedyolo installed (pip install -e .)?"
         )
-    return eps[name].load()
+    from fl_server import plugins
+
+    path = f"{eps[name].module}:{eps[name].attr}"  # installed metadata: trusted, still checked
+    return plugins.load(path, plugins.ENGINE, (path,), f"config: engine.name={name}")

@@ -18,7 +18,10 @@ Hooks reach the loop in three ways:
 * built in: ClearML tracking and the summary writer are hooks of the loop
   (``fl_server.server_app``);
 * by import path in the config, run inside the ServerApp's process whatever the engine:
-  ``hooks=[my_pkg.my_module:MyHook]`` (the class or factory is called with the ``RunDir``);
+  ``hooks=[my_pkg.my_module:MyHook]`` (the class is called with the ``RunDir``). Named in a
+  config, a hook is imported only if trusted: declared in an installed package's
+  ``fedyolo.hooks`` entry points, or granted with ``--trust-plugin my_pkg.my_module:MyHook``
+  (``fl_server.plugins``);
 * from the caller of ``fl_server.run(..., callbacks=[...])``, in the caller's process. The
   ServerApp may run in another process (the deployment engine) or on another machine sharing
   the run directory, so these go through it: after each round the loop writes the round's
@@ -71,16 +74,27 @@ def call_on_end(hooks: Sequence[Any], summary: dict) -> None:
             on_end(summary)
 
 
-def load_hooks(paths: Sequence[str], run: Any) -> list[Any]:
-    """Hooks named by import path (``module:attr``) in the config, built with the ``RunDir``."""
-    import importlib
+def hook_classes(paths: Sequence[str], trusted: Sequence[str]) -> list[type]:
+    """The hook classes named by import path (``module:attr``) in the config, each imported only
+    if trusted (``fl_server.plugins``: installed in ``fedyolo.hooks`` or granted by
+    ``--trust-plugin``) and checked to be a class with ``on_round`` before anything calls it.
+    Raises ``PluginError`` (one line)."""
+    from fl_server import plugins
 
-    hooks = []
-    for path in paths:
-        module, _, attr = str(path).partition(":")
-        factory = getattr(importlib.import_module(module), attr)
-        hooks.append(factory(run))
-    return hooks
+    return [plugins.load(str(p), plugins.HOOK, trusted, "config: hooks") for p in paths]
+
+
+def load_hooks(paths: Sequence[str], run: Any, trusted: Sequence[str] | None = None) -> list[Any]:
+    """Hooks named by import path in the config, built with the ``RunDir``.
+
+    ``trusted``: the grant the run's ``config.yaml`` carries (``fl_server.plugins``) unless
+    given."""
+    if trusted is None:
+        from fl_server import config as config_mod
+        from fl_server import plugins
+
+        trusted = plugins.recorded(config_mod.load(run.config)) if paths else ()
+    return [cls(run) for cls in hook_classes(paths, trusted)]
 
 
 def _path(run_path: Path, kind: str, server_round: int) -> Path:

@@ -8,11 +8,15 @@ with one line naming the key, when the config is validated, before any round.
 
 Sampling (``fraction_train``, ``min_*_nodes``, ...) comes from ``federation.*`` for every
 strategy, so it is set in one place.
+
+A user's own class (``strategy=custom strategy._target_=my_pkg.mod.MyStrategy``) is imported
+only when trusted (``fl_server.plugins``: ``--trust-plugin my_pkg.mod:MyStrategy`` on the
+command line, or a ``fedyolo.strategies`` entry point of an installed package), and it must be
+a Flower ``Strategy`` class before anything is instantiated: a config alone runs no code.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -197,14 +201,22 @@ def _check_robust(name: str, kwargs: dict[str, Any], n: int) -> None:
         raise _fail("num_nodes_to_select", f"cannot select more than the {n} clients per round")
 
 
-def _import(path: str) -> Any:
-    module, _, attr = str(path).rpartition(".")
-    if not module:
-        raise _fail("_target_", f"{path!r} is not an import path like 'my_pkg.MyStrategy'")
+def _import(path: str, trusted: tuple[str, ...]) -> type[fl.Strategy]:
+    """The strategy class at ``path``, imported only if trusted (``fl_server.plugins``) and
+    only if it is a Flower Strategy class: nothing from the config is called before that."""
+    from fl_server import plugins
+
     try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise _fail("_target_", f"cannot import {path!r}: {e}") from e
+        return plugins.load(path, plugins.STRATEGY, trusted, "config: strategy._target_")
+    except plugins.PluginError as e:
+        raise StrategyConfigError(str(e)) from e
+
+
+def _hydra_keys(kwargs: dict[str, Any]) -> None:
+    """Hydra's own keys (``_args_``, ``_recursive_``, ``_partial_``...) are not settings."""
+    for key in kwargs:
+        if key.startswith("_") and key.endswith("_"):
+            raise _fail(key, "is one of Hydra's instantiate keys, not a strategy setting")
 
 
 def _local_parts(node: dict[str, Any], entry: Entry | None) -> tuple[str, ...]:
@@ -222,17 +234,19 @@ def _inner(cfg: DictConfig, node: dict[str, Any]) -> tuple[fl.Strategy, Entry | 
     kwargs = {k: v for k, v in node.items() if k not in RESERVED}
     name = str(node.get("name"))
     if node.get("_target_"):
-        target = _import(str(node["_target_"]))
-        is_class = inspect.isclass(target)
-        if (is_class and not issubclass(target, fl.Strategy)) or not callable(target):
-            raise _fail("_target_", f"{node['_target_']!r} is not a Flower Strategy")
+        from fl_server.plugins import recorded
+
+        target = _import(str(node["_target_"]), recorded(cfg))
+        _hydra_keys(kwargs)
         check_kwargs("", target, kwargs)
         params = inspect.signature(target).parameters
         sampling = {k: v for k, v in _sampling(cfg).items() if k in params}
         from hydra.utils import instantiate
 
+        # the class already checked (not its name again); nested values stay plain data
+        spec = {"_target_": target, **sampling, **kwargs, "_recursive_": False, "_convert_": "all"}
         try:
-            strategy = instantiate({"_target_": node["_target_"], **sampling, **kwargs})
+            strategy = instantiate(spec)
         except Exception as e:  # the user's constructor: one line naming the key and the error
             cause = e.__cause__ or e
             raise _fail("_target_", f"{node['_target_']}(...) failed: {cause}") from e

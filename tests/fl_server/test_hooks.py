@@ -91,9 +91,12 @@ def test_hooks_stop_a_real_round_loop_and_the_run_directory_is_complete(tmp_path
             seen.append(record["round"])
 
     # as fl_server.run does it: prepare the run directory, then watch it for the caller
-    cfg = tiny_config(tmp_path, ["federation.rounds=3", "hooks=[test_hooks:Recorder]"], 2, "t")
+    from fl_server import plugins
+
+    with plugins.trusting(["test_hooks:Recorder"]):  # fedyolo run --trust-plugin test_hooks:...
+        cfg = tiny_config(tmp_path, ["federation.rounds=3", "hooks=[test_hooks:Recorder]"], 2)
     run = prepare_run(cfg)
-    with Watcher(run.path, [Caller()]):
+    with Watcher(run.path, [Caller()]):  # the ServerApp honours the grant its config.yaml carries
         serve(InProcessGrid(2, None), run.path)
     (hook,) = Recorder.instances
     assert hook.rounds == [1, 2] and seen == [1, 2]

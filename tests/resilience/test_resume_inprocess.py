@@ -62,9 +62,15 @@ def test_resume_can_extend_a_run_but_not_change_its_training(tmp_path):
 
 
 def test_a_strategy_holding_code_and_objects_resumes_with_its_data(tmp_path):
+    from fl_server import plugins
+
     plugin = ["strategy=custom", "strategy._target_=unpicklable_plugin.LambdaFedAvg"]
-    run, _ = run_inprocess(tmp_path, [*plugin, "federation.rounds=1"], clients=2)
-    resume_inprocess(run, InProcessGrid(2), ["federation.rounds=2"])
+    with plugins.trusting(["unpicklable_plugin:LambdaFedAvg"]):  # --trust-plugin, both times
+        run, _ = run_inprocess(tmp_path, [*plugin, "federation.rounds=1"], clients=2)
+    with pytest.raises(ConfigError, match="--trust-plugin unpicklable_plugin:LambdaFedAvg"):
+        resume_inprocess(run, InProcessGrid(2), ["federation.rounds=2"])  # not granted again
+    with plugins.trusting(["unpicklable_plugin:LambdaFedAvg"]):
+        resume_inprocess(run, InProcessGrid(2), ["federation.rounds=2"])
     assert [r["round"] for r in run.rounds()] == [1, 2]
     (resume,) = [e for e in read_jsonl(run.events) if e["kind"] == "resume"]
     # the lambda is configuration (rebuilt from the config); the RNG is named, not saved

@@ -105,16 +105,19 @@ def test_personalize_overwrites_exactly_the_local_parts():
 def test_a_plugin_strategy_by_import_path_is_used(tmp_path):
     from plugin_example import DampedFedAvg
 
+    from fl_server import plugins
+
     DampedFedAvg.calls.clear()
-    run, _ = run_inprocess(
-        tmp_path,
-        [
-            "strategy=custom",
-            "strategy._target_=plugin_example.DampedFedAvg",
-            "+strategy.damping=0.25",
-        ],
-        clients=2,
-    )
+    with plugins.trusting(["plugin_example:DampedFedAvg"]):  # fedyolo run --trust-plugin ...
+        run, _ = run_inprocess(
+            tmp_path,
+            [
+                "strategy=custom",
+                "strategy._target_=plugin_example.DampedFedAvg",
+                "+strategy.damping=0.25",
+            ],
+            clients=2,
+        )
     assert DampedFedAvg.calls == [(1, 0.25)]  # built from the config, and it aggregated
     (rnd,) = read_jsonl(run.metrics)
     assert len(rnd["clients"]) == 2

@@ -51,8 +51,7 @@ def test_dp_wraps_the_strategy_and_client_dp_needs_plain_weights():
         (["strategy=fedbn", "strategy.local=[wheels]"], "unknown model parts ['wheels']"),
         (["strategy=fedpartial", "strategy.local=[backbone,neck,head]"], "nothing would be"),
         (["strategy=custom"], "strategy._target_"),
-        (["strategy=custom", "strategy._target_=nowhere.Strategy"], "cannot import"),
-        (["strategy=custom", "strategy._target_=collections.OrderedDict"], "Flower Strategy"),
+        (["strategy=custom", "strategy._target_=nowhere.Strategy"], "is not trusted"),
         (["strategy.dp={kind: magic}"], "strategy.dp.kind: 'magic' is unknown"),
         (["transport=zip"], "Could not find 'transport/zip'"),
         (["transport=topk", "transport.fraction=2"], "transport.fraction=2"),
@@ -63,6 +62,22 @@ def test_dp_wraps_the_strategy_and_client_dp_needs_plain_weights():
 def test_bad_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError) as e:
         compose(overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "target,message",
+    [
+        ("nowhere.Strategy", "cannot import nowhere:Strategy"),
+        ("collections.OrderedDict", "not a Flower Strategy class"),
+    ],
+)
+def test_a_trusted_plugin_that_is_missing_or_no_strategy_is_refused_in_one_line(target, message):
+    """Trusted on the command line (``--trust-plugin``, here ``plugins.trusting``)."""
+    from fl_server import plugins
+
+    with plugins.trusting([target]), pytest.raises(ConfigError) as e:
+        compose(["strategy=custom", f"strategy._target_={target}"])
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
