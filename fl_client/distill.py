@@ -150,33 +150,26 @@ def load_projector(model, saved: dict[str, np.ndarray]) -> bool:
 def load_teacher(path: str | Path, names: list[str], student):
     """The teacher checkpoint as a model, checked against the federation it teaches.
 
-    Read with Ultralytics' weights-only loading (``fl_client.model.build_model``). Refused with
-    one line (``ModelConfigError``) when its classes are not the federation's, or its detection
-    head has another number of feature levels than the student's (Ultralytics' distillation
-    pairs them level by level).
+    Read weights-only (``fl_client.ultralytics_adapter.load_checkpoint``). Refused with one
+    line (``ModelConfigError``) when it is not a weights-only checkpoint, its classes are not
+    the federation's, or its detection head has another number of feature levels than the
+    student's (Ultralytics' distillation pairs them level by level).
     """
-    import torch
     from ultralytics.nn.distill_model import DistillationModel
-    from ultralytics.nn.tasks import torch_safe_load
 
     from fl_client.model import ModelConfigError, build_model
+    from fl_client.ultralytics_adapter import load_checkpoint
 
     path = Path(path).expanduser()
     if not path.is_file() or path.suffix != ".pt":
         raise ModelConfigError(f"distill.teacher: '{path}' is not a .pt checkpoint")
-    try:
-        ckpt, _ = torch_safe_load(str(path), safe_only=True)
-    except (TypeError, RuntimeError) as e:
-        raise ModelConfigError(f"distill.teacher: {' '.join(str(e).split())}") from e
-    weights = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
-    if not isinstance(weights, torch.nn.Module):
-        raise ModelConfigError(f"distill.teacher: '{path}' holds no Ultralytics model")
+    weights, _ = load_checkpoint(path, "distill.teacher")
     theirs = [str(v) for _, v in sorted(dict(getattr(weights, "names", {}) or {}).items())]
     if theirs != [str(n) for n in names]:
         raise ModelConfigError(
             f"distill.teacher: '{path}' detects {theirs}, the federation trains {list(names)}"
         )
-    teacher = build_model(str(path), list(names))
+    teacher = build_model(str(path), list(names), "distill.teacher")
     t_levels = len(DistillationModel.get_distill_layers(teacher))
     s_levels = len(DistillationModel.get_distill_layers(student))
     if t_levels != s_levels:

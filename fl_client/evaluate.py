@@ -26,11 +26,18 @@ def evaluate_checkpoint(
     same file with Ultralytics' own tools. The checkpoint may be any format Ultralytics loads
     (``.pt``, ``.onnx``, ...); ``rect=False`` makes a ``.pt`` see the square letterboxed inputs
     an exported fixed-shape model sees. ``keep_images``: also each image's matches, under
-    ``images`` (for the guard's paired bootstrap; not JSON).
+    ``images`` (for the guard's paired bootstrap; not JSON). A ``.pt`` is loaded weights-only
+    (``fl_client.ultralytics_adapter.load_yolo``): it never runs code.
     """
     from ultralytics import YOLO
 
-    model = YOLO(str(checkpoint))
+    from fl_client.ultralytics_adapter import load_yolo, weights_only_ultralytics
+
+    weights_only_ultralytics()  # whatever the format, nothing Ultralytics unpickles runs code
+    if Path(checkpoint).suffix.lower() == ".pt":
+        model = load_yolo(checkpoint, "evaluate")
+    else:
+        model = YOLO(str(checkpoint))
     metrics = model.val(
         **({"validator": _keeping_validator()} if keep_images and model.task == "detect" else {}),
         data=str(data_yaml),

@@ -36,15 +36,26 @@ MODELS_DIR = Path(__file__).parent / "models"
 
 
 class ModelConfigError(ValueError):
-    """The configured model cannot be found or built."""
+    """A model (setting or file) that cannot be found, loaded weights-only or built."""
 
 
 def resolve_model_cfg(cfg: str) -> str:
     """Return a path or Ultralytics name for ``model.cfg``; raise a one-line error if unknown.
 
     Accepts a path to a yaml/.pt, a yaml shipped with fedyolo (``fedyolo-tiny.yaml``) or a yaml
-    shipped with Ultralytics (``yolov8n.yaml``, ``yolo11s.yaml``, ``yolo26n.yaml``, ...).
+    shipped with Ultralytics (``yolov8n.yaml``, ``yolo11s.yaml``, ``yolo26n.yaml``, ...). A
+    ``.pt`` is opened weights-only and its architecture built here already
+    (:func:`checkpoint_model`), so that a checkpoint that would run code, or holds no buildable
+    model, stops the configuration before any work.
     """
+    resolved = _located(cfg)
+    if resolved.endswith(".pt"):
+        checkpoint_model(resolved)
+    return resolved
+
+
+def _located(cfg: str) -> str:
+    """``resolve_model_cfg`` without opening a checkpoint (``build_model`` opens it once)."""
     path = Path(cfg).expanduser()
     if path.is_file():
         return str(path.resolve())
@@ -66,39 +77,62 @@ def resolve_model_cfg(cfg: str) -> str:
     return cfg
 
 
-def build_model(cfg: str | dict, names: dict[int, str] | list[str]) -> torch.nn.Module:
+def build_model(
+    cfg: str | dict, names: dict[int, str] | list[str], what: str = "model.cfg"
+) -> torch.nn.Module:
     """Build a detection model with a head for ``len(names)`` classes, in float32.
 
     ``cfg`` is a model yaml (random init), a ``.pt`` checkpoint (fine-tuning) or an
     architecture dict (a model's ``.yaml``: what a client receives, so a client never loads a
-    file the server names). A checkpoint is read with Ultralytics' weights-only loading, which
-    refuses anything but known model classes: a crafted ``.pt`` cannot run code. A checkpoint
-    trained for another class count keeps every tensor whose shape still fits and re-initialises
-    the rest of the head, as Ultralytics' own fine-tuning does.
+    file the server names). A checkpoint is read weights-only
+    (``fl_client.ultralytics_adapter.load_checkpoint``): a crafted ``.pt`` cannot run code, nor
+    can an architecture, whatever its ``activation`` string says (built restricted). A
+    checkpoint trained for another class count keeps every tensor whose shape still fits and
+    re-initialises the rest of the head, as Ultralytics' own fine-tuning does. ``what`` (the
+    setting that named the file) begins a refusal's one line.
     """
     import copy
 
-    from ultralytics.nn.tasks import DetectionModel, torch_safe_load
+    from ultralytics.nn.tasks import DetectionModel
 
+    from fl_client.ultralytics_adapter import weights_only_ultralytics
+
+    weights_only_ultralytics()  # no eval() of an architecture's strings, from any source
     names = dict(enumerate(names)) if isinstance(names, list) else dict(names)
     if isinstance(cfg, dict):
         model = DetectionModel(copy.deepcopy(cfg), nc=len(names), verbose=False)
-    elif (resolved := resolve_model_cfg(cfg)).endswith(".pt"):
-        try:
-            ckpt, _ = torch_safe_load(resolved, safe_only=True)
-        except (TypeError, RuntimeError) as e:  # Ultralytics' message names the file
-            raise ModelConfigError(f"model.cfg: {' '.join(str(e).split())}") from e
-        weights = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
-        if not isinstance(weights, torch.nn.Module):
-            raise ModelConfigError(f"model.cfg: '{cfg}' holds no Ultralytics model")
-        weights = weights.float()
-        model = DetectionModel(weights.yaml, nc=len(names), verbose=False)
-        model.load(weights, verbose=False)
+    elif (resolved := _located(cfg)).endswith(".pt"):
+        model = checkpoint_model(resolved, len(names), what)
     else:
         model = DetectionModel(resolved, nc=len(names), verbose=False)
     model.names = names
     model.nc = len(names)
     return model.float()
+
+
+def checkpoint_model(path: str, nc: int | None = None, what: str = "model.cfg") -> torch.nn.Module:
+    """A ``.pt``'s architecture built for ``nc`` classes (its own by default), with every
+    tensor of the checkpoint whose shape fits.
+
+    The file is read weights-only (``fl_client.ultralytics_adapter.load_checkpoint``) and the
+    architecture it carries is built restricted (no ``eval`` of its strings, only model layers
+    by name): one line (``ModelConfigError``, prefixed ``what``) when either refuses it.
+    """
+    from ultralytics.nn.tasks import DetectionModel
+
+    from fl_client.ultralytics_adapter import load_checkpoint
+
+    weights, _ = load_checkpoint(path, what)  # turns restricted building on, too
+    try:
+        model = DetectionModel(weights.yaml, nc=nc, verbose=False)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, SyntaxError) as e:
+        why = " ".join(str(e).replace("ERROR ❌️", "").split())
+        raise ModelConfigError(
+            f"{what}: {path}: its architecture cannot be built without running code or "
+            f"is not a model ({type(e).__name__}: {why})"
+        ) from e
+    model.load(weights, verbose=False)
+    return model
 
 
 def exchanged_keys(model: torch.nn.Module) -> list[str]:

@@ -2,7 +2,9 @@
 
 ``local_trainer_class()`` is ``DetectionTrainer`` with fedyolo's federated changes (see
 ``fl_client.train``); ``lean_ultralytics()`` keeps Ultralytics' integrations out of a client's
-round. Uses of private Ultralytics internals are marked PRIVATE here and nowhere else;
+round; ``load_checkpoint()`` and ``load_yolo()`` are the one way fedyolo opens a ``.pt``
+(weights-only: a checkpoint never runs code, whichever command loads it). Uses of private
+Ultralytics internals are marked PRIVATE here and nowhere else;
 ``tests/fl_client/test_ultralytics_adapter.py`` fails, naming the assumption, when an upgrade
 breaks one.
 """
@@ -11,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import pickle
+import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -157,3 +162,89 @@ def lean_ultralytics() -> Iterator[None]:
         yield
     finally:
         callbacks.add_integration_callbacks = saved
+
+
+def weights_only_ultralytics() -> None:
+    """From now on, every Ultralytics load and model build in this process is weights-only.
+
+    Ultralytics loads a ``.pt`` with full unpickling unless ``ULTRALYTICS_SAFE_LOAD`` is set
+    (``torch_safe_load(safe_only=None)``), and builds a model from a yaml by ``eval``-ing its
+    ``activation`` string unless a restricted load is in progress (``parse_model``): a
+    checkpoint's or a client's architecture dict could run code either way. A one-way switch,
+    so no thread can turn it off under another's load.
+
+    PRIVATE: ``ultralytics.nn.tasks.SAFE_LOAD``, the module global both ``torch_safe_load``
+    and ``_SafeLoad.restricted()`` read at call time (the environment variable is read once,
+    at import). Checked by tests/fl_client/test_ultralytics_adapter.py.
+    """
+    from ultralytics.nn import tasks
+
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch < 2.6
+        from fl_client.model import ModelConfigError
+
+        raise ModelConfigError(
+            f"torch {torch.__version__} cannot load checkpoints weights-only with Ultralytics' "
+            "allow-list (it needs torch >= 2.6): upgrade torch"
+        )
+    tasks.SAFE_LOAD = True
+
+
+def load_checkpoint(path: str | Path, what: str) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint's model (its EMA when it has one) in float32, and the checkpoint dict.
+
+    Weights-only: torch's restricted unpickler with Ultralytics' allow-list of torch and
+    Ultralytics model classes. A file that is not such a checkpoint (it would run code, or it
+    is damaged, or it holds no model) raises ``ModelConfigError``: one line, prefixed ``what``
+    (``model.cfg``, ``export``, ...), naming the file.
+    """
+    from ultralytics.nn.tasks import torch_safe_load
+
+    from fl_client.model import ModelConfigError
+
+    weights_only_ultralytics()
+    path = Path(path)
+    if not path.is_file():
+        raise ModelConfigError(f"{what}: checkpoint {path} not found")
+    try:
+        ckpt, _ = torch_safe_load(str(path), safe_only=True)
+    except (TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ModelConfigError(f"{what}: {_refusal(path, e)}") from e
+    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+    if not isinstance(model, torch.nn.Module):
+        raise ModelConfigError(f"{what}: {path} holds no Ultralytics model")
+    return model.float(), ckpt
+
+
+def load_yolo(path: str | Path, what: str):
+    """``ultralytics.YOLO`` of a ``.pt``, loaded weights-only: it predicts, validates and
+    exports like ``YOLO(path)``. Refused as :func:`load_checkpoint` refuses."""
+    from ultralytics import YOLO
+
+    load_checkpoint(path, what)  # the one-line refusals; then Ultralytics' own set-up
+    return YOLO(str(path))  # weights-only too: weights_only_ultralytics() is on
+
+
+def _refusal(path: Path, e: BaseException) -> str:
+    """One line for a file Ultralytics' weights-only loading refused."""
+    cause = e.__cause__ or e
+    if isinstance(cause, pickle.UnpicklingError):  # torch's restricted unpickler said no
+        text = str(cause)
+        found = re.search(r"(?i)unsupported (?:global: )?GLOBAL ([\w.]+)", text)
+        operand = re.search(r"Unsupported operand (\d+)", text)
+        why = (
+            f" (it names {found.group(1)})"
+            if found
+            else f" (pickle instruction {operand.group(1)} is not allowed)"
+            if operand
+            else ""
+        )
+        return (
+            f"{path} is not a weights-only checkpoint{why}: refused to unpickle code "
+            "(use a checkpoint written by fedyolo or Ultralytics)"
+        )
+    if "TorchScript" in str(e):
+        return f"{path} is a TorchScript archive, not an Ultralytics checkpoint"
+    if isinstance(e, TypeError):  # Ultralytics' word for a damaged file
+        return f"{path} is not a loadable checkpoint (empty, truncated or not from torch.save)"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{path} cannot be read as a checkpoint ({type(e).__name__}: {first})"

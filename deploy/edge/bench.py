@@ -52,10 +52,11 @@ def onnx_runner(path: Path, threads: int) -> tuple[Callable[[np.ndarray], list],
 
 def torch_runner(path: Path, threads: int) -> Callable[[np.ndarray], list]:
     import torch
-    from ultralytics import YOLO
+
+    from fl_client.ultralytics_adapter import load_yolo
 
     torch.set_num_threads(threads)
-    model = YOLO(str(path)).model.float().eval()
+    model = load_yolo(path, "bench").model.float().eval()  # weights-only: it runs no code
 
     def run(x: np.ndarray) -> list:
         with torch.inference_mode():
@@ -151,12 +152,15 @@ def _label(path: Path, meta: dict | None) -> str:
 def bench(models: Sequence[Path], cfg) -> dict:
     """Measure ``models``; write bench.json/.md/.png to ``cfg.out`` (or beside the first)."""
     from fl_client.evaluate import evaluate_checkpoint
+    from fl_client.ultralytics_adapter import load_checkpoint
 
     out = Path(cfg.out) if cfg.out else _resolve(Path(models[0]))[0].parent
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for model in models:
         path, meta = _resolve(Path(model))
+        if path.suffix == ".pt":  # refused here in one line, not in the measuring child
+            load_checkpoint(path, "bench")
         data = cfg.data or (meta or {}).get("heldout_data")
         if path.suffix == ".onnx":
             _, fixed = onnx_runner(path, 1)

@@ -1,8 +1,9 @@
 """``fedyolo export MODEL.pt [key=value ...]``: an edge bundle, gated.
 
 The export itself is Ultralytics' exporter (``YOLO(pt).export``: ONNX fp32/fp16, simplified
-with ``onnxslim``; TensorRT ``engine`` where a GPU is). INT8 ONNX is the exporter's fp32 graph
-quantized by ONNX Runtime with fedyolo's calibration (``deploy.edge.quantize``).
+with ``onnxslim``; TensorRT ``engine`` where a GPU is), on the checkpoint loaded weights-only
+(``fl_client.ultralytics_adapter``: a ``.pt`` never runs code). INT8 ONNX is the exporter's
+fp32 graph quantized by ONNX Runtime with fedyolo's calibration (``deploy.edge.quantize``).
 
 A bundle is a folder::
 
@@ -78,15 +79,14 @@ class Source:
 
 
 def source_of(checkpoint: Path, data: str | None = None) -> Source:
-    from ultralytics import YOLO
+    from fl_client.ultralytics_adapter import load_checkpoint
 
     checkpoint = Path(checkpoint).expanduser().resolve()
     if not checkpoint.is_file():
         raise FileNotFoundError(f"export: checkpoint {checkpoint} not found")
     if checkpoint.suffix != ".pt":
         raise EdgeError(f"export: {checkpoint} is not a .pt checkpoint")
-    model = YOLO(str(checkpoint))  # Ultralytics' weights-only loading of known classes
-    ckpt = model.ckpt or {}
+    model, ckpt = load_checkpoint(checkpoint, "export")  # weights-only: it runs no code
     args = ckpt.get("train_args") or {}
     run_dir = checkpoint.parent if (checkpoint.parent / "manifest.json").is_file() else None
     data_version = heldout = None
@@ -124,12 +124,12 @@ def _variant(cfg, activations: str | None = None) -> str:
 
 def _ultralytics_export(src: Source, work: Path, cfg, imgsz: int, quantize: int) -> Path:
     """Ultralytics' exporter on a copy of the checkpoint in ``work`` (it writes beside it)."""
-    from ultralytics import YOLO
+    from fl_client.ultralytics_adapter import load_yolo
 
     work.mkdir(parents=True, exist_ok=True)
     pt = work / "model.pt"
     shutil.copy2(src.checkpoint, pt)
-    f = YOLO(str(pt)).export(
+    f = load_yolo(pt, "export").export(
         format=cfg.format,
         imgsz=imgsz,
         quantize=quantize,

@@ -65,3 +65,41 @@ def test_fedprox_term_reaches_the_gradient_through_ultralytics_step():
     trainer.optimizer_step()
     # gradient µ·B·(w − w_ref) = 2·w, step 0.1 → w·0.8
     torch.testing.assert_close(model.weight.detach(), torch.tensor([[0.8, -0.8]]))
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_safe_load_switch_makes_plain_yolo_loads_weights_only(tmp_path):
+    """weights_only_ultralytics() flips the module global torch_safe_load and parse_model read."""
+    import pytest
+    from ultralytics import YOLO
+    from ultralytics.nn import tasks
+
+    from fl_client.ultralytics_adapter import weights_only_ultralytics
+
+    assert "safe_only = SAFE_LOAD" in inspect.getsource(tasks.torch_safe_load), (
+        "torch_safe_load no longer defaults to ultralytics.nn.tasks.SAFE_LOAD: "
+        "weights_only_ultralytics() no longer makes YOLO(path) weights-only"
+    )
+    assert "_SafeLoad.restricted()" in inspect.getsource(tasks.parse_model), (
+        "parse_model no longer asks _SafeLoad.restricted(): a model yaml's activation is eval-ed"
+    )
+    weights_only_ultralytics()
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _RunsCode(tmp_path / "ran")}, evil)
+    with pytest.raises(TypeError, match="evil.pt"):
+        YOLO(str(evil))  # Ultralytics' own loader, through the switch
+    assert not (tmp_path / "ran").exists()
+    with pytest.raises(TypeError):  # an architecture's strings are never eval-ed
+        tasks.DetectionModel(
+            {**tasks.yaml_model_load("yolov8n.yaml"), "activation": "print('x') or nn.SiLU()"},
+            verbose=False,
+        )
