@@ -15,6 +15,15 @@ caller's code digest), then the message content and the client's state as Flower
 ``RecordDict``. Reply: a JSON header (``ok``, or the error), then the reply content and the
 updated state. Nothing is unpickled.
 
+A bad caller (a bug, a stray process of this user: no one else can enter the socket folder)
+cannot take the worker down. A header frame is at most ``HEADER_MAX`` (1 MiB); a content or
+state frame at most ``FEDYOLO_WORKER_MAX_FRAME`` bytes (:func:`frame_max`, 1 GiB by default: the
+worker learns its model only from the messages, so the bound is the largest model expected, not
+this one). A longer frame is refused before a byte of it is read. A connection that stays silent
+for ``FEDYOLO_WORKER_READ_TIMEOUT`` seconds (default 60; a genuine caller sends its message at
+once, from memory) is closed, so the callers queued behind it are served. A malformed header or
+record is answered with an error reply (``ok: false``) and the worker serves the next caller.
+
 Lifetime: a node's first message starts its worker (under a lock file). The worker lives as long
 as the node's SuperExec (the ``flwr-clientapp`` processes' parent, which Flower ties to its
 SuperNode) and exits within a second of it, or after ``FEDYOLO_WORKER_IDLE`` seconds without
@@ -51,6 +60,11 @@ LOGGER = logging.getLogger("fedyolo.worker")
 
 START_TIMEOUT = 300.0  # seconds for a new worker to import torch and Ultralytics and listen
 _LEN = struct.Struct("!Q")
+HEADER_MAX = 1 << 20  # a JSON header: the kind, a node config, a digest
+# The float32 weights of the largest Ultralytics detector (YOLOv8x, 68 M parameters: 273 MB)
+# about four times: the global model, a distillation teacher as large, and room to spare.
+DEFAULT_FRAME_MAX = 1 << 30
+DEFAULT_READ_TIMEOUT = 60.0
 
 
 class WorkerError(RuntimeError):
@@ -99,16 +113,35 @@ def code_digest() -> str:
 # -- frames ----------------------------------------------------------------------------------
 
 
+class MalformedRequest(ValueError):
+    """A request the worker cannot take (a frame too long, a header or record that does not
+    parse): answered with an error reply, never the end of the worker."""
+
+
+def frame_max() -> int:
+    """The longest content or state frame, in bytes (``FEDYOLO_WORKER_MAX_FRAME``)."""
+    return int(os.environ.get("FEDYOLO_WORKER_MAX_FRAME") or DEFAULT_FRAME_MAX)
+
+
+def _read_timeout() -> float:
+    return float(os.environ.get("FEDYOLO_WORKER_READ_TIMEOUT") or DEFAULT_READ_TIMEOUT)
+
+
 def _send(f, data: bytes) -> None:
     f.write(_LEN.pack(len(data)))
     f.write(data)
 
 
-def _recv(f) -> bytes:
+def _recv(f, limit: int | None = None) -> bytes:
+    """One frame of at most ``limit`` bytes (:func:`frame_max` by default); a longer one is
+    refused (:class:`MalformedRequest`) before any of it is read."""
     head = f.read(_LEN.size)
     if len(head) < _LEN.size:
         raise ConnectionError("connection closed")
     (n,) = _LEN.unpack(head)
+    limit = frame_max() if limit is None else limit
+    if n > limit:
+        raise MalformedRequest(f"a frame of {n} bytes, more than the {limit} allowed")
     data = f.read(n)
     if len(data) < n:
         raise ConnectionError("connection closed mid-frame")
@@ -150,7 +183,7 @@ def call(kind: str, content: RecordDict, context: Context, watch: int | None = N
                 _send(f, _records_to_bytes(content))
                 _send(f, _records_to_bytes(state))
                 f.flush()
-                reply = json.loads(_recv(f))
+                reply = json.loads(_recv(f, HEADER_MAX))
                 if reply.get("stale"):
                     continue
                 out, new_state = _records_from_bytes(_recv(f)), _records_from_bytes(_recv(f))
@@ -282,13 +315,13 @@ def serve(path: Path, watch_pid: int, idle: float) -> None:
                 conn, _ = srv.accept()
             except TimeoutError:
                 continue
-            conn.settimeout(None)
+            conn.settimeout(_read_timeout())  # a silent caller is closed, the next one served
             with conn, conn.makefile("rwb") as f:
                 try:
                     conn.sendall(ACK)  # taken: from here a failure is this message's own
                     retire = _answer(f, handle)
-                except OSError as e:  # the caller went away (its process was killed)
-                    LOGGER.warning("warm worker: a caller left mid-message (%s)", e)
+                except OSError as e:  # the caller went away (killed) or fell silent
+                    LOGGER.warning("warm worker: a caller left or fell silent mid-message (%s)", e)
                     retire = False
             last = time.monotonic()
             if retire:
@@ -303,8 +336,12 @@ def serve(path: Path, watch_pid: int, idle: float) -> None:
 
 def _answer(f, handle) -> bool:
     """One request; True when this worker must retire (the caller's code differs)."""
-    header = json.loads(_recv(f))
-    content, state = _records_from_bytes(_recv(f)), _records_from_bytes(_recv(f))
+    try:
+        header, content, state = _request(f)
+    except MalformedRequest as e:
+        LOGGER.warning("warm worker: refused a malformed request: %s", e)
+        _reply(f, {"ok": False, "error": f"MalformedRequest: {e}"}, RecordDict(), RecordDict())
+        return False
     if header.get("code") != code_digest():
         _send(f, json.dumps({"ok": False, "stale": True}).encode())
         f.flush()
@@ -315,11 +352,31 @@ def _answer(f, handle) -> bool:
     except Exception as e:  # noqa: BLE001 - every failure goes back to the caller, named
         LOGGER.warning("warm worker: %s failed: %s: %s", header.get("kind"), type(e).__name__, e)
         out, reply = RecordDict(), {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    _reply(f, reply, out, state)
+    return False
+
+
+def _request(f) -> tuple[dict, RecordDict, RecordDict]:
+    """The three frames of a request, parsed; :class:`MalformedRequest` names what is wrong.
+    A frame over its limit ends the request there (the rest of the connection is not read)."""
+    head, content, state = _recv(f, HEADER_MAX), _recv(f), _recv(f)
+    try:
+        header = json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MalformedRequest(f"the header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise MalformedRequest(f"the header is a JSON {type(header).__name__}, not an object")
+    try:
+        return header, _records_from_bytes(content), _records_from_bytes(state)
+    except Exception as e:  # noqa: BLE001 - protobuf and Flower's decoding name hostile bytes
+        raise MalformedRequest(f"a record is not a RecordDict ({type(e).__name__}: {e})") from e
+
+
+def _reply(f, reply: dict, out: RecordDict, state: RecordDict) -> None:
     _send(f, json.dumps(reply).encode())
     _send(f, _records_to_bytes(out))
     _send(f, _records_to_bytes(state))
     f.flush()
-    return False
 
 
 def main(argv: list[str] | None = None) -> None:
