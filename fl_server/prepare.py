@@ -205,7 +205,7 @@ def _write_run(cfg, run: RunDir, source: Path, ds, report, part, repaired: Path)
     if report.issues:
         LOGGER.warning(
             "data check: %d issue(s), see %s\n%s",
-            len(report.issues),
+            sum(report.counts.values()),
             run.path / "data_check.json",
             report.summary(),
         )
@@ -248,7 +248,7 @@ def _write_run(cfg, run: RunDir, source: Path, ds, report, part, repaired: Path)
                     }
                     for c in part_manifest["clients"]
                 ],
-                "check_issues": len(report.issues),
+                "check_issues": sum(report.counts.values()),
             },
         },
     )

@@ -150,7 +150,7 @@ def check_dataset(ds: Dataset, work_dir: Path | None = None, repair: bool = True
         ds.root,
         len(report.usable),
         len(ds.samples),
-        len(report.issues),
+        sum(report.counts.values()),
     )
     if not report.usable:
         found = ", ".join(f"{n} {kind}" for kind, n in report.counts.items() if n)
