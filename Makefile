@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint bench clean images images-offline
+.PHONY: venv demo test test-fast lint bench clean images images-offline docs docs-serve
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (fedyolo is tested on CPython 3.11)"; exit 1; }
@@ -36,6 +36,13 @@ images: $(STAMP)
 
 images-offline: $(STAMP)
 	$(BIN)/fedyolo deploy images --offline
+
+# The documentation site (mkdocs-material; nothing is downloaded): site/, or served on :8000.
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict
+
+docs-serve: $(STAMP)
+	$(BIN)/python -m mkdocs serve --dev-addr 127.0.0.1:8000
 
 lint: $(STAMP)
 	$(BIN)/ruff check fl_server fl_client strategies tuning deploy tests benchmarks

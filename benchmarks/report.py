@@ -1,6 +1,8 @@
-"""Print the README's benchmark tables from ``benchmarks/results/*.json``.
+"""The benchmark tables, rendered from ``benchmarks/results/*.json``.
 
-.venv/bin/python benchmarks/report.py
+One renderer per results file, so the numbers in the documentation are the JSON's and cannot
+drift: ``docs/hooks.py`` puts ``SECTIONS[name]()`` where the benchmarks page says
+``<!-- benchmark: name -->``; ``.venv/bin/python benchmarks/report.py [name ...]`` prints them.
 """
 
 from __future__ import annotations
@@ -37,25 +39,40 @@ def fed_vs_central() -> list[str]:
     return lines
 
 
+ROUND_SETUPS = {  # engines of round_overhead.json → how the table names them
+    "simulation": "simulation",
+    "local-deployment": "local-deployment (warm worker, default)",
+    "local-deployment-cold": "local-deployment, `engine.warm_worker=false`",
+    "compose": "compose (warm worker, default)",
+}
+
+
 def round_overhead() -> list[str]:
     path = RESULTS / "round_overhead.json"
     if not path.exists():
         return []
     d = json.loads(path.read_text())
+    engines = d["engines"]
+    dates = ", ".join(sorted({v["date"] for v in engines.values()}))
+    counts = ", ".join(f"{len(v['rounds'])} in {k}" for k, v in engines.items())
     lines = [
-        f"**Where a round goes** (`{path.name}`; {d['machine']}; {d['date']}): yolov8n, "
-        "2 clients × ~245 images at 128 px, 1 local epoch; mean of rounds 2..n. "
-        "Training = the slowest client's time inside Ultralytics' epoch loop.",
+        f"**Where a round goes** (`{path.name}`; {d['machine']}; {dates}): yolov8n, "
+        "2 clients × ~245 images at 128 px, 1 local epoch; mean of rounds 2..n (rounds: "
+        f"{counts}). Training = the slowest client's time inside Ultralytics' epoch loop; "
+        "ClientApp start = a message's `flwr-clientapp` process, from its creation to "
+        "fedyolo's handler.",
         "",
-        "| engine | round (s) | training (s) | server eval (s) | client set-up (s) "
-        "| everything else | round 1 (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| setup | round (s) | training (s) | server eval (s) | client set-up (s) "
+        "| ClientApp start (s) | everything else | round 1 (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for engine, v in d["engines"].items():
+    for engine, v in engines.items():
         s = v["steady_state_rounds_2_to_n"]
+        start = s.get("client_startup_seconds", 0.0)
         lines.append(
-            f"| {engine} | {s['round_seconds']:.1f} | {s['training_seconds']:.1f} "
-            f"| {s['eval_seconds']:.1f} | {s['client_setup_seconds']:.1f} "
+            f"| {ROUND_SETUPS.get(engine, engine)} | {s['round_seconds']:.1f} "
+            f"| {s['training_seconds']:.1f} | {s['eval_seconds']:.1f} "
+            f"| {s['client_setup_seconds']:.2f} | {start:.1f} "
             f"| **{100 * s['other_share']:.0f}%** | {v['round_1']['round_seconds']:.1f} |"
         )
     return [*lines, ""]
@@ -287,15 +304,122 @@ def guard_replay() -> list[str]:
     return [*lines, ""]
 
 
-if __name__ == "__main__":
-    print(
-        "\n".join(
-            fed_vs_central()
-            + strategies_noniid()
-            + transport()
-            + faults()
-            + guard_replay()
-            + round_overhead()
-            + cold_start()
+EDGE_MODELS = {  # bench names in edge.json → how the table names them
+    "best.pt": "PyTorch `best.pt`",
+    "onnx-fp32": "ONNX fp32",
+    "onnx-fp16": "ONNX fp16",
+    "onnx-int8-u8": "ONNX INT8 u8 (chosen)",
+    "onnx-int8-s8": "ONNX INT8 s8 (exporter's default)",
+}
+
+
+def edge() -> list[str]:
+    path = RESULTS / "edge.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    b = d["bench"]
+    at = {(r["model"], r["imgsz"], r["threads"]): r for r in b["results"]}
+    lines = [
+        f"**To the edge: export, INT8, latency** (`{path.name}`; {d['machine']}, ONNX Runtime "
+        f"{b['machine']['onnxruntime']}; {d['date']}): the YOLOv8n of `runs/edge320` (synthetic "
+        "fleet at 320 px), exported by `fedyolo export` at 320 and 640 px; latency of the model "
+        "alone (1×3×S×S input to raw outputs), "
+        f"{b['results'][0]['runs']} runs, each model in its own process; mAP50-95 on the "
+        "held-out images through Ultralytics' validator on each file.",
+        "",
+        "| model | size MB | mAP50-95 @320 | p50 ms @320, 1 / 2 threads | p95 ms @320, 2 threads "
+        "| p50 ms @640, 1 / 2 threads | peak RSS MB @320 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model, label in EDGE_MODELS.items():
+        one, two = at.get((model, 320, 1)), at.get((model, 320, 2))
+        big1, big2 = at.get((model, 640, 1)), at.get((model, 640, 2))
+        if one is None or two is None:
+            continue
+        big = f"{big1['p50_ms']:.1f} / {big2['p50_ms']:.1f}" if big1 and big2 else ""
+        lines.append(
+            f"| {label} | {two['size_mb']:.2f} | {two['map50_95']:.4f} "
+            f"| {one['p50_ms']:.1f} / {two['p50_ms']:.1f} | {two['p95_ms']:.1f} | {big} "
+            f"| {two['peak_rss_mb']:.0f} |"
         )
+    return [*lines, ""]
+
+
+def distill() -> list[str]:
+    path = RESULTS / "distill.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    s, m = d["setup"], d["summary"]
+    lines = [
+        f"**Federated distillation** (`{path.name}`; {d['machine']}; {d['date']}): per seed, a "
+        f"{s['teacher']} teacher trained federatedly ({s['rounds']} rounds), then "
+        f"{s['student']} trained identically without and with `distill.teacher` = that "
+        "teacher's `best.pt` (same data version, asserted); best held-out mAP50-95 over the "
+        "rounds.",
+        "",
+        "| seed | teacher | student | student distilled | gap closed |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["rows"]:
+        t, p, x = (r[k]["best_map50_95"] for k in ("teacher", "plain", "distilled"))
+        closed = f"{100 * (x - p) / (t - p):.0f}%" if t != p else "—"
+        lines.append(f"| {r['seed']} | {t:.4f} | {p:.4f} | {x:.4f} | {closed} |")
+    lines.append(
+        f"| mean ± sd | {m['teacher_mean']:.4f} ± {m['teacher_sd']:.4f} "
+        f"| {m['plain_mean']:.4f} ± {m['plain_sd']:.4f} "
+        f"| {m['distilled_mean']:.4f} ± {m['distilled_sd']:.4f} "
+        f"| **{100 * m['gap_closed']:.0f}%** |"
     )
+    return [*lines, ""]
+
+
+def norm_replay() -> list[str]:
+    path = RESULTS / "norm_replay.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    lines = [
+        f"**Update-norm rules on honest runs** (`{path.name}`; {d['machine']}; {d['date']}): "
+        f"the rules replayed on the server-measured norms of {d['runs']} honest runs with 3+ "
+        f"replies ({d['rounds']} rounds). ×10: each reply in turn scaled by 10 with the "
+        "round's median recomputed.",
+        "",
+        "| rule | limit × median | honest replies dropped | ×10 updates dropped "
+        "| largest honest ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    names = {"per_step": "norm per batch", "raw": "raw norm"}
+    for r in d["rows"]:
+        lines.append(
+            f"| {names.get(r['rule'], r['rule'])} | {r['limit']:g} "
+            f"| {r['honest_dropped']}/{r['honest_replies']} "
+            f"| {r['scaled_x10_caught']}/{r['scaled_x10_tried']} | {r['max_honest_ratio']:.2f} |"
+        )
+    return [*lines, ""]
+
+
+SECTIONS = {
+    "edge": edge,
+    "distill": distill,
+    "fed_vs_central": fed_vs_central,
+    "strategies_noniid": strategies_noniid,
+    "transport": transport,
+    "faults": faults,
+    "norm_replay": norm_replay,
+    "guard_replay": guard_replay,
+    "round_overhead": round_overhead,
+    "cold_start": cold_start,
+}
+
+
+def render(names: list[str] | None = None) -> str:
+    """The named sections (all by default) as Markdown."""
+    return "\n".join(line for name in (names or SECTIONS) for line in SECTIONS[name]())
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(render(sys.argv[1:] or None))
