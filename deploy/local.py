@@ -5,14 +5,27 @@ These are the same processes a real fleet runs (``flower-superlink``, ``flower-s
 (``partition-id``), exactly as a robot would get ``data-path``. Every process is started in its
 own process group and the whole group is terminated on exit — normal end, error, Ctrl-C or
 SIGTERM — so nothing is left behind.
+
+**Other local users.** Flower 1.41's Control API has no accounts (whoever reaches the port can
+list, start and stop runs; TLS does not help, a client may skip verification), and a
+ClientApp's token is on its command line, readable by every user in ``/proc``. So the run's
+Flower processes and the ``flwr`` calls that talk to them run in a private network namespace of
+the run (``unshare -n`` as root, ``unshare -rn`` otherwise): one launcher process
+(``python -m deploy.local SPEC``) starts them in there, and this process follows the run
+through the run directory's files and the stop file, as before. Where no namespace can be made
+the engine refuses in one line, unless the user accepts the exposure with
+``engine.isolation=none``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -152,11 +165,16 @@ def run_local_deployment(
     insecure: bool,
     warm_worker: bool = True,
     fault_injection: bool = False,
+    isolation: str = "namespace",
 ) -> None:
     """Run the prepared run directory's federation on a local SuperLink + SuperNodes.
 
     The settings are ``configs/engine/local-deployment.yaml``'s (their one home); port 0 = free.
+    With ``isolation="namespace"`` every Flower process of the run, and the ``flwr`` calls that
+    talk to them, run in a private network namespace (:func:`namespace_command`); this process
+    follows the run through the run directory's files, as it does without one.
     """
+    prefix = isolation_prefix(isolation, host)
     port = port or free_port(host)
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -166,62 +184,228 @@ def run_local_deployment(
         flwr_home / "secrets", [host, "localhost", "127.0.0.1"], nodes, insecure
     )
     env = flwr_env(flwr_home, f"{host}:{port}", security)
-    # Client processes get their thread budget; the SuperLink (and the ServerApp it starts,
-    # which evaluates the global model while the clients wait) keeps the machine's default.
-    client_env = {**env, **client_runtime_env(client_threads)}
+    plan = Plan(
+        run_dir=str(run_dir),
+        host=host,
+        port=port,
+        nodes=nodes,
+        startup_timeout=startup_timeout,
+        client_threads=client_threads,
+        warm_worker=warm_worker,
+        fault_injection=fault_injection,
+        superlink_args=security.superlink,
+        supernode_args={n: security.supernode(n) for n in nodes},
+        public_keys=[str(k.public) for k in security.node_keys.values()],
+    )
     group = ProcessGroup(run_dir / "logs", flwr_home=str(flwr_home))
     stop = StopFile(run_dir / ".interrupt")
     stop.clear()  # left by an earlier interrupted run of this directory
     following = threading.Event()  # before `flwr run`, a Ctrl-C leaves at once
+    from fl_server.run_dir import read_jsonl
+
+    before = len(read_jsonl(run_dir / "events.jsonl"))  # a resumed run has earlier ends
     with interrupts_to(stop, armed=following.is_set):
         try:
-            link = group.start(
-                "superlink",
-                [
-                    _bin("flower-superlink"),
-                    *security.superlink,
-                    "--host",
-                    host,
-                    "--port",
-                    str(port),
-                    "--disable-runtime-dependency-installation",
-                ],
-                env,
-            )
-            wait_for_port(host, port, startup_timeout, link)
-            register_nodes(security, env)
-            for i in range(num_clients):
-                group.start(
-                    nodes[i],
-                    [
-                        _bin("flower-supernode"),
-                        *security.supernode(nodes[i]),
-                        "--superlink",
-                        f"{host}:{port}",
-                        "--port",
-                        str(free_port(host)),
-                        "--node-config",
-                        f"partition-id={i} num-partitions={num_clients} "
-                        f"warm-worker={str(warm_worker).lower()} "
-                        f"fault-injection={str(fault_injection).lower()}",
-                    ],
-                    client_env,
+            if prefix:
+                spec = flwr_home / "deployment.json"
+                spec.write_text(json.dumps(dataclasses.asdict(plan)))
+                runner = group.start(
+                    LAUNCHER, [*prefix, sys.executable, "-m", "deploy.local", str(spec)], env
                 )
-            LOGGER.info(
-                "deployment engine: SuperLink on %s:%d, %d SuperNodes (logs in %s)",
-                host,
-                port,
-                num_clients,
-                run_dir / "logs",
-            )
-            from fl_server.run_dir import read_jsonl
-
-            before = len(read_jsonl(run_dir / "events.jsonl"))  # a resumed run has earlier ends
-            runner = group.start("flwr-run", flwr_run_args(run_dir), env)
-            following.set()
-            follow(runner, run_dir, before, stop)
+                LOGGER.info(
+                    "deployment engine: %d SuperNodes and a SuperLink on %s:%d in a private "
+                    "network namespace (logs in %s)",
+                    num_clients,
+                    host,
+                    port,
+                    run_dir / "logs",
+                )
+                following.set()  # the launcher submits nothing once the stop file is there
+            else:
+                runner = start_federation(plan, group, env, stop)
+                if runner is None:
+                    raise KeyboardInterrupt
+                following.set()
+            try:
+                follow(runner, run_dir, before, stop)
+            except RuntimeError:
+                if prefix and runner.poll() == LAUNCH_FAILED:
+                    raise RuntimeError(
+                        "the local deployment did not start: "
+                        + tail(run_dir / "logs" / f"{LAUNCHER}.log", 1)
+                    ) from None
+                raise
         finally:
             group.stop()
+
+
+LAUNCHER = "deployment"  # its log: logs/deployment.log
+LAUNCH_FAILED = 97  # the launcher's exit code when the federation did not start
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the Flower processes of one local deployment are started with: paths and
+    settings, no secret (it is handed to the launcher in the namespace as a file)."""
+
+    run_dir: str
+    host: str
+    port: int
+    nodes: list[str]
+    startup_timeout: float
+    client_threads: int
+    warm_worker: bool
+    fault_injection: bool
+    superlink_args: list[str]
+    supernode_args: dict[str, list[str]]
+    public_keys: list[str]
+
+
+def start_federation(
+    plan: Plan, group: ProcessGroup, env: dict[str, str], stop: StopFile
+) -> subprocess.Popen | None:
+    """Start the SuperLink, register the SuperNodes' keys, start the SuperNodes and submit the
+    run with ``flwr run``; returns that ``flwr run`` (None: a stop was asked before it)."""
+    host, port, num_clients = plan.host, plan.port, len(plan.nodes)
+    # Client processes get their thread budget; the SuperLink (and the ServerApp it starts,
+    # which evaluates the global model while the clients wait) keeps the machine's default.
+    client_env = {**env, **client_runtime_env(plan.client_threads)}
+    link = group.start(
+        "superlink",
+        [
+            _bin("flower-superlink"),
+            *plan.superlink_args,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        ],
+        env,
+    )
+    wait_for_port(host, port, plan.startup_timeout, link)
+    register_keys(plan.public_keys, env)
+    for i, name in enumerate(plan.nodes):
+        group.start(
+            name,
+            [
+                _bin("flower-supernode"),
+                *plan.supernode_args[name],
+                "--superlink",
+                f"{host}:{port}",
+                "--port",
+                str(free_port(host)),
+                "--node-config",
+                f"partition-id={i} num-partitions={num_clients} "
+                f"warm-worker={str(plan.warm_worker).lower()} "
+                f"fault-injection={str(plan.fault_injection).lower()}",
+            ],
+            client_env,
+        )
+    LOGGER.info(
+        "deployment engine: SuperLink on %s:%d, %d SuperNodes (logs in %s)",
+        host,
+        port,
+        num_clients,
+        group.log_dir,
+    )
+    if stop.is_set():
+        return None
+    return group.start("flwr-run", flwr_run_args(Path(plan.run_dir)), env)
+
+
+# -- the run's private network namespace ---------------------------------------------------
+EXPOSED = (
+    "every local user can reach this run's SuperLink and SuperNodes on loopback: list, start "
+    "(its code then runs as you) and stop runs over the Control API, and pull the clients' "
+    "tasks (weights, node config) with tokens read from /proc/*/cmdline"
+)
+
+
+def isolation_prefix(isolation: str, host: str) -> list[str]:
+    """The command prefix that puts the run's processes in a private network namespace, or
+    [] for ``engine.isolation=none`` (said in a warning). Raises DeployError (one line) where
+    the namespace cannot be made or the host would be unreachable in it."""
+    from deploy import DeployError
+
+    if isolation == "none":
+        LOGGER.warning("engine.isolation=none: %s", EXPOSED)
+        return []
+    if isolation != "namespace":
+        raise DeployError(f"engine.isolation={isolation!r}: one of namespace, none")
+    if not _loopback(host):
+        raise DeployError(
+            f"engine.host={host} cannot be reached from outside the run's private network "
+            "namespace: use 127.0.0.1 (this machine only), or engine.isolation=none, with "
+            f"which {EXPOSED}"
+        )
+    prefix, why = namespace_command()
+    if why:
+        raise DeployError(
+            f"engine=local-deployment: cannot make a private network namespace here ({why}); "
+            f"without one {EXPOSED}. Allow unprivileged user namespaces (or run as root), or "
+            "accept that for this run with engine.isolation=none"
+        )
+    return prefix
+
+
+def namespace_command() -> tuple[list[str], str]:
+    """(``unshare`` command prefix, "") where a private network namespace with loopback up
+    can be made here, else ([], why not). As root ``unshare -n``; as another user
+    ``unshare -rn`` (a user namespace where it is root, mapped to itself outside)."""
+    unshare, ip = shutil.which("unshare"), shutil.which("ip") or shutil.which("ip", path=_SBIN)
+    if not unshare or not ip:
+        return [], f"{'unshare' if not unshare else 'ip'} (util-linux, iproute2) is not installed"
+    prefix = [unshare, "-n"] if os.geteuid() == 0 else [unshare, "-r", "-n"]
+    shown = " ".join(["unshare", *prefix[1:]])
+    prefix += ["--", "env", f"FEDYOLO_IP={ip}"]
+    try:
+        done = subprocess.run(
+            [*prefix, ip, "link", "set", "lo", "up"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [], f"{shown}: {e}"
+    if done.returncode != 0:
+        said = " ".join((done.stderr or done.stdout).split())[:200]
+        return [], f"{shown} failed: {said or f'exit {done.returncode}'}"
+    return prefix, ""
+
+
+_SBIN = "/usr/sbin:/sbin"
+
+
+def _loopback(host: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).is_loopback
+    return host == "localhost"
+
+
+def _launch(spec: Path) -> int:
+    """The launcher, inside the run's network namespace: loopback up, then the federation
+    (:func:`start_federation`), waited for; its processes are stopped when it ends."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    plan = Plan(**json.loads(spec.read_text()))
+    run_dir = Path(plan.run_dir)
+    group = ProcessGroup(run_dir / "logs")  # not by FLWR_HOME: this process carries it too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the `finally` below runs
+    stop = StopFile(run_dir / ".interrupt")
+    try:
+        up = subprocess.run(
+            [os.environ.get("FEDYOLO_IP", "ip"), "link", "set", "lo", "up"],
+            capture_output=True,
+            text=True,
+        )
+        if up.returncode != 0:
+            raise RuntimeError(f"ip link set lo up failed in the namespace: {up.stderr.strip()}")
+        runner = start_federation(plan, group, dict(os.environ), stop)
+    except (RuntimeError, TimeoutError) as e:  # the one line the driver reports
+        LOGGER.error("%s", " ".join(str(e).split())[:1000])
+        group.stop()
+        return LAUNCH_FAILED
+    try:
+        return 130 if runner is None else runner.wait()
+    finally:
+        group.stop()
 
 
 def node_names(num_clients: int) -> list[str]:
@@ -256,8 +440,12 @@ def flwr_env(flwr_home: Path, address: str, security: Security) -> dict[str, str
 
 def register_nodes(security: Security, env: dict[str, str]) -> None:
     """Node authentication: only these SuperNodes' public keys may join the SuperLink."""
-    for keys in security.node_keys.values():
-        flwr_cli(["supernode", "register", str(keys.public), FEDERATION], env)
+    register_keys([str(keys.public) for keys in security.node_keys.values()], env)
+
+
+def register_keys(public_keys: list[str], env: dict[str, str]) -> None:
+    for public in public_keys:
+        flwr_cli(["supernode", "register", public, FEDERATION], env)
 
 
 @dataclass(frozen=True)
@@ -345,6 +533,7 @@ def engine(run, cfg) -> None:
         client_threads=int(e.client_threads),
         insecure=bool(e.insecure),
         warm_worker=bool(e.warm_worker),
+        isolation=str(e.get("isolation", "namespace")),
         # this run's own SuperNodes act out the faults its config injects (fl_client.faults)
         fault_injection=bool(faults.parse(cfg.faults, int(cfg.federation.clients))),
     )
@@ -381,3 +570,7 @@ def follow(runner: subprocess.Popen, run_dir: Path, before: int, stop: StopFile)
             f"deployment run ended with status {status!r}; last lines of "
             f"{run_dir / 'logs' / 'flwr-run.log'}:\n{tail(run_dir / 'logs' / 'flwr-run.log')}"
         )
+
+
+if __name__ == "__main__":  # the launcher in the run's network namespace (run_local_deployment)
+    sys.exit(_launch(Path(sys.argv[1])))

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,15 @@ def flower_processes(run: Path) -> list[psutil.Process]:
     return found
 
 
+def in_run_namespace(run: Path) -> list[str]:
+    """The command prefix that runs a program in the run's private network namespace (where
+    its SuperLink listens), as the user who started the run."""
+    link = next(p for p in flower_processes(run) if "flower-superlink" in " ".join(p.cmdline()))
+    if os.geteuid() == 0:
+        return ["nsenter", "-t", str(link.pid), "-n", "--"]
+    return ["nsenter", "-t", str(link.pid), "-U", "-n", "--preserve-credentials", "--"]
+
+
 def test_deployment_run_completes_and_leaves_no_process(tmp_path):
     run = tmp_path / "runs" / "dep"
     # FedAdam on the server, 8-bit updates with error feedback from separate client processes
@@ -47,6 +57,8 @@ def test_deployment_run_completes_and_leaves_no_process(tmp_path):
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert sorted(c["id"] for c in first["clients"]) == [0, 1]
     assert (run / "logs" / "superlink.log").exists()
+    # every Flower process ran in the run's own network namespace (engine.isolation=namespace)
+    assert "in a private network namespace" in proc.stderr
     for i in (0, 1):  # one warm worker per SuperNode served every message (fl_client.worker)
         log = (run / "logs" / f"supernode-{i}.log").read_text()
         assert len(re.findall(r"warm worker \d+ listening at ", log)) == 1, log[-3000:]
@@ -87,7 +99,9 @@ def test_ctrl_c_ends_the_deployment_run_interrupted_and_it_resumes(tmp_path):
 
 
 def test_the_deployment_is_tls_and_admits_only_registered_supernodes(tmp_path):
-    """A local user without the run's keys can neither talk plaintext nor join as a client."""
+    """A local user without the run's keys can neither talk plaintext nor join as a client,
+    even from inside the run's network namespace (where no other user gets: see
+    tests/security/test_hostile_neighbours.py)."""
     import tomllib
 
     from deploy.certs import make_node_keys
@@ -106,6 +120,10 @@ def test_the_deployment_is_tls_and_admits_only_registered_supernodes(tmp_path):
         assert oct(home.stat().st_mode & 0o777) == "0o700"
         link = tomllib.loads((home / "config.toml").read_text())["superlink"]["fedyolo-local"]
         address = link["address"]
+        host, port = address.rsplit(":", 1)
+        with pytest.raises(ConnectionRefusedError):  # not on this machine's loopback
+            socket.create_connection((host, int(port)), timeout=5).close()
+        inside = in_run_namespace(run)
         # 1. plaintext against the SuperLink: refused (it speaks TLS only)
         other = tmp_path / "other-home"
         other.mkdir()
@@ -114,7 +132,9 @@ def test_the_deployment_is_tls_and_admits_only_registered_supernodes(tmp_path):
         )
         env = {**os.environ, "FLWR_HOME": str(other)}
         flwr = str(Path(sys.executable).parent / "flwr")
-        ls = subprocess.run([flwr, "ls"], env=env, capture_output=True, text=True, timeout=60)
+        ls = subprocess.run(
+            [*inside, flwr, "ls"], env=env, capture_output=True, text=True, timeout=60
+        )
         said = ls.stdout + ls.stderr
         assert ls.returncode != 0 and "unavailable" in said, said[-500:]
         # 2. a SuperNode with the CA but a key the SuperLink never registered: not admitted
@@ -123,6 +143,7 @@ def test_the_deployment_is_tls_and_admits_only_registered_supernodes(tmp_path):
         with log.open("w") as out:
             intruder = subprocess.Popen(
                 [
+                    *inside,
                     str(Path(sys.executable).parent / "flower-supernode"),
                     "--superlink", address,
                     "--root-certificates", link["root-certificates"],
