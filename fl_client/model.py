@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from fl_client.errors import UserError
 from fl_client.transport import WEIGHTS_KEY  # defined with the wire format; re-exported here
 
 LOGGER = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ LOGGER = logging.getLogger(__name__)
 MODELS_DIR = Path(__file__).parent / "models"
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A model (setting or file) that cannot be found, loaded weights-only or built."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fl_client.errors import UserError
 from fl_client.transport import TransportSpec
 
 # -- metric names a client's replies carry (MetricRecord keys) -----------------------------------
@@ -27,7 +28,7 @@ DATA_STATS_PREFIX = "ds-"  # data statistics (fl_client.data_stats)
 FAILURE_KEY = "fedyolo-failure"  # the ConfigRecord of a structured failure reply
 
 
-class WireError(ValueError):
+class WireError(UserError, ValueError):
     """A round config or reply that does not follow this contract."""
 
 

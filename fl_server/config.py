@@ -15,10 +15,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fl_client.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message names the key."""
 
 
@@ -46,8 +48,9 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     if resume not in (None, "", "null"):
         rest = [o for o in overrides if not o.startswith("resume=")]
-        if str(resume).startswith("s3://"):
-            return _compose_resume(_fetch_s3(str(resume)), rest)
+        scheme, remote, _ = str(resume).partition("://")
+        if remote and scheme in plugins.registered(plugins.RUN_SOURCE):
+            return _compose_resume(_fetch(str(resume)), rest)
         return _compose_resume(Path(resume), rest)
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -75,16 +78,20 @@ def _record_trust(cfg: DictConfig) -> None:
         cfg[plugins.KEY] = list(plugins.granted())
 
 
-def _fetch_s3(url: str) -> Path:
-    """``resume=s3://bucket/prefix/<run>``: the server's copy (``deploy.aws.s3state``), signed
-    and checked, into ``runs/<run>`` of the current directory; then resumed from there."""
-    from deploy.aws.s3state import SyncError, fetch
+def _fetch(url: str) -> Path:
+    """``resume=<scheme>://.../<run>``: the run's copy, fetched by the run source registered for
+    its scheme (entry points ``fedyolo.run_sources``: ``s3`` is ``deploy.aws.s3state``, the
+    server's copy, signed and checked) into ``runs/<run>`` of the current directory; then
+    resumed from there. fl_server imports no source: the package that owns one registers it."""
+    from fl_server import plugins
 
+    path = plugins.registered(plugins.RUN_SOURCE)[url.partition("://")[0]]
+    fetch = plugins.load(path, plugins.RUN_SOURCE, (), f"config: resume={url}")
     name = url.rstrip("/").rsplit("/", 1)[-1]
     dest = Path("runs") / name
     try:
         fetch(url.rstrip("/"), dest)
-    except SyncError as e:
+    except UserError as e:
         raise ConfigError(f"config: resume={url}: {e}") from e
     return dest
 

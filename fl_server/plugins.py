@@ -75,14 +75,19 @@ def _is_hook_class(obj: Any) -> bool:
     return inspect.isclass(obj) and callable(getattr(obj, "on_round", None))
 
 
-def _is_engine(obj: Any) -> bool:
+def _takes(obj: Any, n: int) -> bool:
+    """A function that ``n`` positional arguments can be passed to."""
     if not inspect.isfunction(obj):
         return False
     try:
-        inspect.signature(obj).bind(None, None)
+        inspect.signature(obj).bind(*[None] * n)
     except TypeError:
         return False
     return True
+
+
+def _is_engine(obj: Any) -> bool:
+    return _takes(obj, 2)
 
 
 STRATEGY = Kind("strategy", "fedyolo.strategies", "a Flower Strategy class", _is_strategy_class)
@@ -90,7 +95,23 @@ HOOK = Kind(
     "round hook", "fedyolo.hooks", "a round hook class (with on_round(record))", _is_hook_class
 )
 ENGINE = Kind("engine", "fedyolo.engines", "an engine function engine(run, cfg)", _is_engine)
-GROUPS = {k.group: k for k in (STRATEGY, HOOK, ENGINE)}
+
+
+def _is_command(obj: Any) -> bool:
+    return _takes(obj, 1) and bool(inspect.getdoc(obj))
+
+
+def _is_run_source(obj: Any) -> bool:
+    return _takes(obj, 2)
+
+
+COMMAND = Kind(  # fl_server.cli: the function adds its arguments and set_defaults(handler=...)
+    "command", "fedyolo.commands", "a command function add(parser) with a docstring", _is_command
+)
+RUN_SOURCE = Kind(  # fl_server.config: resume=<scheme>://.../<run> fetched into a folder
+    "run source", "fedyolo.run_sources", "a run source function fetch(url, dest)", _is_run_source
+)
+GROUPS = {k.group: k for k in (STRATEGY, HOOK, ENGINE, COMMAND, RUN_SOURCE)}
 
 
 def normalize(path: str) -> str | None:
@@ -103,10 +124,16 @@ def normalize(path: str) -> str | None:
     return text if _PATH.fullmatch(text) else None
 
 
+def registered(kind: Kind) -> dict[str, str]:
+    """Each name installed packages register in ``kind``'s group, with its import path (read
+    from their metadata, in their order; nothing is imported)."""
+    return {ep.name: f"{ep.module}:{ep.attr}" for ep in entry_points(group=kind.group)}
+
+
 def installed(kind: Kind) -> frozenset[str]:
     """The import paths installed packages declare as entry points of ``kind``'s group (read
     from their metadata; nothing is imported)."""
-    return frozenset(f"{ep.module}:{ep.attr}" for ep in entry_points(group=kind.group))
+    return frozenset(registered(kind).values())
 
 
 def _exact(paths: Iterable[str]) -> list[str]:

@@ -34,6 +34,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from fl_client.errors import UserError
+
 LOGGER = logging.getLogger("fedyolo")
 
 FORMAT = 2
@@ -42,7 +44,7 @@ FILENAME = "server_state.npz"
 _DOC = "state.json"
 
 
-class StateError(ValueError):
+class StateError(UserError, ValueError):
     """A state file that cannot be used: truncated, foreign, or of another format."""
 
 

@@ -42,6 +42,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fl_client.errors import MissingInput
+
 LOGGER = logging.getLogger("fedyolo")
 
 TAGGED = {"rollback", "guard_stop", "data_drift"}
@@ -361,7 +363,7 @@ def import_offline(run) -> str:
         imported = Task.import_offline_session(str(source), previous_task_id=task_id)
         task_id = task_id or imported
     if task_id is None:
-        raise FileNotFoundError(f"no offline ClearML session in {run.clearml}")
+        raise MissingInput(f"no offline ClearML session in {run.clearml}")
     return str(task_id)
 
 

@@ -25,10 +25,11 @@ from typing import Any
 from flwr.serverapp import strategy as fl
 from omegaconf import DictConfig, OmegaConf
 
+from fl_client.errors import UserError
 from fl_client.model import PARTS
 
 
-class StrategyConfigError(ValueError):
+class StrategyConfigError(UserError, ValueError):
     """A strategy setting is wrong; the message names the config key."""
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from fl_client.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = frozenset(  # the run's config groups (edge, deploy: the settings of other commands)
     p.name
@@ -24,7 +26,7 @@ GROUPS = frozenset(  # the run's config groups (edge, deploy: the settings of ot
 KINDS = ("float", "int", "categorical")
 
 
-class TuningError(ValueError):
+class TuningError(UserError, ValueError):
     """A tuning setting or search space is wrong; the message (one line) names it."""
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from deploy.edge import EdgeError, inputs
 from deploy.edge import quantize as q
+from fl_client.errors import MissingInput
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -83,7 +84,7 @@ def source_of(checkpoint: Path, data: str | None = None) -> Source:
 
     checkpoint = Path(checkpoint).expanduser().resolve()
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"export: checkpoint {checkpoint} not found")
+        raise MissingInput(f"export: checkpoint {checkpoint} not found")
     if checkpoint.suffix != ".pt":
         raise EdgeError(f"export: {checkpoint} is not a .pt checkpoint")
     model, ckpt = load_checkpoint(checkpoint, "export")  # weights-only: it runs no code
@@ -103,7 +104,7 @@ def source_of(checkpoint: Path, data: str | None = None) -> Source:
     if data:
         heldout = Path(data).expanduser().resolve()
         if not heldout.is_file():
-            raise FileNotFoundError(f"export: data={data} not found")
+            raise MissingInput(f"export: data={data} not found")
     return Source(
         checkpoint=checkpoint,
         sha256=sha256(checkpoint),

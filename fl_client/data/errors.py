@@ -2,8 +2,10 @@
 
 from dataclasses import dataclass
 
+from fl_client.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A dataset, path or data parameter is wrong in a way the user can fix.
 
     The message is a single line naming the offending thing and what was expected,

@@ -15,7 +15,7 @@ import os
 import pytest
 from inprocess import run_inprocess, tiny_config
 
-from fl_server import api, cli
+from fl_server import api, cli, commands
 from fl_server import run_dir as run_dir_mod
 from fl_server.config import ConfigError
 from fl_server.prepare import prepare_run
@@ -34,7 +34,7 @@ def test_a_run_in_which_every_client_failed_every_round_failed(tmp_path, monkeyp
     assert "no round aggregated a client update" in summary["reason"]
     # what `fedyolo run` says about it: one line, exit 1
     monkeypatch.setattr(api, "run", lambda cfg: api.Summary.read(run.path))
-    assert cli.cmd_run([]) == 1
+    assert commands.run_federation([]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "status failed: no round aggregated" in err[0]
 
@@ -45,7 +45,7 @@ def test_a_partly_failed_run_says_how_many_rounds_were_lost(tmp_path, monkeypatc
     summary = _summary(run)
     assert summary["status"] == "completed" and summary["rounds_lost"] == 1
     monkeypatch.setattr(api, "run", lambda cfg: api.Summary.read(run.path))
-    assert cli.cmd_run([]) == 0
+    assert commands.run_federation([]) == 0
     assert "2 rounds, 1 of them lost" in capsys.readouterr().out
 
 
@@ -90,7 +90,7 @@ def test_a_full_disk_mid_run_fails_the_run_in_one_line(tmp_path, monkeypatch, ca
     def full_cmd(overrides):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run.summary))
 
-    monkeypatch.setattr(cli, "cmd_run", full_cmd)
+    monkeypatch.setattr(commands, "run_federation", full_cmd)
     assert cli.main(["run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fedyolo: error: No space left on device: {run.summary}"]
