@@ -5,7 +5,7 @@ with a reference: the best accepted round so far (``guard.reference=best``) or t
 one (``previous``). A relative drop above ``guard.max_drop`` (default 10 %) that is also at least
 ``guard.min_abs_drop`` in absolute terms, and *significant* on the held-out images, rolls the
 global model back to the best checkpoint, server-side strategy state included
-(``fl_server.server_app``). Significant: a paired bootstrap over the held-out images
+(``fl_server.guard.step``). Significant: a paired bootstrap over the held-out images
 (``paired_drop``: both models' per-image matches are computed once by the evaluation; each of
 ``guard.bootstrap`` resamples recomputes both mAPs on the same resampled images) puts the
 one-sided ``guard.significance`` lower bound of the drop above 0, so a dip within the held-out
@@ -39,7 +39,10 @@ The package, by job (every name below is importable from ``fl_server.guard``):
   from them (``metric_of``);
 * ``stats``: the paired bootstraps (``paired_drop``, ``joint_gains``);
 * ``attribution``: the leave-one-out culprit search (``attribute``, ``Attribution``);
-* ``contributions``: ``update_agreement`` and ``replay_contributions``.
+* ``contributions``: ``update_agreement`` and ``replay_contributions``;
+* ``step``: ``GuardStep``, what the round loop (``fl_server.federation``) calls once a round:
+  rollback, probation, contributions, attribution and their events. It builds model records
+  (torch): import it from ``fl_server.guard.step``; the rest stays light for ``benchmarks/``.
 """
 
 from fl_server.guard.attribution import Attribution, attribute

@@ -111,7 +111,7 @@ def test_a_bad_state_file_is_refused_in_one_line_and_nothing_is_touched(tmp_path
 
 
 def test_best_and_last_checkpoints_share_one_copy_and_stay_independent(tmp_path):
-    from fl_server.server_app import _replace
+    from fl_server.federation import _replace
 
     best, last = tmp_path / "best.pt", tmp_path / "last.pt"
     best.write_bytes(b"round 3")

@@ -1,0 +1,590 @@
+"""The round loop of one run, read top to bottom like Flower's ``Strategy.start``.
+
+Each round calls the strategy exactly as Flower's loop does (``configure_train`` → grid →
+``aggregate_train`` → ``configure_evaluate`` → grid → ``aggregate_evaluate`` → server-side
+evaluation). Flower's loop has no place to reject a round's model, restore a strategy's state or
+start at round N, so fedyolo runs the same calls itself and adds, after the evaluation, one call
+to the drift guard's step (``fl_server.guard.step``), then the round's record (data-drift scores
+included), the resumable state (``fl_server.state``) and the round hooks (ClearML, the summary
+writer, the config's and the caller's: ``fl_server.hooks``). ``fl_server.server_app`` wires it
+into Flower's ServerApp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from omegaconf import OmegaConf
+
+from fl_client import distill
+from fl_client import faults as faults_mod
+from fl_client.data_stats import from_metrics
+from fl_client.evaluate import evaluate_checkpoint
+from fl_client.model import (
+    WEIGHTS_KEY,
+    build_model,
+    load_record,
+    part_masks,
+    record_digest,
+    save_checkpoint,
+    to_record,
+)
+from fl_client.train import resolve_device
+from fl_client.transport import TransportSpec
+from fl_client.wire import RoundConfig, TrainArgs
+from fl_server import config as config_mod
+from fl_server import hooks as hooks_mod
+from fl_server import state as state_mod
+from fl_server.data_drift import DriftMonitor
+from fl_server.guard import Guard, GuardState
+from fl_server.guard.step import GuardStep, Verdict
+from fl_server.observed_grid import Interrupted, ObservedGrid, RoundLog
+from fl_server.prepare import TEACHER
+from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter
+from fl_server.tracking import Tracker
+from strategies import build_strategy, describe
+
+LOGGER = logging.getLogger("fedyolo")
+
+
+def round_config(cfg, names: list[str], data_root: Path, arch: dict) -> RoundConfig:
+    """What every client receives each round besides the weights (``fl_client.wire``).
+
+    ``arch`` is the global model's architecture (``model.yaml``): clients build from it.
+    """
+    strategy = describe(cfg)
+    dp = (strategy["dp"] or {}).get("kind", "")
+    return RoundConfig(
+        train=TrainArgs.from_cfg(cfg.train),
+        transport=TransportSpec(**cfg.transport),
+        model_arch=json.dumps(arch, sort_keys=True),
+        names=tuple(str(n) for n in names),
+        data_root=str(data_root),
+        seed=int(cfg.seed),
+        threads=int(cfg.engine.get("client_cpus", cfg.engine.get("client_threads", 0))),
+        drift_sample=int(cfg.drift.sample) if bool(cfg.drift.enabled) else 0,
+        keep_local=tuple(strategy["local"]),
+        dp_clipping=dp.removeprefix("client-") if dp.startswith("client-") else "",
+    )
+
+
+class Evaluator:
+    """Evaluates a global model on the server's held-out set (``data/server_val``)."""
+
+    def __init__(self, run: RunDir, cfg, model, server_val: Path):
+        self.run, self.cfg, self.model, self.server_val = run, cfg, model, server_val
+
+    def checkpoint(self, arrays: ArrayRecord, path: Path, server_round: int) -> Path:
+        load_record(self.model, arrays)
+        t = self.cfg.train
+        return save_checkpoint(
+            self.model,
+            path,
+            {"imgsz": int(t.imgsz), "data": str(self.server_val)},
+            {"round": server_round, "run": self.run.path.name},
+        )
+
+    def __call__(self, arrays: ArrayRecord, path: Path, server_round: int) -> dict:
+        """Metrics of ``arrays`` (written to ``path`` as an Ultralytics checkpoint first)."""
+        self.checkpoint(arrays, path, server_round)
+        t = self.cfg.train
+        res = evaluate_checkpoint(
+            path,
+            self.server_val,
+            imgsz=int(t.imgsz),
+            batch=int(t.eval_batch),
+            device=resolve_device(str(t.device)),
+            workdir=self.run.work,
+            keep_images=True,  # the guard's significance test (fl_server.guard.paired_drop)
+        )
+        res["weights_sha256"] = record_digest(arrays)
+        return res
+
+
+def _copy(arrays: ArrayRecord) -> ArrayRecord:
+    """An independent copy (a strategy may keep and change the record it returned)."""
+    return ArrayRecord({WEIGHTS_KEY: Array(arrays[WEIGHTS_KEY].numpy().copy())})
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """Put ``src``'s content at ``dst`` atomically: a hard link (one copy on disk: checkpoints
+    are only ever replaced, never written in place), a copy where links are not possible."""
+    tmp = dst.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on, for a reason a user can act on (named in one line)."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, RunFailed) else f"{type(e).__name__}: {text}"
+
+
+class Federation:
+    """One run: its model, strategy, grid and guard, set up fresh or resumed, and its rounds."""
+
+    def __init__(self, grid: Grid, run: RunDir):
+        self.run = run
+        self.cfg = cfg = config_mod.load(run.config)
+        manifest = json.loads(run.manifest.read_text())
+        self.names = manifest["data"]["names"]
+        torch.manual_seed(int(cfg.seed))  # the initial global model is a function of the seed
+        self.model = build_model(str(cfg.model.cfg), self.names)
+        masks = part_masks(self.model)
+        self.strategy = build_strategy(cfg, run_dir=run, masks=masks)
+        self.grid = ObservedGrid(
+            grid,
+            run,
+            self.strategy.policy,
+            params_mask=masks["params"],
+            starve_timeout=float(cfg.federation.round_timeout),
+        )
+        self.evaluate = Evaluator(run, cfg, self.model, run.data / "server_val" / "data.yaml")
+        self.guard = Guard(cfg.guard)
+        self.guard_step = GuardStep(
+            run,
+            self.guard,
+            self.evaluate,
+            cls_mask=masks["cls"] & masks["params"],  # guard.contribution's cls_agreement
+            save_matches=bool(cfg.output.get("save_matches")),
+            restore_best=self._restore_best,
+        )
+        self.grid.keep_updates = self.guard_step.needs_updates
+        self.drift = None  # per-client data drift (fl_server.data_drift)
+        if bool(cfg.drift.enabled):
+            self.drift = DriftMonitor(int(cfg.drift.reference_rounds), float(cfg.drift.threshold))
+        self.faults = faults_mod.parse(cfg.faults, int(cfg.federation.clients))
+        self.base_config = round_config(cfg, self.names, run.data, self.model.yaml)
+        self.teacher_sha256 = None
+        if OmegaConf.select(cfg, "distill.teacher") is not None:
+            self._set_up_teacher(float(cfg.distill.weight))
+        self.tracker = None  # fl_server.tracking.Tracker, from start_fresh/start_resumed
+        self.hooks: list = []  # round hooks (fl_server.hooks), with the tracker
+        self.round = 0  # last finished round
+        self.arrays: ArrayRecord = to_record(self.model)
+        self.best: tuple[ArrayRecord, dict] | None = None  # weights and strategy state
+        self._skipped_warned: list[str] = []
+        self.t_start = time.perf_counter()
+        self.first_round = 1  # of this process (a resumed run starts later)
+
+    def _set_up_teacher(self, weight: float) -> None:
+        """Distillation: the teacher the run copied goes to each client once (the grid sends
+        it); every round's config names it by sha256 (``fl_client.distill``)."""
+        teacher = distill.load_teacher(self.run.path / TEACHER, self.names, self.model)
+        sha, records = distill.teacher_records(teacher)
+        self.teacher_sha256 = sha
+        self.base_config = dataclasses.replace(
+            self.base_config, teacher_sha256=sha, distill_weight=weight
+        )
+        self.grid.teacher = records
+
+    def _start_tracker(self, task_id: str | None = None) -> None:
+        # off when tracking.enabled=false; without tracking when ClearML fails to start
+        self.tracker = Tracker.start(self.cfg, self.run, resume_task_id=task_id)
+        # the loop's round hooks (fl_server.hooks), in order: ClearML, the summary writer, then
+        # the user's (kept for the run's end even when one of the user's cannot start)
+        builtin = [self.tracker]
+        self.hooks = [*builtin, SummaryWriter(self.run, builtin)]
+        self.hooks += user_hooks(self.cfg, self.run)
+
+        def forward(rnd: int, kind: str, details: dict) -> None:
+            if kind != "tracker_error":  # the tracker's own trouble is not reported to itself
+                self.tracker.report_event(rnd, kind, details)
+
+        self.run.subscribe(forward)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def start_fresh(self) -> None:
+        cfg = self.cfg
+        self._start_tracker()
+        self.run.event(
+            0,
+            "run_start",
+            engine=str(cfg.engine.name),
+            strategy=str(cfg.strategy.name),
+            transport=str(cfg.transport.scheme),
+            clients=int(cfg.federation.clients),
+            rounds=int(cfg.federation.rounds),
+            faults=[f.__dict__ for f in self.faults] or None,
+            tracker_task=self.tracker.task_id,
+            distill_teacher_sha256=self.teacher_sha256,
+        )
+        res = self.evaluate(self.arrays, self.run.work / "candidate.pt", 0)
+        self.guard_step.save_matches(res, 0)
+        metrics = {k: res[k] for k in METRIC_KEYS}
+        self.run.event(0, "initial_eval", **metrics, weights_sha256=res["weights_sha256"])
+        LOGGER.info("round 0 (initial model): mAP50-95 %.3f", res["map50_95"])
+        self.guard.accept(0, res)
+        self._promote(self.run.work / "candidate.pt", best=True)
+        self.best = (_copy(self.arrays), self._strategy_state())
+        self._save_state()
+
+    def start_resumed(self) -> None:
+        st = state_mod.load(self.run.state)
+        self.round = int(st["round"])
+        self.arrays = ArrayRecord({WEIGHTS_KEY: Array(st["weights"])})
+        if st["strategy"] is not None:
+            state_mod.restore_strategy(self.strategy, st["strategy"])
+        best_w, best_strategy = st["best"]
+        self.best = (ArrayRecord({WEIGHTS_KEY: Array(best_w)}), best_strategy)
+        self.guard.load_state_dict(st["guard"])
+        self.guard_step.reload_reference(self.best[0], self.arrays, self.round)
+        if self.drift is not None and st["drift"] is not None:
+            self.drift.load_state_dict(st["drift"])
+        kept = [r for r in self.run.rounds() if r["round"] <= self.round]
+        dropped = len(self.run.rounds()) - len(kept)
+        self.run.rewrite_rounds(kept)
+        # best.pt and last.pt from the state (a kill may have come between their writes)
+        self.evaluate.checkpoint(self.best[0], self.run.best, int(self.guard.state.best_round or 0))
+        self.evaluate.checkpoint(self.arrays, self.run.last, self.round)
+        self._start_tracker(st.get("tracker_task"))
+        self.run.event(
+            self.round,
+            "resume",
+            from_round=self.round + 1,
+            rounds=int(self.cfg.federation.rounds),
+            discarded_round_records=dropped,
+            weights_sha256=record_digest(self.arrays),
+            strategy_state=_restored_note(st),
+            tracker_task=self.tracker.task_id,
+        )
+        LOGGER.info(
+            "resuming %s after round %d (best %.3f at round %s)",
+            self.run.path.name,
+            self.round,
+            self.guard.state.best_value or 0.0,
+            self.guard.state.best_round,
+        )
+
+    def wait_for_clients(self, timeout: float) -> None:
+        """Before the first round: wait until the whole fleet is connected (or ``timeout``)."""
+        want = int(self.cfg.federation.clients)
+        deadline = time.monotonic() + timeout
+        while (have := len(list(self.grid.get_node_ids()))) < want:
+            if time.monotonic() > deadline:
+                LOGGER.warning("starting with %d of %d clients connected", have, want)
+                self.run.event(self.round, "clients_missing", connected=have, expected=want)
+                return
+            time.sleep(1.0)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run_rounds(self) -> str:
+        """Every round left, in order; the status the run ends with."""
+        total = int(self.cfg.federation.rounds)
+        timeout = float(self.cfg.federation.round_timeout)
+        for rnd in range(self.round + 1, total + 1):
+            self._check_interrupt()
+            t_round = time.perf_counter()
+
+            # --- TRAINING (CLIENTAPP-SIDE) ---
+            self.grid.excluded = self.guard_step.excluded(rnd)
+            random.seed(int(self.cfg.seed) * 100_003 + rnd)  # Flower samples with `random`
+            train_cfg = self._train_config(rnd)
+            train_replies = self.grid.send_and_receive(
+                self.strategy.configure_train(rnd, self.arrays, train_cfg, self.grid),
+                timeout=timeout,
+            )
+
+            # --- AGGREGATION ---
+            aggregated, _ = self.strategy.aggregate_train(rnd, train_replies)
+            candidate = self.arrays if aggregated is None else aggregated
+
+            # --- EVALUATION (CLIENTAPP-SIDE) ---
+            evaluate_replies = self.grid.send_and_receive(
+                self.strategy.configure_evaluate(
+                    rnd, candidate, ConfigRecord(dict(train_cfg)), self.grid
+                ),
+                timeout=timeout,
+            )
+            self.strategy.aggregate_evaluate(rnd, evaluate_replies)
+
+            # --- EVALUATION (SERVERAPP-SIDE) ---
+            t_eval = time.perf_counter()
+            res = self.evaluate(candidate, self.run.work / "candidate.pt", rnd)
+            eval_seconds = time.perf_counter() - t_eval
+            log = self.grid.rounds.get(rnd)  # what the grid saw this round
+
+            # --- GUARD STEP: accept (perhaps on probation) or roll back to the best model ---
+            verdict = self.guard_step(rnd, res, self.grid.rounds, self.arrays, rnd == total)
+            if not verdict.decision.rolled_back:
+                self._adopt(candidate, verdict.improved)
+
+            # --- RECORD AND CHECKPOINT ---
+            lr0 = float(train_cfg["lr0"])
+            record = self._record(rnd, res, verdict, log, t_round, eval_seconds, lr0)
+            self.round = rnd
+            self._save_state()
+
+            # --- HOOKS, THEN WHETHER TO GO ON ---
+            asked = call_hooks(self.hooks, rnd, record)
+            if self.guard_step.should_stop(rnd):
+                return "stopped"
+            if asked is not None:
+                LOGGER.info("round %d: a round hook asked to stop (%s)", rnd, asked)
+                self.run.event(rnd, "hook_stop", status=asked)
+                return asked
+        return "completed"
+
+    # -- the loop's steps ------------------------------------------------------------------------
+    def _check_interrupt(self) -> None:
+        """Ctrl-C/SIGTERM between rounds ends the run ``interrupted``."""
+        if self.grid.interrupt is not None and self.grid.interrupt.is_set():
+            raise Interrupted("interrupted between rounds")
+
+    def _train_config(self, rnd: int) -> ConfigRecord:
+        timeout = float(self.cfg.federation.round_timeout)
+        return self.base_config.with_round(
+            lr0=float(self.cfg.train.lr0) * self.guard.state.lr_scale,
+            faults=faults_mod.for_round(self.faults, rnd, timeout),
+        ).to_record()
+
+    def _strategy_state(self) -> dict:
+        return state_mod.strategy_state(self.strategy)
+
+    def _promote(self, candidate: Path, best: bool) -> None:
+        """The accepted model becomes ``last.pt`` (and ``best.pt`` when it is the best)."""
+        if best:
+            _replace(candidate, self.run.best)
+        os.replace(candidate, self.run.last)
+
+    def _adopt(self, candidate: ArrayRecord, improved: bool) -> None:
+        """The guard accepted ``candidate``: the next round starts from it (kept as the best
+        model, weights and strategy state, when it is the best so far)."""
+        self.arrays = candidate
+        self._promote(self.run.work / "candidate.pt", best=improved)
+        if improved:
+            self.best = (_copy(candidate), self._strategy_state())
+
+    def _restore_best(self) -> ArrayRecord:
+        """The guard rolled back: the best model's weights and strategy state are the global
+        model again, and ``best.pt`` is ``last.pt`` (``GuardStep``'s ``restore_best``)."""
+        best_arrays, best_strategy = self.best
+        self.arrays = best_arrays
+        if best_strategy is not None:  # None: a resumed run whose strategy state was not saved
+            state_mod.restore_strategy(self.strategy, best_strategy)
+        _replace(self.run.best, self.run.last)  # the global model is the best one again
+        return best_arrays
+
+    def _record(
+        self,
+        rnd: int,
+        res: dict,
+        verdict: Verdict,
+        log: RoundLog | None,
+        t_round: float,
+        eval_seconds: float,
+        lr0: float,
+    ) -> dict:
+        """The round's line in ``metrics.jsonl`` (and a ``round_failed`` event when no client
+        update was usable), logged with the run's progress."""
+        clients = log.clients if log else []
+        if self.drift is not None:
+            score_data_drift(self.drift, self.run, rnd, clients, log.data_stats if log else {})
+        now = time.perf_counter()
+        rolled_back = verdict.decision.rolled_back
+        global_sha256 = record_digest(self.arrays) if rolled_back else res["weights_sha256"]
+        record = round_record(
+            rnd, res, verdict, log, global_sha256, now - t_round, eval_seconds, lr0
+        )
+        if not clients:
+            self.run.event(
+                rnd, "round_failed", reason="no usable client update; the global model is unchanged"
+            )
+        self.run.add_round(record)
+        total = int(self.cfg.federation.rounds)
+        left = (now - self.t_start) / max(1, rnd - self.first_round + 1) * (total - rnd)
+        log_progress(record, total, rolled_back, self.guard.state, left)
+        return record
+
+    def _save_state(self) -> None:
+        best_w, best_strategy = self.best
+        state = {
+            "round": self.round,
+            "weights": self.arrays[WEIGHTS_KEY].numpy().reshape(-1),
+            "strategy": vars(state_mod.inner(self.strategy)),  # encoded as it is, not copied
+            "strategy_note": None,
+            "best": (best_w[WEIGHTS_KEY].numpy().reshape(-1), best_strategy),
+            "guard": self.guard.state_dict(),
+            "drift": self.drift.state_dict() if self.drift is not None else None,
+            "tracker_task": self.tracker.task_id if self.tracker else None,
+        }
+        skipped = write_state(self.run.state, state)
+        if skipped and skipped != self._skipped_warned:
+            self._skipped_warned = skipped
+            LOGGER.warning("strategy state left out of the resumable state: %s", skipped)
+
+    # -- the end ----------------------------------------------------------------------------------
+    def finish(self, status: str, reason: str | None = None) -> None:
+        """Write the run's summary and plot, call the hooks' ``on_end``, then ``run_end``."""
+        task = self.tracker.task_id if self.tracker is not None else None
+        finish_run(self.run, self.hooks, task, self.round, status, reason)
+
+
+def round_record(
+    rnd: int,
+    res: dict,
+    verdict: Verdict,
+    log: RoundLog | None,
+    global_sha256: str,
+    round_seconds: float,
+    eval_seconds: float,
+    lr0: float,
+) -> dict:
+    """A round's record (its ``metrics.jsonl`` line): the evaluated model's metrics, what the
+    grid saw (``log``), the guard's decision, the global model after it, the timings."""
+    return {
+        "round": rnd,
+        **{k: res[k] for k in METRIC_KEYS},
+        "per_class": res["per_class"],
+        "round_seconds": round_seconds,
+        "eval_seconds": eval_seconds,
+        "contribution_seconds": verdict.contribution_seconds,
+        "transport_seconds": log.transport_seconds if log else 0.0,
+        "clients": log.clients if log else [],
+        "failures": log.failed if log else 0,
+        "weights_sha256": res["weights_sha256"],
+        "global_sha256": global_sha256,
+        "guard": verdict.decision.as_dict(),
+        "lr0": lr0,  # the clients' learning rate this round (guard.policy=lower_lr)
+        # federation.fraction_evaluate > 0: clients' own val splits
+        **({"client_eval": log.client_eval} if log and log.client_eval else {}),
+    }
+
+
+def log_progress(
+    record: dict, total: int, rolled_back: bool, guard: GuardState, left: float
+) -> None:
+    """One line per round: its metrics, the guard's word, the best so far, the time left."""
+    LOGGER.info(
+        "round %d/%d | mAP50-95 %.3f mAP50 %.3f | %s | best %.3f (round %s) | %.1f s "
+        "| ~%.0f s left",
+        record["round"],
+        total,
+        record["map50_95"],
+        record["map50"],
+        "ROLLED BACK" if rolled_back else "accepted",
+        guard.best_value or 0.0,
+        guard.best_round,
+        record["round_seconds"],
+        left,
+    )
+
+
+def write_state(path: Path, state: dict) -> list[str]:
+    """Save the resumable ``state`` (``fl_server.state``); a strategy state that cannot be
+    saved is left out, said in a warning and in the state's ``strategy_note``. What was
+    skipped (not data)."""
+    try:
+        return state_mod.save(path, state)
+    except Exception as e:  # noqa: BLE001 - e.g. a plug-in strategy state JSON cannot hold
+        LOGGER.warning("the strategy's state cannot be saved for resume: %s", e)
+        note = f"not saved ({type(e).__name__}: {e}); the strategy restarted fresh"
+        state.update(strategy=None, strategy_note=note, best=(state["best"][0], None))
+        return state_mod.save(path, state)
+
+
+def user_hooks(cfg, run: RunDir) -> list:
+    """The config's ``hooks``, then the caller of ``fl_server.run`` (if waiting)."""
+    paths = list(cfg.get("hooks") or [])
+    try:
+        hooks = hooks_mod.load_hooks(paths, run)
+    except Exception as e:  # a user's hook that cannot start: the run fails, said so
+        raise RunFailed(f"hooks={paths}: a hook could not start ({_one_line(e)})") from e
+    bridge = hooks_mod.CallerBridge.if_requested(run.path)
+    if bridge is not None:
+        hooks.append(bridge)
+    return hooks
+
+
+def call_hooks(hooks: list, rnd: int, record: dict) -> str | None:
+    """Every round hook on ``record`` (``fl_server.hooks.call_on_round``, one at a time so
+    that a failing hook is named); the first stop status asked for."""
+    asked = None
+    for hook in hooks:
+        try:
+            got = hooks_mod.call_on_round([hook], record)
+        except Exception as e:
+            name = type(hook).__name__
+            raise RunFailed(f"round hook {name} failed in round {rnd}: {_one_line(e)}") from e
+        asked = asked or got
+    return asked
+
+
+def score_data_drift(
+    drift: DriftMonitor, run: RunDir, rnd: int, clients: list[dict], stats: dict[str, dict]
+) -> None:
+    """Add each client's data-drift score to its entry; record a drift event when high."""
+    for entry in clients:
+        s = from_metrics(stats.get(str(entry["id"]), {}))
+        if s is None:
+            continue
+        score = drift.score(str(entry["id"]), rnd, s)
+        entry["drift_score"] = score["drift_score"]
+        entry["drift_features"] = score["drift_features"]
+        if score["drifted"]:
+            top = max(score["drift_features"], key=score["drift_features"].get)
+            run.event(
+                rnd,
+                "data_drift",
+                client=entry["id"],
+                score=score["drift_score"],
+                features=score["drift_features"],
+                reason=(
+                    f"client {entry['id']}'s data moved from its first rounds: score "
+                    f"{score['drift_score']:.2f} (most: {top}), above drift.threshold="
+                    f"{drift.threshold}"
+                ),
+            )
+
+
+def finish_run(
+    run: RunDir, hooks: list, task: str | None, rnd: int, status: str, reason: str | None
+) -> None:
+    """The end of a run, whatever ended it: ``summary.json``, the plot, every hook's
+    ``on_end`` (one's failure does not cost the others), and last the ``run_end`` event."""
+    if not hooks:  # the run failed before its hooks started: still write its summary
+        hooks = [SummaryWriter(run, [])]
+    try:
+        summary = run.write_summary(run.rounds(), status=status, clearml_task=task, reason=reason)
+    except OSError as e:  # e.g. a full disk: the caller finds summary.json unfinished
+        LOGGER.error("could not write %s: %s", run.summary, _one_line(e))
+        return
+    try:
+        run.write_plot(run.rounds())
+    except Exception as e:  # noqa: BLE001 - a plot must never hide the run's outcome
+        LOGGER.error("could not write %s: %s", run.plot, _one_line(e))
+    for hook in hooks:
+        try:
+            hooks_mod.call_on_end([hook], summary)
+        except Exception as e:  # noqa: BLE001 - one hook's failure must not cost the others
+            name = type(hook).__name__
+            LOGGER.error("round hook %s failed at the end of the run: %s", name, _one_line(e))
+    try:
+        run.event(rnd, "run_end", status=status)  # last write: the run is complete
+    except OSError as e:
+        LOGGER.error("could not write %s: %s", run.events, _one_line(e))
+
+
+def _restored_note(st: dict) -> str:
+    """The ``resume`` event's word on the strategy's state."""
+    if st["strategy"] is None:
+        return str(st["strategy_note"])
+    skipped = st.get("skipped") or []
+    return "restored" if not skipped else f"restored except {', '.join(skipped)} (not data)"

@@ -1,0 +1,359 @@
+"""The guard step: the drift guard's part of a round, one call from the round loop.
+
+Given the round's evaluated global model and what the grid saw (``RoundLog``), ``GuardStep``
+keeps the evaluation's per-image matches (``output.save_matches``), asks the rule
+(``Guard.check``), says a drop within the noise or on probation, scores every client's
+contribution (``guard.contribution``), and rolls back (searching the culprits under
+``guard.policy=exclude``) or accepts, each with its event. It also keeps, while a drop is on
+probation, the round log whose replies a later rollback searches, and frees the others.
+
+The round loop (``fl_server.federation``) owns the global model: on a rollback the step calls its
+``restore_best`` (the best weights and strategy state back, ``best.pt`` over ``last.pt``) before it
+records the rollback; an accepted model is adopted by the loop from the returned ``Verdict``.
+Unlike the rest of ``fl_server.guard`` this module builds models (torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from fl_client.model import WEIGHTS_KEY, record_digest
+from fl_server.guard.attribution import Attribution, attribute
+from fl_server.guard.contributions import update_agreement
+from fl_server.guard.matches import save_images
+from fl_server.guard.rule import Decision, Guard
+from fl_server.observed_grid import RoundLog
+from fl_server.run_dir import RunDir
+
+LOGGER = logging.getLogger("fedyolo")
+
+# the server-side evaluation: weights → metrics (with "images"), written to a checkpoint first
+Evaluate = Callable[[ArrayRecord, Path, int], dict]
+
+
+@dataclass
+class Verdict:
+    """What the guard step decided about a round's global model."""
+
+    decision: Decision
+    improved: bool = False  # accepted, and the best model so far (it becomes ``best.pt``)
+    contribution_seconds: float | None = None  # guard.contribution's cost this round
+
+
+class GuardStep:
+    """The drift guard's side of every round (``fl_server.guard``), with its events."""
+
+    def __init__(
+        self,
+        run: RunDir,
+        guard: Guard,
+        evaluate: Evaluate,
+        cls_mask: np.ndarray,
+        save_matches: bool,
+        restore_best: Callable[[], ArrayRecord],
+    ):
+        self.run, self.guard, self.evaluate = run, guard, evaluate
+        self.cls_mask = cls_mask  # the contribution's cls_agreement (update_agreement)
+        self.keep_matches = save_matches
+        self.restore_best = restore_best
+        # the round a drop on probation began in, and its decision: a rollback that confirms
+        # the drop searches that round's replies for culprits (its updates are kept till then)
+        self.drop_began: tuple[int, Decision] | None = None
+
+    @property
+    def needs_updates(self) -> bool:
+        """Whether the grid keeps each round's returned weights: policy ``exclude`` scores each
+        reply on the held-out set to find culprits, and so does ``guard.contribution``."""
+        return self.guard.enabled and (self.guard.policy == "exclude" or self.guard.contribution)
+
+    # -- once a round --------------------------------------------------------------------------
+    def __call__(
+        self,
+        rnd: int,
+        res: dict,
+        rounds: dict[int, RoundLog],
+        sent: ArrayRecord,
+        final: bool,
+    ) -> Verdict:
+        """Judge round ``rnd``'s evaluated model ``res`` (``rounds``: the grid's round logs;
+        ``sent``: the global model this round's clients trained from)."""
+        self.save_matches(res, rnd)
+        decision = self.guard.check(rnd, res, final=final)
+        if decision.significant is False:
+            self._noise_event(rnd, decision)
+        if decision.probation:
+            self._probation_event(rnd, decision)
+        verdict = Verdict(decision)
+        if self.guard.enabled and self.guard.contribution:
+            # also in a rolled-back round: evidence all the same
+            verdict.contribution_seconds = self._contributions(rnd, rounds.get(rnd), sent)
+        if decision.rolled_back:
+            self._rollback(rnd, res, decision, rounds)
+        else:
+            verdict.improved = self.guard.accept(rnd, res, probation=decision.probation)
+        self._release(rnd, decision, rounds)
+        return verdict
+
+    def excluded(self, rnd: int) -> set[str]:
+        """Clients left out of round ``rnd`` (``guard.policy=exclude``), said in an event."""
+        excluded = self.guard.excluded(rnd)
+        if excluded:
+            self.run.event(rnd, "clients_excluded", clients=sorted(excluded))
+        return excluded
+
+    def should_stop(self, rnd: int) -> bool:
+        """After ``guard.stop_after`` consecutive rollbacks the run stops, said in an event."""
+        if not self.guard.should_stop():
+            return False
+        reason = (
+            f"{self.guard.state.consecutive} consecutive rollbacks "
+            f"(guard.stop_after={self.guard.stop_after}); the global model is the best "
+            f"checkpoint, round {self.guard.state.best_round}"
+        )
+        LOGGER.warning("stopping the run: %s", reason)
+        self.run.event(rnd, "guard_stop", reason=reason)
+        return True
+
+    def reload_reference(self, best: ArrayRecord, last: ArrayRecord, rnd: int) -> None:
+        """On resume: the reference's per-image matches are not in the state, so the reference
+        model (``best`` or ``last``, after ``guard.reference``) is evaluated once again."""
+        if self.guard.enabled and self.guard.significance is not None:
+            ref = best if self.guard.reference == "best" else last
+            res = self.evaluate(ref, self.run.work / "reference.pt", rnd)
+            self.guard.images[self.guard.reference] = res.get("images")
+
+    def save_matches(self, res: dict, rnd: int, model: str = "") -> None:
+        """``output.save_matches``: keep an evaluation's per-image matches in
+        ``eval/round_NNNN[_model].npz`` (``fl_server.guard.save_images``), so the guard's rules
+        can be replayed on the finished run."""
+        if self.keep_matches and res.get("images"):
+            suffix = f"_{model}" if model else ""
+            save_images(self.run.path / "eval" / f"round_{rnd:04d}{suffix}.npz", res["images"])
+
+    # -- what the rule decided, said -----------------------------------------------------------
+    def _warn(self, rnd: int, kind: str, reason: str, **fields) -> None:
+        """A guard event worth a warning: logged, and in events.jsonl with its evidence."""
+        LOGGER.warning("round %d: %s", rnd, reason)
+        self.run.event(rnd, kind, reason=reason, **fields)
+
+    def _noise_event(self, rnd: int, decision: Decision) -> None:
+        """The user's rule fired but the drop is within the held-out set's noise: accepted,
+        and said so with the evidence."""
+        ci = decision.drop_ci
+        reason = (
+            f"{decision.describe()}, but not significantly: "
+            f"the drop's {ci['level']:.0%} lower bound is {ci['low']:.4f} <= 0 (paired bootstrap "
+            f"over {ci['images']} held-out images, guard.significance={self.guard.significance}); "
+            "accepted"
+        )
+        LOGGER.info("round %d: %s", rnd, reason)
+        self.run.event(rnd, "drop_within_noise", reason=reason, drop_ci=ci)
+
+    def _probation_event(self, rnd: int, decision: Decision) -> None:
+        """The rule fired, significantly, but the drop is not severe: accepted on probation
+        (training continues from it; it is neither the reference nor best.pt), and said so."""
+        ci = decision.drop_ci
+        reason = (
+            decision.describe()
+            + (f", significantly (lower bound {ci['low']:.4f})" if ci else "")
+            + (
+                f", less than guard.severe_drop={self.guard.severe_drop:.0%}"
+                if self.guard.severe_drop is not None
+                else ""
+            )
+            + f": on probation ({self.guard.state.probation + 1} of guard.patience="
+            f"{self.guard.patience} round(s));"
+            " a further drop below the reference rolls back to the best checkpoint"
+        )
+        self._warn(
+            rnd,
+            "drop_on_probation",
+            reason=reason,
+            **decision.evidence(),
+            drop_ci=ci,
+        )
+
+    # -- rollback ------------------------------------------------------------------------------
+    def _rollback(
+        self, rnd: int, res: dict, decision: Decision, rounds: dict[int, RoundLog]
+    ) -> None:
+        held = self.guard.state.probation  # rounds on probation before this one
+        searched, scored = rnd, decision
+        if held and self.drop_began and rounds.get(self.drop_began[0]):
+            # the drop began on probation: the replies that caused it are that round's (this
+            # round's clients all trained from the dropped model)
+            searched, scored = self.drop_began
+        log = rounds.get(searched)
+        attribution = None
+        if self.guard.policy == "exclude" and log and log.updates:
+            attribution = self._attribute(log, scored, searched)
+        culprits = attribution.culprits if attribution else []
+        best_arrays = self.restore_best()
+        changes = self.guard.rolled_back(rnd, culprits)
+        ci = decision.drop_ci
+        reason = (
+            f"{decision.describe()}; limit guard.max_drop={self.guard.max_drop} and "
+            f"guard.min_abs_drop={self.guard.min_abs_drop}"
+            + (
+                f"; significant: the drop's {ci['level']:.0%} lower bound is {ci['low']:.4f} > 0 "
+                f"(paired bootstrap, {ci['images']} held-out images)"
+                if ci
+                else ""
+            )
+            + (
+                f"; below it since round {rnd - held}, past guard.patience={self.guard.patience}"
+                if held
+                else ""
+            )
+            + f": rolled back to round {self.guard.state.best_round}"
+        )
+        self._warn(
+            rnd,
+            "rollback",
+            reason=reason,
+            **decision.evidence(),
+            rejected_sha256=res["weights_sha256"],
+            restored_round=self.guard.state.best_round,
+            after_probation_rounds=held,
+            attributed_round=searched if attribution else None,
+            restored_sha256=record_digest(best_arrays),
+            culprits=culprits,
+            # first search step: each client id → the metric of the aggregate without it
+            client_scores=attribution.steps[0] if attribution and attribution.steps else None,
+            attribution=attribution.as_dict() if attribution else None,
+            **changes,
+        )
+
+    def _attribute(self, log: RoundLog, decision: Decision, rnd: int) -> Attribution:
+        """Leave-one-out over the round's replies (``fl_server.guard.attribute``).
+
+        The aggregate without a client is the example-weighted mean of the others' returned
+        models: FedAvg's rule, used for every strategy as the measure of what a client moved.
+        """
+        ids = [k for k in sorted(log.updates) if k in {str(e["id"]) for e in log.clients}]
+        path = self.run.work / "client_update.pt"
+
+        def score_without(excluded: frozenset[str]) -> float:
+            record = mean_without(log, excluded)
+            return float(self.evaluate(record, path, rnd)[self.guard.metric])
+
+        t0 = time.perf_counter()
+        found = attribute(
+            ids,
+            decision.value,
+            decision.reference,
+            score_without,
+            restored=lambda v: not self.guard.is_drop(v, decision.reference),
+        )
+        path.unlink(missing_ok=True)
+        LOGGER.info(
+            "round %d: leave-one-out over %d replies in %.1f s: culprits %s",
+            rnd,
+            len(ids),
+            time.perf_counter() - t0,
+            found.culprits or "none",
+        )
+        return found
+
+    def _release(self, rnd: int, decision: Decision, rounds: dict[int, RoundLog]) -> None:
+        """Free the round logs (and their kept updates) no rollback will search: all up to
+        ``rnd`` but the round a drop on probation began in."""
+        if decision.probation and self.drop_began is None:
+            self.drop_began = (rnd, decision)  # its updates are kept for a culprit search
+            return
+        if not decision.probation:
+            self.drop_began = None
+        kept = {self.drop_began[0]} if self.drop_began else set()
+        for r in [r for r in rounds if r <= rnd and r not in kept]:
+            rounds.pop(r)  # frees kept updates
+
+    # -- contributions -------------------------------------------------------------------------
+    def _contributions(self, rnd: int, log: RoundLog | None, sent: ArrayRecord) -> float | None:
+        """``guard.contribution``: what each client did to this round's aggregate, on the
+        held-out set (``fl_server.guard.Guard.contributions``): the mean of every reply and the
+        mean without client k are evaluated; k is flagged when, over its last two
+        participations, the aggregate would have been significantly better without it (paired
+        bootstrap), and this round it did not help and did less than the other clients. Each
+        client's entry in ``metrics.jsonl`` gets its ``loo_gain``, ``loo_gain_2`` (two
+        participations), their intervals and ``loo_vs_others``; a flag is a
+        ``client_flagged`` event with the evidence, and under ``guard.policy=exclude`` the
+        client sits out ``guard.exclude_rounds`` rounds. The seconds it took (None: fewer than
+        three updates, nothing scored)."""
+        if log is None or len(log.updates) < 3:
+            return None
+        t0 = time.perf_counter()
+        path = self.run.work / "client_update.pt"
+        everyone = self.evaluate(mean_without(log, frozenset()), path, rnd)
+        without = {
+            k: self.evaluate(mean_without(log, frozenset({k})), path, rnd)
+            for k in sorted(log.updates)
+        }
+        path.unlink(missing_ok=True)
+        self.save_matches(everyone, rnd, "all")
+        for k, res in without.items():
+            self.save_matches(res, rnd, f"without_{k}")
+        base = sent[WEIGHTS_KEY].numpy().reshape(-1)  # the model this round was sent
+        agreement = update_agreement(base, log.updates, self.cls_mask)
+        scores = self.guard.contributions(rnd, everyone, without, agreement)
+        seconds = time.perf_counter() - t0
+        for entry in log.clients:
+            sc = scores.get(str(entry["id"]))
+            if sc is not None:
+                entry["loo_gain"] = sc["gain"]
+                entry["loo_ci"] = sc["ci"]
+                entry["loo_gain_2"] = sc["gain_2"]
+                entry["loo_ci_2"] = sc["ci_2"]
+                entry["loo_vs_others"] = sc["vs_others"]
+                entry["cls_agreement"] = agreement.get(str(entry["id"]))
+        for k, sc in scores.items():
+            if sc["flagged"]:
+                self._flag(rnd, k, sc, scores, everyone, without[k], seconds)
+        LOGGER.info("round %d: contributions of %d clients in %.1f s", rnd, len(scores), seconds)
+        return seconds
+
+    def _flag(
+        self,
+        rnd: int,
+        k: str,
+        sc: dict,
+        scores: dict,
+        everyone: dict,
+        without_k: dict,
+        seconds: float,
+    ) -> None:
+        """A ``client_flagged`` event with its evidence (and the client's exclusion)."""
+        m, ci2 = self.guard.metric, sc["ci_2"]
+        reason = (
+            f"client {k}: leaving its update out would have raised the aggregate's {m} by "
+            f"{sc['gain_2']:+.4f} over rounds {ci2['rounds'][0]} and {ci2['rounds'][1]} "
+            f"({ci2['level']:.0%} lower bound {ci2['low']:+.4f} > 0; this round "
+            f"{everyone[m]:.4f} with it, {without_k[m]:.4f} without: it did not help, and "
+            f"less than the other clients) (guard.contribution)"
+        )
+        self._warn(
+            rnd,
+            "client_flagged",
+            client=k,
+            reason=reason,
+            scores={c: v["gain"] for c, v in scores.items()},
+            evidence=sc,
+            excluded_until_round=self.guard.flag(rnd, k),
+            seconds=seconds,
+        )
+
+
+def mean_without(log: RoundLog, excluded: frozenset[str]) -> ArrayRecord:
+    """The example-weighted mean of the round's returned models, without ``excluded``:
+    FedAvg's rule, used for every strategy as the measure of what a client moved."""
+    weights = {str(e["id"]): max(1, int(e["num_examples"])) for e in log.clients}
+    keep = [k for k in sorted(log.updates) if k in weights and k not in excluded]
+    total = float(sum(weights[k] for k in keep))
+    mean = sum((weights[k] / total) * log.updates[k].astype(np.float64) for k in keep)
+    return ArrayRecord({WEIGHTS_KEY: Array(np.asarray(mean, dtype=np.float32))})
