@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from e2e_helpers import check_run_dir, fedyolo, tiny_run_args, wait_for_rounds
-from test_deployment import flower_processes
+from test_deployment import flower_processes, in_run_namespace
 
 from deploy.local import kill_tree
 from fl_server.run_dir import read_jsonl
@@ -74,9 +74,10 @@ def test_supernode_killed_mid_round_the_run_completes_and_it_rejoins(tmp_path):
         cmdline, env = node1.cmdline(), node1.environ()
         kill_tree(node1.pid)
         wait_for_rounds(run, 2, proc)
-        # The robot comes back: a new SuperNode for the same shard.
+        # The robot comes back: a new SuperNode for the same shard, in the run's network
+        # namespace, where its SuperLink listens.
         subprocess.Popen(
-            cmdline,
+            [*in_run_namespace(run), *cmdline],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
