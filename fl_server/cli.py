@@ -77,7 +77,11 @@ def commands() -> dict[str, Callable[[argparse.ArgumentParser], None]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedyolo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="fedyolo",
+        description="Federated training of Ultralytics YOLO detectors with Flower: "
+        "fedyolo COMMAND --help for a command's options.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, add in commands().items():
         doc = inspect.getdoc(add) or ""
