@@ -7,6 +7,12 @@ CloudWatch, the server's state in S3. Every resource carries the tag
 does. boto3 only; the tests run against moto's HTTP server on 127.0.0.1.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 from deploy import DeployError
 
 TAG = "fedyolo:deployment"
@@ -14,3 +20,18 @@ TAG = "fedyolo:deployment"
 
 class AwsError(DeployError):
     """An AWS step that failed or cannot start; the message names the resource and why."""
+
+
+@dataclass
+class Resource:
+    """One AWS resource of a deployment: how to find, create and delete it (``ctx``:
+    ``deploy.aws.stack.Context``). Here, not in ``stack``, so that ``cloudwatch`` declares its
+    resources without importing ``stack``, which imports it."""
+
+    kind: str
+    name: str
+    find: Callable[[Any], Any]
+    create: Callable[[Any], Any]
+    delete: Callable[[Any, Any], None]
+    hourly: Callable[[Any], float] = lambda ctx: 0.0
+    what: str = ""

@@ -37,7 +37,7 @@ import os
 import time
 from typing import Any
 
-from deploy.aws import TAG
+from deploy.aws import TAG, Resource
 
 LOGGER = logging.getLogger("fedyolo")
 NAMESPACE = "fedyolo"
@@ -196,8 +196,6 @@ def dashboard(ctx: Any) -> dict:
 
 
 def resources() -> list:
-    from deploy.aws.stack import Resource
-
     def find_policy(ctx):
         got = ctx.client("autoscaling").describe_policies(
             AutoScalingGroupName=f"{ctx.name}-clients", PolicyNames=[f"{ctx.name}-add-client"]

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.aws import TAG, AwsError
+from deploy.aws import TAG, AwsError, Resource
+from deploy.aws.userdata import image_uri, server_ip  # noqa: F401 - stack.image_uri for ecr
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -99,17 +100,6 @@ class Context:
     @property
     def bucket(self) -> str:
         return f"{self.name}-state-{self.account}-{self.cfg.region}".lower()
-
-
-@dataclass
-class Resource:
-    kind: str
-    name: str
-    find: Callable[[Context], Any]
-    create: Callable[[Context], Any]
-    delete: Callable[[Context, Any], None]
-    hourly: Callable[[Context], float] = lambda ctx: 0.0
-    what: str = ""
 
 
 def _code(e: Exception) -> str:
@@ -433,12 +423,6 @@ def _server_interface() -> Resource:
     )
 
 
-def server_ip(ctx) -> str:
-    ec2 = ctx.client("ec2")
-    eni = ec2.describe_network_interfaces(NetworkInterfaceIds=[ctx.ids["superlink"]])
-    return eni["NetworkInterfaces"][0]["PrivateIpAddress"]
-
-
 # -- secrets -------------------------------------------------------------------------------
 def parameter_names(ctx) -> list[str]:
     base = f"/fedyolo/{ctx.name}"
@@ -643,13 +627,6 @@ def _role(role: str) -> Resource:
 
 
 # -- compute -------------------------------------------------------------------------------
-def image_uri(ctx, role: str) -> str:
-    from importlib.metadata import version
-
-    given = ctx.cfg.images[role]
-    return str(given) if given else f"{ctx.ids[f'{role}-repo']}:{version('fedyolo')}"
-
-
 def resolve_ami(ctx) -> str:
     ami = str(ctx.cfg.ami)
     if ami.startswith("resolve:ssm:"):

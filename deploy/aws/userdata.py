@@ -44,10 +44,24 @@ def _continued(args: list[str]) -> str:
     return " \\\n".join(quoted)
 
 
+def image_uri(ctx: Any, role: str) -> str:
+    """The image a ``role`` instance pulls: the configured one, or the deployment's ECR
+    repository at this fedyolo's version."""
+    from importlib.metadata import version
+
+    given = ctx.cfg.images[role]
+    return str(given) if given else f"{ctx.ids[f'{role}-repo']}:{version('fedyolo')}"
+
+
+def server_ip(ctx: Any) -> str:
+    """The SuperLink's private address (its fixed network interface)."""
+    ec2 = ctx.client("ec2")
+    eni = ec2.describe_network_interfaces(NetworkInterfaceIds=[ctx.ids["superlink"]])
+    return eni["NetworkInterfaces"][0]["PrivateIpAddress"]
+
+
 def render(ctx: Any, role: str) -> str:
     """The boot script of a ``role`` instance (``ctx``: ``deploy.aws.stack.Context``)."""
-    from deploy.aws.stack import image_uri, server_ip
-
     cfg = ctx.cfg
     values = {
         "__NAME__": ctx.name,
