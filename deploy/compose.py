@@ -54,6 +54,7 @@ from deploy.local import (
     register_nodes,
 )
 from fl_server.interrupts import StopFile, interrupts_to
+from fl_server.records import Status
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -475,7 +476,7 @@ def _submit_and_follow(project, group, run_dir, env, stop, following, e) -> None
             return
         except RuntimeError:
             # `flwr run` may end before Docker has restarted the container: wait for it
-            if stop.is_set() or attempt == RESUMES or _status(run_dir) != "running":
+            if stop.is_set() or attempt == RESUMES or _status(run_dir) != Status.RUNNING:
                 raise
             now = _restarted(project, started, wait=min(60.0, float(e.startup_timeout)))
             if not now:

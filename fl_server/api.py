@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fl_server.records import Status
+
 os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
 # Flower's telemetry is off unless the user turns it on: robots' fleets don't phone home, and
 # offline every Flower process otherwise waits on the telemetry call at start and exit.
@@ -95,7 +97,7 @@ class Summary:
         """The run ended as planned: completed, or stopped on purpose (guard, hook)."""
         from fl_server.hooks import STOP_STATUSES
 
-        return self.status == "completed" or self.status in STOP_STATUSES
+        return self.status == Status.COMPLETED or self.status in STOP_STATUSES
 
 
 class _FunctionHook:
@@ -169,10 +171,10 @@ def run(
 def _unfinished(rd: Any, reason: str) -> None:
     """A run whose summary.json is missing or still ``running`` after its engine ended failed:
     say so there, with ``reason`` (an OSError, e.g. a disk still full, reaches the caller)."""
-    if rd.summary.exists() and Summary.read(rd.path).status != "running":
+    if rd.summary.exists() and Summary.read(rd.path).status != Status.RUNNING:
         return
     LOGGER.error("the run failed: %s", reason)
-    rd.write_summary(rd.rounds(), status="failed", reason=reason)
+    rd.write_summary(rd.rounds(), status=Status.FAILED, reason=reason)
 
 
 def distill(

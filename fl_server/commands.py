@@ -21,6 +21,7 @@ from fl_client import data
 from fl_client.errors import ExitCode, existing
 from fl_server import api, config, plugins
 from fl_server.cli import setup_logging
+from fl_server.records import Status
 from fl_server.run_dir import RunDir
 from fl_server.tracking import import_offline
 
@@ -48,14 +49,14 @@ def run_federation(overrides: list[str]) -> ExitCode:
     t0 = time.perf_counter()
     summary = api.run(cfg)
     run = summary.run_dir
-    if summary.status == "stopped":
+    if summary.status == Status.STOPPED:
         print(
             f"fedyolo: run {run} was stopped by the drift guard after repeated rollbacks; "
             f"best.pt holds the best model; see {run / 'events.jsonl'}",
             file=sys.stderr,
         )
         return ExitCode.FAILED
-    if summary.status != "completed":
+    if summary.status != Status.COMPLETED:
         why = f": {summary.reason}" if summary.reason else f"; see {run / 'events.jsonl'}"
         print(f"fedyolo: run {run} ended with status {summary.status}{why}", file=sys.stderr)
         return ExitCode.FAILED
@@ -108,7 +109,7 @@ def _distill(args: argparse.Namespace) -> ExitCode:
     teacher = api.Summary.read(Path(args.run))
     overrides = [i for i in args.items if not i.startswith("student=")]
     summary = api.distill(args.run, students[0], overrides)
-    if summary.status != "completed":
+    if summary.status != Status.COMPLETED:
         print(f"fedyolo: {summary.run_dir} ended with status {summary.status}", file=sys.stderr)
         return ExitCode.FAILED
     print(

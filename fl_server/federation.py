@@ -50,6 +50,7 @@ from fl_server.guard import Guard, GuardState
 from fl_server.guard.step import GuardStep, Verdict
 from fl_server.observed_grid import Interrupted, ObservedGrid, RoundLog
 from fl_server.prepare import TEACHER
+from fl_server.records import EventKind, Status
 from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter
 from fl_server.tracking import Tracker
 from strategies import build_strategy, describe
@@ -204,8 +205,9 @@ class Federation:
         self.hooks = [*builtin, SummaryWriter(self.run, builtin)]
         self.hooks += user_hooks(self.cfg, self.run)
 
-        def forward(rnd: int, kind: str, details: dict) -> None:
-            if kind != "tracker_error":  # the tracker's own trouble is not reported to itself
+        def forward(rnd: int, kind: EventKind, details: dict) -> None:
+            # the tracker's own trouble is not reported to itself
+            if kind != EventKind.TRACKER_ERROR:
                 self.tracker.report_event(rnd, kind, details)
 
         self.run.subscribe(forward)
@@ -216,7 +218,7 @@ class Federation:
         self._start_tracker()
         self.run.event(
             0,
-            "run_start",
+            EventKind.RUN_START,
             engine=str(cfg.engine.name),
             strategy=str(cfg.strategy.name),
             transport=str(cfg.transport.scheme),
@@ -229,7 +231,7 @@ class Federation:
         res = self.evaluate(self.arrays, self.run.work / "candidate.pt", 0)
         self.guard_step.save_matches(res, 0)
         metrics = {k: res[k] for k in METRIC_KEYS}
-        self.run.event(0, "initial_eval", **metrics, weights_sha256=res["weights_sha256"])
+        self.run.event(0, EventKind.INITIAL_EVAL, **metrics, weights_sha256=res["weights_sha256"])
         LOGGER.info("round 0 (initial model): mAP50-95 %.3f", res["map50_95"])
         self.guard.accept(0, res)
         self._promote(self.run.work / "candidate.pt", best=True)
@@ -257,7 +259,7 @@ class Federation:
         self._start_tracker(st.get("tracker_task"))
         self.run.event(
             self.round,
-            "resume",
+            EventKind.RESUME,
             from_round=self.round + 1,
             rounds=int(self.cfg.federation.rounds),
             discarded_round_records=dropped,
@@ -280,12 +282,12 @@ class Federation:
         while (have := len(list(self.grid.get_node_ids()))) < want:
             if time.monotonic() > deadline:
                 LOGGER.warning("starting with %d of %d clients connected", have, want)
-                self.run.event(self.round, "clients_missing", connected=have, expected=want)
+                self.run.event(self.round, EventKind.CLIENTS_MISSING, connected=have, expected=want)
                 return
             time.sleep(1.0)
 
     # -- the loop --------------------------------------------------------------------------------
-    def run_rounds(self) -> str:
+    def run_rounds(self) -> Status:
         """Every round left, in order; the status the run ends with."""
         total = int(self.cfg.federation.rounds)
         timeout = float(self.cfg.federation.round_timeout)
@@ -335,12 +337,12 @@ class Federation:
             # --- HOOKS, THEN WHETHER TO GO ON ---
             asked = call_hooks(self.hooks, rnd, record)
             if self.guard_step.should_stop(rnd):
-                return "stopped"
+                return Status.STOPPED
             if asked is not None:
                 LOGGER.info("round %d: a round hook asked to stop (%s)", rnd, asked)
-                self.run.event(rnd, "hook_stop", status=asked)
-                return asked
-        return "completed"
+                self.run.event(rnd, EventKind.HOOK_STOP, status=asked)
+                return Status(asked)
+        return Status.COMPLETED
 
     # -- the loop's steps ------------------------------------------------------------------------
     def _check_interrupt(self) -> None:
@@ -405,7 +407,9 @@ class Federation:
         )
         if not clients:
             self.run.event(
-                rnd, "round_failed", reason="no usable client update; the global model is unchanged"
+                rnd,
+                EventKind.ROUND_FAILED,
+                reason="no usable client update; the global model is unchanged",
             )
         self.run.add_round(record)
         total = int(self.cfg.federation.rounds)
@@ -431,7 +435,7 @@ class Federation:
             LOGGER.warning("strategy state left out of the resumable state: %s", skipped)
 
     # -- the end ----------------------------------------------------------------------------------
-    def finish(self, status: str, reason: str | None = None) -> None:
+    def finish(self, status: Status, reason: str | None = None) -> None:
         """Write the run's summary and plot, call the hooks' ``on_end``, then ``run_end``."""
         task = self.tracker.task_id if self.tracker is not None else None
         finish_run(self.run, self.hooks, task, self.round, status, reason)
@@ -542,7 +546,7 @@ def score_data_drift(
             top = max(score["drift_features"], key=score["drift_features"].get)
             run.event(
                 rnd,
-                "data_drift",
+                EventKind.DATA_DRIFT,
                 client=entry["id"],
                 score=score["drift_score"],
                 features=score["drift_features"],
@@ -555,7 +559,7 @@ def score_data_drift(
 
 
 def finish_run(
-    run: RunDir, hooks: list, task: str | None, rnd: int, status: str, reason: str | None
+    run: RunDir, hooks: list, task: str | None, rnd: int, status: Status, reason: str | None
 ) -> None:
     """The end of a run, whatever ended it: ``summary.json``, the plot, every hook's
     ``on_end`` (one's failure does not cost the others), and last the ``run_end`` event."""
@@ -577,7 +581,7 @@ def finish_run(
             name = type(hook).__name__
             LOGGER.error("round hook %s failed at the end of the run: %s", name, _one_line(e))
     try:
-        run.event(rnd, "run_end", status=status)  # last write: the run is complete
+        run.event(rnd, EventKind.RUN_END, status=status)  # last write: the run is complete
     except OSError as e:
         LOGGER.error("could not write %s: %s", run.events, _one_line(e))
 

@@ -41,9 +41,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from fl_server.records import Status
+
 LOGGER = logging.getLogger(__name__)
 
-STOP_STATUSES = ("stopped", "pruned")
+# plain strings, so that the message naming them reads as before
+STOP_STATUSES = (Status.STOPPED.value, Status.PRUNED.value)
 CONTROL = "control"
 
 
@@ -200,5 +203,5 @@ class Watcher:
                 stop = call_on_round(self.callbacks, record)
             except BaseException as e:  # noqa: BLE001 - handed back to the caller after the run
                 LOGGER.error("a callback failed in round %s: %s", record.get("round"), e)
-                self.error, stop = e, "stopped"
+                self.error, stop = e, Status.STOPPED
         _write_atomic(_path(self.run_path, "verdict", int(record["round"])), {"stop": stop})

@@ -47,6 +47,7 @@ from fl_client.wire import (
     record_field,
 )
 from fl_server.flower_adapter import wire_bytes
+from fl_server.records import EventKind
 from fl_server.run_dir import RunDir
 from strategies.guarded import AggregationPolicy
 
@@ -200,12 +201,12 @@ class ObservedGrid(Grid):
             answered.add(node)
             if node in impostors:
                 claim, why = impostors[node]
-                self._fail(log, rnd, "update_rejected", node, why, is_train, **claim)
+                self._fail(log, rnd, EventKind.UPDATE_REJECTED, node, why, is_train, **claim)
                 continue
             try:  # whatever a reply holds, it costs at most itself: never the round or the run
                 taken, entry = self._take(reply, node, sent_msgs, sent, down, log, rnd, is_train)
             except Exception as e:  # noqa: BLE001 - a hostile or broken reply of any shape
-                self._fail(log, rnd, "update_rejected", node, _one_line(e), is_train)
+                self._fail(log, rnd, EventKind.UPDATE_REJECTED, node, _one_line(e), is_train)
                 continue
             if taken is not None and entry is not None:
                 good.append((taken, entry))
@@ -218,7 +219,7 @@ class ObservedGrid(Grid):
             kept.append(reply)
         for node in sorted(set(down).difference(answered)):
             reason = f"no reply within the round timeout ({timeout} s)"
-            self._fail(log, rnd, "client_failed", node, reason, is_train)
+            self._fail(log, rnd, EventKind.CLIENT_FAILED, node, reason, is_train)
         if is_train:
             log.sent += len(messages)
         return kept
@@ -270,7 +271,9 @@ class ObservedGrid(Grid):
             if gone is not None:
                 self._node_to_client.pop(gone, None)
                 reason = f"partition {pid} moved from node {gone} (disconnected) to node {node}"
-                self._run.event(rnd, "partition_rebound", client=pid, node_id=node, reason=reason)
+                self._run.event(
+                    rnd, EventKind.PARTITION_REBOUND, client=pid, node_id=node, reason=reason
+                )
                 LOGGER.warning("round %d: %s", rnd, reason)
             self._node_to_client[node] = pid
             self._partition_node[pid] = node
@@ -327,11 +330,11 @@ class ObservedGrid(Grid):
         failure = ClientFailure.from_reply(reply)
         if failure is not None:  # the ClientApp's structured failure (fl_client.wire)
             if node not in sent_msgs:  # nothing was sent to it: no reply to count
-                self._fail(log, rnd, "client_failed", node, str(failure), is_train)
+                self._fail(log, rnd, EventKind.CLIENT_FAILED, node, str(failure), is_train)
                 return None, None
             reply = Message(Error(code=0, reason=str(failure)), reply_to=sent_msgs[node])
         if reply.has_error():
-            self._fail(log, rnd, "client_failed", node, reply.error.reason, is_train)
+            self._fail(log, rnd, EventKind.CLIENT_FAILED, node, reply.error.reason, is_train)
             return reply, None  # strategies count failures themselves
         if node not in sent_msgs:
             raise ValueError("a reply from a node nothing was sent to this round")
@@ -344,7 +347,9 @@ class ObservedGrid(Grid):
                 "opt in (fault-injection=true); it trained honestly"
             )
             client = self._client(node)
-            self._run.event(rnd, "faults_ignored", client=client, node_id=node, reason=reason)
+            self._run.event(
+                rnd, EventKind.FAULTS_IGNORED, client=client, node_id=node, reason=reason
+            )
             LOGGER.warning("round %d: client %s %s", rnd, client, reason)
         stats = {k: v for k, v in metrics.items() if k.startswith(DATA_STATS_PREFIX)}
         metrics = {k: v for k, v in metrics.items() if not k.startswith(DATA_STATS_PREFIX)}
@@ -425,7 +430,7 @@ class ObservedGrid(Grid):
                         f"update norm {v:.4g} is {v / median:.3g}x the round's median "
                         f"({median:.4g}); limit aggregation.max_norm_x_median={k}"
                     )
-                self._fail(log, rnd, "update_rejected", entry["node_id"], reason, True)
+                self._fail(log, rnd, EventKind.UPDATE_REJECTED, entry["node_id"], reason, True)
                 continue
             out.append((reply, entry))
         return out
@@ -435,7 +440,7 @@ class ObservedGrid(Grid):
         self,
         log: RoundLog,
         rnd: int,
-        kind: str,
+        kind: EventKind,
         node: int,
         reason: str,
         is_train: bool,

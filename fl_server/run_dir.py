@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fl_server.records import EventKind, Status
+
 METRIC_KEYS = ("map50", "map50_95", "precision", "recall")
 
 
@@ -82,13 +84,18 @@ class RunDir:
         # Created by the deployment engine on Ctrl-C/SIGTERM: its ServerApp runs in a process
         # of the SuperLink's, not in the one that got the signal (fl_server.interrupts).
         self.interrupt = self.path / ".interrupt"
-        self._listeners: list[Callable[[int, str, dict], None]] = []
+        self._listeners: list[Callable[[int, EventKind, dict], None]] = []
 
-    def subscribe(self, listener: Callable[[int, str, dict], None]) -> None:
+    def subscribe(self, listener: Callable[[int, EventKind, dict], None]) -> None:
         """Call ``listener(round, kind, details)`` for every event from now on (the tracker)."""
         self._listeners.append(listener)
 
-    def event(self, server_round: int, kind: str, **details: Any) -> None:
+    def event(self, server_round: int, kind: EventKind, **details: Any) -> None:
+        """Append one event to ``events.jsonl`` and tell the listeners. ``kind`` must be an
+        ``EventKind`` (``fl_server.records``): a bare string is a bug, so a kind the reference
+        page does not list cannot be written."""
+        if not isinstance(kind, EventKind):
+            raise TypeError(f"event kind {kind!r} is not an EventKind (fl_server.records)")
         append_jsonl(self.events, {"round": server_round, "kind": kind, **details})
         for listener in self._listeners:
             listener(server_round, kind, details)
@@ -106,7 +113,7 @@ class RunDir:
     def write_summary(
         self,
         rounds: list[dict],
-        status: str,
+        status: Status,
         clearml_task: str | None = None,
         reason: str | None = None,
     ) -> dict:
@@ -125,7 +132,9 @@ class RunDir:
             return None if r is None else {"round": r["round"], **{k: r[k] for k in METRIC_KEYS}}
 
         initial = [
-            {"round": 0, **e} for e in read_jsonl(self.events) if e["kind"] == "initial_eval"
+            {"round": 0, **e}
+            for e in read_jsonl(self.events)
+            if e["kind"] == EventKind.INITIAL_EVAL
         ][:1]
         accepted = initial + [
             r
@@ -234,7 +243,8 @@ class RunDir:
                     f"{len(r.get('clients', []))} | {guard} |"
                 )
         events = read_jsonl(self.events)
-        notable = [e for e in events if e["kind"] not in {"initial_eval", "run_start", "run_end"}]
+        quiet = {EventKind.INITIAL_EVAL, EventKind.RUN_START, EventKind.RUN_END}
+        notable = [e for e in events if e["kind"] not in quiet]
         if notable:
             lines += ["", f"{len(notable)} notable events (see `events.jsonl`):", ""]
             lines += [
@@ -255,7 +265,7 @@ class SummaryWriter:
         self.run, self.others = run, others
 
     def on_round(self, record: dict) -> None:
-        self.run.write_summary(self.run.rounds(), status="running")
+        self.run.write_summary(self.run.rounds(), status=Status.RUNNING)
 
     def on_end(self, summary: dict) -> None:
         lines = [getattr(h, "summary_line", None) for h in self.others]

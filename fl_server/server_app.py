@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_server.federation import Federation, _one_line, round_config
 from fl_server.interrupts import StopFile
 from fl_server.observed_grid import Interrupted
+from fl_server.records import EventKind, Status
 from fl_server.run_dir import RunDir, lost_rounds
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -60,24 +61,24 @@ def _failed(run: RunDir, rnd: int, e: Exception) -> str:
     reason = _one_line(e)
     LOGGER.error("the run failed after round %d: %s", rnd, reason)
     try:
-        run.event(rnd, "run_failed", reason=reason, traceback=traceback.format_exc())
+        run.event(rnd, EventKind.RUN_FAILED, reason=reason, traceback=traceback.format_exc())
     except Exception as err:  # noqa: BLE001 - e.g. the full disk that failed the run
         LOGGER.error("could not record the failure in %s: %s", run.events, _one_line(err))
     return reason
 
 
-def _outcome(run: RunDir, status: str) -> tuple[str, str | None]:
+def _outcome(run: RunDir, status: Status) -> tuple[Status, str | None]:
     """A run whose every round aggregated nothing did not train: it failed, with the reason."""
     rounds = run.rounds()
     lost = lost_rounds(rounds)
-    if status == "interrupted" or not rounds or len(lost) < len(rounds):
+    if status == Status.INTERRUPTED or not rounds or len(lost) < len(rounds):
         return status, None
     reason = (
         f"no round aggregated a client update: every client failed or was rejected in all "
         f"{len(rounds)} round(s); see {run.events}"
     )
     LOGGER.error("the run failed: %s", reason)
-    return "failed", reason
+    return Status.FAILED, reason
 
 
 def serve(grid: Grid, run_path: Path, interrupt: threading.Event | StopFile | None = None) -> None:
@@ -92,10 +93,10 @@ def serve(grid: Grid, run_path: Path, interrupt: threading.Event | StopFile | No
     try:
         fed = Federation(grid, run)
     except Exception as e:  # noqa: BLE001 - said in summary.json, in one line
-        run.write_summary(run.rounds(), status="failed", reason=_failed(run, 0, e))
+        run.write_summary(run.rounds(), status=Status.FAILED, reason=_failed(run, 0, e))
         return
     fed.grid.interrupt = interrupt
-    status, reason = "failed", None
+    status, reason = Status.FAILED, None
     try:
         if fed.cfg.resume is not None and run.state.exists():
             fed.start_resumed()
@@ -107,10 +108,10 @@ def serve(grid: Grid, run_path: Path, interrupt: threading.Event | StopFile | No
         status, reason = _outcome(run, status)
     except Interrupted:
         LOGGER.warning("interrupted: the run stops after round %d; resume=%s", fed.round, run.path)
-        status = "interrupted"
+        status = Status.INTERRUPTED
     except Exception as e:  # noqa: BLE001 - said in summary.json, in one line
         reason = _failed(run, fed.round, e)
     finally:
         fed.finish(status, reason)
-    if status == "completed":
+    if status == Status.COMPLETED:
         LOGGER.info("run finished: %s", run.summary)

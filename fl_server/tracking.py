@@ -43,10 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from fl_client.errors import MissingInput
+from fl_server.records import EventKind, Status
 
 LOGGER = logging.getLogger("fedyolo")
 
-TAGGED = {"rollback", "guard_stop", "data_drift"}
+TAGGED = {EventKind.ROLLBACK, EventKind.GUARD_STOP, EventKind.DATA_DRIFT}
 CLIENT_SERIES = {
     "client examples": "num_examples",
     "client loss": "loss",
@@ -85,7 +86,7 @@ def resolve_mode(t, run) -> str:
         mode = "online" if server_configured() else "offline"
     if mode == "online" and (why := unreachable(float(t.connect_timeout))):
         LOGGER.warning("%s; tracking goes on offline into %s", why, run.clearml)
-        run.event(0, "tracker_error", method="connect", error=why, fallback="offline")
+        run.event(0, EventKind.TRACKER_ERROR, method="connect", error=why, fallback="offline")
         mode = "offline"
     return mode
 
@@ -182,7 +183,9 @@ def _guarded(method):
             return method(self, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             LOGGER.warning("ClearML %s failed: %s: %s", method.__name__, type(e).__name__, e)
-            self.run.event(self.round, "tracker_error", method=method.__name__, error=str(e))
+            self.run.event(
+                self.round, EventKind.TRACKER_ERROR, method=method.__name__, error=str(e)
+            )
             return None
 
     return wrapper
@@ -212,7 +215,7 @@ class Tracker:
             return cls(run, _init_task(cfg, run, mode, resume_task_id), mode)
         except Exception as e:  # noqa: BLE001 - the run goes on without tracking
             LOGGER.warning("ClearML could not start (%s: %s); tracking is off", type(e).__name__, e)
-            run.event(0, "tracker_error", method="start", error=f"{type(e).__name__}: {e}")
+            run.event(0, EventKind.TRACKER_ERROR, method="start", error=f"{type(e).__name__}: {e}")
             return cls(run)
 
     @property
@@ -277,7 +280,7 @@ class Tracker:
         best = summary.get("best_checkpoint")
         if best and Path(best).is_file():
             self.task.upload_artifact("best.pt", artifact_object=Path(best), wait_on_upload=True)
-        if summary.get("status") == "failed":
+        if summary.get("status") == Status.FAILED:
             self.task.mark_failed(status_reason="see events.jsonl")
         close_task(self.run, self.task, self.mode)
         if self.mode == "online":

@@ -45,6 +45,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fl_client.model import WEIGHTS_KEY
 from fl_client.wire import NUM_EXAMPLES
+from fl_server.records import EventKind
 
 LOGGER = logging.getLogger(__name__)
 
@@ -155,13 +156,13 @@ class GuardedStrategy(Strategy):
             self._average_bn_stats(arrays, good)
         return arrays, metrics
 
-    def _event(self, server_round: int, kind: str, **fields: Any) -> None:
+    def _event(self, server_round: int, kind: EventKind, **fields: Any) -> None:
         if self.run_dir is not None:
             self.run_dir.event(server_round, kind, **fields)
 
     def _round_failed(self, server_round: int, reason: str) -> tuple[None, None]:
         LOGGER.warning("round %d failed: %s", server_round, reason)
-        self._event(server_round, "round_failed", reason=reason)
+        self._event(server_round, EventKind.ROUND_FAILED, reason=reason)
         return None, None
 
     def _cap_weights(self, server_round: int, replies: list[Message]) -> None:
@@ -183,7 +184,7 @@ class GuardedStrategy(Strategy):
                 pid = metrics.get("partition-id", f"node-{reply.metadata.src_node_id}")
                 self._event(
                     server_round,
-                    "weight_capped",
+                    EventKind.WEIGHT_CAPPED,
                     client=pid,
                     claimed=int(claim),
                     used=used,

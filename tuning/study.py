@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from fl_server.records import Status
 from tuning.space import CONFIG_DIR, Param, TuningError, defaults, load_space, overrides, suggest
 
 LOGGER = logging.getLogger("fedyolo")
@@ -222,7 +223,7 @@ class _Pruning:
         if value is None or not math.isfinite(value):
             return None
         self.trial.report(float(value), step=int(record["round"]))
-        return "pruned" if self.trial.should_prune() else None
+        return Status.PRUNED if self.trial.should_prune() else None
 
 
 def _values(cfg: DictConfig, summary: Any) -> list[float]:
@@ -275,7 +276,7 @@ def run_trial(st: Study, trial: Any) -> list[float]:
     trial.set_user_attr("rounds", summary.rounds_completed)
     trial.set_user_attr("status", summary.status)
     trial.set_user_attr("clearml_task", summary.raw.get("clearml_task"))
-    if summary.status == "pruned":
+    if summary.status == Status.PRUNED:
         raise optuna.TrialPruned(f"pruned after round {summary.rounds_completed}")
     if not summary.ok:
         raise RuntimeError(f"the federation ended {summary.status} (see {run_dir})")

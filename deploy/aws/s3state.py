@@ -47,6 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from deploy.aws import AwsError
+from fl_server.records import EventKind
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -195,7 +196,9 @@ class StateSync:
         except Exception as e:  # noqa: BLE001 - S3 trouble never costs the round
             reason = _one_line(e)
             LOGGER.warning("state: round %d not copied to %s: %s", rnd, self.url, reason)
-            self.run.event(rnd, "state_sync_failed", url=self.url, reason=reason, final=final)
+            self.run.event(
+                rnd, EventKind.STATE_SYNC_FAILED, url=self.url, reason=reason, final=final
+            )
 
     def files(self) -> dict[str, Path]:
         root = Path(self.run.path)

@@ -30,6 +30,7 @@ from fl_server.guard.contributions import update_agreement
 from fl_server.guard.matches import save_images
 from fl_server.guard.rule import Decision, Guard
 from fl_server.observed_grid import RoundLog
+from fl_server.records import EventKind
 from fl_server.run_dir import RunDir
 
 LOGGER = logging.getLogger("fedyolo")
@@ -105,7 +106,7 @@ class GuardStep:
         """Clients left out of round ``rnd`` (``guard.policy=exclude``), said in an event."""
         excluded = self.guard.excluded(rnd)
         if excluded:
-            self.run.event(rnd, "clients_excluded", clients=sorted(excluded))
+            self.run.event(rnd, EventKind.CLIENTS_EXCLUDED, clients=sorted(excluded))
         return excluded
 
     def should_stop(self, rnd: int) -> bool:
@@ -118,7 +119,7 @@ class GuardStep:
             f"checkpoint, round {self.guard.state.best_round}"
         )
         LOGGER.warning("stopping the run: %s", reason)
-        self.run.event(rnd, "guard_stop", reason=reason)
+        self.run.event(rnd, EventKind.GUARD_STOP, reason=reason)
         return True
 
     def reload_reference(self, best: ArrayRecord, last: ArrayRecord, rnd: int) -> None:
@@ -138,7 +139,7 @@ class GuardStep:
             save_images(self.run.path / "eval" / f"round_{rnd:04d}{suffix}.npz", res["images"])
 
     # -- what the rule decided, said -----------------------------------------------------------
-    def _warn(self, rnd: int, kind: str, reason: str, **fields) -> None:
+    def _warn(self, rnd: int, kind: EventKind, reason: str, **fields) -> None:
         """A guard event worth a warning: logged, and in events.jsonl with its evidence."""
         LOGGER.warning("round %d: %s", rnd, reason)
         self.run.event(rnd, kind, reason=reason, **fields)
@@ -154,7 +155,7 @@ class GuardStep:
             "accepted"
         )
         LOGGER.info("round %d: %s", rnd, reason)
-        self.run.event(rnd, "drop_within_noise", reason=reason, drop_ci=ci)
+        self.run.event(rnd, EventKind.DROP_WITHIN_NOISE, reason=reason, drop_ci=ci)
 
     def _probation_event(self, rnd: int, decision: Decision) -> None:
         """The rule fired, significantly, but the drop is not severe: accepted on probation
@@ -174,7 +175,7 @@ class GuardStep:
         )
         self._warn(
             rnd,
-            "drop_on_probation",
+            EventKind.DROP_ON_PROBATION,
             reason=reason,
             **decision.evidence(),
             drop_ci=ci,
@@ -216,7 +217,7 @@ class GuardStep:
         )
         self._warn(
             rnd,
-            "rollback",
+            EventKind.ROLLBACK,
             reason=reason,
             **decision.evidence(),
             rejected_sha256=res["weights_sha256"],
@@ -339,7 +340,7 @@ class GuardStep:
         )
         self._warn(
             rnd,
-            "client_flagged",
+            EventKind.CLIENT_FLAGGED,
             client=k,
             reason=reason,
             scores={c: v["gain"] for c, v in scores.items()},

@@ -2,14 +2,14 @@
 
 ``mkdocs build --strict`` runs here, so ``make test`` (what CI runs) fails on a broken link, a
 page left out of the nav or a benchmark section that no longer renders. The event kinds, the
-statuses and the run directory's files are read from the code (the ``RunDir`` paths, the kinds
-passed to the run directory's event writers, the statuses written to ``summary.json``) and
-compared with the reference pages, both ways; every repository path a page quotes must exist.
+statuses and the run directory's files are read from the code (the ``RunDir`` paths, and the
+types ``EventKind`` and ``Status`` of ``fl_server.records``, which every writer uses:
+``RunDir.event`` refuses anything else) and compared with the reference pages, both ways; every
+repository path a page quotes must exist.
 """
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import subprocess
@@ -18,73 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from fl_server.hooks import STOP_STATUSES
+from fl_server.records import EventKind, Status
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
-PACKAGES = ("fl_server", "fl_client", "strategies", "tuning", "deploy")
-SNAKE = re.compile(r"^[a-z]+(?:_[a-z]+)*$")
-# The calls that write events.jsonl: RunDir.event and the wrappers that pass a kind on to it.
-EVENT_WRITERS = {"event", "_event", "_warn", "_fail"}
-
-
-def _sources() -> list[Path]:
-    return [p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))]
-
-
-def _callee(node: ast.Call) -> str | None:
-    f = node.func
-    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
-
-
-def event_kinds_in_code() -> set[str]:
-    """The literal kinds handed to an event writer: the first string argument, after the round."""
-    kinds: set[str] = set()
-    for path in _sources():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.Call) or _callee(node) not in EVENT_WRITERS:
-                continue
-            for i, arg in enumerate(node.args):
-                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                    if i >= 1 and SNAKE.match(arg.value):
-                        kinds.add(arg.value)
-                    break
-    return kinds
-
-
-def _is_status(node: ast.AST) -> bool:
-    name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
-    return name == "status"
-
-
-def _status_values(node: ast.AST) -> list[ast.AST]:
-    """What ``node`` sets ``status`` to or compares it with, if anything."""
-    if isinstance(node, ast.keyword):
-        return [node.value] if node.arg == "status" else []
-    if isinstance(node, ast.Compare):
-        return list(node.comparators) if _is_status(node.left) else []
-    if not isinstance(node, ast.Assign):
-        return []
-    if any(_is_status(t) for t in node.targets):
-        return [node.value]
-    if isinstance(node.targets[0], ast.Tuple):  # status, reason = "failed", None
-        pairs = zip(node.targets[0].elts, getattr(node.value, "elts", []), strict=False)
-        return [v for t, v in pairs if _is_status(t)]
-    return []
-
-
-def statuses_in_code() -> set[str]:
-    """Status strings the code writes, returns or compares: ``status="..."`` arguments,
-    assignments to and comparisons with ``status``, and the stop statuses hooks may ask for."""
-    from fl_server.hooks import STOP_STATUSES
-
-    found: set[str] = set(STOP_STATUSES)
-    for path in _sources():
-        for node in ast.walk(ast.parse(path.read_text())):
-            found |= {
-                v.value
-                for v in _status_values(node)
-                if isinstance(v, ast.Constant) and isinstance(v.value, str)
-            }
-    return {s for s in found if SNAKE.match(s)}
 
 
 def _table_first_column(page: Path, heading: str) -> set[str]:
@@ -125,8 +63,7 @@ def test_site_fetches_nothing():
 
 def test_every_event_kind_is_documented_and_vice_versa():
     documented = _table_first_column(DOCS / "reference" / "events.md", "Events")
-    written = event_kinds_in_code()
-    assert {"run_start", "rollback", "client_failed", "run_end"} <= written  # the scan works
+    written = {kind.value for kind in EventKind}
     assert written - documented == set(), (
         "events the code writes but docs/reference/events.md lacks"
     )
@@ -135,8 +72,8 @@ def test_every_event_kind_is_documented_and_vice_versa():
 
 def test_every_status_is_documented_and_vice_versa():
     documented = _table_first_column(DOCS / "reference" / "events.md", "Statuses")
-    written = statuses_in_code()
-    assert {"completed", "failed", "interrupted", "running", "stopped", "pruned"} <= written
+    written = {status.value for status in Status}
+    assert set(STOP_STATUSES) <= written  # what a round hook may ask for is a status
     assert written == documented
 
 

@@ -1,0 +1,72 @@
+"""Event kinds and statuses are types (``fl_server.records``): the run directory refuses a bare
+string, every member is written by some code, and the files on disk read as before."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fl_server.records import EventKind, Status
+from fl_server.run_dir import RunDir, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("fl_server", "fl_client", "strategies", "tuning", "deploy")
+# RunDir.event and the wrappers that pass a kind on to it
+EVENT_WRITERS = {"event", "_event", "_warn", "_fail"}
+SNAKE = re.compile(r"^[a-z]+(?:_[a-z]+)*$")  # a kind's shape
+
+
+def _sources() -> dict[Path, str]:
+    return {p: p.read_text() for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def test_a_bare_string_kind_is_refused(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(TypeError, match="'rollback' is not an EventKind"):
+        run.event(1, "rollback", reason="x")
+    assert not run.events.exists()  # nothing written
+
+
+def test_events_and_summary_on_disk_hold_plain_strings(tmp_path):
+    run = RunDir(tmp_path)
+    heard = []
+    run.subscribe(lambda rnd, kind, details: heard.append((rnd, kind, details)))
+    run.event(2, EventKind.HOOK_STOP, status=Status.PRUNED)
+    assert run.events.read_text() == '{"round": 2, "kind": "hook_stop", "status": "pruned"}\n'
+    assert read_jsonl(run.events)[0]["kind"] == EventKind.HOOK_STOP
+    assert heard == [(2, "hook_stop", {"status": "pruned"})]
+    run.write_summary([], status=Status.STOPPED)
+    assert json.loads(run.summary.read_text())["status"] == "stopped"
+
+
+def test_no_event_writer_is_called_with_a_string_literal():
+    """A kind typed as a literal would raise at run time, perhaps only on a rare path (an S3
+    failure): found here, statically."""
+    literal = []
+    for path, text in _sources().items():
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+            if name in EVENT_WRITERS and any(
+                isinstance(a, ast.Constant) and isinstance(a.value, str) and SNAKE.match(a.value)
+                for a in node.args[1:3]
+            ):
+                literal.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert literal == [], f"event kinds written as strings, not EventKind members: {literal}"
+
+
+@pytest.mark.parametrize("enum", [EventKind, Status], ids=lambda e: e.__name__)
+def test_every_member_is_used_by_the_code(enum):
+    """Each kind and status is written (or, for ``running``, checked) somewhere: the reference
+    page lists no kind that nothing writes."""
+    code = "\n".join(text for path, text in _sources().items() if path.name != "records.py")
+    unused = [m.name for m in enum if not re.search(rf"\b{enum.__name__}\.{m.name}\b", code)]
+    if enum is Status:  # a round hook asks for these by their strings (fl_server.hooks)
+        unused = [n for n in unused if n not in {"STOPPED", "PRUNED"}]
+    assert unused == []
