@@ -10,30 +10,34 @@ shards (simulation and the local deployment engine).
 Where the work runs: in this process, or, with node config ``warm-worker=true`` (the deployment
 engines set it), in the SuperNode's long-lived warm worker (``fl_client.worker``), which keeps
 torch, Ultralytics, the model and the data pipeline loaded across messages. Either way the same
-functions below (``train_content``, ``evaluate_content``) do the work; this module imports only
-Flower and numpy, so the per-message ``flwr-clientapp`` process that hands a message over starts
-in well under a second.
+functions (``fl_client.handlers``: ``handle``, ``train_content``, ``evaluate_content``) do the
+work; this module is Flower's glue only (the app, its mods, the train and evaluate entry points)
+and imports only Flower and numpy, so the per-message ``flwr-clientapp`` process that hands a
+message over starts in well under a second.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import asdict
-from pathlib import Path
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fl_client.wire import NUM_EXAMPLES, PARTITION_ID, ClientFailure, RoundConfig
-
-os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
+from fl_client import worker
+from fl_client.handlers import (  # noqa: F401 - the work's names, importable from here as before
+    _MODEL_CACHE,
+    PROJECTOR,
+    STATE_KEY,
+    _keep_own,
+    _personalize,
+    evaluate_content,
+    handle,
+    shard_yaml,
+    train_content,
+)
+from fl_client.wire import ClientFailure, RoundConfig
 
 LOGGER = logging.getLogger(__name__)
 
@@ -81,8 +85,6 @@ def _fault_opt_in_mod(msg: Message, context: Context, call_next) -> Message:
 
 app = ClientApp(mods=[_client_error_mod, _client_dp_mod])
 
-_MODEL_CACHE: dict[tuple, object] = {}
-_WORKDIR: Path | None = None
 _FIRST_MESSAGE = True
 
 
@@ -101,158 +103,14 @@ def _startup_seconds(t_handler: float) -> float:
     return max(0.0, t_handler - psutil.Process().create_time())
 
 
-def _workdir() -> Path:
-    """This message's scratch folder (trainer output, a fault's shard copy); removed after it."""
-    global _WORKDIR
-    if _WORKDIR is None:
-        _WORKDIR = Path(tempfile.mkdtemp(prefix="fedyolo-client-"))
-    return _WORKDIR
-
-
-def _clear_workdir() -> None:
-    global _WORKDIR
-    if _WORKDIR is not None:
-        shutil.rmtree(_WORKDIR, ignore_errors=True)
-        _WORKDIR = None
-
-
-def _quiet_ultralytics(level: str) -> None:
-    from ultralytics.utils import LOGGER as UL_LOGGER
-
-    UL_LOGGER.setLevel(getattr(logging, level, logging.WARNING))
-
-
-def shard_yaml(node: Mapping, config: RoundConfig) -> Path:
-    """The ``data.yaml`` of this client's shard, from its node config (see module docstring)."""
-    from fl_client.data.formats import read_data_yaml
-
-    if "data-path" in node and str(node["data-path"]):
-        path = Path(str(node["data-path"]))
-    else:
-        if "partition-id" not in node:
-            raise ValueError("node config has neither 'data-path' nor 'partition-id'")
-        path = Path(config.data_root) / f"client_{int(node['partition-id'])}" / "data.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"client data: '{path}' does not exist")
-    names = read_data_yaml(path).names
-    if list(config.names) and names != list(config.names):
-        raise ValueError(
-            f"client data: '{path}' has classes {names}, the federation trains {list(config.names)}"
-        )
-    return path
-
-
-def _model_for(config: RoundConfig, received: ArrayRecord):
-    """The process's cached model for this architecture, loaded with the received weights."""
-    from fl_client.model import build_model, load_record
-
-    key = (config.model_arch, config.names)
-    if key not in _MODEL_CACHE:
-        _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = build_model(json.loads(config.model_arch), list(config.names))
-    model = _MODEL_CACHE[key]
-    load_record(model, received)
-    return model
-
-
-def _setup_process(config: RoundConfig) -> None:
-    import torch
-
-    if config.threads > 0 and torch.get_num_threads() != config.threads:
-        torch.set_num_threads(config.threads)
-    _quiet_ultralytics("WARNING")
-
-
-STATE_KEY = "fedyolo"  # this client's own arrays in its Flower context.state
-PROJECTOR = "projector."  # ... its distillation projector's tensors, by this prefix
-
-
-def _own_state(state: RecordDict) -> dict[str, np.ndarray]:
-    """What this client kept from earlier rounds (its Flower ``context.state``): its local parts
-    and transport residual."""
-    if STATE_KEY not in state:
-        return {}
-    rec = state[STATE_KEY]
-    return {k: rec[k].numpy() for k in rec}
-
-
-def _keep_own(state: RecordDict, arrays: dict[str, np.ndarray]) -> None:
-    state[STATE_KEY] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-
-
-def _keep_local_mask(config: RoundConfig, model) -> np.ndarray | None:
-    """Mask of the values this client keeps local (``keep_local``, e.g. ``bn,head``)."""
-    from fl_client.model import local_mask
-
-    return local_mask(model, list(config.keep_local)) if config.keep_local else None
-
-
-def _personalize(model, config: RoundConfig, state: RecordDict) -> np.ndarray | None:
-    """Overwrite the parts this client keeps local with its own values from earlier rounds.
-
-    FedBN-style (``keep-local=bn``) or partial aggregation (``keep-local=head``): the global
-    model brings the shared parts; in round 1 there is nothing of its own yet, so the client
-    starts from the global values everywhere.
-    """
-    from fl_client.model import WEIGHTS_KEY, load_record, to_record
-
-    mask = _keep_local_mask(config, model)
-    own = _own_state(state).get("local")
-    if mask is None or own is None or own.size != int(mask.sum()):
-        return mask
-    flat = to_record(model)[WEIGHTS_KEY].numpy()
-    flat[mask] = own
-    load_record(model, ArrayRecord({WEIGHTS_KEY: Array(flat)}))
-    return mask
-
-
-def _act_out_before(
-    injected: list[dict], server_round: int, data_yaml: Path, nc: int, pid: int
-) -> Path:
-    """Faults that act before training (crash, hang, label flipping); returns the train yaml."""
-    from fl_client import faults
-
-    for fault in injected:
-        what = faults.describe(fault, server_round)
-        LOGGER.warning("client %d: %s", pid, what)
-        if fault["kind"] == "crash":
-            raise faults.InjectedFault(what)
-        if fault["kind"] == "hang":
-            time.sleep(float(fault["hang_seconds"]))
-        if fault["kind"] == "corrupt_labels":
-            return faults.flipped_label_shard(data_yaml, _workdir() / f"flipped_{pid}", nc)
-    return data_yaml
-
-
-def _data_stats(data_yaml: Path, config: RoundConfig, pid: int, server_round: int) -> dict:
-    """This round's statistics of the client's training data (``ds-*`` metrics), or {}.
-
-    Cheap by design (a sample of ``drift-sample`` images); a failure here never costs the round.
-    """
-    sample = config.drift_sample
-    if sample <= 0:
-        return {}
-    from fl_client.data_stats import shard_stats, to_metrics
-
-    try:
-        stats = shard_stats(
-            data_yaml, sample=sample, seed=server_round * 7919 + pid, nc=len(config.names)
-        )
-        return to_metrics(stats)
-    except Exception as e:  # noqa: BLE001 - statistics are optional, training is not
-        LOGGER.warning("client %d: data statistics failed (%s: %s)", pid, type(e).__name__, e)
-        return {}
-
-
 def _run(kind: str, msg: Message, context: Context) -> Message:
     """One message's work, here or in the node's warm worker; timing added to its metrics."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
     t0 = time.perf_counter()
     startup = _startup_seconds(time.time())
     node = context.node_config
     if str(node.get("warm-worker", "")).lower() in ("true", "1"):
-        from fl_client.worker import call
-
-        content = call(kind, msg.content, context)
+        content = worker.call(kind, msg.content, context)
     else:
         content = handle(kind, msg.content, node, context.state)
     metrics = content["metrics"]
@@ -271,138 +129,6 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's local validation split."""
     return _run("evaluate", msg, context)
-
-
-def handle(kind: str, content: RecordDict, node: Mapping, state: RecordDict) -> RecordDict:
-    """The reply content to a ``train`` or ``evaluate`` message's content; ``state`` (the
-    client's Flower ``context.state``) is updated in place. The message's scratch folder is
-    removed afterwards, whatever happened."""
-    try:
-        return (train_content if kind == "train" else evaluate_content)(content, node, state)
-    finally:
-        _clear_workdir()
-
-
-def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> RecordDict:
-    """Train the received global model on this client's shard for one round."""
-    from fl_client import distill, faults
-    from fl_client.model import WEIGHTS_KEY, to_record
-    from fl_client.train import resolve_device, train_round
-    from fl_client.transport import encode
-
-    config = RoundConfig.from_record(content["config"])
-    _setup_process(config)
-    data_yaml = shard_yaml(node, config)
-    pid = int(node.get("partition-id", 0))
-    server_round = config.server_round
-    injected = faults.mine(config.faults, pid)
-    ignored = 0
-    if injected and not faults.opted_in(node):
-        ignored, injected = len(injected), []
-        LOGGER.warning(
-            "client %d: ignored %d injected fault(s) of round %d: node config has no %s=true",
-            pid,
-            ignored,
-            server_round,
-            faults.OPT_IN,
-        )
-    train_yaml = _act_out_before(injected, server_round, data_yaml, len(config.names), pid)
-    received = content["arrays"][WEIGHTS_KEY].numpy()
-    model = _model_for(config, content["arrays"])
-    mask = _personalize(model, config, state)
-    seed = config.seed + 1000 * server_round + pid
-    args = {k: v for k, v in asdict(config.train).items() if k != "eval_batch"}
-    teacher = distill.teacher_for(config.teacher_sha256, content, list(config.names))
-    own = _own_state(state)
-    projector = {k.removeprefix(PROJECTOR): v for k, v in own.items() if k.startswith(PROJECTOR)}
-    result = train_round(
-        model,
-        train_yaml,
-        _workdir(),
-        **{**args, "device": resolve_device(config.train.device)},
-        seed=seed,
-        prox_mu=config.proximal_mu,
-        teacher=teacher,
-        distill_weight=config.distill_weight,
-        projector=projector or None,
-    )
-    trained = to_record(model)[WEIGHTS_KEY].numpy()
-    for fault in injected:
-        trained = faults.corrupt_weights(fault, trained, received, seed)
-    had_state = bool(own)
-    arrays, residual = encode(trained, received, config.transport, own.get("residual"))
-    own = {"residual": residual} if residual is not None else {}
-    if mask is not None:
-        own["local"] = trained[mask]
-    for k, v in (result.projector or {}).items():  # distillation projectors stay here
-        own[PROJECTOR + k] = v
-    _keep_own(state, own)
-    losses = result.losses
-    metrics = MetricRecord(
-        {
-            NUM_EXAMPLES: result.num_examples,
-            PARTITION_ID: pid,
-            "loss": float(sum(losses.values())) if losses else float("nan"),
-            "loss-box": float(losses.get("box_loss", float("nan"))),
-            "loss-cls": float(losses.get("cls_loss", float("nan"))),
-            "loss-dfl": float(losses.get("dfl_loss", float("nan"))),
-            **(
-                {
-                    "loss-distill": float(losses.get("dis_loss", float("nan"))),
-                    "teacher-received": int(distill.TEACHER_KEY in content.array_records),
-                }
-                if teacher is not None
-                else {}
-            ),
-            "setup-seconds": result.timing.setup,
-            "train-seconds": result.timing.epochs,
-            "batch-seconds": result.timing.batches,
-            "batches": result.timing.batch_count,
-            # 1 when this client still had its own arrays (local parts, transport residual)
-            # from an earlier round: the engine kept its Flower context.state
-            "kept-state": int(had_state),
-            **({faults.IGNORED_METRIC: ignored} if ignored else {}),
-            **_data_stats(data_yaml, config, pid, server_round),
-        }
-    )
-    return RecordDict({"arrays": arrays, "metrics": metrics})
-
-
-def evaluate_content(content: RecordDict, node: Mapping, state: RecordDict) -> RecordDict:
-    """Evaluate the received global model on this client's local validation split."""
-    from fl_client.evaluate import evaluate_checkpoint
-    from fl_client.model import save_checkpoint
-    from fl_client.train import resolve_device
-
-    config = RoundConfig.from_record(content["config"])
-    _setup_process(config)
-    data_yaml = shard_yaml(node, config)
-    model = _model_for(config, content["arrays"])
-    _personalize(model, config, state)  # evaluate the model this client actually uses
-    imgsz = config.train.imgsz
-    ckpt = save_checkpoint(model, _workdir() / "global.pt", {"imgsz": imgsz}, {})
-    res = evaluate_checkpoint(
-        ckpt,
-        data_yaml,
-        imgsz=imgsz,
-        batch=config.train.eval_batch,
-        device=resolve_device(config.train.device),
-        workdir=_workdir(),
-    )
-    from ultralytics.data.utils import check_det_dataset
-
-    num_val = len(list((Path(check_det_dataset(str(data_yaml))["val"])).glob("*")))
-    metrics = MetricRecord(
-        {
-            NUM_EXAMPLES: num_val,
-            PARTITION_ID: int(node.get("partition-id", 0)),
-            "map50": res["map50"],
-            "map50-95": res["map50_95"],
-            "precision": res["precision"],
-            "recall": res["recall"],
-        }
-    )
-    return RecordDict({"metrics": metrics})
 
 
 def app_with_fault_injection() -> ClientApp:

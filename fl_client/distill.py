@@ -136,17 +136,6 @@ def projector_state(model) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.projector.state_dict().items()}
 
 
-def load_projector(model, saved: dict[str, np.ndarray]) -> bool:
-    """Put a client's projector back when it fits this student/teacher pair; False otherwise."""
-    import torch
-
-    own = model.projector.state_dict()
-    if set(saved) != set(own) or any(saved[k].shape != tuple(own[k].shape) for k in own):
-        return False
-    model.projector.load_state_dict({k: torch.from_numpy(v) for k, v in saved.items()})
-    return True
-
-
 def load_teacher(path: str | Path, names: list[str], student):
     """The teacher checkpoint as a model, checked against the federation it teaches.
 

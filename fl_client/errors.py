@@ -33,6 +33,12 @@ class UserError(Exception):
     exit_code: ExitCode = ExitCode.USER_ERROR
 
 
+class ModelConfigError(UserError, ValueError):
+    """A model (setting or file) that cannot be found, loaded weights-only or built (here, not
+    in ``fl_client.model``, so the Ultralytics adapter raises it without importing the model
+    module that imports the adapter)."""
+
+
 class MissingInput(UserError, FileNotFoundError):
     """A file or folder the user named does not exist (still a ``FileNotFoundError``; a
     ``FileNotFoundError`` that is not a ``MissingInput`` is a bug and raises)."""

@@ -31,7 +31,11 @@ def evaluate_checkpoint(
     """
     from ultralytics import YOLO
 
-    from fl_client.ultralytics_adapter import load_yolo, weights_only_ultralytics
+    from fl_client.ultralytics_adapter import (
+        keeping_validator,
+        load_yolo,
+        weights_only_ultralytics,
+    )
 
     weights_only_ultralytics()  # whatever the format, nothing Ultralytics unpickles runs code
     if Path(checkpoint).suffix.lower() == ".pt":
@@ -39,7 +43,7 @@ def evaluate_checkpoint(
     else:
         model = YOLO(str(checkpoint))
     metrics = model.val(
-        **({"validator": _keeping_validator()} if keep_images and model.task == "detect" else {}),
+        **({"validator": keeping_validator()} if keep_images and model.task == "detect" else {}),
         data=str(data_yaml),
         split=split,
         imgsz=imgsz,
@@ -73,23 +77,3 @@ def evaluate_checkpoint(
     if images is not None:
         out["images"] = images  # not JSON: the server's guard resamples it (fl_server.guard)
     return out
-
-
-def _keeping_validator():
-    """Ultralytics' detection validator, keeping what each image contributed to the mAP (its
-    predictions' IoU matches, confidences and classes, and its targets' classes) before the
-    validator concatenates and clears them: the guard resamples images from it to tell a real
-    drop from the held-out set's noise (``fl_server.guard.paired_drop``)."""
-    from ultralytics.models.yolo.detect import DetectionValidator
-
-    class KeepingValidator(DetectionValidator):
-        def get_stats(self):
-            st = self.metrics.stats
-            files = list(getattr(self.dataloader.dataset, "im_files", []))[: len(st["tp"])]
-            self.metrics.fedyolo_images = {
-                "names": [Path(f).name for f in files],
-                **{k: list(st[k]) for k in ("tp", "conf", "pred_cls", "target_cls")},
-            }
-            return super().get_stats()
-
-    return KeepingValidator

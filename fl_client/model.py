@@ -28,16 +28,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fl_client.errors import UserError
+from fl_client.errors import ModelConfigError  # noqa: F401 - its old home, still importable
 from fl_client.transport import WEIGHTS_KEY  # defined with the wire format; re-exported here
 
 LOGGER = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).parent / "models"
-
-
-class ModelConfigError(UserError, ValueError):
-    """A model (setting or file) that cannot be found, loaded weights-only or built."""
 
 
 def resolve_model_cfg(cfg: str) -> str:

@@ -3,10 +3,13 @@
 ``local_trainer_class()`` is ``DetectionTrainer`` with fedyolo's federated changes (see
 ``fl_client.train``); ``lean_ultralytics()`` keeps Ultralytics' integrations out of a client's
 round; ``load_checkpoint()`` and ``load_yolo()`` are the one way fedyolo opens a ``.pt``
-(weights-only: a checkpoint never runs code, whichever command loads it). Uses of private
-Ultralytics internals are marked PRIVATE here and nowhere else;
-``tests/fl_client/test_ultralytics_adapter.py`` fails, naming the assumption, when an upgrade
-breaks one.
+(weights-only: a checkpoint never runs code, whichever command loads it). The mAP from kept
+matches (``ap_per_threshold``, ``keeping_validator``: the server's guard), the edge's
+``letterbox`` and a dataset's validation folder (``val_images``) go through here too. Uses of
+private Ultralytics internals are marked PRIVATE here and nowhere else;
+``tests/fl_client/test_ultralytics_adapter.py`` and ``tests/fl_server/test_library_adapters.py``
+fail, naming the assumption, when an upgrade breaks one (the latter also fails when a module
+outside the adapters imports a private module).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from fl_client.errors import ModelConfigError
 
 
 @functools.cache
@@ -58,8 +64,6 @@ def local_trainer_class() -> type:
         def _on_train_start(trainer: Any) -> None:
             trainer.timing.setup = time.perf_counter() - trainer.timing.setup
             if trainer.projector and hasattr(trainer.model, "projector"):
-                from fl_client.distill import load_projector
-
                 # in place: the optimiser already holds these parameters
                 trainer.projector_restored = load_projector(trainer.model, trainer.projector)
             if trainer.prox_mu > 0:  # the global weights, on the training device
@@ -124,6 +128,21 @@ def local_trainer_class() -> type:
     return LocalTrainer
 
 
+def load_projector(model: torch.nn.Module, saved: dict[str, np.ndarray]) -> bool:
+    """Put a client's distillation projector back when it fits this student/teacher pair;
+    False otherwise.
+
+    PRIVATE: ``DistillationModel.projector``, the module Ultralytics' distillation trains beside
+    the student (``fl_client.distill`` keeps it between rounds). Checked by
+    tests/fl_server/test_library_adapters.py.
+    """
+    own = model.projector.state_dict()
+    if set(saved) != set(own) or any(saved[k].shape != tuple(own[k].shape) for k in own):
+        return False
+    model.projector.load_state_dict({k: torch.from_numpy(v) for k, v in saved.items()})
+    return True
+
+
 def strip_feature_hooks(*models: torch.nn.Module) -> None:
     """Take Ultralytics' distillation hooks off ``models`` (the student, the teacher).
 
@@ -180,8 +199,6 @@ def weights_only_ultralytics() -> None:
     from ultralytics.nn import tasks
 
     if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch < 2.6
-        from fl_client.model import ModelConfigError
-
         raise ModelConfigError(
             f"torch {torch.__version__} cannot load checkpoints weights-only with Ultralytics' "
             "allow-list (it needs torch >= 2.6): upgrade torch"
@@ -198,8 +215,6 @@ def load_checkpoint(path: str | Path, what: str) -> tuple[torch.nn.Module, dict]
     (``model.cfg``, ``export``, ...), naming the file.
     """
     from ultralytics.nn.tasks import torch_safe_load
-
-    from fl_client.model import ModelConfigError
 
     weights_only_ultralytics()
     path = Path(path)
@@ -248,3 +263,73 @@ def _refusal(path: Path, e: BaseException) -> str:
         return f"{path} is not a loadable checkpoint (empty, truncated or not from torch.save)"
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{path} cannot be read as a checkpoint ({type(e).__name__}: {first})"
+
+
+def ap_per_threshold(
+    tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray
+) -> np.ndarray:
+    """Average precision per class with targets (rows) at each IoU threshold (columns, 0.50 to
+    0.95), as Ultralytics' validator computes it from its matches.
+
+    PRIVATE: ``ultralytics.utils.metrics.ap_per_class`` returns a 12-tuple and the AP array is
+    its element 5. Checked by tests/fl_server/test_library_adapters.py.
+    """
+    from ultralytics.utils.metrics import ap_per_class
+
+    return ap_per_class(tp, conf, pred_cls, target_cls)[5]
+
+
+def keeping_validator() -> type:
+    """Ultralytics' detection validator, keeping what each image contributed to the mAP (its
+    predictions' IoU matches, confidences and classes, and its targets' classes) before the
+    validator concatenates and clears them: the guard resamples images from it to tell a real
+    drop from the held-out set's noise (``fl_server.guard``).
+
+    PRIVATE: ``DetectionValidator.get_stats`` consumes and clears ``self.metrics.stats``, a dict
+    of per-batch lists under ``tp``, ``conf``, ``pred_cls`` and ``target_cls``; the dataset's
+    ``im_files`` name the images in order. Checked by tests/fl_server/test_library_adapters.py.
+    """
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    class KeepingValidator(DetectionValidator):
+        def get_stats(self):
+            st = self.metrics.stats
+            files = list(getattr(self.dataloader.dataset, "im_files", []))[: len(st["tp"])]
+            self.metrics.fedyolo_images = {
+                "names": [Path(f).name for f in files],
+                **{k: list(st[k]) for k in ("tp", "conf", "pred_cls", "target_cls")},
+            }
+            return super().get_stats()
+
+    return KeepingValidator
+
+
+def letterbox(image: np.ndarray, imgsz: int) -> np.ndarray:
+    """``image`` (HWC) resized and padded to ``imgsz`` x ``imgsz`` as Ultralytics' predictor
+    does for an exported model (``auto=False``: no stride-minimal padding).
+
+    PRIVATE: ``ultralytics.data.augment.LetterBox`` and its ``image=`` call. Checked by
+    tests/fl_server/test_library_adapters.py.
+    """
+    from ultralytics.data.augment import LetterBox
+
+    return LetterBox((imgsz, imgsz), auto=False, scaleup=True)(image=image)
+
+
+def quiet_ultralytics(level: str) -> None:
+    """Ultralytics' own logger at ``level`` (a ``logging`` level name; WARNING if unknown)."""
+    import logging
+
+    from ultralytics.utils import LOGGER as UL_LOGGER
+
+    UL_LOGGER.setLevel(getattr(logging, level, logging.WARNING))
+
+
+def val_images(data_yaml: Path) -> Path:
+    """The validation images' folder of a ``data.yaml``, resolved as Ultralytics resolves it.
+
+    PRIVATE: ``ultralytics.data.utils.check_det_dataset`` (its ``val`` key, a path).
+    """
+    from ultralytics.data.utils import check_det_dataset
+
+    return Path(check_det_dataset(str(data_yaml))["val"])

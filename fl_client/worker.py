@@ -53,8 +53,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from flwr.app import Context, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from fl_client.flower_adapter import recorddict_from_bytes as _records_from_bytes
+from fl_client.flower_adapter import recorddict_to_bytes as _records_to_bytes
+from fl_client.handlers import STATE_KEY, handle
 
 LOGGER = logging.getLogger("fedyolo.worker")
 
@@ -148,14 +150,6 @@ def _recv(f, limit: int | None = None) -> bytes:
     return data
 
 
-def _records_to_bytes(rd: RecordDict) -> bytes:
-    return recorddict_to_proto(rd).SerializeToString()
-
-
-def _records_from_bytes(data: bytes) -> RecordDict:
-    return recorddict_from_proto(ProtoRecordDict.FromString(data))
-
-
 # -- the caller's side (the per-message ClientApp) -------------------------------------------
 
 
@@ -167,8 +161,6 @@ def call(kind: str, content: RecordDict, context: Context, watch: int | None = N
     ``watch``: the process the worker lives for; by default this process's parent, the
     SuperExec that started this ``flwr-clientapp`` process.
     """
-    from fl_client.client_app import STATE_KEY
-
     watch = os.getppid() if watch is None else watch
     path = socket_path(watch, int(context.node_id))
     state = RecordDict()
@@ -266,7 +258,7 @@ def _warm_up() -> None:
     """Import and build once what every message needs."""
     import torch
 
-    from fl_client import client_app, evaluate, model, train  # noqa: F401
+    from fl_client import evaluate, model, train  # noqa: F401
     from fl_client.ultralytics_adapter import local_trainer_class
 
     local_trainer_class()
@@ -300,8 +292,6 @@ def serve(path: Path, watch_pid: int, idle: float) -> None:
     one, or a caller of other code retires this worker."""
     watched = _Watched(watch_pid)
     _warm_up()
-    from fl_client.client_app import handle
-
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         path.unlink(missing_ok=True)

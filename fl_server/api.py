@@ -25,13 +25,21 @@ from typing import Any
 
 from fl_server.records import Status
 
-os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
-# Flower's telemetry is off unless the user turns it on: robots' fleets don't phone home, and
-# offline every Flower process otherwise waits on the telemetry call at start and exit.
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-
 LOGGER = logging.getLogger("fedyolo")
+
+
+def set_process_environment() -> None:
+    """What a fedyolo process sets before its work (the CLI's ``main``, ``run``, ``distill``),
+    each only where the user has not: importing fedyolo changes nothing.
+
+    Nothing is downloaded at run time (``YOLO_OFFLINE``: Ultralytics reads it when it is first
+    imported). Flower's telemetry is off unless the user turns it on: robots' fleets don't phone
+    home, and offline every Flower process otherwise waits on the telemetry call at start and
+    exit. Ray keeps ``CUDA_VISIBLE_DEVICES`` of actors given no GPU.
+    """
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,7 @@ def run(
     and optionally ``on_end(summary)``, or plain functions of the record) run in this process;
     a hook that does not answer within ``callback_timeout`` seconds is skipped for that round.
     """
+    set_process_environment()
     from omegaconf import DictConfig
 
     from fl_server import config as config_mod
@@ -191,6 +200,7 @@ def distill(
     Raises ``ConfigError`` when the new run's data version is not the teacher's: its held-out
     set would not be the one the teacher was chosen on.
     """
+    set_process_environment()
     from fl_server import config as config_mod
 
     run_dir = Path(run_dir).expanduser().resolve()

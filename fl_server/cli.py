@@ -34,9 +34,9 @@ import logging
 import sys
 from collections.abc import Callable
 
-import fl_server.api  # noqa: F401 - sets the offline/telemetry environment before any import
 from fl_client.errors import ExitCode, UserError
 from fl_server import plugins
+from fl_server.api import set_process_environment
 
 LOGGER = logging.getLogger("fedyolo")
 # OSErrors a user meets and can act on, said in one line (any other is a bug: it raises)
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_process_environment()  # before any command imports Ultralytics or Flower's runtime
     try:
         args = build_parser().parse_args(argv)
         plugins.grant(getattr(args, "trust_plugin", None) or [])  # --trust-plugin, this run only

@@ -23,8 +23,6 @@ from fl_server.observed_grid import Interrupted
 from fl_server.records import EventKind, Status
 from fl_server.run_dir import RunDir, lost_rounds
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
-
 # round_config (what clients receive each round) lives in fl_server.federation; importable here
 __all__ = ["app", "main", "round_config", "serve", "server_app_for"]
 
@@ -35,6 +33,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # nothing is downloaded at run time
     run_dir = str(context.run_config.get("run-dir", ""))
     if not run_dir:
         raise ValueError("run config 'run-dir' is empty: start runs with `fedyolo run`")

@@ -1,8 +1,9 @@
 """What a detector is fed at the edge, computed the way Ultralytics' predictor does it.
 
 One function serves calibration, the parity gate and the latency benchmark, so the three see
-the same tensors: Ultralytics' ``LetterBox`` to a square ``imgsz`` (``auto=False``: the exported
-graph has a fixed input shape; grey padding 114), BGR → RGB, HWC → CHW, float32 in 0..1.
+the same tensors: Ultralytics' ``LetterBox`` (``fl_client.ultralytics_adapter.letterbox``) to a
+square ``imgsz`` (``auto=False``: the exported graph has a fixed input shape; grey padding 114),
+BGR → RGB, HWC → CHW, float32 in 0..1.
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ def image_files(folder: Path) -> list[Path]:
 def load(path: Path, imgsz: int) -> np.ndarray:
     """One image as a (1, 3, imgsz, imgsz) float32 array; a file that is no image is named."""
     import cv2
-    from ultralytics.data.augment import LetterBox
+
+    from fl_client.ultralytics_adapter import letterbox
 
     im = cv2.imread(str(path))
     if im is None:
         raise EdgeError(f"image {path}: cannot be read as an image")
-    im = LetterBox((imgsz, imgsz), auto=False, scaleup=True)(image=im)
+    im = letterbox(im, imgsz)
     x = im[..., ::-1].transpose(2, 0, 1)  # BGR HWC → RGB CHW
     return np.ascontiguousarray(x, dtype=np.float32)[None] / 255.0
 

@@ -64,7 +64,7 @@ def metric_of(images: dict, metric: str) -> float:
 
 def _map(images: dict, idx: np.ndarray, metric: str) -> float:
     """mAP50-95 (or mAP50) of the images ``idx`` (repeats allowed), as Ultralytics computes it."""
-    from ultralytics.utils.metrics import ap_per_class
+    from fl_client.ultralytics_adapter import ap_per_threshold
 
     target = np.concatenate([images["target_cls"][i] for i in idx])
     if target.size == 0:
@@ -72,7 +72,7 @@ def _map(images: dict, idx: np.ndarray, metric: str) -> float:
     tp = np.concatenate([images["tp"][i] for i in idx])
     conf = np.concatenate([images["conf"][i] for i in idx])
     pred = np.concatenate([images["pred_cls"][i] for i in idx])
-    ap = ap_per_class(tp, conf, pred, target)[5]  # (classes with targets, 10 IoU thresholds)
+    ap = ap_per_threshold(tp, conf, pred, target)  # (classes with targets, 10 IoU thresholds)
     if not len(ap):
         return 0.0
     return float(ap[:, 0].mean() if metric == "map50" else ap.mean())

@@ -67,3 +67,117 @@ def test_clearml_starts_nothing_in_a_forked_child(tmp_path, monkeypatch):
     finally:
         task.close()
     assert out.read_text() == "1"
+
+
+def test_a_recorddict_survives_flowers_protobuf_round_trip():
+    """The warm worker's frames (fl_client/flower_adapter.py): Flower's serde turns a
+    RecordDict into bytes and back, arrays and configs intact."""
+    from fl_client.flower_adapter import recorddict_from_bytes, recorddict_to_bytes
+
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.arange(12, dtype=np.float32).reshape(3, 4))}),
+            "config": ConfigRecord({"server-round": 3, "names": ["a", "b"]}),
+        }
+    )
+    back = recorddict_from_bytes(recorddict_to_bytes(content))
+    assert np.array_equal(back["arrays"]["w"].numpy(), content["arrays"]["w"].numpy()), (
+        "flwr.common.serde's recorddict_to_proto/recorddict_from_proto no longer round-trip "
+        "arrays: fl_client/flower_adapter.py's worker frames are broken"
+    )
+    assert dict(back["config"]) == dict(content["config"])
+
+
+def test_the_server_adapter_re_exports_the_clients():
+    import fl_client.flower_adapter as client_side
+    import fl_server.flower_adapter as server_side
+
+    assert server_side.wire_bytes is client_side.wire_bytes
+
+
+def test_ultralytics_ap_per_class_returns_the_ap_array_fifth():
+    """fl_client/ultralytics_adapter.py's ap_per_threshold: element 5 of ap_per_class's tuple is
+    the (classes with targets, IoU thresholds) AP array."""
+    from fl_client.ultralytics_adapter import ap_per_threshold
+
+    n = 20
+    tp = np.ones((n, 10), dtype=bool)  # every prediction right at every IoU threshold
+    conf = np.linspace(0.9, 0.5, n)
+    cls = np.array([0, 1] * (n // 2), dtype=float)
+    ap = ap_per_threshold(tp, conf, cls, cls)
+    assert ap.shape == (2, 10), (
+        "ultralytics.utils.metrics.ap_per_class()[5] is no longer the per-class, per-threshold "
+        f"AP array (shape {getattr(ap, 'shape', None)})"
+    )
+    assert (ap > 0.99).all()
+
+
+def test_ultralytics_detection_validator_keeps_per_batch_stats_until_get_stats():
+    """fl_client/ultralytics_adapter.py's keeping_validator reads metrics.stats (per-batch lists
+    under tp, conf, pred_cls, target_cls) in get_stats, before Ultralytics clears them."""
+    import inspect
+
+    from ultralytics.models.yolo.detect import DetectionValidator
+    from ultralytics.utils.metrics import DetMetrics
+
+    from fl_client.ultralytics_adapter import keeping_validator
+
+    stats = DetMetrics().stats
+    assert {"tp", "conf", "pred_cls", "target_cls"} <= set(stats), (
+        f"Ultralytics' DetMetrics.stats keys changed ({sorted(stats)}): keeping_validator breaks"
+    )
+    assert all(isinstance(v, list) for v in stats.values())
+    assert "clear_stats" in inspect.getsource(DetectionValidator.get_stats), (
+        "DetectionValidator.get_stats no longer clears metrics.stats: keeping_validator's "
+        "reason to copy them first changed"
+    )
+    assert issubclass(keeping_validator(), DetectionValidator)
+
+
+def test_ultralytics_letterbox_pads_to_a_fixed_square():
+    """fl_client/ultralytics_adapter.py's letterbox: LetterBox(auto=False)(image=...) gives the
+    square input an exported model takes, padded grey (114)."""
+    from fl_client.ultralytics_adapter import letterbox
+
+    image = np.zeros((50, 100, 3), dtype=np.uint8)
+    out = letterbox(image, 64)
+    assert out.shape == (64, 64, 3), f"LetterBox gave {out.shape}, not the (64, 64, 3) square"
+    assert out[0, 0, 0] == 114 and out[32, 32, 0] == 0
+
+
+# Where each private module may be imported: the adapters, and nowhere else.
+PRIVATE_MODULES = (
+    "flwr.proto",
+    "flwr.common.serde",
+    "flwr.supercore",
+    "ultralytics.utils.metrics",
+    "ultralytics.data.augment",
+    "ultralytics.data.utils",
+    "ultralytics.models.yolo.detect",
+)
+ADAPTERS = {"fl_client/flower_adapter.py", "fl_client/ultralytics_adapter.py"}
+
+
+def test_private_library_modules_are_imported_only_by_the_adapters():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    found = []
+    for package in ("fl_client", "fl_server", "strategies", "tuning", "deploy"):
+        for path in sorted((root / package).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel in ADAPTERS:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
+                for name in names:
+                    if any(name == p or name.startswith(p + ".") for p in PRIVATE_MODULES):
+                        found.append(f"{rel}:{node.lineno} imports {name}")
+    assert not found, "private library modules outside the adapters:\n" + "\n".join(found)
