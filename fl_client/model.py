@@ -62,10 +62,10 @@ def _located(cfg: str) -> str:
         raise ModelConfigError(
             f"model.cfg: checkpoint '{cfg}' not found (nothing is downloaded; give a local path)"
         )
-    from ultralytics.nn.tasks import yaml_model_load
+    from fl_client.ultralytics_adapter import model_yaml
 
     try:
-        yaml_model_load(cfg)
+        model_yaml(cfg)
     except (FileNotFoundError, OSError) as e:
         raise ModelConfigError(
             f"model.cfg: '{cfg}' is not a file nor an Ultralytics model yaml "

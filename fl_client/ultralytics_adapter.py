@@ -316,6 +316,18 @@ def letterbox(image: np.ndarray, imgsz: int) -> np.ndarray:
     return LetterBox((imgsz, imgsz), auto=False, scaleup=True)(image=image)
 
 
+def model_yaml(cfg: str) -> dict:
+    """The model dict of an Ultralytics model yaml (a file, or a name Ultralytics ships, e.g.
+    ``yolov8n.yaml``, its scale read from the name); ``FileNotFoundError`` when there is none.
+
+    PRIVATE: ``ultralytics.nn.tasks.yaml_model_load``. Checked by
+    tests/fl_server/test_library_adapters.py.
+    """
+    from ultralytics.nn.tasks import yaml_model_load
+
+    return yaml_model_load(cfg)
+
+
 def quiet_ultralytics(level: str) -> None:
     """Ultralytics' own logger at ``level`` (a ``logging`` level name; WARNING if unknown)."""
     import logging

@@ -145,6 +145,19 @@ def test_ultralytics_letterbox_pads_to_a_fixed_square():
     assert out[0, 0, 0] == 114 and out[32, 32, 0] == 0
 
 
+def test_ultralytics_model_yaml_reads_a_shipped_name_and_refuses_an_unknown_one():
+    """fl_client/ultralytics_adapter.py's model_yaml: yaml_model_load takes a shipped model's
+    name (scale from the name) and raises FileNotFoundError for one it does not know."""
+    import pytest
+
+    from fl_client.ultralytics_adapter import model_yaml
+
+    d = model_yaml("yolov8n.yaml")
+    assert d["scale"] == "n" and "backbone" in d, "yaml_model_load's model dict changed"
+    with pytest.raises((FileNotFoundError, OSError)):
+        model_yaml("no-such-model-here.yaml")
+
+
 # Where each private module may be imported: the adapters, and nowhere else.
 PRIVATE_MODULES = (
     "flwr.proto",
