@@ -115,7 +115,7 @@ def test_a_worker_killed_mid_message_fails_that_message_only_and_a_stale_one_ret
     tmp_path, worker_env
 ):
     train, evaluate, node = _messages(tmp_path)
-    ctx = _context(node)
+    ctx = _context({**node, "fault-injection": True})  # this node opts in to the hang fault
     worker.call("evaluate", evaluate, ctx, watch=worker_env.pid)
     (first,) = _workers(tmp_path / "sockets")
 
