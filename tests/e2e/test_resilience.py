@@ -65,7 +65,7 @@ def test_server_killed_between_rounds_resumes_to_the_same_round_count(tmp_path):
 def test_supernode_killed_mid_round_the_run_completes_and_it_rejoins(tmp_path):
     run = tmp_path / "runs" / "node"
     args = tiny_run_args(
-        tmp_path, "node", "engine=local-deployment", "federation.clients=3", "federation.rounds=4"
+        tmp_path, "node", "engine=local-deployment", "federation.clients=3", "federation.rounds=5"
     )
     proc = start(args, tmp_path)
     try:
@@ -80,7 +80,7 @@ def test_supernode_killed_mid_round_the_run_completes_and_it_rejoins(tmp_path):
             [*in_run_namespace(run), *cmdline],
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=(tmp_path / "rejoined-supernode.log").open("w"),  # for a failure's reader
             start_new_session=True,
         )
         assert proc.wait(timeout=600) == 0
@@ -88,10 +88,12 @@ def test_supernode_killed_mid_round_the_run_completes_and_it_rejoins(tmp_path):
         if proc.poll() is None:
             kill_tree(proc.pid)
     rounds = read_jsonl(run / "metrics.jsonl")
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
     ids = [sorted(c["id"] for c in r["clients"]) for r in rounds]
     assert ids[0] == [0, 1, 2] and ids[1] == [0, 2], ids  # round 2 completed without client 1
-    assert ids[3] == [0, 1, 2], ids  # rejoined
+    # rejoined: a new SuperNode takes a few seconds to start and connect, during which a tiny
+    # round can pass without it (seen on a loaded machine); by the last round it is back
+    assert ids[-1] == [0, 1, 2], ids
     failed = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "client_failed"]
     # One failure, of client 1, in round 2 (the SuperLink reports the dead node once its
     # heartbeat is overdue); the reply is matched to the node it was sent to.

@@ -162,6 +162,8 @@ def rendered(run_dir: Path, clients: int) -> tuple[dict[str, str], list[Path]]:
     env = {**compose_engine.mount_environment(run_dir), "FEDYOLO_CLIENTS": str(clients)}
     compose = yaml.safe_load(compose_engine.COMPOSE_FILE.read_text())
     extra = compose_engine.client_services(compose, clients)
+    if not extra:  # as the engine: no override file when the base file's clients suffice
+        return env, [compose_engine.COMPOSE_FILE]
     override = run_dir / "compose" / "compose.clients.yml"
     override.write_text(yaml.safe_dump({"services": extra}, sort_keys=False))
     return env, [compose_engine.COMPOSE_FILE, override]
@@ -208,7 +210,7 @@ def test_a_compose_file_that_mounts_the_whole_run_directory_is_refused(tmp_path)
     old = tmp_path / "docker-compose.yml"
     old.write_text(text)
     with pytest.raises(compose_engine.ComposeError, match="would read .* not the server's"):
-        compose_engine.check_superlink_view(run.path, env, [old, files[1]])
+        compose_engine.check_superlink_view(run.path, env, [old, *files[1:]])
 
 
 def _compose_cli() -> list[str] | None:
