@@ -42,3 +42,15 @@ def no_reporting_in_forked_children() -> None:
             "fl_server/clearml_adapter.py needs another way to keep ClearML out of forked children"
         )
     PatchOsFork.patch_fork(None)
+
+
+def api_server_host() -> str:
+    """The ClearML API server this process would talk to (from ``CLEARML_API_HOST`` or
+    ``clearml.conf``, as ClearML resolves it), for the reachability probe before ``Task.init``.
+
+    PRIVATE: ``clearml.backend_api.session.Session.get_api_server_host()`` (ClearML's public
+    ``Task`` API has no way to name the server before it connects).
+    """
+    from clearml.backend_api.session import Session
+
+    return str(Session.get_api_server_host())

@@ -422,7 +422,7 @@ class Federation:
         state = {
             "round": self.round,
             "weights": self.arrays[WEIGHTS_KEY].numpy().reshape(-1),
-            "strategy": vars(state_mod.inner(self.strategy)),  # encoded as it is, not copied
+            "strategy": state_mod.live_strategy_state(self.strategy),  # encoded, not copied
             "strategy_note": None,
             "best": (best_w[WEIGHTS_KEY].numpy().reshape(-1), best_strategy),
             "guard": self.guard.state_dict(),

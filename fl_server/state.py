@@ -11,11 +11,12 @@ state does not cover are dropped and the round is run again (nothing counted twi
 **Data only.** The file is a NumPy ``.npz`` read with ``allow_pickle=False``: one JSON document
 (``state.json``: the structure, with a format version) plus one entry per array. Nothing in it
 can run code on load, and a truncated or foreign file is refused in one line. A strategy's state
-is its instance attributes (what Flower's strategies keep between rounds: ``m_t``, ``v_t``,
-``current_arrays``...): numbers, strings, arrays, Flower ``ArrayRecord``s and containers of them
-are saved; a nested strategy (a DP wrapper's inner one) is saved attribute by attribute;
-callables are configuration, rebuilt from the config on resume; anything else the format
-cannot hold is left out and named in the state (``skipped``) and in the ``resume`` event.
+is its instance attributes (``fl_server.flower_adapter.strategy_state``: what Flower's strategies
+keep between rounds: ``m_t``, ``v_t``, ``current_arrays``...): numbers, strings, arrays, Flower
+``ArrayRecord``s and containers of them are saved; a nested strategy (a DP wrapper's inner one)
+is saved attribute by attribute; callables are configuration, rebuilt from the config on
+resume; anything else the format cannot hold is left out and named in the state (``skipped``)
+and in the ``resume`` event.
 
 Flower has no server checkpointing of its own.
 """
@@ -35,6 +36,8 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from fl_client.errors import UserError
+from fl_server import flower_adapter
+from fl_server.flower_adapter import NestedState
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -54,32 +57,17 @@ def inner(strategy: Any) -> Any:
 
 
 def strategy_state(strategy: Any) -> dict:
-    """A deep copy of the strategy's attributes (its state between rounds)."""
-    return copy.deepcopy(vars(inner(strategy)))
+    """A deep copy of the strategy's state (its attributes between rounds)."""
+    return copy.deepcopy(flower_adapter.strategy_state(inner(strategy)))
+
+
+def live_strategy_state(strategy: Any) -> dict:
+    """The strategy's state as it is, not copied (what :func:`save` encodes at once)."""
+    return flower_adapter.strategy_state(inner(strategy))
 
 
 def restore_strategy(strategy: Any, state: dict) -> None:
-    _restore_vars(inner(strategy), copy.deepcopy(state))
-
-
-def _restore_vars(obj: Any, state: dict) -> None:
-    for key, value in state.items():
-        if isinstance(value, _Nested):
-            current = getattr(obj, key, None)
-            if current is not None and hasattr(current, "__dict__"):
-                _restore_vars(current, value.attrs)
-            continue
-        setattr(obj, key, value)
-
-
-class _Nested:
-    """The saved attributes of an object inside the strategy (restored into the live one)."""
-
-    def __init__(self, attrs: dict):
-        self.attrs = attrs
-
-    def __deepcopy__(self, memo: dict) -> _Nested:
-        return _Nested(copy.deepcopy(self.attrs, memo))
+    flower_adapter.restore_strategy_state(inner(strategy), copy.deepcopy(state))
 
 
 # -- encode: Python values -> JSON + arrays ------------------------------------------------------
@@ -125,7 +113,7 @@ class _Encoder:
                 "__items__": [[self.value(k, where), self.value(x, where)] for k, x in v.items()]
             }
         if depth == 0 and isinstance(v, Strategy):  # a wrapper's inner strategy
-            return {"__object__": self.attrs(vars(v), where, depth + 1)}
+            return {"__object__": self.attrs(flower_adapter.strategy_state(v), where, depth + 1)}
         raise _Skip
 
     def attrs(self, attrs: dict, where: str, depth: int = 0) -> dict:
@@ -165,7 +153,7 @@ def _decode(v: Any, arrays: Any) -> Any:
     if "__items__" in v:
         return {_decode(k, arrays): _decode(x, arrays) for k, x in v["__items__"]}
     if "__object__" in v:
-        return _Nested({k: _decode(x, arrays) for k, x in v["__object__"].items()})
+        return NestedState({k: _decode(x, arrays) for k, x in v["__object__"].items()})
     return {k: _decode(x, arrays) for k, x in v.items()}
 
 
@@ -174,7 +162,7 @@ def save(path: Path, state: dict) -> list[str]:
     """Write ``state`` atomically (temporary file, fsync, rename); return skipped attributes.
 
     ``state["strategy"]`` and the strategy state in ``state["best"]`` are attribute
-    dictionaries (``vars`` of the strategy); everything else is numbers, strings, lists,
+    dictionaries (``fl_server.flower_adapter.strategy_state``); everything else is numbers, strings, lists,
     dicts and arrays.
     """
     enc = _Encoder()
@@ -238,4 +226,15 @@ def check(path: Path) -> None:
     load(path)
 
 
-__all__ = ["FILENAME", "FORMAT", "StateError", "check", "inner", "load", "restore_strategy", "save"]
+__all__ = [
+    "FILENAME",
+    "FORMAT",
+    "StateError",
+    "check",
+    "inner",
+    "live_strategy_state",
+    "load",
+    "restore_strategy",
+    "save",
+    "strategy_state",
+]

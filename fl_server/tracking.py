@@ -43,6 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from fl_client.errors import MissingInput
+from fl_server.clearml_adapter import (
+    api_server_host,
+    no_reporting_in_forked_children,
+    use_reporting_thread,
+)
 from fl_server.records import EventKind, Status
 
 LOGGER = logging.getLogger("fedyolo")
@@ -98,8 +103,6 @@ def open_task(
     into ``run.clearml`` and is listed in ``sessions.json`` for ``fedyolo clearml-import``."""
     from clearml import Task
 
-    from fl_server.clearml_adapter import no_reporting_in_forked_children, use_reporting_thread
-
     current = Task.current_task()
     if current is not None:  # a task left open in this process (tests run many federations)
         current.close()
@@ -137,9 +140,7 @@ def unreachable(timeout: float) -> str | None:
     import urllib.error
     import urllib.request
 
-    from clearml.backend_api.session import Session
-
-    host = Session.get_api_server_host()
+    host = api_server_host()
     outcome: list[str | None] = []
 
     def probe() -> None:

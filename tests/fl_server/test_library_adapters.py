@@ -158,6 +158,76 @@ def test_ultralytics_model_yaml_reads_a_shipped_name_and_refuses_an_unknown_one(
         model_yaml("no-such-model-here.yaml")
 
 
+class _Nodes:
+    """The one thing a strategy's configure_train asks of the Grid: the connected nodes."""
+
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def _one_round(strategy, rnd: int, weights: np.ndarray) -> np.ndarray:
+    """A real round of ``strategy``: configure_train on ``weights``, two clients' replies."""
+    from flwr.app import MetricRecord
+
+    strategy.configure_train(rnd, ArrayRecord({"w": Array(weights)}), ConfigRecord({}), _Nodes())
+    replies = []
+    for node, (scale, n) in enumerate(((0.5, 30), (2.0, 10)), start=1):
+        sent = Message(
+            RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train"
+        )
+        reply = {
+            "arrays": ArrayRecord({"w": Array(weights * scale + rnd)}),
+            "metrics": MetricRecord({"num-examples": n}),
+        }
+        replies.append(Message(RecordDict(reply), reply_to=sent))
+    arrays, _ = strategy.aggregate_train(rnd, replies)
+    return arrays["w"].numpy()
+
+
+def test_a_flower_strategys_state_is_its_attributes_and_round_trips(tmp_path):
+    """fl_server/flower_adapter.py's strategy_state: a server optimizer keeps its moments
+    (FedAdam's m_t, v_t) and FedAvgM its momentum in instance attributes; saved after round 1
+    (through the state file) and restored into a fresh strategy, round 2 comes out the same."""
+    from flwr.serverapp.strategy import FedAdam, FedAvgM
+
+    from fl_server import state
+    from fl_server.flower_adapter import strategy_state
+
+    for make, kept in (
+        (lambda: FedAdam(eta=0.1), {"m_t", "v_t", "current_arrays"}),
+        (lambda: FedAvgM(server_momentum=0.9), {"momentum_vector", "current_arrays"}),
+    ):
+        w0 = np.linspace(-1, 1, 8).astype(np.float32)
+        live = make()
+        w1 = _one_round(live, 1, w0)
+        attrs = strategy_state(live)
+        assert kept <= {k for k, v in attrs.items() if v is not None}, (
+            f"{type(live).__name__} no longer keeps {sorted(kept)} as attributes after a round "
+            f"(has {sorted(attrs)}): fl_server/state.py would resume it without its state"
+        )
+        path = tmp_path / f"{type(live).__name__}.npz"
+        empty = {"round": 1, "strategy_note": None, "guard": None, "drift": None}
+        doc = {**empty, "weights": w1, "strategy": attrs, "best": (w1, None), "tracker_task": None}
+        assert state.save(path, doc) == []
+        resumed = make()
+        state.restore_strategy(resumed, state.load(path)["strategy"])
+        expected = _one_round(live, 2, w1)
+        np.testing.assert_array_equal(_one_round(resumed, 2, w1), expected)
+        assert not np.allclose(_one_round(make(), 2, w1), expected)  # the state mattered
+
+
+def test_clearml_names_its_api_server_before_connecting(monkeypatch):
+    """fl_server/clearml_adapter.py's api_server_host: ClearML's Session resolves the API server
+    from CLEARML_API_HOST (the probe before Task.init asks it where to knock)."""
+    from fl_server.clearml_adapter import api_server_host
+
+    monkeypatch.setenv("CLEARML_API_HOST", "http://clearml.example:8008/")
+    assert api_server_host() == "http://clearml.example:8008", (
+        "clearml.backend_api.session.Session.get_api_server_host() no longer reads "
+        "CLEARML_API_HOST: fl_server/tracking.py's reachability probe knocks on the wrong door"
+    )
+
+
 # Where each private module may be imported: the adapters, and nowhere else.
 PRIVATE_MODULES = (
     "flwr.proto",
