@@ -144,10 +144,8 @@ def load_teacher(path: str | Path, names: list[str], student):
     the federation's, or its detection head has another number of feature levels than the
     student's (Ultralytics' distillation pairs them level by level).
     """
-    from ultralytics.nn.distill_model import DistillationModel
-
     from fl_client.model import ModelConfigError, build_model
-    from fl_client.ultralytics_adapter import load_checkpoint
+    from fl_client.ultralytics_adapter import feature_levels, load_checkpoint
 
     path = Path(path).expanduser()
     if not path.is_file() or path.suffix != ".pt":
@@ -159,12 +157,12 @@ def load_teacher(path: str | Path, names: list[str], student):
             f"distill.teacher: '{path}' detects {theirs}, the federation trains {list(names)}"
         )
     teacher = build_model(str(path), list(names), "distill.teacher")
-    t_levels = len(DistillationModel.get_distill_layers(teacher))
-    s_levels = len(DistillationModel.get_distill_layers(student))
+    t_levels = feature_levels(teacher)
+    s_levels = feature_levels(student)
     if t_levels != s_levels:
         raise ModelConfigError(
-            f"distill.teacher: its head has {t_levels - 1} feature levels, the student's "
-            f"{s_levels - 1} (Ultralytics distils level by level: pair e.g. yolov8n with yolov8s)"
+            f"distill.teacher: its head has {t_levels} feature levels, the student's "
+            f"{s_levels} (Ultralytics distils level by level: pair e.g. yolov8n with yolov8s)"
         )
     teacher.eval()
     return teacher

@@ -90,18 +90,16 @@ def build_model(
     """
     import copy
 
-    from ultralytics.nn.tasks import DetectionModel
-
-    from fl_client.ultralytics_adapter import weights_only_ultralytics
+    from fl_client.ultralytics_adapter import detection_model, weights_only_ultralytics
 
     weights_only_ultralytics()  # no eval() of an architecture's strings, from any source
     names = dict(enumerate(names)) if isinstance(names, list) else dict(names)
     if isinstance(cfg, dict):
-        model = DetectionModel(copy.deepcopy(cfg), nc=len(names), verbose=False)
+        model = detection_model(copy.deepcopy(cfg), len(names))
     elif (resolved := _located(cfg)).endswith(".pt"):
         model = checkpoint_model(resolved, len(names), what)
     else:
-        model = DetectionModel(resolved, nc=len(names), verbose=False)
+        model = detection_model(resolved, len(names))
     model.names = names
     model.nc = len(names)
     return model.float()
@@ -115,13 +113,11 @@ def checkpoint_model(path: str, nc: int | None = None, what: str = "model.cfg") 
     architecture it carries is built restricted (no ``eval`` of its strings, only model layers
     by name): one line (``ModelConfigError``, prefixed ``what``) when either refuses it.
     """
-    from ultralytics.nn.tasks import DetectionModel
-
-    from fl_client.ultralytics_adapter import load_checkpoint
+    from fl_client.ultralytics_adapter import detection_model, load_checkpoint
 
     weights, _ = load_checkpoint(path, what)  # turns restricted building on, too
     try:
-        model = DetectionModel(weights.yaml, nc=nc, verbose=False)
+        model = detection_model(weights.yaml, nc)
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, SyntaxError) as e:
         why = " ".join(str(e).replace("ERROR ❌️", "").split())
         raise ModelConfigError(

@@ -5,7 +5,9 @@
 round; ``load_checkpoint()`` and ``load_yolo()`` are the one way fedyolo opens a ``.pt``
 (weights-only: a checkpoint never runs code, whichever command loads it). The mAP from kept
 matches (``ap_per_threshold``, ``keeping_validator``: the server's guard), the edge's
-``letterbox`` and a dataset's validation folder (``val_images``) go through here too. Uses of
+``letterbox``, a dataset's validation folder (``val_images``), building a model
+(``detection_model``, ``model_yaml``) and a distillation pair's ``feature_levels`` go through
+here too. Uses of
 private Ultralytics internals are marked PRIVATE here and nowhere else;
 ``tests/fl_client/test_ultralytics_adapter.py`` and ``tests/fl_server/test_library_adapters.py``
 fail, naming the assumption, when an upgrade breaks one (the latter also fails when a module
@@ -326,6 +328,32 @@ def model_yaml(cfg: str) -> dict:
     from ultralytics.nn.tasks import yaml_model_load
 
     return yaml_model_load(cfg)
+
+
+def detection_model(cfg: dict | str, nc: int | None) -> torch.nn.Module:
+    """An Ultralytics detection model from a model yaml (a file, or a name Ultralytics ships) or
+    an architecture dict, with a head for ``nc`` classes (the architecture's own when None).
+
+    PRIVATE: ``ultralytics.nn.tasks.DetectionModel(cfg, nc=..., verbose=False)``, the module
+    ``YOLO`` wraps (fedyolo trains and averages the bare module). Built restricted (no ``eval``
+    of the architecture's strings) once :func:`weights_only_ultralytics` is on. Checked by
+    tests/fl_server/test_library_adapters.py.
+    """
+    from ultralytics.nn.tasks import DetectionModel
+
+    return DetectionModel(cfg, nc=nc, verbose=False)
+
+
+def feature_levels(model: torch.nn.Module) -> int:
+    """How many feature levels the model's detection head reads (3 for YOLOv8): Ultralytics'
+    distillation pairs a teacher's with a student's level by level.
+
+    PRIVATE: ``DistillationModel.get_distill_layers`` (the head's input layers, then the head
+    itself). Checked by tests/fl_server/test_library_adapters.py.
+    """
+    from ultralytics.nn.distill_model import DistillationModel
+
+    return len(DistillationModel.get_distill_layers(model)) - 1
 
 
 def quiet_ultralytics(level: str) -> None:

@@ -158,6 +158,30 @@ def test_ultralytics_model_yaml_reads_a_shipped_name_and_refuses_an_unknown_one(
         model_yaml("no-such-model-here.yaml")
 
 
+def test_ultralytics_detection_model_builds_a_head_for_the_classes_asked():
+    """fl_client/ultralytics_adapter.py's detection_model: DetectionModel(cfg, nc=, verbose=)
+    builds from a shipped name or an architecture dict, its head sized for nc classes."""
+    from fl_client.ultralytics_adapter import detection_model, model_yaml
+
+    for cfg in ("yolov8n.yaml", model_yaml("yolov8n.yaml")):
+        model = detection_model(cfg, 3)
+        assert model.model[-1].nc == 3 and model.yaml["nc"] == 3, (
+            "ultralytics.nn.tasks.DetectionModel(cfg, nc=3) no longer gives a 3-class head"
+        )
+    assert detection_model(model.yaml, None).model[-1].nc == 3  # the architecture's own
+
+
+def test_ultralytics_distillation_pairs_feature_levels_of_the_detect_head():
+    """fl_client/ultralytics_adapter.py's feature_levels: get_distill_layers names the Detect
+    head's input layers, then the head (YOLOv8: three levels)."""
+    from fl_client.ultralytics_adapter import detection_model, feature_levels
+
+    assert feature_levels(detection_model("yolov8n.yaml", 2)) == 3, (
+        "DistillationModel.get_distill_layers no longer lists the Detect head's inputs and the "
+        "head: fl_client/distill.py's teacher/student level check is wrong"
+    )
+
+
 class _Nodes:
     """The one thing a strategy's configure_train asks of the Grid: the connected nodes."""
 
@@ -237,8 +261,17 @@ PRIVATE_MODULES = (
     "ultralytics.data.augment",
     "ultralytics.data.utils",
     "ultralytics.models.yolo.detect",
+    "ultralytics.nn",
+    "ultralytics.utils",
+    "ultralytics.engine",
+    "clearml.backend_api",
+    "clearml.binding",
 )
-ADAPTERS = {"fl_client/flower_adapter.py", "fl_client/ultralytics_adapter.py"}
+ADAPTERS = {
+    "fl_client/flower_adapter.py",
+    "fl_client/ultralytics_adapter.py",
+    "fl_server/clearml_adapter.py",
+}
 
 
 def test_private_library_modules_are_imported_only_by_the_adapters():
