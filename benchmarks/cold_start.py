@@ -65,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     from benchmarks_common import machine
 
-    from fl_client.data import generate
+    from fl_server.data import generate
 
     work = Path(tempfile.mkdtemp(prefix="fedyolo-cold-"))
     data = generate(work / "data", 256, imgsz=args.imgsz, seed=0, domains=["day", "night"])

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from fl_client import data
 from fl_client.errors import ExitCode, existing
-from fl_server import api, config, plugins
+from fl_server import api, config, data, plugins
 from fl_server.cli import setup_logging
 from fl_server.records import Status
 from fl_server.run_dir import RunDir

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fl_client.data import (
+from fl_server import config as config_mod
+from fl_server.data import (
     CLASSES,
     DataError,
     check_dataset,
@@ -25,7 +26,6 @@ from fl_client.data import (
     partition,
     write_partition,
 )
-from fl_server import config as config_mod
 from fl_server.run_dir import RunDir, write_json
 
 LOGGER = logging.getLogger("fedyolo")

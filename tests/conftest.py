@@ -14,7 +14,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # as fedyolo's entry point
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 48-image synthetic driving set at 64 px (data.yaml path)."""
-    from fl_client.data import generate
+    from fl_server.data import generate
 
     out = tmp_path_factory.mktemp("synth")
     return generate(out, 48, imgsz=64, seed=1, domains=["day", "night"])
@@ -41,7 +41,7 @@ def _task_identity(monkeypatch):
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny 64 px shards: two day shards, and the first one's scenes at night."""
-    from fl_client.data import generate
+    from fl_server.data import generate
 
     root = tmp_path_factory.mktemp("stats")
     return {

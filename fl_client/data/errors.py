@@ -27,3 +27,8 @@ class Issue:
     detail: str
     action: str  # skipped | repaired | kept
     count: int = 1
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (a finding or a DataError is one line)."""
+    return " ".join(str(exc).split())

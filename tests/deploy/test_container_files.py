@@ -141,8 +141,8 @@ def test_an_exported_shard_reads_the_same_wherever_it_is_mounted(tmp_path, tiny_
     """Links resolved, ``data.yaml`` relative to its folder: moved elsewhere, the shard still
     lists the same images with the same labels (what a container sees at /data)."""
     from deploy.compose import export_shard
-    from fl_client import data
     from fl_client.data.formats import label_path_for, read_data_yaml
+    from fl_server import data
 
     ds = data.load_dataset(tiny_data)
     part = data.partition(

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flwr.app import MetricRecord
 
-from fl_client.data import generate
 from fl_client.data_stats import HISTOGRAMS, from_metrics, shard_stats, to_metrics
+from fl_server.data import generate
 
 NC = 4  # the synthetic data's classes
 LENGTHS = {"brightness": 16, "contrast": 8, "classes": NC + 1, "box_size": 8}

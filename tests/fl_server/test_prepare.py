@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from fl_client.data import generate
 from fl_server.config import compose
+from fl_server.data import generate
 from fl_server.prepare import prepare_run
 
 

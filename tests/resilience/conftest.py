@@ -33,9 +33,9 @@ def pretrained_fleet(tmp_path_factory) -> list[str]:
     the guard's absolute floor derived from that model's starting mAP50-95."""
     from ultralytics import YOLO
 
-    from fl_client.data import generate
     from fl_client.evaluate import evaluate_checkpoint
     from fl_client.model import resolve_model_cfg
+    from fl_server.data import generate
 
     seed = int(os.environ.get("FEDYOLO_TEST_PRETRAIN_SEED", "0"))
     root = tmp_path_factory.mktemp("pretrained")

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fl_client.data import DataError, check_dataset, generate, load_dataset
-from fl_client.data.check import FINDINGS_PER_KIND
 from fl_server.cli import main
+from fl_server.data import DataError, check_dataset, generate, load_dataset
+from fl_server.data.check import FINDINGS_PER_KIND
 
 PASSWD = Path("/etc/passwd")
 
@@ -103,7 +103,7 @@ def test_a_million_bad_lines_make_a_short_report_with_exact_counts(tmp_path):
     # imports Ultralytics and torch (~0.75 GB here before reading any data)
     code = (
         "from pathlib import Path\n"
-        "from fl_client.data import check_dataset, load_dataset\n"
+        "from fl_server.data import check_dataset, load_dataset\n"
         f"report = check_dataset(load_dataset({str(data_yaml)!r}), repair=False)\n"
         f"report.write({str(report_path)!r})\n"
         # this process's peak (ru_maxrss would carry the parent's over a vfork and exec)

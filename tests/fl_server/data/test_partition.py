@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from fl_client.data import (
+from fl_server.config import CONFIG_DIR
+from fl_server.data import (
     METHODS,
     DataError,
     Dataset,
@@ -21,9 +22,8 @@ from fl_client.data import (
     load_dataset,
     write_partition,
 )
-from fl_client.data import partition as partition_with
-from fl_client.data.partition import Partition, label_classes
-from fl_server.config import CONFIG_DIR
+from fl_server.data import partition as partition_with
+from fl_server.data.partition import Partition, label_classes
 
 DATA = yaml.safe_load((CONFIG_DIR / "data" / "default.yaml").read_text())
 
@@ -185,9 +185,7 @@ def test_write_partition_layout_and_manifest(synth_ds: Dataset, tmp_path: Path) 
         assert sum(entry["class_counts"].values()) == objects
         assert sum(entry["domains"].values()) == len(shard.samples)
     # a shard's images link into the dataset it was cut from: named, they are followed
-    reloaded = load_dataset(
-        tmp_path / "out" / "client_0" / "data.yaml", links_into=[synth_ds.root]
-    )
+    reloaded = load_dataset(tmp_path / "out" / "client_0" / "data.yaml", links_into=[synth_ds.root])
     assert len(reloaded.samples) == len(part.clients[0].samples) and not reloaded.issues
     assert all(s.label is not None for s in reloaded.samples)
     domains = Counter(s.attrs["domain"] for s in reloaded.samples)  # via the symlinks' meta.jsonl

@@ -31,8 +31,8 @@ import numpy as np
 import yaml
 
 from fl_client.data.errors import DataError
-from fl_client.data.formats import Sample
 from fl_client.data.labels import LabelLineError, read_lines
+from fl_server.data.samples import Sample
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,10 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile
 
-from fl_client.data.errors import DataError, Issue
-from fl_client.data.formats import Dataset, Sample, is_image, label_path_for
+from fl_client.data.errors import DataError, Issue, one_line
+from fl_client.data.formats import is_image, label_path_for
 from fl_client.data.labels import LabelLineError, format_box, numbered_lines, parse_line
+from fl_server.data.samples import Dataset, Sample
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def check_image(path: Path) -> Issue | None:
         data = Path(path).read_bytes()
     except OSError as exc:
         return Issue(
-            "unreadable_image", str(path), None, f"cannot read file: {_one_line(exc)}", "skipped"
+            "unreadable_image", str(path), None, f"cannot read file: {one_line(exc)}", "skipped"
         )
     if not data:
         return Issue("unreadable_image", str(path), None, "empty file", "skipped")
@@ -234,7 +235,7 @@ def check_image(path: Path) -> Issue | None:
             im.load()
     except OSError as exc:  # includes UnidentifiedImageError
         if "truncated" in str(exc):
-            return Issue("truncated_image", str(path), None, _one_line(exc), "skipped")
+            return Issue("truncated_image", str(path), None, one_line(exc), "skipped")
         if _cv2_decodes(data):  # a format Pillow lacks but OpenCV (and so Ultralytics) reads
             return None
         return Issue("unreadable_image", str(path), None, _undecodable(data, exc), "skipped")
@@ -247,7 +248,7 @@ def check_image(path: Path) -> Issue | None:
         return Issue("unreadable_image", str(path), None, _undecodable(data, exc), "skipped")
     except (ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return Issue(
-            "unreadable_image", str(path), None, f"cannot decode: {_one_line(exc)}", "skipped"
+            "unreadable_image", str(path), None, f"cannot decode: {one_line(exc)}", "skipped"
         )
     if min(size) < 1:
         return Issue("unreadable_image", str(path), None, f"image has size {size}", "skipped")
@@ -285,7 +286,7 @@ def _undecodable(data: bytes, exc: BaseException) -> str:
     if fmt is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         fmt = "WebP"
     if fmt is not None:
-        return f"cannot decode: damaged {fmt} data ({_one_line(exc)})"
+        return f"cannot decode: damaged {fmt} data ({one_line(exc)})"
     if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif"):
         return f"cannot decode: {data[8:12].decode()} image; reading it needs the pi-heif package"
     head = data[:64]
@@ -318,7 +319,7 @@ def _check_label_file(path: Path, nc: int) -> _LabelResult:
         text = _read_label(path)
     except (OSError, UnicodeDecodeError) as exc:
         issue = Issue(
-            "bad_value", str(path), None, f"cannot read label file: {_one_line(exc)}", "skipped"
+            "bad_value", str(path), None, f"cannot read label file: {one_line(exc)}", "skipped"
         )
         return _LabelResult(None, [issue], changed=True)
     return _check_label_text(text, nc, str(path))
@@ -486,7 +487,3 @@ def _image_stems(folder: Path) -> set[str]:
     if not folder.is_dir():
         return set()
     return {p.stem for p in folder.iterdir() if is_image(p)}
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from fl_client.data import CLASSES, DOMAINS, DataError, generate
+from fl_server.data import CLASSES, DOMAINS, DataError, generate
 
 
 def _files(root: Path) -> dict[str, bytes]:

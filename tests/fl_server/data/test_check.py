@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fl_client.data import ISSUE_KINDS, DataError, check_dataset, check_image, load_dataset
-from fl_client.data.formats import Dataset, Sample
+from fl_server.data import ISSUE_KINDS, DataError, check_dataset, check_image, load_dataset
+from fl_server.data.samples import Dataset, Sample
 
 GOOD = "0 0.5 0.5 0.2 0.2\n"
 
@@ -225,7 +225,7 @@ def test_garbage_image_is_unreadable_even_with_ultralytics_patches(tmp_path):
     """Ultralytics patches PIL's Image.open (HEIF retry); the check must still classify."""
     import ultralytics.utils.patches  # noqa: F401  (installs the patch, as in every fedyolo run)
 
-    from fl_client.data import check_image
+    from fl_server.data import check_image
 
     bad = tmp_path / "x.jpg"
     bad.write_bytes(b"this is not an image")

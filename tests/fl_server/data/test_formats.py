@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fl_client.data import DOMAINS, DataError, load_dataset
 from fl_client.data.formats import COCO_CACHE_DIR, label_path_for
+from fl_server.data import DOMAINS, DataError, load_dataset
 
 LABEL = "0 0.5 0.5 0.2 0.2\n"
 
@@ -242,7 +242,7 @@ def test_coco_unknown_categories_and_bad_boxes_are_dropped_and_reported(
     assert "annotation 11 of image 1: category_id 99 is not in categories" in unknown.detail
     assert bad.kind == "bad_value" and "annotation 12" in bad.detail
 
-    from fl_client.data import check_dataset
+    from fl_server.data import check_dataset
 
     report = check_dataset(ds)  # the loading findings are in the data check's report
     assert report.counts["unknown_category"] == 1 and report.counts["bad_value"] == 1

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from fl_client.data import Dataset, generate, load_dataset
+from fl_server.data import Dataset, generate, load_dataset
 
 SYNTH_DOMAINS = ("day", "night", "fog", "rain")
 
