@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 
 from fl_client.data.errors import DataError
+from fl_server.data.paint import PAINTERS, Box, color, uniform
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ _MIN_BOX_AT_128 = 6.0  # smallest box side in pixels at 128 px; scaled with imgs
 _MAX_HIDDEN = 0.7  # objects hidden more than this by nearer ones are left out
 _JPEG_QUALITY = 90
 _LOG_EVERY = 1000
-
-_Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels, end exclusive
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class _Object:
     """One object in a scene: class id and integer box (x1, y1, x2, y2), exclusive end."""
 
     cls: int
-    box: _Box
+    box: Box
 
     @property
     def bottom(self) -> int:
@@ -131,7 +130,7 @@ def render_image(
     _draw_clutter(scene_rng, img, layout)
     objects = _visible_objects(_place_objects(scene_rng, layout, class_mix), imgsz)
     for obj in objects:  # far to near, so nearer objects occlude farther ones
-        _DRAWERS[obj.cls](img, obj.box, scene_rng)
+        PAINTERS[obj.cls](img, obj.box, scene_rng)
     _add_noise(scene_rng, img, seed, amplitude=4)  # sensor noise: flat areas are never flat
     img = _DOMAIN_EFFECTS[domain](img, effect_rng, layout, objects)
     if domain == "rain":
@@ -214,35 +213,13 @@ def _label_line(obj: _Object, size: int) -> str:
 # ------------------------------------------------------------------------ the scene
 
 
-def _u(rng: np.random.Generator, low: float, high: float) -> float:
-    """A uniform float; ``Generator.uniform`` is several times slower for scalars."""
-    return low + (high - low) * rng.random()
-
-
 def _random_layout(rng: np.random.Generator, size: int) -> _Layout:
     return _Layout(
         size=size,
-        horizon=int(size * _u(rng, 0.33, 0.48)),
-        vx=size * _u(rng, 0.35, 0.65),
-        road_half=size * _u(rng, 0.45, 0.7),
+        horizon=int(size * uniform(rng, 0.33, 0.48)),
+        vx=size * uniform(rng, 0.35, 0.65),
+        road_half=size * uniform(rng, 0.45, 0.7),
     )
-
-
-def _color(rng: np.random.Generator, base: Sequence[int], jitter: int) -> tuple[int, int, int]:
-    """A BGR colour near ``base``; plain ints because cv2 drawing wants them."""
-    span = 2 * jitter + 1
-    b, g, r = (
-        min(255, max(0, c + int(u * span) - jitter))
-        for c, u in zip(base, rng.random(3).tolist(), strict=True)
-    )
-    return b, g, r
-
-
-def _vivid(rng: np.random.Generator) -> tuple[int, int, int]:
-    """A saturated random colour (cars, clothes): hue varies, never grey."""
-    hsv = np.uint8([[[rng.integers(0, 180), rng.integers(120, 256), rng.integers(90, 240)]]])
-    b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
-    return int(b), int(g), int(r)
 
 
 def _draw_background(rng: np.random.Generator, lay: _Layout) -> np.ndarray:
@@ -250,10 +227,10 @@ def _draw_background(rng: np.random.Generator, lay: _Layout) -> np.ndarray:
     s, h = lay.size, lay.horizon
     img = np.empty((s, s, 3), np.uint8)
     ends = np.array(
-        [[_color(rng, (225, 180, 120), 20)], [_color(rng, (240, 228, 205), 15)]], np.uint8
+        [[color(rng, (225, 180, 120), 20)], [color(rng, (240, 228, 205), 15)]], np.uint8
     )
     img[:h] = cv2.resize(ends, (s, h), interpolation=cv2.INTER_LINEAR)
-    img[h:] = _color(rng, (95, 135, 110), 25)
+    img[h:] = color(rng, (95, 135, 110), 25)
     road = np.array(
         [
             [lay.vx - 1, h],
@@ -263,21 +240,21 @@ def _draw_background(rng: np.random.Generator, lay: _Layout) -> np.ndarray:
         ],
         np.int32,
     )
-    cv2.fillConvexPoly(img, road, _color(rng, (105, 105, 105), 18))
+    cv2.fillConvexPoly(img, road, color(rng, (105, 105, 105), 18))
     _draw_lanes(rng, img, lay)
     return img
 
 
 def _draw_lanes(rng: np.random.Generator, img: np.ndarray, lay: _Layout) -> None:
     """Solid edge lines and dashed centre lines, all converging on the vanishing point."""
-    white = _color(rng, (225, 225, 225), 20)
+    white = color(rng, (225, 225, 225), 20)
     s, h = lay.size, lay.horizon
     for side in (-0.95, 0.95):
         cv2.line(
             img, (int(lay.vx), h), (int(lay.vx + side * lay.road_half), s), white, max(1, s // 96)
         )
     lanes = (0.0,) if rng.random() < 0.5 else (-0.33, 0.33)
-    phase = _u(rng, 0, 1)
+    phase = uniform(rng, 0, 1)
     for lane in lanes:
         for k in range(8):
             t0, t1 = ((k + phase) / 8) ** 2, ((k + phase + 0.45) / 8) ** 2
@@ -295,21 +272,21 @@ def _draw_clutter(rng: np.random.Generator, img: np.ndarray, lay: _Layout) -> No
     for _ in range(rng.integers(2, 8)):
         centre = (int(rng.integers(0, lay.size)), int(rng.integers(0, lay.size)))
         axes = (int(rng.integers(1, lay.size // 12 + 2)), int(rng.integers(1, lay.size // 20 + 2)))
-        angle = float(_u(rng, 0, 180))
-        cv2.ellipse(img, centre, axes, angle, 0, 360, _color(rng, (110, 110, 110), 90), -1)
+        angle = float(uniform(rng, 0, 180))
+        cv2.ellipse(img, centre, axes, angle, 0, 360, color(rng, (110, 110, 110), 90), -1)
 
 
 def _draw_building(rng: np.random.Generator, img: np.ndarray, lay: _Layout) -> None:
     s, h = lay.size, lay.horizon
-    bw, bh = int(s * _u(rng, 0.08, 0.25)), int(h * _u(rng, 0.2, 0.8))
+    bw, bh = int(s * uniform(rng, 0.08, 0.25)), int(h * uniform(rng, 0.2, 0.8))
     x1 = int(rng.integers(-bw // 2, s))
-    colour = _color(rng, (140, 150, 160), 45)
+    colour = color(rng, (140, 150, 160), 45)
     cv2.rectangle(img, (x1, h - bh), (x1 + bw, h), colour, -1)
     step, pane = max(3, s // 32), max(1, s // 96)
     facade = img[
         h - bh + step // 2 : h - step, max(0, x1 + step // 2) : max(0, x1 + bw - step // 2)
     ]
-    window = _color(rng, (70, 80, 90), 25)
+    window = color(rng, (70, 80, 90), 25)
     for dy in range(pane):
         for dx in range(pane):
             facade[dy::step, dx::step] = window
@@ -317,17 +294,17 @@ def _draw_building(rng: np.random.Generator, img: np.ndarray, lay: _Layout) -> N
 
 def _draw_tree(rng: np.random.Generator, img: np.ndarray, lay: _Layout) -> None:
     """Roadside tree: thick trunk and a lumpy green canopy (never a clean disc like a sign)."""
-    t = _u(rng, 0.05, 0.6)
+    t = uniform(rng, 0.05, 0.6)
     y = int(lay.horizon + t * (lay.size - lay.horizon))
     side = -1 if rng.random() < 0.5 else 1
-    x = int(lay.vx + side * lay.road_half * t * _u(rng, 1.3, 2.2))
+    x = int(lay.vx + side * lay.road_half * t * uniform(rng, 1.3, 2.2))
     height = max(4, int(lay.size * 0.5 * t + 6))
     trunk = max(1, height // 10)
-    cv2.line(img, (x, y), (x, y - height // 2), _color(rng, (40, 70, 100), 15), trunk)
-    green = _color(rng, (50, 120, 60), 25)
+    cv2.line(img, (x, y), (x, y - height // 2), color(rng, (40, 70, 100), 15), trunk)
+    green = color(rng, (50, 120, 60), 25)
     for _ in range(4):
         dx, dy = ((rng.random(2) - 0.5) * (height // 2)).tolist()
-        r = max(2, int(height * _u(rng, 0.18, 0.3)))
+        r = max(2, int(height * uniform(rng, 0.18, 0.3)))
         cv2.circle(img, (x + int(dx), y - int(height * 0.65) + int(dy)), r, green, -1)
 
 
@@ -343,13 +320,13 @@ def _place_objects(rng: np.random.Generator, lay: _Layout, class_mix: str) -> li
 def _place_one(rng: np.random.Generator, lay: _Layout, cls: int) -> _Object:
     """Size an object by its depth (perspective) and put it where its class belongs."""
     a_lo, a_hi = _CLASS_ASPECT[cls]
-    aspect = _u(rng, a_lo, a_hi)
+    aspect = uniform(rng, a_lo, a_hi)
     base_h = _CLASS_HEIGHT[cls] * lay.size
     min_px = _MIN_BOX_AT_128 * lay.size / 128
     t_min = min(1.0, min_px / (0.9 * base_h * min(1.0, aspect)))
-    t = _u(rng, t_min, 1.0) ** 0.8
+    t = uniform(rng, t_min, 1.0) ** 0.8
     bottom = min(lay.size, int(round(lay.horizon + t * (lay.size - lay.horizon))))
-    h = max(min_px, base_h * lay.depth(bottom) * _u(rng, 0.9, 1.1))
+    h = max(min_px, base_h * lay.depth(bottom) * uniform(rng, 0.9, 1.1))
     w = max(min_px, h * aspect)
     h, w = min(h, bottom), min(w, lay.size)
     cx = lay.vx + _lateral_offset(rng, cls) * lay.road_half * lay.depth(bottom)
@@ -360,11 +337,11 @@ def _place_one(rng: np.random.Generator, lay: _Layout, cls: int) -> _Object:
 def _lateral_offset(rng: np.random.Generator, cls: int) -> float:
     """Signed offset from the road centre in road half-widths: cars in lanes, others aside."""
     if cls == 0:
-        return _u(rng, -0.75, 0.75)
+        return uniform(rng, -0.75, 0.75)
     side = -1.0 if rng.random() < 0.5 else 1.0
     if cls == 2:
-        return side * _u(rng, 0.6, 1.05)
-    return side * _u(rng, 1.05, 1.6)
+        return side * uniform(rng, 0.6, 1.05)
+    return side * uniform(rng, 1.05, 1.6)
 
 
 def _visible_objects(objects: list[_Object], size: int) -> list[_Object]:
@@ -378,155 +355,6 @@ def _visible_objects(objects: list[_Object], size: int) -> list[_Object]:
             kept.append(obj)
         covered[y1:y2, x1:x2] = True
     return kept[::-1]
-
-
-# -------------------------------------------------------------------------- objects
-
-
-def _draw_car(img: np.ndarray, box: _Box, rng: np.random.Generator) -> None:
-    """A car seen from the side (wide) or from behind: body, cabin, windows, dark wheels."""
-    x1, y1, x2, y2 = box
-    w, h = x2 - x1, y2 - y1
-    body, glass, tyre = _vivid(rng), _color(rng, (80, 50, 35), 15), (25, 25, 25)
-    if w / h >= 1.6:  # side view
-        cv2.rectangle(img, (x1, y1 + int(0.38 * h)), (x2 - 1, y2 - int(0.15 * h)), body, -1)
-        cabin = np.array(
-            [
-                [x1 + 0.22 * w, y1 + 0.4 * h],
-                [x1 + 0.3 * w, y1],
-                [x2 - 0.25 * w, y1],
-                [x2 - 0.12 * w, y1 + 0.4 * h],
-            ],
-            np.int32,
-        )
-        cv2.fillConvexPoly(img, cabin, body)
-        inset = max(1, h // 10)
-        cv2.rectangle(
-            img,
-            (int(x1 + 0.3 * w) + inset, y1 + inset),
-            (int(x2 - 0.25 * w) - inset, y1 + int(0.36 * h)),
-            glass,
-            -1,
-        )
-        r = max(2, int(0.2 * h))
-        for wx in (x1 + int(0.22 * w), x2 - int(0.22 * w)):
-            cv2.circle(img, (wx, y2 - r), r, tyre, -1)
-            cv2.circle(img, (wx, y2 - r), max(1, r // 2), (150, 150, 150), -1)
-        return
-    cv2.rectangle(img, (x1, y1 + int(0.4 * h)), (x2 - 1, y2 - int(0.12 * h)), body, -1)
-    cv2.rectangle(img, (x1 + int(0.12 * w), y1), (x2 - int(0.12 * w), y1 + int(0.42 * h)), body, -1)
-    cv2.rectangle(
-        img,
-        (x1 + int(0.2 * w), y1 + max(1, h // 12)),
-        (x2 - int(0.2 * w), y1 + int(0.38 * h)),
-        glass,
-        -1,
-    )
-    lamp_w = max(1, int(0.16 * w))
-    for lx in (x1 + 1, x2 - 1 - lamp_w):
-        cv2.rectangle(
-            img, (lx, y1 + int(0.5 * h)), (lx + lamp_w, y1 + int(0.62 * h)), (30, 30, 220), -1
-        )
-    wheel_w = max(2, int(0.18 * w))
-    for wx in (x1, x2 - wheel_w):
-        cv2.rectangle(img, (wx, y2 - int(0.16 * h) - 1), (wx + wheel_w, y2 - 1), tyre, -1)
-
-
-def _draw_pedestrian(img: np.ndarray, box: _Box, rng: np.random.Generator) -> None:
-    """A tall thin figure: head, torso, arms and striding legs."""
-    x1, y1, x2, y2 = box
-    w, h = x2 - x1, y2 - y1
-    cx = (x1 + x2) // 2
-    skin, shirt, pants = (
-        _color(rng, (120, 160, 205), 40),
-        _vivid(rng),
-        _color(rng, (70, 60, 55), 30),
-    )
-    r = max(1, min(int(0.1 * h), w // 2))
-    cv2.circle(img, (cx, y1 + r), r, skin, -1)
-    hip = y1 + int(0.58 * h)
-    cv2.rectangle(
-        img, (cx - max(1, int(0.3 * w)), y1 + 2 * r), (cx + max(1, int(0.3 * w)), hip), shirt, -1
-    )
-    limb = max(1, int(0.18 * w))
-    arm_len = int(0.33 * h)
-    cv2.line(img, (x1 + limb // 2, y1 + 2 * r), (x1 + limb // 2, y1 + 2 * r + arm_len), shirt, limb)
-    cv2.line(
-        img,
-        (x2 - 1 - limb // 2, y1 + 2 * r),
-        (x2 - 1 - limb // 2, y1 + 2 * r + arm_len),
-        shirt,
-        limb,
-    )
-    stride = int(_u(rng, 0.0, 0.35) * w)
-    leg = max(1, int(0.25 * w))
-    cv2.line(img, (cx - leg // 2, hip), (cx - leg // 2 - stride, y2 - 1), pants, leg)
-    cv2.line(img, (cx + leg // 2, hip), (cx + leg // 2 + stride, y2 - 1), pants, leg)
-
-
-def _draw_cyclist(img: np.ndarray, box: _Box, rng: np.random.Generator) -> None:
-    """A rider on two ring wheels joined by a frame."""
-    x1, y1, x2, y2 = box
-    w, h = x2 - x1, y2 - y1
-    r = max(2, min(int(0.25 * w), int(0.24 * h)))
-    rim = max(1, r // 3)
-    back, front = (x1 + r, y2 - r), (x2 - 1 - r, y2 - r)
-    for c in (back, front):
-        cv2.circle(img, c, max(1, r - rim // 2), (25, 25, 25), rim)
-    frame, shirt, skin = _vivid(rng), _vivid(rng), _color(rng, (120, 160, 205), 40)
-    seat = (x1 + int(0.42 * w), y2 - int(0.55 * h))
-    bar = (x2 - int(0.3 * w), y2 - int(0.6 * h))
-    thick = max(1, h // 16)
-    for a, b in ((back, seat), (seat, front), (front, bar), (back, (x1 + w // 2, y2 - r))):
-        cv2.line(img, a, b, frame, thick)
-    head_r = max(1, int(0.09 * h))
-    shoulder = (x1 + int(0.52 * w), y1 + 2 * head_r + 1)
-    cv2.line(img, seat, shoulder, shirt, max(1, int(0.12 * w)))
-    cv2.line(img, shoulder, bar, shirt, max(1, thick))
-    cv2.line(img, seat, (x1 + w // 2, y2 - r), _color(rng, (70, 60, 55), 30), max(1, thick + 1))
-    cv2.circle(img, (shoulder[0] + head_r // 2, y1 + head_r), head_r, skin, -1)
-
-
-def _draw_sign(img: np.ndarray, box: _Box, rng: np.random.Generator) -> None:
-    """A grey pole carrying a round, triangular or square plate."""
-    x1, y1, x2, y2 = box
-    w = x2 - x1
-    cx = (x1 + x2) // 2
-    cv2.line(img, (cx, y1 + w // 2), (cx, y2 - 1), _color(rng, (150, 150, 150), 20), max(1, w // 7))
-    border = max(1, w // 6)
-    shape = rng.integers(0, 3)
-    if shape == 0:
-        cv2.circle(img, (cx, y1 + w // 2), max(1, w // 2), (255, 255, 255), -1)
-        cv2.circle(img, (cx, y1 + w // 2), max(1, w // 2 - border // 2), (30, 30, 210), border)
-    elif shape == 1:
-        tri = np.array([[x1, y1 + w - 1], [x2 - 1, y1 + w - 1], [cx, y1]], np.int32)
-        cv2.fillConvexPoly(img, tri, (30, 30, 210))
-        inner = np.array(
-            [
-                [x1 + border, y1 + w - 1 - border // 2],
-                [x2 - 1 - border, y1 + w - 1 - border // 2],
-                [cx, y1 + 2 * border],
-            ],
-            np.int32,
-        )
-        cv2.fillConvexPoly(img, inner, (240, 240, 240))
-    else:
-        cv2.rectangle(img, (x1, y1), (x2 - 1, y1 + w - 1), (170, 90, 20), -1)
-        cv2.rectangle(
-            img,
-            (x1 + border, y1 + border),
-            (x2 - 1 - border, y1 + w - 1 - border),
-            (255, 255, 255),
-            max(1, border // 2),
-        )
-
-
-_DRAWERS: dict[int, Callable[[np.ndarray, _Box, np.random.Generator], None]] = {
-    0: _draw_car,
-    1: _draw_pedestrian,
-    2: _draw_cyclist,
-    3: _draw_sign,
-}
 
 
 # -------------------------------------------------------------------------- domains
@@ -558,14 +386,14 @@ def _odd(x: float) -> int:
 def _day(
     img: np.ndarray, rng: np.random.Generator, lay: _Layout, objects: list[_Object]
 ) -> np.ndarray:
-    return cv2.convertScaleAbs(img, alpha=_u(rng, 0.92, 1.08))
+    return cv2.convertScaleAbs(img, alpha=uniform(rng, 0.92, 1.08))
 
 
 def _dusk(
     img: np.ndarray, rng: np.random.Generator, lay: _Layout, objects: list[_Object]
 ) -> np.ndarray:
     """Darker, with an orange cast (BGR: blue cut most, red kept)."""
-    gain = _u(rng, 0.6, 0.75) * np.array([0.55, 0.78, 1.05], np.float32)
+    gain = uniform(rng, 0.6, 0.75) * np.array([0.55, 0.78, 1.05], np.float32)
     return np.clip(img.astype(np.float32) * gain, 0, 255).astype(np.uint8)
 
 
@@ -573,7 +401,7 @@ def _night(
     img: np.ndarray, rng: np.random.Generator, lay: _Layout, objects: list[_Object]
 ) -> np.ndarray:
     """Dark and low-contrast, with glowing car lamps and street lights."""
-    dark = img.astype(np.float32) * _u(rng, 0.18, 0.28) + 8
+    dark = img.astype(np.float32) * uniform(rng, 0.18, 0.28) + 8
     glow = np.zeros_like(dark)
     for obj in objects:
         if obj.cls != 0:
@@ -595,11 +423,11 @@ def _fog(
     img: np.ndarray, rng: np.random.Generator, lay: _Layout, objects: list[_Object]
 ) -> np.ndarray:
     """Blend towards grey, most at the horizon where things are far away."""
-    strength = _u(rng, 0.45, 0.65)
+    strength = uniform(rng, 0.45, 0.65)
     rows = np.arange(lay.size, dtype=np.float32)
     depth = np.clip((rows - lay.horizon) / (lay.size - lay.horizon), 0, 1)
     alpha = (strength * (1 - 0.45 * depth))[:, None, None]
-    grey = np.float32(_u(rng, 175, 205))
+    grey = np.float32(uniform(rng, 175, 205))
     return (img.astype(np.float32) * (1 - alpha) + grey * alpha).astype(np.uint8)
 
 
@@ -609,7 +437,7 @@ def _rain(
     """Slanted bright streaks over a slightly darker, noisy image."""
     s = lay.size
     streaks = np.zeros_like(img)
-    slant = _u(rng, -0.35, 0.35)
+    slant = uniform(rng, -0.35, 0.35)
     n = int(s * 0.7)
     starts = rng.integers(0, s, size=(n, 2))
     ends = starts + (rng.uniform(0.04, 0.1, size=(n, 1)) * s * (slant, 1.0)).astype(np.int64)
@@ -624,11 +452,11 @@ def _blur(
     """Defocus (Gaussian) or motion blur, sized relative to the image."""
     scale = lay.size / 128
     if rng.random() < 0.5:
-        return cv2.GaussianBlur(img, (0, 0), _u(rng, 1.0, 1.6) * scale)
-    k = _odd(_u(rng, 5, 8) * scale)
+        return cv2.GaussianBlur(img, (0, 0), uniform(rng, 1.0, 1.6) * scale)
+    k = _odd(uniform(rng, 5, 8) * scale)
     kernel = np.zeros((k, k), np.float32)
     kernel[k // 2, :] = 1.0 / k
-    angle = _u(rng, -30, 30)
+    angle = uniform(rng, -30, 30)
     rot = cv2.getRotationMatrix2D((k / 2 - 0.5, k / 2 - 0.5), angle, 1.0)
     kernel = cv2.warpAffine(kernel, rot, (k, k))
     return cv2.filter2D(img, -1, kernel / max(kernel.sum(), 1e-6))
