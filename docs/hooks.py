@@ -3,23 +3,30 @@
 - ``<!-- benchmark: NAME -->`` becomes the table ``benchmarks/report.py`` renders from
   ``benchmarks/results/*.json`` (the same code that prints them on the command line);
 - ``<!-- config-reference -->`` becomes one table per file of ``configs/`` (every key, its
-  default and its comment, read from the YAML files themselves).
+  default and its comment, read from the YAML files themselves);
+- ``<!-- cli-reference -->`` becomes every ``fedyolo`` command, sub-command and option, read from
+  the real argparse parsers of the commands registered in ``fedyolo.commands``
+  (``fl_server.cli.build_parser``): what ``fedyolo COMMAND --help`` says.
 
 Registered in ``mkdocs.yml`` (``hooks:``); it reads local files only, nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from fl_server.cli import build_parser
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 BENCHMARK = re.compile(r"<!--\s*benchmark:\s*([a-z_]+)\s*-->")
 CONFIG_REFERENCE = "<!-- config-reference -->"
+CLI_REFERENCE = "<!-- cli-reference -->"
 # Files outside the Hydra tree: how their keys are set.
 OUTSIDE = {
     "edge/export.yaml": "`fedyolo export MODEL key=value ...`",
@@ -105,6 +112,12 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _prose(text: str) -> str:
+    """A table cell of prose: ``high[, log][, step]`` is text, not a cross-reference
+    (mkdocs-autorefs reads ``[a][b]`` as one), and ``runs/<name>`` is text, not a tag."""
+    return _cell(text).replace("[", "\\[").replace("<", "&lt;")
+
+
 def config_file_table(path: Path) -> str:
     rel = path.relative_to(CONFIGS).as_posix()
     group = rel.split("/")[0] if "/" in rel else ""
@@ -119,11 +132,11 @@ def config_file_table(path: Path) -> str:
     )
     lines = [f"### `configs/{rel}`", "", f"Set with {how}{chosen}.", ""]
     if doc:
-        lines += [" ".join(doc), ""]
+        lines += [" ".join(doc).replace("[", "\\["), ""]  # prose, as _prose says
     lines += ["| key | default | what it is |", "| --- | --- | --- |"]
     for k in keys:
         value = f"`{_cell(k.value)}`" if k.value else ""
-        lines.append(f"| `{k.path}` | {value} | {_cell(' '.join(k.comment))} |")
+        lines.append(f"| `{k.path}` | {value} | {_prose(' '.join(k.comment))} |")
     return "\n".join([*lines, ""])
 
 
@@ -137,7 +150,71 @@ def config_reference() -> str:
     return "\n".join(config_file_table(p) for p in config_files())
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """A parser's sub-commands: (name, help, parser). argparse has no public accessor: its
+    sub-parsers action holds them (``choices``, and the help in ``_choices_actions``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            return [(name, helps.get(name, ""), sub) for name, sub in action.choices.items()]
+    return []
+
+
+def cli_commands(
+    parser: argparse.ArgumentParser | None = None, prefix: str = "fedyolo"
+) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """Every registered command and sub-command, depth first: (``fedyolo data synth``, help,
+    parser)."""
+    out = []
+    for name, help_, sub in _subcommands(parser or build_parser()):
+        out.append((f"{prefix} {name}", help_, sub))
+        out += cli_commands(sub, f"{prefix} {name}")
+    return out
+
+
+def _option_row(action: argparse.Action, prog: str) -> str:
+    metavar = action.metavar or (action.dest.upper() if action.option_strings else action.dest)
+    if isinstance(metavar, tuple):
+        metavar = " ".join(metavar)
+    takes = "" if action.nargs == 0 else f" {metavar}"
+    many = " ..." if action.nargs in ("*", "+", argparse.REMAINDER) else ""
+    name = ", ".join(f"{o}{takes}" for o in action.option_strings) or f"{metavar}{many}"
+    help_ = (action.help or "") % {**vars(action), "prog": prog} if action.help else ""
+    shown = action.default not in (None, False, argparse.SUPPRESS, [])
+    default = f"`{_cell(str(action.default))}`" if shown and action.option_strings else ""
+    return f"| `{_cell(name)}` | {_prose(help_)} | {default} |"
+
+
+def _command_section(path: str, help_: str, parser: argparse.ArgumentParser) -> list[str]:
+    lines = [f"### `{path}`", "", help_ or "", "", "```text", parser.format_usage().strip()]
+    lines += ["```", ""]
+    shown = [
+        a
+        for a in parser._actions
+        if not isinstance(a, argparse._HelpAction | argparse._SubParsersAction)
+    ]
+    if shown:
+        lines += ["| argument | what it does | default |", "| --- | --- | --- |"]
+        lines += [_option_row(a, parser.prog) for a in shown]
+        lines.append("")
+    return lines
+
+
+def cli_reference() -> str:
+    """The summary table of every command, then a section per command with its usage and its
+    arguments (from the parsers; ``-h, --help`` left out)."""
+    commands = cli_commands()
+    lines = ["## Commands", "", "| command | what it does |", "| --- | --- |"]
+    lines += [f"| [`{p}`](#{p.replace(' ', '-')}) | {_prose(h)} |" for p, h, _ in commands]
+    lines += ["", "## Every command's arguments", ""]
+    for path, help_, parser in commands:
+        lines += _command_section(path, help_, parser)
+    return "\n".join(lines)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (mkdocs' API)
+    if CLI_REFERENCE in markdown:
+        markdown = markdown.replace(CLI_REFERENCE, cli_reference())
     if CONFIG_REFERENCE in markdown:
         markdown = markdown.replace(CONFIG_REFERENCE, config_reference())
     return benchmark_tables(markdown)

@@ -10,6 +10,8 @@ repository path a page quotes must exist.
 
 from __future__ import annotations
 
+import argparse
+import html
 import os
 import re
 import subprocess
@@ -37,10 +39,13 @@ def _table_first_column(page: Path, heading: str) -> set[str]:
     return names
 
 
-def test_mkdocs_build_strict(tmp_path):
-    """The site builds with --strict (a broken link, an unknown nav page, a failing hook)."""
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site, built once with --strict (a broken link, an unknown nav page, a failing hook
+    or an API page mkdocstrings cannot render fail it)."""
+    out = tmp_path_factory.mktemp("site")
     done = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -48,10 +53,79 @@ def test_mkdocs_build_strict(tmp_path):
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    bench = (tmp_path / "site" / "benchmarks" / "index.html").read_text()
+    return out
+
+
+def _text(page: Path) -> str:
+    """A built page's text: tags out, entities decoded, whitespace collapsed."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page.read_text())).split())
+
+
+def test_mkdocs_build_strict(site):
+    bench = (site / "benchmarks" / "index.html").read_text()
     assert "<!-- benchmark:" not in bench and "ONNX INT8 u8 (chosen)" in bench
-    config = (tmp_path / "site" / "reference" / "config" / "index.html").read_text()
+    config = (site / "reference" / "config" / "index.html").read_text()
     assert "guard.max_drop" in config and "federation.round_timeout" in config
+
+
+def test_every_registered_command_and_option_is_in_the_cli_page(site):
+    """docs/reference/cli.md is generated from the parsers of the commands registered in
+    ``fedyolo.commands``: each command, and each of its options, is on the built page."""
+    from fl_server import plugins
+    from fl_server.cli import commands
+
+    page = _text(site / "reference" / "cli" / "index.html")
+    registered = plugins.registered(plugins.COMMAND)
+    assert registered, "no fedyolo.commands entry points: is fedyolo installed?"
+    assert "<!-- cli-reference -->" not in page
+    for name, add in commands().items():
+        parser = argparse.ArgumentParser(prog=f"fedyolo {name}")
+        add(parser)
+        for command, options in _commands_and_options(parser):
+            assert command in page, f"{command} is registered, not on the CLI page"
+            missing = [o for o in options if f"{command} {o}" not in _options_of(page, command)]
+            assert missing == [], f"{command}'s options {missing} are not on the CLI page"
+
+
+def _commands_and_options(parser: argparse.ArgumentParser) -> list[tuple[str, list[str]]]:
+    """The command (``parser.prog``) and its option strings, then its sub-commands' (argparse's
+    list of a parser's arguments, ``_actions``, is the only way to walk them)."""
+    out = [
+        (
+            parser.prog,
+            [o for a in parser._actions for o in a.option_strings if o not in ("-h", "--help")],
+        )
+    ]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += _commands_and_options(sub)
+    return out
+
+
+def _options_of(page: str, command: str) -> str:
+    """The CLI page's section of ``command`` (from its heading to the next), each of its words
+    prefixed with the command, so an option is looked up in its own command's section."""
+    section = page.split(f"{command} ¶", 1)[-1].split(" ¶", 1)[0]
+    return " ".join(f"{command} {word}" for word in section.split())
+
+
+@pytest.mark.parametrize(
+    ("page", "names"),
+    [
+        ("python", ["run", "distill", "Summary"]),
+        ("engines", ["names", "get"]),
+        ("records", ["EventKind", "Status"]),
+        ("wire", ["RoundConfig", "WireError"]),
+        ("hooks", ["RoundHook", "load_hooks"]),
+        ("strategies", ["build_strategy", "GuardedStrategy"]),
+    ],
+)
+def test_api_pages_render_the_public_names(site, page, names):
+    """mkdocstrings rendered each API page from the sources (not an empty ``:::`` line)."""
+    text = _text(site / "reference" / "api" / page / "index.html")
+    assert ":::" not in text
+    assert [n for n in names if n not in text] == []
 
 
 def test_site_fetches_nothing():
