@@ -50,7 +50,7 @@ from fl_server.guard import Guard, GuardState
 from fl_server.guard.step import GuardStep, Verdict
 from fl_server.observed_grid import Interrupted, ObservedGrid, RoundLog
 from fl_server.prepare import TEACHER
-from fl_server.records import EventKind, Status
+from fl_server.records import ClientEntry, EventKind, RoundRecord, Status, round_record
 from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter
 from fl_server.tracking import Tracker
 from strategies import build_strategy, describe
@@ -393,7 +393,7 @@ class Federation:
         t_round: float,
         eval_seconds: float,
         lr0: float,
-    ) -> dict:
+    ) -> RoundRecord:
         """The round's line in ``metrics.jsonl`` (and a ``round_failed`` event when no client
         update was usable), logged with the run's progress."""
         clients = log.clients if log else []
@@ -403,7 +403,18 @@ class Federation:
         rolled_back = verdict.decision.rolled_back
         global_sha256 = record_digest(self.arrays) if rolled_back else res["weights_sha256"]
         record = round_record(
-            rnd, res, verdict, log, global_sha256, now - t_round, eval_seconds, lr0
+            rnd,
+            res,
+            clients=clients,
+            client_eval=log.client_eval if log else [],
+            failures=log.failed if log else 0,
+            transport_seconds=log.transport_seconds if log else 0.0,
+            contribution_seconds=verdict.contribution_seconds,
+            guard=verdict.decision.as_dict(),
+            global_sha256=global_sha256,
+            round_seconds=now - t_round,
+            eval_seconds=eval_seconds,
+            lr0=lr0,
         )
         if not clients:
             self.run.event(
@@ -441,39 +452,8 @@ class Federation:
         finish_run(self.run, self.hooks, task, self.round, status, reason)
 
 
-def round_record(
-    rnd: int,
-    res: dict,
-    verdict: Verdict,
-    log: RoundLog | None,
-    global_sha256: str,
-    round_seconds: float,
-    eval_seconds: float,
-    lr0: float,
-) -> dict:
-    """A round's record (its ``metrics.jsonl`` line): the evaluated model's metrics, what the
-    grid saw (``log``), the guard's decision, the global model after it, the timings."""
-    return {
-        "round": rnd,
-        **{k: res[k] for k in METRIC_KEYS},
-        "per_class": res["per_class"],
-        "round_seconds": round_seconds,
-        "eval_seconds": eval_seconds,
-        "contribution_seconds": verdict.contribution_seconds,
-        "transport_seconds": log.transport_seconds if log else 0.0,
-        "clients": log.clients if log else [],
-        "failures": log.failed if log else 0,
-        "weights_sha256": res["weights_sha256"],
-        "global_sha256": global_sha256,
-        "guard": verdict.decision.as_dict(),
-        "lr0": lr0,  # the clients' learning rate this round (guard.policy=lower_lr)
-        # federation.fraction_evaluate > 0: clients' own val splits
-        **({"client_eval": log.client_eval} if log and log.client_eval else {}),
-    }
-
-
 def log_progress(
-    record: dict, total: int, rolled_back: bool, guard: GuardState, left: float
+    record: RoundRecord, total: int, rolled_back: bool, guard: GuardState, left: float
 ) -> None:
     """One line per round: its metrics, the guard's word, the best so far, the time left."""
     LOGGER.info(
@@ -517,7 +497,7 @@ def user_hooks(cfg, run: RunDir) -> list:
     return hooks
 
 
-def call_hooks(hooks: list, rnd: int, record: dict) -> str | None:
+def call_hooks(hooks: list, rnd: int, record: RoundRecord) -> str | None:
     """Every round hook on ``record`` (``fl_server.hooks.call_on_round``, one at a time so
     that a failing hook is named); the first stop status asked for."""
     asked = None
@@ -532,7 +512,7 @@ def call_hooks(hooks: list, rnd: int, record: dict) -> str | None:
 
 
 def score_data_drift(
-    drift: DriftMonitor, run: RunDir, rnd: int, clients: list[dict], stats: dict[str, dict]
+    drift: DriftMonitor, run: RunDir, rnd: int, clients: list[ClientEntry], stats: dict[str, dict]
 ) -> None:
     """Add each client's data-drift score to its entry; record a drift event when high."""
     for entry in clients:

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from fl_server.records import Status
+from fl_server.records import RoundRecord, Status
 
 LOGGER = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ CONTROL = "control"
 
 @runtime_checkable
 class RoundHook(Protocol):
-    def on_round(self, record: dict) -> str | None: ...
+    def on_round(self, record: RoundRecord) -> str | None: ...
 
 
 def check_status(status: str | None, who: str) -> str | None:
@@ -61,7 +61,7 @@ def check_status(status: str | None, who: str) -> str | None:
     return status
 
 
-def call_on_round(hooks: Sequence[Any], record: dict) -> str | None:
+def call_on_round(hooks: Sequence[Any], record: RoundRecord) -> str | None:
     """Run every hook on ``record``; the first stop status asked for (all hooks still run)."""
     stop = None
     for hook in hooks:
@@ -130,7 +130,7 @@ class CallerBridge:
         timeout = float(json.loads(marker.read_text()).get("timeout", 600.0))
         return cls(run_path, timeout)
 
-    def on_round(self, record: dict) -> str | None:
+    def on_round(self, record: RoundRecord) -> str | None:
         rnd = int(record["round"])
         path = _path(self.run_path, "verdict", rnd)
         path.unlink(missing_ok=True)  # a verdict left from before a resume is not this one's
@@ -196,7 +196,7 @@ class Watcher:
                 self._answer(record)
             self._stop.wait(0.05)
 
-    def _answer(self, record: dict) -> None:
+    def _answer(self, record: RoundRecord) -> None:
         stop = None
         if self.error is None:
             try:

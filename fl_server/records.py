@@ -1,4 +1,5 @@
-"""What a run writes, as types: the event kinds of ``events.jsonl`` and the run statuses.
+"""What a run writes, as types: the round records of ``metrics.jsonl``, the event kinds of
+``events.jsonl`` and the run statuses.
 
 Before, 22 event kinds and 6 statuses were string literals spread over four packages, and the
 reference page drifted from them. Here each is a member with what it means;
@@ -7,12 +8,116 @@ reference page drifted from them. Here each is a member with what it means;
 Both are ``StrEnum``: a member *is* its string, so the JSON on disk and comparisons with the
 strings users' scripts read stay as they were.
 
-Only the standard library here: every package that writes an event imports this module.
+A round record is a ``RoundRecord`` (a ``TypedDict``: the JSON line is the dict itself, so
+``metrics.jsonl`` reads exactly as before, and every reader of a record is typed against it),
+each client's part a ``ClientEntry``; ``docs/reference/run-directory.md``'s tables are held to
+both by ``tests/docs/test_docs.py``.
+
+Only the standard library here: every package that writes an event imports this module. No
+``from __future__ import annotations``: ``NotRequired`` must be evaluated for a TypedDict's
+``__required_keys__`` to know the optional keys.
 """
 
-from __future__ import annotations
-
+from collections.abc import Mapping
 from enum import StrEnum, unique
+from typing import Any, NotRequired, TypedDict
+
+
+class ClientEntry(TypedDict):
+    """One client's reply in a round record (``clients``, and ``client_eval`` for evaluate
+    replies). The server measures the first five; the others are the reply's metrics as the
+    client sent them (``fl_client.wire``'s names, ``-`` → ``_``), and a plug-in ClientApp's
+    own metrics appear the same way."""
+
+    id: int | str  # its partition, or node-<id> for a node bound to none
+    node_id: int
+    num_examples: int
+    bytes_down: int  # serialized Flower messages, as they go over the wire
+    bytes_up: int
+    update_norm: NotRequired[float]  # ‖Δ‖ over trained parameters (train replies)
+    drift_score: NotRequired[float]  # data drift vs its first rounds (drift.enabled)
+    drift_features: NotRequired[dict[str, float]]
+    cls_agreement: NotRequired[float | None]  # guard.contribution's classification agreement
+    loss: NotRequired[float]  # the train reply's metrics:
+    loss_box: NotRequired[float]
+    loss_cls: NotRequired[float]
+    loss_dfl: NotRequired[float]
+    loss_distill: NotRequired[float]  # distillation runs
+    teacher_received: NotRequired[int]
+    setup_seconds: NotRequired[float]
+    train_seconds: NotRequired[float]
+    batch_seconds: NotRequired[float]
+    batches: NotRequired[int]
+    kept_state: NotRequired[int]
+    faults_ignored: NotRequired[int]
+    handler_seconds: NotRequired[float]
+    startup_seconds: NotRequired[float]
+    map50: NotRequired[float]  # the evaluate reply's metrics (client_eval)
+    map50_95: NotRequired[float]
+    precision: NotRequired[float]
+    recall: NotRequired[float]
+
+
+class RoundRecord(TypedDict):
+    """``metrics.jsonl``'s line for one finished round (a round hook's ``on_round`` argument)."""
+
+    round: int
+    map50: float  # the round's aggregate on the held-out set
+    map50_95: float
+    precision: float
+    recall: float
+    per_class: dict[str, Any]  # class name → its metrics
+    round_seconds: float
+    eval_seconds: float
+    contribution_seconds: float  # guard.contribution's extra evaluations
+    transport_seconds: float  # the grid's exchanges of the round
+    clients: list[ClientEntry]  # the train replies that were aggregated
+    failures: int  # replies failed or rejected (train and evaluate)
+    weights_sha256: str  # the round's aggregate, the model evaluated
+    global_sha256: str  # the global model after the guard
+    guard: dict[str, Any]  # the guard's decision (fl_server.guard.rule.Decision)
+    lr0: float  # the clients' learning rate this round (guard.policy=lower_lr)
+    client_eval: NotRequired[list[ClientEntry]]  # federation.fraction_evaluate > 0
+
+
+def round_record(
+    rnd: int,
+    evaluated: Mapping[str, Any],
+    *,
+    clients: list[ClientEntry],
+    client_eval: list[ClientEntry],
+    failures: int,
+    transport_seconds: float,
+    contribution_seconds: float,
+    guard: dict[str, Any],
+    global_sha256: str,
+    round_seconds: float,
+    eval_seconds: float,
+    lr0: float,
+) -> RoundRecord:
+    """A round's record: the evaluated model's metrics (``evaluated``: the server's evaluation),
+    what the grid saw, the guard's decision, the global model after it, the timings."""
+    record = RoundRecord(
+        round=rnd,
+        map50=evaluated["map50"],
+        map50_95=evaluated["map50_95"],
+        precision=evaluated["precision"],
+        recall=evaluated["recall"],
+        per_class=evaluated["per_class"],
+        round_seconds=round_seconds,
+        eval_seconds=eval_seconds,
+        contribution_seconds=contribution_seconds,
+        transport_seconds=transport_seconds,
+        clients=clients,
+        failures=failures,
+        weights_sha256=evaluated["weights_sha256"],
+        global_sha256=global_sha256,
+        guard=guard,
+        lr0=lr0,
+    )
+    if client_eval:
+        record["client_eval"] = client_eval
+    return record
 
 
 @unique

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fl_server.guard.matches import load_images, metric_of
+from fl_server.records import RoundRecord
 
 if TYPE_CHECKING:
     from fl_server.guard.rule import Guard
@@ -32,7 +33,7 @@ def update_agreement(base: np.ndarray, updates: dict[str, np.ndarray], mask) -> 
     return {k: float(np.median(np.delete(cos[i], i))) for i, k in enumerate(keys) if len(keys) > 1}
 
 
-def replay_contributions(guard: Guard, eval_dir, rounds: list[dict]) -> dict[int, dict]:
+def replay_contributions(guard: Guard, eval_dir, rounds: list[RoundRecord]) -> dict[int, dict]:
     """``guard.contributions`` again, round after round, on a finished run's kept matches
     (``output.save_matches``: ``eval/round_NNNN_all.npz`` and ``..._without_<k>.npz``) and the
     repliers in its ``metrics.jsonl`` records (with their ``cls_agreement``): round → per-client

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fl_server.hooks import STOP_STATUSES
-from fl_server.records import EventKind, Status
+from fl_server.records import ClientEntry, EventKind, RoundRecord, Status
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -149,6 +149,15 @@ def test_every_status_is_documented_and_vice_versa():
     written = {status.value for status in Status}
     assert set(STOP_STATUSES) <= written  # what a round hook may ask for is a status
     assert written == documented
+
+
+@pytest.mark.parametrize(
+    ("heading", "typed"), [("Round records", RoundRecord), ("Client entries", ClientEntry)]
+)
+def test_every_round_record_key_is_documented_and_vice_versa(heading, typed):
+    """``metrics.jsonl``'s keys as typed in ``fl_server.records`` equal the page's table."""
+    documented = _table_first_column(DOCS / "reference" / "run-directory.md", heading)
+    assert documented == set(typed.__annotations__)
 
 
 def test_every_run_file_is_documented():

@@ -1,5 +1,6 @@
-"""Event kinds and statuses are types (``fl_server.records``): the run directory refuses a bare
-string, every member is written by some code, and the files on disk read as before."""
+"""Event kinds, statuses and round records are types (``fl_server.records``): the run directory
+refuses a bare string, every member is written by some code, the files on disk read as before,
+and a real round's ``metrics.jsonl`` line has exactly ``RoundRecord``'s keys."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_server.records import EventKind, Status
-from fl_server.run_dir import RunDir, read_jsonl
+from fl_server.records import ClientEntry, EventKind, RoundRecord, Status, round_record
+from fl_server.run_dir import METRIC_KEYS, RunDir, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("fl_server", "fl_client", "strategies", "tuning", "deploy")
@@ -70,3 +71,45 @@ def test_every_member_is_used_by_the_code(enum):
     if enum is Status:  # a round hook asks for these by their strings (fl_server.hooks)
         unused = [n for n in unused if n not in {"STOPPED", "PRUNED"}]
     assert unused == []
+
+
+def _keys(typed: type) -> tuple[set[str], set[str]]:
+    """(required, every) key of a TypedDict."""
+    return set(typed.__required_keys__), set(typed.__annotations__)
+
+
+def test_a_real_rounds_record_has_exactly_the_typed_keys(tmp_path):
+    """One in-process round with clients evaluating too: ``metrics.jsonl``'s line holds every
+    key of ``RoundRecord`` (``client_eval`` included) and nothing else; each client entry holds
+    the required ``ClientEntry`` keys and only typed ones, and the JSON is the record itself."""
+    from inprocess import run_inprocess
+
+    run, _ = run_inprocess(tmp_path, ["federation.fraction_evaluate=1.0"], clients=2)
+    (line,) = run.metrics.read_text().splitlines()
+    (record,) = run.rounds()
+    assert set(record) == set(RoundRecord.__annotations__)
+    assert list(record)[:2] == ["round", "map50"] and list(record)[-1] == "client_eval"
+    required, every = _keys(ClientEntry)
+    entries = record["clients"] + record["client_eval"]
+    assert len(record["clients"]) == 2 and len(record["client_eval"]) == 2
+    for entry in entries:
+        assert required <= set(entry) <= every, set(entry) ^ every
+    assert "batches" in record["clients"][0] and "map50" in record["client_eval"][0]
+    assert json.loads(line) == record
+
+
+def test_the_round_records_metrics_are_what_the_summary_reads():
+    assert set(METRIC_KEYS) <= set(RoundRecord.__required_keys__)
+
+
+def test_round_record_omits_client_eval_when_no_client_evaluated():
+    record = round_record(
+        4,
+        {"map50": 0.5, "map50_95": 0.3, "precision": 0.6, "recall": 0.4, "per_class": {},
+         "weights_sha256": "ab"},
+        clients=[], client_eval=[], failures=1, transport_seconds=0.1,
+        contribution_seconds=0.0, guard={"decision": "accept"}, global_sha256="ab",
+        round_seconds=2.0, eval_seconds=0.5, lr0=0.01,
+    )  # fmt: skip
+    required, every = _keys(RoundRecord)
+    assert set(record) == required == every - {"client_eval"}
