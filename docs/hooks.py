@@ -3,7 +3,8 @@
 - ``<!-- benchmark: NAME -->`` becomes the table ``benchmarks/report.py`` renders from
   ``benchmarks/results/*.json`` (the same code that prints them on the command line);
 - ``<!-- config-reference -->`` becomes one table per file of ``configs/`` (every key, its
-  default and its comment, read from the YAML files themselves);
+  default and its comment, read from the YAML files themselves; its type and allowed values
+  from the schema, ``fl_server.schema``); a schema key no file documents fails the build;
 - ``<!-- cli-reference -->`` becomes every ``fedyolo`` command, sub-command and option, read from
   the real argparse parsers of the commands registered in ``fedyolo.commands``
   (``fl_server.cli.build_parser``): what ``fedyolo COMMAND --help`` says.
@@ -16,10 +17,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, NoneType
 
+from fl_server import schema
 from fl_server.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +121,35 @@ def _prose(text: str) -> str:
     return _cell(text).replace("[", "\\[").replace("<", "&lt;")
 
 
-def config_file_table(path: Path) -> str:
+def type_name(kind: object) -> str:
+    """``Optional[int]`` → ``int or null``; ``list[str]`` → ``list of str``; ``Any`` → ``any``."""
+    if kind is typing.Any:
+        return "any"
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is list:
+        return f"list of {type_name(args[0])}"
+    if args and NoneType in args:
+        return " or ".join(type_name(a) for a in args if a is not NoneType) + " or null"
+    return getattr(kind, "__name__", str(kind))
+
+
+def schema_keys(rel: str) -> dict[str, tuple[str, str]]:
+    """The schema's (type, allowed values) of the keys of ``configs/<rel>``, by dotted key."""
+    if rel.split("/")[0] in ("edge", "deploy", "tuning"):  # outside the run's schema
+        return {}
+    if rel.startswith("engine/"):
+        cls = schema.ENGINES.get(Path(rel).stem, schema.EngineConfig)
+        found = schema.all_keys(cls, "engine.")
+    else:
+        found = schema.all_keys()
+    return {key: (type_name(kind), allowed) for key, kind, allowed in found}
+
+
+# Keys of the schema that no YAML file holds: fedyolo writes them into a run's config.yaml.
+SET_BY_FEDYOLO = {"trusted_plugins"}
+
+
+def config_file_table(path: Path, documented: set[str] | None = None) -> str:
     rel = path.relative_to(CONFIGS).as_posix()
     group = rel.split("/")[0] if "/" in rel else ""
     prefix = "" if rel in OUTSIDE or not group else group + "."
@@ -133,10 +164,19 @@ def config_file_table(path: Path) -> str:
     lines = [f"### `configs/{rel}`", "", f"Set with {how}{chosen}.", ""]
     if doc:
         lines += [" ".join(doc).replace("[", "\\["), ""]  # prose, as _prose says
-    lines += ["| key | default | what it is |", "| --- | --- | --- |"]
+    typed = schema_keys(rel)
+    lines += ["| key | type | default | allowed | what it is |", "| --- | --- | --- | --- | --- |"]
     for k in keys:
+        if k.path.endswith("defaults") and not k.value:  # Hydra's defaults list: the groups
+            continue
+        kind, allowed = typed.get(k.path, ("", ""))
         value = f"`{_cell(k.value)}`" if k.value else ""
-        lines.append(f"| `{k.path}` | {value} | {_prose(' '.join(k.comment))} |")
+        if documented is not None:
+            documented.add(k.path)
+        lines.append(
+            f"| `{k.path}` | {_cell(kind)} | {value} | {_prose(allowed)} "
+            f"| {_prose(' '.join(k.comment))} |"
+        )
     return "\n".join([*lines, ""])
 
 
@@ -147,7 +187,17 @@ def config_files() -> list[Path]:
 
 
 def config_reference() -> str:
-    return "\n".join(config_file_table(p) for p in config_files())
+    documented: set[str] = set()
+    tables = [config_file_table(p, documented) for p in config_files()]
+    missing = [
+        key
+        for key, _, _ in schema.all_keys()
+        if key not in documented | SET_BY_FEDYOLO
+        and not any(d.startswith(key + ".") for d in documented)
+    ]
+    if missing:
+        raise ValueError(f"schema keys that no file of configs/ documents: {missing}")
+    return "\n".join(tables)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:

@@ -1,28 +1,47 @@
-"""Compose and validate the Hydra config of a run.
+"""Compose, migrate and validate the config of a run: one composer, one override grammar.
 
-Defaults live once, in ``configs/``; this module only composes them with the user's overrides
-and checks the values, so a bad value stops the run with one line naming the key before any
-work starts.
+Defaults live once, in ``configs/`` (the YAML files, whose comments are the user's docs); what a
+value may be lives once, in ``fl_server.schema`` (registered in Hydra's ConfigStore as the schema
+``configs/config.yaml`` starts from). A fresh run, a resumed run and a distilled run all read
+``key=value`` with Hydra's override grammar (``apply_overrides``), and a bad value stops the run
+with one line naming the key before any work starts. A run directory's ``config.yaml`` from an
+older fedyolo is brought up to date by ``migrate`` (its ``config_version``), as it ran.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-import re
 from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from fl_client.errors import UserError
+from fl_client.lazy import lazy
+from fl_server.schema import (
+    CONFIG_VERSION,
+    ENGINES,
+    ConfigError,
+    EngineConfig,
+    FedyoloConfig,
+    all_keys,
+    invalid,
+)
+
+hydra = lazy("hydra")  # not for --help: only when a config is composed
+config_store = lazy("hydra.core.config_store")
+overrides_parser = lazy("hydra.core.override_parser.overrides_parser")
+hydra_errors = lazy("hydra.errors")
+
+__all__ = ["CONFIG_DIR", "RESUME_OVERRIDABLE", "ConfigError", "compose", "from_run", "migrate"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value is wrong; the message names the key."""
-
+SCHEMA = "fedyolo_schema"  # the ConfigStore name configs/config.yaml's defaults list starts with
+GROUPS = ("model", "data", "federation", "train", "strategy", "transport", "engine")
 
 # What a resumed run may change: how long it goes on and where it runs, not what it trains.
 RESUME_OVERRIDABLE = (
@@ -52,26 +71,55 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         if remote and scheme in plugins.registered(plugins.RUN_SOURCE):
             return _compose_resume(_fetch(str(resume)), rest)
         return _compose_resume(Path(resume), rest)
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"config: {_one_line(str(e))}") from e
+    cfg = _hydra(overrides)
     _record_trust(cfg)
     validate(cfg)
     return cfg
 
 
+@cache
+def _register_schema() -> None:
+    config_store.ConfigStore.instance().store(name=SCHEMA, node=FedyoloConfig)
+
+
+def _hydra(overrides: Sequence[str], name: str = "config") -> DictConfig:
+    """``configs/<name>.yaml`` composed by Hydra against the schema, errors as one line."""
+    _register_schema()
+    try:
+        with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return hydra.compose(config_name=name, overrides=list(overrides))
+    except (hydra_errors.HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_message(e)) from e
+
+
+def _message(e: BaseException, prefix: str = "", schema: type = FedyoloConfig) -> str:
+    """The one line for a composition error: a value the schema's type refuses is told as a
+    range is (``<key>=<value> is invalid; expected ...``); otherwise Hydra's first line."""
+    cause: BaseException | None = e
+    while cause is not None:
+        key = getattr(cause, "full_key", None)
+        key = f"{prefix}{key}" if key else key
+        if isinstance(cause, MissingMandatoryValue) and key:
+            return f"config: '{key}' is missing"
+        typed = isinstance(cause, OmegaConfBaseException) and hasattr(cause, "value")
+        if typed and key and "not in" not in str(cause):  # a value its type refuses
+            return invalid(key, cause.value, _expected(schema, prefix).get(key, "another type"))
+        cause = cause.__cause__
+    return f"config: {_one_line(str(e))}"
+
+
+@cache
+def _expected(schema: type, prefix: str) -> dict[str, str]:
+    """Each key's allowed values as the schema words them; else its type's name."""
+    return {
+        prefix + key: expected or f"a value of type {getattr(kind, '__name__', kind)}"
+        for key, kind, expected in all_keys(schema)
+    }
+
+
 def _record_trust(cfg: DictConfig) -> None:
     """``trusted_plugins``: this process's grant, whatever the config said before (a run
     directory's config.yaml, a file): see ``fl_server.plugins`` for why only the command line."""
-    from omegaconf import open_dict
-
     from fl_server import plugins
 
     with open_dict(cfg):
@@ -97,8 +145,6 @@ def _fetch(url: str) -> Path:
 
 
 def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:
-    import yaml
-
     path = path.expanduser().resolve()
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"config: resume={path} is not a run directory (no config.yaml)")
@@ -113,55 +159,11 @@ def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:
         ) from e
     except state.StateError as e:
         raise ConfigError(f"config: resume={path}: {e}") from e
-    cfg = _with_new_keys(load(path / "config.yaml"))
-    for o in overrides:
-        key, sep, value = o.partition("=")
-        if key == "engine" and sep:  # the group: continue on another engine
-            _switch_engine(cfg, value)
-            continue
-        if not sep or not any(key == k or key.startswith(k + ".") for k in RESUME_OVERRIDABLE):
-            raise ConfigError(
-                f"config: {o!r} cannot change when resuming; allowed: {list(RESUME_OVERRIDABLE)}"
-            )
-        OmegaConf.update(cfg, key, yaml.safe_load(value), force_add=False)
+    cfg = migrate(load(path / "config.yaml"))
+    apply_overrides(cfg, overrides, path / "config.yaml", allowed=RESUME_OVERRIDABLE)
     cfg.resume = str(path)
     _record_trust(cfg)
     validate(cfg)
-    return cfg
-
-
-def _switch_engine(cfg: DictConfig, name: str) -> None:
-    group = CONFIG_DIR / "engine" / f"{name}.yaml"
-    if not group.is_file():
-        raise ConfigError(f"config: engine={name!r} is not one of configs/engine/")
-    cfg.engine = OmegaConf.load(group)
-
-
-def _with_new_keys(cfg: DictConfig) -> DictConfig:
-    """A run directory's config written before a setting existed gets its default."""
-    if "hooks" not in cfg:
-        cfg.hooks = []
-    if "distill" not in cfg:
-        cfg.distill = {"teacher": None, "weight": 6.0}
-    # checks added later stay off for a run that started without them (it resumes as it ran)
-    if "max_step_norm_x_median" not in cfg.aggregation:
-        cfg.aggregation.max_step_norm_x_median = None
-    if "significance" not in cfg.guard:
-        cfg.guard.significance = None
-    if "bootstrap" not in cfg.guard:
-        cfg.guard.bootstrap = 200
-    if "save_matches" not in cfg.output:
-        cfg.output.save_matches = False
-    if "contribution" not in cfg.guard:
-        cfg.guard.contribution = False
-    if "min_flag_gain" not in cfg.guard:
-        cfg.guard.min_flag_gain = 0.01
-    if "flag_agreement" not in cfg.guard:
-        cfg.guard.flag_agreement = None
-    if "patience" not in cfg.guard:
-        cfg.guard.patience = 0
-    if "severe_drop" not in cfg.guard:
-        cfg.guard.severe_drop = 0.5
     return cfg
 
 
@@ -169,28 +171,104 @@ def from_run(path: Path, overrides: Sequence[str]) -> DictConfig:
     """A new run's config: run ``path``'s own config.yaml with ``key=value`` overrides (any key
     that exists; ``engine=<name>`` switches the engine group). Same data, partition and seed as
     that run unless overridden: what ``fedyolo distill`` starts from."""
-    import yaml
-
     from fl_server import plugins
 
     plugins.refuse_overrides(overrides)
     path = Path(path).expanduser().resolve()
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"config: {path} is not a run directory (no config.yaml)")
-    cfg = _with_new_keys(load(path / "config.yaml"))
-    for o in overrides:
-        key, sep, value = o.partition("=")
-        if not sep:
-            raise ConfigError(f"config: {o!r} is not key=value")
-        if key == "engine":
-            _switch_engine(cfg, value)
-            continue
-        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
-            raise ConfigError(f"config: {key!r} is not a setting of {path / 'config.yaml'}")
-        OmegaConf.update(cfg, key, yaml.safe_load(value), force_add=False)
+    cfg = migrate(load(path / "config.yaml"))
+    apply_overrides(cfg, overrides, path / "config.yaml")
     _record_trust(cfg)
     validate(cfg)
     return cfg
+
+
+def apply_overrides(
+    cfg: DictConfig, overrides: Sequence[str], base: Path, allowed: Sequence[str] | None = None
+) -> None:
+    """Apply ``overrides`` to a run's config (``base``) with Hydra's override grammar, as a fresh
+    compose reads them: ``key=value`` sets a key that exists, ``+key=value`` adds one,
+    ``group=option`` (``engine=local-deployment``) takes that option's composed keys.
+    ``allowed``: the only keys that may change (a resumed run's ``RESUME_OVERRIDABLE``)."""
+    try:
+        parsed = overrides_parser.OverridesParser.create().parse_overrides(list(overrides))
+    except hydra_errors.HydraException as e:
+        raise ConfigError(f"config: {_one_line(str(e))}") from e
+    for o in parsed:
+        key, line = o.key_or_group, o.input_line
+        if allowed is not None and (
+            o.is_delete() or not any(key == k or key.startswith(k + ".") for k in allowed)
+        ):
+            raise ConfigError(
+                f"config: {line!r} cannot change when resuming; allowed: {list(allowed)}"
+            )
+        if o.is_sweep_override() or o.is_delete() or o.package is not None:
+            raise ConfigError(f"config: {line!r}: only key=value, +key=value or group=option")
+        if key in GROUPS and not (o.is_add() or o.is_force_add()):
+            _switch_group(cfg, key, str(o.value()))
+            continue
+        exists = OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
+        if exists and o.is_add() and not isinstance(o.value(), dict | list):
+            raise ConfigError(
+                f"config: Could not append to config. An item is already at '{key}'. "
+                f"Either remove + prefix: '{line[1:]}'"
+            )
+        if not exists and not (o.is_add() or o.is_force_add()):
+            raise ConfigError(f"config: {key!r} is not a setting of {base}")
+        try:
+            OmegaConf.update(cfg, key, o.value(), merge=True, force_add=not exists)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_message(e)) from e
+
+
+_ABSENT = object()
+
+
+def _switch_group(cfg: DictConfig, group: str, option: str) -> None:
+    """``group=option`` on a run's config: that option's keys, composed as a fresh run's."""
+    if not (CONFIG_DIR / group / f"{option}.yaml").is_file():
+        raise ConfigError(f"config: {group}={option!r} is not one of configs/{group}/")
+    cfg[group] = _hydra([f"{group}={option}"])[group]
+
+
+def migrate(cfg: DictConfig) -> DictConfig:
+    """A run directory's config written by an older fedyolo, brought to ``CONFIG_VERSION``: each
+    step adds the settings that version introduced, with the values that keep the run as it ran
+    (checks added later stay off for a run that started without them)."""
+    version = int(cfg.get("config_version", 0))
+    if version > CONFIG_VERSION:
+        raise ConfigError(
+            f"config: config_version={version} is newer than this fedyolo's {CONFIG_VERSION}; "
+            "upgrade fedyolo to read this run"
+        )
+    for step in _MIGRATIONS[version:]:
+        step(cfg)
+    cfg.config_version = CONFIG_VERSION
+    return cfg
+
+
+def _to_1(cfg: DictConfig) -> None:
+    """Version 0 (no ``config_version``): what runs before the schema could lack."""
+    news: dict[str, Any] = {
+        "hooks": [],
+        "distill": {"teacher": None, "weight": 6.0},
+        "aggregation.max_step_norm_x_median": None,
+        "guard.significance": None,
+        "guard.bootstrap": 200,
+        "output.save_matches": False,
+        "guard.contribution": False,
+        "guard.min_flag_gain": 0.01,
+        "guard.flag_agreement": None,
+        "guard.patience": 0,
+        "guard.severe_drop": 0.5,
+    }
+    for key, value in news.items():
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            OmegaConf.update(cfg, key, value, force_add=True)
+
+
+_MIGRATIONS: list[Callable[[DictConfig], None]] = [_to_1]  # _MIGRATIONS[v]: version v to v + 1
 
 
 def _one_line(message: str) -> str:
@@ -205,14 +283,6 @@ def _one_line(message: str) -> str:
     return f"{first} {hint}".strip()
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return (isinstance(v, int | float)) and not isinstance(v, bool)
-
-
 def _schemes() -> tuple[str, ...]:
     from fl_client.transport import SCHEMES  # imported lazily: it pulls in torch
 
@@ -225,12 +295,7 @@ def _engines() -> list[str]:
     return engines.names()
 
 
-_NAME = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}"
-
-
 def _loopback(host: str) -> bool:
-    import ipaddress
-
     if host == "localhost":
         return True
     try:
@@ -239,138 +304,35 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _rule(check: Callable[[Any], bool], expected: str) -> tuple[Callable[[Any], bool], str]:
-    return check, expected
-
-
-_OPTIMIZERS = {"SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "MuSGD"}
-_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": _rule(_is_int, "an integer"),
-    "federation.clients": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "federation.rounds": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "federation.fraction": _rule(lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "federation.fraction_evaluate": _rule(
-        lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"
-    ),
-    "federation.round_timeout": _rule(lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
-    "train.epochs": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "train.imgsz": _rule(
-        lambda v: _is_int(v) and v >= 32 and v % 32 == 0, "an integer >= 32, a multiple of 32"
-    ),
-    "train.batch": _rule(lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-    "train.eval_batch": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "train.lr0": _rule(lambda v: _is_num(v) and 0 < v < 10, "a number in (0, 10)"),
-    "train.momentum": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "train.weight_decay": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "train.mosaic": _rule(lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "train.optimizer": _rule(
-        lambda v: v in _OPTIMIZERS,
-        f"one of {sorted(_OPTIMIZERS)} ('auto' ignores lr0 and momentum, so it is refused)",
-    ),
-    "train.device": _rule(
-        lambda v: str(v) in {"auto", "cpu"} or all(p.isdigit() for p in str(v).split(",")),
-        "auto, cpu or a CUDA device index like 0",
-    ),
-    "train.amp": _rule(lambda v: isinstance(v, bool), "true or false"),
-    "train.workers": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "model.cfg": _rule(lambda v: isinstance(v, str) and v != "", "a model yaml or .pt path"),
-    "data.partition": _rule(
-        lambda v: v in {"iid", "dirichlet", "domain"}, "iid, dirichlet or domain"
-    ),
-    "data.alpha": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "data.server_val_fraction": _rule(
-        lambda v: _is_num(v) and 0 < v <= 0.5, "a number in (0, 0.5]"
-    ),
-    "data.client_val_fraction": _rule(
-        lambda v: _is_num(v) and 0 < v <= 0.5, "a number in (0, 0.5]"
-    ),
-    "data.synth.images": _rule(lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
-    "data.synth.imgsz": _rule(lambda v: _is_int(v) and v >= 32, "an integer >= 32"),
-    "engine.name": _rule(lambda v: v in _engines(), "an engine of fl_server.engines"),
-    # a run name becomes a folder name and travels to Flower's run config: a safe alphabet only
-    "name": _rule(
-        lambda v: v is None or (isinstance(v, str) and re.fullmatch(_NAME, v) is not None),
-        "null or 1-100 of letters, digits, '.', '_', '-' (not starting with '.' or '-')",
-    ),
-    "hooks": _rule(
-        lambda v: (
-            v is None or (OmegaConf.is_list(v) and all(isinstance(h, str) and ":" in h for h in v))
-        ),
-        "a list of round hooks by import path, module:attribute",
-    ),
-    "aggregation.min_replies": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "aggregation.max_examples": _rule(
-        lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"
-    ),
-    "aggregation.clip_x_median": _rule(
-        lambda v: v is None or (_is_num(v) and v >= 1), "null or a number >= 1"
-    ),
-    "aggregation.max_update_ratio": _rule(
-        lambda v: v is None or (_is_num(v) and v > 0), "null or a number > 0"
-    ),
-    "aggregation.max_norm_x_median": _rule(
-        lambda v: v is None or (_is_num(v) and v >= 1), "null or a number >= 1"
-    ),
-    "aggregation.max_step_norm_x_median": _rule(
-        lambda v: v is None or (_is_num(v) and v >= 1), "null or a number >= 1"
-    ),
-    "transport.scheme": _rule(lambda v: v in _schemes(), "a scheme of fl_client.transport"),
-    "transport.block": _rule(
-        lambda v: _is_int(v) and v >= 2 and v % 2 == 0, "an even integer >= 2"
-    ),
-    "transport.fraction": _rule(lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "transport.error_feedback": _rule(lambda v: isinstance(v, bool), "true or false"),
-    "strategy.name": _rule(lambda v: isinstance(v, str) and v != "", "a strategy name"),
-    "guard.enabled": _rule(lambda v: isinstance(v, bool), "true or false"),
-    "guard.metric": _rule(lambda v: v in {"map50_95", "map50"}, "map50_95 or map50"),
-    "guard.reference": _rule(lambda v: v in {"best", "previous"}, "best or previous"),
-    "guard.max_drop": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
-    "guard.min_abs_drop": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "guard.significance": _rule(
-        lambda v: v is None or (_is_num(v) and 0 < v < 0.5), "null or a number in (0, 0.5)"
-    ),
-    "guard.flag_agreement": _rule(
-        lambda v: v is None or (_is_num(v) and -1 <= v <= 1), "null or a number in [-1, 1]"
-    ),
-    "guard.patience": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "guard.severe_drop": _rule(
-        lambda v: v is None or (_is_num(v) and 0 < v <= 1), "null or a number in (0, 1]"
-    ),
-    "guard.bootstrap": _rule(lambda v: _is_int(v) and v >= 20, "an integer >= 20"),
-    "guard.min_flag_gain": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "guard.contribution": _rule(lambda v: isinstance(v, bool), "true or false"),
-    "guard.policy": _rule(
-        lambda v: v in {"rollback", "lower_lr", "exclude"}, "rollback, lower_lr or exclude"
-    ),
-    "guard.lr_factor": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
-    "guard.exclude_rounds": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "guard.stop_after": _rule(
-        lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"
-    ),
-    "tracking.enabled": _rule(lambda v: isinstance(v, bool), "true or false"),
-    "tracking.mode": _rule(lambda v: v in {"auto", "online", "offline"}, "auto, online or offline"),
-    "tracking.project": _rule(lambda v: isinstance(v, str) and v != "", "a ClearML project name"),
-    "tracking.connect_timeout": _rule(lambda v: _is_num(v) and 0 < v <= 600, "seconds in (0, 600]"),
-    "distill.teacher": _rule(
-        lambda v: v is None or (isinstance(v, str) and v.endswith(".pt")),
-        "null or a .pt checkpoint (e.g. runs/<run>/best.pt)",
-    ),
-    "distill.weight": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "drift.enabled": _rule(lambda v: isinstance(v, bool), "true or false"),
-    "drift.sample": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "drift.reference_rounds": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "drift.threshold": _rule(lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
-}
+def check_schema(cfg: DictConfig) -> None:
+    """The schema's types and ranges (``fl_server.schema``), the engine's by its name; the names
+    the schema cannot know (installed engines, transport codecs) against their registries."""
+    try:
+        plain = OmegaConf.create(OmegaConf.to_container(cfg))  # a key the schema lacks: refused
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FedyoloConfig), plain))
+        if cfg.engine.name not in _engines():
+            raise ConfigError(
+                invalid("engine.name", cfg.engine.name, "an engine of fl_server.engines")
+            )
+    except OmegaConfBaseException as e:
+        raise ConfigError(_message(e)) from e
+    schema = ENGINES.get(str(cfg.engine.name))
+    try:
+        if schema is not None:
+            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg.engine))
+        else:  # an installed engine's own keys: its package checks them
+            EngineConfig(name=cfg.engine.name)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_message(e, "engine.", schema or EngineConfig)) from e
+    if cfg.transport.scheme not in _schemes():
+        raise ConfigError(
+            invalid("transport.scheme", cfg.transport.scheme, "a scheme of fl_client.transport")
+        )
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` naming the first key whose value is wrong."""
-    for key, (check, expected) in _RULES.items():
-        value = OmegaConf.select(cfg, key, default="__missing__")
-        if value == "__missing__":
-            raise ConfigError(f"config: '{key}' is missing")
-        if not check(value):
-            raise ConfigError(f"config: {key}={value!r} is invalid; expected {expected}")
+    check_schema(cfg)
     engine = cfg.engine
     if engine.get("insecure") and not _loopback(str(engine.get("host", ""))):
         raise ConfigError(

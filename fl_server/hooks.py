@@ -93,10 +93,11 @@ def load_hooks(paths: Sequence[str], run: Any, trusted: Sequence[str] | None = N
     ``trusted``: the grant the run's ``config.yaml`` carries (``fl_server.plugins``) unless
     given."""
     if trusted is None:
-        from fl_server import config as config_mod
+        from omegaconf import OmegaConf
+
         from fl_server import plugins
 
-        trusted = plugins.recorded(config_mod.load(run.config)) if paths else ()
+        trusted = plugins.recorded(OmegaConf.load(run.config)) if paths else ()
     return [cls(run) for cls in hook_classes(paths, trusted)]
 
 

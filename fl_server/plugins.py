@@ -41,7 +41,7 @@ from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
-from fl_server.config import ConfigError
+from fl_server.schema import ConfigError
 
 KEY = "trusted_plugins"  # the config key that carries the grant to the ServerApp
 FLAG = "--trust-plugin"

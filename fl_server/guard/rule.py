@@ -84,15 +84,17 @@ class Guard:
         self.lr_factor = float(cfg.lr_factor)
         self.exclude_rounds = int(cfg.exclude_rounds)
         self.stop_after = None if cfg.stop_after is None else int(cfg.stop_after)
-        sig = cfg.get("significance")
+        # every key is required: defaults live in configs/config.yaml, an old run's in
+        # fl_server.config.migrate; a missing one is a bug, not a value to guess
+        sig = cfg["significance"]
         self.significance = None if sig is None else float(sig)
-        self.bootstrap = int(cfg.get("bootstrap") or 200)
-        self.contribution = bool(cfg.get("contribution") or False)
-        self.min_flag_gain = float(cfg.get("min_flag_gain") or 0.0)
-        agree = cfg.get("flag_agreement")
+        self.bootstrap = int(cfg["bootstrap"])
+        self.contribution = bool(cfg["contribution"])
+        self.min_flag_gain = float(cfg["min_flag_gain"])
+        agree = cfg["flag_agreement"]
         self.flag_agreement = None if agree is None else float(agree)
-        self.patience = int(cfg.get("patience") or 0)
-        severe = cfg.get("severe_drop", 0.5)
+        self.patience = int(cfg["patience"])
+        severe = cfg["severe_drop"]
         self.severe_drop = None if severe is None else float(severe)
         self.state = GuardState()
         # the reference rounds' per-image matches (not saved: re-evaluated on resume)
