@@ -25,7 +25,7 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fl_client import worker
+from fl_client import wire, worker
 from fl_client.handlers import (  # noqa: F401 - the work's names, importable from here as before
     _MODEL_CACHE,
     PROJECTOR,
@@ -50,8 +50,8 @@ def _client_dp_mod(msg: Message, context: Context, call_next) -> Message:
     """
     from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
-    if msg.metadata.message_type == "train" and "config" in msg.content.config_records:
-        kind = RoundConfig.from_record(msg.content["config"]).dp_clipping
+    if msg.metadata.message_type == "train" and wire.CONFIG in msg.content.config_records:
+        kind = RoundConfig.from_record(msg.content[wire.CONFIG]).dp_clipping
         if kind == "fixed":
             return fixedclipping_mod(msg, context, call_next)
         if kind == "adaptive":
@@ -65,9 +65,9 @@ def _client_error_mod(msg: Message, context: Context, call_next) -> Message:
     try:
         return call_next(msg, context)
     except Exception as e:
-        pid = int(context.node_config.get("partition-id", -1))
-        config = msg.content.config_records.get("config", {})
-        rnd = int(config.get("server-round", 0)) if config else 0
+        pid = int(context.node_config.get(wire.PARTITION_ID, -1))
+        config = msg.content.config_records.get(wire.CONFIG, {})
+        rnd = int(config.get(wire.SERVER_ROUND, 0)) if config else 0
         # the warm worker's failures arrive already named ("ValueError: ...")
         why = str(e) if getattr(e, "named", False) else f"{type(e).__name__}: {e}"
         LOGGER.warning("client %d (round %d) failed: %s", pid, rnd, why)
@@ -113,9 +113,9 @@ def _run(kind: str, msg: Message, context: Context) -> Message:
         content = worker.call(kind, msg.content, context)
     else:
         content = handle(kind, msg.content, node, context.state)
-    metrics = content["metrics"]
-    metrics["handler-seconds"] = time.perf_counter() - t0
-    metrics["startup-seconds"] = startup
+    metrics = content[wire.METRICS]
+    metrics[wire.HANDLER_SECONDS] = time.perf_counter() - t0
+    metrics[wire.STARTUP_SECONDS] = startup
     return Message(content=content, reply_to=msg)
 
 

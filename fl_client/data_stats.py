@@ -17,8 +17,8 @@ import numpy as np
 
 from fl_client.data import labels
 from fl_client.data.formats import label_path_for, read_data_yaml
+from fl_client.wire import DATA_STATS_PREFIX as PREFIX  # the metrics' prefix: the contract's
 
-PREFIX = "ds-"
 HISTOGRAMS: tuple[str, ...] = ("brightness", "contrast", "classes", "box_size")
 COUNTS: tuple[str, ...] = ("images", "unreadable")
 BRIGHTNESS_BINS = 16  # pixel gray levels 0..255, 16 levels a bin

@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from fl_client.wire import TEACHER_ARCH_KEY, TEACHER_KEY  # the message keys: the contract
+
 LOGGER = logging.getLogger(__name__)
 
-TEACHER_KEY = "teacher"  # the ArrayRecord in a train message's content (first message only)
-TEACHER_ARCH_KEY = "teacher-arch"  # its ConfigRecord: {"arch": json}
 _MEMORY: dict[str, Any] = {}  # sha256 -> built teacher model (one at a time)
 
 

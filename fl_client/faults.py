@@ -38,8 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from fl_client.wire import FAULTS_IGNORED
+
 OPT_IN = "fault-injection"  # the node config key that lets this node act faults out
-IGNORED_METRIC = "faults-ignored"  # a reply's count of faults the node did not act out
+IGNORED_METRIC = FAULTS_IGNORED  # a reply's count of faults the node did not act out
 
 KINDS = ("crash", "hang", "nan", "scaled_weights", "random_weights", "corrupt_labels")
 

@@ -20,9 +20,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
-from fl_client.wire import NUM_EXAMPLES, PARTITION_ID, RoundConfig
+from fl_client import wire
+from fl_client.wire import RoundConfig
 
 LOGGER = logging.getLogger("fl_client.client_app")  # the name operators filter on, as before
 
@@ -52,9 +53,9 @@ def shard_yaml(node: Mapping, config: RoundConfig) -> Path:
     if "data-path" in node and str(node["data-path"]):
         path = Path(str(node["data-path"]))
     else:
-        if "partition-id" not in node:
+        if wire.PARTITION_ID not in node:
             raise ValueError("node config has neither 'data-path' nor 'partition-id'")
-        path = Path(config.data_root) / f"client_{int(node['partition-id'])}" / "data.yaml"
+        path = Path(config.data_root) / f"client_{int(node[wire.PARTITION_ID])}" / "data.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"client data: '{path}' does not exist")
     names = read_data_yaml(path).names
@@ -186,10 +187,10 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
     from fl_client.train import resolve_device, train_round
     from fl_client.transport import encode
 
-    config = RoundConfig.from_record(content["config"])
+    config = RoundConfig.from_record(content[wire.CONFIG])
     _setup_process(config)
     data_yaml = shard_yaml(node, config)
-    pid = int(node.get("partition-id", 0))
+    pid = int(node.get(wire.PARTITION_ID, 0))
     server_round = config.server_round
     injected = faults.mine(config.faults, pid)
     ignored = 0
@@ -203,8 +204,8 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
             faults.OPT_IN,
         )
     train_yaml = _act_out_before(injected, server_round, data_yaml, len(config.names), pid)
-    received = content["arrays"][WEIGHTS_KEY].numpy()
-    model = _model_for(config, content["arrays"])
+    received = content[wire.ARRAYS][WEIGHTS_KEY].numpy()
+    model = _model_for(config, content[wire.ARRAYS])
     mask = _personalize(model, config, state)
     seed = config.seed + 1000 * server_round + pid
     args = {k: v for k, v in asdict(config.train).items() if k != "eval_batch"}
@@ -234,34 +235,35 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
         own[PROJECTOR + k] = v
     _keep_own(state, own)
     losses = result.losses
-    metrics = MetricRecord(
+    distilled = (
         {
-            NUM_EXAMPLES: result.num_examples,
-            PARTITION_ID: pid,
-            "loss": float(sum(losses.values())) if losses else float("nan"),
-            "loss-box": float(losses.get("box_loss", float("nan"))),
-            "loss-cls": float(losses.get("cls_loss", float("nan"))),
-            "loss-dfl": float(losses.get("dfl_loss", float("nan"))),
-            **(
-                {
-                    "loss-distill": float(losses.get("dis_loss", float("nan"))),
-                    "teacher-received": int(distill.TEACHER_KEY in content.array_records),
-                }
-                if teacher is not None
-                else {}
-            ),
-            "setup-seconds": result.timing.setup,
-            "train-seconds": result.timing.epochs,
-            "batch-seconds": result.timing.batches,
-            "batches": result.timing.batch_count,
+            wire.LOSS_DISTILL: float(losses.get("dis_loss", float("nan"))),
+            wire.TEACHER_RECEIVED: int(wire.TEACHER_KEY in content.array_records),
+        }
+        if teacher is not None
+        else {}
+    )
+    return wire.TrainReply(
+        arrays,
+        num_examples=result.num_examples,
+        partition_id=pid,
+        metrics={
+            wire.LOSS: float(sum(losses.values())) if losses else float("nan"),
+            wire.LOSS_BOX: float(losses.get("box_loss", float("nan"))),
+            wire.LOSS_CLS: float(losses.get("cls_loss", float("nan"))),
+            wire.LOSS_DFL: float(losses.get("dfl_loss", float("nan"))),
+            **distilled,
+            wire.SETUP_SECONDS: result.timing.setup,
+            wire.TRAIN_SECONDS: result.timing.epochs,
+            wire.BATCH_SECONDS: result.timing.batches,
+            wire.BATCHES: result.timing.batch_count,
             # 1 when this client still had its own arrays (local parts, transport residual)
             # from an earlier round: the engine kept its Flower context.state
-            "kept-state": int(had_state),
-            **({faults.IGNORED_METRIC: ignored} if ignored else {}),
-            **_data_stats(data_yaml, config, pid, server_round),
-        }
-    )
-    return RecordDict({"arrays": arrays, "metrics": metrics})
+            wire.KEPT_STATE: int(had_state),
+            **({wire.FAULTS_IGNORED: ignored} if ignored else {}),
+        },
+        data_stats=_data_stats(data_yaml, config, pid, server_round),
+    ).to_content()
 
 
 def evaluate_content(content: RecordDict, node: Mapping, state: RecordDict) -> RecordDict:
@@ -271,10 +273,10 @@ def evaluate_content(content: RecordDict, node: Mapping, state: RecordDict) -> R
     from fl_client.train import resolve_device
     from fl_client.ultralytics_adapter import val_images
 
-    config = RoundConfig.from_record(content["config"])
+    config = RoundConfig.from_record(content[wire.CONFIG])
     _setup_process(config)
     data_yaml = shard_yaml(node, config)
-    model = _model_for(config, content["arrays"])
+    model = _model_for(config, content[wire.ARRAYS])
     _personalize(model, config, state)  # evaluate the model this client actually uses
     imgsz = config.train.imgsz
     ckpt = save_checkpoint(model, _workdir() / "global.pt", {"imgsz": imgsz}, {})
@@ -287,14 +289,13 @@ def evaluate_content(content: RecordDict, node: Mapping, state: RecordDict) -> R
         workdir=_workdir(),
     )
     num_val = len(list(val_images(data_yaml).glob("*")))
-    metrics = MetricRecord(
-        {
-            NUM_EXAMPLES: num_val,
-            PARTITION_ID: int(node.get("partition-id", 0)),
-            "map50": res["map50"],
-            "map50-95": res["map50_95"],
-            "precision": res["precision"],
-            "recall": res["recall"],
-        }
-    )
-    return RecordDict({"metrics": metrics})
+    return wire.EvalReply(
+        num_examples=num_val,
+        partition_id=int(node.get(wire.PARTITION_ID, 0)),
+        metrics={
+            wire.MAP50: res["map50"],
+            wire.MAP50_95: res["map50_95"],
+            wire.PRECISION: res["precision"],
+            wire.RECALL: res["recall"],
+        },
+    ).to_content()

@@ -32,37 +32,14 @@ dropped by the server rather than half-applied.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-WEIGHTS_KEY = "weights"  # the one array of a model's record: every exchanged value, packed
-SCHEMES = ("fp32", "fp16", "q8", "q4", "topk")
-SCHEME_KEY = "transport"  # int8 array naming the scheme, so the server needs no side channel
+# the record's keys and the spec are part of the round contract: defined in fl_client.wire (and
+# importable from here as before)
+from fl_client.wire import SCHEME_KEY, SCHEMES, WEIGHTS_KEY, TransportSpec
+
 _CODES = {name: i for i, name in enumerate(SCHEMES)}
-
-
-@dataclass(frozen=True)
-class TransportSpec:
-    """A transport scheme and its parameters (their defaults: ``configs/transport/*.yaml``)."""
-
-    scheme: str
-    block: int  # q8/q4: values per quantization block (one float32 scale each)
-    fraction: float  # topk: share of values sent
-    error_feedback: bool
-
-    def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"transport.scheme={self.scheme!r}: choose one of {list(SCHEMES)}")
-        if self.block < 2 or self.block % 2:
-            raise ValueError(f"transport.block={self.block}: an even integer >= 2")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"transport.fraction={self.fraction}: a number in (0, 1]")
-
-    @property
-    def is_delta(self) -> bool:
-        return self.scheme != "fp32"
 
 
 def _levels(scheme: str) -> int:

@@ -1,9 +1,15 @@
 """The round contract between the server and its clients, in one place.
 
 What a client receives each round besides the weights is one typed ``RoundConfig``, converted to
-and from Flower's ``ConfigRecord`` here and nowhere else; the names of the metrics a client
-reports are the constants below; a client's failure travels as a structured ``ClientFailure``
-(the server reads the client's id from a field, never from an error message).
+and from Flower's ``ConfigRecord`` here and nowhere else. What it sends back is a typed
+``TrainReply`` or ``EvalReply``: the client builds the reply's content with ``to_content()``, the
+server reads it with ``parse(msg)``, which raises ``WireError`` naming the first key that is
+missing or malformed (the server turns that into a recorded rejection, never an exception in its
+round). A client's failure travels as a structured ``ClientFailure`` (the server reads the
+client's id from a field, never from an error message). Every key of a message's content, of
+the round config and of a reply's metrics is a constant below; ``fl_client.transport`` (the
+weights' encodings), ``fl_client.distill`` (the teacher), ``fl_client.data_stats`` and the
+server import them from here.
 
 A new local-training parameter is one key in ``configs/train/default.yaml`` plus one field of
 ``TrainArgs`` (the server fills ``TrainArgs`` from ``cfg.train`` by field name).
@@ -12,20 +18,49 @@ A new local-training parameter is one key in ``configs/train/default.yaml`` plus
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fl_client.errors import UserError
-from fl_client.transport import TransportSpec
+
+# -- the records of a message's content (Flower's strategies' default names) --------------------
+ARRAYS = "arrays"  # the model's ArrayRecord, both ways
+CONFIG = "config"  # the round config's ConfigRecord (server → client)
+METRICS = "metrics"  # a reply's MetricRecord
+TEACHER_KEY = "teacher"  # distillation: the teacher's ArrayRecord (a node's first train message)
+TEACHER_ARCH_KEY = "teacher-arch"  # ... and its ConfigRecord: {"arch": json, "sha256": hex}
+FAILURE_KEY = "fedyolo-failure"  # the ConfigRecord of a structured failure reply
+SERVER_ROUND = "server-round"  # the round config's round (Flower's strategies set it)
+
+# -- the arrays of a model's record (fl_client.transport encodes and decodes them) ----------------
+WEIGHTS_KEY = "weights"  # the one array of a model's record: every exchanged value, packed
+SCHEME_KEY = "transport"  # int8 array naming a delta scheme, so the server needs no side channel
+SCHEMES = ("fp32", "fp16", "q8", "q4", "topk")  # their codes: the index here
 
 # -- metric names a client's replies carry (MetricRecord keys) -----------------------------------
 NUM_EXAMPLES = "num-examples"  # FedAvg's weight: the real count of the client's examples
-PARTITION_ID = "partition-id"  # which client (its shard) sent the reply
+PARTITION_ID = "partition-id"  # which client (its shard) sent the reply: its node config's
+BATCHES = "batches"  # the optimizer's local steps: the per-step norm rule divides by it
+FAULTS_IGNORED = "faults-ignored"  # injected faults the node did not act out (no opt-in)
+KEPT_STATE = "kept-state"  # 1: the client still had its Flower context.state of earlier rounds
+LOSS, LOSS_BOX, LOSS_CLS, LOSS_DFL = "loss", "loss-box", "loss-cls", "loss-dfl"
+LOSS_DISTILL = "loss-distill"  # distillation runs only
+TEACHER_RECEIVED = "teacher-received"  # distillation runs only: 1 when this message carried it
+SETUP_SECONDS, TRAIN_SECONDS, BATCH_SECONDS = "setup-seconds", "train-seconds", "batch-seconds"
+HANDLER_SECONDS = "handler-seconds"  # the whole handler, as the ClientApp measured it
+STARTUP_SECONDS = "startup-seconds"  # the ClientApp process's start-up (first message only)
+MAP50, MAP50_95, PRECISION, RECALL = "map50", "map50-95", "precision", "recall"  # evaluate
 DATA_STATS_PREFIX = "ds-"  # data statistics (fl_client.data_stats)
-# every other metric key becomes a field of the round record: "train-seconds" → "train_seconds"
-FAILURE_KEY = "fedyolo-failure"  # the ConfigRecord of a structured failure reply
+# every other metric key becomes a field of the round record: "train-seconds" → "train_seconds";
+# fields of a client's record in metrics.jsonl that the server measures, never the client
+SERVER_FIELDS = frozenset({"id", "node_id", "bytes_down", "bytes_up", "update_norm"})
+MAX_EXAMPLES_CLAIM = 2**31 - 1
+
+Metric = int | float | list[int] | list[float]  # what a MetricRecord holds
 
 
 class WireError(UserError, ValueError):
@@ -36,6 +71,29 @@ def record_field(metric: str) -> str:
     """A reply's metric key as the field name in ``metrics.jsonl`` (``train-seconds`` →
     ``train_seconds``)."""
     return metric.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class TransportSpec:
+    """A transport scheme and its parameters (``fl_client.transport``; their defaults:
+    ``configs/transport/*.yaml``), sent in the round config as ``transport*`` keys."""
+
+    scheme: str
+    block: int  # q8/q4: values per quantization block (one float32 scale each)
+    fraction: float  # topk: share of values sent
+    error_feedback: bool
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"transport.scheme={self.scheme!r}: choose one of {list(SCHEMES)}")
+        if self.block < 2 or self.block % 2:
+            raise ValueError(f"transport.block={self.block}: an even integer >= 2")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"transport.fraction={self.fraction}: a number in (0, 1]")
+
+    @property
+    def is_delta(self) -> bool:
+        return self.scheme != "fp32"
 
 
 @dataclass(frozen=True)
@@ -148,7 +206,7 @@ class ClientFailure:
 
     def to_reply(self, msg: Message) -> Message:
         rec = ConfigRecord(
-            {"partition-id": self.partition_id, "round": self.server_round, "reason": self.reason}
+            {PARTITION_ID: self.partition_id, "round": self.server_round, "reason": self.reason}
         )
         return Message(content=RecordDict({FAILURE_KEY: rec}), reply_to=msg)
 
@@ -159,7 +217,7 @@ class ClientFailure:
             return None
         rec = reply.content.config_records[FAILURE_KEY]
         try:
-            pid = int(rec["partition-id"])
+            pid = int(rec[PARTITION_ID])
             return cls(pid if pid >= 0 else None, int(rec["round"]), str(rec["reason"]))
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             return cls(None, 0, f"malformed failure reply ({type(e).__name__}: {e})")
@@ -167,6 +225,85 @@ class ClientFailure:
     def __str__(self) -> str:
         who = "client ?" if self.partition_id is None else f"client {self.partition_id}"
         return f"{who} (round {self.server_round}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A ``train`` reply: the trained weights (one ``ArrayRecord``, in ``fl_client.transport``'s
+    encoding) and the metrics.
+
+    The server decides on the typed fields (FedAvg's weight, which partition answers, the
+    data statistics); ``metrics`` are the others, in the order sent (losses, timings,
+    ``batches``, ...), recorded in the client's entry of ``metrics.jsonl`` as they are. A
+    plug-in ClientApp's reply needs only ``num-examples``.
+    """
+
+    arrays: ArrayRecord
+    num_examples: int
+    partition_id: int | None = None
+    metrics: Mapping[str, Metric] = field(default_factory=dict)
+    data_stats: Mapping[str, Metric] = field(default_factory=dict)  # ds-* (fl_client.data_stats)
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({ARRAYS: self.arrays, METRICS: _metric_record(self)})
+
+    @classmethod
+    def parse(cls, msg: Message) -> TrainReply:
+        """The reply ``msg`` carries; ``WireError`` naming the first key that is wrong."""
+        metrics = _metrics_of(msg)
+        if NUM_EXAMPLES not in metrics:
+            raise WireError(f"a train reply without '{NUM_EXAMPLES}'")
+        num, pid, rest, stats = _split(metrics, least_examples=1)
+        records = msg.content.array_records
+        if len(records) != 1:
+            raise WireError(f"expected one ArrayRecord in the reply, got {len(records)}")
+        arrays = next(iter(records.values()))
+        return cls(arrays, int(num), pid, rest, stats)  # type: ignore[arg-type]
+
+    @property
+    def batches(self) -> float | None:
+        """The client's local steps (``batches``) when it is a usable positive count."""
+        return local_steps(self.metrics.get(BATCHES))
+
+    @property
+    def faults_ignored(self) -> Metric:
+        """Injected faults the node did not act out (0: none, or it acted them out)."""
+        return self.metrics.get(FAULTS_IGNORED, 0)
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    """An ``evaluate`` reply: the client's metrics on its own validation split, no weights."""
+
+    num_examples: int | None = None  # its validation images (a plug-in may name none)
+    partition_id: int | None = None
+    metrics: Mapping[str, Metric] = field(default_factory=dict)  # map50, ... in the order sent
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({METRICS: _metric_record(self)})
+
+    @classmethod
+    def parse(cls, msg: Message) -> EvalReply:
+        """The reply ``msg`` carries; ``WireError`` naming the first key that is wrong."""
+        num, pid, rest, _ = _split(_metrics_of(msg), least_examples=0)
+        return cls(num, pid, rest)
+
+
+def local_steps(value: Any) -> float | None:
+    """A reported ``batches`` as a usable positive count, else None (the per-step norm rule
+    takes such a reply as one step: leaving it out must not help it)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok and math.isfinite(value) and value >= 1 else None
+
+
+def whole(value: Any, key: str, least: int) -> int:
+    """``value`` as an integer in ``least..MAX_EXAMPLES_CLAIM``; ``WireError`` naming ``key``."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value != int(value):
+        raise WireError(f"metric '{key}'={value!r}: expected a whole number")
+    if not least <= int(value) <= MAX_EXAMPLES_CLAIM:
+        raise WireError(f"metric '{key}'={int(value)}: expected {least}..{MAX_EXAMPLES_CLAIM}")
+    return int(value)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -180,6 +317,41 @@ def _transport_key(name: str) -> str:
 
 def _names(cls: type) -> set[str]:
     return {f.name for f in fields(cls)}
+
+
+def _metric_record(reply: TrainReply | EvalReply) -> MetricRecord:
+    """The reply's metrics in the order the server records them (``parse``'s inverse)."""
+    out: dict[str, Metric] = {}
+    if reply.num_examples is not None:
+        out[NUM_EXAMPLES] = reply.num_examples
+    if reply.partition_id is not None:
+        out[PARTITION_ID] = reply.partition_id
+    out.update(reply.metrics)
+    out.update(getattr(reply, "data_stats", {}))
+    return MetricRecord(out)
+
+
+def _metrics_of(msg: Message) -> dict[str, Any]:
+    """A reply's metrics: its (first) MetricRecord, whatever the strategy named it."""
+    records = msg.content.metric_records
+    return dict(next(iter(records.values()))) if records else {}
+
+
+def _split(
+    metrics: dict[str, Any], least_examples: int
+) -> tuple[int | None, int | None, dict[str, Metric], dict[str, Metric]]:
+    """(num-examples, partition-id, the other metrics, the data statistics), checked."""
+    num = metrics.get(NUM_EXAMPLES)
+    num = None if num is None else whole(num, NUM_EXAMPLES, least_examples)
+    pid = metrics.get(PARTITION_ID)
+    pid = None if pid is None else whole(pid, PARTITION_ID, 0)
+    for key in metrics:
+        if record_field(key) in SERVER_FIELDS:
+            raise WireError(f"metric '{key}' names a field the server measures")
+    rest = {k: v for k, v in metrics.items() if k not in (NUM_EXAMPLES, PARTITION_ID)}
+    stats = {k: v for k, v in rest.items() if k.startswith(DATA_STATS_PREFIX)}
+    rest = {k: v for k, v in rest.items() if not k.startswith(DATA_STATS_PREFIX)}
+    return num, pid, rest, stats
 
 
 _CASTS = {"int": int, "float": float, "str": str, "bool": bool, "list": list}

@@ -29,31 +29,37 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fl_client.distill import TEACHER_KEY
-from fl_client.faults import IGNORED_METRIC
-from fl_client.model import WEIGHTS_KEY
 from fl_client.transport import decode
 from fl_client.wire import (
-    DATA_STATS_PREFIX,
+    BATCHES,
+    CONFIG,
     NUM_EXAMPLES,
     PARTITION_ID,
+    SERVER_ROUND,
+    TEACHER_KEY,
+    WEIGHTS_KEY,
     ClientFailure,
+    EvalReply,
+    TrainReply,
+    local_steps,
     record_field,
+    whole,
 )
 from fl_server.flower_adapter import wire_bytes
-from fl_server.records import EventKind
+from fl_server.records import ClientEntry, EventKind
 from fl_server.run_dir import RunDir
 from strategies.guarded import AggregationPolicy
 
 LOGGER = logging.getLogger(__name__)
 
 TRAIN = "train"
+BATCHES_FIELD = record_field(BATCHES)  # a client's entry's local steps (the per-step rule)
 
 
 @dataclass
@@ -61,8 +67,8 @@ class RoundLog:
     """What the grid saw in one round."""
 
     started: float = field(default_factory=time.perf_counter)
-    clients: list[dict] = field(default_factory=list)
-    client_eval: list[dict] = field(default_factory=list)
+    clients: list[ClientEntry] = field(default_factory=list)  # the round record's ``clients``
+    client_eval: list[ClientEntry] = field(default_factory=list)
     sent: int = 0
     failed: int = 0
     transport_seconds: float = 0.0
@@ -172,8 +178,8 @@ class ObservedGrid(Grid):
         if not messages:
             return []
         rnd = (
-            int(messages[0].content.config_records["config"].get("server-round", 0))
-            if ("config" in messages[0].content.config_records)
+            int(messages[0].content.config_records[CONFIG].get(SERVER_ROUND, 0))
+            if (CONFIG in messages[0].content.config_records)
             else 0
         )
         log = self.rounds.setdefault(rnd, RoundLog())
@@ -324,9 +330,10 @@ class ObservedGrid(Grid):
         log: RoundLog,
         rnd: int,
         is_train: bool,
-    ) -> tuple[Message | None, dict | None]:
+    ) -> tuple[Message | None, ClientEntry | None]:
         """Check one reply: (reply, None) for the strategy as it is, (reply, entry) for a good
-        train reply, (None, None) for nothing; raise ValueError naming what is wrong."""
+        train reply, (None, None) for nothing; raise ValueError (``WireError`` for a reply
+        that breaks the contract) naming what is wrong."""
         failure = ClientFailure.from_reply(reply)
         if failure is not None:  # the ClientApp's structured failure (fl_client.wire)
             if node not in sent_msgs:  # nothing was sent to it: no reply to count
@@ -338,12 +345,10 @@ class ObservedGrid(Grid):
             return reply, None  # strategies count failures themselves
         if node not in sent_msgs:
             raise ValueError("a reply from a node nothing was sent to this round")
-        records = reply.content.metric_records
-        metrics = dict(next(iter(records.values()))) if records else {}
-        _check_metrics(metrics, is_train)
-        if metrics.get(IGNORED_METRIC):
+        parsed = TrainReply.parse(reply) if is_train else EvalReply.parse(reply)
+        if isinstance(parsed, TrainReply) and parsed.faults_ignored:
             reason = (
-                f"ignored {metrics[IGNORED_METRIC]} injected fault(s): its node config does not "
+                f"ignored {parsed.faults_ignored} injected fault(s): its node config does not "
                 "opt in (fault-injection=true); it trained honestly"
             )
             client = self._client(node)
@@ -351,18 +356,16 @@ class ObservedGrid(Grid):
                 rnd, EventKind.FAULTS_IGNORED, client=client, node_id=node, reason=reason
             )
             LOGGER.warning("round %d: client %s %s", rnd, client, reason)
-        stats = {k: v for k, v in metrics.items() if k.startswith(DATA_STATS_PREFIX)}
-        metrics = {k: v for k, v in metrics.items() if not k.startswith(DATA_STATS_PREFIX)}
-        entry = self._client_entry(node, metrics, down.get(node, 0), wire_bytes(reply))
-        if not is_train:
+        entry = self._client_entry(node, parsed, down.get(node, 0), wire_bytes(reply))
+        if not isinstance(parsed, TrainReply):
             log.client_eval.append(entry)
             return reply, None
         norm = self._decode_and_check(reply, sent.get(node))
-        if stats:
-            log.data_stats[str(entry["id"])] = stats
+        if parsed.data_stats:
+            log.data_stats[str(entry["id"])] = dict(parsed.data_stats)
         if norm is not None:
             entry["update_norm"] = norm
-        if self.keep_updates:
+        if self.keep_updates:  # the decoded weights (``_decode_and_check`` replaced them)
             rec = next(iter(reply.content.array_records.values()))
             if WEIGHTS_KEY in rec:
                 log.updates[str(entry["id"])] = rec[WEIGHTS_KEY].numpy().reshape(-1)
@@ -370,10 +373,7 @@ class ObservedGrid(Grid):
 
     def _decode_and_check(self, reply: Message, sent: np.ndarray | None) -> float | None:
         """Decode the reply's transport in place; raise ValueError naming what is wrong."""
-        records = reply.content.array_records
-        if len(records) != 1:
-            raise ValueError(f"expected one ArrayRecord in the reply, got {len(records)}")
-        key, record = next(iter(records.items()))
+        key, record = next(iter(reply.content.array_records.items()))
         if sent is None:  # not fedyolo's packed format (e.g. a plug-in's own): finiteness only
             if not all(np.isfinite(record[k].numpy()).all() for k in record):
                 raise ValueError("non-finite values (NaN/inf) in the returned weights")
@@ -407,7 +407,7 @@ class ObservedGrid(Grid):
         keeps its factor. Medians need 3+ replies that all report what the rule uses."""
         if k is None or len(good) < 3 or any(e.get("update_norm") is None for _, e in good):
             return good
-        steps = [_steps(e.get("batches")) for _, e in good]
+        steps = [local_steps(e.get(BATCHES_FIELD)) for _, e in good]
         if per_step and not any(steps):
             return good  # no client reports its batches (a plug-in ClientApp): rule not usable
         # a reply without a usable count is taken as one step: leaving it out must not help it
@@ -422,8 +422,8 @@ class ObservedGrid(Grid):
                 if per_step:
                     reason = (
                         f"update norm per local step {v:.4g} ({entry['update_norm']:.4g} over "
-                        f"{entry.get('batches')} batches) is {v / median:.3g}x the round's median "
-                        f"({median:.4g}); limit aggregation.max_step_norm_x_median={k}"
+                        f"{entry.get(BATCHES_FIELD)} batches) is {v / median:.3g}x the round's "
+                        f"median ({median:.4g}); limit aggregation.max_step_norm_x_median={k}"
                     )
                 else:
                     reason = (
@@ -460,17 +460,21 @@ class ObservedGrid(Grid):
     def _client(self, node: int) -> int | str:
         return self._node_to_client.get(node, f"node-{node}")
 
-    def _client_entry(self, node: int, metrics: Any, down: int, up: int) -> dict:
-        m = dict(metrics)
-        entry: dict[str, Any] = {record_field(k): v for k, v in m.items() if k != PARTITION_ID}
-        entry.update(  # what the server measured: set last, a client cannot overwrite it
+    def _client_entry(
+        self, node: int, reply: TrainReply | EvalReply, down: int, up: int
+    ) -> ClientEntry:
+        """The client's entry in the round record: its metrics as sent (``record_field``
+        names), then what the server measured (set last: a client cannot overwrite it)."""
+        num = {} if reply.num_examples is None else {NUM_EXAMPLES: reply.num_examples}
+        entry: dict[str, Any] = {record_field(k): v for k, v in {**num, **reply.metrics}.items()}
+        entry.update(
             id=self._client(node),
             node_id=node,
-            num_examples=int(m.get(NUM_EXAMPLES, 0)),
+            num_examples=int(reply.num_examples or 0),
             bytes_down=down,
             bytes_up=up,
         )
-        return entry
+        return cast(ClientEntry, entry)
 
 
 def _claimed_partition(reply: Message) -> int | None:
@@ -485,45 +489,9 @@ def _claimed_partition(reply: Message) -> int | None:
         records = reply.content.metric_records
         metrics = next(iter(records.values())) if records else {}
         value = metrics.get(PARTITION_ID) if PARTITION_ID in metrics else None
-        return None if value is None else _whole(value, PARTITION_ID, 0)
+        return None if value is None else whole(value, PARTITION_ID, 0)
     except Exception:  # noqa: BLE001 - a malformed reply is judged (and rejected) by _take
         return None
-
-
-def _steps(value: Any) -> float | None:
-    """A client's reported local batches, when it is a usable positive count."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    return float(value) if ok and np.isfinite(value) and value >= 1 else None
-
-
-# fields of a client's record in metrics.jsonl that the server measures, never the client
-SERVER_FIELDS = frozenset({"id", "node_id", "bytes_down", "bytes_up", "update_norm"})
-MAX_EXAMPLES_CLAIM = 2**31 - 1
-
-
-def _whole(value: Any, key: str, least: int) -> int:
-    """``value`` as an integer >= ``least``; ValueError naming ``key`` otherwise."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or not np.isfinite(value) or value != int(value):
-        raise ValueError(f"metric '{key}'={value!r}: expected a whole number")
-    if not least <= int(value) <= MAX_EXAMPLES_CLAIM:
-        raise ValueError(f"metric '{key}'={int(value)}: expected {least}..{MAX_EXAMPLES_CLAIM}")
-    return int(value)
-
-
-def _check_metrics(metrics: dict[str, Any], is_train: bool) -> None:
-    """A reply's metrics as the server will use them; ValueError names the first bad one."""
-    if is_train:
-        if NUM_EXAMPLES not in metrics:
-            raise ValueError(f"a train reply without '{NUM_EXAMPLES}'")
-        _whole(metrics[NUM_EXAMPLES], NUM_EXAMPLES, 1)
-    elif NUM_EXAMPLES in metrics:
-        _whole(metrics[NUM_EXAMPLES], NUM_EXAMPLES, 0)
-    if PARTITION_ID in metrics:
-        _whole(metrics[PARTITION_ID], PARTITION_ID, 0)
-    for key in metrics:
-        if record_field(key) in SERVER_FIELDS:
-            raise ValueError(f"metric '{key}' names a field the server measures")
 
 
 def _one_line(e: BaseException) -> str:

@@ -43,8 +43,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_client.model import WEIGHTS_KEY
-from fl_client.wire import NUM_EXAMPLES
+from fl_client.wire import NUM_EXAMPLES, PARTITION_ID, WEIGHTS_KEY
 from fl_server.records import EventKind
 
 LOGGER = logging.getLogger(__name__)
@@ -181,7 +180,7 @@ class GuardedStrategy(Strategy):
                 used = max(1, int(cap))
                 metrics = _metrics(reply)
                 metrics[WEIGHT_KEY] = used
-                pid = metrics.get("partition-id", f"node-{reply.metadata.src_node_id}")
+                pid = metrics.get(PARTITION_ID, f"node-{reply.metadata.src_node_id}")
                 self._event(
                     server_round,
                     EventKind.WEIGHT_CAPPED,

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl_client.errors import UserError
 from fl_client.model import PARTS
+from fl_client.wire import LOSS
 
 
 class StrategyConfigError(UserError, ValueError):
@@ -262,7 +263,7 @@ def _inner(cfg: DictConfig, node: dict[str, Any]) -> tuple[fl.Strategy, Entry | 
     entry = REGISTRY[name]
     if entry.cls is fl.QFedAvg:  # the client's learning rate and our loss metric by default
         kwargs.setdefault("client_learning_rate", float(cfg.train.lr0))
-        kwargs.setdefault("train_loss_key", "loss")
+        kwargs.setdefault("train_loss_key", LOSS)
     check_kwargs("", entry.cls, kwargs)
     _check_robust(name, kwargs, sampled_clients(cfg))
     return entry.cls(**_sampling(cfg), **kwargs), entry

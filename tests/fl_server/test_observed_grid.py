@@ -245,3 +245,22 @@ def test_client_failures_name_the_client_from_a_field_and_bad_ones_never_raise(t
     assert _send(grid2, [31]) == []  # nothing for the strategy, and no exception
     failed = {e["node_id"]: e["reason"] for e in read_jsonl(run2.events)}
     assert failed[99] == "client 7 (round 3): hi" and "no reply" in failed[31]
+
+
+def test_a_reply_that_breaks_the_contract_is_a_rejection_naming_the_key(tmp_path):
+    """``TrainReply.parse`` raises ``WireError`` naming the key; the grid records it as the
+    reply's rejection and the round goes on with the others."""
+    run = RunDir(tmp_path)
+    behaviour = {
+        0: _ok(0),
+        1: lambda m: _reply(m, 1, _weights(0.5), num_examples=0),
+        2: lambda m: _reply(m, 2, _weights(0.5), **{"bytes-up": 1}),
+        3: lambda m: _reply(m, 3.5, _weights(0.5), num_examples=10),
+    }
+    grid = ObservedGrid(FakeGrid(behaviour), run)
+    kept = [r.metadata.src_node_id for r in _send(grid, list(behaviour))]
+    assert kept == [0]
+    reasons = _rejections(run)
+    assert reasons[1].startswith("WireError: metric 'num-examples'=0")
+    assert reasons[2].startswith("WireError: metric 'bytes-up' names a field the server measures")
+    assert reasons[3].startswith("WireError: metric 'partition-id'=3.5")
