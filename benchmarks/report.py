@@ -400,7 +400,58 @@ def norm_replay() -> list[str]:
     return [*lines, ""]
 
 
+def _overrides(items: list[str]) -> str:
+    """``key=value`` overrides, numbers to 3 significant digits; "none" when empty."""
+
+    def short(item: str) -> str:
+        key, _, value = item.partition("=")
+        try:
+            return f"{key}={float(value):.3g}" if "." in value else item
+        except ValueError:
+            return item
+
+    return ", ".join(f"`{short(i)}`" for i in items) or "none (the defaults)"
+
+
+def tuning() -> list[str]:
+    path = RESULTS / "tuning.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    studies = {s["pruner"]: s for s in d["studies"]}
+    order = [studies[p] for p in ("median", "none") if p in studies]
+    names = {"median": "median pruner", "none": "no pruning"}
+    lines = [
+        f"**Tuning** (`{path.name}`; {d['machine']}; {d['date']}; {d['setup']['trials']} trials, "
+        f"sampler seed {d['setup']['sampler_seed']}, base `{' '.join(d['setup']['base'])}`):",
+        "",
+        "| | " + " | ".join(names[s["pruner"]] for s in order) + " |",
+        "|---|" + "---:|" * len(order),
+        "| trials complete / pruned | "
+        + " | ".join(f"{s['states']['COMPLETE']} / {s['states']['PRUNED']}" for s in order)
+        + " |",
+        "| client training seconds | "
+        + " | ".join(f"{s['client_seconds']:.0f}" for s in order)
+        + " |",
+        "| best held-out mAP50-95 | " + " | ".join(f"{s['best_value']:.3f}" for s in order) + " |",
+        "| wall seconds | " + " | ".join(f"{s['wall_seconds']:.0f}" for s in order) + " |",
+        "",
+        "| re-run | overrides | final mAP50-95 by seed | mean ± sd |",
+        "|---|---|---|---:|",
+    ]
+    for r in d["reruns"]:
+        seeds = ", ".join(
+            f"{v:.3f} ({s})" for s, v in zip(r["seeds"], r["final_map50_95"], strict=True)
+        )
+        lines.append(
+            f"| {r['label']} | {_overrides(r['overrides'])} | {seeds} | "
+            f"{r['mean']:.3f} ± {r['sd']:.3f} |"
+        )
+    return [*lines, ""]
+
+
 SECTIONS = {
+    "tuning": tuning,
     "edge": edge,
     "distill": distill,
     "fed_vs_central": fed_vs_central,

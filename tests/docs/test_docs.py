@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import importlib.util
 import os
 import re
 import subprocess
@@ -64,8 +65,18 @@ def _text(page: Path) -> str:
 def test_mkdocs_build_strict(site):
     bench = (site / "benchmarks" / "index.html").read_text()
     assert "<!-- benchmark:" not in bench and "ONNX INT8 u8 (chosen)" in bench
+    assert "median pruner" in bench  # the tuning figures, from results/tuning.json
     config = (site / "reference" / "config" / "index.html").read_text()
     assert "guard.max_drop" in config and "federation.round_timeout" in config
+
+
+def test_every_benchmark_renderer_has_its_place_on_the_page():
+    """Each table benchmarks/report.py renders from results/*.json is on the benchmarks page."""
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    page = (DOCS / "benchmarks.md").read_text()
+    assert [n for n in report.SECTIONS if f"<!-- benchmark: {n} -->" not in page] == []
 
 
 def test_every_registered_command_and_option_is_in_the_cli_page(site):
