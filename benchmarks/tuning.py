@@ -37,7 +37,7 @@ def _client_seconds(run_dir: str) -> float:
 
 
 def study(name: str, base: list[str], args, pruner: str) -> dict:
-    from tuning.study import tune
+    from tuning.trials import tune
 
     t0 = time.perf_counter()
     st = tune(

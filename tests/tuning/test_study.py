@@ -190,7 +190,7 @@ def test_a_retried_chain_counts_once():
     trial that failed for its own reasons (3) and one still waiting (4) does not."""
     from optuna.trial import TrialState
 
-    from tuning.study import counted
+    from tuning.trials import counted
 
     study = optuna.create_study(direction="maximize")
     stale = {"fail_reason": "stale"}
@@ -249,7 +249,8 @@ def test_a_trial_asked_for_after_the_study_is_full_is_surplus_and_runs_nothing(t
     from omegaconf import OmegaConf
     from optuna.trial import TrialState
 
-    from tuning.study import Study, _Claim, _objective, counted, surplus
+    from tuning.study import Claim, Study
+    from tuning.trials import _objective, counted, surplus
 
     study = optuna.create_study(direction="maximize")
     for _ in range(2):
@@ -261,6 +262,6 @@ def test_a_trial_asked_for_after_the_study_is_full_is_surplus_and_runs_nothing(t
 
     st = Study(tmp_path, study, OmegaConf.create({"trials": 3}), [], [])
     with pytest.raises(RuntimeError, match="surplus: the study already had its 3 trials"):
-        _objective(st, mine, _Claim(tmp_path), 3)  # before any federation: nothing ran
+        _objective(st, mine, Claim(tmp_path), 3)  # before any federation: nothing ran
     study.tell(mine, state=TrialState.FAIL)
     assert [t.number for t in counted(study.get_trials(deepcopy=False))] == [0, 1, 2]

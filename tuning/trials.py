@@ -1,0 +1,221 @@
+"""Run a study's trials: each one whole federation, until the study holds ``tuning.trials``.
+
+Workers (processes, or hosts sharing an RDB storage) count and ask for trials one at a time
+(``tuning.study.Claim``); a trial beyond the total is a surplus, recorded and not counted; a
+trial whose worker died is failed as stale and re-run by Optuna's retry callback. Each round's
+held-out mAP50-95 goes to the pruner through a round hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from omegaconf import DictConfig
+
+from fl_client.lazy import lazy
+from fl_server.api import run
+from fl_server.records import Status
+from fl_server.run_dir import read_jsonl
+from tuning.outputs import report_study, write_outputs
+from tuning.space import overrides, suggest
+from tuning.study import Claim, Study, open_study
+
+optuna = lazy("optuna")
+
+LOGGER = logging.getLogger("fedyolo")
+
+
+class _Pruning:
+    """The round hook of a trial: report each round's held-out mAP50-95, stop when pruned."""
+
+    def __init__(self, trial: Any):
+        self.trial = trial
+
+    def on_round(self, record: dict) -> str | None:
+        value = record.get("map50_95")
+        if value is None or not math.isfinite(value):
+            return None
+        self.trial.report(float(value), step=int(record["round"]))
+        return Status.PRUNED if self.trial.should_prune() else None
+
+
+def _values(cfg: DictConfig, summary: Any) -> list[float]:
+    rounds = read_jsonl(summary.run_dir / "metrics.jsonl")
+    out = []
+    for objective in cfg.objectives:
+        if objective in ("best_map", "final_map"):
+            result = summary.best if objective == "best_map" else summary.final
+            if result is None:
+                raise RuntimeError(f"the federation reported no {objective}")
+            out.append(float(result.map50_95))
+        elif objective == "bytes":
+            out.append(
+                float(sum(c["bytes_up"] + c["bytes_down"] for r in rounds for c in r["clients"]))
+            )
+        else:
+            out.append(
+                float(sum(c.get("train_seconds", 0.0) for r in rounds for c in r["clients"]))
+            )
+    return out
+
+
+def run_trial(st: Study, trial: Any) -> list[float]:
+    """One federation with the trial's values; raises optuna.TrialPruned when pruned."""
+    values = suggest(trial, st.space)
+    chosen = overrides(values)
+    run_dir = st.trials_dir / f"{trial.number:04d}"
+    trial.set_user_attr("overrides", chosen)
+    trial.set_user_attr("run_dir", str(run_dir))
+    hooks = [_Pruning(trial)] if len(st.cfg.objectives) == 1 and st.cfg.pruner != "none" else []
+    t0 = time.perf_counter()
+    summary = run(
+        [
+            *st.base,
+            *chosen,
+            f"output.dir={st.trials_dir}",
+            f"name={trial.number:04d}",
+            f"tracking.task_name={st.optuna_study.study_name}-trial-{trial.number:04d}",
+            "output.overwrite=true",  # a retried trial number reuses its folder
+        ],
+        callbacks=hooks,
+    )
+    trial.set_user_attr("seconds", round(time.perf_counter() - t0, 1))
+    trial.set_user_attr("rounds", summary.rounds_completed)
+    trial.set_user_attr("status", summary.status)
+    trial.set_user_attr("clearml_task", summary.raw.get("clearml_task"))
+    if summary.status == Status.PRUNED:
+        raise optuna.TrialPruned(f"pruned after round {summary.rounds_completed}")
+    if not summary.ok:
+        raise RuntimeError(f"the federation ended {summary.status} (see {run_dir})")
+    return _values(st.cfg, summary)
+
+
+def counted(trials: Sequence[Any]) -> list[Any]:
+    """The trials that count towards ``tuning.trials``: every trial begun, except one that
+    failed as stale (its worker died) and was re-run by Optuna's retry callback.
+
+    A retry of a retry names the original in ``failed_trial``; the chain is its retry history
+    (original, first retry, ...), so every trial in some trial's history was re-run."""
+    retried = {n for t in trials for n in optuna.storages.RetryFailedTrialCallback.retry_history(t)}
+    return [
+        t
+        for t in trials
+        if t.state != optuna.trial.TrialState.WAITING
+        and t.number not in retried
+        and not t.user_attrs.get(SURPLUS)
+    ]
+
+
+SURPLUS = "surplus"  # a trial asked for after the study was full (workers on several hosts)
+
+
+def surplus(trials: Sequence[Any], number: int, total: int) -> bool:
+    """Whether trial ``number`` is beyond ``tuning.trials``: the lock that makes a worker count
+    and ask alone is a file, which workers on other hosts (RDB storage) do not share, so two of
+    them can both see one trial left and both ask. Counted after the trial exists, in trial
+    order, every worker reaches the same verdict: the later trial is the surplus one."""
+    ahead = [t for t in counted(trials) if t.number < number]
+    return len(ahead) >= total
+
+
+def optimize(st: Study) -> None:
+    """Run trials until the study holds ``tuning.trials`` (all workers) or the timeout.
+
+    Each trial runs through Optuna's own ``study.optimize``: with an RDB storage that gives the
+    trial a heartbeat, fails the trials of dead workers (stale heartbeats) before asking, and
+    lets the storage's retry callback re-run them.
+    """
+    study = st.optuna_study
+    total = int(st.cfg.trials)
+    deadline = None if st.cfg.timeout is None else time.monotonic() + float(st.cfg.timeout)
+    claim = Claim(st.folder)
+    while deadline is None or time.monotonic() < deadline:
+        claim.acquire()
+        try:
+            if st.cfg.storage:  # an RDB storage, with heartbeats (see _storage)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+            if len(counted(study.get_trials(deepcopy=False))) >= total:
+                break
+            study.optimize(
+                lambda trial: _objective(st, trial, claim, total),
+                n_trials=1,
+                catch=(Exception,),
+                gc_after_trial=True,
+            )
+        finally:
+            claim.release()
+        return_freed_memory()
+        write_outputs(st)
+    write_outputs(st, plots=True)
+    with Claim(st.folder):
+        running = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.RUNNING
+        ]
+        if not running:  # the last worker to finish reports the study
+            report_study(st)
+
+
+def return_freed_memory() -> None:
+    """Hand the memory a trial freed back to the system (glibc's ``malloc_trim``).
+
+    Measured (``benchmarks/tuning_memory.py``): without it a worker's RSS grew by 444 MB over 10
+    trials before levelling off; with glibc told to trim, it stayed within 7 MB. Freed memory
+    that glibc keeps in its arenas, not a leak. Elsewhere (musl, macOS) this does nothing.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class _Surplus(RuntimeError):
+    """A trial beyond ``tuning.trials``: recorded FAIL without running (not counted)."""
+
+
+def _objective(st: Study, trial: Any, claim: Claim, total: int) -> Any:
+    """One trial (Optuna records the outcome): values, ``TrialPruned``, or a failure with its
+    reason kept as the trial's ``fail_reason``."""
+    claim.release()  # the trial exists: other workers may count and ask
+    trials = st.optuna_study.get_trials(deepcopy=False)
+    if surplus(trials, trial.number, total):
+        trial.set_user_attr(SURPLUS, True)
+        reason = f"surplus: the study already had its {total} trials (a worker on another host)"
+        trial.set_user_attr("fail_reason", reason)
+        raise _Surplus(reason)
+    (frozen,) = [t for t in trials if t.number == trial.number]
+    retry = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
+    LOGGER.info(
+        "study %s: trial %d of %d%s",
+        st.optuna_study.study_name,
+        trial.number,
+        total,
+        f" (re-run of trial {retry}, whose worker died)" if retry is not None else "",
+    )
+    try:
+        values = run_trial(st, trial)
+    except optuna.TrialPruned as e:
+        LOGGER.info("trial %d pruned: %s", trial.number, e)
+        raise
+    except Exception as e:
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+        LOGGER.warning("trial %d failed: %s", trial.number, reason)
+        trial.set_user_attr("fail_reason", reason)
+        raise
+    return values if len(values) > 1 else values[0]
+
+
+def tune(overrides_: Sequence[str]) -> Study:
+    """``fedyolo tune``: open (or continue) the study, run its trials, write its outputs."""
+    st = open_study(overrides_)
+    LOGGER.info("study %s in %s", st.optuna_study.study_name, st.folder)
+    optimize(st)
+    return st
