@@ -6,7 +6,8 @@ source with ``ast`` (nothing is imported) and counts every import, at module lev
 function, of one fedyolo module by another. The layers, bottom to top: ``fl_client`` (what a
 robot installs), ``strategies``, ``fl_server``, then ``tuning`` and ``deploy``; a module may
 import its own layer and those below. ``tests/fl_server/test_layers.py`` asserts the graph has
-no cycle and no upward import.
+no cycle and no upward import. Heavy optional dependencies (torch, Optuna, ...) are imported on
+first use through ``fl_client.lazy.lazy("name")``; those uses are counted apart (``lazy``).
 
     .venv/bin/python benchmarks/import_graph.py            # the report
     .venv/bin/python benchmarks/import_graph.py --json     # the same as JSON
@@ -102,6 +103,21 @@ def imports_of(name: str, path: Path, known: set[str]) -> list[Import]:
     return found
 
 
+def lazy_uses(path: Path) -> list[str]:
+    """The dependencies ``path`` names through ``lazy("name")`` (``fl_client.lazy``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", getattr(node.func, "attr", None)) == "lazy"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.append(node.args[0].value)
+    return found
+
+
 def graph(root: Path = ROOT) -> list[Import]:
     """Every import between fedyolo's modules."""
     mods = modules(root)
@@ -180,6 +196,7 @@ def report(root: Path = ROOT) -> dict:
         "modules": len(modules(root)),
         "imports": len(edges),
         "imports_in_functions": sum(e.in_function for e in edges),
+        "lazy": {name: uses for name, path in modules(root).items() if (uses := lazy_uses(path))},
         "cycles": cycles(edges),
         "upward": [f"{e.importer}:{e.line} -> {e.imported}" for e in ups],
     }
@@ -196,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"{result['modules']} modules, {result['imports']} imports between them "
         f"({result['imports_in_functions']} inside functions)",
+        f"{sum(map(len, result['lazy'].values()))} heavy dependencies imported on first use "
+        f"(fl_client.lazy) in {len(result['lazy'])} modules",
         f"{len(result['cycles'])} cycle(s):",
         *(f"  {' <-> '.join(c)}" for c in result["cycles"]),
         f"{len(result['upward'])} upward import(s):",

@@ -53,8 +53,10 @@ from deploy.local import (
     node_names,
     register_nodes,
 )
+from fl_server import config as config_mod
 from fl_server.interrupts import StopFile, interrupts_to
 from fl_server.records import Status
+from fl_server.run_dir import read_jsonl
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -389,7 +391,7 @@ def mount_environment(run_dir: Path) -> dict[str, str]:
 
 def run_compose(run_dir: Path, cfg) -> None:
     """Run the prepared run directory's federation in containers (see the module docstring)."""
-    from fl_client import faults
+    from fl_client import faults  # Flower's message types (fl_client.wire): not at --help
 
     e = cfg.engine
     num_clients = int(cfg.federation.clients)
@@ -464,8 +466,6 @@ def _submit_and_follow(project, group, run_dir, env, stop, following, e) -> None
     ServerApp, a subprocess, dies with it; its database and the SuperNodes live on), the run
     is resubmitted as ``resume=`` of its own directory: it goes on from its last finished round,
     nothing lost or counted twice (``fl_server.state``); a ``resume`` event records it."""
-    from fl_server.run_dir import read_jsonl
-
     started = project.started_at(SUPERLINK)
     for attempt in range(RESUMES + 1):
         before = len(read_jsonl(run_dir / "events.jsonl"))
@@ -515,8 +515,6 @@ def _restarted(project: Compose, started: str, wait: float) -> str:
 
 def _resume_config(run_dir: Path) -> None:
     """The run's config.yaml with ``resume`` set, as ``fedyolo run resume=`` writes it."""
-    from fl_server import config as config_mod
-
     cfg = config_mod.compose([f"resume={run_dir}"])
     (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
 

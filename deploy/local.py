@@ -35,8 +35,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy import DeployError
 from deploy.certs import NodeKeys, make_node_keys, make_tls
+from fl_server.hooks import STOP_STATUSES
 from fl_server.interrupts import StopFile, interrupts_to
+from fl_server.run_dir import read_jsonl
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -201,8 +204,6 @@ def run_local_deployment(
     stop = StopFile(run_dir / ".interrupt")
     stop.clear()  # left by an earlier interrupted run of this directory
     following = threading.Event()  # before `flwr run`, a Ctrl-C leaves at once
-    from fl_server.run_dir import read_jsonl
-
     before = len(read_jsonl(run_dir / "events.jsonl"))  # a resumed run has earlier ends
     with interrupts_to(stop, armed=following.is_set):
         try:
@@ -326,8 +327,6 @@ def isolation_prefix(isolation: str, host: str) -> list[str]:
     """The command prefix that puts the run's processes in a private network namespace, or
     [] for ``engine.isolation=none`` (said in a warning). Raises DeployError (one line) where
     the namespace cannot be made or the host would be unreachable in it."""
-    from deploy import DeployError
-
     if isolation == "none":
         LOGGER.warning("engine.isolation=none: %s", EXPOSED)
         return []
@@ -521,7 +520,7 @@ def flwr_cli(args: list[str], env: dict[str, str]) -> None:
 def engine(run, cfg) -> None:
     """The ``local-deployment`` engine (``fl_server.engines``): this machine's SuperLink and
     one SuperNode per client, with ``configs/engine/local-deployment.yaml``'s settings."""
-    from fl_client import faults
+    from fl_client import faults  # Flower's message types (fl_client.wire): not at --help
 
     e = cfg.engine
     run_local_deployment(
@@ -546,11 +545,6 @@ def follow(runner: subprocess.Popen, run_dir: Path, before: int, stop: StopFile)
     ``KeyboardInterrupt`` (the CLI exits 130); a ServerApp that has not ended within
     ``STOP_GRACE`` seconds is killed with the rest.
     """
-    import json
-
-    from fl_server.hooks import STOP_STATUSES
-    from fl_server.run_dir import read_jsonl
-
     summary = run_dir / "summary.json"
     asked_at = None
     while runner.poll() is None:

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
+from fl_server import config as config_mod
+from fl_server import engines
+from fl_server.hooks import STOP_STATUSES, Watcher, call_on_end
+from fl_server.prepare import prepare_run
 from fl_server.records import Status
+from fl_server.run_dir import RunDir
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -103,8 +110,6 @@ class Summary:
     @property
     def ok(self) -> bool:
         """The run ended as planned: completed, or stopped on purpose (guard, hook)."""
-        from fl_server.hooks import STOP_STATUSES
-
         return self.status == Status.COMPLETED or self.status in STOP_STATUSES
 
 
@@ -132,14 +137,6 @@ def run(
     a hook that does not answer within ``callback_timeout`` seconds is skipped for that round.
     """
     set_process_environment()
-    from omegaconf import DictConfig
-
-    from fl_server import config as config_mod
-    from fl_server import engines
-    from fl_server.hooks import Watcher, call_on_end
-    from fl_server.prepare import prepare_run
-    from fl_server.run_dir import RunDir
-
     cfg = config if isinstance(config, DictConfig) else config_mod.compose(list(config))
     engine = engines.get(str(cfg.engine.name))
     if cfg.resume is not None:  # the run directory exists; its config gets the allowed changes
@@ -201,8 +198,6 @@ def distill(
     set would not be the one the teacher was chosen on.
     """
     set_process_environment()
-    from fl_server import config as config_mod
-
     run_dir = Path(run_dir).expanduser().resolve()
     best = run_dir / "best.pt"
     if not best.is_file():

@@ -20,6 +20,8 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
 
+from fl_server import plugins
+
 GROUP = "fedyolo.engines"
 
 Engine = Callable[[Any, Any], None]
@@ -43,7 +45,5 @@ def get(name: str) -> Engine:
             f"engine {name!r} is not registered (entry points {GROUP}: {names()}); "
             "is fedyolo installed (pip install -e .)?"
         )
-    from fl_server import plugins
-
     path = f"{eps[name].module}:{eps[name].attr}"  # installed metadata: trusted, still checked
     return plugins.load(path, plugins.ENGINE, (path,), f"config: engine.name={name}")

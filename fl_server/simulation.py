@@ -6,23 +6,21 @@ import logging
 import os
 import threading
 
+import torch
+from flwr.simulation import run_simulation as flwr_run_simulation
 from omegaconf import DictConfig
 
+from fl_client import faults
+from fl_client.client_app import app, app_with_fault_injection
 from fl_server.interrupts import interrupts_to
 from fl_server.run_dir import RunDir
+from fl_server.server_app import server_app_for
 
 LOGGER = logging.getLogger("fedyolo")
 
 
 def run_simulation(run: RunDir, cfg: DictConfig) -> None:
     """Run the prepared federation in Flower's simulation engine, one Ray actor per client."""
-    import torch
-    from flwr.simulation import run_simulation as flwr_run_simulation
-
-    from fl_client import faults
-    from fl_client.client_app import app, app_with_fault_injection
-    from fl_server.server_app import server_app_for
-
     # the simulated nodes are this run's own: they act out the faults its config injects
     injecting = bool(faults.parse(cfg.faults, int(cfg.federation.clients)))
     client_app = app_with_fault_injection() if injecting else app

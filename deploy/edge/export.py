@@ -40,6 +40,7 @@ import numpy as np
 
 from deploy.edge import EdgeError, inputs
 from deploy.edge import quantize as q
+from deploy.edge.bench import onnx_runner, ort_session, timed, torch_runner
 from fl_client.errors import MissingInput
 
 LOGGER = logging.getLogger("fedyolo")
@@ -174,8 +175,6 @@ def _io(onnx_path: Path) -> dict:
 
 
 def _session(path: Path):
-    from deploy.edge.bench import ort_session
-
     return ort_session(path, min(2, os.cpu_count() or 1))
 
 
@@ -201,8 +200,6 @@ def _split_dir(data_yaml: Path) -> Path:
 
 def parity(checkpoint: Path, onnx_path: Path, samples: list[Path], imgsz: int) -> float:
     """Max |ONNX − PyTorch| over the raw outputs of ``samples``."""
-    from deploy.edge.bench import onnx_runner, torch_runner
-
     run_onnx, _ = onnx_runner(onnx_path, min(2, os.cpu_count() or 1))
     run_torch = torch_runner(checkpoint, min(2, os.cpu_count() or 1))
     worst = 0.0
@@ -424,8 +421,6 @@ def export(checkpoint: Path, cfg) -> dict:
 
 
 def _p50(path: Path, imgsz: int) -> float:
-    from deploy.edge.bench import onnx_runner, timed
-
     run, _ = onnx_runner(path, min(2, os.cpu_count() or 1))
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     return timed(run, x, runs=30, warmup=5)["p50_ms"]

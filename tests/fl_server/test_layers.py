@@ -67,6 +67,31 @@ def test_the_graph_sees_imports_inside_functions(tmp_path):
     ]
 
 
+def test_the_graph_counts_lazy_helper_uses_apart(tmp_path):
+    """A heavy dependency named through ``fl_client.lazy`` is counted as such, not as an import
+    of a fedyolo module, and an import at module level is not one inside a function."""
+    pkg = tmp_path / "fl_client"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "lazy.py").write_text("def lazy(name):\n    return name\n")
+    (pkg / "user.py").write_text(
+        "from fl_client.lazy import lazy\n\ntorch = lazy('torch')\noptuna = lazy('optuna')\n"
+    )
+    result = import_graph.report(tmp_path)
+    assert result["lazy"] == {"fl_client.user": ["torch", "optuna"]}
+    assert result["imports"] == 1 and result["imports_in_functions"] == 0
+
+
+def test_data_preparation_lives_on_the_server_side():
+    """The synthetic fleet, the checks, partitioning and dataset loading are the server's (issue
+    29, item 5); the client keeps what it reads of its shard."""
+    names = set(import_graph.modules())
+    server = {"synth", "partition", "check", "layout", "coco", "samples"}
+    assert {f"fl_server.data.{n}" for n in server} <= names
+    assert not {f"fl_client.data.{n}" for n in server} & names
+    assert {"fl_client.data.formats", "fl_client.data.labels", "fl_client.data.errors"} <= names
+
+
 def _environment_changes_at_import(path: Path) -> list[str]:
     """Statements outside functions and classes' methods that write ``os.environ``."""
     found = []
