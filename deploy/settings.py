@@ -6,33 +6,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from deploy import DeployError
-
-
-def _flat(cfg: DictConfig, prefix: str = "") -> set[str]:
-    keys = set()
-    for k, v in cfg.items():
-        keys.add(f"{prefix}{k}")
-        if isinstance(v, DictConfig):
-            keys |= _flat(v, f"{prefix}{k}.")
-    return keys
+from fl_server.config import CONFIG_DIR, compose_settings
 
 
 def load(
     defaults: Path, overrides: Sequence[str], label: str, error: type[DeployError] = DeployError
 ) -> DictConfig:
-    """``defaults`` merged with ``overrides``; ``error(one line)`` names a bad override."""
-    cfg = OmegaConf.load(defaults)
-    known = _flat(cfg)
-    for o in overrides:
-        key, sep, _ = o.partition("=")
-        if not sep:
-            raise error(f"{label}: {o!r} is not key=value")
-        if key not in known:
-            raise error(f"{label}: unknown setting {key!r} (see {defaults.relative_to(ROOT)})")
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    """``defaults`` with ``overrides``, composed as a run's config is
+    (``fl_server.config.compose_settings``); ``error(one line)`` names a bad override."""
+    name = defaults.relative_to(CONFIG_DIR).with_suffix("").as_posix()
+    return compose_settings(name, overrides, label, error)
 
 
 ROOT = Path(__file__).resolve().parent.parent

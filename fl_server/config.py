@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
@@ -22,6 +23,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from fl_client.errors import UserError
 from fl_client.lazy import lazy
+from fl_server import engines, plugins
+from fl_server.hooks import hook_classes
 from fl_server.schema import (
     CONFIG_VERSION,
     ENGINES,
@@ -37,7 +40,15 @@ config_store = lazy("hydra.core.config_store")
 overrides_parser = lazy("hydra.core.override_parser.overrides_parser")
 hydra_errors = lazy("hydra.errors")
 
-__all__ = ["CONFIG_DIR", "RESUME_OVERRIDABLE", "ConfigError", "compose", "from_run", "migrate"]
+__all__ = [
+    "CONFIG_DIR",
+    "RESUME_OVERRIDABLE",
+    "ConfigError",
+    "compose",
+    "compose_settings",
+    "from_run",
+    "migrate",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SCHEMA = "fedyolo_schema"  # the ConfigStore name configs/config.yaml's defaults list starts with
@@ -61,8 +72,6 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     The plug-ins this process trusts (``fl_server.plugins.granted``, from ``--trust-plugin``)
     are recorded as ``trusted_plugins``, replacing whatever a file said; no override sets them.
     """
-    from fl_server import plugins
-
     plugins.refuse_overrides(overrides)
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     if resume not in (None, "", "null"):
@@ -77,17 +86,42 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+def compose_settings(
+    name: str, overrides: Sequence[str], where: str, error: type[Exception] = ConfigError
+) -> DictConfig:
+    """A command's settings, ``configs/<name>.yaml`` (``edge/export``, ``deploy/aws``), composed
+    by the same composer and override grammar as a run's config; the command checks the values.
+    An unknown key or a malformed override is ``error`` with one line naming it."""
+    for o in overrides:
+        if "=" not in o:
+            raise error(f"{where}: {o!r} is not key=value")
+        if o.startswith(("+", "~")):  # a command's settings are its file's keys, no others
+            raise error(f"{where}: {o!r}: only key=value of configs/{name}.yaml")
+    try:
+        cfg = _hydra(overrides, name)
+    except ConfigError as e:
+        unknown = re.search(r"Could not override '([^']+)'", str(e))
+        if unknown:
+            key = unknown.group(1)
+            raise error(f"{where}: unknown setting {key!r} (see configs/{name}.yaml)") from e
+        raise error(f"{where}: {str(e).removeprefix('config: ')}") from e
+    OmegaConf.set_struct(cfg, False)  # a command's own values may be normalised in place
+    return cfg
+
+
 @cache
 def _register_schema() -> None:
     config_store.ConfigStore.instance().store(name=SCHEMA, node=FedyoloConfig)
 
 
 def _hydra(overrides: Sequence[str], name: str = "config") -> DictConfig:
-    """``configs/<name>.yaml`` composed by Hydra against the schema, errors as one line."""
+    """``configs/<name>.yaml`` composed by Hydra (the run's against the schema), errors as one
+    line. ``edge/export`` is composed in ``configs/edge``: its keys at the top, as in the file."""
     _register_schema()
+    folder, _, stem = name.rpartition("/")
     try:
-        with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return hydra.compose(config_name=name, overrides=list(overrides))
+        with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR / folder), version_base="1.3"):
+            return hydra.compose(config_name=stem, overrides=list(overrides))
     except (hydra_errors.HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_message(e)) from e
 
@@ -120,8 +154,6 @@ def _expected(schema: type, prefix: str) -> dict[str, str]:
 def _record_trust(cfg: DictConfig) -> None:
     """``trusted_plugins``: this process's grant, whatever the config said before (a run
     directory's config.yaml, a file): see ``fl_server.plugins`` for why only the command line."""
-    from fl_server import plugins
-
     with open_dict(cfg):
         cfg[plugins.KEY] = list(plugins.granted())
 
@@ -131,8 +163,6 @@ def _fetch(url: str) -> Path:
     its scheme (entry points ``fedyolo.run_sources``: ``s3`` is ``deploy.aws.s3state``, the
     server's copy, signed and checked) into ``runs/<run>`` of the current directory; then
     resumed from there. fl_server imports no source: the package that owns one registers it."""
-    from fl_server import plugins
-
     path = plugins.registered(plugins.RUN_SOURCE)[url.partition("://")[0]]
     fetch = plugins.load(path, plugins.RUN_SOURCE, (), f"config: resume={url}")
     name = url.rstrip("/").rsplit("/", 1)[-1]
@@ -171,8 +201,6 @@ def from_run(path: Path, overrides: Sequence[str]) -> DictConfig:
     """A new run's config: run ``path``'s own config.yaml with ``key=value`` overrides (any key
     that exists; ``engine=<name>`` switches the engine group). Same data, partition and seed as
     that run unless overridden: what ``fedyolo distill`` starts from."""
-    from fl_server import plugins
-
     plugins.refuse_overrides(overrides)
     path = Path(path).expanduser().resolve()
     if not (path / "config.yaml").is_file():
@@ -290,8 +318,6 @@ def _schemes() -> tuple[str, ...]:
 
 
 def _engines() -> list[str]:
-    from fl_server import engines
-
     return engines.names()
 
 
@@ -339,8 +365,6 @@ def validate(cfg: DictConfig) -> None:
             f"config: engine.insecure=true with engine.host={engine.get('host')}: plaintext "
             "(no TLS, no SuperNode authentication) is allowed on a loopback address only"
         )
-    from fl_server import plugins
-    from fl_server.hooks import hook_classes
 
     hook_classes([str(h) for h in cfg.hooks or []], plugins.recorded(cfg))  # imports if trusted
     teacher = cfg.distill.teacher
@@ -365,8 +389,6 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_strategy(cfg: DictConfig) -> None:
     """Build the strategy once, so unknown names and bad parameters stop the run here."""
-    from omegaconf.errors import OmegaConfBaseException
-
     from strategies import StrategyConfigError, build_strategy
     from strategies.registry import sampled_clients
 

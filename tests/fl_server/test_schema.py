@@ -14,7 +14,15 @@ import pytest
 from omegaconf import OmegaConf
 
 from fl_server import schema, state
-from fl_server.config import ConfigError, compose, from_run, migrate, to_yaml, validate
+from fl_server.config import (
+    ConfigError,
+    compose,
+    compose_settings,
+    from_run,
+    migrate,
+    to_yaml,
+    validate,
+)
 from fl_server.guard import Guard
 from fl_server.schema import Checked
 
@@ -147,3 +155,17 @@ def test_every_schema_key_is_in_the_reference_with_its_range():
     listed = {key: expected for key, _, expected in all_keys()}
     assert listed["train.imgsz"] == "an integer >= 32, a multiple of 32"
     assert "guard.patience" in listed and "engine" in listed and "strategy" in listed
+
+
+def test_a_commands_settings_go_through_the_same_composer_and_grammar():
+    """``fedyolo export|bench|deploy aws`` read ``configs/<name>.yaml`` with key=value as a run
+    does (Hydra's grammar: a list is [1,4]); unknown keys and added ones are one line."""
+    cfg = compose_settings("edge/bench", ["threads=[1,4]", "runs=5"], "bench")
+    assert list(cfg.threads) == [1, 4] and cfg.runs == 5 and cfg.warmup == 10
+    unknown = r"bench: unknown setting 'thread' \(see configs/edge/bench.yaml\)"
+    with pytest.raises(ConfigError, match=unknown):
+        compose_settings("edge/bench", ["thread=2"], "bench")
+    for bad in ("+x=1", "runs"):
+        with pytest.raises(ConfigError, match="key=value"):
+            compose_settings("edge/bench", [bad], "bench")
+    assert compose_settings("deploy/aws", [], "deploy aws").clients.max >= 1
