@@ -162,8 +162,8 @@ def save(path: Path, state: dict) -> list[str]:
     """Write ``state`` atomically (temporary file, fsync, rename); return skipped attributes.
 
     ``state["strategy"]`` and the strategy state in ``state["best"]`` are attribute
-    dictionaries (``fl_server.flower_adapter.strategy_state``); everything else is numbers, strings, lists,
-    dicts and arrays.
+    dictionaries (``fl_server.flower_adapter.strategy_state``); everything else is numbers,
+    strings, lists, dicts and arrays.
     """
     enc = _Encoder()
     doc = {k: v for k, v in state.items() if k not in ("strategy", "best", "weights")}
