@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from deploy.edge import EdgeError
+from fl_client.evaluate import evaluate_checkpoint
+from fl_client.ultralytics_adapter import load_checkpoint, load_yolo
 
 
 def ort_session(path: Path, threads: int):
@@ -52,8 +54,6 @@ def onnx_runner(path: Path, threads: int) -> tuple[Callable[[np.ndarray], list],
 
 def torch_runner(path: Path, threads: int) -> Callable[[np.ndarray], list]:
     import torch
-
-    from fl_client.ultralytics_adapter import load_yolo
 
     torch.set_num_threads(threads)
     model = load_yolo(path, "bench").model.float().eval()  # weights-only: it runs no code
@@ -151,9 +151,6 @@ def _label(path: Path, meta: dict | None) -> str:
 
 def bench(models: Sequence[Path], cfg) -> dict:
     """Measure ``models``; write bench.json/.md/.png to ``cfg.out`` (or beside the first)."""
-    from fl_client.evaluate import evaluate_checkpoint
-    from fl_client.ultralytics_adapter import load_checkpoint
-
     out = Path(cfg.out) if cfg.out else _resolve(Path(models[0]))[0].parent
     out.mkdir(parents=True, exist_ok=True)
     results = []

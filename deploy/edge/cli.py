@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from deploy.edge import EdgeError, bench, export, settings
+from deploy.edge import EdgeError, settings
 from fl_client.errors import ExitCode, existing
 from fl_server.cli import setup_logging
 
@@ -30,6 +30,8 @@ def export_command(parser: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace) -> ExitCode:
+    from deploy.edge import export  # torch and Ultralytics: when the command runs, not at --help
+
     cfg = settings.load("export", args.overrides)
     setup_logging()
     if args.check:
@@ -73,6 +75,8 @@ def _bench(args: argparse.Namespace) -> ExitCode:
     if not models:
         raise EdgeError("bench: give at least one model (.pt, .onnx or bundle folder)")
     setup_logging()
+    from deploy.edge import bench  # torch and ONNX Runtime: when the command runs, not at --help
+
     report = bench.bench([Path(m) for m in models], cfg)
     print(bench.table(report["results"]), end="")
     print(f"written: {report['out']}/bench.json, bench.md, bench.png")

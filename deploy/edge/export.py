@@ -42,6 +42,8 @@ from deploy.edge import EdgeError, inputs
 from deploy.edge import quantize as q
 from deploy.edge.bench import onnx_runner, ort_session, timed, torch_runner
 from fl_client.errors import MissingInput
+from fl_client.evaluate import evaluate_checkpoint
+from fl_client.ultralytics_adapter import load_checkpoint, load_yolo
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -81,8 +83,6 @@ class Source:
 
 
 def source_of(checkpoint: Path, data: str | None = None) -> Source:
-    from fl_client.ultralytics_adapter import load_checkpoint
-
     checkpoint = Path(checkpoint).expanduser().resolve()
     if not checkpoint.is_file():
         raise MissingInput(f"export: checkpoint {checkpoint} not found")
@@ -126,8 +126,6 @@ def _variant(cfg, activations: str | None = None) -> str:
 
 def _ultralytics_export(src: Source, work: Path, cfg, imgsz: int, quantize: int) -> Path:
     """Ultralytics' exporter on a copy of the checkpoint in ``work`` (it writes beside it)."""
-    from fl_client.ultralytics_adapter import load_yolo
-
     work.mkdir(parents=True, exist_ok=True)
     pt = work / "model.pt"
     shutil.copy2(src.checkpoint, pt)
@@ -212,8 +210,6 @@ def parity(checkpoint: Path, onnx_path: Path, samples: list[Path], imgsz: int) -
 
 
 def held_out_map(model: Path, data: Path, imgsz: int, work: Path) -> float:
-    from fl_client.evaluate import evaluate_checkpoint
-
     return evaluate_checkpoint(
         model, data, imgsz=imgsz, batch=1, device="cpu", workdir=work, rect=False
     )["map50_95"]

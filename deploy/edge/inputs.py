@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from deploy.edge import EdgeError
+from fl_client.ultralytics_adapter import letterbox
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 PREPROCESS = {  # what model.json tells an edge runtime to do before the model
@@ -40,8 +41,6 @@ def image_files(folder: Path) -> list[Path]:
 def load(path: Path, imgsz: int) -> np.ndarray:
     """One image as a (1, 3, imgsz, imgsz) float32 array; a file that is no image is named."""
     import cv2
-
-    from fl_client.ultralytics_adapter import letterbox
 
     im = cv2.imread(str(path))
     if im is None:
