@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -23,15 +24,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from deploy.edge import EdgeError
 from fl_client.evaluate import evaluate_checkpoint
+from fl_client.lazy import lazy
 from fl_client.ultralytics_adapter import load_checkpoint, load_yolo
+
+ort = lazy("onnxruntime")
 
 
 def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -53,8 +56,6 @@ def onnx_runner(path: Path, threads: int) -> tuple[Callable[[np.ndarray], list],
 
 
 def torch_runner(path: Path, threads: int) -> Callable[[np.ndarray], list]:
-    import torch
-
     torch.set_num_threads(threads)
     model = load_yolo(path, "bench").model.float().eval()  # weights-only: it runs no code
 
@@ -205,16 +206,11 @@ def bench(models: Sequence[Path], cfg) -> dict:
 
 
 def _machine() -> dict:
-    import platform
-
-    import onnxruntime
-    import torch
-
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": ort.__version__,
         "torch": torch.__version__,
     }
 

@@ -28,6 +28,7 @@ A failed gate leaves the bundle with ``"status": "rejected"`` and one line namin
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import ultralytics
 
 from deploy.edge import EdgeError, inputs
 from deploy.edge import quantize as q
@@ -147,10 +150,6 @@ def _ultralytics_export(src: Source, work: Path, cfg, imgsz: int, quantize: int)
 def _unavailable(fmt: str, quantize: int) -> str | None:
     """None when ``fmt`` can be exported here, else why not (one line). Nothing is installed
     at run time: Ultralytics' exporter would pip-install a missing package."""
-    import importlib.util
-
-    import torch
-
     if fmt == "engine":
         if not torch.cuda.is_available():
             return "format=engine (TensorRT) needs an NVIDIA GPU; this machine has no CUDA device"
@@ -423,8 +422,6 @@ def _p50(path: Path, imgsz: int) -> float:
 
 
 def _model_json(src: Source, cfg, final: Path, imgsz, io, report, extra) -> dict:
-    import ultralytics
-
     nc = len(src.names)
     return {
         "status": "accepted" if report["passed"] else "rejected",

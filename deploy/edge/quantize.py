@@ -36,6 +36,11 @@ import numpy as np
 
 from deploy.edge import EdgeError
 from deploy.edge.inputs import batches
+from fl_client.lazy import lazy
+
+onnx = lazy("onnx")
+quantization = lazy("onnxruntime.quantization")
+calibrate = lazy("onnxruntime.quantization.calibrate")
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -45,8 +50,6 @@ QUANTIZED_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
 def decode_convs(model) -> list[str]:
     """Conv nodes whose weight is a fixed arange over input channels: DFL's expectation."""
-    from onnx import numpy_helper
-
     inits = {i.name: i for i in model.graph.initializer}
     names = []
     for n in model.graph.node:
@@ -54,15 +57,13 @@ def decode_convs(model) -> list[str]:
             continue
         w = inits[n.input[1]]
         if len(w.dims) == 4 and w.dims[0] == 1 and w.dims[2] == w.dims[3] == 1:
-            a = numpy_helper.to_array(w).reshape(-1)
+            a = onnx.numpy_helper.to_array(w).reshape(-1)
             if np.array_equal(a, np.arange(a.size, dtype=a.dtype)):
                 names.append(n.name)
     return names
 
 
 def input_name(onnx_path: Path) -> str:
-    import onnx
-
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     inits = {i.name for i in graph.initializer}
     return next(i.name for i in graph.input if i.name not in inits)
@@ -89,16 +90,14 @@ def activation_ranges(onnx_path: Path, images: Sequence[Path], imgsz: int) -> di
     ``{"images": n, "ranges": {tensor: [lowest, highest]}}``: JSON, no pixels. This is what a
     client computes on its own images in federated calibration.
     """
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
-
     if not images:
         raise EdgeError("calibration: no images")
     with tempfile.TemporaryDirectory(prefix="fedyolo-calib-") as tmp:
-        cal = create_calibrator(
+        cal = calibrate.create_calibrator(
             Path(onnx_path),
             None,  # every float tensor, as quantize_static calibrates them
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=calibrate.CalibrationMethod.MinMax,
             providers=["CPUExecutionProvider"],
         )
         cal.collect_data(ImageReader(input_name(onnx_path), images, imgsz))
@@ -148,14 +147,6 @@ def quantize(
     The fp32 file's metadata (Ultralytics' names, stride, imgsz) is kept, so Ultralytics'
     ``YOLO(out)`` loads, predicts and validates the INT8 file like the fp32 one.
     """
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import (
-        CalibrationMethod,
-        TensorsData,
-        save_tensors_data,
-    )
-
     if activations not in ACTIVATIONS:
         raise EdgeError(f"int8.activations: {activations!r} is not one of {', '.join(ACTIVATIONS)}")
     source = onnx.load(str(fp32_onnx))
@@ -165,19 +156,22 @@ def quantize(
         k: (np.array(lo, dtype=np.float32), np.array(hi, dtype=np.float32))
         for k, (lo, hi) in ranges["ranges"].items()
     }
+    qtype = quantization.QuantType
     with tempfile.TemporaryDirectory(prefix="fedyolo-quant-") as tmp, _quiet_root():
         cache = Path(tmp) / "ranges.json"
-        save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
-        quantize_static(
+        calibrate.save_tensors_data(
+            calibrate.TensorsData(calibrate.CalibrationMethod.MinMax, data), cache
+        )
+        quantization.quantize_static(
             str(fp32_onnx),
             str(out),
             None,
-            quant_format=QuantFormat.QDQ,
+            quant_format=quantization.QuantFormat.QDQ,
             per_channel=per_channel,
-            activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
-            weight_type=QuantType.QInt8,
+            activation_type=qtype.QUInt8 if activations == "u8" else qtype.QInt8,
+            weight_type=qtype.QInt8,
             nodes_to_exclude=exclude,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=calibrate.CalibrationMethod.MinMax,
             calibration_cache_path=cache,
         )
     model = onnx.load(str(out))
