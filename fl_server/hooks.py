@@ -41,6 +41,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from omegaconf import OmegaConf
+
+from fl_server import plugins
 from fl_server.records import RoundRecord, Status
 
 LOGGER = logging.getLogger(__name__)
@@ -82,8 +85,6 @@ def hook_classes(paths: Sequence[str], trusted: Sequence[str]) -> list[type]:
     if trusted (``fl_server.plugins``: installed in ``fedyolo.hooks`` or granted by
     ``--trust-plugin``) and checked to be a class with ``on_round`` before anything calls it.
     Raises ``PluginError`` (one line)."""
-    from fl_server import plugins
-
     return [plugins.load(str(p), plugins.HOOK, trusted, "config: hooks") for p in paths]
 
 
@@ -93,10 +94,6 @@ def load_hooks(paths: Sequence[str], run: Any, trusted: Sequence[str] | None = N
     ``trusted``: the grant the run's ``config.yaml`` carries (``fl_server.plugins``) unless
     given."""
     if trusted is None:
-        from omegaconf import OmegaConf
-
-        from fl_server import plugins
-
         trusted = plugins.recorded(OmegaConf.load(run.config)) if paths else ()
     return [cls(run) for cls in hook_classes(paths, trusted)]
 

@@ -41,7 +41,10 @@ from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
+from fl_client.lazy import lazy
 from fl_server.schema import ConfigError
+
+flwr_strategy = lazy("flwr.serverapp.strategy")  # a strategy plug-in is checked, not --help
 
 KEY = "trusted_plugins"  # the config key that carries the grant to the ServerApp
 FLAG = "--trust-plugin"
@@ -66,9 +69,7 @@ class Kind:
 
 
 def _is_strategy_class(obj: Any) -> bool:
-    from flwr.serverapp.strategy import Strategy
-
-    return inspect.isclass(obj) and issubclass(obj, Strategy)
+    return inspect.isclass(obj) and issubclass(obj, flwr_strategy.Strategy)
 
 
 def _is_hook_class(obj: Any) -> bool:
