@@ -12,15 +12,11 @@ per-client bookkeeping and the same update hygiene:
 * replies dropped before aggregation, with the reason in ``events.jsonl``: wrong keys, dtypes or
   sizes, non-finite values (a NaN update must never reach the global model), or an update whose
   norm is not sane (``aggregation.max_update_ratio``, ``max_step_norm_x_median``,
-  ``max_norm_x_median``). Stage 1 of
-  ``strategies.guarded``'s story of a bad update;
+  ``max_norm_x_median``). The rules are ``strategies.reply_rules`` (stage 1 of
+  ``strategies.guarded``'s story of a bad update); the grid gathers a round's replies, calls
+  them and records what they refuse;
 * which partition a node answers for: a reply's ``partition-id`` is a claim, checked against
-  the partition the node is bound to. A node is bound to the partition it first claimed alone
-  (trust on first use: the SuperLink authenticates nodes, not their partitions); afterwards a
-  node claiming another partition, or a partition bound to another connected node, is rejected
-  (``update_rejected`` naming the claimed and the bound partition) and the honest node's reply
-  is untouched. Unbound nodes claiming one partition in the same round are all rejected and
-  none is bound: which of them is honest cannot be told.
+  the partition the node is bound to (``fl_server.partition_binding``).
 """
 
 from __future__ import annotations
@@ -35,26 +31,24 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fl_client.transport import decode
 from fl_client.wire import (
     BATCHES,
     CONFIG,
     NUM_EXAMPLES,
-    PARTITION_ID,
     SERVER_ROUND,
     TEACHER_KEY,
     WEIGHTS_KEY,
     ClientFailure,
     EvalReply,
     TrainReply,
-    local_steps,
     record_field,
-    whole,
 )
 from fl_server.flower_adapter import wire_bytes
+from fl_server.partition_binding import PartitionBinding
 from fl_server.records import ClientEntry, EventKind
 from fl_server.run_dir import RunDir
 from strategies.guarded import AggregationPolicy
+from strategies.reply_rules import Update, decode_update, median_outliers, update_norm
 
 LOGGER = logging.getLogger(__name__)
 
@@ -121,8 +115,7 @@ class ObservedGrid(Grid):
         self.params_mask = params_mask
         self._starving_since: float | None = None
         self._run = run_dir
-        self._node_to_client: dict[int, int] = {}  # node → the partition it is bound to
-        self._partition_node: dict[int, int] = {}  # partition → the node bound to it
+        self.partitions = PartitionBinding(run_dir, grid.get_node_ids)
         self.rounds: dict[int, RoundLog] = {}
         self.excluded: set[str] = set()  # client ids left out of sampling (drift guard policy)
         self.keep_updates = False
@@ -154,7 +147,7 @@ class ObservedGrid(Grid):
         """Connected nodes, minus those of clients the drift guard excluded for now."""
         nodes = list(self._grid.get_node_ids())
         if self.excluded:
-            nodes = [n for n in nodes if str(self._node_to_client.get(n, "")) not in self.excluded]
+            nodes = [n for n in nodes if str(self.partitions.bound.get(n, "")) not in self.excluded]
         if len(nodes) >= self.min_nodes:
             self._starving_since = None
         elif self._starving_since is None:
@@ -202,7 +195,7 @@ class ObservedGrid(Grid):
             (dst_by_id.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r)
             for r in replies
         ]
-        impostors = self._bind_claims(by_node, rnd)
+        impostors = self.partitions.check(by_node, rnd)
         for node, reply in by_node:
             answered.add(node)
             if node in impostors:
@@ -229,61 +222,6 @@ class ObservedGrid(Grid):
         if is_train:
             log.sent += len(messages)
         return kept
-
-    def _bind_claims(
-        self, by_node: list[tuple[int, Message]], rnd: int
-    ) -> dict[int, tuple[dict, str]]:
-        """Bind nodes to the partitions they claim for the first time; return the nodes whose
-        claim contradicts a binding (node → (event fields, reason)). See the module docstring."""
-        rejected: dict[int, tuple[dict, str]] = {}
-        connected: set[int] | None = None
-        fresh: dict[int, list[int]] = {}  # unbound partition → the unbound nodes claiming it
-        for node, reply in by_node:
-            pid = _claimed_partition(reply)
-            if pid is None:
-                continue
-            bound = self._node_to_client.get(node)
-            owner = self._partition_node.get(pid)
-            if bound is not None and bound != pid:
-                rejected[node] = (
-                    {"claimed_partition": pid, "bound_partition": bound},
-                    f"node {node} claims partition-id {pid}, but it is bound to partition "
-                    f"{bound}: its reply is not counted",
-                )
-            elif bound is None and owner is not None:
-                if connected is None:
-                    connected = set(self._grid.get_node_ids())
-                if owner in connected:
-                    rejected[node] = (
-                        {"claimed_partition": pid, "bound_node": owner},
-                        f"node {node} claims partition-id {pid}, which is bound to node {owner} "
-                        "(still connected): its reply is not counted",
-                    )
-                else:
-                    fresh.setdefault(pid, []).append(node)
-            elif bound is None:
-                fresh.setdefault(pid, []).append(node)
-        for pid, nodes in fresh.items():
-            if len(nodes) > 1:
-                for node in nodes:
-                    rejected[node] = (
-                        {"claimed_partition": pid, "claimed_by": nodes},
-                        f"nodes {nodes} all claim partition-id {pid} for the first time: none "
-                        "is bound and none of their replies is counted",
-                    )
-                continue
-            (node,) = nodes
-            gone = self._partition_node.get(pid)
-            if gone is not None:
-                self._node_to_client.pop(gone, None)
-                reason = f"partition {pid} moved from node {gone} (disconnected) to node {node}"
-                self._run.event(
-                    rnd, EventKind.PARTITION_REBOUND, client=pid, node_id=node, reason=reason
-                )
-                LOGGER.warning("round %d: %s", rnd, reason)
-            self._node_to_client[node] = pid
-            self._partition_node[pid] = node
-        return rejected
 
     def _add_teacher(self, messages: list[Message]) -> set[int]:
         """Put the teacher into the train messages of nodes that do not have it yet."""
@@ -360,80 +298,37 @@ class ObservedGrid(Grid):
         if not isinstance(parsed, TrainReply):
             log.client_eval.append(entry)
             return reply, None
-        norm = self._decode_and_check(reply, sent.get(node))
+        norm = self._decode(reply, sent.get(node))
         if parsed.data_stats:
             log.data_stats[str(entry["id"])] = dict(parsed.data_stats)
         if norm is not None:
             entry["update_norm"] = norm
-        if self.keep_updates:  # the decoded weights (``_decode_and_check`` replaced them)
+        if self.keep_updates:  # the decoded weights (``_decode`` replaced them)
             rec = next(iter(reply.content.array_records.values()))
             if WEIGHTS_KEY in rec:
                 log.updates[str(entry["id"])] = rec[WEIGHTS_KEY].numpy().reshape(-1)
         return reply, entry
 
-    def _decode_and_check(self, reply: Message, sent: np.ndarray | None) -> float | None:
-        """Decode the reply's transport in place; raise ValueError naming what is wrong."""
+    def _decode(self, reply: Message, sent: np.ndarray | None) -> float | None:
+        """Decode the reply's transport in place (``strategies.reply_rules``); its update norm,
+        None where it has none; raise ValueError naming what is wrong."""
         key, record = next(iter(reply.content.array_records.items()))
-        if sent is None:  # not fedyolo's packed format (e.g. a plug-in's own): finiteness only
-            if not all(np.isfinite(record[k].numpy()).all() for k in record):
-                raise ValueError("non-finite values (NaN/inf) in the returned weights")
+        weights = decode_update(record, sent)
+        if weights is None or sent is None:
             return None
-        weights = decode(record, sent)
         reply.content[key] = ArrayRecord({WEIGHTS_KEY: Array(weights)})
-        h = self.policy
-        mask = self.params_mask if self.params_mask is not None else slice(None)
-        norm = float(np.linalg.norm((weights - sent)[mask]))
-        ref = float(np.linalg.norm(sent[mask]))
-        if h.max_update_ratio is not None and norm > h.max_update_ratio * ref:
-            raise ValueError(
-                f"update norm {norm:.4g} is {norm / max(ref, 1e-12):.3g}x the global model's "
-                f"({ref:.4g}); limit aggregation.max_update_ratio={h.max_update_ratio}"
-            )
-        return norm
+        return update_norm(weights, sent, self.policy, self.params_mask)
 
     def _outliers(self, good: list, log: RoundLog, rnd: int) -> list:
-        """Drop replies whose update norm is far above the round's median (3+ replies): per
-        local step (``max_step_norm_x_median``), then raw (``max_norm_x_median``)."""
-        good = self._median_rule(good, log, rnd, self.policy.max_step_norm_x_median, per_step=True)
-        return self._median_rule(good, log, rnd, self.policy.max_norm_x_median, per_step=False)
-
-    def _median_rule(
-        self, good: list, log: RoundLog, rnd: int, k: float | None, per_step: bool
-    ) -> list:
-        """An honest update's norm grows with the client's local steps (measured: a
-        Dirichlet-0.1 client with 16x the median shard had 9.4x the median norm, i.e. 0.6x the
-        median per step), so the per-step rule compares ``norm / batches`` (the optimizer's
-        batches the client reports): scale-free across shard sizes, while a scaled update
-        keeps its factor. Medians need 3+ replies that all report what the rule uses."""
-        if k is None or len(good) < 3 or any(e.get("update_norm") is None for _, e in good):
-            return good
-        steps = [local_steps(e.get(BATCHES_FIELD)) for _, e in good]
-        if per_step and not any(steps):
-            return good  # no client reports its batches (a plug-in ClientApp): rule not usable
-        # a reply without a usable count is taken as one step: leaving it out must not help it
-        values = [
-            e["update_norm"] / (n or 1.0) if per_step else e["update_norm"]
-            for (_, e), n in zip(good, steps, strict=True)
-        ]
-        median = float(np.median(values))
-        out = []
-        for (reply, entry), v in zip(good, values, strict=True):
-            if median > 0 and v > k * median:
-                if per_step:
-                    reason = (
-                        f"update norm per local step {v:.4g} ({entry['update_norm']:.4g} over "
-                        f"{entry.get(BATCHES_FIELD)} batches) is {v / median:.3g}x the round's "
-                        f"median ({median:.4g}); limit aggregation.max_step_norm_x_median={k}"
-                    )
-                else:
-                    reason = (
-                        f"update norm {v:.4g} is {v / median:.3g}x the round's median "
-                        f"({median:.4g}); limit aggregation.max_norm_x_median={k}"
-                    )
-                self._fail(log, rnd, EventKind.UPDATE_REJECTED, entry["node_id"], reason, True)
-                continue
-            out.append((reply, entry))
-        return out
+        """Drop the replies whose update norm is far above the round's median (3+ replies;
+        ``strategies.reply_rules.median_outliers``), each recorded as ``update_rejected``."""
+        updates = [Update(e.get("update_norm"), e.get(BATCHES_FIELD)) for _, e in good]
+        dropped = median_outliers(updates, self.policy)
+        for i, reason in dropped:
+            node = good[i][1]["node_id"]
+            self._fail(log, rnd, EventKind.UPDATE_REJECTED, node, reason, True)
+        gone = {i for i, _ in dropped}
+        return [g for i, g in enumerate(good) if i not in gone]
 
     # -- helpers -----------------------------------------------------------------------------
     def _fail(
@@ -458,7 +353,7 @@ class ObservedGrid(Grid):
         LOGGER.warning("round %d: %s %s (%s): %s", rnd, kind, client, phase, reason)
 
     def _client(self, node: int) -> int | str:
-        return self._node_to_client.get(node, f"node-{node}")
+        return self.partitions.client(node)
 
     def _client_entry(
         self, node: int, reply: TrainReply | EvalReply, down: int, up: int
@@ -475,23 +370,6 @@ class ObservedGrid(Grid):
             bytes_up=up,
         )
         return cast(ClientEntry, entry)
-
-
-def _claimed_partition(reply: Message) -> int | None:
-    """The partition a reply says it answers for (an ordinary reply's ``partition-id`` metric
-    or a structured failure's), None when it names none or not as a whole number >= 0."""
-    try:
-        if reply.has_error():
-            return None
-        failure = ClientFailure.from_reply(reply)
-        if failure is not None:
-            return failure.partition_id
-        records = reply.content.metric_records
-        metrics = next(iter(records.values())) if records else {}
-        value = metrics.get(PARTITION_ID) if PARTITION_ID in metrics else None
-        return None if value is None else whole(value, PARTITION_ID, 0)
-    except Exception:  # noqa: BLE001 - a malformed reply is judged (and rejected) by _take
-        return None
 
 
 def _one_line(e: BaseException) -> str:

@@ -4,7 +4,9 @@ A client's reply passes three stages, each owning one kind of harm; all their li
 from the config group ``aggregation`` (read once, into :class:`AggregationPolicy`) and from
 ``guard``:
 
-1. **Decoding and per-reply checks** (``fl_server.observed_grid``): the reply's transport is
+1. **Decoding and per-reply checks** (:mod:`strategies.reply_rules`, and the reply's contract
+   in ``fl_client.wire``; the grid, ``fl_server.observed_grid``, calls them for every reply of
+   a round and records what they refuse): the reply's transport is
    decoded against the model that client was sent; wrong keys, dtypes or sizes, non-finite
    values, malformed metrics and an update norm above ``max_update_ratio`` × the global model's,
    a norm per local step above ``max_step_norm_x_median`` × the round's median (or a raw norm
