@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from fl_server.records import EventKind, Status
+from fl_server.records import EventKind, RoundRecord, Status
 
 METRIC_KEYS = ("map50", "map50_95", "precision", "recall")
 
@@ -46,7 +46,7 @@ def write_json(path: Path, obj: Any) -> None:
     replace_text(path, json.dumps(_clean(obj), indent=2) + "\n")
 
 
-def append_jsonl(path: Path, obj: dict) -> None:
+def append_jsonl(path: Path, obj: Mapping[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(_clean(obj)) + "\n")
         f.flush()
@@ -100,13 +100,14 @@ class RunDir:
         for listener in self._listeners:
             listener(server_round, kind, details)
 
-    def add_round(self, record: dict) -> None:
+    def add_round(self, record: RoundRecord) -> None:
         append_jsonl(self.metrics, record)
 
-    def rounds(self) -> list[dict]:
-        return read_jsonl(self.metrics)
+    def rounds(self) -> list[RoundRecord]:
+        """The finished rounds' records, as ``add_round`` wrote them (``metrics.jsonl``)."""
+        return cast(list[RoundRecord], read_jsonl(self.metrics))
 
-    def rewrite_rounds(self, rounds: list[dict]) -> None:
+    def rewrite_rounds(self, rounds: list[RoundRecord]) -> None:
         """Replace ``metrics.jsonl`` atomically (resume drops a round the state does not cover)."""
         replace_text(self.metrics, "".join(json.dumps(_clean(r)) + "\n" for r in rounds))
 
