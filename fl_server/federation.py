@@ -6,8 +6,8 @@ evaluation). Flower's loop has no place to reject a round's model, restore a str
 start at round N, so fedyolo runs the same calls itself and adds, after the evaluation, one call
 to the drift guard's step (``fl_server.guard.step``), then the round's record (data-drift scores
 included), the resumable state (``fl_server.state``) and the round hooks (ClearML, the summary
-writer, the config's and the caller's: ``fl_server.hooks``). ``fl_server.server_app`` wires it
-into Flower's ServerApp.
+writer, the config's and the caller's: ``fl_server.reporting``, which also ends the run).
+``fl_server.server_app`` wires it into Flower's ServerApp.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from fl_client.train import resolve_device
 from fl_client.transport import TransportSpec
 from fl_client.wire import RoundConfig, TrainArgs
 from fl_server import config as config_mod
-from fl_server import hooks as hooks_mod
 from fl_server import state as state_mod
 from fl_server.data_drift import DriftMonitor
 from fl_server.guard import Guard, GuardState
@@ -51,8 +50,8 @@ from fl_server.guard.step import GuardStep, Verdict
 from fl_server.observed_grid import Interrupted, ObservedGrid, RoundLog
 from fl_server.prepare import TEACHER
 from fl_server.records import ClientEntry, EventKind, RoundRecord, Status, round_record
-from fl_server.run_dir import METRIC_KEYS, RunDir, SummaryWriter
-from fl_server.tracking import Tracker
+from fl_server.reporting import Reporting
+from fl_server.run_dir import METRIC_KEYS, RunDir
 from strategies import build_strategy, describe
 
 LOGGER = logging.getLogger("fedyolo")
@@ -129,15 +128,6 @@ def _replace(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-class RunFailed(RuntimeError):
-    """The run cannot go on, for a reason a user can act on (named in one line)."""
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if isinstance(e, RunFailed) else f"{type(e).__name__}: {text}"
-
-
 class Federation:
     """One run: its model, strategy, grid and guard, set up fresh or resumed, and its rounds."""
 
@@ -176,8 +166,7 @@ class Federation:
         self.teacher_sha256 = None
         if OmegaConf.select(cfg, "distill.teacher") is not None:
             self._set_up_teacher(float(cfg.distill.weight))
-        self.tracker = None  # fl_server.tracking.Tracker, from start_fresh/start_resumed
-        self.hooks: list = []  # round hooks (fl_server.hooks), with the tracker
+        self.reports = Reporting(run)  # ClearML and the round hooks, from start_fresh/_resumed
         self.round = 0  # last finished round
         self.arrays: ArrayRecord = to_record(self.model)
         self.best: tuple[ArrayRecord, dict] | None = None  # weights and strategy state
@@ -196,26 +185,10 @@ class Federation:
         )
         self.grid.teacher = records
 
-    def _start_tracker(self, task_id: str | None = None) -> None:
-        # off when tracking.enabled=false; without tracking when ClearML fails to start
-        self.tracker = Tracker.start(self.cfg, self.run, resume_task_id=task_id)
-        # the loop's round hooks (fl_server.hooks), in order: ClearML, the summary writer, then
-        # the user's (kept for the run's end even when one of the user's cannot start)
-        builtin = [self.tracker]
-        self.hooks = [*builtin, SummaryWriter(self.run, builtin)]
-        self.hooks += user_hooks(self.cfg, self.run)
-
-        def forward(rnd: int, kind: EventKind, details: dict) -> None:
-            # the tracker's own trouble is not reported to itself
-            if kind != EventKind.TRACKER_ERROR:
-                self.tracker.report_event(rnd, kind, details)
-
-        self.run.subscribe(forward)
-
     # -- set-up --------------------------------------------------------------------------------
     def start_fresh(self) -> None:
         cfg = self.cfg
-        self._start_tracker()
+        self.reports.start(self.cfg)
         self.run.event(
             0,
             EventKind.RUN_START,
@@ -225,7 +198,7 @@ class Federation:
             clients=int(cfg.federation.clients),
             rounds=int(cfg.federation.rounds),
             faults=[f.__dict__ for f in self.faults] or None,
-            tracker_task=self.tracker.task_id,
+            tracker_task=self.reports.task_id,
             distill_teacher_sha256=self.teacher_sha256,
         )
         res = self.evaluate(self.arrays, self.run.work / "candidate.pt", 0)
@@ -256,7 +229,7 @@ class Federation:
         # best.pt and last.pt from the state (a kill may have come between their writes)
         self.evaluate.checkpoint(self.best[0], self.run.best, int(self.guard.state.best_round or 0))
         self.evaluate.checkpoint(self.arrays, self.run.last, self.round)
-        self._start_tracker(st.get("tracker_task"))
+        self.reports.start(self.cfg, st.get("tracker_task"))
         self.run.event(
             self.round,
             EventKind.RESUME,
@@ -265,7 +238,7 @@ class Federation:
             discarded_round_records=dropped,
             weights_sha256=record_digest(self.arrays),
             strategy_state=_restored_note(st),
-            tracker_task=self.tracker.task_id,
+            tracker_task=self.reports.task_id,
         )
         LOGGER.info(
             "resuming %s after round %d (best %.3f at round %s)",
@@ -335,7 +308,7 @@ class Federation:
             self._save_state()
 
             # --- HOOKS, THEN WHETHER TO GO ON ---
-            asked = call_hooks(self.hooks, rnd, record)
+            asked = self.reports.on_round(rnd, record)
             if self.guard_step.should_stop(rnd):
                 return Status.STOPPED
             if asked is not None:
@@ -438,7 +411,7 @@ class Federation:
             "best": (best_w[WEIGHTS_KEY].numpy().reshape(-1), best_strategy),
             "guard": self.guard.state_dict(),
             "drift": self.drift.state_dict() if self.drift is not None else None,
-            "tracker_task": self.tracker.task_id if self.tracker else None,
+            "tracker_task": self.reports.task_id,
         }
         skipped = write_state(self.run.state, state)
         if skipped and skipped != self._skipped_warned:
@@ -448,8 +421,7 @@ class Federation:
     # -- the end ----------------------------------------------------------------------------------
     def finish(self, status: Status, reason: str | None = None) -> None:
         """Write the run's summary and plot, call the hooks' ``on_end``, then ``run_end``."""
-        task = self.tracker.task_id if self.tracker is not None else None
-        finish_run(self.run, self.hooks, task, self.round, status, reason)
+        self.reports.finish(self.round, status, reason)
 
 
 def log_progress(
@@ -484,33 +456,6 @@ def write_state(path: Path, state: dict) -> list[str]:
         return state_mod.save(path, state)
 
 
-def user_hooks(cfg, run: RunDir) -> list:
-    """The config's ``hooks``, then the caller of ``fl_server.run`` (if waiting)."""
-    paths = list(cfg.get("hooks") or [])
-    try:
-        hooks = hooks_mod.load_hooks(paths, run)
-    except Exception as e:  # a user's hook that cannot start: the run fails, said so
-        raise RunFailed(f"hooks={paths}: a hook could not start ({_one_line(e)})") from e
-    bridge = hooks_mod.CallerBridge.if_requested(run.path)
-    if bridge is not None:
-        hooks.append(bridge)
-    return hooks
-
-
-def call_hooks(hooks: list, rnd: int, record: RoundRecord) -> str | None:
-    """Every round hook on ``record`` (``fl_server.hooks.call_on_round``, one at a time so
-    that a failing hook is named); the first stop status asked for."""
-    asked = None
-    for hook in hooks:
-        try:
-            got = hooks_mod.call_on_round([hook], record)
-        except Exception as e:
-            name = type(hook).__name__
-            raise RunFailed(f"round hook {name} failed in round {rnd}: {_one_line(e)}") from e
-        asked = asked or got
-    return asked
-
-
 def score_data_drift(
     drift: DriftMonitor, run: RunDir, rnd: int, clients: list[ClientEntry], stats: dict[str, dict]
 ) -> None:
@@ -536,34 +481,6 @@ def score_data_drift(
                     f"{drift.threshold}"
                 ),
             )
-
-
-def finish_run(
-    run: RunDir, hooks: list, task: str | None, rnd: int, status: Status, reason: str | None
-) -> None:
-    """The end of a run, whatever ended it: ``summary.json``, the plot, every hook's
-    ``on_end`` (one's failure does not cost the others), and last the ``run_end`` event."""
-    if not hooks:  # the run failed before its hooks started: still write its summary
-        hooks = [SummaryWriter(run, [])]
-    try:
-        summary = run.write_summary(run.rounds(), status=status, clearml_task=task, reason=reason)
-    except OSError as e:  # e.g. a full disk: the caller finds summary.json unfinished
-        LOGGER.error("could not write %s: %s", run.summary, _one_line(e))
-        return
-    try:
-        run.write_plot(run.rounds())
-    except Exception as e:  # noqa: BLE001 - a plot must never hide the run's outcome
-        LOGGER.error("could not write %s: %s", run.plot, _one_line(e))
-    for hook in hooks:
-        try:
-            hooks_mod.call_on_end([hook], summary)
-        except Exception as e:  # noqa: BLE001 - one hook's failure must not cost the others
-            name = type(hook).__name__
-            LOGGER.error("round hook %s failed at the end of the run: %s", name, _one_line(e))
-    try:
-        run.event(rnd, EventKind.RUN_END, status=status)  # last write: the run is complete
-    except OSError as e:
-        LOGGER.error("could not write %s: %s", run.events, _one_line(e))
 
 
 def _restored_note(st: dict) -> str:

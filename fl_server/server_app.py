@@ -17,10 +17,11 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fl_server.federation import Federation, _one_line, round_config
+from fl_server.federation import Federation, round_config
 from fl_server.interrupts import StopFile
 from fl_server.observed_grid import Interrupted
 from fl_server.records import EventKind, Status
+from fl_server.reporting import one_line
 from fl_server.run_dir import RunDir, lost_rounds
 
 # round_config (what clients receive each round) lives in fl_server.federation; importable here
@@ -57,12 +58,12 @@ def server_app_for(run_dir: Path, interrupt: threading.Event | None = None) -> S
 
 def _failed(run: RunDir, rnd: int, e: Exception) -> str:
     """Record why the run failed (the traceback in ``events.jsonl``, for a bug); the reason."""
-    reason = _one_line(e)
+    reason = one_line(e)
     LOGGER.error("the run failed after round %d: %s", rnd, reason)
     try:
         run.event(rnd, EventKind.RUN_FAILED, reason=reason, traceback=traceback.format_exc())
     except Exception as err:  # noqa: BLE001 - e.g. the full disk that failed the run
-        LOGGER.error("could not record the failure in %s: %s", run.events, _one_line(err))
+        LOGGER.error("could not record the failure in %s: %s", run.events, one_line(err))
     return reason
 
 
