@@ -1,8 +1,10 @@
 """Data checks: find broken images and labels, repair what is safe, report everything.
 
-A client must never crash mid-round on one bad file, and a user must be able to see
-what was wrong with their data. ``check_dataset`` decodes every image fully, parses
-every label line, and returns the usable samples plus one :class:`Issue` per finding.
+A run must never crash mid-round on one bad file, and a user must be able to see what
+was wrong with their data: the server checks a dataset before cutting it into shards
+(``fedyolo run``) or when asked (``fedyolo data check``). ``check_dataset`` decodes every
+image fully, parses every label line, and returns the usable samples plus one :class:`Issue`
+per finding.
 Originals are never modified: repaired labels are written as copies under ``work_dir``.
 """
 
