@@ -167,7 +167,8 @@ _NOT_METRICS = {  # the contract's other keys: records of a content, arrays, con
 _USERS = (
     "fl_client/handlers.py", "fl_client/client_app.py", "fl_client/transport.py",
     "fl_client/data_stats.py", "fl_client/distill.py", "fl_client/faults.py",
-    "fl_server/observed_grid.py", "strategies/guarded.py", "strategies/registry.py",
+    "fl_server/observed_grid.py", "fl_server/partition_binding.py", "strategies/guarded.py",
+    "strategies/registry.py", "strategies/reply_rules.py",
 )  # fmt: skip
 # values that are also keys of other dicts those modules read (evaluate_checkpoint's result,
 # the teacher's local cache file)
