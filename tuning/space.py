@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from fl_client.errors import UserError
+from fl_server.config import CONFIG_DIR
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = frozenset(  # the run's config groups (edge, deploy: the settings of other commands)
     p.name
     for p in CONFIG_DIR.iterdir()

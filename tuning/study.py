@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl_client.lazy import lazy
 from fl_server import config as config_mod
-from tuning.space import CONFIG_DIR, Param, TuningError, defaults, load_space, overrides
+from tuning.space import Param, TuningError, defaults, load_space, overrides
 
 optuna = lazy("optuna")
 
@@ -47,18 +47,11 @@ OBJECTIVES = {
 
 
 def tuning_config(overrides_: Sequence[str]) -> tuple[DictConfig, list[str]]:
-    """``configs/tuning/default.yaml`` with the ``tuning.*`` overrides; the rest is the base."""
-    cfg = OmegaConf.load(CONFIG_DIR / "tuning" / "default.yaml")
-    OmegaConf.set_struct(cfg, True)
-    base = []
-    for o in overrides_:
-        key, sep, value = o.partition("=")
-        if not key.startswith("tuning."):
-            base.append(o)
-            continue
-        if not sep or key[len("tuning.") :] not in cfg:
-            raise TuningError(f"tuning: unknown setting {key!r} (see configs/tuning/default.yaml)")
-        cfg[key[len("tuning.") :]] = yaml.safe_load(value)
+    """``configs/tuning/default.yaml`` with the ``tuning.*`` overrides, composed as a run's config
+    is (``fl_server.config.compose_settings``: one override grammar); the rest is the base."""
+    mine = [o.removeprefix("tuning.") for o in overrides_ if o.startswith("tuning.")]
+    base = [o for o in overrides_ if not o.startswith("tuning.")]
+    cfg = config_mod.compose_settings("tuning/default", mine, "tuning", TuningError)
     _check(cfg)
     return cfg, base
 

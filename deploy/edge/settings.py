@@ -10,12 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from deploy import settings
 from deploy.edge import EdgeError
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "edge"
+from fl_server.config import CONFIG_DIR
 
 
 def load(command: str, overrides: Sequence[str] = ()) -> DictConfig:
-    cfg = settings.load(CONFIG_DIR / f"{command}.yaml", overrides, command, EdgeError)
+    cfg = settings.load(CONFIG_DIR / "edge" / f"{command}.yaml", overrides, command, EdgeError)
     (_check_export if command == "export" else _check_bench)(cfg)
     return cfg
 
