@@ -11,6 +11,14 @@ plus ``configs/engine/<name>.yaml``.
 An engine is trusted because it is installed (``fl_server.plugins``): a config names an engine
 only by its registered name, never by an import path. What the entry point loads is checked to
 be an engine function ``(run, cfg)`` before it is called.
+
+This module is also the API an engine may use (``__all__``): the run directory (``RunDir``:
+its files' names and readers), the statuses and event kinds it follows the run by, the stop
+file and signal forwarding (``StopFile``, ``interrupts_to``). An engine imports these from
+here, the config composer from ``fl_server.config`` and the user's API from ``fl_server.api``,
+and nothing else of ``fl_server`` (``tests/fl_server/test_layers.py``), so ``fl_server``'s
+other modules can change without breaking an engine. Light to import: config validation
+imports it for the engines' names.
 """
 
 from __future__ import annotations
@@ -21,6 +29,23 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from fl_server import plugins
+from fl_server.hooks import STOP_STATUSES
+from fl_server.interrupts import StopFile, interrupts_to
+from fl_server.records import EventKind, Status
+from fl_server.run_dir import RunDir
+
+__all__ = [
+    "GROUP",
+    "STOP_STATUSES",
+    "Engine",
+    "EventKind",
+    "RunDir",
+    "Status",
+    "StopFile",
+    "get",
+    "interrupts_to",
+    "names",
+]
 
 GROUP = "fedyolo.engines"
 

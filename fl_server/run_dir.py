@@ -64,26 +64,51 @@ def lost_rounds(rounds: list[dict]) -> list[int]:
 
 
 class RunDir:
-    """Paths and writers of one run directory."""
+    """Paths and writers of one run directory.
+
+    The class constants are the run files' names, written here and nowhere else
+    (``tests/fl_server/test_run_dir_names.py``): code that needs a run's file asks a ``RunDir``
+    (``RunDir(path).summary``) or, for a name alone, the constant (``RunDir.BEST``).
+    Constructing one creates nothing, so ``RunDir(path)`` also reads a user's existing run.
+    """
+
+    CONFIG = "config.yaml"
+    MANIFEST = "manifest.json"
+    METRICS = "metrics.jsonl"
+    EVENTS = "events.jsonl"
+    SUMMARY = "summary.json"
+    SUMMARY_MD = "summary.md"
+    PLOT = "metrics.png"
+    BEST = "best.pt"
+    LAST = "last.pt"
+    DATA = "data"
+    WORK = ".work"
+    STATE = "server_state.npz"
+    CLEARML = "clearml"
+    INTERRUPT = ".interrupt"
+    LOGS = "logs"
+    FLWR_HOME = ".flwr"
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.config = self.path / "config.yaml"
-        self.manifest = self.path / "manifest.json"
-        self.metrics = self.path / "metrics.jsonl"
-        self.events = self.path / "events.jsonl"
-        self.summary = self.path / "summary.json"
-        self.summary_md = self.path / "summary.md"
-        self.plot = self.path / "metrics.png"
-        self.best = self.path / "best.pt"
-        self.last = self.path / "last.pt"
-        self.data = self.path / "data"  # the run's client shards and server validation set
-        self.work = self.path / ".work"  # scratch (Ultralytics' validator output)
-        self.state = self.path / "server_state.npz"  # what a resume needs (fl_server/state.py)
-        self.clearml = self.path / "clearml"  # the offline ClearML session
+        self.config = self.path / self.CONFIG
+        self.manifest = self.path / self.MANIFEST
+        self.metrics = self.path / self.METRICS
+        self.events = self.path / self.EVENTS
+        self.summary = self.path / self.SUMMARY
+        self.summary_md = self.path / self.SUMMARY_MD
+        self.plot = self.path / self.PLOT
+        self.best = self.path / self.BEST
+        self.last = self.path / self.LAST
+        self.data = self.path / self.DATA  # the run's client shards and server validation set
+        self.work = self.path / self.WORK  # scratch (Ultralytics' validator output)
+        self.state = self.path / self.STATE  # what a resume needs (fl_server/state.py)
+        self.clearml = self.path / self.CLEARML  # the offline ClearML session
         # Created by the deployment engine on Ctrl-C/SIGTERM: its ServerApp runs in a process
         # of the SuperLink's, not in the one that got the signal (fl_server.interrupts).
-        self.interrupt = self.path / ".interrupt"
+        self.interrupt = self.path / self.INTERRUPT
+        self.logs = self.path / self.LOGS  # the deployment engines' process and container logs
+        self.flwr_home = self.path / self.FLWR_HOME  # their Flower home: keys, certificates
         self._listeners: list[Callable[[int, EventKind, dict], None]] = []
 
     def subscribe(self, listener: Callable[[int, EventKind, dict], None]) -> None:
@@ -99,6 +124,17 @@ class RunDir:
         append_jsonl(self.events, {"round": server_round, "kind": kind, **details})
         for listener in self._listeners:
             listener(server_round, kind, details)
+
+    def read_events(self) -> list[dict]:
+        """The events written so far (``events.jsonl``; none before the first)."""
+        return read_jsonl(self.events)
+
+    def read_summary(self) -> dict | None:
+        """``summary.json`` as written, or None where there is none or it cannot be read."""
+        try:
+            return json.loads(self.summary.read_text())
+        except (OSError, ValueError):
+            return None
 
     def add_round(self, record: RoundRecord) -> None:
         append_jsonl(self.metrics, record)
@@ -133,9 +169,7 @@ class RunDir:
             return None if r is None else {"round": r["round"], **{k: r[k] for k in METRIC_KEYS}}
 
         initial = [
-            {"round": 0, **e}
-            for e in read_jsonl(self.events)
-            if e["kind"] == EventKind.INITIAL_EVAL
+            {"round": 0, **e} for e in self.read_events() if e["kind"] == EventKind.INITIAL_EVAL
         ][:1]
         accepted = initial + [
             r
@@ -243,7 +277,7 @@ class RunDir:
                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['round_seconds']:.1f} | "
                     f"{len(r.get('clients', []))} | {guard} |"
                 )
-        events = read_jsonl(self.events)
+        events = self.read_events()
         quiet = {EventKind.INITIAL_EVAL, EventKind.RUN_START, EventKind.RUN_END}
         notable = [e for e in events if e["kind"] not in quiet]
         if notable:
