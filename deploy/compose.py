@@ -54,9 +54,7 @@ from deploy.local import (
     register_nodes,
 )
 from fl_server import config as config_mod
-from fl_server.interrupts import StopFile, interrupts_to
-from fl_server.records import Status
-from fl_server.run_dir import read_jsonl
+from fl_server.engines import RunDir, Status, StopFile, interrupts_to
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -238,7 +236,7 @@ def check_superlink_view(run_dir: Path, env: dict[str, str], files: list[Path]) 
     mounts = service_mounts(SUPERLINK, env, files)
     hidden = [
         *superlink_secrets(Path(env["FEDYOLO_SECRETS"])),
-        *(p for p in sorted((run_dir / "data").glob("client_*/**/*")) if p.is_file()),
+        *(p for p in sorted(RunDir(run_dir).data.glob("client_*/**/*")) if p.is_file()),
         *(p for p in sorted(Path(env["FEDYOLO_SHARDS"]).rglob("*")) if p.is_file()),
     ]
     seen = [p for p in hidden if visible_at(p, mounts) or visible_at(p.resolve(), mounts)]
@@ -384,7 +382,7 @@ def mount_environment(run_dir: Path) -> dict[str, str]:
     ``make_security`` in the Flower home ``.flwr``) and the clients' exported shards."""
     return {
         "FEDYOLO_RUN_DIR": str(run_dir),
-        "FEDYOLO_SECRETS": str(run_dir / ".flwr" / "secrets"),
+        "FEDYOLO_SECRETS": str(RunDir(run_dir).flwr_home / "secrets"),
         "FEDYOLO_SHARDS": str(run_dir / "compose" / "shards"),
     }
 
@@ -397,8 +395,9 @@ def run_compose(run_dir: Path, cfg) -> None:
     num_clients = int(cfg.federation.clients)
     server_image, client_image = ensure_images(e)
     run_dir = run_dir.resolve()
+    run = RunDir(run_dir)
     work = run_dir / "compose"
-    flwr_home = run_dir / ".flwr"
+    flwr_home = run.flwr_home
     flwr_home.mkdir(parents=True, exist_ok=True)
     os.chmod(flwr_home, 0o700)
     secrets = Path(mount_environment(run_dir)["FEDYOLO_SECRETS"])
@@ -406,8 +405,8 @@ def run_compose(run_dir: Path, cfg) -> None:
     security = make_security(secrets, [SUPERLINK, "localhost", "127.0.0.1"], nodes, False)
     shards = Path(mount_environment(run_dir)["FEDYOLO_SHARDS"])
     for i in range(num_clients):
-        export_shard(run_dir / "data" / f"client_{i}", shards / f"client_{i}")
-    resolve_links(run_dir / "data" / "server_val")
+        export_shard(run.data / f"client_{i}", shards / f"client_{i}")
+    resolve_links(run.data / "server_val")
     port = int(e.port) or free_port()
     env = flwr_env(flwr_home, f"127.0.0.1:{port}", security)
     compose_env = {
@@ -431,8 +430,8 @@ def run_compose(run_dir: Path, cfg) -> None:
         extra_files.append(override)
     check_superlink_view(run_dir, compose_env, [COMPOSE_FILE, *extra_files])
     project = Compose(run_dir, compose_env, extra_files)
-    group = ProcessGroup(run_dir / "logs", flwr_home=str(flwr_home))
-    stop = StopFile(run_dir / ".interrupt")
+    group = ProcessGroup(run.logs, flwr_home=str(flwr_home))
+    stop = StopFile(run.interrupt)
     stop.clear()
     following = threading.Event()
     services = [SUPERLINK, *nodes]
@@ -448,12 +447,12 @@ def run_compose(run_dir: Path, cfg) -> None:
                 project.project,
                 port,
                 num_clients,
-                run_dir / "logs",
+                run.logs,
             )
             _submit_and_follow(project, group, run_dir, env, stop, following, e)
         finally:
             group.stop()
-            project.save_logs(run_dir / "logs", services)
+            project.save_logs(run.logs, services)
             if not bool(e.keep):
                 project.down()
 
@@ -468,7 +467,7 @@ def _submit_and_follow(project, group, run_dir, env, stop, following, e) -> None
     nothing lost or counted twice (``fl_server.state``); a ``resume`` event records it."""
     started = project.started_at(SUPERLINK)
     for attempt in range(RESUMES + 1):
-        before = len(read_jsonl(run_dir / "events.jsonl"))
+        before = len(RunDir(run_dir).read_events())
         runner = group.start("flwr-run", flwr_run_args(run_dir), env)
         following.set()
         try:
@@ -495,11 +494,7 @@ def _submit_and_follow(project, group, run_dir, env, stop, following, e) -> None
 
 def _status(run_dir: Path) -> str | None:
     """The run's status in summary.json (``running`` while a ServerApp has not ended it)."""
-    import json
-
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads((run_dir / "summary.json").read_text()).get("status")
-    return None
+    return (RunDir(run_dir).read_summary() or {}).get("status")
 
 
 def _restarted(project: Compose, started: str, wait: float) -> str:
@@ -516,7 +511,7 @@ def _restarted(project: Compose, started: str, wait: float) -> str:
 def _resume_config(run_dir: Path) -> None:
     """The run's config.yaml with ``resume`` set, as ``fedyolo run resume=`` writes it."""
     cfg = config_mod.compose([f"resume={run_dir}"])
-    (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
+    RunDir(run_dir).config.write_text(config_mod.to_yaml(cfg))
 
 
 def engine(run, cfg) -> None:

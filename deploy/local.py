@@ -37,9 +37,7 @@ from pathlib import Path
 
 from deploy import DeployError
 from deploy.certs import NodeKeys, make_node_keys, make_tls
-from fl_server.hooks import STOP_STATUSES
-from fl_server.interrupts import StopFile, interrupts_to
-from fl_server.run_dir import read_jsonl
+from fl_server.engines import STOP_STATUSES, EventKind, RunDir, Status, StopFile, interrupts_to
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -179,7 +177,8 @@ def run_local_deployment(
     """
     prefix = isolation_prefix(isolation, host)
     port = port or free_port(host)
-    flwr_home = run_dir / ".flwr"
+    run = RunDir(run_dir)
+    flwr_home = run.flwr_home
     flwr_home.mkdir(parents=True, exist_ok=True)
     os.chmod(flwr_home, 0o700)
     nodes = node_names(num_clients)
@@ -200,11 +199,11 @@ def run_local_deployment(
         supernode_args={n: security.supernode(n) for n in nodes},
         public_keys=[str(k.public) for k in security.node_keys.values()],
     )
-    group = ProcessGroup(run_dir / "logs", flwr_home=str(flwr_home))
-    stop = StopFile(run_dir / ".interrupt")
+    group = ProcessGroup(run.logs, flwr_home=str(flwr_home))
+    stop = StopFile(run.interrupt)
     stop.clear()  # left by an earlier interrupted run of this directory
     following = threading.Event()  # before `flwr run`, a Ctrl-C leaves at once
-    before = len(read_jsonl(run_dir / "events.jsonl"))  # a resumed run has earlier ends
+    before = len(run.read_events())  # a resumed run has earlier ends
     with interrupts_to(stop, armed=following.is_set):
         try:
             if prefix:
@@ -219,7 +218,7 @@ def run_local_deployment(
                     num_clients,
                     host,
                     port,
-                    run_dir / "logs",
+                    run.logs,
                 )
                 following.set()  # the launcher submits nothing once the stop file is there
             else:
@@ -233,7 +232,7 @@ def run_local_deployment(
                 if prefix and runner.poll() == LAUNCH_FAILED:
                     raise RuntimeError(
                         "the local deployment did not start: "
-                        + tail(run_dir / "logs" / f"{LAUNCHER}.log", 1)
+                        + tail(run.logs / f"{LAUNCHER}.log", 1)
                     ) from None
                 raise
         finally:
@@ -384,10 +383,10 @@ def _launch(spec: Path) -> int:
     (:func:`start_federation`), waited for; its processes are stopped when it ends."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     plan = Plan(**json.loads(spec.read_text()))
-    run_dir = Path(plan.run_dir)
-    group = ProcessGroup(run_dir / "logs")  # not by FLWR_HOME: this process carries it too
+    run = RunDir(Path(plan.run_dir))
+    group = ProcessGroup(run.logs)  # not by FLWR_HOME: this process carries it too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the `finally` below runs
-    stop = StopFile(run_dir / ".interrupt")
+    stop = StopFile(run.interrupt)
     try:
         up = subprocess.run(
             [os.environ.get("FEDYOLO_IP", "ip"), "link", "set", "lo", "up"],
@@ -545,10 +544,10 @@ def follow(runner: subprocess.Popen, run_dir: Path, before: int, stop: StopFile)
     ``KeyboardInterrupt`` (the CLI exits 130); a ServerApp that has not ended within
     ``STOP_GRACE`` seconds is killed with the rest.
     """
-    summary = run_dir / "summary.json"
+    run = RunDir(run_dir)
     asked_at = None
     while runner.poll() is None:
-        if any(e["kind"] == "run_end" for e in read_jsonl(run_dir / "events.jsonl")[before:]):
+        if any(e["kind"] == EventKind.RUN_END for e in run.read_events()[before:]):
             break
         if asked_at is None and stop.is_set():
             asked_at = time.monotonic()
@@ -558,11 +557,11 @@ def follow(runner: subprocess.Popen, run_dir: Path, before: int, stop: StopFile)
         time.sleep(0.5)
     if stop.is_set():
         raise KeyboardInterrupt
-    status = json.loads(summary.read_text()).get("status") if summary.exists() else None
-    if status not in ("completed", *STOP_STATUSES):  # stopped/pruned: by design (guard, hooks)
+    status = (run.read_summary() or {}).get("status")
+    if status not in (Status.COMPLETED, *STOP_STATUSES):  # stopped/pruned: by design (guard, hooks)
+        log = run.logs / "flwr-run.log"
         raise RuntimeError(
-            f"deployment run ended with status {status!r}; last lines of "
-            f"{run_dir / 'logs' / 'flwr-run.log'}:\n{tail(run_dir / 'logs' / 'flwr-run.log')}"
+            f"deployment run ended with status {status!r}; last lines of {log}:\n{tail(log)}"
         )
 
 

@@ -91,7 +91,7 @@ class Summary:
 
     @classmethod
     def read(cls, run_dir: Path) -> Summary:
-        d = json.loads((Path(run_dir) / "summary.json").read_text())
+        d = json.loads(RunDir(Path(run_dir)).summary.read_text())
         return cls(
             run_dir=Path(run_dir),
             status=str(d["status"]),
@@ -199,9 +199,9 @@ def distill(
     """
     set_process_environment()
     run_dir = Path(run_dir).expanduser().resolve()
-    best = run_dir / "best.pt"
+    best = RunDir(run_dir).best
     if not best.is_file():
-        raise config_mod.ConfigError(f"distill: {run_dir} has no best.pt (a finished run?)")
+        raise config_mod.ConfigError(f"distill: {run_dir} has no {best.name} (a finished run?)")
     stem = Path(student).stem
     cfg = config_mod.from_run(
         run_dir,
@@ -216,8 +216,8 @@ def distill(
         ],
     )
     summary = run(cfg, callbacks=callbacks)
-    theirs = json.loads((run_dir / "manifest.json").read_text())["data"]["data_version"]
-    ours = json.loads((summary.run_dir / "manifest.json").read_text())["data"]["data_version"]
+    theirs = json.loads(RunDir(run_dir).manifest.read_text())["data"]["data_version"]
+    ours = json.loads(RunDir(summary.run_dir).manifest.read_text())["data"]["data_version"]
     if theirs != ours:
         raise config_mod.ConfigError(
             f"distill: {summary.run_dir} trained on data version {ours[:12]}, the teacher's run "

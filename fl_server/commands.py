@@ -51,12 +51,12 @@ def run_federation(overrides: list[str]) -> ExitCode:
     if summary.status == Status.STOPPED:
         print(
             f"fedyolo: run {run} was stopped by the drift guard after repeated rollbacks; "
-            f"best.pt holds the best model; see {run / 'events.jsonl'}",
+            f"best.pt holds the best model; see {RunDir(run).events}",
             file=sys.stderr,
         )
         return ExitCode.FAILED
     if summary.status != Status.COMPLETED:
-        why = f": {summary.reason}" if summary.reason else f"; see {run / 'events.jsonl'}"
+        why = f": {summary.reason}" if summary.reason else f"; see {RunDir(run).events}"
         print(f"fedyolo: run {run} ended with status {summary.status}{why}", file=sys.stderr)
         return ExitCode.FAILED
     best, final = summary.best, summary.final
@@ -104,7 +104,7 @@ def _distill(args: argparse.Namespace) -> ExitCode:
     if len(students) != 1:
         raise config.ConfigError("distill: give the student once, e.g. student=yolov8n.yaml")
     setup_logging()
-    existing(Path(args.run) / "summary.json")  # the teacher is a finished run
+    existing(RunDir(Path(args.run)).summary)  # the teacher is a finished run
     teacher = api.Summary.read(Path(args.run))
     overrides = [i for i in args.items if not i.startswith("student=")]
     summary = api.distill(args.run, students[0], overrides)

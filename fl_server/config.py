@@ -25,6 +25,7 @@ from fl_client.errors import UserError
 from fl_client.lazy import lazy
 from fl_server import engines, plugins
 from fl_server.hooks import hook_classes
+from fl_server.run_dir import RunDir
 from fl_server.schema import (
     CONFIG_VERSION,
     ENGINES,
@@ -176,12 +177,13 @@ def _fetch(url: str) -> Path:
 
 def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:
     path = path.expanduser().resolve()
-    if not (path / "config.yaml").is_file():
-        raise ConfigError(f"config: resume={path} is not a run directory (no config.yaml)")
+    run = RunDir(path)
+    if not run.config.is_file():
+        raise ConfigError(f"config: resume={path} is not a run directory (no {run.CONFIG})")
     from fl_server import state
 
     try:  # the whole state is read and checked before anything starts or is written
-        state.check(path / state.FILENAME)
+        state.check(run.state)
     except FileNotFoundError as e:
         raise ConfigError(
             f"config: resume={path} has no {state.FILENAME}: the run never finished its set-up; "
@@ -189,8 +191,8 @@ def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:
         ) from e
     except state.StateError as e:
         raise ConfigError(f"config: resume={path}: {e}") from e
-    cfg = migrate(load(path / "config.yaml"))
-    apply_overrides(cfg, overrides, path / "config.yaml", allowed=RESUME_OVERRIDABLE)
+    cfg = migrate(load(run.config))
+    apply_overrides(cfg, overrides, run.config, allowed=RESUME_OVERRIDABLE)
     cfg.resume = str(path)
     _record_trust(cfg)
     validate(cfg)
@@ -202,11 +204,11 @@ def from_run(path: Path, overrides: Sequence[str]) -> DictConfig:
     that exists; ``engine=<name>`` switches the engine group). Same data, partition and seed as
     that run unless overridden: what ``fedyolo distill`` starts from."""
     plugins.refuse_overrides(overrides)
-    path = Path(path).expanduser().resolve()
-    if not (path / "config.yaml").is_file():
-        raise ConfigError(f"config: {path} is not a run directory (no config.yaml)")
-    cfg = migrate(load(path / "config.yaml"))
-    apply_overrides(cfg, overrides, path / "config.yaml")
+    run = RunDir(Path(path).expanduser().resolve())
+    if not run.config.is_file():
+        raise ConfigError(f"config: {run.path} is not a run directory (no {run.CONFIG})")
+    cfg = migrate(load(run.config))
+    apply_overrides(cfg, overrides, run.config)
     _record_trust(cfg)
     validate(cfg)
     return cfg

@@ -160,7 +160,7 @@ def prepare_run(cfg: DictConfig) -> RunDir:
 def is_fedyolo_run(path: Path) -> bool:
     """Whether ``path`` holds a run fedyolo prepared: its ``manifest.json``, as written below."""
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = json.loads(RunDir(path).manifest.read_text())
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and {"run", "created", "packages", "data"} <= set(manifest)

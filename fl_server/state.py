@@ -38,13 +38,14 @@ from flwr.serverapp.strategy import Strategy
 from fl_client.errors import UserError
 from fl_server import flower_adapter
 from fl_server.flower_adapter import NestedState
+from fl_server.run_dir import RunDir
 
 LOGGER = logging.getLogger("fedyolo")
 
 FORMAT = 2
 KIND = "fedyolo-server-state"
-FILENAME = "server_state.npz"
-_DOC = "state.json"
+FILENAME = RunDir.STATE  # its name in the run directory
+_DOC = "state.json"  # the member of the .npz that holds the JSON part (not a run file)
 
 
 class StateError(UserError, ValueError):

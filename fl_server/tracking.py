@@ -49,6 +49,7 @@ from fl_server.clearml_adapter import (
     use_reporting_thread,
 )
 from fl_server.records import EventKind, Status
+from fl_server.run_dir import RunDir
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -280,7 +281,7 @@ class Tracker:
                 log.report_single_value(f"{name} mAP50-95", float(summary[name]["map50_95"]))
         best = summary.get("best_checkpoint")
         if best and Path(best).is_file():
-            self.task.upload_artifact("best.pt", artifact_object=Path(best), wait_on_upload=True)
+            self.task.upload_artifact(RunDir.BEST, artifact_object=Path(best), wait_on_upload=True)
         if summary.get("status") == Status.FAILED:
             self.task.mark_failed(status_reason="see events.jsonl")
         close_task(self.run, self.task, self.mode)

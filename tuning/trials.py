@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from fl_client.lazy import lazy
 from fl_server.api import run
 from fl_server.records import Status
-from fl_server.run_dir import read_jsonl
+from fl_server.run_dir import RunDir
 from tuning.outputs import report_study, write_outputs
 from tuning.space import overrides, suggest
 from tuning.study import Claim, Study, open_study
@@ -47,7 +47,7 @@ class _Pruning:
 
 
 def _values(cfg: DictConfig, summary: Any) -> list[float]:
-    rounds = read_jsonl(summary.run_dir / "metrics.jsonl")
+    rounds = RunDir(summary.run_dir).rounds()
     out = []
     for objective in cfg.objectives:
         if objective in ("best_map", "final_map"):

@@ -47,6 +47,7 @@ from deploy.edge.bench import onnx_runner, ort_session, timed, torch_runner
 from fl_client.errors import MissingInput
 from fl_client.evaluate import evaluate_checkpoint
 from fl_client.ultralytics_adapter import load_checkpoint, load_yolo
+from fl_server.engines import RunDir
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -93,16 +94,17 @@ def source_of(checkpoint: Path, data: str | None = None) -> Source:
         raise EdgeError(f"export: {checkpoint} is not a .pt checkpoint")
     model, ckpt = load_checkpoint(checkpoint, "export")  # weights-only: it runs no code
     args = ckpt.get("train_args") or {}
-    run_dir = checkpoint.parent if (checkpoint.parent / "manifest.json").is_file() else None
+    run = RunDir(checkpoint.parent)  # a run's best.pt or last.pt, or a checkpoint elsewhere
+    run_dir = run.path if run.manifest.is_file() else None
     data_version = heldout = None
     shards: list[Path] = []
     if run_dir is not None:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
+        manifest = json.loads(run.manifest.read_text())
         data_version = manifest.get("data", {}).get("data_version")
-        if (run_dir / "data" / "server_val" / "data.yaml").is_file():
-            heldout = run_dir / "data" / "server_val" / "data.yaml"
+        if (run.data / "server_val" / "data.yaml").is_file():
+            heldout = run.data / "server_val" / "data.yaml"
         shards = sorted(
-            (p / "train" for p in (run_dir / "data").glob("client_*") if (p / "train").is_dir()),
+            (p / "train" for p in run.data.glob("client_*") if (p / "train").is_dir()),
             key=lambda p: int(p.parent.name.split("_")[1]),
         )
     if data:
