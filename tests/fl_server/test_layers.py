@@ -12,6 +12,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from fl_server import plugins
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -119,3 +121,44 @@ def test_importing_a_module_changes_no_environment_variable():
         for line in _environment_changes_at_import(path)
     ]
     assert not found, "environment changed at import:\n" + "\n".join(found)
+
+
+# What ``deploy`` may use of ``fl_server`` (issue 29, item 5): the API published for engines, the
+# config composer, the user's API; and a registered command's module, the dispatcher's
+# ``setup_logging`` as ``fl_server``'s and ``tuning``'s commands do. The rest may change freely.
+PUBLISHED = {"fl_server.engines", "fl_server.config", "fl_server.api"}
+FOR_COMMANDS = {"fl_server.cli"}
+
+
+def _fl_server_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of each ``fl_server`` module ``path`` imports, in functions too."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "fl_server":
+            found += [(node.lineno, f"fl_server.{a.name}") for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.lineno, node.module))
+    return [(line, m) for line, m in found if m.split(".")[0] == "fl_server"]
+
+
+def deploy_uses_of_unpublished_fl_server(root: Path = ROOT) -> list[str]:
+    commands = {v.split(":")[0] for v in plugins.registered(plugins.COMMAND).values()}
+    found = []
+    for path in sorted((root / "deploy").rglob("*.py")):
+        module = import_graph.module_name(path, root)
+        if module.startswith("deploy.aws"):  # another issue replaces it
+            continue
+        allowed = PUBLISHED | (FOR_COMMANDS if module in commands else set())
+        found += [
+            f"{module}:{line} imports {m}"
+            for line, m in _fl_server_imports(path)
+            if m not in allowed
+        ]
+    return found
+
+
+def test_deploy_uses_only_fl_servers_published_api():
+    found = deploy_uses_of_unpublished_fl_server()
+    assert not found, "use fl_server.engines (or add to its __all__):\n" + "\n".join(found)
