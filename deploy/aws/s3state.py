@@ -47,7 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from deploy.aws import AwsError
-from fl_server.records import EventKind
+from fl_server.engines import EventKind, RunDir
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -125,7 +125,7 @@ def excluded(rel: PurePosixPath) -> bool:
         not parts
         or parts[0] in EXCLUDED_DIRS
         or secret_path(rel)
-        or parts[0] == ".interrupt"
+        or parts[0] == RunDir.INTERRUPT
         or (len(parts) > 1 and parts[0] == "data" and parts[1].startswith("client_"))
         or parts[:2] == ("compose", "shards")
         or rel.name.endswith(".tmp")
@@ -318,7 +318,7 @@ def read_manifest(url: str, key: bytes, session: Any = None) -> dict:
             f"state: {where}: the signature does not match (changed by someone without the "
             "state key, or signed with another key); refused, nothing written"
         )
-    if not isinstance(doc.get("files"), dict) or "server_state.npz" not in doc["files"]:
+    if not isinstance(doc.get("files"), dict) or RunDir.STATE not in doc["files"]:
         raise SyncError(f"state: {where} lists no server_state.npz; nothing to resume")
     return doc
 
