@@ -45,12 +45,13 @@ from omegaconf import OmegaConf
 
 from fl_server import plugins
 from fl_server.records import RoundRecord, Status
+from fl_server.run_dir import RunDir
 
 LOGGER = logging.getLogger(__name__)
 
 # plain strings, so that the message naming them reads as before
 STOP_STATUSES = (Status.STOPPED.value, Status.PRUNED.value)
-CONTROL = "control"
+CONTROL = RunDir.CONTROL
 
 
 @runtime_checkable

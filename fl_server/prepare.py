@@ -166,7 +166,7 @@ def is_fedyolo_run(path: Path) -> bool:
     return isinstance(manifest, dict) and {"run", "created", "packages", "data"} <= set(manifest)
 
 
-TEACHER = "teacher.pt"  # a distillation run's copy of its teacher (fl_client.distill)
+TEACHER = RunDir.TEACHER  # a distillation run's copy of its teacher (fl_client.distill)
 
 
 def _check_teacher(cfg: DictConfig, names: list[str]) -> None:

@@ -88,6 +88,8 @@ class RunDir:
     INTERRUPT = ".interrupt"
     LOGS = "logs"
     FLWR_HOME = ".flwr"
+    CONTROL = "control"  # the round hooks' bridge to a caller's process (fl_server.hooks)
+    TEACHER = "teacher.pt"  # a distillation run's copy of its teacher (fl_client.distill)
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -109,6 +111,8 @@ class RunDir:
         self.interrupt = self.path / self.INTERRUPT
         self.logs = self.path / self.LOGS  # the deployment engines' process and container logs
         self.flwr_home = self.path / self.FLWR_HOME  # their Flower home: keys, certificates
+        self.control = self.path / self.CONTROL
+        self.teacher = self.path / self.TEACHER
         self._listeners: list[Callable[[int, EventKind, dict], None]] = []
 
     def subscribe(self, listener: Callable[[int, EventKind, dict], None]) -> None:
