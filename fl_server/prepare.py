@@ -201,12 +201,12 @@ def _checked_data(cfg: DictConfig, repaired: Path):
 
 def _write_run(cfg, run: RunDir, source: Path, ds, report, part, repaired: Path) -> None:
     run.path.mkdir(parents=True, exist_ok=True)
-    report.write(run.path / "data_check.json")
+    report.write(run.data_check)
     if report.issues:
         LOGGER.warning(
             "data check: %d issue(s), see %s\n%s",
             sum(report.counts.values()),
-            run.path / "data_check.json",
+            run.data_check,
             report.summary(),
         )
     part_manifest_path = write_partition(part, list(ds.names), run.data)

@@ -90,6 +90,8 @@ class RunDir:
     FLWR_HOME = ".flwr"
     CONTROL = "control"  # the round hooks' bridge to a caller's process (fl_server.hooks)
     TEACHER = "teacher.pt"  # a distillation run's copy of its teacher (fl_client.distill)
+    DATA_CHECK = "data_check.json"  # the data check's report (fl_server.data.check)
+    EVAL = "eval"  # per-image matches of the held-out evaluations (output.save_matches)
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -113,6 +115,8 @@ class RunDir:
         self.flwr_home = self.path / self.FLWR_HOME  # their Flower home: keys, certificates
         self.control = self.path / self.CONTROL
         self.teacher = self.path / self.TEACHER
+        self.data_check = self.path / self.DATA_CHECK
+        self.eval_matches = self.path / self.EVAL
         self._listeners: list[Callable[[int, EventKind, dict], None]] = []
 
     def subscribe(self, listener: Callable[[int, EventKind, dict], None]) -> None:

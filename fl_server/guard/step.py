@@ -136,7 +136,7 @@ class GuardStep:
         can be replayed on the finished run."""
         if self.keep_matches and res.get("images"):
             suffix = f"_{model}" if model else ""
-            save_images(self.run.path / "eval" / f"round_{rnd:04d}{suffix}.npz", res["images"])
+            save_images(self.run.eval_matches / f"round_{rnd:04d}{suffix}.npz", res["images"])
 
     # -- what the rule decided, said -----------------------------------------------------------
     def _warn(self, rnd: int, kind: EventKind, reason: str, **fields) -> None:
