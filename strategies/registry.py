@@ -206,11 +206,13 @@ def _check_robust(name: str, kwargs: dict[str, Any], n: int) -> None:
 def _import(path: str, trusted: tuple[str, ...]) -> type[fl.Strategy]:
     """The strategy class at ``path``, imported only if trusted (``fl_server.plugins``) and
     only if it is a Flower Strategy class: nothing from the config is called before that."""
-    from fl_server import plugins
+    # fl_server's floor (benchmarks/import_graph.py FLOOR), imported here, not at the head:
+    # importing any fl_server module runs fl_server/__init__, whose front door imports this one
+    from fl_server.plugins import STRATEGY, PluginError, load
 
     try:
-        return plugins.load(path, plugins.STRATEGY, trusted, "config: strategy._target_")
-    except plugins.PluginError as e:
+        return load(path, STRATEGY, trusted, "config: strategy._target_")
+    except PluginError as e:
         raise StrategyConfigError(str(e)) from e
 
 

@@ -50,6 +50,25 @@ def test_no_import_runs_up_the_layers():
     )
 
 
+def test_fl_servers_floor_imports_nothing_above_fl_client():
+    """strategies may import fl_server's floor only because the floor imports only fl_client and
+    itself: were a floor module to import fl_server's rest or strategies, strategies would run up
+    the layers through it."""
+    assert import_graph.FLOOR, "the floor names the modules strategies may import"
+    edges = import_graph.graph(ROOT)
+    above = [
+        f"{e.importer} -> {e.imported}"
+        for e in edges
+        if e.importer in import_graph.FLOOR
+        and not e.imported.startswith("fl_client")
+        and e.imported not in import_graph.FLOOR
+    ]
+    assert not above, f"fl_server's floor imports above fl_client: {above}"
+    seen = {e.imported for e in edges if e.importer.startswith("strategies.")}
+    outside = sorted(m for m in seen if m.startswith("fl_server") and m not in import_graph.FLOOR)
+    assert not outside, f"strategies imports fl_server outside its floor: {outside}"
+
+
 def test_the_graph_sees_imports_inside_functions(tmp_path):
     """The checker itself: a cycle made only of imports inside functions is found, and so is an
     upward import written in a function."""
