@@ -6,6 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# Property tests (Hypothesis) draw the same examples on every machine and run (derandomized: the
+# seed comes from the test), so a suite green here is green elsewhere; FEDYOLO_TEST_EXPLORE=1
+# draws new ones (and keeps failures in .hypothesis/) to hunt for bugs.
+hypothesis_settings.register_profile("fixed", derandomize=True, database=None)
+hypothesis_settings.register_profile("explore")
+hypothesis_settings.load_profile("explore" if os.environ.get("FEDYOLO_TEST_EXPLORE") else "fixed")
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # as fedyolo's entry points set it
