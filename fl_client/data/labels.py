@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 class LabelLineError(ValueError):
-    """A label line that is not a box: ``kind`` is an issue kind of ``fl_client.data.check``."""
+    """A label line that is not a box: ``kind`` is an issue kind of ``fl_server.data.check``."""
 
     def __init__(self, kind: str, detail: str):
         super().__init__(detail)

@@ -66,7 +66,7 @@ def test_a_killed_workers_trial_is_failed_as_stale_and_run_again(tmp_path, pg_ur
         f"data.cache_dir={tmp_path / 'cache'}",
         f"tuning.study={name}",
         f"tuning.space={space}",
-        f"tuning.storage={pg_url}",
+        f"tuning.storage='{pg_url}'",  # quoted: a URL may hold ? & = (Hydra's grammar)
         "tuning.trials=2",
         "tuning.pruner=none",
         "tuning.heartbeat_interval=1",
