@@ -234,9 +234,10 @@ def check_superlink_view(run_dir: Path, env: dict[str, str], files: list[Path]) 
     """Refuse to start a SuperLink container that could read a key not its own or a client's
     shard (a compose file changed by hand, a layout changed in code)."""
     mounts = service_mounts(SUPERLINK, env, files)
+    shards = RunDir(run_dir).data.glob(f"{RunDir.CLIENT_SHARD}*/**/*")
     hidden = [
         *superlink_secrets(Path(env["FEDYOLO_SECRETS"])),
-        *(p for p in sorted(RunDir(run_dir).data.glob("client_*/**/*")) if p.is_file()),
+        *(p for p in sorted(shards) if p.is_file()),
         *(p for p in sorted(Path(env["FEDYOLO_SHARDS"]).rglob("*")) if p.is_file()),
     ]
     seen = [p for p in hidden if visible_at(p, mounts) or visible_at(p.resolve(), mounts)]
@@ -404,9 +405,9 @@ def run_compose(run_dir: Path, cfg) -> None:
     nodes = node_names(num_clients)
     security = make_security(secrets, [SUPERLINK, "localhost", "127.0.0.1"], nodes, False)
     shards = Path(mount_environment(run_dir)["FEDYOLO_SHARDS"])
-    for i in range(num_clients):
-        export_shard(run.data / f"client_{i}", shards / f"client_{i}")
-    resolve_links(run.data / "server_val")
+    for shard in (run.client_shard(i) for i in range(num_clients)):
+        export_shard(shard, shards / shard.name)
+    resolve_links(run.server_val)
     port = int(e.port) or free_port()
     env = flwr_env(flwr_home, f"127.0.0.1:{port}", security)
     compose_env = {

@@ -147,7 +147,7 @@ class Federation:
             params_mask=masks["params"],
             starve_timeout=float(cfg.federation.round_timeout),
         )
-        self.evaluate = Evaluator(run, cfg, self.model, run.data / "server_val" / "data.yaml")
+        self.evaluate = Evaluator(run, cfg, self.model, run.server_val_yaml)
         self.guard = Guard(cfg.guard)
         self.guard_step = GuardStep(
             run,
@@ -201,13 +201,13 @@ class Federation:
             tracker_task=self.reports.task_id,
             distill_teacher_sha256=self.teacher_sha256,
         )
-        res = self.evaluate(self.arrays, self.run.work / "candidate.pt", 0)
+        res = self.evaluate(self.arrays, self.run.candidate, 0)
         self.guard_step.save_matches(res, 0)
         metrics = {k: res[k] for k in METRIC_KEYS}
         self.run.event(0, EventKind.INITIAL_EVAL, **metrics, weights_sha256=res["weights_sha256"])
         LOGGER.info("round 0 (initial model): mAP50-95 %.3f", res["map50_95"])
         self.guard.accept(0, res)
-        self._promote(self.run.work / "candidate.pt", best=True)
+        self._promote(self.run.candidate, best=True)
         self.best = (_copy(self.arrays), self._strategy_state())
         self._save_state()
 
@@ -292,7 +292,7 @@ class Federation:
 
             # --- EVALUATION (SERVERAPP-SIDE) ---
             t_eval = time.perf_counter()
-            res = self.evaluate(candidate, self.run.work / "candidate.pt", rnd)
+            res = self.evaluate(candidate, self.run.candidate, rnd)
             eval_seconds = time.perf_counter() - t_eval
             log = self.grid.rounds.get(rnd)  # what the grid saw this round
 
@@ -343,7 +343,7 @@ class Federation:
         """The guard accepted ``candidate``: the next round starts from it (kept as the best
         model, weights and strategy state, when it is the best so far)."""
         self.arrays = candidate
-        self._promote(self.run.work / "candidate.pt", best=improved)
+        self._promote(self.run.candidate, best=improved)
         if improved:
             self.best = (_copy(candidate), self._strategy_state())
 

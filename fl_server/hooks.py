@@ -123,7 +123,7 @@ class CallerBridge:
 
     @classmethod
     def if_requested(cls, run_path: Path) -> CallerBridge | None:
-        marker = run_path / CONTROL / "caller.json"
+        marker = RunDir(run_path).caller
         if not marker.is_file():
             return None
         timeout = float(json.loads(marker.read_text()).get("timeout", 600.0))
@@ -166,13 +166,13 @@ class Watcher:
         control = run_path / CONTROL
         for p in control.glob("*.json") if control.exists() else []:
             p.unlink()  # requests and verdicts of an earlier process (e.g. before a resume)
-        _write_atomic(control / "caller.json", {"timeout": timeout, "pid": os.getpid()})
+        _write_atomic(RunDir(run_path).caller, {"timeout": timeout, "pid": os.getpid()})
 
     @staticmethod
     def forget(run_path: Path) -> None:
         """Remove a caller marker left by a caller that was killed (its ``__exit__`` never ran),
         so a later run without callbacks does not wait for verdicts nobody will write."""
-        (run_path / CONTROL / "caller.json").unlink(missing_ok=True)
+        RunDir(run_path).caller.unlink(missing_ok=True)
 
     def __enter__(self) -> Watcher:
         self._thread.start()

@@ -137,14 +137,14 @@ def prepare_run(cfg: DictConfig) -> RunDir:
     staging = run.path.with_name(f".{run.path.name}.preparing")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        source, ds, report, part = _checked_data(cfg, staging / "repaired_labels")
+        source, ds, report, part = _checked_data(cfg, staging / RunDir.REPAIRED)
         _check_teacher(cfg, list(ds.names))
         aside = run.path.with_name(f".{run.path.name}.replaced") if replacing else None
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(run.path, aside)
         try:
-            _write_run(cfg, run, source, ds, report, part, staging / "repaired_labels")
+            _write_run(cfg, run, source, ds, report, part, staging / RunDir.REPAIRED)
         except BaseException:
             if aside is not None:
                 shutil.rmtree(run.path, ignore_errors=True)
@@ -212,7 +212,7 @@ def _write_run(cfg, run: RunDir, source: Path, ds, report, part, repaired: Path)
     part_manifest_path = write_partition(part, list(ds.names), run.data)
     part_manifest = json.loads(Path(part_manifest_path).read_text())
     if repaired.is_dir():  # the cleaned label copies stay with the run, for the user to see
-        os.replace(repaired, run.data / "repaired_labels")
+        os.replace(repaired, run.repaired_labels)
 
     run.config.write_text(config_mod.to_yaml(cfg))
     teacher = None

@@ -92,6 +92,15 @@ class RunDir:
     TEACHER = "teacher.pt"  # a distillation run's copy of its teacher (fl_client.distill)
     DATA_CHECK = "data_check.json"  # the data check's report (fl_server.data.check)
     EVAL = "eval"  # per-image matches of the held-out evaluations (output.save_matches)
+    # Inside the folders above.
+    SERVER_VAL = "server_val"  # data/: the server's held-out set (fl_server.data.partition)
+    CLIENT_SHARD = "client_"  # data/: client i's shard is client_<i> (fl_server.data.partition)
+    REPAIRED = "repaired_labels"  # data/: the data check's cleaned label copies
+    CANDIDATE = "candidate.pt"  # .work/: the aggregate being evaluated before it is promoted
+    REFERENCE = "reference.pt"  # .work/: the guard's reference model, evaluated on resume
+    CLIENT_UPDATE = "client_update.pt"  # .work/: an aggregate without a client (attribution)
+    SESSIONS = "sessions.json"  # clearml/: the offline sessions in import order
+    CALLER = "caller.json"  # control/: the caller's request for verdicts (fl_server.hooks)
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -117,7 +126,19 @@ class RunDir:
         self.teacher = self.path / self.TEACHER
         self.data_check = self.path / self.DATA_CHECK
         self.eval_matches = self.path / self.EVAL
+        self.server_val = self.data / self.SERVER_VAL
+        self.server_val_yaml = self.server_val / "data.yaml"  # a dataset's file, not only a run's
+        self.repaired_labels = self.data / self.REPAIRED
+        self.candidate = self.work / self.CANDIDATE
+        self.reference = self.work / self.REFERENCE
+        self.client_update = self.work / self.CLIENT_UPDATE
+        self.clearml_sessions = self.clearml / self.SESSIONS
+        self.caller = self.control / self.CALLER
         self._listeners: list[Callable[[int, EventKind, dict], None]] = []
+
+    def client_shard(self, i: int) -> Path:
+        """Client ``i``'s shard folder (``data/client_<i>``, holding its ``data.yaml``)."""
+        return self.data / f"{self.CLIENT_SHARD}{i}"
 
     def subscribe(self, listener: Callable[[int, EventKind, dict], None]) -> None:
         """Call ``listener(round, kind, details)`` for every event from now on (the tracker)."""

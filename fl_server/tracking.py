@@ -49,7 +49,7 @@ from fl_server.clearml_adapter import (
     use_reporting_thread,
 )
 from fl_server.records import EventKind, Status
-from fl_server.run_dir import RunDir
+from fl_server.run_dir import RunDir, replace_text
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -309,7 +309,7 @@ def _init_task(cfg, run, mode: str, resume_task_id: str | None):
 
 
 def sessions(run) -> list[dict]:
-    path = run.clearml / "sessions.json"
+    path = run.clearml / RunDir.SESSIONS
     return json.loads(path.read_text()) if path.is_file() else []
 
 
@@ -317,9 +317,7 @@ def _record_session(run, task_id: str, folder: Path) -> None:
     """Append this process's offline session to ``clearml/sessions.json`` (import order)."""
     entries = sessions(run) + [{"task_id": task_id, "folder": str(folder)}]
     run.clearml.mkdir(parents=True, exist_ok=True)
-    tmp = run.clearml / "sessions.json.tmp"
-    tmp.write_text(json.dumps(entries, indent=2) + "\n")
-    os.replace(tmp, run.clearml / "sessions.json")
+    replace_text(run.clearml / RunDir.SESSIONS, json.dumps(entries, indent=2) + "\n")
 
 
 def close_task(run, task, mode: str) -> None:

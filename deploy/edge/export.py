@@ -101,8 +101,8 @@ def source_of(checkpoint: Path, data: str | None = None) -> Source:
     if run_dir is not None:
         manifest = json.loads(run.manifest.read_text())
         data_version = manifest.get("data", {}).get("data_version")
-        if (run.data / "server_val" / "data.yaml").is_file():
-            heldout = run.data / "server_val" / "data.yaml"
+        if run.server_val_yaml.is_file():
+            heldout = run.server_val_yaml
         shards = sorted(
             (p / "train" for p in run.data.glob("client_*") if (p / "train").is_dir()),
             key=lambda p: int(p.parent.name.split("_")[1]),

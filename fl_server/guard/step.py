@@ -127,7 +127,7 @@ class GuardStep:
         model (``best`` or ``last``, after ``guard.reference``) is evaluated once again."""
         if self.guard.enabled and self.guard.significance is not None:
             ref = best if self.guard.reference == "best" else last
-            res = self.evaluate(ref, self.run.work / "reference.pt", rnd)
+            res = self.evaluate(ref, self.run.reference, rnd)
             self.guard.images[self.guard.reference] = res.get("images")
 
     def save_matches(self, res: dict, rnd: int, model: str = "") -> None:
@@ -239,7 +239,7 @@ class GuardStep:
         models: FedAvg's rule, used for every strategy as the measure of what a client moved.
         """
         ids = [k for k in sorted(log.updates) if k in {str(e["id"]) for e in log.clients}]
-        path = self.run.work / "client_update.pt"
+        path = self.run.client_update
 
         def score_without(excluded: frozenset[str]) -> float:
             record = mean_without(log, excluded)
@@ -290,7 +290,7 @@ class GuardStep:
         if log is None or len(log.updates) < 3:
             return None
         t0 = time.perf_counter()
-        path = self.run.work / "client_update.pt"
+        path = self.run.client_update
         everyone = self.evaluate(mean_without(log, frozenset()), path, rnd)
         without = {
             k: self.evaluate(mean_without(log, frozenset({k})), path, rnd)

@@ -2,10 +2,12 @@
 
 A name written twice drifts: a renamed file is then found by one module and missed by another.
 The source of every layered package (``deploy/aws`` excepted: another issue replaces it) is
-read with ``ast``: a run file's name (``RunDir``'s constants) may appear only in
-``fl_server/run_dir.py``. Names with a suffix (``summary.json``) are refused as any string;
-bare folder names (``data``, ``logs``) only where they join a path (``x / "logs"``), since a
-dict key or a ``docker compose logs`` argument is not a run file.
+read with ``ast``: a run file's name (``RunDir``'s constants, the files inside its folders
+too: ``.work/candidate.pt``, ``data/server_val``) may appear only in ``fl_server/run_dir.py``.
+Names with a suffix (``summary.json``) are refused as any string; bare folder names (``data``,
+``logs``) only where they join a path (``x / "logs"``), since a dict key or a ``docker compose
+logs`` argument is not a run file; a name's prefix (``client_``) where an f-string starting
+with it joins a path (``data / f"client_{i}"``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ OTHERS = {
     ("fl_server/tracking.py", "metrics.jsonl"),
     # the export's scratch folder in its output bundle, not the run's
     ("deploy/edge/export.py", ".work"),
+    # a data folder's layout, which `fedyolo data partition` writes wherever it is asked and a
+    # SuperNode reads from its data root (fl_client cannot import fl_server's RunDir)
+    ("fl_server/data/partition.py", "server_val"),
+    ("fl_server/data/partition.py", "client_"),
+    ("fl_client/handlers.py", "client_"),
+    # `fedyolo data check`'s cleaned copies, in the folder the user names
+    ("fl_server/commands.py", "repaired_labels"),
 }
 
 
@@ -44,7 +53,11 @@ def written_names(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
     joined: set[int] = set()  # ids of the constants that are a path's `/` operand
     for node in ast.walk(tree):
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
-            joined.update(id(x) for x in (node.left, node.right) if isinstance(x, ast.Constant))
+            for x in (node.left, node.right):
+                if isinstance(x, ast.JoinedStr) and x.values:  # f"client_{i}": its first part
+                    x = x.values[0]
+                if isinstance(x, ast.Constant):
+                    joined.add(id(x))
     return [
         (node.lineno, node.value)
         for node in ast.walk(tree)
@@ -78,6 +91,12 @@ def test_run_file_names_are_written_only_in_run_dir():
         ('p = run_dir / "summary.json"', True),
         ('name = "best.pt"', True),
         ('p = run_dir / "logs" / "x.log"', True),
+        ('p = run.work / "candidate.pt"', True),
+        ('p = run.data / "server_val" / "data.yaml"', True),
+        ('p = run.data / f"client_{i}"', True),
+        ('p = run.control / "caller.json"', True),
+        ('name = f"client_{i}"', False),  # not a path
+        ('p = folder / "data.yaml"', False),  # any dataset's file
         ('cmd = ("logs", "--no-color")', False),  # docker compose's subcommand, not a path
         ('d = {"data": 1}', False),
         ("p = RunDir(run_dir).summary", False),
