@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,24 +28,11 @@ from fl_server import config as config_mod
 from fl_server import engines
 from fl_server.hooks import STOP_STATUSES, Watcher, call_on_end
 from fl_server.prepare import prepare_run
+from fl_server.process_env import set_process_environment
 from fl_server.records import Status
 from fl_server.run_dir import RunDir
 
 LOGGER = logging.getLogger("fedyolo")
-
-
-def set_process_environment() -> None:
-    """What a fedyolo process sets before its work (the CLI's ``main``, ``run``, ``distill``),
-    each only where the user has not: importing fedyolo changes nothing.
-
-    Nothing is downloaded at run time (``YOLO_OFFLINE``: Ultralytics reads it when it is first
-    imported). Flower's telemetry is off unless the user turns it on: robots' fleets don't phone
-    home, and offline every Flower process otherwise waits on the telemetry call at start and
-    exit. Ray keeps ``CUDA_VISIBLE_DEVICES`` of actors given no GPU.
-    """
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 @dataclass(frozen=True)

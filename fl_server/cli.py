@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 from fl_client.errors import ExitCode, UserError
 from fl_server import plugins
-from fl_server.api import set_process_environment
+from fl_server.process_env import set_process_environment
 
 LOGGER = logging.getLogger("fedyolo")
 # OSErrors a user meets and can act on, said in one line (any other is a bug: it raises)

@@ -67,6 +67,9 @@ def test_the_commands_are_the_registered_entry_points():
         for a in n.names
     }
     assert not {m for m in imported if m and m.split(".")[0] in ("tuning", "deploy")}
+    # nor the library entry point (the run preparation, OpenCV, NumPy): the process environment
+    # it sets comes from the light fl_server.process_env
+    assert "fl_server.api" not in imported and "fl_server.process_env" in imported
 
 
 def test_run_sources_are_registered_so_fl_server_imports_no_deploy():
