@@ -1,8 +1,9 @@
-"""The environment a fedyolo process sets before its work, in a module that imports nothing else.
+"""A fedyolo process's variables for Ultralytics, Flower and Ray, in a module that imports
+nothing else.
 
-Its own module so that the CLI (``fl_server.cli``) sets it before any command runs without
+Its own module so that the CLI (``fl_server.cli``) sets them before any command runs without
 importing ``fl_server.api`` and what that pulls in (the run preparation, OpenCV, NumPy):
-``fedyolo --help`` stays fast. Nothing is set at import: a caller sets it when it starts work.
+``fedyolo --help`` stays fast. Nothing is set at import: a caller sets them when it starts work.
 """
 
 from __future__ import annotations
