@@ -37,7 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
+from fl_client.data.formats import label_path_for, read_data_yaml
+from fl_client.data.labels import LabelLineError, read_lines
 from fl_client.wire import FAULTS_IGNORED
 
 OPT_IN = "fault-injection"  # the node config key that lets this node act faults out
@@ -169,11 +172,6 @@ def flipped_label_shard(data_yaml: Path, out: Path, nc: int) -> Path:
     Images are symlinked (Ultralytics finds a label at the image path with ``images`` →
     ``labels``); the validation split stays the original. Returns the new ``data.yaml``.
     """
-    import yaml
-
-    from fl_client.data.formats import label_path_for, read_data_yaml
-    from fl_client.data.labels import LabelLineError, read_lines
-
     spec = read_data_yaml(data_yaml)
     img_out = out / "images" / "train"
     img_out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from fl_client import wire
+from fl_client.lazy import lazy
 from fl_client.wire import RoundConfig
+
+torch = lazy("torch")
 
 LOGGER = logging.getLogger("fl_client.client_app")  # the name operators filter on, as before
 
@@ -80,8 +83,6 @@ def _model_for(config: RoundConfig, received: ArrayRecord):
 
 
 def _setup_process(config: RoundConfig) -> None:
-    import torch
-
     if config.threads > 0 and torch.get_num_threads() != config.threads:
         torch.set_num_threads(config.threads)
     from fl_client.ultralytics_adapter import quiet_ultralytics

@@ -21,7 +21,10 @@ same way, and ``unpack()`` refuses a record of another layout.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +91,6 @@ def build_model(
     re-initialises the rest of the head, as Ultralytics' own fine-tuning does. ``what`` (the
     setting that named the file) begins a refusal's one line.
     """
-    import copy
-
     from fl_client.ultralytics_adapter import detection_model, weights_only_ultralytics
 
     weights_only_ultralytics()  # no eval() of an architecture's strings, from any source
@@ -184,8 +185,6 @@ def load_record(model: torch.nn.Module, record: ArrayRecord) -> None:
 
 def record_digest(record: ArrayRecord) -> str:
     """sha256 over the record's keys and float32 bytes: identifies a global model exactly."""
-    import hashlib
-
     h = hashlib.sha256()
     for k in sorted(record.keys()):
         h.update(k.encode())
@@ -199,9 +198,6 @@ def save_checkpoint(model: torch.nn.Module, path: Path, train_args: dict, extra:
     The model is stored in float32 (Ultralytics' trainer stores an fp16 EMA), so evaluating the
     file gives exactly the metrics of the weights the federation produced.
     """
-    import copy
-    from datetime import datetime
-
     from ultralytics import __version__
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,9 @@ from flwr.app import Context, RecordDict
 from fl_client.flower_adapter import recorddict_from_bytes as _records_from_bytes
 from fl_client.flower_adapter import recorddict_to_bytes as _records_to_bytes
 from fl_client.handlers import STATE_KEY, handle
+from fl_client.lazy import lazy
+
+torch = lazy("torch")
 
 LOGGER = logging.getLogger("fedyolo.worker")
 
@@ -256,8 +259,6 @@ def _connect_or_start(path: Path, watch: int) -> socket.socket:
 
 def _warm_up() -> None:
     """Import and build once what every message needs."""
-    import torch
-
     from fl_client import evaluate, model, train  # noqa: F401
     from fl_client.ultralytics_adapter import local_trainer_class
 

@@ -15,7 +15,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
+from fl_client.lazy import lazy
 from fl_server.records import EventKind, RoundRecord, Status
+
+matplotlib = lazy("matplotlib")
+plt = lazy("matplotlib.pyplot")
 
 METRIC_KEYS = ("map50", "map50_95", "precision", "recall")
 
@@ -235,11 +239,7 @@ class RunDir:
         """metrics.png: global mAP per round and each client's training loss."""
         if not rounds:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")  # before pyplot loads (its first use below)
         xs = [r["round"] for r in rounds]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
         for key, label in (("map50_95", "mAP50-95"), ("map50", "mAP50")):

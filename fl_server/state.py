@@ -24,6 +24,7 @@ Flower has no server checkpointing of its own.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -81,8 +82,6 @@ class _Encoder:
     def array(self, a: np.ndarray) -> dict:
         """A reference to ``a`` in the file; equal arrays (the best round's weights when it is
         the current one, a strategy's copy of the global model) share one entry."""
-        import hashlib
-
         a = np.ascontiguousarray(a)
         key = (a.dtype.str, a.shape, hashlib.sha256(a.data).hexdigest())  # ~8 ms per 12.8 MB
         name = self._stored.get(key)

@@ -39,8 +39,16 @@ import json
 import logging
 import math
 import os
+import shutil
+import ssl
+import threading
+import urllib.error
+import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from fl_client.errors import MissingInput
 from fl_server.clearml_adapter import (
@@ -136,11 +144,6 @@ def unreachable(timeout: float) -> str | None:
     Any HTTP answer counts as reachable (credentials are ClearML's business). The probe runs in
     a daemon thread so that name resolution, which no socket timeout covers, is bounded too.
     """
-    import ssl
-    import threading
-    import urllib.error
-    import urllib.request
-
     host = api_server_host()
     outcome: list[str | None] = []
 
@@ -294,8 +297,6 @@ class Tracker:
 
 
 def _init_task(cfg, run, mode: str, resume_task_id: str | None):
-    from omegaconf import OmegaConf
-
     offline = mode == "offline"
     name = str(cfg.tracking.task_name or run.path.name)
     if resume_task_id and offline:
@@ -324,8 +325,6 @@ def close_task(run, task, mode: str) -> None:
     """Flush and close a task opened by :func:`open_task`. Offline, ClearML leaves the session
     folder beside the zip it closed it into: one copy is kept, the zip (which the import and
     ``offline_scalars`` read; a killed process leaves the folder)."""
-    import shutil
-
     task.flush(wait_for_uploads=True)
     task.close()
     if mode != "offline":
@@ -338,8 +337,6 @@ def close_task(run, task, mode: str) -> None:
 
 def _session_file(folder: Path, name: str) -> str | None:
     """A file of an offline session, from its folder or, once closed, its zip."""
-    import zipfile
-
     if (folder / name).is_file():
         return (folder / name).read_text()
     zipped = Path(f"{folder}.zip")

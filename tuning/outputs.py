@@ -21,6 +21,9 @@ from fl_server.run_dir import RunDir
 from tuning.study import Study
 
 optuna = lazy("optuna")
+matplotlib = lazy("matplotlib")
+plt = lazy("matplotlib.pyplot")
+ovm = lazy("optuna.visualization.matplotlib")
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -107,12 +110,7 @@ def _summary_md(st: Study, rows: list[dict], best: list[Any]) -> str:
 
 def _plots(st: Study) -> None:
     """Optimization history and parameter importances (Pareto front when multi-objective)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
+    matplotlib.use("Agg")  # before pyplot loads (its first use below, through Optuna's plots)
     study = st.optuna_study
     plots = (
         {"pareto_front.png": ovm.plot_pareto_front}

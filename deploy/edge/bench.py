@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -32,6 +33,8 @@ from fl_client.lazy import lazy
 from fl_client.ultralytics_adapter import load_checkpoint, load_yolo
 
 ort = lazy("onnxruntime")
+matplotlib = lazy("matplotlib")
+plt = lazy("matplotlib.pyplot")
 
 
 def ort_session(path: Path, threads: int):
@@ -90,8 +93,6 @@ def timed(run: Callable[[np.ndarray], list], x: np.ndarray, runs: int, warmup: i
 
 def _measure(spec: dict) -> dict:
     """In the child: time one model at one size for each thread count; the peak RSS."""
-    import resource
-
     path, imgsz = Path(spec["path"]), int(spec["imgsz"])
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     rows = []
@@ -232,11 +233,7 @@ def table(results: list[dict]) -> str:
 
 
 def _plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    matplotlib.use("Agg")  # before pyplot loads (its first use below)
     rows = [r for r in results if r["map50_95"] is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import ultralytics
+import yaml
 
 from deploy.edge import EdgeError, inputs
 from deploy.edge import quantize as q
@@ -187,8 +188,6 @@ def _samples(src: Source, n: int) -> list[Path]:
 
 
 def _split_dir(data_yaml: Path) -> Path:
-    import yaml
-
     d = yaml.safe_load(data_yaml.read_text())
     root = Path(d.get("path") or data_yaml.parent)
     if not root.is_absolute():
