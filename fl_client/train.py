@@ -35,6 +35,8 @@ from fl_client.ultralytics_adapter import (
     lean_ultralytics,
     local_trainer_class,
     strip_feature_hooks,
+    trainer_examples,
+    trainer_losses,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -138,16 +140,9 @@ def train_round(
     if trained is not model:  # the trainer only moves the same object between devices
         raise RuntimeError("Ultralytics trained another model object than the one received")
     model.to("cpu")
-    losses = {}
-    if trainer.tloss is not None:
-        losses = (
-            {k: float(v) for k, v in trainer.tloss.items()}
-            if isinstance(trainer.tloss, dict)
-            else dict(zip(trainer.loss_names, [float(x) for x in trainer.tloss], strict=False))
-        )
     return LocalResult(
-        num_examples=len(trainer.train_loader.dataset),
-        losses=losses,
+        num_examples=trainer_examples(trainer),
+        losses=trainer_losses(trainer),
         timing=timing,
         projector=kept,
     )

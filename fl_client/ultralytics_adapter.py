@@ -6,8 +6,8 @@ round; ``load_checkpoint()`` and ``load_yolo()`` are the one way fedyolo opens a
 (weights-only: a checkpoint never runs code, whichever command loads it). The mAP from kept
 matches (``ap_per_threshold``, ``keeping_validator``: the server's guard), the edge's
 ``letterbox``, a dataset's validation folder (``val_images``), building a model
-(``detection_model``, ``model_yaml``) and a distillation pair's ``feature_levels`` go through
-here too. Uses of
+(``detection_model``, ``model_yaml``), a distillation pair's ``feature_levels`` and what a
+trained trainer reports (``trainer_losses``, ``trainer_examples``) go through here too. Uses of
 private Ultralytics internals are marked PRIVATE here and nowhere else;
 ``tests/fl_client/test_ultralytics_adapter.py`` and ``tests/fl_server/test_library_adapters.py``
 fail, naming the assumption, when an upgrade breaks one (the latter also fails when a module
@@ -373,3 +373,27 @@ def val_images(data_yaml: Path) -> Path:
     from ultralytics.data.utils import check_det_dataset
 
     return Path(check_det_dataset(str(data_yaml))["val"])
+
+
+def trainer_losses(trainer: Any) -> dict[str, float]:
+    """A trained trainer's mean losses of its last epoch by name (``box_loss``, ``cls_loss``,
+    ``dfl_loss``, and ``dis_loss`` when distilling); none where no batch ran.
+
+    PRIVATE: ``BaseTrainer.tloss``, the running mean (a dict by name; in older releases a tensor
+    named by ``BaseTrainer.loss_names``). Checked by ``tests/fl_server/test_library_adapters.py``.
+    """
+    tloss = trainer.tloss
+    if tloss is None:
+        return {}
+    if isinstance(tloss, dict):
+        return {k: float(v) for k, v in tloss.items()}
+    return dict(zip(trainer.loss_names, [float(x) for x in tloss], strict=False))
+
+
+def trainer_examples(trainer: Any) -> int:
+    """How many training images a trained trainer's loader held (the client's example count).
+
+    PRIVATE: ``BaseTrainer.train_loader.dataset`` (an Ultralytics dataset with a length), set up
+    by ``_setup_train``. Checked by ``tests/fl_server/test_library_adapters.py``.
+    """
+    return len(trainer.train_loader.dataset)

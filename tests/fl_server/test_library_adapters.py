@@ -182,6 +182,56 @@ def test_ultralytics_distillation_pairs_feature_levels_of_the_detect_head():
     )
 
 
+def test_ultralytics_trainer_reports_its_losses_and_images(tiny_data, tmp_path, monkeypatch):
+    """fl_client/ultralytics_adapter.py's trainer_losses and trainer_examples, on a real trainer
+    after one tiny epoch: BaseTrainer.tloss holds the epoch's mean losses (a dict by name, or a
+    tensor named by loss_names) and train_loader.dataset the shard's training images."""
+    import math
+
+    import yaml
+
+    from fl_client import train
+    from fl_client.model import build_model
+    from fl_client.ultralytics_adapter import trainer_examples, trainer_losses
+
+    trainers = []
+    monkeypatch.setattr(train, "trainer_examples", lambda t: trainers.append(t) or 0)
+    names = yaml.safe_load(tiny_data.read_text())["names"]
+    names = [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
+    train.train_round(
+        build_model("fedyolo-tiny.yaml", names),
+        tiny_data,
+        tmp_path,
+        **dict(epochs=1, imgsz=64, batch=16, lr0=0.01, optimizer="SGD", momentum=0.9),
+        **dict(weight_decay=0.0, mosaic=0.0, device="cpu", amp=False, workers=0, seed=0),
+    )
+    (trainer,) = trainers
+    tloss = trainer.tloss
+    assert isinstance(tloss, dict) or len(tloss) == len(trainer.loss_names), (
+        f"BaseTrainer.tloss ({type(tloss).__name__}) is neither a dict of losses nor named by "
+        "loss_names: trainer_losses misreads it"
+    )
+    losses = trainer_losses(trainer)
+    assert {"box_loss", "cls_loss", "dfl_loss"} <= set(losses), (
+        f"BaseTrainer's losses are named {sorted(losses)}, not box_loss, cls_loss, dfl_loss"
+    )
+    assert all(math.isfinite(v) for v in losses.values())
+    images = len(list((tiny_data.parent / "images").glob("*.jpg")))
+    assert trainer_examples(trainer) == images, (
+        "BaseTrainer.train_loader.dataset no longer holds the shard's training images"
+    )
+
+
+def test_ultralytics_trainer_internals_are_read_only_by_the_adapter():
+    """fl_client/train.py asks the adapter for a trained trainer's losses and example count."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "fl_client" / "train.py").read_text())
+    read = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not read & {"tloss", "loss_names", "train_loader"}
+
+
 class _Nodes:
     """The one thing a strategy's configure_train asks of the Grid: the connected nodes."""
 
