@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from fl_client.errors import UserError
 from fl_client.model import PARTS
 from fl_client.wire import LOSS
+from fl_server.plugins import STRATEGY, PluginError, load, recorded  # fl_server's floor
 
 
 class StrategyConfigError(UserError, ValueError):
@@ -206,10 +207,6 @@ def _check_robust(name: str, kwargs: dict[str, Any], n: int) -> None:
 def _import(path: str, trusted: tuple[str, ...]) -> type[fl.Strategy]:
     """The strategy class at ``path``, imported only if trusted (``fl_server.plugins``) and
     only if it is a Flower Strategy class: nothing from the config is called before that."""
-    # fl_server's floor (benchmarks/import_graph.py FLOOR), imported here, not at the head:
-    # importing any fl_server module runs fl_server/__init__, whose front door imports this one
-    from fl_server.plugins import STRATEGY, PluginError, load
-
     try:
         return load(path, STRATEGY, trusted, "config: strategy._target_")
     except PluginError as e:
@@ -238,8 +235,6 @@ def _inner(cfg: DictConfig, node: dict[str, Any]) -> tuple[fl.Strategy, Entry | 
     kwargs = {k: v for k, v in node.items() if k not in RESERVED}
     name = str(node.get("name"))
     if node.get("_target_"):
-        from fl_server.plugins import recorded
-
         target = _import(str(node["_target_"]), recorded(cfg))
         _hydra_keys(kwargs)
         check_kwargs("", target, kwargs)

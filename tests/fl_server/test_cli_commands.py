@@ -20,7 +20,7 @@ from fl_client.errors import ExitCode, MissingInput, UserError
 from fl_server import cli, commands, plugins
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "ultralytics", "hydra", "flwr", "optuna", "boto3")
+HEAVY = ("torch", "ultralytics", "hydra", "flwr", "optuna", "boto3", "matplotlib")
 
 
 def test_help_imports_no_heavy_library_and_composes_no_config():
