@@ -62,19 +62,33 @@ def server_ip(ctx: Any) -> str:
 
 def render(ctx: Any, role: str) -> str:
     """The boot script of a ``role`` instance (``ctx``: ``deploy.aws.stack.Context``)."""
-    cfg = ctx.cfg
+    return render_values(
+        ctx.cfg,
+        role,
+        name=ctx.name,
+        image=image_uri(ctx, role),
+        server_ip=server_ip(ctx),
+        interface=str(ctx.ids["superlink"]),
+        state_url=f"s3://{ctx.bucket}/{str(ctx.cfg.state_prefix).strip('/')}",
+    )
+
+
+def render_values(
+    cfg: Any, role: str, *, name: str, image: str, server_ip: str, interface: str, state_url: str
+) -> str:
+    """The boot script of a ``role`` instance from known values: the deployment's own (``render``)
+    or CloudFormation's placeholders (``deploy.aws.cfn.compute``)."""
     values = {
-        "__NAME__": ctx.name,
+        "__NAME__": name,
         "__REGION__": str(cfg.region),
         "__ROLE__": role,
-        "__IMAGE__": image_uri(ctx, role),
-        "__SERVER_IP__": server_ip(ctx),
-        "__INTERFACE__": str(ctx.ids["superlink"]),
+        "__IMAGE__": image,
+        "__SERVER_IP__": server_ip,
+        "__INTERFACE__": interface,
         "__FLEET_PORT__": str(int(cfg.ports.fleet)),
-        "__CONTROL_PORT__": str(int(cfg.ports.control)),
         "__SLOTS__": str(int(cfg.clients.max)),
         "__DATA_PATH__": str(cfg.clients.data_path),
-        "__STATE_URL__": f"s3://{ctx.bucket}/{str(cfg.state_prefix).strip('/')}",
+        "__STATE_URL__": state_url,
         "__SERVER_ARGS__": _continued(SERVER_ARGS),
         "__CLIENT_ARGS__": _continued(CLIENT_ARGS),
     }

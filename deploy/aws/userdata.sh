@@ -11,7 +11,6 @@ IMAGE="__IMAGE__"
 SERVER_IP="__SERVER_IP__"
 INTERFACE="__INTERFACE__"
 FLEET_PORT="__FLEET_PORT__"
-CONTROL_PORT="__CONTROL_PORT__"
 SLOTS="__SLOTS__"
 DATA_PATH="__DATA_PATH__"
 # the server's run directory after every round (deploy/aws/s3state.py); resume=s3://... reads it
@@ -49,8 +48,9 @@ if [ "${ROLE}" = server ]; then
   param tls/superlink.key > "${SECRETS}/superlink.key"
   chmod 0400 "${SECRETS}/superlink.key"
   install -d -m 0700 /var/lib/fedyolo/state
+  # Flower 1.41 serves Fleet and Control on this one port (no separate control port)
   docker run -d --name superlink --restart unless-stopped "${LOGS[@]}" \
-    -p "${FLEET_PORT}:9092" -p "${CONTROL_PORT}:9093" \
+    -p "${FLEET_PORT}:9092" \
     -e FLWR_TELEMETRY_ENABLED=0 -e FEDYOLO_AWS_DEPLOYMENT="${DEPLOYMENT}" \
     -e AWS_REGION="${REGION}" \
     -e FEDYOLO_STATE_URL="${STATE_URL}" \
