@@ -53,6 +53,8 @@ def load_settings(overrides=()) -> Any:
 
     cfg = settings.load(CONFIG, overrides, "deploy aws", AwsError)
     c = cfg.clients
+    if c.max < 1:
+        raise AwsError(f"deploy aws: clients.max={c.max}: at least 1 (one client per key slot)")
     if not (0 <= c.min <= c.desired <= c.max) or c.max < 1:
         raise AwsError(
             f"deploy aws: clients need 0 <= min <= desired <= max, max >= 1; got "
@@ -62,6 +64,9 @@ def load_settings(overrides=()) -> Any:
         raise AwsError(f"deploy aws: clients.on_demand_base={c.on_demand_base} not in 0..max")
     if not str(cfg.name).replace("-", "").isalnum() or len(str(cfg.name)) > 24:
         raise AwsError(f"deploy aws: name={cfg.name!r}: letters, digits and '-', at most 24")
+    from deploy.aws.template import check  # CIDRs, alarms, budget, logs: one line naming the key
+
+    check(cfg)
     return cfg
 
 
