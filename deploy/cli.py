@@ -36,7 +36,9 @@ def deploy_command(parser: argparse.ArgumentParser) -> None:
     aws = sub.add_parser(
         "aws", help="EC2 Auto Scaling deployment (configs/deploy/aws.yaml: key=value)"
     )
-    aws.add_argument("action", choices=["plan", "up", "push", "status", "scale", "down"])
+    aws.add_argument(
+        "action", choices=["plan", "up", "push", "status", "scale", "down", "template"]
+    )
     aws.add_argument("items", nargs="*", help="scale: the client count first; then key=value")
     aws.set_defaults(handler=_aws)
     ce = sub.add_parser("certs", help="a CA, a SuperLink certificate and client key pairs")
@@ -76,7 +78,7 @@ def _certs(args: argparse.Namespace) -> ExitCode:
 
 def _aws(args: argparse.Namespace) -> ExitCode:
     """``fedyolo deploy aws``: plan prints and creates nothing; down exits 1 with one line per
-    leftover."""
+    leftover; template prints the CloudFormation template (JSON) and calls nothing."""
     setup_logging()
     items, count = args.items, None
     if args.action == "scale":
@@ -95,6 +97,10 @@ def _aws(args: argparse.Namespace) -> ExitCode:
             print(f"{r['action']:7} {r['image']} -> {r['target']}  {r.get('digest', '')}")
     elif args.action == "scale":
         print(json.dumps(stack.scale(cfg, count)))
+    elif args.action == "template":  # CloudFormation, work in progress (deploy.aws.template)
+        from deploy.aws.template import to_json
+
+        print(to_json(cfg))
     elif args.action == "status":
         print(json.dumps(stack.status(cfg), indent=1, default=str))
     else:
