@@ -1,0 +1,275 @@
+"""The CloudFormation template (``deploy.aws.template``): cfn-lint, the README's least-privilege
+and network claims checked on the template itself, bad settings as one line, and moto's
+CloudFormation creating the stack.
+
+moto 5.2.5's CloudFormation keeps these as placeholders (no resource behind them):
+``AWS::CloudWatch::Alarm``, ``AWS::S3::BucketPolicy``, ``AWS::SNS::TopicPolicy``,
+``AWS::SNS::Subscription``, ``AWS::Budgets::Budget``; it ignores the bucket's versioning, the ECR
+lifecycle policy and the group's ``CapacityRebalance``; ``delete_stack`` stops on the VPC's
+dependencies. Those are asserted on the template only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.aws import TAG, AwsError, stack, template  # noqa: E402
+from deploy.aws.cfn import iam  # noqa: E402
+
+REGION = "eu-west-1"  # the `aws` fixture's (tests/conftest.py)
+ALL_OPTIONS = [
+    "budget.monthly_usd=50",
+    "alarms.email=ops@example.com",
+    "operator_cidrs=[203.0.113.7/32]",
+]
+REUSED_VPC = [
+    "vpc.id=vpc-0123456789abcdef0",
+    "vpc.subnets=[subnet-0123456789abcdef0,subnet-0123456789abcdef1]",
+]
+# actions AWS offers no resource level for (the only ones allowed on Resource "*")
+NO_RESOURCE_LEVEL = {"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"}
+
+
+def settings(*more: str, name: str = "tpl"):
+    return stack.load_settings([f"name={name}", f"region={REGION}", "ami=ami-12345678", *more])
+
+
+def resources(tpl: dict, kind: str) -> dict[str, dict]:
+    return {k: r for k, r in tpl["Resources"].items() if r["Type"] == kind}
+
+
+def sub_text(value) -> str:
+    """The text of an ``Fn::Sub`` (string or list form), or the string itself."""
+    if isinstance(value, dict) and "Fn::Sub" in value:
+        s = value["Fn::Sub"]
+        return s[0] if isinstance(s, list) else s
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [[], ALL_OPTIONS, ["clients.spot=false", *REUSED_VPC], ["ami=resolve:ssm:/aws/x/y"]],
+    ids=["defaults", "all-options", "on-demand-reused-vpc", "ami-parameter"],
+)
+def test_cfn_lint_finds_nothing(options):
+    from cfnlint.api import ManualArgs, lint
+
+    body = json.dumps(template.template(settings(*options)))
+    found = lint(body, config=ManualArgs(regions=[REGION]))
+    assert [f"{m.rule.id} {m.message}" for m in found] == []
+    assert len(body) < 51_200  # create_stack's TemplateBody limit (beyond it: an S3 URL)
+
+
+def test_least_privilege_holds_on_the_template():
+    tpl = template.template(settings(*ALL_OPTIONS))
+    roles = resources(tpl, "AWS::IAM::Role")
+    assert set(roles) == {"ServerRole", "ClientRole"}
+    for logical, role in roles.items():
+        own = "server" if logical == "ServerRole" else "client"
+        props = role["Properties"]
+        assert "ManagedPolicyArns" not in props  # no AmazonSSMManagedInstanceCore
+        [inline] = props["Policies"]
+        for st in inline["PolicyDocument"]["Statement"]:
+            assert st["Effect"] == "Allow"
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            assert not any("*" in a for a in actions), st
+            targets = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+            if "*" in targets:
+                assert set(actions) <= NO_RESOURCE_LEVEL | set(iam.SESSION_MANAGER), st
+            if any(a.startswith("ssm:") and "Parameter" in a for a in actions):
+                for t in targets:
+                    arn = sub_text(t)
+                    assert arn != "*", st
+                    assert re.fullmatch(
+                        r"arn:\$\{AWS::Partition\}:ssm:\$\{AWS::Region\}:\$\{AWS::AccountId\}:"
+                        rf"parameter/fedyolo/tpl/{own}/[\w/*.-]+",
+                        arn,
+                    ), arn
+        # a client may read or claim nothing of the server's, and the reverse
+        text = json.dumps(inline)
+        other = "client" if own == "server" else "server"
+        assert f"/fedyolo/tpl/{other}/" not in text
+    assert "arn:aws:iam::aws:policy" not in json.dumps(tpl)
+
+
+def test_network_and_instances_are_locked_down():
+    for options in ([], ALL_OPTIONS):
+        tpl = template.template(settings(*options))
+        text = json.dumps(tpl)
+        assert "9093" not in text  # Flower 1.41: Fleet and Control on one port
+        sgs = resources(tpl, "AWS::EC2::SecurityGroup")
+        assert "SecurityGroupIngress" not in sgs["ClientsSecurityGroup"]["Properties"]
+        rules = sgs["ServerSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+        assert {(r["FromPort"], r["ToPort"]) for r in rules} == {(9092, 9092)}
+        assert [r["SourceSecurityGroupId"] for r in rules if "SourceSecurityGroupId" in r] == [
+            {"Ref": "ClientsSecurityGroup"}
+        ]
+        cidrs = [r["CidrIp"] for r in rules if "CidrIp" in r]
+        assert cidrs == (["203.0.113.7/32"] if options else [])  # operators only if configured
+        assert not resources(tpl, "AWS::EC2::SecurityGroupIngress")
+        assert "0.0.0.0/0" not in json.dumps(sgs) and "::/0" not in json.dumps(sgs)
+        for lt in resources(tpl, "AWS::EC2::LaunchTemplate").values():
+            data = lt["Properties"]["LaunchTemplateData"]
+            assert data["MetadataOptions"]["HttpTokens"] == "required"
+            assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+            assert all(b["Ebs"]["Encrypted"] for b in data["BlockDeviceMappings"])
+            script, values = data["UserData"]["Fn::Base64"]["Fn::Sub"]
+            # every ${...} is bash's (escaped ${!...}) but the four CloudFormation fills in
+            assert set(re.findall(r"\$\{(?!!)([^}]*)\}", script)) == set(values)
+            assert "PRIVATE KEY" not in script
+
+
+def test_state_bucket_is_kept_and_versioned():
+    tpl = template.template(settings())
+    [bucket] = resources(tpl, "AWS::S3::Bucket").values()
+    assert bucket["DeletionPolicy"] == "Retain" and bucket["UpdateReplacePolicy"] == "Retain"
+    props = bucket["Properties"]
+    assert props["VersioningConfiguration"] == {"Status": "Enabled"}
+    assert all(props["PublicAccessBlockConfiguration"].values())
+    assert props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    [policy] = resources(tpl, "AWS::S3::BucketPolicy").values()
+    [deny] = policy["Properties"]["PolicyDocument"]["Statement"]
+    assert deny["Effect"] == "Deny" and deny["Condition"]["Bool"]["aws:SecureTransport"] == "false"
+
+
+def test_registries_logs_alarms_budget_and_spot():
+    tpl = template.template(settings())
+    for repo in resources(tpl, "AWS::ECR::Repository").values():
+        rules = json.loads(repo["Properties"]["LifecyclePolicy"]["LifecyclePolicyText"])["rules"]
+        assert rules[-1]["selection"]["countNumber"] == 10
+    [logs] = resources(tpl, "AWS::Logs::LogGroup").values()
+    assert logs["Properties"]["RetentionInDays"] == 30
+    alarms = resources(tpl, "AWS::CloudWatch::Alarm")
+    assert len(alarms) == 3
+    assert all(a["Properties"]["AlarmActions"] == [{"Ref": "AlarmTopic"}] for a in alarms.values())
+    assert not resources(tpl, "AWS::AutoScaling::ScalingPolicy")  # no ratchet to clients.max
+    assert not resources(tpl, "AWS::Budgets::Budget")
+    assert not resources(tpl, "AWS::SNS::Subscription")
+    clients = tpl["Resources"]["ClientGroup"]["Properties"]
+    assert clients["CapacityRebalance"] is True
+    types = clients["MixedInstancesPolicy"]["LaunchTemplate"]["Overrides"]
+    assert len(types) >= 3 and types[0] == {"InstanceType": "c7i.xlarge"}
+    assert (clients["MinSize"], clients["DesiredCapacity"], clients["MaxSize"]) == ("1", "2", "4")
+    assert {"Key": TAG, "Value": "tpl", "PropagateAtLaunch": True} in clients["Tags"]
+
+    tpl = template.template(settings(*ALL_OPTIONS, "clients.spot=false"))
+    [budget] = resources(tpl, "AWS::Budgets::Budget").values()
+    assert budget["Properties"]["Budget"]["BudgetLimit"] == {"Amount": 50.0, "Unit": "USD"}
+    [email] = resources(tpl, "AWS::SNS::Subscription").values()
+    assert email["Properties"]["Endpoint"] == "ops@example.com"
+    clients = tpl["Resources"]["ClientGroup"]["Properties"]
+    assert "MixedInstancesPolicy" not in clients and "LaunchTemplate" in clients
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("vpc.cidr=10.42.0.0/33", "vpc.cidr"),
+        ("vpc.cidr=not-a-cidr", "vpc.cidr"),
+        ("vpc.cidr=10.42.0.0/25", "vpc.cidr"),
+        ("operator_cidrs=[203.0.113.7]", None),  # a /32 host is a CIDR: accepted
+        ("operator_cidrs=[203.0.113.300/32]", "operator_cidrs[0]"),
+        ("operator_cidrs=[0.0.0.0/0]", "operator_cidrs[0]"),
+        ("clients.max=0", "clients.max"),
+        ("alarms.email=nobody", "alarms.email"),
+        ("budget.monthly_usd=-5", "budget.monthly_usd"),
+        ("logs.retention_days=31", "logs.retention_days"),
+        ("ecr.keep_images=0", "ecr.keep_images"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_its_key(override, key):
+    more = ["clients.min=0", "clients.desired=0"] if override == "clients.max=0" else []
+    if key is None:
+        template.template(settings(override, *more))
+        return
+    with pytest.raises(AwsError) as got:
+        settings(override, *more)
+    message = str(got.value)
+    assert "\n" not in message and f"{key}=" in message, message
+
+
+def test_the_cli_prints_the_template(capsys):
+    from fl_server.cli import main
+
+    assert main(["deploy", "aws", "template", "name=cli1", "ami=ami-12345678"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == template.template(settings(name="cli1"))
+    assert main(["deploy", "aws", "template", "vpc.cidr=10.0.0.0/33"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "vpc.cidr=" in err
+
+
+# -- moto's CloudFormation ------------------------------------------------------------------------
+PLACEHOLDERS = {  # moto 5.2.5 parses these into nothing (see the module docstring)
+    "AWS::CloudWatch::Alarm",
+    "AWS::S3::BucketPolicy",
+    "AWS::SNS::TopicPolicy",
+    "AWS::SNS::Subscription",
+    "AWS::Budgets::Budget",
+}
+
+
+@pytest.mark.filterwarnings("ignore:Tried to parse")
+def test_moto_creates_the_stack_from_the_template(aws):
+    pytest.importorskip("moto")
+    cfg = settings(*ALL_OPTIONS, name="cfn1")
+    tpl = template.template(cfg)
+    cf = aws.client("cloudformation")
+    cf.create_stack(
+        StackName="cfn1", TemplateBody=json.dumps(tpl), Capabilities=["CAPABILITY_NAMED_IAM"]
+    )
+    [st] = cf.describe_stacks(StackName="cfn1")["Stacks"]
+    assert st["StackStatus"] == "CREATE_COMPLETE"
+    reported = {
+        r["LogicalResourceId"]: r
+        for r in cf.describe_stack_resources(StackName="cfn1")["StackResources"]
+        if "LogicalResourceId" in r
+    }
+    expected = {k: r["Type"] for k, r in tpl["Resources"].items() if r["Type"] not in PLACEHOLDERS}
+    assert {k: r["ResourceType"] for k, r in reported.items()} == expected
+    assert {r["ResourceStatus"] for r in reported.values()} == {"CREATE_COMPLETE"}
+    out = {o["OutputKey"]: o["OutputValue"] for o in st["Outputs"]}
+
+    asg, ec2, roles = aws.client("autoscaling"), aws.client("ec2"), aws.client("iam")
+    groups = {
+        g["AutoScalingGroupName"]: g
+        for g in asg.describe_auto_scaling_groups(
+            AutoScalingGroupNames=["cfn1-server", "cfn1-clients"]
+        )["AutoScalingGroups"]
+    }
+    assert (groups["cfn1-server"]["MinSize"], groups["cfn1-server"]["MaxSize"]) == (1, 1)
+    mixed = groups["cfn1-clients"]["MixedInstancesPolicy"]
+    assert len(mixed["LaunchTemplate"]["Overrides"]) == 4
+    assert mixed["InstancesDistribution"]["OnDemandBaseCapacity"] == 1
+
+    [server_sg] = ec2.describe_security_groups(
+        Filters=[{"Name": "group-name", "Values": ["cfn1-server-sg"]}]
+    )["SecurityGroups"]
+    [rule] = server_sg["IpPermissions"]
+    assert (rule["FromPort"], rule["ToPort"]) == (9092, 9092)
+    assert [r["CidrIp"] for r in rule["IpRanges"]] == ["203.0.113.7/32"]
+
+    for role in ("server", "client"):
+        lt = ec2.describe_launch_template_versions(LaunchTemplateName=f"cfn1-{role}")[
+            "LaunchTemplateVersions"
+        ][0]["LaunchTemplateData"]
+        assert lt["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+        script = base64.b64decode(lt["UserData"]).decode()
+        assert f'SERVER_IP="{out["ServerPrivateIp"]}"' in script
+        assert f'IMAGE="{out[f"{role.capitalize()}RepositoryUri"]}:' in script
+        assert f'STATE_URL="s3://{out["StateBucket"]}/state"' in script
+        assert 'LOG_GROUP="/fedyolo/${DEPLOYMENT}"' in script  # bash's, left alone
+        name = f"cfn1-{role}"
+        assert roles.list_attached_role_policies(RoleName=name)["AttachedPolicies"] == []
+        assert roles.list_role_policies(RoleName=name)["PolicyNames"] == ["fedyolo"]
+    assert out["StateBucket"] == f"cfn1-state-123456789012-{REGION}"
+    logs = aws.client("logs").describe_log_groups(logGroupNamePrefix="/fedyolo/cfn1")
+    assert [g.get("retentionInDays") for g in logs["logGroups"]] == [30]
