@@ -25,12 +25,13 @@ restored with files 0600 in folders 0700 (the run directory is its owner's).
 
 **Tampering.** ``sync.json`` carries an HMAC-SHA256 over its content with a key that is *not* in
 the bucket: ``FEDYOLO_STATE_KEY`` or the SSM SecureString named by
-``FEDYOLO_STATE_KEY_PARAMETER`` (``fedyolo deploy aws up`` creates ``/fedyolo/<name>/state/key``
-and gives only the server's role read access). A fetch checks the HMAC, every object's sha256
-and size, and every path (no absolute path, no ``..``, nothing of the excluded set) before it
-writes anything into the run directory; then the state is read as data only
-(``fl_server.state``: ``.npz`` with ``allow_pickle=False``), so an object that someone with
-write access to the bucket replaced is refused in one line and executes nothing.
+``FEDYOLO_STATE_KEY_PARAMETER`` (``fedyolo deploy aws up`` creates
+``/fedyolo/<name>/server/state/key`` and gives only the server's role read access). A fetch
+checks the HMAC, every object's sha256 and size, and every path (no absolute path, no ``..``,
+nothing of the excluded set) before it writes anything into the run directory; then the state
+is read as data only (``fl_server.state``: ``.npz`` with ``allow_pickle=False``), so an object
+that someone with write access to the bucket replaced is refused in one line and executes
+nothing.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def load_key(session: Any = None) -> bytes:
         raise SyncError(
             f"state: no signing key: set {ENV_KEY} (at least {MIN_KEY_CHARS} characters) or "
             f"{ENV_KEY_PARAMETER} (an SSM SecureString; `fedyolo deploy aws up` makes "
-            "/fedyolo/<name>/state/key). The copy in S3 is signed so that a tampered object "
+            "/fedyolo/<name>/server/state/key). The copy in S3 is signed so that a tampered object "
             "is refused"
         )
     if len(value) < MIN_KEY_CHARS:

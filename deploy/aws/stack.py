@@ -430,11 +430,15 @@ def _server_interface() -> Resource:
 
 # -- secrets -------------------------------------------------------------------------------
 def parameter_names(ctx) -> list[str]:
-    base = f"/fedyolo/{ctx.name}"
-    names = [f"{base}/tls/ca.crt", f"{base}/tls/superlink.crt", f"{base}/tls/superlink.key"]
-    names += [f"{base}/clients/{i}/key" for i in range(int(ctx.cfg.clients.max))]
-    names += [f"{base}/clients/{i}/pub" for i in range(int(ctx.cfg.clients.max))]
-    return names + [f"{base}/state/key"]  # signs the server's copy in S3 (deploy.aws.s3state)
+    """Per role under its own prefix, the only one its instances may read (``/fedyolo/<name>/
+    server/`` and ``/client/``): the CA's certificate is in both; a client's key only under
+    ``client/slots/``, the server's only the public halves."""
+    server, client = f"/fedyolo/{ctx.name}/server", f"/fedyolo/{ctx.name}/client"
+    slots = range(int(ctx.cfg.clients.max))
+    names = [f"{server}/tls/ca.crt", f"{server}/tls/superlink.crt", f"{server}/tls/superlink.key"]
+    names += [f"{server}/clients/{i}/pub" for i in slots]
+    names += [f"{client}/tls/ca.crt"] + [f"{client}/slots/{i}/key" for i in slots]
+    return names + [f"{server}/state/key"]  # signs the server's copy in S3 (deploy.aws.s3state)
 
 
 def _parameters() -> Resource:
@@ -450,20 +454,21 @@ def _parameters() -> Resource:
         from deploy.certs import make_node_keys, make_tls
 
         ssm = ctx.client("ssm")
-        base = f"/fedyolo/{ctx.name}"
+        server, client = f"/fedyolo/{ctx.name}/server", f"/fedyolo/{ctx.name}/client"
         with tempfile.TemporaryDirectory(prefix="fedyolo-aws-") as tmp:
             tls = make_tls(Path(tmp) / "tls", [server_ip(ctx), "superlink"])
             slots = [str(i) for i in range(int(ctx.cfg.clients.max))]
             keys = make_node_keys(Path(tmp) / "keys", slots)
             values = {
-                f"{base}/tls/ca.crt": tls.ca_cert.read_text(),
-                f"{base}/tls/superlink.crt": tls.cert.read_text(),
-                f"{base}/tls/superlink.key": tls.key.read_text(),
+                f"{server}/tls/ca.crt": tls.ca_cert.read_text(),
+                f"{server}/tls/superlink.crt": tls.cert.read_text(),
+                f"{server}/tls/superlink.key": tls.key.read_text(),
+                f"{client}/tls/ca.crt": tls.ca_cert.read_text(),
             }
             for slot, k in keys.items():
-                values[f"{base}/clients/{slot}/key"] = k.private.read_text()
-                values[f"{base}/clients/{slot}/pub"] = k.public.read_text()
-        values[f"{base}/state/key"] = secrets.token_hex(32)
+                values[f"{client}/slots/{slot}/key"] = k.private.read_text()
+                values[f"{server}/clients/{slot}/pub"] = k.public.read_text()
+        values[f"{server}/state/key"] = secrets.token_hex(32)
         for name, value in values.items():  # private material as SecureString, all tagged
             ssm.put_parameter(
                 Name=name,
@@ -518,11 +523,7 @@ def role_policy(ctx, role: str) -> dict:
                 "Sid": "ReadServerParameters",
                 "Effect": "Allow",
                 "Action": ["ssm:GetParameter", "ssm:GetParameters"],
-                "Resource": [
-                    f"{params}/tls/*",
-                    f"{params}/clients/*/pub",
-                    f"{params}/state/key",
-                ],
+                "Resource": f"{params}/server/*",
             },
             {
                 "Sid": "ListState",
@@ -561,13 +562,13 @@ def role_policy(ctx, role: str) -> dict:
                 "Sid": "ReadClientParameters",
                 "Effect": "Allow",
                 "Action": ["ssm:GetParameter"],
-                "Resource": [f"{params}/tls/ca.crt", f"{params}/clients/*/key"],
+                "Resource": [f"{params}/client/tls/ca.crt", f"{params}/client/slots/*/key"],
             },
             {  # a client claims a key slot: a parameter it may create, never overwrite others'
                 "Sid": "ClaimSlot",
                 "Effect": "Allow",
                 "Action": ["ssm:PutParameter", "ssm:GetParameter", "ssm:DeleteParameter"],
-                "Resource": f"{params}/claims/*",
+                "Resource": f"{params}/client/claims/*",
             },
         ]
     return {"Version": "2012-10-17", "Statement": statements}

@@ -27,9 +27,10 @@ INSTANCE_ID="$(curl -sS -H "X-aws-ec2-metadata-token: ${TOKEN}" \
   http://169.254.169.254/latest/meta-data/instance-id)"
 
 install -d -m 0700 "${SECRETS}"
+# this role's parameters: its instance role reads /fedyolo/<name>/<role>/ and nothing else
 param() {
   aws ssm get-parameter --region "${REGION}" --with-decryption \
-    --name "/fedyolo/${DEPLOYMENT}/$1" --query Parameter.Value --output text
+    --name "/fedyolo/${DEPLOYMENT}/${ROLE}/$1" --query Parameter.Value --output text
 }
 param tls/ca.crt > "${SECRETS}/ca.crt"
 
@@ -54,7 +55,7 @@ if [ "${ROLE}" = server ]; then
     -e FLWR_TELEMETRY_ENABLED=0 -e FEDYOLO_AWS_DEPLOYMENT="${DEPLOYMENT}" \
     -e AWS_REGION="${REGION}" \
     -e FEDYOLO_STATE_URL="${STATE_URL}" \
-    -e FEDYOLO_STATE_KEY_PARAMETER="/fedyolo/${DEPLOYMENT}/state/key" \
+    -e FEDYOLO_STATE_KEY_PARAMETER="/fedyolo/${DEPLOYMENT}/server/state/key" \
     -v "${SECRETS}/ca.crt:/secrets/ca.crt:ro" \
     -v "${SECRETS}/superlink.crt:/secrets/superlink.crt:ro" \
     -v "${SECRETS}/superlink.key:/secrets/superlink.key:ro" \
@@ -71,13 +72,13 @@ else
   SLOT=""
   for i in $(seq 0 $((SLOTS - 1))); do
     if aws ssm put-parameter --region "${REGION}" --type String --value "${INSTANCE_ID}" \
-      --name "/fedyolo/${DEPLOYMENT}/claims/${i}" > /dev/null 2>&1; then
+      --name "/fedyolo/${DEPLOYMENT}/client/claims/${i}" > /dev/null 2>&1; then
       SLOT="${i}"
       break
     fi
   done
   if [ -z "${SLOT}" ]; then
-    echo "fedyolo: no free client key slot of ${SLOTS} (claims under /fedyolo/${DEPLOYMENT}/claims/)" >&2
+    echo "fedyolo: no free client key slot of ${SLOTS} (claims under /fedyolo/${DEPLOYMENT}/client/claims/)" >&2
     exit 1
   fi
   # a graceful stop (scale-in, spot interruption) gives the slot back
@@ -89,13 +90,13 @@ After=network-online.target
 Type=oneshot
 RemainAfterExit=yes
 ExecStart=/bin/true
-ExecStop=/usr/bin/aws ssm delete-parameter --region ${REGION} --name /fedyolo/${DEPLOYMENT}/claims/${SLOT}
+ExecStop=/usr/bin/aws ssm delete-parameter --region ${REGION} --name /fedyolo/${DEPLOYMENT}/client/claims/${SLOT}
 [Install]
 WantedBy=multi-user.target
 UNIT
   systemctl daemon-reload
   systemctl enable --now fedyolo-release-slot.service
-  param "clients/${SLOT}/key" > "${SECRETS}/node.key"
+  param "slots/${SLOT}/key" > "${SECRETS}/node.key"
   chmod 0400 "${SECRETS}/node.key"
   PARTITION_ID="${SLOT}"
   docker run -d --name supernode --restart on-failure "${LOGS[@]}" \

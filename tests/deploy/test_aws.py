@@ -109,9 +109,9 @@ def test_up_creates_what_was_planned_locked_down(aws):
 
     # secrets: private material as SecureString
     ssm = aws.client("ssm")
-    key = ssm.get_parameter(Name="/fedyolo/up1/clients/0/key")["Parameter"]
+    key = ssm.get_parameter(Name="/fedyolo/up1/client/slots/0/key")["Parameter"]
     assert key["Type"] == "SecureString"
-    tls_key = ssm.get_parameter(Name="/fedyolo/up1/tls/superlink.key")["Parameter"]
+    tls_key = ssm.get_parameter(Name="/fedyolo/up1/server/tls/superlink.key")["Parameter"]
     assert tls_key["Type"] == "SecureString"
 
     # IAM: no wildcard action, '*' resource only where AWS has no resource level
@@ -192,7 +192,7 @@ def _state_env(monkeypatch, cfg, aws):
     ctx = stack.Context(cfg, aws)
     url = f"s3://{ctx.bucket}/{cfg.state_prefix}"
     monkeypatch.setenv(s3state.ENV_URL, url)
-    monkeypatch.setenv(s3state.ENV_KEY_PARAMETER, f"/fedyolo/{cfg.name}/state/key")
+    monkeypatch.setenv(s3state.ENV_KEY_PARAMETER, f"/fedyolo/{cfg.name}/server/state/key")
     return ctx.bucket, url
 
 

@@ -273,3 +273,28 @@ def test_moto_creates_the_stack_from_the_template(aws):
     assert out["StateBucket"] == f"cfn1-state-123456789012-{REGION}"
     logs = aws.client("logs").describe_log_groups(logGroupNamePrefix="/fedyolo/cfn1")
     assert [g.get("retentionInDays") for g in logs["logGroups"]] == [30]
+
+
+def test_each_role_reads_the_parameters_up_writes_for_it_and_no_others():
+    """The parameter layout ``up`` writes (``stack.parameter_names``) against the template's
+    grants and the boot script's reads: every name is under one role's prefix, and the script
+    reads only its own role's (plus the claims and the state key it is granted)."""
+    cfg = settings()
+    names = stack.parameter_names(stack.Context(cfg, None))
+    assert all(n.startswith(("/fedyolo/tpl/server/", "/fedyolo/tpl/client/")) for n in names)
+    client = [n for n in names if n.startswith("/fedyolo/tpl/client/")]
+    assert set(client) == {"/fedyolo/tpl/client/tls/ca.crt"} | {
+        f"/fedyolo/tpl/client/slots/{i}/key" for i in range(4)
+    }
+    tpl = template.template(cfg)
+    for role in ("server", "client"):
+        data = tpl["Resources"][f"{role.capitalize()}LaunchTemplate"]["Properties"]
+        script = data["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"][0]
+        paths = set(re.findall(r"/fedyolo/\$\{!DEPLOYMENT\}/([^\s\")]+)", script))
+        assert paths == {
+            "${!ROLE}/$1",  # param(): this role's prefix
+            "server/state/key",  # the server container's FEDYOLO_STATE_KEY_PARAMETER
+            "client/claims/${!i}",
+            "client/claims/",
+            "client/claims/${!SLOT}",
+        }
