@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint bench clean images images-offline docs docs-serve
+.PHONY: venv checkov demo test test-fast lint bench clean images images-offline docs docs-serve
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (fedyolo is tested on CPython 3.11)"; exit 1; }
@@ -25,6 +25,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# checkov (scans the CloudFormation template, tests/deploy/test_aws_template.py) in a venv of its
+# own: its pins are not fedyolo's and must not change .venv's.
+CHECKOV := .venv-checkov/bin/checkov
+$(CHECKOV):
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install --quiet "checkov==3.3.30"
+
+checkov: $(CHECKOV)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"

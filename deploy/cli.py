@@ -40,6 +40,11 @@ def deploy_command(parser: argparse.ArgumentParser) -> None:
         "action", choices=["plan", "up", "push", "status", "scale", "down", "template"]
     )
     aws.add_argument("items", nargs="*", help="scale: the client count first; then key=value")
+    aws.add_argument(
+        "--delete-state",
+        action="store_true",
+        help="down: also delete the state bucket and its every version (the model, checkpoints)",
+    )
     aws.set_defaults(handler=_aws)
     ce = sub.add_parser("certs", help="a CA, a SuperLink certificate and client key pairs")
     ce.add_argument("out", help="folder for the files (created 0700)")
@@ -89,41 +94,56 @@ def _aws(args: argparse.Namespace) -> ExitCode:
     if args.action == "plan":
         _plan(cfg)
     elif args.action == "up":
-        rows = stack.up(cfg)
-        made = [r for r in rows if r["action"] == "created"]
-        print(f"{len(made)} created, {len(rows) - len(made)} already there")
+        done = stack.up(cfg)
+        _changes(done["changes"])
+        keys = done["parameters"]
+        print(
+            f"{done['stack']}: {done['status']}; SSM parameters {keys['created']} created, "
+            f"{keys['kept']} kept"
+            + ("" if done["images_ready"] else "; groups at 0 until `fedyolo deploy aws push`")
+        )
     elif args.action == "push":
         for r in ecr.push(cfg):
             print(f"{r['action']:7} {r['image']} -> {r['target']}  {r.get('digest', '')}")
     elif args.action == "scale":
         print(json.dumps(stack.scale(cfg, count)))
-    elif args.action == "template":  # CloudFormation, work in progress (deploy.aws.template)
+    elif args.action == "template":  # what plan and up deploy (deploy.aws.template)
         from deploy.aws.template import to_json
 
         print(to_json(cfg))
     elif args.action == "status":
         print(json.dumps(stack.status(cfg), indent=1, default=str))
     else:
-        return _down(cfg)
+        return _down(cfg, args.delete_state)
     return ExitCode.OK
 
 
+def _changes(changes: list[dict]) -> None:
+    for c in changes:
+        repl = f"  replacement: {c['replacement']}" if c["replacement"] else ""
+        print(f"{c['action']:7} {c['logical']:24} {c['type']}{repl}")
+
+
 def _plan(cfg: Any) -> None:  # deploy.aws.stack's settings
-    rows = stack.plan(cfg)
-    for r in rows:
-        cost = f"  ${r['usd_per_hour']:.3f}/h" if r["usd_per_hour"] else ""
-        print(f"{r['action']:7} {r['kind']:18} {cfg.name}-{r['name']}{cost}  {r['what']}")
-    total = sum(r["usd_per_hour"] for r in rows)
+    got = stack.plan(cfg)
+    _changes(got["changes"])
+    if not got["changes"]:
+        print(f"{got['stack']}: no changes")
+    print(f"costs per month ({got['counts']} instance counts; prices unverified):")
+    for r in got["costs"]:
+        what = f"{r['item']}: {r['quantity']:g} {r['unit']} x {r['price']:g}"
+        print(f"  ${r['usd_month']:9.2f}  {what}")
     print(
-        f"estimated ${total:.2f}/h (${total * 730:.0f}/month) for instances and volumes; "
-        f"prices from configs/deploy/aws.yaml ({cfg.prices.date}; check them)"
+        f"estimated ${got['usd_month']:.2f}/month; prices from configs/deploy/aws.yaml "
+        f"({cfg.prices.date}), unverified: check them for {cfg.region}"
     )
 
 
-def _down(cfg: Any) -> ExitCode:
-    left = stack.down(cfg)
+def _down(cfg: Any, delete_state: bool = False) -> ExitCode:
+    left = stack.down(cfg, delete_state=delete_state)
     for line in left:
         print(line, file=sys.stderr)
     if not left:
-        print(f"deployment {cfg.name}: nothing left")
+        kept = "" if delete_state else " (state bucket kept; --delete-state deletes it)"
+        print(f"deployment {cfg.name}: stack and keys deleted{kept}")
     return ExitCode.FAILED if left else ExitCode.OK

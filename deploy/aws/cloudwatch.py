@@ -1,4 +1,4 @@
-"""CloudWatch: the server's per-round metrics, the alarms on them, a dashboard, client scaling.
+"""CloudWatch: the server's per-round metrics, the alarms on them, a dashboard.
 
 **Metrics** (namespace ``fedyolo``, dimension ``Deployment=<name>``), one data point per finished
 round, published by the round hook :class:`RoundMetrics` in the ServerApp's process
@@ -23,21 +23,21 @@ Rollbacks          Count        1 when the drift guard rolled the round back
 **Alarms**: no round finished in ``alarms.no_round_minutes`` (missing data is breaching);
 fewer than ``alarms.min_clients`` good replies in a round; any rollback.
 
-**Client scaling**: a step policy on the clients' group, triggered by the "fewer clients" alarm,
-adds one client (up to ``clients.max``). Not CPU target tracking: a federated client is idle
-between rounds and busy during them, so CPU tracking would scale in between rounds and take
-clients out of the next one; the federation's own signal is how many clients answered.
+The alarms notify the stack's SNS topic (``deploy.aws.cfn.alarms``). **No scaling policy**: a
+client holds a data shard (its key slot is its partition), so the desired count is the number of
+data holders (``clients.desired``, changed with ``fedyolo deploy aws scale``), and the group only
+replaces a lost client. A "+1 client per few-clients alarm" step never scaled in and ratcheted
+to ``clients.max``; CPU target tracking would scale in between rounds, when clients idle.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from typing import Any
 
-from deploy.aws import TAG, Resource
+from deploy.aws import TAG
 
 LOGGER = logging.getLogger("fedyolo")
 NAMESPACE = "fedyolo"
@@ -195,65 +195,4 @@ def dashboard(ctx: Any) -> dict:
     }
 
 
-def resources() -> list:
-    def find_policy(ctx):
-        got = ctx.client("autoscaling").describe_policies(
-            AutoScalingGroupName=f"{ctx.name}-clients", PolicyNames=[f"{ctx.name}-add-client"]
-        )["ScalingPolicies"]
-        return got[0]["PolicyARN"] if got else None
-
-    def create_policy(ctx):
-        ctx.client("autoscaling").put_scaling_policy(
-            AutoScalingGroupName=f"{ctx.name}-clients",
-            PolicyName=f"{ctx.name}-add-client",
-            PolicyType="StepScaling",
-            AdjustmentType="ChangeInCapacity",
-            StepAdjustments=[{"MetricIntervalUpperBound": 0.0, "ScalingAdjustment": 1}],
-        )
-        return find_policy(ctx)  # moto's reply lacks the ARN; AWS's has it
-
-    def delete_policy(ctx, _arn):
-        ctx.client("autoscaling").delete_policy(
-            AutoScalingGroupName=f"{ctx.name}-clients", PolicyName=f"{ctx.name}-add-client"
-        )
-
-    def find_alarms(ctx):
-        names = [a["AlarmName"] for a in alarms(ctx)]
-        got = ctx.client("cloudwatch").describe_alarms(AlarmNames=names)["MetricAlarms"]
-        return sorted(a["AlarmName"] for a in got) or None
-
-    def create_alarms(ctx):
-        cw = ctx.client("cloudwatch")
-        for a in alarms(ctx):
-            if a["AlarmName"].endswith("-few-clients"):
-                a = {**a, "AlarmActions": [ctx.ids["add-client"]]}
-            cw.put_metric_alarm(**a)
-        return sorted(a["AlarmName"] for a in alarms(ctx))
-
-    def delete_alarms(ctx, names):
-        ctx.client("cloudwatch").delete_alarms(AlarmNames=list(names))
-
-    def find_dashboard(ctx):
-        got = ctx.client("cloudwatch").list_dashboards(DashboardNamePrefix=ctx.name)
-        return next(
-            (d["DashboardName"] for d in got["DashboardEntries"] if d["DashboardName"] == ctx.name),
-            None,
-        )
-
-    def create_dashboard(ctx):
-        ctx.client("cloudwatch").put_dashboard(
-            DashboardName=ctx.name, DashboardBody=json.dumps(dashboard(ctx))
-        )
-        return ctx.name
-
-    def delete_dashboard(ctx, name):
-        ctx.client("cloudwatch").delete_dashboards(DashboardNames=[name])
-
-    return [
-        Resource("scaling-policy", "add-client", find_policy, create_policy, delete_policy),
-        Resource("cloudwatch-alarms", "alarms", find_alarms, create_alarms, delete_alarms),
-        Resource("dashboard", "dashboard", find_dashboard, create_dashboard, delete_dashboard),
-    ]
-
-
-__all__ = ["TAG", "RoundMetrics", "alarms", "dashboard", "latest", "publish", "resources"]
+__all__ = ["TAG", "RoundMetrics", "alarms", "dashboard", "latest", "publish"]

@@ -2,9 +2,11 @@
 repositories, with the ``docker`` SDK (no ``docker`` CLI, no ``aws ecr get-login-password``).
 
 Each role's local image (``fedyolo-<role>:<version>``, what ``fedyolo deploy images`` builds) is
-tagged with the URI the launch templates pull (``stack.image_uri``: the repository ``up``
-created, or ``images.<role>`` from the config) and pushed with the registry token that
-``ecr:GetAuthorizationToken`` returns. The repositories' tags are immutable, so a tag that is
+tagged with the URI the launch templates pull (``image_uri``: the repository of the stack ``up``
+created, at this fedyolo's version, or ``images.<role>`` from the config) and pushed with the
+registry token that ``ecr:GetAuthorizationToken`` returns. Then the groups, kept at 0 instances
+while no image existed, get their configured sizes (``stack.release``; an instance refresh where
+instances run already). The repositories' tags are immutable, so a tag that is
 already in ECR is not pushed again (``exists``): a new build needs a new version. The push's
 own stream is read to the end: an error line is one line naming the image, and the digest the
 registry answered is returned.
@@ -50,21 +52,44 @@ def _tag_in_ecr(ctx: Any, repo: str, tag: str) -> bool:
     return bool(got.get("imageDetails"))
 
 
-def push(cfg: Any, sess: Any = None, local: dict[str, str] | None = None, docker_client=None):
-    """Push both roles' images; one row per role (``pushed`` with its digest, or ``exists``)."""
+def image_uri(ctx: Any, role: str) -> str:
+    """The image a ``role`` instance pulls: ``images.<role>``, or the deployment's ECR
+    repository at this fedyolo's version (``deploy.aws.cfn.compute``'s choice too)."""
+    from importlib.metadata import version
+
+    from botocore.exceptions import ClientError
+
+    given = ctx.cfg.images[role]
+    if given:
+        return str(given)
+    repo = f"{ctx.name.lower()}/{role}"
+    try:
+        got = ctx.client("ecr").describe_repositories(repositoryNames=[repo])
+    except ClientError as e:
+        if "RepositoryNotFound" not in str(e):
+            raise
+        raise AwsError(
+            f"deploy aws push: no ECR repository {repo}; run `fedyolo deploy aws up` first "
+            "(or set images.<role>)"
+        ) from None
+    return f"{got['repositories'][0]['repositoryUri']}:{version('fedyolo')}"
+
+
+def push(
+    cfg: Any,
+    sess: Any = None,
+    local: dict[str, str] | None = None,
+    docker_client=None,
+    *,
+    release: bool = True,
+):
+    """Push both roles' images; one row per role (``pushed`` with its digest, or ``exists``),
+    then one per group that got its size or an instance refresh (``release``)."""
     from deploy.aws import stack
     from deploy.images import ROLES, default_tag
 
     ctx = stack.Context(cfg, sess or stack.session())
-    for role in ROLES:
-        if not cfg.images[role]:
-            repo = stack._repository(role)
-            ctx.ids[repo.name] = repo.find(ctx)
-            if ctx.ids[repo.name] is None:
-                raise AwsError(
-                    f"deploy aws push: no ECR repository {ctx.name}/{role}; run "
-                    "`fedyolo deploy aws up` first (or set images.<role>)"
-                )
+    targets = {role: image_uri(ctx, role) for role in ROLES}
     if docker_client is None:
         import docker
 
@@ -79,7 +104,7 @@ def push(cfg: Any, sess: Any = None, local: dict[str, str] | None = None, docker
     rows = []
     for role in ROLES:
         src = (local or {}).get(role) or default_tag(role)
-        target = stack.image_uri(ctx, role)
+        target = targets[role]
         repo, tag = split_reference(target)
         ecr = ".dkr.ecr." in repo.split("/", 1)[0]
         try:
@@ -109,7 +134,10 @@ def push(cfg: Any, sess: Any = None, local: dict[str, str] | None = None, docker
         rows.append(
             {"role": role, "image": src, "target": target, "action": "pushed", "digest": digest}
         )
+    if release and stack.describe(ctx) is not None:
+        for r in stack.release(ctx):
+            rows.append({"role": r["group"], "image": "", "target": r["group"], **r})
     return rows
 
 
-__all__ = ["push", "split_reference"]
+__all__ = ["image_uri", "push", "split_reference"]

@@ -1,23 +1,26 @@
 """The AWS deployment as one CloudFormation template, generated from the settings
 (``configs/deploy/aws.yaml`` + ``key=value``): ``fedyolo deploy aws template`` prints it.
 
-WORK IN PROGRESS (issue 30): ``up``/``down``/``plan`` still create resource by resource
-(``deploy.aws.stack``); they move to change sets of this template next. The resource families
+``deploy.aws.stack`` deploys it as CloudFormation change sets (``plan``, ``up``, ``down``). The
+resource families
 live in ``deploy.aws.cfn``: network (VPC, security groups, the SuperLink's interface), iam
 (roles with inline least-privilege policies), storage (state bucket, ECR, logs), compute
 (launch templates, Auto Scaling groups) and alarms (SNS, alarms, dashboard, budget).
 
 Not in the template, because CloudFormation cannot make them: the SecureString parameters (the
 CA, the SuperLink's certificate and key, the client slots' keys, the state key). The CLI writes
-them under ``/fedyolo/<name>/server/`` and ``/fedyolo/<name>/client/``, the only prefixes each
-role may read.
+them (``deploy.aws.secrets``) under ``/fedyolo/<name>/server/`` and ``/fedyolo/<name>/client/``,
+the only prefixes each role may read.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from typing import Any
+
+from omegaconf import ListConfig
 
 from deploy.aws import AwsError
 from deploy.aws.cfn import alarms, compute, iam, network, storage
@@ -89,10 +92,40 @@ def check(cfg: Any) -> None:
         raise _fail("logs.retention_days", cfg.logs.retention_days, f"one of {RETENTION_DAYS}")
     if int(cfg.ecr.keep_images) < 1:
         raise _fail("ecr.keep_images", cfg.ecr.keep_images, "at least 1")
+    _check_private_ip(cfg)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", str(cfg.run.name)):
+        raise _fail("run.name", cfg.run.name, "lower-case letters, digits, '-' and '_', at most 40")
+    overrides = cfg.run.overrides
+    if not isinstance(overrides, list | tuple | ListConfig):
+        raise _fail("run.overrides", overrides, "a list of key=value Hydra overrides")
+    for i, o in enumerate(overrides):
+        if "=" not in str(o) or "\n" in str(o):
+            raise _fail(f"run.overrides[{i}]", o, "one key=value, e.g. federation.rounds=50")
 
 
-def template(cfg: Any) -> dict:
-    """The whole deployment as a CloudFormation template (a dict, JSON-ready)."""
+def _check_private_ip(cfg: Any) -> None:
+    """``server.private_ip``: an address AWS may give inside the interface's subnet (the first
+    four and the last of a subnet are AWS's). In a VPC of yours EC2 checks it at ``up``."""
+    ip = cfg.server.private_ip
+    if ip is None:
+        return
+    try:
+        addr = ipaddress.ip_address(str(ip))
+    except ValueError:
+        raise _fail("server.private_ip", ip, "an IPv4 address, or null (AWS picks)") from None
+    subnet = network.first_subnet(cfg)
+    if subnet is None:
+        return
+    hosts = list(subnet)
+    if addr not in subnet:
+        raise _fail("server.private_ip", ip, f"outside the server's subnet {subnet}")
+    if addr in hosts[:4] or addr == hosts[-1]:
+        raise _fail("server.private_ip", ip, f"reserved by AWS in {subnet} (first 4 and last)")
+
+
+def template(cfg: Any, *, sized: bool = True) -> dict:
+    """The whole deployment as a CloudFormation template (a dict, JSON-ready). ``sized=False``:
+    both groups at 0 instances (no image to boot yet; ``deploy.aws.cfn.compute.sizes``)."""
     check(cfg)
     resources: dict[str, Any] = {}
     for part in (
@@ -104,12 +137,12 @@ def template(cfg: Any) -> dict:
         storage.log_group,
         iam.roles,
         compute.launch_templates,
-        compute.groups,
         alarms.topic,
         alarms.alarms,
         alarms.budget,
     ):
         resources.update(part(cfg))
+    resources.update(compute.groups(cfg, sized))
     outputs: dict[str, Any] = {}
     for family in (network, storage, compute, alarms):
         outputs.update(family.outputs(cfg))
@@ -122,5 +155,5 @@ def template(cfg: Any) -> dict:
     }
 
 
-def to_json(cfg: Any) -> str:
-    return json.dumps(template(cfg), indent=1, sort_keys=False)
+def to_json(cfg: Any, *, sized: bool = True) -> str:
+    return json.dumps(template(cfg, sized=sized), indent=1, sort_keys=False)

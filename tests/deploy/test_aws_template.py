@@ -8,6 +8,8 @@ moto 5.2.5's CloudFormation keeps these as placeholders (no resource behind them
 lifecycle policy and the group's ``CapacityRebalance``; ``delete_stack`` of a stack that created
 its VPC stops on the VPC (the placeholder instances' interfaces and the gateway stay) and forgets
 the stack; ``detect_stack_drift`` is not implemented. Those are asserted on the template only.
+checkov (``--skip-download``, from its own venv ``.venv-checkov``: ``make checkov``) scans the
+template too; it is required in CI (``FEDYOLO_REQUIRE_CHECKOV``).
 Change sets work in moto on this template (seen 2026-12-03, by hand: CREATE, then UPDATE with
 ``clients.max=6`` listed Modify on both launch templates and the clients' group and applied it).
 """
@@ -103,6 +105,39 @@ def test_least_privilege_holds_on_the_template():
     assert "arn:aws:iam::aws:policy" not in json.dumps(tpl)
 
 
+def _statements(tpl: dict, logical: str) -> dict[str, dict]:
+    [inline] = tpl["Resources"][logical]["Properties"]["Policies"]
+    return {st["Sid"]: st for st in inline["PolicyDocument"]["Statement"]}
+
+
+def test_each_role_reads_only_its_data_prefix_and_the_server_its_state():
+    tpl = template.template(settings())
+    client, server = _statements(tpl, "ClientRole"), _statements(tpl, "ServerRole")
+    s3 = {sid: st for sid, st in client.items() if any(a.startswith("s3:") for a in st["Action"])}
+    assert set(s3) == {"ListSlotData", "ReadSlotData"}  # read-only, nothing else of the bucket
+    assert s3["ReadSlotData"]["Action"] == ["s3:GetObject"]
+    assert sub_text(s3["ReadSlotData"]["Resource"]) == "${StateBucket.Arn}/data/slot-*"
+    assert s3["ListSlotData"]["Condition"] == {"StringLike": {"s3:prefix": ["data/slot-*"]}}
+    assert server["ReadServerData"]["Action"] == ["s3:GetObject"]
+    assert sub_text(server["ReadServerData"]["Resource"]) == "${StateBucket.Arn}/data/server/*"
+    assert sub_text(server["State"]["Resource"]) == "${StateBucket.Arn}/state/*"
+    assert set(server["State"]["Action"]) == {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
+    for st in [*client.values(), *server.values()]:
+        assert "data/server" not in json.dumps(st) or st["Sid"].endswith("ServerData"), st
+
+
+def test_groups_wait_at_zero_until_the_images_exist():
+    cfg = settings()
+    waiting = template.template(cfg, sized=False)["Resources"]
+    sized = template.template(cfg)["Resources"]
+    for logical, want in (("ServerGroup", ("1", "1", "1")), ("ClientGroup", ("1", "2", "4"))):
+        got = [sized[logical]["Properties"][k] for k in ("MinSize", "DesiredCapacity", "MaxSize")]
+        assert tuple(got) == want
+        props = waiting[logical]["Properties"]
+        assert (props["MinSize"], props["DesiredCapacity"]) == ("0", "0")
+        assert props["MaxSize"] == want[2]
+
+
 def test_network_and_instances_are_locked_down():
     for options in ([], ALL_OPTIONS):
         tpl = template.template(settings(*options))
@@ -119,10 +154,13 @@ def test_network_and_instances_are_locked_down():
         assert cidrs == (["203.0.113.7/32"] if options else [])  # operators only if configured
         assert not resources(tpl, "AWS::EC2::SecurityGroupIngress")
         assert "0.0.0.0/0" not in json.dumps(sgs) and "::/0" not in json.dumps(sgs)
-        for lt in resources(tpl, "AWS::EC2::LaunchTemplate").values():
+        for logical, lt in resources(tpl, "AWS::EC2::LaunchTemplate").items():
             data = lt["Properties"]["LaunchTemplateData"]
             assert data["MetadataOptions"]["HttpTokens"] == "required"
-            assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+            # the server's container uses the instance role (S3 state, SSM state key, metrics)
+            # through Docker's bridge: one hop more; no client container may reach it
+            hops = 2 if logical == "ServerLaunchTemplate" else 1
+            assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == hops
             assert all(b["Ebs"]["Encrypted"] for b in data["BlockDeviceMappings"])
             script, values = data["UserData"]["Fn::Base64"]["Fn::Sub"]
             # every ${...} is bash's (escaped ${!...}) but the four CloudFormation fills in
@@ -186,6 +224,13 @@ def test_registries_logs_alarms_budget_and_spot():
         ("budget.monthly_usd=-5", "budget.monthly_usd"),
         ("logs.retention_days=31", "logs.retention_days"),
         ("ecr.keep_images=0", "ecr.keep_images"),
+        ("server.private_ip=10.42.0.10", None),  # inside the first created /24
+        ("server.private_ip=10.42.1.10", "server.private_ip"),  # another subnet
+        ("server.private_ip=10.42.0.2", "server.private_ip"),  # AWS's DNS address
+        ("server.private_ip=10.42.0.255", "server.private_ip"),  # broadcast
+        ("server.private_ip=superlink", "server.private_ip"),
+        ("run.name=Fleet/1", "run.name"),
+        ("run.overrides=[federation.rounds]", "run.overrides[0]"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_its_key(override, key):
@@ -264,7 +309,7 @@ def test_moto_creates_the_stack_from_the_template(aws):
         lt = ec2.describe_launch_template_versions(LaunchTemplateName=f"cfn1-{role}")[
             "LaunchTemplateVersions"
         ][0]["LaunchTemplateData"]
-        assert lt["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+        assert lt["MetadataOptions"]["HttpPutResponseHopLimit"] == (2 if role == "server" else 1)
         script = base64.b64decode(lt["UserData"]).decode()
         assert f'SERVER_IP="{out["ServerPrivateIp"]}"' in script
         assert f'IMAGE="{out[f"{role.capitalize()}RepositoryUri"]}:' in script
@@ -329,3 +374,48 @@ def test_moto_deletes_the_stack_but_keeps_the_state_bucket(aws):
     assert not [r for r in roles if r.startswith("del1-")]
     buckets = [b["Name"] for b in aws.client("s3").list_buckets()["Buckets"]]
     assert f"del1-state-123456789012-{REGION}" in buckets
+
+
+CHECKOV = Path(__file__).resolve().parents[2] / ".venv-checkov" / "bin" / "checkov"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [[], [*ALL_OPTIONS, "server.private_ip=10.42.0.10"], ["clients.spot=false", *REUSED_VPC]],
+    ids=["defaults", "all-options", "on-demand-reused-vpc"],
+)
+def test_checkov_accepts_the_template(options, tmp_path):
+    """checkov in its own venv (its pins are not fedyolo's): every finding is fixed or skipped
+    in the resource's Metadata with a reason (``deploy.aws.cfn.checkov_skip``)."""
+    import os
+    import subprocess
+
+    if not CHECKOV.exists():
+        if os.environ.get("FEDYOLO_REQUIRE_CHECKOV") == "1":
+            pytest.fail(
+                f"checkov is required here (FEDYOLO_REQUIRE_CHECKOV) but {CHECKOV} is absent"
+            )
+        pytest.skip("checkov not installed: `make checkov` (.venv-checkov)")
+    body = tmp_path / "fleet.json"
+    body.write_text(json.dumps(template.template(settings(*options))))
+    done = subprocess.run(
+        [
+            str(CHECKOV),
+            "--skip-download",
+            "-f",
+            str(body),
+            "--framework",
+            "cloudformation",
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = json.loads(done.stdout)
+    failed = [f"{c['check_id']} {c['resource']}" for c in report["results"]["failed_checks"]]
+    assert failed == [] and done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    skipped = {c["check_id"] for c in report["results"]["skipped_checks"]}
+    assert skipped == {"CKV_AWS_18", "CKV_AWS_136", "CKV_AWS_158", "CKV_AWS_26"}
+    assert report["summary"]["passed"] > 40

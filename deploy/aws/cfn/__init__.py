@@ -44,3 +44,8 @@ def title(role: str) -> str:
 def parameter_prefix(cfg: Any, role: str) -> str:
     """Where a role's SSM parameters live; its instances read nothing else (``iam``)."""
     return f"/fedyolo/{name(cfg)}/{role}"
+
+
+def checkov_skip(**reasons: str) -> dict:
+    """A resource's ``Metadata`` that tells checkov which finding is accepted, and why."""
+    return {"checkov": {"skip": [{"id": k, "comment": v} for k, v in reasons.items()]}}

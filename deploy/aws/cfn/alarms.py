@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from deploy.aws import TAG, cloudwatch
-from deploy.aws.cfn import name, ref, sub, tags
+from deploy.aws.cfn import checkov_skip, name, ref, sub, tags
 
 _ALARM_KEYS = (
     "AlarmName",
@@ -40,6 +40,10 @@ def topic(cfg: Any) -> dict:
     out: dict[str, Any] = {
         "AlarmTopic": {
             "Type": "AWS::SNS::Topic",
+            "Metadata": checkov_skip(
+                CKV_AWS_26="alarm names only; CloudWatch cannot publish to a topic encrypted with "
+                "the AWS-managed SNS key, and a customer key costs a monthly fee"
+            ),
             "Properties": {"TopicName": f"{name(cfg)}-alarms", "Tags": tags(cfg)},
         },
         "AlarmTopicPolicy": {  # CloudWatch alarms and AWS Budgets of this account may publish

@@ -5,10 +5,14 @@ with CloudFormation's values in place of the deployment's (the image URI, the Su
 IP and interface, the bucket): ``Fn::Sub`` fills them in, and every shell ``${...}`` of the
 script is escaped as ``${!...}`` so that CloudFormation leaves it to bash.
 
-Instance metadata: IMDSv2 only, hop limit 1, so no container reaches the instance's role
-credentials through the default bridge network. The server's container uses the role today (its
-S3 state sync and CloudWatch round metrics): the boot path must give it the role another way
-(``--network host`` or credentials handed in) before this template replaces ``stack.py``.
+Instance metadata: IMDSv2 only. The clients' hop limit is 1, so no client container reaches the
+instance's role credentials through Docker's bridge network (one hop more). The server's is 2:
+its container needs the server role itself, for the S3 state sync (``deploy.aws.s3state``:
+``state/*`` of the bucket), the SSM state key that signs it, and the CloudWatch round metrics.
+
+Images before instances: ``groups(cfg, sized=False)`` keeps both groups at 0 (min and desired)
+until the deployment's images exist (``deploy.aws.stack.images_ready``); ``fedyolo deploy aws
+push`` then sets them to their configured sizes.
 """
 
 from __future__ import annotations
@@ -68,6 +72,12 @@ def user_data(cfg: Any, role: str) -> dict:
     return {"Fn::Base64": {"Fn::Sub": [text, values]}}
 
 
+def hop_limit(role: str) -> int:
+    """IMDS hops: the server's container uses the instance role (S3 state, SSM state key,
+    CloudWatch metrics) from Docker's bridge network, one hop more; a client's never does."""
+    return 2 if role == "server" else 1
+
+
 def launch_templates(cfg: Any) -> dict:
     out = {}
     for role in ("server", "client"):
@@ -84,7 +94,7 @@ def launch_templates(cfg: Any) -> dict:
                     "IamInstanceProfile": {"Arn": att(f"{title(role)}Profile", "Arn")},
                     "MetadataOptions": {
                         "HttpTokens": "required",
-                        "HttpPutResponseHopLimit": 1,
+                        "HttpPutResponseHopLimit": hop_limit(role),
                         "HttpEndpoint": "enabled",
                     },
                     "BlockDeviceMappings": [
@@ -114,10 +124,21 @@ def _group_tags(cfg: Any, role: str) -> list[dict]:
     return [{**t, "PropagateAtLaunch": True} for t in tags(cfg, role=role)]
 
 
-def groups(cfg: Any) -> dict:
+def sizes(cfg: Any, sized: bool) -> dict[str, tuple[int, int, int]]:
+    """(min, desired, max) per group: the configured sizes, or 0 while no image exists to boot.
+    Desired clients = the data holders (one per key slot, ``clients.max`` slots); no scaling
+    policy: a replaced client (spot, health) is the group's, and rejoins on a free slot."""
+    c = cfg.clients
+    if not sized:
+        return {"server": (0, 0, 1), "client": (0, 0, int(c.max))}
+    return {"server": (1, 1, 1), "client": (int(c.min), int(c.desired), int(c.max))}
+
+
+def groups(cfg: Any, sized: bool = True) -> dict:
     """The server's group of one (in its interface's subnet) and the clients' group: at most one
     client per key slot (``clients.max``); spot above ``on_demand_base`` over several types."""
     c, n = cfg.clients, name(cfg)
+    size = sizes(cfg, sized)
     after = ["DefaultRoute"] if created(cfg) else []
     template = {
         role: {
@@ -128,9 +149,9 @@ def groups(cfg: Any) -> dict:
     }
     clients: dict[str, Any] = {
         "AutoScalingGroupName": f"{n}-clients",
-        "MinSize": str(int(c.min)),
-        "MaxSize": str(int(c.max)),
-        "DesiredCapacity": str(int(c.desired)),
+        "MinSize": str(size["client"][0]),
+        "MaxSize": str(size["client"][2]),
+        "DesiredCapacity": str(size["client"][1]),
         "VPCZoneIdentifier": subnet_ids(cfg),
         "HealthCheckType": "EC2",
         "HealthCheckGracePeriod": 300,
@@ -158,9 +179,9 @@ def groups(cfg: Any) -> dict:
             "DependsOn": after,
             "Properties": {
                 "AutoScalingGroupName": f"{n}-server",
-                "MinSize": "1",
-                "MaxSize": "1",
-                "DesiredCapacity": "1",
+                "MinSize": str(size["server"][0]),
+                "MaxSize": str(size["server"][2]),
+                "DesiredCapacity": str(size["server"][1]),
                 "LaunchTemplate": template["server"],
                 "VPCZoneIdentifier": subnet_ids(cfg)[:1],
                 "HealthCheckType": "EC2",

@@ -93,9 +93,31 @@ def _common(cfg: Any, role: str) -> list[dict]:
     ]
 
 
+DATA = "data"  # s3://<bucket>/data/slot-<i>/ per client slot, data/server/ for the server
+
+
+def _read_prefix(sid: str, prefix: str) -> list[dict]:
+    """Read-only on ``prefix`` of the state bucket: list it, get its objects."""
+    return [
+        {
+            "Sid": f"List{sid}",
+            "Effect": "Allow",
+            "Action": ["s3:ListBucket"],
+            "Resource": att("StateBucket", "Arn"),
+            "Condition": {"StringLike": {"s3:prefix": [f"{prefix}*"]}},
+        },
+        {
+            "Sid": f"Read{sid}",
+            "Effect": "Allow",
+            "Action": ["s3:GetObject"],
+            "Resource": sub(f"${{StateBucket.Arn}}/{prefix}*"),
+        },
+    ]
+
+
 def _server(cfg: Any) -> list[dict]:
     prefix = str(cfg.state_prefix).strip("/")
-    return [
+    return _read_prefix("ServerData", f"{DATA}/server/") + [
         {
             "Sid": "ListState",
             "Effect": "Allow",
@@ -130,7 +152,9 @@ def _server(cfg: Any) -> list[dict]:
 
 
 def _client(cfg: Any) -> list[dict]:
-    return [
+    """A client claims its slot at boot, so it may read every slot's data (read-only): the
+    boot script syncs only ``data/slot-<its slot>/``."""
+    return _read_prefix("SlotData", f"{DATA}/slot-") + [
         {  # a client claims a key slot: a parameter it creates, never overwrites (user data)
             "Sid": "ClaimSlot",
             "Effect": "Allow",

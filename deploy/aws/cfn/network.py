@@ -133,17 +133,22 @@ def server_interface(cfg: Any) -> dict:
     """A fixed private IP that a replacement server instance attaches: the clients' address and
     the SuperLink certificate's name survive the instance."""
     n = name(cfg)
-    return {
-        "ServerInterface": {
-            "Type": "AWS::EC2::NetworkInterface",
-            "Properties": {
-                "SubnetId": subnet_ids(cfg)[0],
-                "GroupSet": [ref("ServerSecurityGroup")],
-                "Description": f"fedyolo {n}: the SuperLink's fixed address",
-                "Tags": tags(cfg, Name=f"{n}-superlink"),
-            },
-        }
+    props: dict[str, Any] = {
+        "SubnetId": subnet_ids(cfg)[0],
+        "GroupSet": [ref("ServerSecurityGroup")],
+        "Description": f"fedyolo {n}: the SuperLink's fixed address",
+        "Tags": tags(cfg, Name=f"{n}-superlink"),
     }
+    if cfg.server.private_ip:  # null: AWS picks one in the subnet
+        props["PrivateIpAddress"] = str(cfg.server.private_ip)
+    return {"ServerInterface": {"Type": "AWS::EC2::NetworkInterface", "Properties": props}}
+
+
+def first_subnet(cfg: Any) -> ipaddress.IPv4Network | None:
+    """The CIDR of the subnet that holds the SuperLink's interface, if the template makes it."""
+    if not created(cfg):
+        return None
+    return next(ipaddress.ip_network(str(cfg.vpc.cidr)).subnets(new_prefix=24))
 
 
 def outputs(cfg: Any) -> dict:
