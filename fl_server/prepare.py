@@ -20,6 +20,7 @@ from fl_server import config as config_mod
 from fl_server.data import (
     CLASSES,
     DataError,
+    Partition,
     check_dataset,
     generate,
     load_dataset,
@@ -166,6 +167,11 @@ def is_fedyolo_run(path: Path) -> bool:
     return isinstance(manifest, dict) and {"run", "created", "packages", "data"} <= set(manifest)
 
 
+# data.partition=none: the clients bring their own data (node config data-path, as a fleet's
+# instances do); data.path is the server's held-out set, all of it, and the run directory holds
+# only data/server_val (docs/how-to/fleet-data.md).
+HELD_OUT_ONLY = "none"
+
 TEACHER = RunDir.TEACHER  # a distillation run's copy of its teacher (fl_client.distill)
 
 
@@ -184,9 +190,26 @@ def _check_teacher(cfg: DictConfig, names: list[str]) -> None:
 
 def _checked_data(cfg: DictConfig, repaired: Path):
     """The dataset loaded, checked (repaired label copies in ``repaired``) and partitioned."""
+    held_out_only = str(cfg.data.partition) == HELD_OUT_ONLY
+    if held_out_only and not cfg.data.path:
+        raise config_mod.ConfigError(
+            "config: data.partition=none (the clients bring their own data) needs data.path: "
+            "the server's held-out set, e.g. the server_val/ folder of `fedyolo data partition`"
+        )
     source = Path(str(cfg.data.path)).expanduser() if cfg.data.path else synth_dataset(cfg)
     ds = load_dataset(source, cache_dir=Path(str(cfg.data.cache_dir)).expanduser())
     report = check_dataset(ds, work_dir=repaired, repair=True)
+    if held_out_only:  # every usable image is the server's; no client shard is written
+        if not report.usable:
+            raise DataError(f"data.path={source}: no usable image for the held-out set")
+        part = Partition(
+            server_val=list(report.usable),
+            clients=[],
+            method=HELD_OUT_ONLY,
+            alpha=0.0,
+            seed=int(cfg.seed),
+        )
+        return source, ds, report, part
     part = partition(
         report.usable,
         int(cfg.federation.clients),
@@ -239,6 +262,8 @@ def _write_run(cfg, run: RunDir, source: Path, ds, report, part, repaired: Path)
                 "names": list(ds.names),
                 "data_version": part_manifest["data_version"],
                 "partition": str(cfg.data.partition),
+                # true: the clients bring their own data; no client shard was written
+                "clients_own_data": str(cfg.data.partition) == HELD_OUT_ONLY,
                 "server_val_images": part_manifest["server_val"]["images"],
                 "clients": [
                     {

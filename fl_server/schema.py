@@ -116,7 +116,10 @@ class SynthConfig(Checked):
 class DataConfig(Checked):
     KEY: ClassVar[str] = "data."
     path: Optional[str] = MISSING  # noqa: UP045 (OmegaConf reads Optional, not X | None, on 3.11)
-    partition: str = rule("iid, dirichlet or domain", one_of("iid", "dirichlet", "domain"))
+    partition: str = rule(
+        "iid, dirichlet, domain or none (the clients bring their own data)",
+        one_of("iid", "dirichlet", "domain", "none"),
+    )
     alpha: float = rule("a number > 0", lambda v: _num(v) and v > 0)
     server_val_fraction: float = rule("a number in (0, 0.5]", between(0, 0.5, low_in=False))
     client_val_fraction: float = rule("a number in (0, 0.5]", between(0, 0.5, low_in=False))
@@ -213,10 +216,21 @@ class ComposeEngine(EngineConfig):
     warm_worker: bool = rule(*BOOL)
 
 
+@dataclass
+class SuperlinkEngine(EngineConfig):
+    address: str = rule("host:port of a running SuperLink", lambda v: ":" in str(v))
+    # paths: "" (the defaults) is refused in one line by the engine when it starts
+    root_ca: str = rule("the path of the SuperLink's CA certificate", lambda v: isinstance(v, str))
+    public_keys: str = rule("a folder of *.pub node public keys", lambda v: isinstance(v, str))
+    startup_timeout: float = rule("a number of seconds > 0", lambda v: _num(v) and v > 0)
+    app: str = rule("a folder with fedyolo's pyproject.toml, or ''", lambda v: isinstance(v, str))
+
+
 ENGINES: dict[str, type[EngineConfig]] = {
     "simulation": SimulationEngine,
     "local-deployment": LocalDeploymentEngine,
     "compose": ComposeEngine,
+    "superlink": SuperlinkEngine,
 }
 
 
