@@ -361,6 +361,13 @@ def up(cfg, sess=None) -> dict:
         )
     ready = images_ready(ctx)
     had_keys = exists and _has_keys(ctx)
+    if exists and not ready and _live_sized(ctx):  # never 0 because a new version is unpushed
+        LOGGER.warning(
+            "%s: no image of this fedyolo version in ECR: the groups keep their sizes, but a "
+            "new instance would pull nothing; run `fedyolo deploy aws push`",
+            ctx.stack,
+        )
+        ready = True
     first = _deploy(ctx, sized=ready and had_keys)
     keys = secrets.write(
         ctx.client("ssm"), ctx.name, int(cfg.clients.max), server_ip(ctx), ctx.tags()
@@ -376,6 +383,14 @@ def up(cfg, sess=None) -> dict:
         "images_ready": ready,
         "parameters": {"created": len(keys["created"]), "kept": len(keys["kept"])},
     }
+
+
+def _live_sized(ctx: Context) -> bool:
+    """True once the server's group has its size (``release`` or a sized template)."""
+    got = ctx.client("autoscaling").describe_auto_scaling_groups(
+        AutoScalingGroupNames=[ctx.group("server")]
+    )["AutoScalingGroups"]
+    return bool(got) and got[0]["MinSize"] >= 1
 
 
 def _has_keys(ctx: Context) -> bool:
