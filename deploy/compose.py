@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -462,34 +463,49 @@ RESUMES = 3  # SuperLink restarts one run survives by resuming itself
 
 
 def _submit_and_follow(project, group, run_dir, env, stop, following, e) -> None:
-    """``flwr run`` and follow it to its end. If the SuperLink container restarts mid-run (its
-    ServerApp, a subprocess, dies with it; its database and the SuperNodes live on), the run
-    is resubmitted as ``resume=`` of its own directory: it goes on from its last finished round,
-    nothing lost or counted twice (``fl_server.state``); a ``resume`` event records it."""
-    started = project.started_at(SUPERLINK)
+    """``flwr run`` followed to its end, resubmitted after a SuperLink container restart
+    (seen in the container's start time; ``submit_and_follow``)."""
+    started = [project.started_at(SUPERLINK)]
+
+    def restarted() -> bool:
+        # `flwr run` may end before Docker has restarted the container: wait for it
+        now = _restarted(project, started[0], wait=min(60.0, float(e.startup_timeout)))
+        if now:
+            started[0] = now
+            project.wait_healthy(SUPERLINK, float(e.startup_timeout))
+        return bool(now)
+
+    submit_and_follow(group, run_dir, env, stop, following, restarted, flwr_run_args(run_dir))
+
+
+def submit_and_follow(
+    group, run_dir, env, stop, following, restarted: Callable[[], bool], submit: list[str]
+) -> None:
+    """``flwr run`` (``submit``: its command) and follow it to its end. If the SuperLink
+    restarts mid-run (its ServerApp, a subprocess, dies with it; its database and the
+    SuperNodes live on), ``flwr run`` ends while the run is ``running``; when ``restarted()``
+    (it waits for the SuperLink to be back) says so, the run is resubmitted as ``resume=`` of
+    its own directory: it goes on from its last finished round, nothing lost or counted twice
+    (``fl_server.state``); a ``resume`` event records it. At most ``RESUMES`` times."""
     for attempt in range(RESUMES + 1):
         before = len(RunDir(run_dir).read_events())
-        runner = group.start("flwr-run", flwr_run_args(run_dir), env)
+        runner = group.start("flwr-run", submit, env)
         following.set()
         try:
             follow(runner, run_dir, before, stop)
             return
         except RuntimeError:
-            # `flwr run` may end before Docker has restarted the container: wait for it
             if stop.is_set() or attempt == RESUMES or _status(run_dir) != Status.RUNNING:
                 raise
-            now = _restarted(project, started, wait=min(60.0, float(e.startup_timeout)))
-            if not now:
+            if not restarted():
                 raise
-            started = now
         LOGGER.warning(
-            "the SuperLink container restarted mid-run: the run resumes from its last finished "
-            "round (%d of %d resumes)",
+            "the SuperLink restarted mid-run: the run resumes from its last finished round "
+            "(%d of %d resumes)",
             attempt + 1,
             RESUMES,
         )
         runner.wait(timeout=30)
-        project.wait_healthy(SUPERLINK, float(e.startup_timeout))
         _resume_config(run_dir)
 
 

@@ -51,10 +51,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen) -> None:
+def wait_for_port(
+    host: str, port: int, timeout: float, proc: subprocess.Popen | None = None
+) -> None:
+    """Wait until ``host:port`` accepts a connection; ``proc``: the process that should listen
+    there (None: one this process did not start, e.g. an existing SuperLink)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} at start-up")
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
             return
@@ -490,12 +494,13 @@ def make_security(folder: Path, hosts: list[str], nodes: list[str], insecure: bo
     )
 
 
-def flwr_run_args(run_dir: Path) -> list[str]:
-    """``flwr run`` of this project on the deployment's SuperLink, for the prepared run."""
+def flwr_run_args(run_dir: Path, app: Path = PROJECT_ROOT) -> list[str]:
+    """``flwr run`` of this project (``app``: its source folder, with ``pyproject.toml``) on the
+    deployment's SuperLink, for the prepared run."""
     return [
         _bin("flwr"),
         "run",
-        str(PROJECT_ROOT),
+        str(app),
         FEDERATION,
         "--run-config",
         # a TOML basic string (JSON's escaping is TOML's): no quote in a path can end the value
