@@ -18,11 +18,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The AWS CLI the EC2 boot script calls, for `fedyolo deploy aws rehearse` (its own venv: awscli
+# pins a botocore other than boto3's).
+AWS_CLI := .venv-aws/bin/aws
+$(AWS_CLI):
+	$(PYTHON) -m venv .venv-aws
+	.venv-aws/bin/python -m pip install --quiet "awscli==1.45.11"
+
 demo: $(STAMP)
 	$(BIN)/fedyolo run name=demo output.overwrite=true
 
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
-test: $(STAMP)
+test: $(STAMP) $(AWS_CLI)
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -37,9 +37,15 @@ def deploy_command(parser: argparse.ArgumentParser) -> None:
         "aws", help="EC2 Auto Scaling deployment (configs/deploy/aws.yaml: key=value)"
     )
     aws.add_argument(
-        "action", choices=["plan", "up", "push", "status", "scale", "down", "template"]
+        "action",
+        choices=["plan", "up", "push", "status", "scale", "down", "template", "data", "rehearse"],
     )
-    aws.add_argument("items", nargs="*", help="scale: the client count first; then key=value")
+    aws.add_argument(
+        "items",
+        nargs="*",
+        help="scale: the client count first; data: upload <partition folder>; rehearse: "
+        "out=DIR rounds=N ...; then key=value",
+    )
     aws.add_argument(
         "--delete-state",
         action="store_true",
@@ -90,6 +96,12 @@ def _aws(args: argparse.Namespace) -> ExitCode:
         if not items or not items[0].isdigit():
             raise AwsError("deploy aws scale: give the number of clients first, e.g. scale 4")
         count, items = int(items[0]), items[1:]
+    if args.action == "data":
+        return _data(items)
+    if args.action == "rehearse":  # the boot path on this machine (deploy.aws.rehearse)
+        from deploy.aws import rehearse
+
+        return rehearse.command(items)
     cfg = stack.load_settings(items)
     if args.action == "plan":
         _plan(cfg)
@@ -115,6 +127,21 @@ def _aws(args: argparse.Namespace) -> ExitCode:
         print(json.dumps(stack.status(cfg), indent=1, default=str))
     else:
         return _down(cfg, args.delete_state)
+    return ExitCode.OK
+
+
+def _data(items: list[str]) -> ExitCode:
+    """``deploy aws data upload <partition folder> [key=value ...]`` (``deploy.aws.data``)."""
+    from deploy.aws import data
+
+    if len(items) < 2 or items[0] != "upload" or "=" in items[1]:
+        raise AwsError("deploy aws data: give `upload <partition folder>`, then key=value")
+    cfg = stack.load_settings(items[2:])
+    for r in data.upload(cfg, Path(items[1])):
+        print(
+            f"{r['prefix']}: {r['files']} files, {r['uploaded']} uploaded, "
+            f"{r['unchanged']} unchanged, {r['deleted']} deleted"
+        )
     return ExitCode.OK
 
 

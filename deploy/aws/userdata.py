@@ -9,6 +9,7 @@ key slot as its partition id. ``tests/deploy/test_aws.py`` compares the two and 
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,27 @@ CLIENT_ARGS = [
 ]
 
 
+# the server's driver container (userdata.sh): `fedyolo run <fresh or resume=...>` then these,
+# submitting to the SuperLink it shares a network with (deploy/superlink.py, engine=superlink)
+DRIVER_ARGS = [
+    "engine=superlink",
+    "engine.address=127.0.0.1:${FLEET_PORT}",  # the published port, on the host's network
+    "engine.root_ca=/secrets/ca.crt",
+    "engine.public_keys=/keys",
+    "engine.app=/opt/fedyolo/app",  # the Flower app flwr run packs (Dockerfile.server)
+]
+RUNS = "/var/lib/fedyolo/runs"  # the run directory's folder, the same in both server containers
+SERVER_DATA = (
+    "/var/lib/fedyolo/data/server"  # the held-out set, synced from s3://<bucket>/data/server/
+)
+UNSAFE = ('"', "$", "`", "\\", "\n", "\r", "'")
+
+
+def _listed(args: list[str]) -> str:
+    """Words of a bash array, one per line, each single-quoted (nothing in them expands)."""
+    return "\n".join("      " + shlex.quote(a) for a in args)
+
+
 def _continued(args: list[str]) -> str:
     """Arguments as the tail of a ``docker run`` line: one per line, double-quoted (the
     variables expand, the quotes inside stay literal)."""
@@ -44,40 +66,12 @@ def _continued(args: list[str]) -> str:
     return " \\\n".join(quoted)
 
 
-def image_uri(ctx: Any, role: str) -> str:
-    """The image a ``role`` instance pulls: the configured one, or the deployment's ECR
-    repository at this fedyolo's version."""
-    from importlib.metadata import version
-
-    given = ctx.cfg.images[role]
-    return str(given) if given else f"{ctx.ids[f'{role}-repo']}:{version('fedyolo')}"
-
-
-def server_ip(ctx: Any) -> str:
-    """The SuperLink's private address (its fixed network interface)."""
-    ec2 = ctx.client("ec2")
-    eni = ec2.describe_network_interfaces(NetworkInterfaceIds=[ctx.ids["superlink"]])
-    return eni["NetworkInterfaces"][0]["PrivateIpAddress"]
-
-
-def render(ctx: Any, role: str) -> str:
-    """The boot script of a ``role`` instance (``ctx``: ``deploy.aws.stack.Context``)."""
-    return render_values(
-        ctx.cfg,
-        role,
-        name=ctx.name,
-        image=image_uri(ctx, role),
-        server_ip=server_ip(ctx),
-        interface=str(ctx.ids["superlink"]),
-        state_url=f"s3://{ctx.bucket}/{str(ctx.cfg.state_prefix).strip('/')}",
-    )
-
-
 def render_values(
     cfg: Any, role: str, *, name: str, image: str, server_ip: str, interface: str, state_url: str
 ) -> str:
-    """The boot script of a ``role`` instance from known values: the deployment's own (``render``)
-    or CloudFormation's placeholders (``deploy.aws.cfn.compute``)."""
+    """The user data of a ``role`` instance from known values: the deployment's own (``render``)
+    or CloudFormation's placeholders (``deploy.aws.cfn.compute``). A value that could end a
+    quoted string or the boot script's here-document is refused in one line."""
     values = {
         "__NAME__": name,
         "__REGION__": str(cfg.region),
@@ -88,15 +82,64 @@ def render_values(
         "__FLEET_PORT__": str(int(cfg.ports.fleet)),
         "__SLOTS__": str(int(cfg.clients.max)),
         "__DATA_PATH__": str(cfg.clients.data_path),
+        "__RUN_NAME__": run_name(cfg),
         "__STATE_URL__": state_url,
+    }
+    for key, value in values.items():
+        if any(c in value for c in UNSAFE):
+            raise ValueError(f"user data: {key.strip('_').lower()}={value!r} is unsafe")
+    values |= {
         "__SERVER_ARGS__": _continued(SERVER_ARGS),
         "__CLIENT_ARGS__": _continued(CLIENT_ARGS),
+        "__DRIVER_ARGS__": _continued(DRIVER_ARGS),
+        "__RUN_ARGS__": _listed(run_args(cfg)),
     }
-    text = TEMPLATE.read_text()
+    text = _one_role(TEMPLATE.read_text(), role)
     for key, value in values.items():
-        if key not in ("__SERVER_ARGS__", "__CLIENT_ARGS__") and (
-            '"' in value or "$" in value or "`" in value or "\\" in value
-        ):
-            raise ValueError(f"user data: {key.strip('_').lower()}={shlex.quote(value)} is unsafe")
         text = text.replace(key, value)
     return text
+
+
+IF_SERVER = 'if [ "${ROLE}" = server ]; then\n'
+ELSE_CLIENT = "else # @client: rendered for one role only (userdata.py)\n"
+END = "fi # @end\n"
+
+
+def _one_role(text: str, role: str) -> str:
+    """The boot script's branch for ``role`` only: a launch template holds at most 16 KB of
+    user data, and CloudFormation a template body of 51,200 bytes."""
+    head, rest = text.split(IF_SERVER, 1)
+    server, rest = rest.split(ELSE_CLIENT, 1)
+    client, tail = rest.split(END, 1)
+    if role == "server":
+        return head + IF_SERVER + server + "fi\n" + tail
+    return head + client + tail
+
+
+def run_name(cfg: Any) -> str:
+    """The federation's run name (``run.name``): a file name and an S3 key part."""
+    value = str(cfg.get("run", {}).get("name") or "fleet")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ValueError(f"user data: run.name={shlex.quote(value)}: letters, digits, . _ - only")
+    return value
+
+
+def run_args(cfg: Any) -> list[str]:
+    """``fedyolo run``'s overrides of a fresh run on the server instance: the deployment's
+    (its name, the slots, the held-out set the instance synced, the hooks that keep its state
+    in S3 and its rounds in CloudWatch), then the user's ``run.overrides``."""
+    user = [str(o) for o in (cfg.get("run", {}).get("overrides") or [])]
+    for o in user:
+        if "\n" in o or "\r" in o or "\0" in o:
+            raise ValueError(f"user data: run.overrides: {o!r} spans lines")
+    return [
+        f"name={run_name(cfg)}",
+        f"output.dir={RUNS}",
+        "output.overwrite=true",  # only when S3 holds no copy: no round had finished
+        f"data.cache_dir={RUNS}/.cache",
+        f"federation.clients={int(cfg.clients.max)}",
+        f"data.path={SERVER_DATA}/data.yaml",
+        "data.partition=none",  # the clients bring their own data (their slot's shard)
+        "hooks=[deploy.aws.s3state:StateSync,deploy.aws.cloudwatch:RoundMetrics]",
+        *user,
+    ]
