@@ -40,7 +40,12 @@ REUSED_VPC = [
     "vpc.subnets=[subnet-0123456789abcdef0,subnet-0123456789abcdef1]",
 ]
 # actions AWS offers no resource level for (the only ones allowed on Resource "*")
-NO_RESOURCE_LEVEL = {"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"}
+NO_RESOURCE_LEVEL = {
+    "ecr:GetAuthorizationToken",
+    "cloudwatch:PutMetricData",
+    "ec2:DescribeNetworkInterfaces",  # the server waits for its fixed interface
+    "ec2:DescribeInstances",  # a client takes over a slot whose holder is gone
+}
 
 
 def settings(*more: str, name: str = "tpl"):

@@ -69,7 +69,8 @@ def _common(cfg: Any, role: str) -> list[dict]:
         {
             "Sid": "WriteOwnLogs",
             "Effect": "Allow",
-            "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+            # the awslogs driver and the CloudWatch agent (the boot log)
+            "Action": ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
             "Resource": sub(f"{ARN}:logs:{ACCOUNT}:log-group:/fedyolo/{name(cfg)}:*"),
         },
         {
@@ -138,6 +139,12 @@ def _server(cfg: Any) -> list[dict]:
             "Resource": "*",
             "Condition": {"StringEquals": {"cloudwatch:namespace": NAMESPACE}},
         },
+        {  # the boot script waits for the fixed interface to be free (no resource level)
+            "Sid": "SeeFixedInterface",
+            "Effect": "Allow",
+            "Action": ["ec2:DescribeNetworkInterfaces"],
+            "Resource": "*",
+        },
         {
             "Sid": "AttachFixedInterface",
             "Effect": "Allow",
@@ -155,12 +162,18 @@ def _client(cfg: Any) -> list[dict]:
     """A client claims its slot at boot, so it may read every slot's data (read-only): the
     boot script syncs only ``data/slot-<its slot>/``."""
     return _read_prefix("SlotData", f"{DATA}/slot-") + [
-        {  # a client claims a key slot: a parameter it creates, never overwrites (user data)
+        {  # a client claims a key slot: a parameter it creates (user data)
             "Sid": "ClaimSlot",
             "Effect": "Allow",
             "Action": ["ssm:PutParameter", "ssm:DeleteParameter"],
             "Resource": parameter_arn(cfg, "client", "claims/*"),
-        }
+        },
+        {  # ...and takes over a slot whose holder is gone (no resource level)
+            "Sid": "SeeClaimHolders",
+            "Effect": "Allow",
+            "Action": ["ec2:DescribeInstances"],
+            "Resource": "*",
+        },
     ]
 
 
