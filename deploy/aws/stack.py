@@ -251,11 +251,48 @@ def live_counts(ctx: Context) -> dict[str, int] | None:
     return {r: int(by_name.get(ctx.group(r), 0)) for r in ROLES}
 
 
+def instance_types(cfg: Any) -> dict[str, str]:
+    """Each instance type the stack launches, with the setting that names it."""
+    c = cfg.clients
+    types = {str(cfg.server.instance_type): "server.instance_type"}
+    types.setdefault(str(c.instance_type), "clients.instance_type")
+    if c.spot:
+        for t in c.spot_types:
+            types.setdefault(str(t), "clients.spot_types")
+    return types
+
+
+def preflight(ctx: Context, verb: str) -> None:
+    """What CloudFormation would fail on half-way, refused first in one line: an instance type
+    the region does not offer, a state bucket name that another account holds."""
+    from botocore.exceptions import ClientError
+
+    types = instance_types(ctx.cfg)
+    got = ctx.client("ec2").describe_instance_type_offerings(
+        LocationType="region", Filters=[{"Name": "instance-type", "Values": sorted(types)}]
+    )["InstanceTypeOfferings"]
+    missing = sorted(set(types) - {o["InstanceType"] for o in got})
+    if missing:
+        named = ", ".join(f"{types[t]}={t}" for t in missing)
+        raise AwsError(f"deploy aws {verb}: {named}: not offered in region {ctx.cfg.region}")
+    try:
+        ctx.client("s3").head_bucket(Bucket=ctx.bucket, ExpectedBucketOwner=ctx.account)
+    except ClientError as e:
+        if _code(e) in ("403", "AccessDenied"):  # exists, and is not this account's
+            raise AwsError(
+                f"deploy aws {verb}: the state bucket name {ctx.bucket} belongs to another "
+                "account (or denies this one): pick another name="
+            ) from None
+        if _code(e) not in ("404", "NoSuchBucket", "NotFound"):
+            raise
+
+
 def plan(cfg, sess=None) -> dict:
     """What ``up`` would change, and what the stack costs; changes nothing."""
     from deploy.aws import costs
 
     ctx = Context(cfg, sess or session())
+    preflight(ctx, "plan")
     exists = describe(ctx) is not None
     sized = images_ready(ctx)
     name, changes, create = _change_set(ctx, _body(ctx, sized))
@@ -352,6 +389,7 @@ def up(cfg, sess=None) -> dict:
     from deploy.aws import secrets
 
     ctx = Context(cfg, sess or session())
+    preflight(ctx, "up")
     exists = describe(ctx) is not None
     if not exists and _bucket_exists(ctx):  # CloudFormation would fail on it, half-way
         raise AwsError(
@@ -466,7 +504,7 @@ def _bucket_exists(ctx: Context) -> bool:
     from botocore.exceptions import ClientError
 
     try:
-        ctx.client("s3").head_bucket(Bucket=ctx.bucket)
+        ctx.client("s3").head_bucket(Bucket=ctx.bucket, ExpectedBucketOwner=ctx.account)
     except ClientError:
         return False
     return True

@@ -208,6 +208,43 @@ def test_a_failed_up_names_the_resource_and_changes_nothing(aws, capsys):
     ]  # no key written for a stack that failed
 
 
+def test_an_instance_type_the_region_lacks_is_one_line_and_nothing_is_made(aws, capsys):
+    from fl_server.cli import main
+
+    vpc = own_vpc(aws, "10.13.0.0/16")
+    for verb in ("plan", "up"):
+        args = ["deploy", "aws", verb, "name=notype", f"region={REGION}", "ami=ami-1", *vpc]
+        assert main([*args, "clients.spot_types=[c5.xlarge,zz9.huge]"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0, err
+        assert "clients.spot_types=zz9.huge" in err and "not offered in region" in err, err
+        assert "c5.xlarge" not in err  # the region has it
+    assert stack.describe(stack.Context(settings("notype"), aws)) is None
+    assert not aws.client("ssm").get_parameters_by_path(Path="/fedyolo/notype/", Recursive=True)[
+        "Parameters"
+    ]
+
+
+def test_a_state_bucket_name_held_by_another_account_is_refused_before_anything(aws):
+    """moto answers ``head_bucket`` whatever ``ExpectedBucketOwner`` says, so S3's answer for a
+    bucket of another account (403) is stubbed here, on the real client (botocore's Stubber):
+    the only stand-in of this file."""
+    from botocore.stub import Stubber
+
+    ctx = stack.Context(settings("squat"), aws)
+    s3 = aws.client("s3", region_name=REGION)
+    stub = Stubber(s3)
+    stub.add_client_error("head_bucket", "403", http_status_code=403)
+    real = ctx.client
+    ctx.client = lambda service, **kw: s3 if service == "s3" else real(service, **kw)
+    with stub, pytest.raises(AwsError) as e:
+        stack.preflight(ctx, "up")
+    assert "belongs to another account" in str(e.value) and ctx.bucket in str(e.value)
+    stub.add_client_error("head_bucket", "404", http_status_code=404)  # no such bucket: fine
+    with stub:
+        stack.preflight(ctx, "up")
+
+
 def test_cloudformations_rollback_names_the_first_failed_resource():
     """The events ``up`` reads after a failed change set (newest first, as
     ``describe_stack_events`` lists them; moto never rolls back, so they are written here)."""
