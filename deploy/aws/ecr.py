@@ -75,6 +75,17 @@ def image_uri(ctx: Any, role: str) -> str:
     return f"{got['repositories'][0]['repositoryUri']}:{version('fedyolo')}"
 
 
+DOCKER_ARCH = {"amd64": "x86_64", "arm64": "arm64"}  # an image's Architecture -> EC2's
+PLATFORM = {"x86_64": "amd64", "arm64": "arm64"}
+
+
+def local_tag(role: str, arch: str) -> str:
+    """The local image ``push`` sends for ``role`` on ``arch`` (``fedyolo deploy images``)."""
+    from deploy.images import default_tag
+
+    return default_tag(role) + ("" if arch == "x86_64" else f"-{PLATFORM[arch]}")
+
+
 def push(
     cfg: Any,
     sess: Any = None,
@@ -86,9 +97,11 @@ def push(
     """Push both roles' images; one row per role (``pushed`` with its digest, or ``exists``),
     then one per group that got its size or an instance refresh (``release``)."""
     from deploy.aws import stack
-    from deploy.images import ROLES, default_tag
+    from deploy.aws.cfn.compute import client_arch
+    from deploy.images import ROLES
 
     ctx = stack.Context(cfg, sess or stack.session())
+    arch = {"server": "x86_64", "client": client_arch(cfg)}
     targets = {role: image_uri(ctx, role) for role in ROLES}
     if docker_client is None:
         import docker
@@ -103,7 +116,7 @@ def push(
     auth = None
     rows = []
     for role in ROLES:
-        src = (local or {}).get(role) or default_tag(role)
+        src = (local or {}).get(role) or local_tag(role, arch[role])
         target = targets[role]
         repo, tag = split_reference(target)
         ecr = ".dkr.ecr." in repo.split("/", 1)[0]
@@ -113,6 +126,13 @@ def push(
             raise AwsError(
                 f"deploy aws push: no local image {src}; build it with `fedyolo deploy images`"
             ) from e
+        got = DOCKER_ARCH.get(image.attrs.get("Architecture", ""), image.attrs.get("Architecture"))
+        if got != arch[role]:
+            key = "clients.arch" if role == "client" else "the server's instances"
+            raise AwsError(
+                f"deploy aws push: {src} is a {got} image, {key} is {arch[role]}: build it with "
+                f"`fedyolo deploy images --platform linux/{PLATFORM[arch[role]]}`"
+            )
         if ecr and _tag_in_ecr(ctx, repo, tag):
             LOGGER.info("%s is already in ECR (immutable tags): not pushed", target)
             rows.append({"role": role, "image": src, "target": target, "action": "exists"})

@@ -251,30 +251,47 @@ def live_counts(ctx: Context) -> dict[str, int] | None:
     return {r: int(by_name.get(ctx.group(r), 0)) for r in ROLES}
 
 
-def instance_types(cfg: Any) -> dict[str, str]:
-    """Each instance type the stack launches, with the setting that names it."""
-    c = cfg.clients
-    types = {str(cfg.server.instance_type): "server.instance_type"}
-    types.setdefault(str(c.instance_type), "clients.instance_type")
+def instance_types(cfg: Any) -> dict[str, tuple[str, str]]:
+    """Each instance type the stack launches: the setting that names it, the arch it needs
+    (the server image is x86_64; the clients' is ``clients.arch``)."""
+    from deploy.aws.cfn.compute import client_arch
+
+    c, arch = cfg.clients, client_arch(cfg)
+    types = {str(cfg.server.instance_type): ("server.instance_type", "x86_64")}
+    types.setdefault(str(c.instance_type), ("clients.instance_type", arch))
     if c.spot:
         for t in c.spot_types:
-            types.setdefault(str(t), "clients.spot_types")
+            types.setdefault(str(t), ("clients.spot_types", arch))
     return types
 
 
 def preflight(ctx: Context, verb: str) -> None:
-    """What CloudFormation would fail on half-way, refused first in one line: an instance type
-    the region does not offer, a state bucket name that another account holds."""
+    """What CloudFormation or the instances would fail on, refused first in one line: an
+    instance type the region does not offer or of the wrong arch, a state bucket name that
+    another account holds."""
     from botocore.exceptions import ClientError
 
     types = instance_types(ctx.cfg)
-    got = ctx.client("ec2").describe_instance_type_offerings(
+    ec2 = ctx.client("ec2")
+    got = ec2.describe_instance_type_offerings(
         LocationType="region", Filters=[{"Name": "instance-type", "Values": sorted(types)}]
     )["InstanceTypeOfferings"]
     missing = sorted(set(types) - {o["InstanceType"] for o in got})
     if missing:
-        named = ", ".join(f"{types[t]}={t}" for t in missing)
+        named = ", ".join(f"{types[t][0]}={t}" for t in missing)
         raise AwsError(f"deploy aws {verb}: {named}: not offered in region {ctx.cfg.region}")
+    described = ec2.describe_instance_types(InstanceTypes=sorted(types))["InstanceTypes"]
+    wrong = []
+    for d in sorted(described, key=lambda d: list(types).index(d["InstanceType"])):
+        key, arch = types[d["InstanceType"]]
+        has = d.get("ProcessorInfo", {}).get("SupportedArchitectures", [])
+        if arch not in has:
+            hint = "clients.arch" if key.startswith("clients") else "the server image"
+            wrong.append(
+                f"{key}={d['InstanceType']} is {'/'.join(has) or '?'}, not {arch} ({hint})"
+            )
+    if wrong:
+        raise AwsError(f"deploy aws {verb}: {'; '.join(wrong)}")
     try:
         ctx.client("s3").head_bucket(Bucket=ctx.bucket, ExpectedBucketOwner=ctx.account)
     except ClientError as e:

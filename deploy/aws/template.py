@@ -81,6 +81,8 @@ def check(cfg: Any) -> None:
             raise _fail(f"operator_cidrs[{i}]", c, "opens the SuperLink to everyone; use SSM")
     if not 1 <= int(cfg.ports.fleet) <= 65535:
         raise _fail("ports.fleet", cfg.ports.fleet, "a TCP port, 1..65535")
+    if compute.client_arch(cfg) not in compute.ARCHS:
+        raise _fail("clients.arch", cfg.clients.arch, f"one of {', '.join(compute.ARCHS)}")
     if int(cfg.clients.max) < 1:
         raise _fail("clients.max", cfg.clients.max, "at least 1 (one client per key slot)")
     if cfg.alarms.email is not None and "@" not in str(cfg.alarms.email):
@@ -149,7 +151,7 @@ def template(cfg: Any, *, sized: bool = True) -> dict:
     return {
         "AWSTemplateFormatVersion": "2010-09-09",
         "Description": f"fedyolo deployment {cfg.name}: a SuperLink and its clients on EC2",
-        "Parameters": {"Ami": compute.ami_parameter(cfg)},
+        "Parameters": compute.parameters(cfg),
         "Resources": resources,
         "Outputs": outputs,
     }

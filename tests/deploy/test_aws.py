@@ -219,6 +219,15 @@ def test_an_instance_type_the_region_lacks_is_one_line_and_nothing_is_made(aws, 
         assert err.count("\n") == 0, err
         assert "clients.spot_types=zz9.huge" in err and "not offered in region" in err, err
         assert "c5.xlarge" not in err  # the region has it
+    # arm64 clients (Graviton) need arm64 types; x86_64 ones are refused, naming clients.arch
+    args = ["deploy", "aws", "plan", "name=notype", f"region={REGION}", "ami=ami-1", *vpc]
+    assert main([*args, "clients.arch=arm64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "clients.instance_type=c7i.xlarge is x86_64, not arm64 (clients.arch)" in err, err
+    graviton = ["clients.arch=arm64", "clients.instance_type=c7g.xlarge"]
+    assert main([*args, *graviton, "clients.spot_types=[c6g.xlarge]"]) == 0
+    assert main([*args, *graviton, "server.instance_type=c7g.xlarge"]) == 2
+    assert "server.instance_type=c7g.xlarge is arm64, not x86_64" in capsys.readouterr().err
     assert stack.describe(stack.Context(settings("notype"), aws)) is None
     assert not aws.client("ssm").get_parameters_by_path(Path="/fedyolo/notype/", Recursive=True)[
         "Parameters"
@@ -605,11 +614,11 @@ def test_push_puts_both_images_into_the_registry_with_the_docker_sdk(aws, regist
     local = {"server": "fedyolo-test/push-server:1", "client": "fedyolo-test/push-client:1"}
     for tag in local.values():
         _tiny_image(client, tag)
-    cfg = settings(
-        "push1",
+    cfg_images = [
         f"images.server={registry}/fleet/server:0.1.0",
         f"images.client={registry}/fleet/client:0.1.0",
-    )
+    ]
+    cfg = settings("push1", *cfg_images)
     rows = []
     try:
         rows = ecr.push(cfg, local=local)
@@ -648,6 +657,9 @@ def test_push_puts_both_images_into_the_registry_with_the_docker_sdk(aws, regist
             ecr.push(ecr_cfg, local=local)
         with pytest.raises(AwsError, match="no local image nothing:here"):
             ecr.push(cfg, local={"server": "nothing:here"})
+        arm = settings("push1", *cfg_images, "clients.arch=arm64")
+        with pytest.raises(AwsError, match="is a x86_64 image, clients.arch is arm64"):
+            ecr.push(arm, local=local)  # this machine's images are x86_64
     finally:
         for tag in [*local.values(), *(r["target"] for r in rows)]:
             with contextlib.suppress(docker.errors.ImageNotFound):

@@ -215,6 +215,20 @@ def test_registries_logs_alarms_budget_and_spot():
     assert "MixedInstancesPolicy" not in clients and "LaunchTemplate" in clients
 
 
+def test_arm64_clients_boot_an_arm64_ami_and_the_server_stays_x86_64():
+    tpl = template.template(settings())
+    assert set(tpl["Parameters"]) == {"Ami"}  # one AMI for both roles by default
+    tpl = template.template(settings("clients.arch=arm64", "clients.instance_type=c7g.xlarge"))
+    assert tpl["Parameters"]["ClientAmi"]["Default"].endswith("al2023-ami-kernel-default-arm64")
+    assert tpl["Parameters"]["Ami"]["Default"] == str(settings().ami)  # the server's
+    lt = {r: tpl["Resources"][f"{r}LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+          for r in ("Server", "Client")}  # fmt: skip
+    assert lt["Client"]["ImageId"] == {"Ref": "ClientAmi"}
+    assert lt["Server"]["ImageId"] == {"Ref": "Ami"}
+    given = template.template(settings("clients.arch=arm64", "clients.ami=ami-0123456789abcdef0"))
+    assert given["Parameters"]["ClientAmi"]["Default"] == "ami-0123456789abcdef0"
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [
@@ -236,6 +250,7 @@ def test_registries_logs_alarms_budget_and_spot():
         ("server.private_ip=superlink", "server.private_ip"),
         ("run.name=Fleet/1", "run.name"),
         ("run.overrides=[federation.rounds]", "run.overrides[0]"),
+        ("clients.arch=aarch64", "clients.arch"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_its_key(override, key):

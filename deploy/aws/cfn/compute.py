@@ -28,16 +28,38 @@ from deploy.aws.userdata import render_values
 _TOKENS = ("Image", "ServerIp", "Interface", "StateUrl")
 
 
-def ami_parameter(cfg: Any) -> dict:
-    """``ami``: an image id, or ``resolve:ssm:<public parameter>`` resolved by CloudFormation."""
-    ami = str(cfg.ami)
+ARCHS = ("x86_64", "arm64")
+AL2023_ARM64 = "resolve:ssm:/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64"
+
+
+def client_ami(cfg: Any) -> str:
+    """``clients.ami``, else ``ami`` for x86_64 clients or Amazon Linux 2023's arm64 AMI."""
+    if cfg.clients.get("ami"):
+        return str(cfg.clients.ami)
+    return AL2023_ARM64 if client_arch(cfg) == "arm64" else str(cfg.ami)
+
+
+def client_arch(cfg: Any) -> str:
+    return str(cfg.clients.get("arch") or "x86_64")
+
+
+def ami_parameter(ami: str, who: str = "the instances'") -> dict:
+    """An image id, or ``resolve:ssm:<public parameter>`` resolved by CloudFormation."""
     if ami.startswith("resolve:ssm:"):
         return {
             "Type": "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>",
             "Default": ami.removeprefix("resolve:ssm:"),
-            "Description": "the instances' AMI (a public SSM parameter)",
+            "Description": f"{who} AMI (a public SSM parameter)",
         }
-    return {"Type": "AWS::EC2::Image::Id", "Default": ami, "Description": "the instances' AMI"}
+    return {"Type": "AWS::EC2::Image::Id", "Default": ami, "Description": f"{who} AMI"}
+
+
+def parameters(cfg: Any) -> dict:
+    """The template's parameters: the server's AMI, and the clients' when it differs."""
+    out = {"Ami": ami_parameter(str(cfg.ami))}
+    if client_ami(cfg) != str(cfg.ami):
+        out["ClientAmi"] = ami_parameter(client_ami(cfg), f"the {client_arch(cfg)} clients'")
+    return out
 
 
 def _image(cfg: Any, role: str) -> Any:
@@ -78,6 +100,10 @@ def hop_limit(role: str) -> int:
     return 2 if role == "server" else 1
 
 
+def _ami_ref(cfg: Any, role: str) -> str:
+    return "ClientAmi" if role == "client" and "ClientAmi" in parameters(cfg) else "Ami"
+
+
 def launch_templates(cfg: Any) -> dict:
     out = {}
     for role in ("server", "client"):
@@ -89,7 +115,7 @@ def launch_templates(cfg: Any) -> dict:
             "Properties": {
                 "LaunchTemplateName": n,
                 "LaunchTemplateData": {
-                    "ImageId": ref("Ami"),
+                    "ImageId": ref(_ami_ref(cfg, role)),
                     "InstanceType": str(settings.instance_type),
                     "IamInstanceProfile": {"Arn": att(f"{title(role)}Profile", "Arn")},
                     "MetadataOptions": {
