@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
 from deploy import DeployError, images
 from deploy.local import (
@@ -249,6 +250,92 @@ def check_superlink_view(run_dir: Path, env: dict[str, str], files: list[Path]) 
         )
 
 
+# -- what the SuperLink container reads from the host ---------------------------------------
+@dataclass(frozen=True)
+class Input:
+    key: str  # the config key that names it
+    path: Path  # the host path (absolute)
+    mounted: bool  # read in the SuperLink container (else read on the host only)
+
+
+def container_inputs(cfg) -> list[Input]:
+    """Every file or folder the config names, and whether the SuperLink container reads it.
+
+    Only ``model.cfg`` (a ``.pt`` to fine-tune or a model yaml given by path) is read there, by
+    the ServerApp building the initial model. ``distill.teacher`` is copied into the run by
+    ``prepare_run`` (the ServerApp reads ``runs/<name>/teacher.pt``); ``data.path`` is read on
+    the host, which writes the clients' shards and the held-out set into the run; an INT8
+    calibration folder belongs to ``fedyolo export``, on the host; clients read only their
+    shard. A yaml shipped with fedyolo or Ultralytics is in the image: not an input.
+    """
+    out = []
+    for key in ("model.cfg", "distill.teacher", "data.path"):
+        value = OmegaConf.select(cfg, key)
+        if value in (None, ""):
+            continue
+        path = Path(str(value)).expanduser()
+        if key == "model.cfg" and not path.exists() and not str(value).endswith(".pt"):
+            continue  # a shipped yaml by name (fedyolo-tiny.yaml, yolov8n.yaml): in the image
+        out.append(Input(key, Path(os.path.abspath(path)), key == "model.cfg"))
+    return out
+
+
+def stage_inputs(run_dir: Path, cfg, base_files: list[Path], env: dict[str, str]) -> dict:
+    """Check every input on the host (one line naming the key and the path) and make those
+    the SuperLink container reads visible to it: read-only at the same absolute path (the run's
+    ``config.yaml`` gets that absolute path where it was relative). Returns the override
+    (``services.superlink.volumes``), empty when nothing needs mounting."""
+    volumes = []
+    mounts = service_mounts(SUPERLINK, env, base_files)
+    for item in container_inputs(cfg):
+        if not item.path.exists():
+            raise ComposeError(
+                f"{item.key}={item.path}: not found on this machine; nothing was started"
+            )
+        if not item.mounted:
+            continue
+        if not item.path.is_file():
+            raise ComposeError(f"{item.key}={item.path}: not a file; nothing was started")
+        if str(OmegaConf.select(cfg, item.key)) != str(item.path):
+            _set_in_run_config(run_dir, item.key, str(item.path))
+        if visible_at(item.path, mounts) == str(item.path):
+            continue  # already in the container at that path (the run directory)
+        volumes.append(f"{item.path.resolve()}:{item.path}:ro")
+    return {"services": {SUPERLINK: {"volumes": volumes}}} if volumes else {}
+
+
+def _set_in_run_config(run_dir: Path, key: str, value: str) -> None:
+    path = RunDir(run_dir).config
+    run_cfg = config_mod.load(path)
+    OmegaConf.update(run_cfg, key, value)
+    path.write_text(config_mod.to_yaml(run_cfg))
+
+
+_STAMP = re.compile(r"^\S+\s+\|\s+|^\d{4}-\d\d-\d\dT\S+\s+")
+_RAISED = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit)\b:?\s*(.*)$")
+
+
+def failure_reason(run_dir: Path, logs: Path) -> str | None:
+    """Why the run failed in the SuperLink container, in one line: the reason the ServerApp
+    wrote in ``summary.json``, else the last exception in the SuperLink's log (the ServerApp's
+    output goes there), else None."""
+    summary = RunDir(run_dir).read_summary() or {}
+    if summary.get("status") == Status.FAILED and summary.get("reason"):
+        return str(summary["reason"])
+    log = logs / f"{SUPERLINK}.log"
+    if not log.is_file():
+        return None
+    lines = [_STAMP.sub("", _STAMP.sub("", x)).strip() for x in log.read_text().splitlines()]
+    for line in reversed(lines):
+        m = _RAISED.match(line)
+        if m and m.group(1) and not line.startswith(("Traceback", "flwr.")):
+            return " ".join(line.split())[:500]
+    for line in reversed(lines):
+        if "ERROR" in line:
+            return " ".join(line.split())[:500]
+    return None
+
+
 class Compose:
     """One compose project of one run: ``up``, ``logs``, ``down``."""
 
@@ -262,6 +349,7 @@ class Compose:
         # os.environ) would make import this environment's docker SDK, and fail.
         self.env = {k: v for k, v in {**os.environ, **env}.items() if k not in _NOT_FOR_CLI}
         files = [COMPOSE_FILE, *extra_files]
+        self.files = files
         self.base = [
             *self.cli,
             "--project-name",
@@ -323,6 +411,15 @@ class Compose:
     def down(self) -> None:
         self("down", "--volumes", "--remove-orphans", "--timeout", "20", check=False)
 
+    def down_command(self) -> str:
+        """The shell command that removes this project (what ``engine.keep=true`` leaves)."""
+        cli = " ".join(Path(self.cli[0]).name if i == 0 else a for i, a in enumerate(self.cli))
+        files = " ".join(f"-f {f}" for f in self.files)
+        return (
+            f"{cli} -p {self.project} --env-file {self.env_file} {files} "
+            "down --volumes --remove-orphans"
+        )
+
 
 def _inspect(cid: str, fmt: str) -> str:
     done = subprocess.run(
@@ -332,6 +429,15 @@ def _inspect(cid: str, fmt: str) -> str:
         check=False,
     )
     return done.stdout.strip()
+
+
+def _cpus(asked: float, key: str) -> float:
+    """``asked`` CPUs, at most this machine's (Docker refuses more than there are)."""
+    have = float(os.cpu_count() or 1)
+    if asked > have:
+        LOGGER.info("engine.%s=%s: this machine has %d CPUs, the limit", key, asked, have)
+        return have
+    return asked
 
 
 def ensure_images(e) -> tuple[str, str]:
@@ -417,7 +523,10 @@ def run_compose(run_dir: Path, cfg) -> None:
         **mount_environment(run_dir),
         "FEDYOLO_PORT": str(port),
         "FEDYOLO_CLIENTS": str(num_clients),
-        "FEDYOLO_CLIENT_CPUS": str(e.client_cpus),
+        "FEDYOLO_CLIENT_CPUS": str(_cpus(float(e.client_cpus), "client_cpus")),
+        "FEDYOLO_CLIENT_MEMORY": str(e.client_memory),
+        "FEDYOLO_SERVER_CPUS": str(_cpus(float(e.server_cpus), "server_cpus")),
+        "FEDYOLO_SERVER_MEMORY": str(e.server_memory),
         "FEDYOLO_CLIENT_THREADS": str(e.client_threads),
         "FEDYOLO_WARM_WORKER": str(bool(e.warm_worker)).lower(),
         # this run's own SuperNodes act out the faults its config injects (fl_client.faults)
@@ -429,6 +538,15 @@ def run_compose(run_dir: Path, cfg) -> None:
     if extra:
         override = work / "compose.clients.yml"
         override.write_text(yaml.safe_dump({"services": extra}, sort_keys=False))
+        extra_files.append(override)
+    limits = work / "compose.limits.yml"  # integers: Compose v1 does not convert a ${VARIABLE}
+    pids = {SUPERLINK: int(e.server_pids), **{n: int(e.client_pids) for n in nodes}}
+    limits.write_text(yaml.safe_dump({"services": {s: {"pids_limit": n} for s, n in pids.items()}}))
+    extra_files.append(limits)
+    inputs = stage_inputs(run_dir, cfg, [COMPOSE_FILE, *extra_files], compose_env)
+    if inputs:
+        override = work / "compose.inputs.yml"
+        override.write_text(yaml.safe_dump(inputs, sort_keys=False))
         extra_files.append(override)
     check_superlink_view(run_dir, compose_env, [COMPOSE_FILE, *extra_files])
     project = Compose(run_dir, compose_env, extra_files)
@@ -451,12 +569,32 @@ def run_compose(run_dir: Path, cfg) -> None:
                 num_clients,
                 run.logs,
             )
-            _submit_and_follow(project, group, run_dir, env, stop, following, e)
+            try:
+                _submit_and_follow(project, group, run_dir, env, stop, following, e)
+            except RuntimeError as err:
+                if isinstance(err, ComposeError):
+                    raise
+                group.stop()
+                project.save_logs(run.logs, services)
+                why = failure_reason(run_dir, run.logs)
+                if why is None:
+                    raise
+                raise ComposeError(
+                    f"the run failed in the SuperLink container: {why} "
+                    f"(logs: {run.logs / (SUPERLINK + '.log')})"
+                ) from err
         finally:
             group.stop()
             project.save_logs(run.logs, services)
             if not bool(e.keep):
                 project.down()
+            else:
+                LOGGER.warning(
+                    "engine.keep=true: the containers, network and volumes stay; remove them "
+                    "with `make compose-down RUN=%s` or: %s",
+                    run_dir,
+                    project.down_command(),
+                )
 
 
 RESUMES = 3  # SuperLink restarts one run survives by resuming itself
@@ -534,3 +672,34 @@ def _resume_config(run_dir: Path) -> None:
 def engine(run, cfg) -> None:
     """The ``compose`` engine (``fl_server.engines``), ``configs/engine/compose.yaml``."""
     run_compose(run.path, cfg)
+
+
+def down(run_dir: Path) -> str:
+    """Remove what a run's compose project left (``engine.keep=true``, a killed ``fedyolo``):
+    its containers, network and volumes, found from the run directory (project name, env file,
+    override files). Returns the project's name."""
+    run_dir = Path(run_dir).resolve()
+    env_file = run_dir / "compose.env"
+    if not env_file.is_file():
+        raise ComposeError(f"{run_dir}: no compose.env (not a run of engine=compose)")
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    work = run_dir / "compose"
+    extra = [
+        work / n
+        for n in ("compose.clients.yml", "compose.limits.yml", "compose.inputs.yml")
+        if (work / n).is_file()
+    ]
+    project = Compose(run_dir, env, extra)
+    project.down()
+    return project.project
+
+
+if __name__ == "__main__":  # python -m deploy.compose down runs/<name>  (make compose-down)
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "down":
+        sys.exit("usage: python -m deploy.compose down runs/<name>")
+    try:
+        print(f"removed compose project {down(Path(sys.argv[2]))}")
+    except ComposeError as err:
+        sys.exit(f"fedyolo: error: {err}")

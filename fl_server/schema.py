@@ -214,6 +214,16 @@ class ComposeEngine(EngineConfig):
     client_threads: int = rule("an integer >= 1", at_least(1))
     keep: bool = rule(*BOOL)
     warm_worker: bool = rule(*BOOL)
+    client_memory: str = rule("a size such as 512m or 6g", lambda v: _size(v))
+    client_pids: int = rule("an integer >= 16", at_least(16))
+    server_cpus: float = rule("a number > 0", lambda v: _num(v) and v > 0)
+    server_memory: str = rule("a size such as 512m or 6g", lambda v: _size(v))
+    server_pids: int = rule("an integer >= 16", at_least(16))
+
+
+def _size(v) -> bool:
+    """A Docker memory size: a number with an optional b, k, m or g (6g, 512m)."""
+    return re.fullmatch(r"[1-9][0-9]*[bkmg]?", str(v).lower()) is not None
 
 
 @dataclass
