@@ -47,6 +47,12 @@ ROUND_SETUPS = {  # engines of round_overhead.json → how the table names them
 }
 
 
+def _round_label(v: dict, label: str) -> str:
+    """Another Flower build or poll settings (``round_overhead.py --label``), as they ran."""
+    env = ", ".join(f"`{k}={x}`" for k, x in v.get("environment", {}).items())
+    return f"flwr {v.get('flwr', '?')}" + (f" with {env}" if env else f" ({label})")
+
+
 def round_overhead() -> list[str]:
     path = RESULTS / "round_overhead.json"
     if not path.exists():
@@ -69,8 +75,10 @@ def round_overhead() -> list[str]:
     for engine, v in engines.items():
         s = v["steady_state_rounds_2_to_n"]
         start = s.get("client_startup_seconds", 0.0)
+        setup, _, label = engine.partition("@")
+        name = ROUND_SETUPS.get(setup, setup) + (f", {_round_label(v, label)}" if label else "")
         lines.append(
-            f"| {ROUND_SETUPS.get(engine, engine)} | {s['round_seconds']:.1f} "
+            f"| {name} | {s['round_seconds']:.1f} "
             f"| {s['training_seconds']:.1f} | {s['eval_seconds']:.1f} "
             f"| {s['client_setup_seconds']:.2f} | {start:.1f} "
             f"| **{100 * s['other_share']:.0f}%** | {v['round_1']['round_seconds']:.1f} |"

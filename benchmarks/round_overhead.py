@@ -20,14 +20,26 @@ Writes ``benchmarks/results/round_overhead.json`` (setups not run this time are 
 
     .venv/bin/python benchmarks/round_overhead.py --rounds 6 --deploy-rounds 4 \
         --setups simulation,local-deployment,local-deployment-cold,compose
+
+Other Flower builds, for what Flower's own per-message costs are (``--label`` keeps each apart;
+every entry records the ``flwr`` it ran and the poll settings in its environment): Flower 1.42,
+and Flower with the upstream change proposed in ``benchmarks/upstream/`` (the SuperNode's 3 s
+idle pull and 0.5 s reply poll as settings), each installed under ``benchmarks/work/flwr/``
+(``benchmarks/upstream/README.md`` has the commands) and put first on ``PYTHONPATH``; every
+Flower process of the run inherits it. Nothing of this reaches fedyolo's own installation.
+
+    PYTHONPATH=benchmarks/work/flwr/1.42.0 .venv/bin/python benchmarks/round_overhead.py \
+        --setups local-deployment --deploy-rounds 4 --label flwr-1.42.0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from benchmarks_common import RESULTS, WORK, fedyolo_run, machine
@@ -40,8 +52,16 @@ SETUPS = {
 }
 
 
-def run(setup: str, rounds: int, extra: list[str]) -> Path:
-    return fedyolo_run(f"overhead-{setup}", [*SETUPS[setup], f"federation.rounds={rounds}", *extra])
+POLL_SETTINGS = (  # Flower's own (1.41: the first) and the proposed upstream ones
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
+    "FLWR_SUPERNODE_PULL_INTERVAL",
+    "FLWR_SUPERNODE_REPLY_POLL_INTERVAL",
+)
+
+
+def run(setup: str, rounds: int, extra: list[str], label: str = "") -> Path:
+    name = f"overhead-{setup}" + (f"-{label}" if label else "")
+    return fedyolo_run(name, [*SETUPS[setup], f"federation.rounds={rounds}", *extra])
 
 
 def split(run_dir: Path) -> dict:
@@ -91,6 +111,11 @@ def main() -> None:
     ap.add_argument("--setups", default="simulation,local-deployment,local-deployment-cold")
     ap.add_argument("--extra", nargs="*", default=[], help="more fedyolo overrides")
     ap.add_argument(
+        "--label",
+        default="",
+        help="the results' key is <setup>@<label> (another Flower build, other settings)",
+    )
+    ap.add_argument(
         "--reuse",
         action="store_true",
         help="split a setup's completed run in benchmarks/work instead of running it again",
@@ -102,21 +127,24 @@ def main() -> None:
         "benchmark": "round_overhead",
         "machine": machine(),
         "overrides": args.extra,
-        "engines": {k: v for k, v in old.get("engines", {}).items() if k in SETUPS},
+        "engines": {k: v for k, v in old.get("engines", {}).items() if k.split("@")[0] in SETUPS},
     }
     for setup in args.setups.split(","):
         rounds = args.rounds if setup == "simulation" else args.deploy_rounds
-        run_dir = WORK / "runs" / f"overhead-{setup}"
+        key = f"{setup}@{args.label}" if args.label else setup
+        run_dir = WORK / "runs" / ("-".join(["overhead", setup, args.label]).rstrip("-"))
         if not (args.reuse and _completed(run_dir, rounds)):
-            run_dir = run(setup, rounds, args.extra)
-        out["engines"][setup] = {
+            run_dir = run(setup, rounds, args.extra, args.label)
+        out["engines"][key] = {
             "date": time.strftime("%Y-%m-%d"),
             "overrides": SETUPS[setup],
             "rounds": rounds,
+            "flwr": version("flwr"),
+            "environment": {k: os.environ[k] for k in POLL_SETTINGS if k in os.environ},
             **split(run_dir),
         }
         out["config"] = (run_dir / "config.yaml").read_text()
-        print(setup, json.dumps(out["engines"][setup]["steady_state_rounds_2_to_n"]), flush=True)
+        print(key, json.dumps(out["engines"][key]["steady_state_rounds_2_to_n"]), flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n")  # after each setup: none is lost
 
