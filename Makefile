@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv checkov demo test test-fast lint bench clean images images-offline docs docs-serve
+.PHONY: venv checkov demo test test-fast lint bench clean images images-offline docs docs-serve \
+        compose compose-down
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (fedyolo is tested on CPython 3.11)"; exit 1; }
@@ -52,6 +53,19 @@ images: $(STAMP)
 
 images-offline: $(STAMP)
 	$(BIN)/fedyolo deploy images --offline
+
+# A small federation in containers: 2 clients x 2 rounds of the tiny model (builds the images
+# when missing or outdated: offline with OFFLINE=true, the default). `make compose-down
+# RUN=runs/<name>` removes what a run with engine.keep=true left.
+OFFLINE ?= true
+compose: $(STAMP)
+	$(BIN)/fedyolo run engine=compose engine.offline=$(OFFLINE) name=compose-demo \
+	  output.overwrite=true model=tiny data.synth.images=96 data.synth.imgsz=64 train.imgsz=64 \
+	  train.batch=8 federation.clients=2 federation.rounds=2
+
+compose-down: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make compose-down RUN=runs/<name>" >&2; exit 2; }
+	$(BIN)/python -m deploy.compose down $(RUN)
 
 # The documentation site (mkdocs-material; nothing is downloaded): site/, or served on :8000.
 docs: $(STAMP)

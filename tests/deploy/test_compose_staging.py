@@ -181,3 +181,13 @@ def test_the_clearml_services_are_in_their_own_file():
     assert not [s for s in main["services"] if s.startswith("clearml")]
     assert set(main["volumes"]) == {"superlink-state"} and set(main["networks"]) == {"federation"}
     assert len(clearml["volumes"]) == 6 and "clearml-apiserver" in clearml["services"]
+
+
+def test_compose_down_of_a_directory_that_is_no_compose_run_is_one_line(tmp_path):
+    with pytest.raises(c.ComposeError, match=r"no compose.env \(not a run of engine=compose\)"):
+        c.down(tmp_path)
+
+
+def test_cpu_limits_above_this_machines_cores_are_lowered(monkeypatch):
+    monkeypatch.setattr(c.os, "cpu_count", lambda: 2)
+    assert c._cpus(8.0, "server_cpus") == 2.0 and c._cpus(0.5, "client_cpus") == 0.5

@@ -103,6 +103,19 @@ def _fedyolo_running(args: list[str], cwd: Path):
             proc.wait(timeout=120)
 
 
+def _wait_for_client_in_a_round(run: Path, client: int, proc: subprocess.Popen) -> int:
+    """The first round after round 2 whose record counts ``client``'s update."""
+    from fl_server.run_dir import read_jsonl
+
+    while proc.poll() is None:
+        rounds = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+        for r in rounds[2:]:
+            if client in [c["id"] for c in r["clients"]]:
+                return r["round"]
+        time.sleep(1)
+    pytest.fail(f"fedyolo ended (exit {proc.returncode}) before client {client} rejoined")
+
+
 def _container(cli: str, project: str, service: str) -> str:
     labels = [f"label=com.docker.compose.project={project}",
               f"label=com.docker.compose.service={service}"]  # fmt: skip
@@ -168,8 +181,23 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
                             *plain)  # fmt: skip
         assert rc != 0, f"a plaintext SuperNode was not refused:\n{log[-2000:]}"
         # Nobody touches it again: Flower accepts the same node key once it has declared the old
-        # session dead (2 missed heartbeats, up to 60 s: the end of round 2), and the restart
-        # policy's next try (Docker's back-off doubles up to 1 min) brings the client back.
+        # session dead (2 missed heartbeats of 30 s, fixed in Flower 1.41); until then the
+        # container's loop retries every 2 s (no Docker back-off, no further restart).
+        back = _wait_for_client_in_a_round(run, 1, proc)
+        cid = _container(docker_engine, project, "supernode-1")
+        restarts = _docker(docker_engine, "inspect", "--format", "{{.RestartCount}}", cid).stdout
+        assert int(restarts) == 1, f"Docker restarted the client {restarts} times"
+        # the health check of a client that is connected (its SuperNode up, its TLS link to the
+        # SuperLink verified): healthy
+        healthy = _container(docker_engine, project, "supernode-0")
+        health = _docker(docker_engine, "inspect", "--format", "{{.State.Health.Status}}",
+                         healthy).stdout.strip()  # fmt: skip
+        assert health == "healthy", health
+    log1 = (run / "logs" / "supernode-1.log").read_text()
+    assert "flower-supernode exited; retrying in 2 s" in log1, log1[-3000:]
+    link_log = (run / "logs" / "superlink.log").read_text()
+    activated = re.findall(r"ActivateNode\] Activated node_id=(\d+)", link_log)
+    assert len(activated) == 4 and len(set(activated)) == 3, activated  # 3 + the rejoin
     rounds = read_jsonl(run / "metrics.jsonl")
     assert [r["round"] for r in rounds] == list(range(1, 13))
     failed = [(e["round"], e["client"]) for e in read_jsonl(run / "events.jsonl")
@@ -186,8 +214,7 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
     assert [r[:2] for r in rejected] == [(6, 2)] and "non-finite" in rejected[0][2], rejected
     present = [1 in [c["id"] for c in r["clients"]] for r in rounds]
     assert present[-1], f"the restarted client did not rejoin: {present}"
-    back = present.index(True, 2)  # once back, it takes part in every later round
-    assert all(present[back:]), present
+    assert all(present[back - 1 :]), (back, present)  # once back, in every later round
     assert _leftovers(docker_engine, project) == []
 
 
