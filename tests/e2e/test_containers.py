@@ -66,13 +66,22 @@ def test_client_image_is_lean_and_both_run_as_a_fixed_non_root_user(docker_engin
 
 def test_compose_federation_with_tls_and_node_auth(tmp_path, docker_engine, images):
     """2 clients x 2 rounds in containers: the run-directory contract of every engine, TLS and
-    node authentication on, each client reading its own read-only shard, nothing left behind."""
+    node authentication on, each client reading its own read-only shard, nothing left behind;
+    fine-tuning a checkpoint that lives outside the run, named by a relative path (the engine
+    mounts it read-only into the SuperLink container at its absolute path)."""
     from deploy.compose import project_name
+    from fl_client.model import build_model, save_checkpoint
 
+    ckpt = save_checkpoint(build_model("fedyolo-tiny.yaml", ["a", "b"]),
+                           tmp_path / "pretrained" / "start.pt", {}, {})  # fmt: skip
     run = tmp_path / "runs" / "box"
-    proc = fedyolo(tiny_run_args(tmp_path, "box", "engine=compose"), cwd=tmp_path, timeout=900)
+    args = tiny_run_args(tmp_path, "box", "engine=compose", "model.cfg=pretrained/start.pt")
+    proc = fedyolo(args, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_run_dir(run, rounds=2, clients=2)
+    assert f"cfg: {ckpt}" in (run / "config.yaml").read_text()
+    staged = (run / "compose" / "compose.inputs.yml").read_text()
+    assert f"{ckpt}:{ckpt}:ro" in staged, staged
     link_log = (run / "logs" / "superlink.log").read_text()
     assert "Uvicorn running on https://0.0.0.0:9092" in link_log  # TLS, not plain HTTP
     # node authentication: the two keys were registered, and exactly those nodes activated
