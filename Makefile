@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv checkov demo test test-fast lint bench clean images images-offline docs docs-serve
+.PHONY: venv checkov demo test test-fast lint bench clean images images-offline images-arm64 docs docs-serve
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (fedyolo is tested on CPython 3.11)"; exit 1; }
@@ -52,6 +52,11 @@ images: $(STAMP)
 
 images-offline: $(STAMP)
 	$(BIN)/fedyolo deploy images --offline
+
+# The linux/arm64 client (edge devices, Graviton), offline; on an x86_64 host it needs
+# qemu-user-static + binfmt-support (docs/how-to/edge-arm64.md).
+images-arm64: $(STAMP)
+	$(BIN)/fedyolo deploy images --offline --platform linux/arm64
 
 # The documentation site (mkdocs-material; nothing is downloaded): site/, or served on :8000.
 docs: $(STAMP)
