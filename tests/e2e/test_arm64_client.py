@@ -90,7 +90,7 @@ def test_arm64_client_image_is_small_cpu_only_and_records_its_build(docker_engin
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     first, second = done.stdout.strip().splitlines()[-2:]
-    assert first.startswith("10001 aarch64 2.10.0 False ") and first.endswith(" []"), first
+    assert first.startswith("10001 aarch64 2.10.0+cpu False ") and first.endswith(" []"), first
     pins, debs = map(int, second.split())
     assert pins > 50 and debs > 50, second
 
