@@ -6,8 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv checkov demo test test-fast lint bench clean images images-offline docs docs-serve \
-        compose compose-down
+.PHONY: venv checkov demo test test-fast lint bench clean images images-offline images-arm64 \
+        docs docs-serve compose compose-down
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (fedyolo is tested on CPython 3.11)"; exit 1; }
@@ -66,6 +66,11 @@ compose: $(STAMP)
 compose-down: $(STAMP)
 	@test -n "$(RUN)" || { echo "usage: make compose-down RUN=runs/<name>" >&2; exit 2; }
 	$(BIN)/python -m deploy.compose down $(RUN)
+
+# The linux/arm64 client (edge devices, Graviton), offline; on an x86_64 host it needs
+# qemu-user-static + binfmt-support (docs/how-to/edge-arm64.md).
+images-arm64: $(STAMP)
+	$(BIN)/fedyolo deploy images --offline --platform linux/arm64
 
 # The documentation site (mkdocs-material; nothing is downloaded): site/, or served on :8000.
 docs: $(STAMP)

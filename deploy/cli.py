@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.aws import AwsError, ecr, stack
-from deploy.images import ROLES, build_images
+from deploy.images import PLATFORMS, ROLES, ImageError, build_images, relock_arm64
 from deploy.local import make_security, node_names
 from fl_client.errors import ExitCode
 from fl_server.cli import setup_logging
@@ -32,6 +32,21 @@ def deploy_command(parser: argparse.ArgumentParser) -> None:
     im.add_argument("--base", help="BASE_IMAGE (default python:3.11-slim; offline: local base)")
     im.add_argument("--torch-index", default="", help="e.g. https://download.pytorch.org/whl/cpu")
     im.add_argument("--role", choices=["server", "client"], action="append", help="default both")
+    im.add_argument(
+        "--platform",
+        choices=sorted(PLATFORMS),
+        default="linux/amd64",
+        help="linux/arm64: the client for edge devices (offline: debootstrap --arch arm64, "
+        "aarch64 wheels; runs under qemu emulation on an x86_64 host)",
+    )
+    im.add_argument(
+        "--tag", action="append", metavar="ROLE=TAG", help="e.g. client=fedyolo-client:dev"
+    )
+    im.add_argument(
+        "--relock",
+        action="store_true",
+        help="linux/arm64: resolve deploy/docker/lock-arm64.txt again (uv) before building",
+    )
     im.set_defaults(handler=_images)
     aws = sub.add_parser(
         "aws", help="EC2 Auto Scaling deployment (configs/deploy/aws.yaml: key=value)"
@@ -65,11 +80,18 @@ def deploy_command(parser: argparse.ArgumentParser) -> None:
 
 def _images(args: argparse.Namespace) -> ExitCode:
     setup_logging()
+    tags = dict(t.split("=", 1) for t in args.tag or [] if "=" in t)
+    if len(tags) != len(args.tag or []) or not set(tags) <= set(ROLES):
+        raise ImageError(f"--tag: give ROLE=TAG with ROLE one of {', '.join(ROLES)}")
+    if args.relock:
+        relock_arm64()
     built = build_images(
         offline=args.offline,
         base=args.base,
         torch_index=args.torch_index,
-        roles=tuple(args.role or ROLES),
+        roles=tuple(args.role) if args.role else None,
+        tags=tags,
+        platform=args.platform,
     )
     for b in built:
         print(f"{b.tag}: {b.size_bytes / 1e9:.2f} GB, built in {b.seconds:.0f} s")

@@ -6,11 +6,21 @@ torch). ``offline=True`` is for machines that reach no image registry and no ind
 container (this one): the base is a Debian 12 root file system made with ``debootstrap`` and
 imported with ``docker import``, and the wheels come from a wheelhouse built on the host with
 ``pip wheel`` (``.wheelhouse/``, git-ignored). The two images share their base and core layers.
+
+``platform="linux/arm64"`` builds the client for edge devices and Graviton (the server stays
+x86_64): offline, its base is ``debootstrap --arch arm64`` and its wheels, pinned in
+``deploy/docker/lock-arm64.txt``, are downloaded for aarch64 into ``.wheelhouse/arm64/``; the
+build's steps run under emulation (qemu-user-static and binfmt_misc on an x86_64 host).
+
+Both Dockerfiles are rendered from one definition: ``deploy/docker/stages.Dockerfile`` (the
+base, requirements, wheel and core stages) inside ``deploy/docker/<role>.Dockerfile``.
+Same source, same image: the labels carry no build time, so rebuilding unchanged source with
+the build cache gives the same image ID; an image a rebuild untags is removed, not left
+dangling.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import os
@@ -31,14 +41,58 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WHEELHOUSE = PROJECT_ROOT / ".wheelhouse"
 LOCAL_BASE = "fedyolo/base:bookworm-py311"
 ROLES = ("server", "client")
+DOCKER_DIR = PROJECT_ROOT / "deploy" / "docker"
+LOCK_ARM64 = DOCKER_DIR / "lock-arm64.txt"
+# Docker platform -> TARGETARCH; which roles it builds; the Debian architecture.
+PLATFORMS = {"linux/amd64": "amd64", "linux/arm64": "arm64"}
+PLATFORM_ROLES = {"linux/amd64": ROLES, "linux/arm64": ("client",)}
+DEBIAN_SUITE, DEBIAN_MIRROR = "bookworm", "http://deb.debian.org/debian"
+# pip's --platform tags for the aarch64 wheels (Debian 12: glibc 2.36)
+AARCH64_TAGS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64",
+                "manylinux_2_34_aarch64", "linux_aarch64")  # fmt: skip
 
 
 class ImageError(DeployError):
     """A build that cannot start or failed; the message names the step and the fix."""
 
 
-def default_tag(role: str) -> str:
-    return f"fedyolo-{role}:{version('fedyolo')}"
+def default_tag(role: str, platform: str = "linux/amd64") -> str:
+    arch = PLATFORMS[check_platform(platform)]
+    return f"fedyolo-{role}:{version('fedyolo')}" + ("" if arch == "amd64" else f"-{arch}")
+
+
+def check_platform(platform: str) -> str:
+    if platform not in PLATFORMS:
+        raise ImageError(f"unknown image platform {platform!r} (one of {', '.join(PLATFORMS)})")
+    return platform
+
+
+def local_base(platform: str = "linux/amd64") -> str:
+    arch = PLATFORMS[check_platform(platform)]
+    return LOCAL_BASE + ("" if arch == "amd64" else f"-{arch}")
+
+
+def render_dockerfile(role: str) -> str:
+    """``Dockerfile.<role>``: the role's file with the shared stages in place of ``#@stages``."""
+    stages = (DOCKER_DIR / "stages.Dockerfile").read_text()
+    text = (DOCKER_DIR / f"{role}.Dockerfile").read_text().replace("#@stages\n", stages)
+    head = (
+        f"# GENERATED from deploy/docker/{role}.Dockerfile and deploy/docker/stages.Dockerfile"
+        " (the stages both images share): edit those; `fedyolo deploy images` rewrites this.\n"
+    )
+    return head + text
+
+
+def write_dockerfiles(root: Path = PROJECT_ROOT) -> list[str]:
+    """Rewrite the top-level Dockerfiles that differ from their definition; the ones written."""
+    out = []
+    for role in ROLES:
+        path = root / f"Dockerfile.{role}"
+        text = render_dockerfile(role)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            out.append(path.name)
+    return out
 
 
 @dataclass(frozen=True)
@@ -129,43 +183,107 @@ def outdated(tags: dict[str, str], cli: str | None = None) -> dict[str, str]:
     return out
 
 
+def image_id(tag: str, cli: str | None = None) -> str:
+    return _out([cli or docker_cli(), "image", "inspect", "--format", "{{.Id}}", tag])
+
+
+def remove_if_dangling(image: str, cli: str) -> bool:
+    """Remove an image a rebuild untagged (no tag left; unused by containers): True if done."""
+    tags = _out([cli, "image", "inspect", "--format", "{{len .RepoTags}}", image])
+    return tags == "0" and _ok([cli, "image", "rm", image])
+
+
+def source_revision(root: Path = PROJECT_ROOT) -> str:
+    """The last commit that changed what an image installs (not HEAD: a docs commit must not
+    change the image's labels, hence its ID); "unknown" outside a git checkout."""
+    parts = [*SOURCE_PARTS, "Dockerfile.client", "Dockerfile.server"]
+    return _out(["git", "-C", str(root), "log", "-1", "--format=%H", "--", *parts]) or "unknown"
+
+
 def image_size(tag: str, cli: str | None = None) -> int:
     return int(_out([cli or docker_cli(), "image", "inspect", "--format", "{{.Size}}", tag]) or 0)
 
 
-def make_local_base(tag: str = LOCAL_BASE, cli: str | None = None) -> float:
-    """A Debian 12 image with Python 3.11 from ``debootstrap`` (root only); seconds taken."""
+def make_local_base(
+    tag: str = LOCAL_BASE, cli: str | None = None, platform: str = "linux/amd64"
+) -> float:
+    """A Debian 12 image with Python 3.11 from ``debootstrap`` (root only); seconds taken.
+
+    What it was made from is in its labels (inherited by the images built on it): the suite,
+    mirror, architecture and the date of the mirror's Release file. The mirror is the live
+    one (snapshot.debian.org is not reachable here), so the date is what pins it; the exact
+    package versions are listed in each image's ``/opt/fedyolo/build/dpkg.txt``.
+    """
     cli = cli or docker_cli()
+    arch = PLATFORMS[check_platform(platform)]
     if not shutil.which("debootstrap"):
         raise ImageError("offline base: debootstrap is not installed (apt-get install debootstrap)")
     if os.geteuid() != 0:
         raise ImageError(
             "offline base: debootstrap needs root; run `fedyolo deploy images` as root"
         )
+    if arch != "amd64" and not Path(f"/proc/sys/fs/binfmt_misc/qemu-{_qemu(arch)}").exists():
+        raise ImageError(
+            f"offline {platform} base: no binfmt_misc entry for qemu-{_qemu(arch)}; as root: "
+            "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; "
+            "apt-get install qemu-user-static binfmt-support"
+        )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedyolo-base-") as root:
         _run(
             [
                 "debootstrap",
+                f"--arch={arch}",
                 "--variant=minbase",
                 "--include=python3,python3-venv,ca-certificates",
-                "bookworm",
+                DEBIAN_SUITE,
                 root,
-                "http://deb.debian.org/debian",
+                DEBIAN_MIRROR,
             ],
             "debootstrap",
         )
-        tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
-        imp = subprocess.run([cli, "import", "-", tag], stdin=tar.stdout, capture_output=True)
-        tar.wait()
-        if imp.returncode != 0 or tar.returncode != 0:
-            raise ImageError(f"docker import of the base failed: {imp.stderr.decode()[-400:]}")
+        labels = {
+            "io.fedyolo.base.suite": DEBIAN_SUITE,
+            "io.fedyolo.base.mirror": DEBIAN_MIRROR,
+            "io.fedyolo.base.arch": arch,
+            "io.fedyolo.base.release-date": _release_date(Path(root)),
+        }
+        import_base(Path(root), tag, platform, labels, cli)
     return time.perf_counter() - t0
 
 
-def requirements(role: str) -> list[str]:
+def _qemu(arch: str) -> str:
+    return {"arm64": "aarch64"}.get(arch, arch)
+
+
+def _release_date(root: Path) -> str:
+    for f in sorted((root / "var/lib/apt/lists").glob("*Release")):
+        for line in f.read_text(errors="replace").splitlines():
+            if line.startswith("Date:"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def import_base(root: Path, tag: str, platform: str, labels: dict[str, str], cli: str) -> None:
+    """A root file system as image ``tag`` for ``platform``, with ``labels``. Built ``FROM
+    scratch`` rather than ``docker import``ed: Docker 20.10's import ignores ``--platform``
+    and records the host's architecture, which BuildKit then refuses to build arm64 upon."""
+    with tempfile.TemporaryDirectory(prefix="fedyolo-base-ctx-") as ctx:
+        _run(["tar", "-C", str(root), "-cf", f"{ctx}/rootfs.tar", "."], "tar of the base")
+        label = " ".join(f'{k}="{v}"' for k, v in labels.items())
+        Path(ctx, "Dockerfile").write_text(
+            f'FROM scratch\nADD rootfs.tar /\nLABEL {label}\nCMD ["/bin/bash"]\n'
+        )
+        _run(
+            [cli, "build", "--quiet", "--platform", platform, "--tag", tag, ctx],
+            f"docker build of the base {tag}",
+            env={"DOCKER_BUILDKIT": "1"},
+        )
+
+
+def requirements(role: str, arch: str = "amd64") -> list[str]:
     """The role's pinned requirements, from pyproject.toml (the script the images run)."""
-    sys.path.insert(0, str(PROJECT_ROOT / "deploy" / "docker"))
+    sys.path.insert(0, str(DOCKER_DIR))
     try:
         import tomllib
 
@@ -173,15 +291,24 @@ def requirements(role: str) -> list[str]:
     finally:
         sys.path.pop(0)
     with (PROJECT_ROOT / "pyproject.toml").open("rb") as f:
-        return reqs(tomllib.load(f), role)
+        return reqs(tomllib.load(f), role, arch)
 
 
-def make_wheelhouse(folder: Path = WHEELHOUSE) -> float:
-    """Every wheel both images install, built on the host with ``pip wheel``; seconds taken.
+def make_wheelhouse(folder: Path = WHEELHOUSE, platform: str = "linux/amd64") -> float:
+    """Every wheel the platform's images install, fetched on the host; seconds taken.
 
+    amd64: ``pip wheel`` of both roles' requirements into ``folder``. arm64: the client's
+    locked set (``deploy/docker/lock-arm64.txt``) downloaded for aarch64 into ``folder/arm64``.
     Skipped (0 s) when the folder already holds the wheels for the current requirements.
     """
-    reqs = [*requirements("core"), *requirements("server"), "setuptools==80.9.0"]
+    if PLATFORMS[check_platform(platform)] == "arm64":
+        return _arm64_wheelhouse(folder / "arm64")
+    reqs = [
+        *requirements("core"),
+        *requirements("headless"),
+        *requirements("server"),
+        "setuptools==80.9.0",
+    ]
     digest = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:16]
     stamp = folder / ".requirements"
     if stamp.exists() and stamp.read_text() == digest:
@@ -194,8 +321,55 @@ def make_wheelhouse(folder: Path = WHEELHOUSE) -> float:
     )
     for stale in folder.glob("fedyolo-*.whl"):
         stale.unlink()
-    stamp.write_text(digest)
+    _write_new(stamp, digest)
     return time.perf_counter() - t0
+
+
+def _arm64_wheelhouse(folder: Path) -> float:
+    lock = LOCK_ARM64.read_text()
+    digest = hashlib.sha256(lock.encode()).hexdigest()[:16]
+    stamp = folder / ".requirements"
+    if stamp.exists() and stamp.read_text() == digest:
+        return 0.0
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tags = [a for t in AARCH64_TAGS for a in ("--platform", t)]
+    _run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *tags,
+         "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+         "--dest", str(folder), "--requirement", str(LOCK_ARM64)],
+        "pip download (the aarch64 wheelhouse)",
+        env={"PIP_CONSTRAINT": ""},  # the host's torch cap is for its own store
+    )  # fmt: skip
+    _write_new(stamp, digest)
+    return time.perf_counter() - t0
+
+
+def _write_new(path: Path, text: str) -> None:
+    """A new file in place of ``path`` (never written through: a wheelhouse copied with
+    ``cp -al`` shares its files with the original)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def relock_arm64() -> None:
+    """Rewrite ``deploy/docker/lock-arm64.txt``: the client's requirements for aarch64 resolved
+    with ``uv pip compile`` (pip evaluates markers for the host, so it cannot resolve this)."""
+    uv = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
+    wanted = [*requirements("core", "arm64"), *requirements("headless"), "setuptools==80.9.0"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "in.txt", Path(tmp) / "out.txt"
+        src.write_text("\n".join(wanted) + "\n")
+        _run(
+            [uv, "pip", "compile", "--quiet", "--python-platform", "aarch64-manylinux_2_28",
+             "--python-version", "3.11", "--native-tls", "--no-header", "--no-annotate",
+             "--index-url", "https://pypi.org/simple", str(src), "-o", str(out)],
+            "uv pip compile (the aarch64 lock)",
+        )  # fmt: skip
+        pins = [line for line in out.read_text().splitlines() if line and line[0].isalnum()]
+    head = LOCK_ARM64.read_text().splitlines()[:2]
+    LOCK_ARM64.write_text("\n".join([*head, *pins]) + "\n")
 
 
 def build(
@@ -205,13 +379,21 @@ def build(
     base: str | None = None,
     torch_index: str = "",
     cli: str | None = None,
+    platform: str = "linux/amd64",
 ) -> Built:
-    """``docker build -f Dockerfile.<role>`` with BuildKit; the image's tag, seconds and size."""
-    if role not in ROLES:
-        raise ImageError(f"unknown image role {role!r} (one of {', '.join(ROLES)})")
+    """``docker build -f Dockerfile.<role>`` with BuildKit; the image's tag, seconds and size.
+
+    The image a rebuild untags (its source changed) is removed, not left dangling."""
+    if role not in PLATFORM_ROLES[check_platform(platform)]:
+        raise ImageError(
+            f"no {role} image for {platform} (it builds: {', '.join(PLATFORM_ROLES[platform])})"
+        )
     cli = cli or docker_cli()
-    tag = tag or default_tag(role)
+    tag = tag or default_tag(role, platform)
+    for name in write_dockerfiles():
+        LOGGER.info("rewrote %s from deploy/docker/", name)
     WHEELHOUSE.mkdir(exist_ok=True)  # the Dockerfiles bind-mount it; empty = use the index
+    previous = image_id(tag, cli)
     args = [
         cli,
         "build",
@@ -219,12 +401,12 @@ def build(
         str(PROJECT_ROOT / f"Dockerfile.{role}"),
         "--tag",
         tag,
+        "--platform",
+        platform,
         "--build-arg",
         f"VERSION={version('fedyolo')}",
         "--build-arg",
-        f"REVISION={_out(['git', '-C', str(PROJECT_ROOT), 'rev-parse', 'HEAD']) or 'unknown'}",
-        "--build-arg",
-        f"CREATED={dt.datetime.now(dt.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}",
+        f"REVISION={source_revision()}",
         "--label",
         f"{SOURCE_LABEL}={source_digest()}",
     ]
@@ -234,7 +416,10 @@ def build(
         args += ["--build-arg", f"TORCH_INDEX_URL={torch_index}"]
     t0 = time.perf_counter()
     _run([*args, str(PROJECT_ROOT)], f"docker build {tag}", env={"DOCKER_BUILDKIT": "1"})
-    return Built(role, tag, time.perf_counter() - t0, image_size(tag, cli))
+    seconds = time.perf_counter() - t0
+    if previous and previous != image_id(tag, cli) and remove_if_dangling(previous, cli):
+        LOGGER.info("removed %s's previous image %s", tag, previous[7:19])
+    return Built(role, tag, seconds, image_size(tag, cli))
 
 
 def build_images(
@@ -242,21 +427,23 @@ def build_images(
     offline: bool = False,
     base: str | None = None,
     torch_index: str = "",
-    roles: tuple[str, ...] = ROLES,
+    roles: tuple[str, ...] | None = None,
     tags: dict[str, str] | None = None,
+    platform: str = "linux/amd64",
 ) -> list[Built]:
-    """Both images (server first: the client then reuses the shared layers)."""
+    """The platform's images (server first: the client then reuses the shared layers)."""
+    roles = PLATFORM_ROLES[check_platform(platform)] if roles is None else roles
     cli = docker_cli()
     if offline:
-        base = base or LOCAL_BASE
+        base = base or local_base(platform)
         if not image_exists(base, cli):
             LOGGER.info("offline: making the local base %s with debootstrap", base)
-            LOGGER.info("local base in %.0f s", make_local_base(base, cli))
+            LOGGER.info("local base in %.0f s", make_local_base(base, cli, platform))
         LOGGER.info("offline: the wheelhouse in %s", WHEELHOUSE)
-        LOGGER.info("wheelhouse ready in %.0f s", make_wheelhouse())
+        LOGGER.info("wheelhouse ready in %.0f s", make_wheelhouse(platform=platform))
     out = []
     for role in roles:
-        LOGGER.info("building %s", (tags or {}).get(role) or default_tag(role))
+        LOGGER.info("building %s", (tags or {}).get(role) or default_tag(role, platform))
         out.append(
             build(
                 role,
@@ -264,6 +451,7 @@ def build_images(
                 base=base,
                 torch_index=torch_index,
                 cli=cli,
+                platform=platform,
             )
         )
     return out

@@ -1,11 +1,18 @@
 """Print the pinned requirements of one fedyolo role, read from ``pyproject.toml``.
 
-    python3 requirements.py pyproject.toml core      # what every image needs (torch, Flower...)
-    python3 requirements.py pyproject.toml server    # the server extra, without the core
+    python3 requirements.py pyproject.toml core [ARCH]   # what every image needs (torch, Flower...)
+    python3 requirements.py pyproject.toml server        # the server extra, without the core
+    python3 requirements.py pyproject.toml drop          # installed by dependencies, then removed
+    python3 requirements.py pyproject.toml headless      # what replaces the desktop OpenCV
 
 The images install the core and the role's extra as separate layers, so the client and the
 server image share the (large) core layer. Standard library only: it runs in the image's build
 stage before anything is installed.
+
+ARCH is Docker's TARGETARCH (``amd64``, ``arm64``). On arm64 torch and torchvision are pinned
+to the newest release whose PyPI aarch64 wheel is a CPU build (``ARCH_PINS``): from torch 2.11
+on, PyPI's aarch64 wheels are CUDA 13 builds whose ``libtorch_cpu.so`` itself links
+``libcudart``/``libcupti``, i.e. gigabytes of NVIDIA libraries on a Raspberry Pi.
 """
 
 from __future__ import annotations
@@ -15,12 +22,31 @@ import sys
 import tomllib
 
 SELF = re.compile(r"^fedyolo\[([a-z,]+)\]$")
+ARCH_PINS = {"arm64": {"torch": "torch==2.10.0", "torchvision": "torchvision==0.25.0"}}
+# Dependencies the images remove after pip installed them (same RUN, so never in a layer):
+# triton only serves torch.compile's GPU kernels (fedyolo never compiles); opencv-python is
+# Ultralytics' requirement, replaced by the same release of the headless build (no X11/GL).
+DROP = ("triton", "opencv-python")
+HEADLESS = {"opencv-python": "opencv-python-headless"}
 
 
-def requirements(pyproject: dict, role: str) -> list[str]:
+def _name(req: str) -> str:
+    return re.split(r"[=<>!~\[; ]", req, maxsplit=1)[0].lower()
+
+
+def requirements(pyproject: dict, role: str, arch: str = "amd64") -> list[str]:
     project = pyproject["project"]
     if role == "core":
-        return list(project["dependencies"])
+        pins = ARCH_PINS.get(arch, {})
+        return [pins.get(_name(r), r) for r in project["dependencies"]]
+    if role == "headless":
+        return [
+            HEADLESS[_name(r)] + r[len(_name(r)) :]
+            for r in project["dependencies"]
+            if _name(r) in HEADLESS
+        ]
+    if role == "drop":
+        return list(DROP)
     extras = project["optional-dependencies"]
     if role not in extras:
         raise SystemExit(f"no extra {role!r} in pyproject.toml (extras: {sorted(extras)})")
@@ -28,7 +54,7 @@ def requirements(pyproject: dict, role: str) -> list[str]:
     for req in extras[role]:
         nested = SELF.match(req.replace(" ", ""))
         reqs = (
-            [r for e in nested.group(1).split(",") for r in requirements(pyproject, e)]
+            [r for e in nested.group(1).split(",") for r in requirements(pyproject, e, arch)]
             if nested
             else [req]
         )
@@ -39,4 +65,4 @@ def requirements(pyproject: dict, role: str) -> list[str]:
 if __name__ == "__main__":
     path, role = sys.argv[1], sys.argv[2]
     with open(path, "rb") as f:
-        print("\n".join(requirements(tomllib.load(f), role)))
+        print("\n".join(requirements(tomllib.load(f), role, *sys.argv[3:4])))

@@ -47,20 +47,41 @@ def test_compose_v1_parses_the_file():
     assert done.returncode == 0, done.stderr
 
 
-def _stages(dockerfile: str) -> dict[str, str]:
-    text = (ROOT / dockerfile).read_text()
-    parts = re.split(r"^FROM ", text, flags=re.M)[1:]
-    return {p.split("\n", 1)[0].split(" AS ")[-1].strip(): p for p in parts}
+def test_both_dockerfiles_are_rendered_from_one_definition():
+    """The base, reqs, wheel and core stages are written once (deploy/docker/stages.Dockerfile)
+    and both top-level Dockerfiles are exactly its rendering, so the second image's build
+    reuses the first's (multi-GB) layers and the two cannot drift apart."""
+    from deploy.images import render_dockerfile
+
+    stages = (ROOT / "deploy" / "docker" / "stages.Dockerfile").read_text()
+    for role in ("server", "client"):
+        text = (ROOT / f"Dockerfile.{role}").read_text()
+        assert text == render_dockerfile(role), f"Dockerfile.{role}: run fedyolo deploy images"
+        assert text.count(stages) == 1 and "#@stages" not in text
+        head = (ROOT / "deploy" / "docker" / f"{role}.Dockerfile").read_text()
+        assert "FROM " not in head, f"{role}.Dockerfile must take its stages from stages.Dockerfile"
 
 
-def test_both_images_share_their_base_and_core_layers():
-    """The client and server images are built from identical base, reqs and wheel stages and
-    the same core install, so the second build reuses the first's (multi-GB) layers."""
-    server, client = _stages("Dockerfile.server"), _stages("Dockerfile.client")
-    for stage in ("base", "reqs", "wheel"):
-        assert server[stage] == client[stage], stage
-    core = client["runtime"].split("RUN --mount=type=bind,from=wheel")[0]
-    assert server["runtime"].startswith(core)
+def test_labels_and_build_arguments_carry_no_build_time(monkeypatch):
+    """Same source, same image ID: no ``created`` label, no timestamp among the build args,
+    and the revision is the last commit of what the image installs (not HEAD)."""
+    import deploy.images as images
+
+    for role in ("server", "client"):
+        text = (ROOT / f"Dockerfile.{role}").read_text().lower()
+        assert "created" not in text and "date" not in text.replace("update", ""), role
+    seen: list[list[str]] = []
+    monkeypatch.setattr(images, "_run", lambda cmd, what, env=None: seen.append(cmd))
+    monkeypatch.setattr(images, "image_id", lambda tag, cli=None: "")
+    monkeypatch.setattr(images, "image_size", lambda tag, cli=None: 1)
+    monkeypatch.setattr(images, "write_dockerfiles", lambda root=ROOT: [])
+    for _ in range(2):
+        images.build("client", cli="docker", platform="linux/arm64")
+    assert seen[0] == seen[1]
+    assert "--platform" in seen[0] and "linux/arm64" in seen[0]
+    args = " ".join(seen[0])
+    assert not re.search(r"20\d\d-\d\d-\d\d", args), args
+    assert "fedyolo-client:" in args and args.count("-arm64") == 1
 
 
 def test_the_client_image_has_no_server_dependencies():
@@ -71,6 +92,44 @@ def test_the_client_image_has_no_server_dependencies():
         assert not re.search(rf"\b{heavy}\b", core), heavy
     server = " ".join(requirements("server")).lower()
     assert "ray==" in server and "clearml==" in server and "torch" not in server
+    assert requirements("drop") == ["triton", "opencv-python"]
+    opencv = [r for r in requirements("core") if r.startswith("opencv-python==")]
+    assert requirements("headless") == [
+        opencv[0].replace("opencv-python", "opencv-python-headless")
+    ]
+
+
+def test_the_arm64_lock_is_the_client_and_only_the_client():
+    """``deploy/docker/lock-arm64.txt`` pins every package of the arm64 client: the core's pins
+    (torch/torchvision: the newest CPU builds on PyPI for aarch64), nothing of the server,
+    no CUDA or triton, and the headless OpenCV."""
+    from deploy.images import LOCK_ARM64, requirements
+
+    lines = [x for x in LOCK_ARM64.read_text().splitlines() if x and not x.startswith("#")]
+    pins = {x.split("==")[0].lower(): x for x in lines}
+    assert all("==" in x for x in lines), [x for x in lines if "==" not in x]
+    for req in [*requirements("core", "arm64"), *requirements("headless")]:
+        assert pins.get(req.split("==")[0].lower(), "").lower() == req.lower(), req
+    assert pins["torch"] == "torch==2.10.0" and pins["torchvision"] == "torchvision==0.25.0"
+    for heavy in ("ray", "optuna", "boto3", "clearml", "onnx", "docker", "triton", "hydra-core"):
+        assert heavy not in pins, heavy
+    assert not [n for n in pins if n.startswith(("nvidia-cu", "nvidia-cudnn", "cuda-"))]
+
+
+def test_requirements_script_pins_per_platform_in_the_image(tmp_path):
+    """What the images' reqs stage runs (standard library only, inside the build)."""
+    script = ROOT / "deploy" / "docker" / "requirements.py"
+    out = {}
+    for arch in ("amd64", "arm64", ""):  # "": the legacy builder sets no TARGETARCH
+        done = subprocess.run(
+            [sys.executable, str(script), str(ROOT / "pyproject.toml"), "core", arch],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out[arch] = done.stdout.split()
+    assert "torch==2.10.0" in out["arm64"] and "torch==2.10.0" not in out["amd64"]
+    assert out[""] == out["amd64"]
 
 
 def test_compose_secrets_and_data_come_from_the_environment():
