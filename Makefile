@@ -65,7 +65,7 @@ compose: $(STAMP)
 
 compose-down: $(STAMP)
 	@test -n "$(RUN)" || { echo "usage: make compose-down RUN=runs/<name>" >&2; exit 2; }
-	$(BIN)/python -m deploy.compose down $(RUN)
+	$(BIN)/fedyolo deploy down $(RUN)
 
 # The linux/arm64 client (edge devices, Graviton), offline; on an x86_64 host it needs
 # qemu-user-static + binfmt-support (docs/how-to/edge-arm64.md).

@@ -76,6 +76,11 @@ def deploy_command(parser: argparse.ArgumentParser) -> None:
         help="a name or IP clients dial, repeatable (default: superlink, localhost, 127.0.0.1)",
     )
     ce.set_defaults(handler=_certs)
+    dn = sub.add_parser(
+        "down", help="remove what a compose run left (engine.keep=true, a killed fedyolo)"
+    )
+    dn.add_argument("run", help="the run directory, e.g. runs/<name>")
+    dn.set_defaults(handler=_compose_down)
 
 
 def _images(args: argparse.Namespace) -> ExitCode:
@@ -95,6 +100,15 @@ def _images(args: argparse.Namespace) -> ExitCode:
     )
     for b in built:
         print(f"{b.tag}: {b.size_bytes / 1e9:.2f} GB, built in {b.seconds:.0f} s")
+    return ExitCode.OK
+
+
+def _compose_down(args: argparse.Namespace) -> ExitCode:
+    """The run's compose project (containers, network, volumes), found from its directory."""
+    from deploy import compose
+
+    setup_logging()
+    print(f"removed compose project {compose.down(Path(args.run))}")
     return ExitCode.OK
 
 

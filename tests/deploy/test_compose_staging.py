@@ -188,6 +188,14 @@ def test_compose_down_of_a_directory_that_is_no_compose_run_is_one_line(tmp_path
         c.down(tmp_path)
 
 
+def test_fedyolo_deploy_down_of_a_directory_that_is_no_compose_run_is_one_line(tmp_path, capsys):
+    from fl_server.cli import main
+
+    assert main(["deploy", "down", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no compose.env (not a run of engine=compose)" in err, err
+
+
 def test_cpu_limits_above_this_machines_cores_are_lowered(monkeypatch):
     monkeypatch.setattr(c.os, "cpu_count", lambda: 2)
     assert c._cpus(8.0, "server_cpus") == 2.0 and c._cpus(0.5, "client_cpus") == 0.5
