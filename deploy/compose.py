@@ -445,16 +445,24 @@ def ensure_images(e) -> tuple[str, str]:
     those that do not exist or were built from other source than this checkout's (their
     ``io.fedyolo.source`` label), ``always`` both, ``never`` none."""
     tags = {"server": str(e.server_image), "client": str(e.client_image)}
+    platforms = {"server": "linux/amd64", "client": str(e.get("client_platform", "linux/amd64"))}
     mode = str(e.build)
     if mode not in ("missing", "always", "never"):
         raise ComposeError(f"engine.build={mode!r}: one of missing, always, never")
     cli = images.docker_cli()
-    why = images.outdated(tags, cli)
+    why = images.outdated(tags, cli, platforms)
     missing = [r for r, w in why.items() if w == "missing"]
     if mode == "never" and missing:
         raise ComposeError(
             f"engine.build=never but {', '.join(tags[r] for r in missing)} does not exist: "
             "`fedyolo deploy images` (or `make images`) builds it"
+        )
+    wrong = [r for r, w in why.items() if w.startswith("built for")]
+    if mode == "never" and wrong:
+        r = wrong[0]
+        raise ComposeError(
+            f"engine.build=never but {tags[r]} is {why[r].removeprefix('built for ')} "
+            f"(engine.{r}_platform={platforms[r]})"
         )
     for r, w in why.items():
         if w != "missing":
@@ -462,10 +470,15 @@ def ensure_images(e) -> tuple[str, str]:
     roles = tuple(images.ROLES) if mode == "always" else ()
     if mode == "missing":
         roles = tuple(why)
-    if roles:
-        LOGGER.info("compose engine: building %s", ", ".join(tags[r] for r in roles))
+    for platform in dict.fromkeys(platforms[r] for r in roles):  # amd64 first: shared layers
+        these = tuple(r for r in roles if platforms[r] == platform)
+        LOGGER.info("compose engine: building %s", ", ".join(tags[r] for r in these))
         for built in images.build_images(
-            offline=bool(e.offline), base=str(e.base_image) or None, roles=roles, tags=tags
+            offline=bool(e.offline),
+            base=(str(e.base_image) or None) if platform == "linux/amd64" else None,
+            roles=these,
+            tags=tags,
+            platform=platform,
         ):
             gb = built.size_bytes / 1e9
             LOGGER.info("built %s in %.0f s (%.2f GB)", built.tag, built.seconds, gb)

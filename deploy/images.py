@@ -170,17 +170,28 @@ def image_source(tag: str, cli: str | None = None) -> str:
     return "" if out == "<no value>" else out
 
 
-def outdated(tags: dict[str, str], cli: str | None = None) -> dict[str, str]:
-    """The roles whose image must be built, with why: it does not exist, or it was built
-    from other source than this checkout's."""
+def outdated(
+    tags: dict[str, str], cli: str | None = None, platforms: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The roles whose image must be built, with why: it does not exist, it was built for
+    another platform than ``platforms[role]`` (default linux/amd64), or from other source
+    than this checkout's."""
     cli = cli or docker_cli()
     digest, out = source_digest(), {}
     for role in ROLES:
+        want = PLATFORMS[check_platform((platforms or {}).get(role, "linux/amd64"))]
         if not image_exists(tags[role], cli):
             out[role] = "missing"
+        elif (got := image_arch(tags[role], cli)) != want:
+            out[role] = f"built for linux/{got}, not linux/{want}"
         elif image_source(tags[role], cli) != digest:
             out[role] = "built from other source than this checkout's"
     return out
+
+
+def image_arch(tag: str, cli: str | None = None) -> str:
+    """The image's architecture as Docker names it (amd64, arm64)."""
+    return _out([cli or docker_cli(), "image", "inspect", "--format", "{{.Architecture}}", tag])
 
 
 def image_id(tag: str, cli: str | None = None) -> str:

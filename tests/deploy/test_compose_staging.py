@@ -199,3 +199,45 @@ def test_fedyolo_deploy_down_of_a_directory_that_is_no_compose_run_is_one_line(t
 def test_cpu_limits_above_this_machines_cores_are_lowered(monkeypatch):
     monkeypatch.setattr(c.os, "cpu_count", lambda: 2)
     assert c._cpus(8.0, "server_cpus") == 2.0 and c._cpus(0.5, "client_cpus") == 0.5
+
+
+def test_an_image_of_another_platform_is_never_run_as_the_client(tmp_path):
+    """``engine.client_platform``: an existing ``client_image`` built for another platform is
+    rebuilt (``build=missing``) or refused in one line (``build=never``), never run as it is.
+    Needs a Docker engine (a two-file image built from scratch, nothing pulled)."""
+    import os
+
+    from deploy import images
+
+    try:
+        cli = images.docker_cli()
+        ok = subprocess.run([cli, "info"], capture_output=True, check=False).returncode == 0
+    except images.ImageError:
+        ok = False
+    if not ok:
+        if os.environ.get("FEDYOLO_REQUIRE_DOCKER") == "1":
+            pytest.fail("a Docker engine is required here")
+        pytest.skip("no Docker engine")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY hello /hello\n")
+    (ctx / "hello").write_text("hello")
+    tag = "fedyolo-test/platform:1"
+    subprocess.run([cli, "build", "-q", "-t", tag, str(ctx)], check=True, capture_output=True)
+    try:
+        assert images.image_arch(tag, cli) == "amd64"
+        why = images.outdated({"server": tag, "client": tag}, cli, {"client": "linux/arm64"})
+        assert why["client"] == "built for linux/amd64, not linux/arm64"
+        assert why["server"] == "built from other source than this checkout's"
+        e = OmegaConf.create(
+            {"server_image": tag, "client_image": tag, "build": "never",
+             "client_platform": "linux/arm64", "offline": True, "base_image": ""}
+        )  # fmt: skip
+        with pytest.raises(c.ComposeError) as err:
+            c.ensure_images(e)
+        assert str(err.value) == (
+            f"engine.build=never but {tag} is linux/amd64, not linux/arm64 "
+            "(engine.client_platform=linux/arm64)"
+        )
+    finally:
+        subprocess.run([cli, "rmi", "-f", tag], capture_output=True, check=False)

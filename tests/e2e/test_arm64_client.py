@@ -103,7 +103,8 @@ def test_arm64_client_trains_a_round_with_an_x86_64_superlink(
     run = tmp_path / "runs" / "edge"
     args = tiny_run_args(
         tmp_path, "edge", "engine=compose", "engine.offline=true", "engine.build=never",
-        f"engine.client_image={arm64_client}", f"engine.server_image={x86_server}",
+        f"engine.client_image={arm64_client}", "engine.client_platform=linux/arm64",
+        f"engine.server_image={x86_server}",
         "federation.clients=1", "federation.rounds=1", "federation.round_timeout=1500",
         "data.synth.images=48",
     )  # fmt: skip
