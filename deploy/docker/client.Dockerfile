@@ -26,8 +26,9 @@ LABEL org.opencontainers.image.title="fedyolo-client" \
       org.opencontainers.image.source="https://github.com/fedyolo/fedyolo"
 USER 10001:10001
 WORKDIR /home/fedyolo
-# The SuperNode's Runtime API (its ClientApps connect to it) answers on 9094 once it is up.
+# Healthy = the SuperNode is up (its ClientAppIo API answers) and its TLS link to the SuperLink
+# verifies, both read from the SuperNode's own command line (deploy/health.py --supernode).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python3", "-m", "deploy.health", "127.0.0.1:9094"]
+    CMD ["python3", "-m", "deploy.health", "--supernode"]
 ENTRYPOINT ["flower-supernode"]
 CMD ["--help"]

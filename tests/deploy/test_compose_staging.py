@@ -145,7 +145,12 @@ def test_every_service_is_hardened_as_compose_v1_renders_it(tmp_path):
     client = services["supernode-0"]
     assert str(client["mem_limit"]).lower() in ("3g", str(3 * 1024**3))
     test = client["healthcheck"]["test"]
-    assert "--tls" in test and "superlink:9092" in test and "/secrets/ca.crt" in test
+    assert test[-2:] == ["deploy.health", "--supernode"], test
+    # what that check reads from the SuperNode's command line: the TLS link it must verify
+    from deploy.health import supernode_args
+
+    sn = supernode_args(["flower-supernode", *client["command"]])
+    assert sn is not None and (sn.superlink, sn.root_ca) == ("superlink:9092", "/secrets/ca.crt")
     assert "clearml" not in json.dumps(_rendered(tmp_path).get("volumes") or {})
 
 
