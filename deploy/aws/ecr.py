@@ -55,9 +55,9 @@ def _tag_in_ecr(ctx: Any, repo: str, tag: str) -> bool:
 def image_uri(ctx: Any, role: str) -> str:
     """The image a ``role`` instance pulls: ``images.<role>``, or the deployment's ECR
     repository at this fedyolo's version (``deploy.aws.cfn.compute``'s choice too)."""
-    from importlib.metadata import version
-
     from botocore.exceptions import ClientError
+
+    from deploy.aws.cfn.compute import image_tag
 
     given = ctx.cfg.images[role]
     if given:
@@ -72,18 +72,18 @@ def image_uri(ctx: Any, role: str) -> str:
             f"deploy aws push: no ECR repository {repo}; run `fedyolo deploy aws up` first "
             "(or set images.<role>)"
         ) from None
-    return f"{got['repositories'][0]['repositoryUri']}:{version('fedyolo')}"
+    return f"{got['repositories'][0]['repositoryUri']}:{image_tag(ctx.cfg, role)}"
 
 
 DOCKER_ARCH = {"amd64": "x86_64", "arm64": "arm64"}  # an image's Architecture -> EC2's
-PLATFORM = {"x86_64": "amd64", "arm64": "arm64"}
+PLATFORM = {"x86_64": "linux/amd64", "arm64": "linux/arm64"}  # EC2's -> Docker's platform
 
 
 def local_tag(role: str, arch: str) -> str:
     """The local image ``push`` sends for ``role`` on ``arch`` (``fedyolo deploy images``)."""
     from deploy.images import default_tag
 
-    return default_tag(role) + ("" if arch == "x86_64" else f"-{PLATFORM[arch]}")
+    return default_tag(role, PLATFORM[arch])
 
 
 def push(
@@ -131,7 +131,7 @@ def push(
             key = "clients.arch" if role == "client" else "the server's instances"
             raise AwsError(
                 f"deploy aws push: {src} is a {got} image, {key} is {arch[role]}: build it with "
-                f"`fedyolo deploy images --platform linux/{PLATFORM[arch[role]]}`"
+                f"`fedyolo deploy images --platform {PLATFORM[arch[role]]}`"
             )
         if ecr and _tag_in_ecr(ctx, repo, tag):
             LOGGER.info("%s is already in ECR (immutable tags): not pushed", target)

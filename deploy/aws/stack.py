@@ -150,9 +150,9 @@ def describe(ctx: Context) -> dict | None:
 def images_ready(ctx: Context) -> bool:
     """True when both roles' images exist: given as ``images.<role>``, or in the deployment's
     ECR repository at this fedyolo's version (what the launch templates pull)."""
-    from importlib.metadata import version
-
     from botocore.exceptions import ClientError
+
+    from deploy.aws.cfn.compute import image_tag
 
     ecr = ctx.client("ecr")
     for role in ROLES:
@@ -161,7 +161,7 @@ def images_ready(ctx: Context) -> bool:
         try:
             got = ecr.describe_images(
                 repositoryName=f"{ctx.name.lower()}/{role}",
-                imageIds=[{"imageTag": version("fedyolo")}],
+                imageIds=[{"imageTag": image_tag(ctx.cfg, role)}],
             )
         except ClientError as e:
             if "NotFound" in _code(e):
@@ -251,18 +251,20 @@ def live_counts(ctx: Context) -> dict[str, int] | None:
     return {r: int(by_name.get(ctx.group(r), 0)) for r in ROLES}
 
 
-def instance_types(cfg: Any) -> dict[str, tuple[str, str]]:
-    """Each instance type the stack launches: the setting that names it, the arch it needs
-    (the server image is x86_64; the clients' is ``clients.arch``)."""
+def instance_types(cfg: Any) -> list[tuple[str, str, str]]:
+    """(setting, instance type, the arch it needs) of each type the stack launches: the
+    server image is x86_64, the clients' ``clients.arch`` (a type both roles use is checked
+    for both)."""
     from deploy.aws.cfn.compute import client_arch
 
     c, arch = cfg.clients, client_arch(cfg)
-    types = {str(cfg.server.instance_type): ("server.instance_type", "x86_64")}
-    types.setdefault(str(c.instance_type), ("clients.instance_type", arch))
+    out = [
+        ("server.instance_type", str(cfg.server.instance_type), "x86_64"),
+        ("clients.instance_type", str(c.instance_type), arch),
+    ]
     if c.spot:
-        for t in c.spot_types:
-            types.setdefault(str(t), ("clients.spot_types", arch))
-    return types
+        out += [("clients.spot_types", str(t), arch) for t in c.spot_types]
+    return list(dict.fromkeys(out))
 
 
 def preflight(ctx: Context, verb: str) -> None:
@@ -271,25 +273,29 @@ def preflight(ctx: Context, verb: str) -> None:
     another account holds."""
     from botocore.exceptions import ClientError
 
-    types = instance_types(ctx.cfg)
+    entries = instance_types(ctx.cfg)
+    types = sorted({t for _, t, _ in entries})
     ec2 = ctx.client("ec2")
     got = ec2.describe_instance_type_offerings(
-        LocationType="region", Filters=[{"Name": "instance-type", "Values": sorted(types)}]
+        LocationType="region", Filters=[{"Name": "instance-type", "Values": types}]
     )["InstanceTypeOfferings"]
-    missing = sorted(set(types) - {o["InstanceType"] for o in got})
+    offered = {o["InstanceType"] for o in got}
+    missing = [f"{key}={t}" for key, t, _ in entries if t not in offered]
     if missing:
-        named = ", ".join(f"{types[t][0]}={t}" for t in missing)
-        raise AwsError(f"deploy aws {verb}: {named}: not offered in region {ctx.cfg.region}")
-    described = ec2.describe_instance_types(InstanceTypes=sorted(types))["InstanceTypes"]
+        raise AwsError(
+            f"deploy aws {verb}: {', '.join(missing)}: not offered in region {ctx.cfg.region}"
+        )
+    described = ec2.describe_instance_types(InstanceTypes=types)["InstanceTypes"]
+    archs = {
+        d["InstanceType"]: d.get("ProcessorInfo", {}).get("SupportedArchitectures", [])
+        for d in described
+    }
     wrong = []
-    for d in sorted(described, key=lambda d: list(types).index(d["InstanceType"])):
-        key, arch = types[d["InstanceType"]]
-        has = d.get("ProcessorInfo", {}).get("SupportedArchitectures", [])
+    for key, t, arch in entries:
+        has = archs.get(t, [])
         if arch not in has:
             hint = "clients.arch" if key.startswith("clients") else "the server image"
-            wrong.append(
-                f"{key}={d['InstanceType']} is {'/'.join(has) or '?'}, not {arch} ({hint})"
-            )
+            wrong.append(f"{key}={t} is {'/'.join(has) or '?'}, not {arch} ({hint})")
     if wrong:
         raise AwsError(f"deploy aws {verb}: {'; '.join(wrong)}")
     try:

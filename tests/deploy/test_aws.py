@@ -228,6 +228,16 @@ def test_an_instance_type_the_region_lacks_is_one_line_and_nothing_is_made(aws, 
     assert main([*args, *graviton, "clients.spot_types=[c6g.xlarge]"]) == 0
     assert main([*args, *graviton, "server.instance_type=c7g.xlarge"]) == 2
     assert "server.instance_type=c7g.xlarge is arm64, not x86_64" in capsys.readouterr().err
+    # one type for both roles is checked for both: x86_64 clients of an arm64 fleet refused
+    same = ["clients.arch=arm64", "clients.instance_type=m7i.large", "clients.spot=false"]
+    assert main([*args, "server.instance_type=m7i.large", *same]) == 2
+    err = capsys.readouterr().err
+    assert "clients.instance_type=m7i.large is x86_64, not arm64" in err, err
+    # one type for both roles is checked for both: x86_64 clients of an arm64 fleet refused
+    same = ["clients.arch=arm64", "clients.instance_type=m7i.large", "clients.spot=false"]
+    assert main([*args, "server.instance_type=m7i.large", *same]) == 2
+    err = capsys.readouterr().err
+    assert "clients.instance_type=m7i.large is x86_64, not arm64" in err, err
     assert stack.describe(stack.Context(settings("notype"), aws)) is None
     assert not aws.client("ssm").get_parameters_by_path(Path="/fedyolo/notype/", Recursive=True)[
         "Parameters"

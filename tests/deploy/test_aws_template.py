@@ -225,6 +225,14 @@ def test_arm64_clients_boot_an_arm64_ami_and_the_server_stays_x86_64():
           for r in ("Server", "Client")}  # fmt: skip
     assert lt["Client"]["ImageId"] == {"Ref": "ClientAmi"}
     assert lt["Server"]["ImageId"] == {"Ref": "Ami"}
+    # the arm64 client's own tag in the (immutable-tag) repository: never the x86_64 image
+    from importlib.metadata import version
+
+    from deploy.aws.cfn.compute import _image
+
+    arm = settings("clients.arch=arm64")
+    assert _image(arm, "client")["Fn::Join"][1][1] == f"{version('fedyolo')}-arm64"
+    assert _image(arm, "server")["Fn::Join"][1][1] == version("fedyolo")
     given = template.template(settings("clients.arch=arm64", "clients.ami=ami-0123456789abcdef0"))
     assert given["Parameters"]["ClientAmi"]["Default"] == "ami-0123456789abcdef0"
 

@@ -62,12 +62,20 @@ def parameters(cfg: Any) -> dict:
     return out
 
 
+def image_tag(cfg: Any, role: str) -> str:
+    """The tag a role's image has in the deployment's repository: this fedyolo's version, and
+    ``-arm64`` for arm64 clients (the repositories' tags are immutable: an x86_64 image pushed
+    under the version must never be what Graviton clients pull)."""
+    arch = client_arch(cfg) if role == "client" else "x86_64"
+    return version("fedyolo") + ("" if arch == "x86_64" else f"-{arch}")
+
+
 def _image(cfg: Any, role: str) -> Any:
     given = cfg.images[role]
     if given:
         return str(given)
     uri = att(f"{title(role)}Repository", "RepositoryUri")
-    return {"Fn::Join": [":", [uri, version("fedyolo")]]}
+    return {"Fn::Join": [":", [uri, image_tag(cfg, role)]]}
 
 
 def user_data(cfg: Any, role: str) -> dict:
