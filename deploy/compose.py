@@ -300,7 +300,15 @@ def stage_inputs(run_dir: Path, cfg, base_files: list[Path], env: dict[str, str]
             _set_in_run_config(run_dir, item.key, str(item.path))
         if visible_at(item.path, mounts) == str(item.path):
             continue  # already in the container at that path (the run directory)
-        volumes.append(f"{item.path.resolve()}:{item.path}:ro")
+        # long syntax: a ':' in a path cannot split it; '$' is escaped from interpolation
+        volumes.append(
+            {
+                "type": "bind",
+                "source": str(item.path.resolve()).replace("$", "$$"),
+                "target": str(item.path).replace("$", "$$"),
+                "read_only": True,
+            }
+        )
     return {"services": {SUPERLINK: {"volumes": volumes}}} if volumes else {}
 
 
@@ -408,8 +416,8 @@ class Compose:
                 log = self("logs", "--no-color", "--timestamps", service, check=False, timeout=60)
                 (folder / f"{service}.log").write_text(log)
 
-    def down(self) -> None:
-        self("down", "--volumes", "--remove-orphans", "--timeout", "20", check=False)
+    def down(self, check: bool = False) -> None:
+        self("down", "--volumes", "--remove-orphans", "--timeout", "20", check=check)
 
     def down_command(self) -> str:
         """The shell command that removes this project (what ``engine.keep=true`` leaves)."""
@@ -440,12 +448,20 @@ def _cpus(asked: float, key: str) -> float:
     return asked
 
 
+def native_platform() -> str:
+    """The Docker engine's own platform (linux/amd64 or linux/arm64): ``client_platform=auto``."""
+    arch = images._out([images.docker_cli(), "info", "--format", "{{.Architecture}}"])
+    return "linux/arm64" if arch in ("aarch64", "arm64") else "linux/amd64"
+
+
 def ensure_images(e) -> tuple[str, str]:
     """The server and client image tags, built as ``engine.build`` says: ``missing`` builds
     those that do not exist or were built from other source than this checkout's (their
     ``io.fedyolo.source`` label), ``always`` both, ``never`` none."""
     tags = {"server": str(e.server_image), "client": str(e.client_image)}
-    platforms = {"server": "linux/amd64", "client": str(e.get("client_platform", "linux/amd64"))}
+    client = str(e.get("client_platform", "auto"))
+    client = native_platform() if client == "auto" else client
+    platforms = {"server": "linux/amd64", "client": client}
     mode = str(e.build)
     if mode not in ("missing", "always", "never"):
         raise ComposeError(f"engine.build={mode!r}: one of missing, always, never")
@@ -689,21 +705,21 @@ def engine(run, cfg) -> None:
 
 def down(run_dir: Path) -> str:
     """Remove what a run's compose project left (``engine.keep=true``, a killed ``fedyolo``):
-    its containers, network and volumes, found from the run directory (project name, env file,
-    override files). Returns the project's name."""
+    its containers, network and volumes. Returns the project's name.
+
+    The run directory may come from someone else: only the ``FEDYOLO_*`` values of its
+    ``compose.env`` are read (never ``PATH``, ``DOCKER_HOST``, ``COMPOSE_*``... for the compose
+    CLI), and its override files are not (a volume they name could be anyone's): the project
+    is this installation's docker-compose.yml under the name derived from the run's path, and
+    the clients past 2 go as its orphans."""
     run_dir = Path(run_dir).resolve()
     env_file = run_dir / "compose.env"
     if not env_file.is_file():
         raise ComposeError(f"{run_dir}: no compose.env (not a run of engine=compose)")
-    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
-    work = run_dir / "compose"
-    extra = [
-        work / n
-        for n in ("compose.clients.yml", "compose.limits.yml", "compose.inputs.yml")
-        if (work / n).is_file()
-    ]
-    project = Compose(run_dir, env, extra)
-    project.down()
+    pairs = (line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    env = {k: v for k, v in pairs if re.fullmatch(r"FEDYOLO_[A-Z0-9_]+", k)}
+    project = Compose(run_dir, env, [])
+    project.down(check=True)
     return project.project
 
 

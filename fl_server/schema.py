@@ -205,7 +205,9 @@ class LocalDeploymentEngine(EngineConfig):
 class ComposeEngine(EngineConfig):
     server_image: str = MISSING
     client_image: str = MISSING
-    client_platform: str = rule("linux/amd64 or linux/arm64", one_of("linux/amd64", "linux/arm64"))
+    client_platform: str = rule(
+        "auto, linux/amd64 or linux/arm64", one_of("auto", "linux/amd64", "linux/arm64")
+    )
     build: str = rule("missing, always or never", one_of("missing", "always", "never"))
     offline: bool = rule(*BOOL)
     base_image: str = MISSING

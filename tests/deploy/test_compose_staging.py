@@ -50,7 +50,9 @@ def test_a_checkpoint_given_relative_is_mounted_read_only_at_its_absolute_path(
     run = _run_dir(tmp_path, **{"model.cfg": "elsewhere/best.pt"})
     cfg = config_mod.load(run / "config.yaml")
     override = c.stage_inputs(run, cfg, [c.COMPOSE_FILE], _env(run))
-    assert override["services"]["superlink"]["volumes"] == [f"{ckpt}:{ckpt}:ro"]
+    assert override["services"]["superlink"]["volumes"] == [
+        {"type": "bind", "source": str(ckpt), "target": str(ckpt), "read_only": True}
+    ]
     # the ServerApp in the container reads config.yaml: the path there is the absolute one
     assert config_mod.load(run / "config.yaml").model.cfg == str(ckpt)
     # and the rendered SuperLink sees the file there, read-only
@@ -171,12 +173,11 @@ def test_health_check_needs_the_tls_link(tmp_path, capsys):
         listener.listen()
         port = listener.getsockname()[1]
         assert health_main([f"127.0.0.1:{port}"]) == 0
-        # a port that answers but no TLS with the CA: unhealthy, one line saying so
-        ca = tmp_path / "ca.crt"
-        ca.write_text("")
-        assert (
-            health_main([f"127.0.0.1:{port}", "--tls", f"127.0.0.1:{port}", "--ca", str(ca)]) == 1
-        )
+        # a port that answers but speaks no TLS (a real CA): unhealthy, one line saying so
+        from deploy.certs import make_tls
+
+        ca = str(make_tls(tmp_path / "tls", ["127.0.0.1"]).ca_cert)
+        assert health_main([f"127.0.0.1:{port}", "--tls", f"127.0.0.1:{port}", "--ca", ca]) == 1
     assert "no TLS link to the SuperLink" in capsys.readouterr().err
 
 
@@ -230,19 +231,55 @@ def test_an_image_of_another_platform_is_never_run_as_the_client(tmp_path):
     tag = "fedyolo-test/platform:1"
     subprocess.run([cli, "build", "-q", "-t", tag, str(ctx)], check=True, capture_output=True)
     try:
-        assert images.image_arch(tag, cli) == "amd64"
-        why = images.outdated({"server": tag, "client": tag}, cli, {"client": "linux/arm64"})
-        assert why["client"] == "built for linux/amd64, not linux/arm64"
-        assert why["server"] == "built from other source than this checkout's"
+        import platform
+
+        native = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[platform.machine()]
+        other = "arm64" if native == "amd64" else "amd64"
+        assert images.image_arch(tag, cli) == native
+        why = images.outdated({"server": tag, "client": tag}, cli, {"client": f"linux/{other}"})
+        assert why["client"] == f"built for linux/{native}, not linux/{other}"
         e = OmegaConf.create(
             {"server_image": tag, "client_image": tag, "build": "never",
-             "client_platform": "linux/arm64", "offline": True, "base_image": ""}
+             "client_platform": f"linux/{other}", "offline": True, "base_image": ""}
         )  # fmt: skip
         with pytest.raises(c.ComposeError) as err:
             c.ensure_images(e)
         assert str(err.value) == (
-            f"engine.build=never but {tag} is linux/amd64, not linux/arm64 "
-            "(engine.client_platform=linux/arm64)"
+            f"engine.build=never but {tag} is linux/{native}, not linux/{other} "
+            f"(engine.client_platform=linux/{other})"
         )
     finally:
         subprocess.run([cli, "rmi", "-f", tag], capture_output=True, check=False)
+
+
+def test_down_of_a_run_directory_from_someone_else_reads_only_its_fedyolo_values(
+    tmp_path, monkeypatch
+):
+    """``fedyolo deploy down RUN``: a hostile ``compose.env`` cannot choose the compose CLI's
+    PATH, Docker daemon or compose files, and the run's override files are not read."""
+    import os
+
+    run = tmp_path / "runs" / "handed-over"
+    (run / "compose").mkdir(parents=True)
+    (run / "compose.env").write_text(
+        "FEDYOLO_CLIENTS=3\nPATH=/tmp/evil/bin\nDOCKER_HOST=tcp://203.0.113.9:2375\n"
+        "COMPOSE_FILE=/tmp/evil.yml\nLD_PRELOAD=/tmp/evil.so\n"
+    )
+    (run / "compose" / "compose.clients.yml").write_text("volumes: {x: {name: someone_elses}}\n")
+    seen = {}
+
+    def fake_call(self, *args, timeout=600, check=True):
+        seen.update(args=args, env=self.env, files=self.files, check=check,
+                    env_file=self.env_file.read_text())  # fmt: skip
+        return ""
+
+    monkeypatch.setattr(c, "compose_cli", lambda: ["docker-compose"])
+    monkeypatch.setattr(c.Compose, "__call__", fake_call)
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    assert c.down(run) == c.project_name(run.resolve())
+    assert seen["args"][0] == "down" and seen["check"] is True
+    assert seen["files"] == [c.COMPOSE_FILE]
+    assert seen["env_file"] == "FEDYOLO_CLIENTS=3\n"
+    assert seen["env"].get("PATH") == os.environ.get("PATH")
+    assert "DOCKER_HOST" not in seen["env"] and "LD_PRELOAD" not in seen["env"]
+    assert "COMPOSE_FILE" not in seen["env"]
