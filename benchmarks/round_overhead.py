@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 from importlib.metadata import version
@@ -52,16 +53,19 @@ SETUPS = {
 }
 
 
-POLL_SETTINGS = (  # Flower's own (1.41: the first) and the proposed upstream ones
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
-    "FLWR_SUPERNODE_PULL_INTERVAL",
-    "FLWR_SUPERNODE_REPLY_POLL_INTERVAL",
-)
+# The upstream settings proposed in benchmarks/upstream/ (the nodes inherit the environment;
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL is not here: the engines always set it to 0.1)
+POLL_SETTINGS = ("FLWR_SUPERNODE_PULL_INTERVAL", "FLWR_SUPERNODE_REPLY_POLL_INTERVAL")
+
+
+def run_name(setup: str, label: str = "") -> str:
+    return f"overhead-{setup}" + (f"-{label}" if label else "")
 
 
 def run(setup: str, rounds: int, extra: list[str], label: str = "") -> Path:
-    name = f"overhead-{setup}" + (f"-{label}" if label else "")
-    return fedyolo_run(name, [*SETUPS[setup], f"federation.rounds={rounds}", *extra])
+    return fedyolo_run(
+        run_name(setup, label), [*SETUPS[setup], f"federation.rounds={rounds}", *extra]
+    )
 
 
 def split(run_dir: Path) -> dict:
@@ -121,6 +125,8 @@ def main() -> None:
         help="split a setup's completed run in benchmarks/work instead of running it again",
     )
     args = ap.parse_args()
+    if args.label and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,39}", args.label):
+        ap.error(f"--label {args.label!r}: lower-case letters, digits, '.', '_' and '-'")
     path = RESULTS / "round_overhead.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     out = {
@@ -132,7 +138,7 @@ def main() -> None:
     for setup in args.setups.split(","):
         rounds = args.rounds if setup == "simulation" else args.deploy_rounds
         key = f"{setup}@{args.label}" if args.label else setup
-        run_dir = WORK / "runs" / ("-".join(["overhead", setup, args.label]).rstrip("-"))
+        run_dir = WORK / "runs" / run_name(setup, args.label)
         if not (args.reuse and _completed(run_dir, rounds)):
             run_dir = run(setup, rounds, args.extra, args.label)
         out["engines"][key] = {

@@ -6,13 +6,15 @@ a TLS handshake with the SuperLink at that address verifies against the CA certi
 (its certificate names that host); else 1 with one line naming what failed.
 
 ``--supernode`` (the client image's ``HEALTHCHECK``, so also ``docker run`` on a robot, the EC2
-boot path and docker-compose.yml) reads both from the running ``flower-supernode``'s own command
-line (``/proc/<pid>/cmdline``): its ClientAppIo port (``--clientappio-api-address``, 9094 by
-default) and its SuperLink (``--superlink``, verified with ``--root-certificates``; with
-``--insecure`` a TCP connection). A client is healthy when its SuperNode is up *and* its link
-to the SuperLink works (the network, the name, TLS with the fleet's CA). A SuperNode that the
-SuperLink refuses (an unregistered key, a heartbeat answered "unauthorized") exits in Flower
-1.41, so "up and linked" means connected. The server image's check is the first form. Standard
+boot path and docker-compose.yml) reads both from the running ``flower-supernode``'s own
+command line (``/proc/<pid>/cmdline``): its Runtime API (``--host``/``--port``, 127.0.0.1:9094
+by default in Flower 1.41) and its SuperLink (``--superlink``, verified with
+``--root-certificates``; with ``--insecure`` a TCP connection). Healthy = the SuperNode is up
+*and* its link to the SuperLink works (the network, the name, TLS with the fleet's CA). It
+does not prove the SuperLink accepted the node's key: a SuperNode the SuperLink refuses (an
+unregistered key, a heartbeat answered "unauthorized") exits in Flower 1.41, and the
+container's loop starts it again, so a check can fall in such a window; three failed checks
+in a row make the container unhealthy. The server image's check is the first form. Standard
 library only: it costs no import of torch or Flower.
 """
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUPERNODE = "flower-supernode"
-CLIENTAPPIO = "0.0.0.0:9094"  # flower-supernode's default --clientappio-api-address
+RUNTIME_HOST, RUNTIME_PORT = "127.0.0.1", "9094"  # flower-supernode 1.41's --host, --port
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -79,8 +81,8 @@ def supernode_args(argv: list[str]) -> SupernodeArgs | None:
     script itself, ``python3 .../flower-supernode ...``; not a shell that starts one)."""
     if not any(Path(a).name == SUPERNODE for a in argv[:2]):
         return None
-    listen = _option(argv, "--clientappio-api-address") or CLIENTAPPIO
-    host, _, port = listen.rpartition(":")
+    host = _option(argv, "--host") or RUNTIME_HOST
+    port = _option(argv, "--port") or RUNTIME_PORT
     local = "127.0.0.1" if host in ("", "0.0.0.0", "[::]", "::") else host
     return SupernodeArgs(
         clientappio=f"{local}:{port}",
@@ -112,7 +114,7 @@ def check_supernode(proc: Path = Path("/proc")) -> str | None:
     if sn is None:
         return "no flower-supernode process runs"
     if not healthy(sn.clientappio):
-        return f"the SuperNode's ClientAppIo API does not answer on {sn.clientappio}"
+        return f"the SuperNode's Runtime API does not answer on {sn.clientappio}"
     if not sn.superlink:
         return "the SuperNode's command line names no --superlink"
     if sn.insecure or not sn.root_ca:

@@ -45,7 +45,7 @@ def test_the_supernode_is_found_by_its_script_not_by_the_shell_that_loops_on_it(
     )
     assert sn == health.SupernodeArgs("127.0.0.1:9094", "superlink:9092", "/secrets/ca.crt", False)
     sn = health.supernode_args(
-        ["flower-supernode", "--insecure", "--clientappio-api-address=127.0.0.1:9190"]
+        ["flower-supernode", "--insecure", "--host", "0.0.0.0", "--port=9190"]
     )
     assert sn is not None and sn.clientappio == "127.0.0.1:9190" and sn.insecure
 
@@ -54,7 +54,7 @@ def test_healthy_only_when_up_and_linked(tmp_path):
     with _listener() as app, _listener() as link:
         app_port, link_port = app.getsockname()[1], link.getsockname()[1]
         argv = ["python3", "/v/bin/flower-supernode", "--insecure",
-                f"--clientappio-api-address=0.0.0.0:{app_port}"]  # fmt: skip
+                "--host=0.0.0.0", f"--port={app_port}"]  # fmt: skip
         proc = _proc(
             tmp_path, ["/bin/sh", "-c", "loop"], [*argv, f"--superlink=127.0.0.1:{link_port}"]
         )
@@ -86,7 +86,7 @@ def test_the_tls_link_must_verify_against_the_supernodes_ca(tmp_path):
         t = threading.Thread(target=serve, daemon=True)
         t.start()
         base = ["python3", "/v/bin/flower-supernode", f"--superlink=localhost:{port}",
-                f"--clientappio-api-address=127.0.0.1:{app.getsockname()[1]}"]  # fmt: skip
+                f"--port={app.getsockname()[1]}"]  # fmt: skip
         ok = _proc(tmp_path / "a", [*base, f"--root-certificates={tls.ca_cert}"])
         assert health.check_supernode(ok) is None
         bad = _proc(tmp_path / "b", [*base, f"--root-certificates={other.ca_cert}"])
