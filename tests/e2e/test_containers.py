@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from e2e_helpers import (
     check_best_reevaluates,
     check_run_dir,
@@ -80,8 +81,9 @@ def test_compose_federation_with_tls_and_node_auth(tmp_path, docker_engine, imag
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_run_dir(run, rounds=2, clients=2)
     assert f"cfg: {ckpt}" in (run / "config.yaml").read_text()
-    staged = (run / "compose" / "compose.inputs.yml").read_text()
-    assert f"{ckpt}:{ckpt}:ro" in staged, staged
+    staged = yaml.safe_load((run / "compose" / "compose.inputs.yml").read_text())
+    mount = {"type": "bind", "source": str(ckpt), "target": str(ckpt), "read_only": True}
+    assert staged["services"]["superlink"]["volumes"] == [mount], staged
     link_log = (run / "logs" / "superlink.log").read_text()
     assert "Uvicorn running on https://0.0.0.0:9092" in link_log  # TLS, not plain HTTP
     # node authentication: the two keys were registered, and exactly those nodes activated
