@@ -1,6 +1,7 @@
 # fedyolo: `make demo` runs the default federation, `make test` runs the suite.
 # Both create .venv on first use (torch 2.14.1 / torchvision 0.29.1 come from the machine's
-# local wheel store; everything else is pinned in pyproject.toml).
+# local wheel store; everything else is pinned in pyproject.toml, indirect packages in
+# deploy/docker/lock-amd64.txt).
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,12 +10,16 @@ STAMP  := $(VENV)/.installed
 .PHONY: venv checkov demo test test-fast lint bench clean images images-offline images-arm64 \
         docs docs-serve compose compose-down
 
-$(STAMP): pyproject.toml
+# On x86_64 every package, indirect ones too, is held at the images' lock (the tested set).
+LOCK   := deploy/docker/lock-amd64.txt
+CONSTRAINT := $(if $(filter x86_64,$(shell uname -m)),--constraint $(LOCK),)
+
+$(STAMP): pyproject.toml $(LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (fedyolo is tested on CPython 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip==25.3"
 	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet $(CONSTRAINT) -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -31,7 +36,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
 test: $(STAMP) $(AWS_CLI)
-	$(BIN)/python -m pytest -q; rc=$$?; \
+	$(BIN)/python -m pytest -q --durations=30; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # checkov (scans the CloudFormation template, tests/deploy/test_aws_template.py) in a venv of its

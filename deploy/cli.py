@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.aws import AwsError, ecr, stack
-from deploy.images import PLATFORMS, ROLES, ImageError, build_images, relock_arm64
+from deploy.images import PLATFORMS, ROLES, ImageError, build_images, relock
 from deploy.local import make_security, node_names
 from fl_client.errors import ExitCode
 from fl_server.cli import setup_logging
@@ -45,7 +45,8 @@ def deploy_command(parser: argparse.ArgumentParser) -> None:
     im.add_argument(
         "--relock",
         action="store_true",
-        help="linux/arm64: resolve deploy/docker/lock-arm64.txt again (uv) before building",
+        help="resolve the platform's lock (deploy/docker/lock-<arch>.txt) again from "
+        "pyproject.toml's pins before building",
     )
     im.set_defaults(handler=_images)
     aws = sub.add_parser(
@@ -89,7 +90,7 @@ def _images(args: argparse.Namespace) -> ExitCode:
     if len(tags) != len(args.tag or []) or not set(tags) <= set(ROLES):
         raise ImageError(f"--tag: give ROLE=TAG with ROLE one of {', '.join(ROLES)}")
     if args.relock:
-        relock_arm64()
+        print(f"rewrote {relock(args.platform)}")
     built = build_images(
         offline=args.offline,
         base=args.base,

@@ -126,7 +126,8 @@ def _materialize(src: Path, dst: Path) -> None:
 
 def client_services(compose: dict, num_clients: int) -> dict[str, dict]:
     """The ``supernode-<i>`` services for ``num_clients`` clients, made from ``supernode-0`` of
-    the compose file (clients the file lists are kept as written)."""
+    the compose file (clients the file lists are kept as written): its shard, key and state
+    folder are the client's own."""
     template = compose["services"]["supernode-0"]
     out = {}
     for i in range(num_clients):
@@ -138,6 +139,7 @@ def client_services(compose: dict, num_clients: int) -> dict[str, dict]:
             text.replace("partition-id=0 ", f"partition-id={i} ")
             .replace("supernodes/supernode-0:", f"supernodes/{name}:")
             .replace("/client_0:", f"/client_{i}:")
+            .replace("node-state}/supernode-0:", f"node-state}}/{name}:")
         )
         out[name] = yaml.safe_load(text)
     return out
@@ -516,11 +518,13 @@ def _owner_env(paths: list[Path]) -> dict[str, str]:
 
 def mount_environment(run_dir: Path) -> dict[str, str]:
     """Where docker-compose.yml finds this run's files: the run directory, its keys (made by
-    ``make_security`` in the Flower home ``.flwr``) and the clients' exported shards."""
+    ``make_security`` in the Flower home ``.flwr``), the clients' exported shards and their
+    state folders."""
     return {
         "FEDYOLO_RUN_DIR": str(run_dir),
         "FEDYOLO_SECRETS": str(RunDir(run_dir).flwr_home / "secrets"),
         "FEDYOLO_SHARDS": str(run_dir / "compose" / "shards"),
+        "FEDYOLO_NODE_STATE_DIR": str(run_dir / "compose" / "node-state"),
     }
 
 
@@ -544,6 +548,9 @@ def run_compose(run_dir: Path, cfg) -> None:
     for shard in (run.client_shard(i) for i in range(num_clients)):
         export_shard(shard, shards / shard.name)
     resolve_links(run.server_val)
+    node_state = Path(mount_environment(run_dir)["FEDYOLO_NODE_STATE_DIR"])
+    for name in nodes:  # each client's /state: the node ID its entry point signs off
+        (node_state / name).mkdir(mode=0o700, parents=True, exist_ok=True)
     port = int(e.port) or free_port()
     env = flwr_env(flwr_home, f"127.0.0.1:{port}", security)
     compose_env = {

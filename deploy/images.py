@@ -22,6 +22,7 @@ dangling.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -43,6 +44,14 @@ LOCAL_BASE = "fedyolo/base:bookworm-py311"
 ROLES = ("server", "client")
 DOCKER_DIR = PROJECT_ROOT / "deploy" / "docker"
 LOCK_ARM64 = DOCKER_DIR / "lock-arm64.txt"
+# Every package of both x86_64 images (direct and indirect), resolved by pip on this platform:
+# the wheelhouse, the images and `make venv` (the tested environment) install under it.
+LOCK_AMD64 = DOCKER_DIR / "lock-amd64.txt"
+LOCK_AMD64_HEAD = (
+    "# Every package of the x86_64 images, direct and indirect (pip's resolver on x86_64, Python",
+    "# 3.11): the wheelhouse, the images and `make venv` install under it as a constraint file.",
+    "# `fedyolo deploy images --relock` rewrites it from pyproject.toml's pins.",
+)
 # Docker platform -> TARGETARCH; which roles it builds; the Debian architecture.
 PLATFORMS = {"linux/amd64": "amd64", "linux/arm64": "arm64"}
 PLATFORM_ROLES = {"linux/amd64": ROLES, "linux/arm64": ("client",)}
@@ -314,26 +323,43 @@ def make_wheelhouse(folder: Path = WHEELHOUSE, platform: str = "linux/amd64") ->
     """
     if PLATFORMS[check_platform(platform)] == "arm64":
         return _arm64_wheelhouse(folder / "arm64")
-    reqs = [
-        *requirements("core"),
-        *requirements("headless"),
-        *requirements("server"),
-        "setuptools==80.9.0",
-    ]
-    digest = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:16]
+    reqs = _amd64_requirements()
+    lock = LOCK_AMD64.read_text()
+    digest = hashlib.sha256("\n".join([*reqs, lock]).encode()).hexdigest()[:16]
     stamp = folder / ".requirements"
     if stamp.exists() and stamp.read_text() == digest:
         return 0.0
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     _run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(folder), *reqs],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--wheel-dir",
+            str(folder),
+            "--constraint",
+            str(LOCK_AMD64),
+            *reqs,
+        ],
         "pip wheel (the wheelhouse)",
     )
     for stale in folder.glob("fedyolo-*.whl"):
         stale.unlink()
     _write_new(stamp, digest)
     return time.perf_counter() - t0
+
+
+def _amd64_requirements() -> list[str]:
+    """What the x86_64 wheelhouse holds: both roles and the headless OpenCV."""
+    return [
+        *requirements("core"),
+        *requirements("headless"),
+        *requirements("server"),
+        "setuptools==80.9.0",
+    ]
 
 
 def _arm64_wheelhouse(folder: Path) -> float:
@@ -364,9 +390,31 @@ def _write_new(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def relock_arm64() -> None:
-    """Rewrite ``deploy/docker/lock-arm64.txt``: the client's requirements for aarch64 resolved
-    with ``uv pip compile`` (pip evaluates markers for the host, so it cannot resolve this)."""
+def relock(platform: str = "linux/amd64") -> Path:
+    """Resolve the platform's lock again from pyproject.toml's pins; the lock's path.
+
+    amd64: pip's own resolver (``pip install --dry-run --report``) on this x86_64 host, with the
+    host's wheel store (where torch 2.14.1 lies). arm64: ``uv pip compile`` for
+    ``aarch64-manylinux_2_28`` (pip evaluates environment markers for the host it runs on)."""
+    if PLATFORMS[check_platform(platform)] == "arm64":
+        _relock_arm64()
+        return LOCK_ARM64
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        _run(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
+             "--quiet", "--report", str(report), *_amd64_requirements()],
+            "pip install --dry-run (the x86_64 lock)",
+        )  # fmt: skip
+        found = json.loads(report.read_text())["install"]
+    pins = [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in found]
+    pins.sort(key=str.lower)
+    LOCK_AMD64.write_text("\n".join([*LOCK_AMD64_HEAD, *pins]) + "\n")
+    return LOCK_AMD64
+
+
+def _relock_arm64() -> None:
+    """The client's requirements for aarch64 resolved with ``uv pip compile``."""
     uv = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
     wanted = [*requirements("core", "arm64"), *requirements("headless"), "setuptools==80.9.0"]
     with tempfile.TemporaryDirectory() as tmp:

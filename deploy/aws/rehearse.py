@@ -51,9 +51,6 @@ from fl_server.engines import EventKind, RunDir, Status
 
 LOGGER = logging.getLogger("fedyolo")
 
-NETWORK = "10.213.0.0/24"  # the rehearsal's Docker network; the VPC's first subnet
-SERVER_IP = "10.213.0.10"  # this machine's address there: the server interface's private IP
-VPC_CIDR = "10.213.0.0/16"
 REGION = "eu-west-1"
 RUN_NAME = "rehearsal"
 # a federation small enough for two CPU clients in minutes (tests/testkit.py's tiny setup)
@@ -214,25 +211,130 @@ def _wait_port(host: str, port: int, timeout: float, what: str) -> None:
     raise AwsError(f"deploy aws rehearse: {what} did not listen on {host}:{port}")
 
 
-@contextmanager
-def _network(client: Any, name: str):
-    """A Docker network whose gateway (this machine) holds the server interface's address."""
+OWNER_LABEL = "fedyolo.rehearsal.owner"  # "<boot id>:<pid>" of the rehearsal that made it
+
+
+def _owner() -> str:
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return f"{boot.read_text().strip() if boot.exists() else '?'}:{os.getpid()}"
+
+
+def _alive(owner: str) -> bool:
+    """Whether the rehearsal process ``owner`` names (``boot id:pid``) still runs."""
+    boot, _, pid = owner.rpartition(":")
+    if boot and boot != _owner().rpartition(":")[0]:
+        return False  # made before this machine's last boot
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clear_stale(client: Any) -> None:
+    """Remove what a rehearsal that was killed (SIGKILL, a machine's end) left: its network and
+    the containers still attached to it. Another live rehearsal's are left alone."""
     import docker
 
+    for net in client.networks.list(names=["rehearsal-"]):
+        owner = (net.attrs.get("Labels") or {}).get(OWNER_LABEL)
+        if owner is None:  # made before the label: the name holds the pid
+            suffix = net.name.removeprefix("rehearsal-")
+            if not net.name.startswith("rehearsal-") or not suffix.isdigit():
+                continue
+            owner = f":{suffix}"
+        if _alive(owner):
+            continue
+        LOGGER.warning("rehearsal: removing %s, left by a rehearsal that was killed", net.name)
+        with suppress(docker.errors.APIError):
+            net.reload()
+            for c in net.containers:
+                c.remove(force=True)
+            net.remove()
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """The rehearsal's addresses: a /24 Docker network, the VPC's first subnet, whose gateway
+    (this machine) holds the server interface's private address."""
+
+    network: str
+    server_ip: str
+    vpc_cidr: str
+
+
+def _addresses(client: Any) -> Addresses:
+    """The first 10.N.0.0/24 (N from 213) no Docker network and no interface of this machine
+    uses."""
+    import ipaddress
+
+    import psutil
+
+    taken = [
+        ipaddress.ip_network(pool["Subnet"], strict=False)
+        for net in client.networks.list()
+        for pool in ((net.attrs.get("IPAM") or {}).get("Config") or [])
+        if pool.get("Subnet")
+    ]
+    taken += [
+        ipaddress.ip_interface(f"{a.address}/{a.netmask}").network
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family == socket.AF_INET and a.netmask
+    ]
+    for n in range(213, 255):
+        net = ipaddress.ip_network(f"10.{n}.0.0/24")
+        if not any(net.overlaps(t) for t in taken):
+            return Addresses(str(net), f"10.{n}.0.10", f"10.{n}.0.0/16")
+    raise AwsError(
+        "deploy aws rehearse: no free 10.N.0.0/24 (N 213-254) for the rehearsal's Docker network: "
+        "`docker network ls` shows what holds them"
+    )
+
+
+@contextmanager
+def _network(client: Any, name: str):
+    """A Docker network whose gateway (this machine) holds the server interface's address;
+    removed at the end with whatever is still attached to it."""
+    import docker
+
+    _clear_stale(client)
+    where = _addresses(client)
     ipam = docker.types.IPAMConfig(
-        pool_configs=[docker.types.IPAMPool(subnet=NETWORK, gateway=SERVER_IP)]
+        pool_configs=[docker.types.IPAMPool(subnet=where.network, gateway=where.server_ip)]
     )
     try:
-        net = client.networks.create(name, driver="bridge", ipam=ipam)
+        net = client.networks.create(
+            name, driver="bridge", ipam=ipam, labels={OWNER_LABEL: _owner()}
+        )
     except docker.errors.APIError as e:
         raise AwsError(
-            f"deploy aws rehearse: cannot make the Docker network {NETWORK} (gateway "
-            f"{SERVER_IP}) the stand-in server address needs: {e.explanation or e}"
+            f"deploy aws rehearse: cannot make the Docker network {where.network} (gateway "
+            f"{where.server_ip}) the stand-in server address needs: {e.explanation or e}"
         ) from e
     try:
-        yield net
+        yield where
     finally:
-        net.remove()
+        try:
+            net.reload()
+            for c in net.containers:
+                c.remove(force=True)
+            net.remove()
+        except docker.errors.APIError as e:
+            LOGGER.warning("rehearsal clean-up: network %s: %s", name, e.explanation or e)
+
+
+def _untag(client: Any, registry: str) -> None:
+    """The rehearsal's registry tags (``<registry>/fedyolo/...``) off the local images."""
+    import docker
+
+    for image in client.images.list():
+        for ref in image.tags:
+            if ref.startswith(f"{registry}/"):
+                with suppress(docker.errors.APIError):
+                    client.images.remove(ref, noprune=True)
 
 
 # -- stand-in instances --------------------------------------------------------------------------
@@ -422,10 +524,11 @@ def rehearse(opts: Options) -> dict:
     with ExitStack() as stack_:
         # Ctrl-C or SIGTERM: leave at once, through the clean-up below (stand-ins, stack, network)
         stack_.enter_context(_leave_once())
-        stack_.enter_context(_network(client, tag))
-        endpoint = stack_.enter_context(_moto(SERVER_IP))
-        imds = stack_.enter_context(_metadata_server(SERVER_IP))
+        where = stack_.enter_context(_network(client, tag))
+        endpoint = stack_.enter_context(_moto(where.server_ip))
+        imds = stack_.enter_context(_metadata_server(where.server_ip))
         registry = stack_.enter_context(_registry(out / "registry"))
+        stack_.callback(_untag, client, registry)
         creds = {
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "rehearsal",
@@ -441,8 +544,8 @@ def rehearse(opts: Options) -> dict:
         overrides = [
             f"name={tag}",
             f"region={REGION}",
-            f"vpc.cidr={VPC_CIDR}",
-            f"server.private_ip={SERVER_IP}",
+            f"vpc.cidr={where.vpc_cidr}",
+            f"server.private_ip={where.server_ip}",
             f"images.server={registry}/fedyolo/server:{ver}",
             f"images.client={registry}/fedyolo/client:{ver}",
             f"clients.min={opts.clients}",

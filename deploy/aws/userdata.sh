@@ -249,6 +249,9 @@ UNIT
   PARTITION_ID="${SLOT}"
   SUPERNODE="fedyolo-supernode-${INSTANCE_ID}"
   docker rm -f "${SUPERNODE}" > /dev/null 2>&1 || true
+  # the container's /state: the node ID its entry point signs off after a crash or a restart,
+  # so the SuperLink takes the key back at once (deploy/supernode.py)
+  install -d -m 0700 -o "${USER_ID}" -g "${USER_ID}" "${HOME_DIR}/node-state"
   # unless-stopped: a SuperNode that gave up on its SuperLink (replaced, or keys not registered
   # yet) exits 0; a fleet's client runs until its instance is retired
   docker run -d --name "${SUPERNODE}" --restart unless-stopped "${LOGS[@]}" "${HARDENED[@]}" \
@@ -257,6 +260,7 @@ UNIT
     -v "${SECRETS}/ca.crt:/secrets/ca.crt:ro" \
     -v "${SECRETS}/node.key:/secrets/node.key:ro" \
     -v "${DATA}:/data:ro" \
+    -v "${HOME_DIR}/node-state:/state" \
     "${IMAGE}" \
 __CLIENT_ARGS__
 fi # @end

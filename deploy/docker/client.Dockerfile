@@ -8,13 +8,14 @@
 #   docker build -f Dockerfile.client --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu ...
 #
 #@stages
-# fedyolo itself, less what only the server runs: the client keeps fl_client and the health check
+# fedyolo itself, less what only the server runs: the client keeps fl_client, the health check
+# and its entry point (deploy/supernode.py)
 RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
     pip install --quiet --no-deps /dist/*.whl \
  && site="$(python3 -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
  && rm -rf "$site/fl_server" "$site/tuning" "$site/strategies" "$site/configs" /opt/venv/bin/fedyolo \
- && find "$site/deploy" -mindepth 1 -maxdepth 1 ! -name __init__.py ! -name health.py -exec rm -rf {} + \
- && python3 -c 'import fl_client.client_app, deploy.health' \
+ && find "$site/deploy" -mindepth 1 -maxdepth 1 ! -name __init__.py ! -name health.py ! -name supernode.py -exec rm -rf {} + \
+ && python3 -c 'import fl_client.client_app, deploy.health, deploy.supernode' \
  && pip freeze > /opt/fedyolo/build/pip-freeze.txt
 ARG VERSION=0.1.0
 ARG REVISION=unknown
@@ -30,5 +31,8 @@ WORKDIR /home/fedyolo
 # verifies, both read from the SuperNode's own command line (deploy/health.py --supernode).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python3", "-m", "deploy.health", "--supernode"]
-ENTRYPOINT ["flower-supernode"]
+# flower-supernode, started again at once after a crash, its dead session signed off first so
+# the SuperLink takes its key back without waiting out the heartbeats (deploy/supernode.py);
+# /state (a volume) keeps the node ID across container restarts
+ENTRYPOINT ["python3", "-m", "deploy.supernode"]
 CMD ["--help"]

@@ -25,11 +25,11 @@ RUN groupadd --gid 10001 fedyolo \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
  && dpkg-query --show --showformat '${Package}=${Version} ${Architecture}\n' > /opt/fedyolo/build/dpkg.txt
 
-# ---- reqs: the pinned requirements per role and platform, from pyproject.toml only ----
+# ---- reqs: the pinned requirements per role and platform, from pyproject.toml, and the locks ----
 FROM base AS reqs
 ARG TARGETARCH
 WORKDIR /reqs
-COPY pyproject.toml deploy/docker/requirements.py deploy/docker/pip.sh ./
+COPY pyproject.toml deploy/docker/requirements.py deploy/docker/pip.sh deploy/docker/lock-*.txt ./
 RUN for r in core server drop headless; do \
       python3 requirements.py pyproject.toml "$r" "$TARGETARCH" > "$r.txt"; done
 

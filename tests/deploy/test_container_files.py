@@ -116,6 +116,27 @@ def test_the_arm64_lock_is_the_client_and_only_the_client():
     assert not [n for n in pins if n.startswith(("nvidia-cu", "nvidia-cudnn", "cuda-"))]
 
 
+def test_the_amd64_lock_pins_both_images_as_pyproject_does():
+    """``deploy/docker/lock-amd64.txt`` holds every package of the x86_64 images, indirect ones
+    included, each at one version; pyproject.toml's own pins agree with it (a pin changed in
+    one place only would build images with other packages than the tests ran)."""
+    from deploy.images import LOCK_AMD64, requirements
+
+    lines = [x for x in LOCK_AMD64.read_text().splitlines() if x and not x.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+", x) for x in lines), lines
+    pins = {x.split("==")[0].lower().replace("_", "-"): x.split("==")[1] for x in lines}
+    assert len(pins) == len(lines), "a package locked twice"
+    for req in [*requirements("core"), *requirements("headless"), *requirements("server")]:
+        name, want = re.split(r"\[.*\]", req.split("==")[0])[0], req.split("==")[1]
+        got = pins.get(name.lower().replace("_", "-"))
+        assert got == want, f"{req}: the lock has {got}"
+    for indirect in ("grpcio", "protobuf", "pillow", "requests", "botocore"):
+        assert indirect in pins, f"{indirect} (indirect) is not locked"
+    # the images install under it (pip.sh) and so does the tested venv (Makefile)
+    assert "--constraint" in (ROOT / "deploy" / "docker" / "pip.sh").read_text()
+    assert "$(CONSTRAINT)" in (ROOT / "Makefile").read_text()
+
+
 def test_requirements_script_pins_per_platform_in_the_image(tmp_path):
     """What the images' reqs stage runs (standard library only, inside the build)."""
     script = ROOT / "deploy" / "docker" / "requirements.py"

@@ -2,7 +2,9 @@
 SuperLink in a compose federation and training a round, under emulation on an x86_64 host.
 
 Opt-in (``FEDYOLO_ARM64=1``): from scratch, the arm64 base and image take ~25 min under
-emulation here, too long for CI. Runs when a Docker engine answers and this machine runs arm64
+emulation here, too long for CI, which requires the fast form instead
+(``tests/e2e/test_arm64_smoke.py``: the client's packages import and train a step on aarch64
+under qemu, no image, no Docker). Runs when a Docker engine answers and this machine runs arm64
 binaries (natively, or through qemu-user-static registered with binfmt_misc); otherwise skipped
 with the reason. ``FEDYOLO_REQUIRE_ARM64=1`` makes a missing piece a failure, not a skip. The image
 is built when missing or built from other source (offline when ``FEDYOLO_IMAGES_OFFLINE=1``).

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,3 +84,36 @@ def test_instances_boot_into_a_federation_that_survives_its_server(tmp_path, reh
         for key in secrets.glob("*.key"):
             st = key.stat()
             assert st.st_uid == 10001 and st.st_mode & 0o077 == 0, key
+
+
+def test_a_killed_rehearsals_network_is_removed_and_a_foreign_one_avoided(docker_engine):
+    """A rehearsal killed by SIGKILL leaves its network behind (a CI run once failed on "Pool
+    overlaps with other one"): the next one removes it, and steps around a network it does not
+    own."""
+    import docker
+
+    from deploy.aws import rehearse
+
+    client = docker.from_env()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid no process holds now
+    boot = rehearse._owner().rpartition(":")[0]
+
+    def make(name: str, labels: dict[str, str] | None = None):
+        subnet = rehearse._addresses(client).network  # the one a rehearsal would take now
+        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=subnet)])
+        net = client.networks.create(name, driver="bridge", ipam=ipam, labels=labels or {})
+        return net, subnet
+
+    foreign, _ = make(f"foreign-{os.getpid()}")
+    try:
+        stale, freed = make(f"rehearsal-{dead.pid}", {rehearse.OWNER_LABEL: f"{boot}:{dead.pid}"})
+        ours = f"rehearsal-{os.getpid()}"
+        with rehearse._network(client, ours) as where:
+            assert where.network == freed  # the killed one's, removed; the foreign one avoided
+            assert where.server_ip.startswith(freed.rsplit(".", 2)[0])
+            names = {n.name for n in client.networks.list()}
+            assert stale.name not in names and foreign.name in names and ours in names
+        assert ours not in {n.name for n in client.networks.list()}
+    finally:
+        foreign.remove()

@@ -65,6 +65,26 @@ def test_client_image_is_lean_and_both_run_as_a_fixed_non_root_user(docker_engin
     assert "unknown" not in labels.split()[0] and "deploy.health" in labels
 
 
+def test_both_images_hold_exactly_the_locked_versions(docker_engine, images):
+    """Every package in each image (its own record, /opt/fedyolo/build/pip-freeze.txt) is at the
+    version deploy/docker/lock-amd64.txt pins: the same source installs the same packages."""
+    from deploy.images import LOCK_AMD64
+
+    def norm(line: str) -> tuple[str, str]:
+        name, _, ver = line.partition("==")
+        return name.lower().replace("_", "-"), ver
+
+    lock = dict(norm(x) for x in LOCK_AMD64.read_text().splitlines() if "==" in x)
+    for role, tag in images.items():
+        done = _docker(docker_engine, "run", "--rm", "--entrypoint", "cat", tag,
+                       "/opt/fedyolo/build/pip-freeze.txt")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        held = dict(norm(x) for x in done.stdout.splitlines() if "==" in x)
+        assert len(held) > 30, done.stdout
+        off = {n: (v, lock.get(n)) for n, v in held.items() if n != "fedyolo" and lock.get(n) != v}
+        assert not off, f"{role} image: (held, locked) {off}"
+
+
 def test_compose_federation_with_tls_and_node_auth(tmp_path, docker_engine, images):
     """2 clients x 2 rounds in containers: the run-directory contract of every engine, TLS and
     node authentication on, each client reading its own read-only shard, nothing left behind;
@@ -135,13 +155,20 @@ def _container(cli: str, project: str, service: str) -> str:
 
 
 def _intruder(cli: str, network: str, secrets: Path, image: str, *auth: str) -> tuple[int, str]:
-    """A SuperNode container that tries to join with ``auth``; its exit code and log."""
-    done = subprocess.run(
-        [cli, "run", "--rm", "--network", network, "--user", "0",
-         "-v", f"{secrets / 'ca.crt'}:/secrets/ca.crt:ro", "-v", f"{secrets}:/intruder:ro",
-         image, "--superlink=superlink:9092", "--max-retries=2", "--max-wait-time=20", *auth],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    """A SuperNode container that tries to join with ``auth``; its exit code and log (one
+    that does not end is removed, never left attached to the run's network)."""
+    name = f"fedyolo-intruder-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        done = subprocess.run(
+            [cli, "run", "--rm", "--name", name, "--network", network, "--user", "0",
+             "-v", f"{secrets / 'ca.crt'}:/secrets/ca.crt:ro", "-v", f"{secrets}:/intruder:ro",
+             image, "--superlink=superlink:9092", "--max-retries=2", "--max-wait-time=20",
+             *auth],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        _docker(cli, "rm", "--force", name)
+        pytest.fail(f"the intruder container {name} did not end within 180 s")
     return done.returncode, done.stdout + done.stderr
 
 
@@ -191,9 +218,9 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
         rc, log = _intruder(docker_engine, network, tmp_path / "intruder", images["client"],
                             *plain)  # fmt: skip
         assert rc != 0, f"a plaintext SuperNode was not refused:\n{log[-2000:]}"
-        # Nobody touches it again: Flower accepts the same node key once it has declared the old
-        # session dead (2 missed heartbeats of 30 s, fixed in Flower 1.41); until then the
-        # container's loop retries every 2 s (no Docker back-off, no further restart).
+        # Nobody touches it again: the restarted container's entry point signs off the session
+        # its killed SuperNode left (the node ID kept in its /state folder), so Flower takes the
+        # key at once instead of after 2 missed heartbeats (up to 60 s).
         back = _wait_for_client_in_a_round(run, 1, proc)
         cid = _container(docker_engine, project, "supernode-1")
         restarts = _docker(docker_engine, "inspect", "--format", "{{.RestartCount}}", cid).stdout
@@ -205,7 +232,8 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
                          healthy).stdout.strip()  # fmt: skip
         assert health == "healthy", health
     log1 = (run / "logs" / "supernode-1.log").read_text()
-    assert "flower-supernode exited; retrying in 2 s" in log1, log1[-3000:]
+    assert re.search(r"signed off node \d+'s dead session", log1), log1[-3000:]
+    assert "flower-supernode exited" not in log1, log1[-3000:]  # taken at the first attempt
     link_log = (run / "logs" / "superlink.log").read_text()
     activated = re.findall(r"ActivateNode\] Activated node_id=(\d+)", link_log)
     assert len(activated) == 4 and len(set(activated)) == 3, activated  # 3 + the rejoin
