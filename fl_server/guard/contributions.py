@@ -37,7 +37,9 @@ def replay_contributions(guard: Guard, eval_dir, rounds: list[RoundRecord]) -> d
     """``guard.contributions`` again, round after round, on a finished run's kept matches
     (``output.save_matches``: ``eval/round_NNNN_all.npz`` and ``..._without_<k>.npz``) and the
     repliers in its ``metrics.jsonl`` records (with their ``cls_agreement``): round → per-client
-    scores, for the rounds that kept them. A rule can so be tried on a run after the fact."""
+    scores, for the rounds that kept them (a client the round did not score,
+    ``guard.contribution_sample``, has no kept matches and is left out as the run left it out).
+    A rule can so be tried on a run after the fact."""
     eval_dir = Path(eval_dir)
     out = {}
     for rec in sorted(rounds, key=lambda r: r["round"]):

@@ -6,6 +6,7 @@ contribution (``Guard.contributions``). What the rule is and why: ``fl_server.gu
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +33,9 @@ class Decision:
     # the rule fired (significantly) but the drop is not severe and the guard's patience is not
     # spent: accepted on probation (training continues from it; never a reference nor best.pt)
     probation: bool = False
+    # guard.contribution: the clients scored by leave-one-out this round (at most
+    # guard.contribution_sample of them); None when nothing was scored (off, or < 3 updates)
+    contribution_scored: int | None = None
 
     def as_dict(self) -> dict:
         kind = "rollback" if self.rolled_back else "probation" if self.probation else "accept"
@@ -90,6 +94,7 @@ class Guard:
         self.significance = None if sig is None else float(sig)
         self.bootstrap = int(cfg["bootstrap"])
         self.contribution = bool(cfg["contribution"])
+        self.contribution_sample = int(cfg["contribution_sample"])  # 0: every client
         self.min_flag_gain = float(cfg["min_flag_gain"])
         agree = cfg["flag_agreement"]
         self.flag_agreement = None if agree is None else float(agree)
@@ -189,6 +194,57 @@ class Guard:
             changes["excluded_until_round"] = until if culprits else None
         return changes
 
+    def to_score(self, clients: Iterable[str], agreement: dict[str, float | None]) -> list[str]:
+        """The clients ``guard.contribution`` scores by leave-one-out this round, of the round's
+        repliers ``clients`` (sorted): all of them when there are at most
+        ``guard.contribution_sample`` (0: no limit), else that many (``sample``), picked from
+        evidence the server holds without evaluating anything:
+
+        1. *watched*, at most ``sample - max(1, sample // 2)`` of them: the clients this round's
+           flag could name, i.e. whose update pulls against the others' (``agreement[k]``,
+           ``update_agreement``, below ``guard.flag_agreement``; every client when that is
+           null): first those whose last scored gain was above 0 (evidence pending for the
+           two-participation rule), then the lowest agreement. A client whose update pulls
+           with the others cannot be flagged this round, whatever its leave-one-out gain, so
+           it needs no slot out of turn;
+        2. the rest (at least ``max(1, sample // 2)``) in *rotation*: the least recently scored
+           first (never scored before all), then the lowest agreement. Each round the rotation
+           scores only clients scored no later than any it passes over, so when the same K
+           clients reply every round each is scored at least every ``ceil(K / r)`` rounds, r
+           the rotation's slots: ``ceil(K / sample)`` while nobody is watched, at worst
+           ``ceil(K / max(1, sample // 2))``. In a fleet that samples its clients the bound is
+           in rounds, not participations: a client that replies rarely is, when it does, among
+           the least recently scored.
+
+        The flag rule reads a client's last two *scored* participations (``contributions``)."""
+        ids = sorted(str(k) for k in clients)
+        sample = self.contribution_sample
+        if sample == 0 or len(ids) <= sample:
+            return ids
+        s = self.state
+        agree = {k: agreement.get(k) for k in ids}
+
+        def lowest(k: str) -> float:
+            return agree[k] if agree[k] is not None else float("inf")
+
+        def pending(k: str) -> bool:
+            last = s.gains.get(k)
+            return last is not None and last["gain"] > 0
+
+        watchable = [
+            k
+            for k in ids
+            if self.flag_agreement is None
+            or (agree[k] is not None and agree[k] < self.flag_agreement)
+        ]
+        watched = sorted(watchable, key=lambda k: (not pending(k), lowest(k), k))
+        picked = watched[: sample - max(1, sample // 2)]
+        rest = sorted(
+            (k for k in ids if k not in picked),
+            key=lambda k: (s.participated.get(k, -1), lowest(k), k),
+        )
+        return sorted(picked + rest[: sample - len(picked)])
+
     def contributions(
         self,
         server_round: int,
@@ -199,14 +255,18 @@ class Guard:
         """Per client k: ``gain`` = metric(aggregate without k) - metric(aggregate of all), with
         its paired-bootstrap interval ``ci`` (every model on the same resampled held-out images,
         the same resamples every round), and ``gain_2``/``ci_2``: the gains of this round and of
-        the last round before it that k took part in, summed resample by resample.
+        the last round before it that k was scored in, summed resample by resample. ``without``
+        holds the clients scored this round (``to_score``: all of them unless the round has more
+        than ``guard.contribution_sample``); a client's participations left unscored are not
+        evidence, so "two participations" below are its last two *scored* ones.
 
         k is ``flagged`` when ``ci_2``'s lower bound is above 0 (over its last two
         participations, the aggregate would have been significantly better without it) and
         ``gain_2`` is at least ``guard.min_flag_gain`` (significant is not enough: at mAP
         ~0.004, at the onset of learning, an honest client's +0.003 was significant), and
         this round its ``gain`` is not below 0 (a client that hurt once and helps now is not
-        flagged again on old evidence) and above the other clients' median (``vs_others`` > 0:
+        flagged again on old evidence) and above the other scored clients' median
+        (``vs_others`` > 0:
         a round where every removal helps alike names nobody), and, with
         ``guard.flag_agreement`` set, its update pulls against the others' on the detection
         layer's classification branch (``agreement[k]``: ``update_agreement``, below that

@@ -2,10 +2,11 @@
 
 Given the round's evaluated global model and what the grid saw (``RoundLog``), ``GuardStep``
 keeps the evaluation's per-image matches (``output.save_matches``), asks the rule
-(``Guard.check``), says a drop within the noise or on probation, scores every client's
-contribution (``guard.contribution``), and rolls back (searching the culprits under
-``guard.policy=exclude``) or accepts, each with its event. It also keeps, while a drop is on
-probation, the round log whose replies a later rollback searches, and frees the others.
+(``Guard.check``), says a drop within the noise or on probation, scores the clients'
+contributions (``guard.contribution``: every client, or a sample of them), and rolls back
+(searching the culprits under ``guard.policy=exclude``) or accepts, each with its event. It
+also keeps, while a drop is on probation, the round log whose replies a later rollback
+searches, and frees the others.
 
 The round loop (``fl_server.federation``) owns the global model: on a rollback the step calls its
 ``restore_best`` (the best weights and strategy state back, ``best.pt`` over ``last.pt``) before it
@@ -19,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +96,9 @@ class GuardStep:
         verdict = Verdict(decision)
         if self.guard.enabled and self.guard.contribution:
             # also in a rolled-back round: evidence all the same
-            verdict.contribution_seconds = self._contributions(rnd, rounds.get(rnd), sent)
+            verdict.contribution_seconds, decision.contribution_scored = self._contributions(
+                rnd, rounds.get(rnd), sent
+            )
         if decision.rolled_back:
             self._rollback(rnd, res, decision, rounds)
         else:
@@ -276,48 +280,65 @@ class GuardStep:
             rounds.pop(r)  # frees kept updates
 
     # -- contributions -------------------------------------------------------------------------
-    def _contributions(self, rnd: int, log: RoundLog | None, sent: ArrayRecord) -> float | None:
+    def _contributions(
+        self, rnd: int, log: RoundLog | None, sent: ArrayRecord
+    ) -> tuple[float | None, int | None]:
         """``guard.contribution``: what each client did to this round's aggregate, on the
         held-out set (``fl_server.guard.Guard.contributions``): the mean of every reply and the
-        mean without client k are evaluated; k is flagged when, over its last two
+        mean without client k are evaluated, for every k when the round has at most
+        ``guard.contribution_sample`` replies, else for that many, picked from the updates
+        alone (``Guard.to_score``); k is flagged when, over its last two scored
         participations, the aggregate would have been significantly better without it (paired
         bootstrap), and this round it did not help and did less than the other clients. Each
-        client's entry in ``metrics.jsonl`` gets its ``loo_gain``, ``loo_gain_2`` (two
-        participations), their intervals and ``loo_vs_others``; a flag is a
-        ``client_flagged`` event with the evidence, and under ``guard.policy=exclude`` the
-        client sits out ``guard.exclude_rounds`` rounds. The seconds it took (None: fewer than
-        three updates, nothing scored)."""
+        client's entry in ``metrics.jsonl`` gets ``loo_scored`` and its ``cls_agreement``, a
+        scored one its ``loo_gain``, ``loo_gain_2`` (two participations), their intervals and
+        ``loo_vs_others``; a flag is a ``client_flagged`` event with the evidence, and under
+        ``guard.policy=exclude`` the client sits out ``guard.exclude_rounds`` rounds. Returns
+        the seconds it took and the clients scored (None, None: fewer than three updates,
+        nothing scored)."""
         if log is None or len(log.updates) < 3:
-            return None
+            return None, None
         t0 = time.perf_counter()
         path = self.run.client_update
-        everyone = self.evaluate(mean_without(log, frozenset()), path, rnd)
-        without = {
-            k: self.evaluate(mean_without(log, frozenset({k})), path, rnd)
-            for k in sorted(log.updates)
-        }
+        base = sent[WEIGHTS_KEY].numpy().reshape(-1)  # the model this round was sent
+        agreement = update_agreement(base, log.updates, self.cls_mask)
+        ids = sorted(log.updates)
+        scored = self.guard.to_score(ids, agreement)
+        # every client scored: each mean summed as it always was (the same bits); a sample: the
+        # round's weighted sum once, each mean without k from it (not K updates per mean)
+        mean = partial(mean_without, log) if len(scored) == len(ids) else WeightedSum(log)
+        everyone = self.evaluate(mean(frozenset()), path, rnd)
+        without = {k: self.evaluate(mean(frozenset({k})), path, rnd) for k in scored}
         path.unlink(missing_ok=True)
         self.save_matches(everyone, rnd, "all")
         for k, res in without.items():
             self.save_matches(res, rnd, f"without_{k}")
-        base = sent[WEIGHTS_KEY].numpy().reshape(-1)  # the model this round was sent
-        agreement = update_agreement(base, log.updates, self.cls_mask)
         scores = self.guard.contributions(rnd, everyone, without, agreement)
         seconds = time.perf_counter() - t0
         for entry in log.clients:
-            sc = scores.get(str(entry["id"]))
+            k = str(entry["id"])
+            if k not in log.updates:
+                continue
+            sc = scores.get(k)
+            entry["loo_scored"] = sc is not None
             if sc is not None:
                 entry["loo_gain"] = sc["gain"]
                 entry["loo_ci"] = sc["ci"]
                 entry["loo_gain_2"] = sc["gain_2"]
                 entry["loo_ci_2"] = sc["ci_2"]
                 entry["loo_vs_others"] = sc["vs_others"]
-                entry["cls_agreement"] = agreement.get(str(entry["id"]))
+            entry["cls_agreement"] = agreement.get(k)
         for k, sc in scores.items():
             if sc["flagged"]:
                 self._flag(rnd, k, sc, scores, everyone, without[k], seconds)
-        LOGGER.info("round %d: contributions of %d clients in %.1f s", rnd, len(scores), seconds)
-        return seconds
+        LOGGER.info(
+            "round %d: contributions of %d of %d clients in %.1f s",
+            rnd,
+            len(scores),
+            len(ids),
+            seconds,
+        )
+        return seconds, len(scores)
 
     def _flag(
         self,
@@ -358,3 +379,25 @@ def mean_without(log: RoundLog, excluded: frozenset[str]) -> ArrayRecord:
     total = float(sum(weights[k] for k in keep))
     mean = sum((weights[k] / total) * log.updates[k].astype(np.float64) for k in keep)
     return ArrayRecord({WEIGHTS_KEY: Array(np.asarray(mean, dtype=np.float32))})
+
+
+class WeightedSum:
+    """The round's example-weighted sum of the returned models, summed once (float64), and each
+    mean without some clients from it: ``mean_without``'s value (to float64 rounding) in one pass
+    over the K updates plus one per mean, where ``mean_without`` passes over all K per mean."""
+
+    def __init__(self, log: RoundLog):
+        self.log = log
+        self.weights = {str(e["id"]): max(1, int(e["num_examples"])) for e in log.clients}
+        self.keep = [k for k in sorted(log.updates) if k in self.weights]
+        self.total = float(sum(self.weights[k] for k in self.keep))
+        self.sum = np.zeros(log.updates[self.keep[0]].shape, np.float64)
+        for k in self.keep:
+            self.sum += self.weights[k] * log.updates[k].astype(np.float64)
+
+    def __call__(self, excluded: frozenset[str]) -> ArrayRecord:
+        out, total = self.sum.copy(), self.total
+        for k in (k for k in self.keep if k in excluded):
+            out -= self.weights[k] * self.log.updates[k].astype(np.float64)
+            total -= self.weights[k]
+        return ArrayRecord({WEIGHTS_KEY: Array(np.asarray(out / total, dtype=np.float32))})

@@ -193,6 +193,9 @@ def test_fault_specs_parse_and_reach_only_their_client():
         (["guard.policy=pray"], "guard.policy"),
         (["guard.patience=-1"], "guard.patience"),
         (["guard.severe_drop=0"], "guard.severe_drop"),
+        (["guard.contribution_sample=-1"], "guard.contribution_sample=-1"),
+        (["guard.contribution_sample=2.5"], "guard.contribution_sample"),
+        (["guard.contribution_sample=all"], "guard.contribution_sample"),
     ],
 )
 def test_bad_fault_and_guard_config_is_one_line(overrides, message):
@@ -362,3 +365,175 @@ def test_update_agreement_is_the_median_cosine_with_the_others_updates():
     # (against the mean of the others, which "3" dominates, 0-2 would look as bad as "3")
     assert min(agree[k] for k in "012") > 0.99 and agree["3"] < -0.99
     assert update_agreement(base, {"0": base, "1": base + 1}, mask)["0"] == 0.0  # no update
+
+
+# -- guard.contribution_sample: which clients are scored when the round has more ---------------
+def _sampled(sample: int, **over) -> Guard:
+    return guard(contribution=True, contribution_sample=sample, **over)
+
+
+def test_a_sample_scores_every_client_of_a_small_round_and_picks_in_order_in_a_big_one():
+    ids = [str(i) for i in range(10)]
+    agree = {k: 0.3 for k in ids}
+    g = _sampled(4)
+    assert g.to_score(ids[:4], agree) == ids[:4]  # K <= sample: every client, as before
+    assert _sampled(0).to_score(ids, agree) == ids  # 0: no limit
+    # "5" pulls against the others and its last scored gain was > 0 (evidence pending); "6"
+    # and "7" pull against them harder but hold no pending evidence; at most sample - sample//2
+    # = 2 slots go to such clients out of turn: "5" first, then the lowest agreement, "6"
+    agree |= {"5": -0.1, "6": -0.5, "7": -0.3}
+    g.state.gains = {"5": {"gain": 0.02}, "6": {"gain": -0.01}, "0": {"gain": 0.05}}
+    # the rest in rotation: never scored ("3", "4") before the least recently scored
+    g.state.participated = {"0": 3, "1": 1, "2": 2, "5": 3, "6": 3, "7": 3, "8": 1, "9": 3}
+    assert g.to_score(ids, agree) == ["3", "4", "5", "6"]
+    # "0"'s pending evidence does not count while its update pulls with the others' (no flag
+    # could name it this round): its turn comes in rotation
+    g.state.participated |= {"3": 3, "4": 3}
+    assert g.to_score(ids, agree) == ["1", "5", "6", "8"]  # rotation: rounds 1, ties by id
+    # guard.flag_agreement=null: a flag reads leave-one-out alone, so every client may be
+    # watched: pending evidence first ("0", "5"), then the rotation
+    lenient = _sampled(4, flag_agreement=None)
+    lenient.state = g.state
+    assert lenient.to_score(ids, agree) == ["0", "1", "5", "8"]
+    # the rotation breaks ties by the lowest agreement: a fresh fleet starts with the suspects
+    fresh = _sampled(4)
+    assert fresh.to_score(ids, {k: 0.3 - 0.01 * int(k) for k in ids}) == ["6", "7", "8", "9"]
+
+
+@pytest.mark.parametrize("suspects", [0, 2, 12])
+def test_a_sample_never_leaves_a_client_unscored_longer_than_its_bound(suspects):
+    """30 clients reply every round, 8 scored: while nobody pulls against the others, a
+    round robin (every ceil(30/8) = 4 rounds); with suspects, they are scored out of turn and
+    the rotation keeps at least 8 // 2 slots: every ceil(30/4) = 8 rounds at worst. Agreement and
+    other clients' gains are drawn at random each round (pending evidence comes and goes)."""
+    rng = np.random.default_rng(suspects)
+    ids = [str(i) for i in range(30)]
+    g = _sampled(8)
+    last, times = dict.fromkeys(ids, 0), dict.fromkeys(ids, 0)
+    gaps, poisoner_scored = [], 0
+    for rnd in range(1, 41):
+        agree = {k: float(rng.uniform(0.05, 0.8)) for k in ids}
+        for k in rng.choice(ids, suspects, replace=False):
+            agree[k] = float(rng.uniform(-0.8, -0.01))
+        if suspects:
+            agree["29"] = -0.9  # the label flipper: pulls hardest against the others
+        picked = g.to_score(ids, agree)
+        assert len(picked) == 8 and len(set(picked)) == 8
+        poisoner_scored += "29" in picked
+        for k in picked:  # what Guard.contributions records for a scored client
+            gaps.append(rnd - last[k])
+            last[k], times[k] = rnd, times[k] + 1
+            g.state.participated[k] = rnd
+            # its last gain: > 0 for the flipper (leaving it out helps), either sign for others
+            gain = float(rng.normal())
+            g.state.gains[k] = {"gain": abs(gain) if k == "29" and suspects else gain}
+    gaps += [41 - last[k] for k in ids]  # and none left waiting at the end
+    assert max(gaps) <= (4 if not suspects else 8)
+    assert sum(times.values()) == 40 * 8
+    if suspects:
+        assert poisoner_scored == 40  # watched every round it pulls against the others
+
+
+def test_the_flag_rule_reads_the_last_two_scored_participations():
+    """A round in which a client replied but was not scored is no evidence: its two-round sum
+    pairs the rounds it was scored in."""
+    good, bad = _images([True] * 40), _images([True] * 20 + [False] * 20)
+    g = guard(max_drop=0.10, significance=0.05, bootstrap=100)
+    everyone = _with_map(bad)
+    without = {"0": _with_map(bad), "1": _with_map(bad), "2": _with_map(good)}
+    r1 = g.contributions(1, everyone, without, AGAINST_2)
+    assert r1["2"]["ci"]["low"] > 0 and not r1["2"]["flagged"]
+    r2 = g.contributions(2, everyone, {k: without[k] for k in "01"}, AGAINST_2)  # "2" unscored
+    assert "2" not in r2 and g.state.participated["2"] == 1
+    assert r2["0"]["ci_2"]["rounds"] == [1, 2]
+    r3 = g.contributions(3, everyone, without, AGAINST_2)
+    assert r3["2"]["flagged"] and r3["2"]["ci_2"]["rounds"] == [1, 3]
+    assert r3["2"]["gain_2"] == 2 * r1["2"]["gain"]
+    assert not any(r3[k]["flagged"] for k in "01")
+
+
+def _step_round(tmp_path, sample: int, rounds: int = 2, clients: int = 12):
+    """GuardStep's contribution scoring over ``rounds`` rounds of ``clients`` replies, the
+    held-out evaluation faked: the classification branch (first 3 values) of the aggregate
+    decides how many of 60 held-out images it gets right; client "3" pulls it the wrong way
+    (a label flipper), every other client the right way. Returns the step's results, the
+    rounds' logs and the evaluations made."""
+    from flwr.app import Array, ArrayRecord
+
+    from fl_client.model import WEIGHTS_KEY
+    from fl_server.guard.step import GuardStep
+    from fl_server.observed_grid import RoundLog
+    from fl_server.run_dir import RunDir
+
+    rng = np.random.default_rng(0)
+    calls = []
+
+    def evaluate(record, path, rnd):
+        w = record[WEIGHTS_KEY].numpy()
+        calls.append(rnd)
+        right = round(60 * float(np.clip(w[:3].mean(), 0, 1)) ** 4)
+        return _with_map(_images([True] * right + [False] * (60 - right)))
+
+    g = _sampled(sample, max_drop=0.10, significance=0.05, bootstrap=100)
+    run = RunDir(tmp_path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    step = GuardStep(run, g, evaluate, np.arange(6) < 3, False, lambda: None)
+    base = np.zeros(6, np.float32)
+    sent = ArrayRecord({WEIGHTS_KEY: Array(base)})
+    out, logs = [], []
+    for rnd in range(1, rounds + 1):
+        log = RoundLog()
+        for i in range(clients):
+            k = str(i)
+            cls = -1.0 if k == "3" else 1.0
+            up = np.concatenate([cls + 0.05 * rng.standard_normal(3), rng.standard_normal(3)])
+            log.updates[k] = up.astype(np.float32)
+            log.clients.append({"id": i, "num_examples": 10 + i})
+        out.append(step._contributions(rnd, log, sent))
+        logs.append(log)
+    return out, logs, calls, run
+
+
+def test_a_sampled_round_scores_the_flipper_and_flags_it_in_its_second_round(tmp_path):
+    (r1, r2), logs, calls, run = _step_round(tmp_path, sample=4)
+    assert r1[1] == r2[1] == 4 and calls == [1] * 5 + [2] * 5  # 1 + 4 evaluations, not 1 + 12
+    for log in logs:
+        by_id = {str(e["id"]): e for e in log.clients}
+        assert sum(e["loo_scored"] for e in log.clients) == 4
+        assert by_id["3"]["loo_scored"] and by_id["3"]["loo_gain"] > 0
+        for e in log.clients:  # every entry keeps its agreement; an unscored one no loo_gain
+            assert -1 <= e["cls_agreement"] <= 1
+            assert ("loo_gain" in e) == e["loo_scored"]
+    assert (
+        by_id["3"]["cls_agreement"]
+        < 0
+        < min(e["cls_agreement"] for e in logs[1].clients if e["id"] != 3)
+    )
+    flags = [(e["round"], e["client"]) for e in run.read_events() if e["kind"] == "client_flagged"]
+    assert flags == [(2, "3")]  # its second round, nobody honest
+
+
+def test_a_sample_at_least_the_round_scores_every_client_as_before(tmp_path):
+    """K <= guard.contribution_sample: every client, each mean summed exactly as before; the
+    sampled path's means (one weighted sum, each client subtracted) agree with them."""
+    from fl_client.model import WEIGHTS_KEY
+    from fl_server.guard.step import WeightedSum, mean_without
+
+    [(_, scored)], logs, calls, _ = _step_round(tmp_path / "a", sample=12, rounds=1)
+    assert scored == 12 and len(calls) == 13
+    assert all(e["loo_scored"] for e in logs[0].clients)
+    [(_, scored_0)], logs_0, _, _ = _step_round(tmp_path / "b", sample=0, rounds=1)
+    assert scored_0 == 12
+
+    def timeless(entry: dict) -> dict:  # a bootstrap interval carries the seconds it took
+        return {
+            k: {**v, "seconds": 0} if isinstance(v, dict) and "seconds" in v else v
+            for k, v in entry.items()
+        }
+
+    for a, b in zip(logs[0].clients, logs_0[0].clients, strict=True):
+        assert timeless(a) == timeless(b)  # the same scores bit for bit: sample K or off
+    log = logs[0]
+    for excluded in (frozenset(), frozenset({"3"}), frozenset({"0", "11"})):
+        exact = mean_without(log, excluded)[WEIGHTS_KEY].numpy()
+        np.testing.assert_allclose(WeightedSum(log)(excluded)[WEIGHTS_KEY].numpy(), exact, 1e-6)

@@ -187,6 +187,19 @@ def test_a_drop_on_probation_is_trained_on_and_rolled_back_when_it_lasts(
     assert _digest(run.best) != rounds[2]["weights_sha256"]
 
 
+# guard.contribution on 3 clients, client 1 sending random weights in rounds 1 and 2, scored on
+# leave-one-out alone, every evaluation's matches kept
+HURTS_1_AND_2 = [
+    "federation.rounds=3",
+    "faults.client=1",
+    "faults.round=[1,2]",
+    "faults.kind=random_weights",
+    "guard.contribution=true",
+    "guard.flag_agreement=null",
+    "output.save_matches=true",
+]
+
+
 def test_a_client_that_keeps_hurting_the_aggregate_is_flagged_and_excluded(
     tmp_path, pretrained_fleet
 ):
@@ -198,21 +211,7 @@ def test_a_client_that_keeps_hurting_the_aggregate_is_flagged_and_excluded(
     (``guard.flag_agreement=null``): random weights are unrelated to the others' updates, not
     against them, which the agreement condition is for. (Exclusion after a
     flag under policy=exclude: tests/fl_server/test_guard.py.)"""
-    run, _ = run_inprocess(
-        tmp_path,
-        [
-            *pretrained_fleet,
-            *GUARDED,
-            "federation.rounds=3",
-            "faults.client=1",
-            "faults.round=[1,2]",
-            "faults.kind=random_weights",
-            "guard.contribution=true",
-            "guard.flag_agreement=null",
-            "output.save_matches=true",
-        ],
-        clients=3,
-    )
+    run, _ = run_inprocess(tmp_path, [*pretrained_fleet, *GUARDED, *HURTS_1_AND_2], clients=3)
     rounds = run.rounds()
     assert [r["guard"]["rolled_back"] for r in rounds] == [True, True, False]
     for r in rounds[:2]:
@@ -257,3 +256,38 @@ def test_a_client_that_keeps_hurting_the_aggregate_is_flagged_and_excluded(
             assert again["gain_2"] == c["loo_gain_2"] and again["vs_others"] == c["loo_vs_others"]
             assert timeless(again["ci_2"] or {}) == timeless(c["loo_ci_2"] or {})
     assert [k for k, v in replayed[2].items() if v["flagged"]] == ["1"]
+
+
+def test_a_sampled_round_scores_its_sample_and_records_it(tmp_path, pretrained_fleet):
+    """``guard.contribution_sample=2`` with 3 replies a round: the sampled path of the real
+    round loop (the means from one weighted sum, evaluated by the server's evaluator). Each
+    round scores 2 clients and says so (``guard.contribution_scored``, ``loo_scored``), every
+    client keeps its ``cls_agreement``, every client is scored within ceil(3 / 1) = 3 rounds
+    (one slot out of turn, one in rotation), no honest client is flagged, and the kept matches
+    replay the scored clients' scores bit for bit. Which client the agreement picks first
+    depends on the numerics (a small fleet's honest clients disagree too): the flag rule on
+    sampled rounds is tested on constructed rounds in tests/fl_server/test_guard.py."""
+    run, _ = run_inprocess(
+        tmp_path,
+        [*pretrained_fleet, *GUARDED, *HURTS_1_AND_2, "guard.contribution_sample=2"],
+        clients=3,
+    )
+    rounds = run.rounds()
+    assert [r["guard"]["rolled_back"] for r in rounds] == [True, True, False]
+    for r in rounds:
+        assert r["guard"]["contribution_scored"] == 2
+        assert sorted(c["loo_scored"] for c in r["clients"]) == [False, True, True]
+        assert all(("loo_gain" in c) == c["loo_scored"] for c in r["clients"])
+        assert all(-1 <= c["cls_agreement"] <= 1 for c in r["clients"])
+    assert {c["id"] for r in rounds for c in r["clients"] if c["loo_scored"]} == {0, 1, 2}
+    flags = [e for e in read_jsonl(run.events) if e["kind"] == "client_flagged"]
+    assert all(e["client"] == "1" for e in flags), flags
+
+    replayed = replay_contributions(Guard(load(run.config).guard), run.path / "eval", rounds)
+    for r in rounds:
+        scored = {str(c["id"]): c for c in r["clients"] if c["loo_scored"]}
+        assert sorted(replayed[r["round"]]) == sorted(scored)
+        for k, c in scored.items():
+            again = replayed[r["round"]][k]
+            assert again["gain"] == c["loo_gain"] and again["gain_2"] == c["loo_gain_2"]
+            assert again["vs_others"] == c["loo_vs_others"]

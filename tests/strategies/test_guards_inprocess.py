@@ -68,6 +68,66 @@ def test_compressed_transport_trains_and_counts_real_bytes(tmp_path, transport):
         assert residual.dtype == np.float32 and np.isfinite(residual).all()
 
 
+def test_q4z_both_ways_sends_steps_down_and_every_client_holds_the_servers_model(tmp_path):
+    """transport=q4z (down q4z too): round 1 brings the model whole, later rounds (and each
+    client evaluation) only steps; each client holds exactly the server's broadcast model."""
+    from fl_client.handlers import HELD
+    from fl_client.transport import DOWN_KEY, digest
+
+    run, grid = run_inprocess(
+        tmp_path,
+        ["transport=q4z", "federation.rounds=3", "federation.fraction_evaluate=1.0"],
+        clients=2,
+    )
+    rounds = read_jsonl(run.metrics)
+    assert [len(r["clients"]) for r in rounds] == [2, 2, 2]
+    whole = rounds[0]["clients"][0]["bytes_down"]
+    for r in rounds:
+        for c in r["clients"]:
+            assert c["bytes_up"] < whole / 4
+            if r["round"] > 1:  # steps only: the evaluation after round 1 brought the model
+                assert c["bytes_down"] < whole / 4
+        assert all(c["bytes_down"] < whole / 4 for c in r["client_eval"])
+    assert rounds[1]["weights_sha256"] != rounds[2]["weights_sha256"]
+    named = {n: rec[DOWN_KEY].numpy().tobytes() for n, rec in grid.last_arrays.items()}
+    assert len(set(named.values())) == 1  # one broadcast model
+    for node, ctx in grid.contexts.items():  # each holds exactly the model the server named
+        assert digest(ctx.state[STATE_KEY][HELD].numpy()).tobytes() == named[node]
+
+
+def test_a_sampling_policy_picks_the_strategys_sample_size_and_its_history_is_resumable(
+    tmp_path,
+):
+    """federation.sampling=recency: the strategy's 2 of 4 per round; a refused reply counts as a
+    miss (the weight halves), a good one clears them; the history is in the resumable state.
+    (That the policies prefer whom they say is fl_server/test_sampling.py's, over 200 rounds.)"""
+    from fl_server import state
+
+    nan = _set_arrays(lambda w: ArrayRecord({WEIGHTS_KEY: Array(w * np.nan)}))
+    run, _ = run_inprocess(
+        tmp_path,
+        ["federation.fraction=0.5", "federation.sampling=recency", "federation.rounds=6"],
+        clients=4,
+        tamper={4: nan},
+    )
+    rounds = read_jsonl(run.metrics)
+    events = read_jsonl(run.events)
+    refused = [e for e in events if e["kind"] == "update_rejected"]
+    assert all(
+        len(r["clients"]) + n == 2 for r, n in zip(rounds, _failures(rounds, refused), strict=True)
+    )
+    assert {e["client"] for e in refused} == {3}
+    history = state.load(run.state)["sampling"]
+    assert history["misses"]["3"] == len(refused) >= 1  # never a good reply
+    assert all(history["misses"][c] == 0 for c in ("0", "1", "2") if c in history["misses"])
+    trained = {str(c["id"]) for r in rounds for c in r["clients"]} | {"3"}
+    assert set(history["sampled"]) == trained
+
+
+def _failures(rounds, failed):
+    return [sum(e["round"] == r["round"] for e in failed) for r in rounds]
+
+
 def test_fedbn_keeps_batchnorm_local_and_the_server_still_has_statistics(tmp_path):
     run, grid = run_inprocess(tmp_path, ["strategy=fedbn", "federation.rounds=2"], clients=2)
     names = __import__("json").loads(run.manifest.read_text())["data"]["names"]
