@@ -13,6 +13,8 @@ survives the round trip), so an upgrade that breaks them fails loudly.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import Message, RecordDict
 from flwr.common.serde import (
     message_to_proto,
@@ -56,3 +58,28 @@ def recorddict_from_bytes(data: bytes) -> RecordDict:
     """The ``RecordDict`` of :func:`recorddict_to_bytes`; protobuf's or Flower's decoding raises
     on bytes that are not one (the caller names them)."""
     return recorddict_from_proto(ProtoRecordDict.FromString(data))
+
+
+def deactivate_node(
+    superlink: str, root_certificates: str | None, private_key: Path, node_id: int
+) -> None:
+    """Sign off node ``node_id``'s session on the SuperLink, as a SuperNode does on SIGTERM:
+    Flower's ``DeactivateNode`` through its own Fleet HTTP client, signed with the node's key by
+    its node-auth interceptor (the SuperLink accepts it only for the key's own node). For
+    ``deploy.supernode``: the session a crashed SuperNode left. PRIVATE: ``flwr.proto``,
+    ``flwr.supercore`` and ``flwr.supernode``'s Fleet client (Flower 1.41)."""
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=E0611
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    key = load_ssh_private_key(private_key.read_bytes(), None)
+    interceptors = [
+        RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+        NodeAuthHttpInterceptor(key, key.public_key()),
+    ]
+    with FleetHttpClient.from_server_address(
+        superlink, False, root_certificates, interceptors=interceptors
+    ) as client:
+        client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -107,6 +109,23 @@ def _keep_own(state: RecordDict, arrays: dict[str, np.ndarray]) -> None:
     state[STATE_KEY] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
+HELD = "held"  # in the client's own state: the global model it holds (``transport.down``)
+
+
+def _receive(content: RecordDict, state: RecordDict) -> tuple[ArrayRecord, np.ndarray | None]:
+    """The global model the message brings, as a plain record (a ``transport.down`` chain
+    applied to the model this client holds; the message itself is left as it came), and the
+    model to hold from now on (None where it came whole as fp32: nothing to hold)."""
+    from fl_client.model import WEIGHTS_KEY
+    from fl_client.transport import DOWN_KEY, receive
+
+    record = content[wire.ARRAYS]
+    if DOWN_KEY not in record:
+        return record, None
+    model, _ = receive(record, _own_state(state).get(HELD))
+    return ArrayRecord({WEIGHTS_KEY: Array(model)}), model
+
+
 def _keep_local_mask(config: RoundConfig, model) -> np.ndarray | None:
     """Mask of the values this client keeps local (``keep_local``, e.g. ``bn,head``)."""
     from fl_client.model import local_mask
@@ -174,11 +193,22 @@ def _data_stats(data_yaml: Path, config: RoundConfig, pid: int, server_round: in
 def handle(kind: str, content: RecordDict, node: Mapping, state: RecordDict) -> RecordDict:
     """The reply content to a ``train`` or ``evaluate`` message's content; ``state`` (the
     client's Flower ``context.state``) is updated in place. The message's scratch folder is
-    removed afterwards, whatever happened."""
+    removed afterwards, whatever happened. Every reply carries this process's peak memory
+    (``rss-mb``)."""
     try:
-        return (train_content if kind == "train" else evaluate_content)(content, node, state)
+        reply = (train_content if kind == "train" else evaluate_content)(content, node, state)
     finally:
         _clear_workdir()
+    reply[wire.METRICS][wire.RSS_MB] = peak_rss_mb()
+    return reply
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB: the process that trained (the warm
+    worker, the simulation's actor or the ``flwr-clientapp`` process). ``ru_maxrss`` is in KiB
+    on Linux, in bytes on macOS."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> RecordDict:
@@ -205,8 +235,9 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
             faults.OPT_IN,
         )
     train_yaml = _act_out_before(injected, server_round, data_yaml, len(config.names), pid)
-    received = content[wire.ARRAYS][WEIGHTS_KEY].numpy()
-    model = _model_for(config, content[wire.ARRAYS])
+    arrays_in, held = _receive(content, state)
+    received = arrays_in[WEIGHTS_KEY].numpy()
+    model = _model_for(config, arrays_in)
     mask = _personalize(model, config, state)
     seed = config.seed + 1000 * server_round + pid
     args = {k: v for k, v in asdict(config.train).items() if k != "eval_batch"}
@@ -230,6 +261,8 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
     had_state = bool(own)
     arrays, residual = encode(trained, received, config.transport, own.get("residual"))
     own = {"residual": residual} if residual is not None else {}
+    if held is not None:
+        own[HELD] = held
     if mask is not None:
         own["local"] = trained[mask]
     for k, v in (result.projector or {}).items():  # distillation projectors stay here
@@ -277,7 +310,10 @@ def evaluate_content(content: RecordDict, node: Mapping, state: RecordDict) -> R
     config = RoundConfig.from_record(content[wire.CONFIG])
     _setup_process(config)
     data_yaml = shard_yaml(node, config)
-    model = _model_for(config, content[wire.ARRAYS])
+    arrays_in, held = _receive(content, state)
+    if held is not None:
+        _keep_own(state, {**_own_state(state), HELD: held})
+    model = _model_for(config, arrays_in)
     _personalize(model, config, state)  # evaluate the model this client actually uses
     imgsz = config.train.imgsz
     ckpt = save_checkpoint(model, _workdir() / "global.pt", {"imgsz": imgsz}, {})

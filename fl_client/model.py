@@ -193,7 +193,8 @@ def record_digest(record: ArrayRecord) -> str:
 
 
 def save_checkpoint(model: torch.nn.Module, path: Path, train_args: dict, extra: dict) -> Path:
-    """Write an Ultralytics-format checkpoint: ``YOLO(path)`` loads it for predict/val/export.
+    """Write an Ultralytics-format checkpoint: ``YOLO(path)`` loads it for predict/val/export
+    (fedyolo itself reads it weights-only: ``fl_client.ultralytics_adapter.load_yolo``).
 
     The model is stored in float32 (Ultralytics' trainer stores an fp16 EMA), so evaluating the
     file gives exactly the metrics of the weights the federation produced.

@@ -39,7 +39,8 @@ SERVER_ROUND = "server-round"  # the round config's round (Flower's strategies s
 # -- the arrays of a model's record (fl_client.transport encodes and decodes them) ----------------
 WEIGHTS_KEY = "weights"  # the one array of a model's record: every exchanged value, packed
 SCHEME_KEY = "transport"  # int8 array naming a delta scheme, so the server needs no side channel
-SCHEMES = ("fp32", "fp16", "q8", "q4", "topk")  # their codes: the index here
+SCHEMES = ("fp32", "fp16", "q8", "q4", "topk", "q4z")  # their codes: the index here
+DOWN_SCHEMES = ("fp32", "q4z")  # the global model's way down (``transport.down``)
 
 # -- metric names a client's replies carry (MetricRecord keys) -----------------------------------
 NUM_EXAMPLES = "num-examples"  # FedAvg's weight: the real count of the client's examples
@@ -53,6 +54,7 @@ TEACHER_RECEIVED = "teacher-received"  # distillation runs only: 1 when this mes
 SETUP_SECONDS, TRAIN_SECONDS, BATCH_SECONDS = "setup-seconds", "train-seconds", "batch-seconds"
 HANDLER_SECONDS = "handler-seconds"  # the whole handler, as the ClientApp measured it
 STARTUP_SECONDS = "startup-seconds"  # the ClientApp process's start-up (first message only)
+RSS_MB = "rss-mb"  # peak resident memory (MiB) of the process that did the work (ru_maxrss)
 MAP50, MAP50_95, PRECISION, RECALL = "map50", "map50-95", "precision", "recall"  # evaluate
 DATA_STATS_PREFIX = "ds-"  # data statistics (fl_client.data_stats)
 # every other metric key becomes a field of the round record: "train-seconds" → "train_seconds";
@@ -306,6 +308,14 @@ def whole(value: Any, key: str, least: int) -> int:
     return int(value)
 
 
+def _amount(value: Any, key: str) -> float:
+    """``value`` as a finite number >= 0 (a size, a duration); ``WireError`` naming ``key``."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < 0:
+        raise WireError(f"metric '{key}'={value!r}: expected a finite number >= 0")
+    return float(value)
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 def _key(name: str) -> str:
     return name.replace("_", "-")
@@ -348,6 +358,8 @@ def _split(
     for key in metrics:
         if record_field(key) in SERVER_FIELDS:
             raise WireError(f"metric '{key}' names a field the server measures")
+    if RSS_MB in metrics:
+        _amount(metrics[RSS_MB], RSS_MB)
     rest = {k: v for k, v in metrics.items() if k not in (NUM_EXAMPLES, PARTITION_ID)}
     stats = {k: v for k, v in rest.items() if k.startswith(DATA_STATS_PREFIX)}
     rest = {k: v for k, v in rest.items() if not k.startswith(DATA_STATS_PREFIX)}

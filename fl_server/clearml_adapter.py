@@ -34,6 +34,31 @@ def no_reporting_in_forked_children() -> None:
     ``clearml.binding.environ_bind.PatchOsFork._current_task`` is None, which ClearML's own
     ``PatchOsFork.patch_fork(None)`` sets.
     """
+    PatchOsFork = _patch_os_fork()  # noqa: N806 - ClearML's class
+    PatchOsFork.patch_fork(None)
+
+
+def no_fork_hooks_from_task_init() -> None:
+    """Before ``Task.init``: keep it from registering its at-fork hooks at all.
+
+    ``Task.init`` registers them part-way through (``PatchOsFork.patch_fork(task)``) and goes on
+    initialising for a while; :func:`no_reporting_in_forked_children` can only switch them off
+    after it returns. In the simulation engine Flower starts Ray in the main thread while the
+    ServerApp's thread runs ``Task.init``, so Ray could fork inside that window: a benchmark run
+    hung in round 1 that way (2026-12-04: the raylet never started, its forked child waiting in
+    ClearML's hook on an import lock). PRIVATE ``PatchOsFork._registered_fork_callbacks``: when
+    it is set, ``patch_fork`` registers nothing (ClearML's own "only once" guard).
+    """
+    PatchOsFork = _patch_os_fork()  # noqa: N806 - ClearML's class
+    if not hasattr(PatchOsFork, "_registered_fork_callbacks"):
+        raise AttributeError(
+            "clearml.binding.environ_bind.PatchOsFork changed (ClearML upgraded?): "
+            "fl_server/clearml_adapter.py needs another way to keep Task.init's fork hooks out"
+        )
+    PatchOsFork._registered_fork_callbacks = True
+
+
+def _patch_os_fork():
     from clearml.binding.environ_bind import PatchOsFork
 
     if not hasattr(PatchOsFork, "_current_task") or not hasattr(PatchOsFork, "patch_fork"):
@@ -41,7 +66,7 @@ def no_reporting_in_forked_children() -> None:
             "clearml.binding.environ_bind.PatchOsFork changed (ClearML upgraded?): "
             "fl_server/clearml_adapter.py needs another way to keep ClearML out of forked children"
         )
-    PatchOsFork.patch_fork(None)
+    return PatchOsFork
 
 
 def api_server_host() -> str:

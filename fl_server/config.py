@@ -298,7 +298,23 @@ def _to_1(cfg: DictConfig) -> None:
             OmegaConf.update(cfg, key, value, force_add=True)
 
 
-_MIGRATIONS: list[Callable[[DictConfig], None]] = [_to_1]  # _MIGRATIONS[v]: version v to v + 1
+def _to_2(cfg: DictConfig) -> None:
+    """Version 1: before ``guard.contribution_sample``, every client was scored (0)."""
+    if OmegaConf.select(cfg, "guard.contribution_sample", default=_ABSENT) is _ABSENT:
+        OmegaConf.update(cfg, "guard.contribution_sample", 0, force_add=True)
+
+
+def _to_3(cfg: DictConfig) -> None:
+    """Version 2: before ``transport.down`` the global model went down whole (fp32), and
+    clients were sampled by Flower alone (``federation.sampling``)."""
+    news = {"transport.down": "fp32", "federation.sampling": "uniform", "federation.max_skip": 10}
+    for key, value in news.items():
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            OmegaConf.update(cfg, key, value, force_add=True)
+
+
+# _MIGRATIONS[v]: version v to v + 1
+_MIGRATIONS: list[Callable[[DictConfig], None]] = [_to_1, _to_2, _to_3]
 
 
 def _one_line(message: str) -> str:

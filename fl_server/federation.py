@@ -21,6 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
@@ -45,6 +46,7 @@ from fl_client.wire import RoundConfig, TrainArgs
 from fl_server import config as config_mod
 from fl_server import state as state_mod
 from fl_server.data_drift import DriftMonitor
+from fl_server.downlink import Downlink
 from fl_server.guard import Guard, GuardState
 from fl_server.guard.step import GuardStep, Verdict
 from fl_server.observed_grid import Interrupted, ObservedGrid, RoundLog
@@ -52,6 +54,7 @@ from fl_server.prepare import TEACHER
 from fl_server.records import ClientEntry, EventKind, RoundRecord, Status, round_record
 from fl_server.reporting import Reporting
 from fl_server.run_dir import METRIC_KEYS, RunDir
+from fl_server.sampling import Sampler
 from strategies import build_strategy, describe
 
 LOGGER = logging.getLogger("fedyolo")
@@ -66,7 +69,7 @@ def round_config(cfg, names: list[str], data_root: Path, arch: dict) -> RoundCon
     dp = (strategy["dp"] or {}).get("kind", "")
     return RoundConfig(
         train=TrainArgs.from_cfg(cfg.train),
-        transport=TransportSpec(**cfg.transport),
+        transport=TransportSpec(**{k: v for k, v in cfg.transport.items() if k != "down"}),
         model_arch=json.dumps(arch, sort_keys=True),
         names=tuple(str(n) for n in names),
         data_root=str(data_root),
@@ -146,7 +149,16 @@ class Federation:
             self.strategy.policy,
             params_mask=masks["params"],
             starve_timeout=float(cfg.federation.round_timeout),
+            downlink=(
+                Downlink(int(cfg.transport.block))
+                if cfg.transport.get("down", "fp32") == "q4z"
+                else None
+            ),
         )
+        if str(cfg.federation.sampling) != "uniform":
+            self.grid.sampler = Sampler(
+                str(cfg.federation.sampling), int(cfg.federation.max_skip), int(cfg.seed)
+            )
         self.evaluate = Evaluator(run, cfg, self.model, run.server_val_yaml)
         self.guard = Guard(cfg.guard)
         self.guard_step = GuardStep(
@@ -172,6 +184,7 @@ class Federation:
         self.best: tuple[ArrayRecord, dict] | None = None  # weights and strategy state
         self._skipped_warned: list[str] = []
         self.t_start = time.perf_counter()
+        self._process = psutil.Process()  # the server's own memory, in each round's record
         self.first_round = 1  # of this process (a resumed run starts later)
 
     def _set_up_teacher(self, weight: float) -> None:
@@ -223,6 +236,8 @@ class Federation:
         self.guard_step.reload_reference(self.best[0], self.arrays, self.round)
         if self.drift is not None and st["drift"] is not None:
             self.drift.load_state_dict(st["drift"])
+        if self.grid.sampler is not None:
+            self.grid.sampler.load_state_dict(st.get("sampling"))
         kept = [r for r in self.run.rounds() if r["round"] <= self.round]
         dropped = len(self.run.rounds()) - len(kept)
         self.run.rewrite_rounds(kept)
@@ -278,7 +293,9 @@ class Federation:
             )
 
             # --- AGGREGATION ---
+            t_aggregate = time.perf_counter()
             aggregated, _ = self.strategy.aggregate_train(rnd, train_replies)
+            aggregate_seconds = time.perf_counter() - t_aggregate
             candidate = self.arrays if aggregated is None else aggregated
 
             # --- EVALUATION (CLIENTAPP-SIDE) ---
@@ -300,10 +317,14 @@ class Federation:
             verdict = self.guard_step(rnd, res, self.grid.rounds, self.arrays, rnd == total)
             if not verdict.decision.rolled_back:
                 self._adopt(candidate, verdict.improved)
+            elif self.grid.downlink is not None:  # a step back is large: the model goes whole
+                self.grid.downlink.reset()
 
             # --- RECORD AND CHECKPOINT ---
             lr0 = float(train_cfg["lr0"])
-            record = self._record(rnd, res, verdict, log, t_round, eval_seconds, lr0)
+            record = self._record(
+                rnd, res, verdict, log, t_round, eval_seconds, aggregate_seconds, lr0
+            )
             self.round = rnd
             self._save_state()
 
@@ -365,6 +386,7 @@ class Federation:
         log: RoundLog | None,
         t_round: float,
         eval_seconds: float,
+        aggregate_seconds: float,
         lr0: float,
     ) -> RoundRecord:
         """The round's line in ``metrics.jsonl`` (and a ``round_failed`` event when no client
@@ -383,6 +405,8 @@ class Federation:
             failures=log.failed if log else 0,
             transport_seconds=log.transport_seconds if log else 0.0,
             contribution_seconds=verdict.contribution_seconds,
+            aggregate_seconds=aggregate_seconds,
+            server_rss_mb=self._process.memory_info().rss / 2**20,
             guard=verdict.decision.as_dict(),
             global_sha256=global_sha256,
             round_seconds=now - t_round,
@@ -412,6 +436,7 @@ class Federation:
             "guard": self.guard.state_dict(),
             "drift": self.drift.state_dict() if self.drift is not None else None,
             "tracker_task": self.reports.task_id,
+            "sampling": self.grid.sampler.state_dict() if self.grid.sampler else None,
         }
         skipped = write_state(self.run.state, state)
         if skipped and skipped != self._skipped_warned:

@@ -9,6 +9,9 @@ per-client bookkeeping and the same update hygiene:
 * each reply's metrics, failures with their reason, clients that never answered;
 * the client's transport (``fl_client.transport``) decoded back to float32 weights against the
   global model that client was sent, so strategies always see plain weights;
+* the global model's way down (``transport.down``, ``fl_server.downlink``): a strategy's
+  messages carry the model whole; the grid sends each node only the steps from the model it
+  holds;
 * replies dropped before aggregation, with the reason in ``events.jsonl``: wrong keys, dtypes or
   sizes, non-finite values (a NaN update must never reach the global model), or an update whose
   norm is not sane (``aggregation.max_update_ratio``, ``max_step_norm_x_median``,
@@ -43,10 +46,12 @@ from fl_client.wire import (
     TrainReply,
     record_field,
 )
+from fl_server.downlink import Downlink
 from fl_server.flower_adapter import wire_bytes
 from fl_server.partition_binding import PartitionBinding
 from fl_server.records import ClientEntry, EventKind
 from fl_server.run_dir import RunDir
+from fl_server.sampling import Sampler
 from strategies.guarded import AggregationPolicy
 from strategies.reply_rules import Update, decode_update, median_outliers, update_norm
 
@@ -70,6 +75,12 @@ class RoundLog:
     updates: dict[str, np.ndarray] = field(default_factory=dict)
     # client id → the data statistics its train reply carried (``ds-*`` metrics)
     data_stats: dict[str, dict] = field(default_factory=dict)
+
+
+def _weights_key(content: RecordDict) -> str | None:
+    """The key of the one model record a message carries (besides a teacher), or None."""
+    keys = [k for k in content.array_records if k != TEACHER_KEY]
+    return keys[0] if len(keys) == 1 else None
 
 
 def _sent_weights(messages: list[Message]) -> dict[int, np.ndarray | None]:
@@ -104,8 +115,11 @@ class ObservedGrid(Grid):
         policy: AggregationPolicy | None = None,
         params_mask: np.ndarray | None = None,
         starve_timeout: float | None = None,
+        downlink: Downlink | None = None,
     ):
         self._grid = grid
+        self.downlink = downlink
+        self.sampler: Sampler | None = None  # federation.sampling other than Flower's uniform
         # Flower's sampling waits for nodes forever; with fewer than ``min_nodes`` connected
         # for ``starve_timeout`` seconds the run ends instead, with a reason (and can resume).
         self.policy = policy or AggregationPolicy()
@@ -177,10 +191,14 @@ class ObservedGrid(Grid):
         )
         log = self.rounds.setdefault(rnd, RoundLog())
         is_train = messages[0].metadata.message_type == TRAIN
+        if is_train:
+            messages = self._resample(messages, rnd)
         carried = self._add_teacher(messages) if is_train else set()
+        models = _sent_weights(messages) if is_train or self.downlink is not None else {}
+        sent = dict(models) if is_train else {}
+        sent.update(self._send_down(messages, models))
         sizes: dict[int, int] = {}  # shared contents are sized once
         down = {m.metadata.dst_node_id: wire_bytes(m, sizes) for m in messages}
-        sent = _sent_weights(messages) if is_train else {}
         t0 = time.perf_counter()
         replies = self._exchange(messages, timeout)
         log.transport_seconds += time.perf_counter() - t0
@@ -207,8 +225,12 @@ class ObservedGrid(Grid):
             except Exception as e:  # noqa: BLE001 - a hostile or broken reply of any shape
                 self._fail(log, rnd, EventKind.UPDATE_REJECTED, node, _one_line(e), is_train)
                 continue
+            if self.downlink is not None and taken is not None and not taken.has_error():
+                self.downlink.answered(node)
             if taken is not None and entry is not None:
                 good.append((taken, entry))
+                if self.sampler is not None:
+                    self.sampler.answered(node, entry["num_examples"])
                 if node in carried:
                     self._has_teacher.add(node)
             elif taken is not None:
@@ -234,6 +256,51 @@ class ObservedGrid(Grid):
                 m.content = RecordDict({**dict(m.content.items()), **self.teacher})
                 carried.add(node)
         return carried
+
+    def _resample(self, messages: list[Message], rnd: int) -> list[Message]:
+        """The same message to the clients ``federation.sampling`` chooses, as many as the
+        strategy sampled (``fl_server.sampling``); the strategy's own where it sent per-node
+        contents or the policy is Flower's."""
+        if self.sampler is None or len({id(m.content) for m in messages}) != 1:
+            return messages
+        nodes = list(self.get_node_ids())
+        chosen = self.sampler.choose(rnd, nodes, len(messages), self._client)
+        if chosen is None:
+            return messages
+        first = messages[0].metadata
+        return [
+            Message(
+                content=messages[0].content,
+                dst_node_id=n,
+                message_type=first.message_type,
+                ttl=first.ttl,
+                group_id=first.group_id,
+            )
+            for n in chosen
+        ]
+
+    def _send_down(
+        self, messages: list[Message], models: dict[int, np.ndarray | None]
+    ) -> dict[int, np.ndarray]:
+        """With a downlink, put into each message the record that brings its node the global
+        model from the one it holds; per node, the model it will hold (empty without one, or
+        where the messages do not all carry the same packed model)."""
+        if self.downlink is None:
+            return {}
+        carried = list(models.values())  # the packed model each message carries (decoded once)
+        if not carried or any(v is None for v in carried) or len({id(v) for v in carried}) != 1:
+            return {}
+        model = self.downlink.advance(carried[0])
+        records = self.downlink.records([m.metadata.dst_node_id for m in messages])
+        contents: dict[tuple[int, int], RecordDict] = {}  # shared where they were shared
+        for m in messages:
+            key = _weights_key(m.content)
+            record = records[m.metadata.dst_node_id]
+            shared = (id(m.content), id(record))
+            if shared not in contents:
+                contents[shared] = RecordDict({**dict(m.content.items()), key: record})
+            m.content = contents[shared]
+        return {m.metadata.dst_node_id: model for m in messages}
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
         """Flower's push-then-pull exchange, abandoned within a second of an interrupt.
@@ -345,6 +412,8 @@ class ObservedGrid(Grid):
         log.failed += 1
         if is_train:  # it may have lost the teacher with its process: it gets it again
             self._has_teacher.discard(node)
+        if self.downlink is not None:  # nor can it be trusted to hold the model it was sent
+            self.downlink.failed(node)
         phase = "train" if is_train else "evaluate"
         client = self._client(node)
         self._run.event(

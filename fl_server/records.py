@@ -52,6 +52,7 @@ class ClientEntry(TypedDict):
     faults_ignored: NotRequired[int]
     handler_seconds: NotRequired[float]
     startup_seconds: NotRequired[float]
+    rss_mb: NotRequired[float]  # peak resident memory (MiB) of the process that did the work
     map50: NotRequired[float]  # the evaluate reply's metrics (client_eval)
     map50_95: NotRequired[float]
     precision: NotRequired[float]
@@ -59,7 +60,10 @@ class ClientEntry(TypedDict):
 
 
 class RoundRecord(TypedDict):
-    """``metrics.jsonl``'s line for one finished round (a round hook's ``on_round`` argument)."""
+    """``metrics.jsonl``'s line for one finished round (a round hook's ``on_round`` argument).
+
+    ``aggregate_seconds`` and ``server_rss_mb`` came later: a run directory written before them
+    (a resumed run's earlier rounds too) lacks them, so read those two with ``.get``."""
 
     round: int
     map50: float  # the round's aggregate on the held-out set
@@ -71,6 +75,8 @@ class RoundRecord(TypedDict):
     eval_seconds: float
     contribution_seconds: float  # guard.contribution's extra evaluations
     transport_seconds: float  # the grid's exchanges of the round
+    aggregate_seconds: float  # the strategy's aggregate_train (robust aggregators included)
+    server_rss_mb: float  # the server process's resident memory (MiB) at the round's end
     clients: list[ClientEntry]  # the train replies that were aggregated
     failures: int  # replies failed or rejected (train and evaluate)
     weights_sha256: str  # the round's aggregate, the model evaluated
@@ -89,6 +95,8 @@ def round_record(
     failures: int,
     transport_seconds: float,
     contribution_seconds: float,
+    aggregate_seconds: float,
+    server_rss_mb: float,
     guard: dict[str, Any],
     global_sha256: str,
     round_seconds: float,
@@ -108,6 +116,8 @@ def round_record(
         eval_seconds=eval_seconds,
         contribution_seconds=contribution_seconds,
         transport_seconds=transport_seconds,
+        aggregate_seconds=aggregate_seconds,
+        server_rss_mb=server_rss_mb,
         clients=clients,
         failures=failures,
         weights_sha256=evaluated["weights_sha256"],

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Optional, get_type_hints
 from fl_client.errors import UserError
 
 MISSING: Any = "???"  # OmegaConf's marker of a value the YAML must give
-CONFIG_VERSION = 1  # written into every new run's config.yaml; fl_server.config.migrate reads it
+CONFIG_VERSION = 3  # written into every new run's config.yaml; fl_server.config.migrate reads it
 
 
 class ConfigError(UserError, ValueError):
@@ -135,6 +135,8 @@ class FederationConfig(Checked):
     fraction: float = rule("a number in (0, 1]", between(0, 1, low_in=False))
     fraction_evaluate: float = rule("a number in [0, 1]", between(0, 1))
     round_timeout: float = rule("a number of seconds > 0", lambda v: _num(v) and v > 0)
+    sampling: str = rule("uniform, data or recency", one_of("uniform", "data", "recency"))
+    max_skip: int = rule("an integer >= 1", at_least(1))
 
 
 def _device(v: Any) -> bool:
@@ -173,6 +175,7 @@ class TransportConfig(Checked):
     block: int = rule("an even integer >= 2", lambda v: _int(v) and v >= 2 and v % 2 == 0)
     fraction: float = rule("a number in (0, 1]", between(0, 1, low_in=False))
     error_feedback: bool = rule(*BOOL)
+    down: str = rule("fp32 or q4z", lambda v: v in ("fp32", "q4z"))  # the global model's way
 
 
 @dataclass
@@ -279,6 +282,7 @@ class GuardConfig(Checked):
         "null or a number in (0, 1]", optional(between(0, 1, low_in=False))
     )
     contribution: bool = rule(*BOOL)
+    contribution_sample: int = rule("an integer >= 0 (0 = score every client)", at_least(0))
     min_flag_gain: float = rule("a number in [0, 1)", between(0, 1, high_in=False))
     flag_agreement: Optional[float] = rule("null or a number in [-1, 1]", optional(between(-1, 1)))  # noqa: UP045
     policy: str = rule("rollback, lower_lr or exclude", one_of("rollback", "lower_lr", "exclude"))

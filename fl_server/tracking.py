@@ -15,13 +15,13 @@ seconds): ClearML's own client retries an unreachable server for many minutes be
 go on offline, with a ``tracker_error`` event; the session is imported later as above.
 
 What the task holds: the resolved config as hyperparameters (section ``fedyolo``); per round the
-global mAP50/mAP50-95, precision and recall, mAP50-95 per class, the round time and failures; per
-client (series ``client <id>``) examples, loss, train seconds, bytes up and down, update norm and
-data-drift score; a ``clients`` table per round; the guard's decision (``guard/rolled back``,
-``guard/on probation``, ``guard/relative drop``); every event (rollback, data drift,
-failures...) as a scalar under ``events`` plus a text line, with tags for rollbacks, guard stops
-and data drift; at the end the
-metrics plot, ``best.pt`` as an artifact and the best/final mAP as single values.
+global mAP50/mAP50-95, precision and recall, mAP50-95 per class, the round time, aggregation time,
+the server's memory and failures; per client (series ``client <id>``) examples, loss, train
+seconds, bytes up and down, update norm, data-drift score and peak memory; a ``clients`` table
+per round; the guard's decision (``guard/rolled back``, ``guard/on probation``, ``guard/relative
+drop``); every event (rollback, data drift, failures...) as a scalar under ``events`` plus a text
+line, with tags for rollbacks, guard stops and data drift; at the end the metrics plot,
+``best.pt`` as an artifact and the best/final mAP as single values.
 
 **Resume.** Online, a resumed run continues the same task (``Task.init(continue_last_task=id)``).
 An offline session cannot be reopened by ClearML 2.1.12, so each server process writes its own
@@ -53,6 +53,7 @@ from omegaconf import OmegaConf
 from fl_client.errors import MissingInput
 from fl_server.clearml_adapter import (
     api_server_host,
+    no_fork_hooks_from_task_init,
     no_reporting_in_forked_children,
     use_reporting_thread,
 )
@@ -70,6 +71,7 @@ CLIENT_SERIES = {
     "client bytes down": "bytes_down",
     "client update norm": "update_norm",
     "client data drift": "drift_score",
+    "client RSS MB": "rss_mb",
 }
 TABLE = [
     ("id", "id"),
@@ -121,6 +123,7 @@ def open_task(
         os.environ["CLEARML_CACHE_DIR"] = str(run.clearml)
     Task.set_offline(offline)
     use_reporting_thread(Task)
+    no_fork_hooks_from_task_init()  # Ray may fork while Task.init runs: see the adapter
     task = Task.init(
         project_name=project,
         task_name=name,
@@ -238,6 +241,8 @@ class Tracker:
             ("precision/recall", "precision"): record.get("precision"),
             ("precision/recall", "recall"): record.get("recall"),
             ("round", "seconds"): record.get("round_seconds"),
+            ("round", "aggregate seconds"): record.get("aggregate_seconds"),
+            ("round", "server RSS MB"): record.get("server_rss_mb"),
             ("round", "failures"): record.get("failures"),
             ("round", "clients lr0"): record.get("lr0"),
         }

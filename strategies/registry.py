@@ -273,11 +273,12 @@ def _with_dp(cfg: DictConfig, strategy: fl.Strategy, dp: dict[str, Any]) -> fl.S
         raise _fail("dp.kind", f"{kind!r} is unknown; choose one of {sorted(DP_KINDS)}")
     cls = DP_KINDS[kind]
     check_kwargs("dp.", cls, dp, skip=("strategy", "num_sampled_clients", "accountant"))
-    if kind.startswith("client") and str(cfg.transport.scheme) != "fp32":
+    down = str(cfg.transport.get("down", "fp32"))
+    if kind.startswith("client") and (str(cfg.transport.scheme) != "fp32" or down != "fp32"):
         raise _fail(
             "dp.kind",
-            f"{kind} clips the clients' plain weights: use transport=fp32 "
-            f"(not {cfg.transport.scheme})",
+            f"{kind} clips the clients' plain weights against the model as received: use "
+            f"transport=fp32 with transport.down=fp32 (not {cfg.transport.scheme}, down {down})",
         )
     return cls(strategy=strategy, num_sampled_clients=sampled_clients(cfg), **dp)
 

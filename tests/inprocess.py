@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from testkit import TINY_BASE, StubGrid
 
 from fl_client.client_app import app as client_app
@@ -57,6 +57,7 @@ class InProcessGrid(StubGrid):
         self.node_ids = list(self.contexts)
         self.on_round: Callable[[int, InProcessGrid], None] | None = None  # test hook
         self.received: dict[int, dict[int, str]] = {}  # round → node → digest of the weights sent
+        self.last_arrays: dict[int, ArrayRecord] = {}  # node → the model record it was sent last
 
     def get_node_ids(self):
         return [n for n in self.node_ids if n not in self.down]
@@ -64,6 +65,7 @@ class InProcessGrid(StubGrid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         messages = list(messages)
+        self.last_arrays.update({m.metadata.dst_node_id: m.content["arrays"] for m in messages})
         if messages and messages[0].metadata.message_type == "train":
             rnd = int(messages[0].content["config"]["server-round"])
             if rnd == self.kill_at:

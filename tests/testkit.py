@@ -53,4 +53,5 @@ def transport_spec(scheme: str, **over):
     configs = Path(__file__).resolve().parent.parent / "configs" / "transport"
     path = configs / f"{scheme}.yaml"
     base = yaml.safe_load((path if path.is_file() else configs / "fp32.yaml").read_text())
+    base.pop("down", None)  # the server's, not in the clients' round config
     return TransportSpec(**{**base, "scheme": scheme, **over})

@@ -37,7 +37,7 @@ def test_fp16_within_float16_rounding():
     assert (err <= 2.0**-11 * np.abs(delta) + 2e-7).all()
 
 
-@pytest.mark.parametrize("scheme,levels", [("q8", 127), ("q4", 7)])
+@pytest.mark.parametrize("scheme,levels", [("q8", 127), ("q4", 7), ("q4z", 7)])
 @pytest.mark.parametrize("block", [64, 256])
 def test_quantized_within_half_a_step_of_each_block(scheme, levels, block):
     received, trained, delta = _pair()
@@ -113,3 +113,30 @@ def test_spec_rejects_bad_values():
         transport_spec("zip")
     with pytest.raises(ValueError, match="fraction"):
         transport_spec("topk", fraction=0)
+
+
+def test_q4z_decodes_as_q4_in_fewer_bytes_and_refuses_a_bomb():
+    """q4z is q4's codes deflated: the same values arrive, in fewer bytes for an update whose
+    values are mostly small next to their block's largest (as a detector's are)."""
+    import zlib
+
+    rng = np.random.default_rng(5)
+    received = rng.normal(0, 0.5, N).astype(np.float32)
+    trained = received + rng.laplace(0, 1e-3, N).astype(np.float32)
+    got = {}
+    for scheme in ("q4", "q4z"):
+        record, _ = encode(trained, received, transport_spec(scheme), None)
+        got[scheme] = (decode(record, received), record.count_bytes(), record)
+    np.testing.assert_array_equal(got["q4z"][0], got["q4"][0])
+    assert got["q4z"][1] < got["q4"][1]
+    record = got["q4z"][2]
+    codes = record["codes"].numpy()
+    for bad, why in [
+        (zlib.compress(bytes(10 * N)), "exactly"),  # inflates past the model's size
+        (zlib.compress(bytes(N // 4)), "exactly"),  # too short
+        (codes.tobytes()[:-3], "exactly"),  # cut
+        (b"not a deflate stream", "corrupt"),
+    ]:
+        record["codes"] = Array(np.frombuffer(bad, np.uint8))
+        with pytest.raises(ValueError, match=why):
+            decode(record, received)

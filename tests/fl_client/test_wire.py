@@ -124,6 +124,10 @@ def test_an_eval_reply_survives_its_content_and_a_plug_in_reply_needs_only_num_e
         ({"num-examples": 3, "bytes-up": 1}, "bytes-up"),
         ({"num-examples": 3, "update-norm": 0.0}, "update-norm"),
         ({"num-examples": 3, "node_id": 9}, "node_id"),
+        ({"num-examples": 3, "rss-mb": -1.0}, "rss-mb"),
+        ({"num-examples": 3, "rss-mb": float("nan")}, "rss-mb"),
+        ({"num-examples": 3, "rss-mb": float("inf")}, "rss-mb"),
+        ({"num-examples": 3, "rss-mb": [512.0]}, "rss-mb"),
     ],
 )
 def test_every_malformed_train_metric_is_a_wire_error_naming_it(metrics, named):
@@ -137,6 +141,18 @@ def test_a_train_reply_needs_exactly_one_array_record(arrays):
     content = RecordDict({**arrays, "metrics": MetricRecord({"num-examples": 3})})
     with pytest.raises(WireError, match="one ArrayRecord"):
         TrainReply.parse(_as_reply(content))
+
+
+def test_a_replys_peak_memory_is_a_finite_size_in_either_reply():
+    """``rss-mb`` travels as sent (an int too); a malformed one rejects the reply, evaluate
+    replies included, as any other malformed metric."""
+    for value in (0, 812, 812.5):
+        sent = TrainReply(_arrays(), num_examples=3, metrics={wire.RSS_MB: value})
+        assert TrainReply.parse(_as_reply(sent.to_content())).metrics[wire.RSS_MB] == value
+    assert EvalReply.parse(_as_reply(EvalReply(metrics={wire.RSS_MB: 9.5}).to_content()))
+    bad = RecordDict({"metrics": MetricRecord({"num-examples": 1, wire.RSS_MB: -0.5})})
+    with pytest.raises(WireError, match="'rss-mb'"):
+        EvalReply.parse(_as_reply(bad))
 
 
 def test_an_eval_reply_may_count_zero_examples_but_not_a_negative_number():

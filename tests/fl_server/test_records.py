@@ -96,6 +96,12 @@ def test_a_real_rounds_record_has_exactly_the_typed_keys(tmp_path):
         assert required <= set(entry) <= every, set(entry) ^ every
     assert "batches" in record["clients"][0] and "map50" in record["client_eval"][0]
     assert json.loads(line) == record
+    # the cost fields: the aggregation is a part of the round, the server and every client
+    # that did the work (train and evaluate) report a resident memory
+    assert 0 <= record["aggregate_seconds"] < record["round_seconds"]
+    assert record["aggregate_seconds"] + record["eval_seconds"] <= record["round_seconds"]
+    assert record["server_rss_mb"] > 0
+    assert all(e["rss_mb"] > 0 for e in entries)
 
 
 def test_the_round_records_metrics_are_what_the_summary_reads():
@@ -108,7 +114,8 @@ def test_round_record_omits_client_eval_when_no_client_evaluated():
         {"map50": 0.5, "map50_95": 0.3, "precision": 0.6, "recall": 0.4, "per_class": {},
          "weights_sha256": "ab"},
         clients=[], client_eval=[], failures=1, transport_seconds=0.1,
-        contribution_seconds=0.0, guard={"decision": "accept"}, global_sha256="ab",
+        contribution_seconds=0.0, aggregate_seconds=0.01, server_rss_mb=900.0,
+        guard={"decision": "accept"}, global_sha256="ab",
         round_seconds=2.0, eval_seconds=0.5, lr0=0.01,
     )  # fmt: skip
     required, every = _keys(RoundRecord)

@@ -34,7 +34,7 @@ numbers = st.one_of(
 )
 metric_keys = st.sampled_from(
     ["num-examples", "partition-id", "node-id", "bytes-up", "bytes-down", "id", "update-norm",
-     "loss", "train-seconds", "ds-images"]
+     "loss", "train-seconds", "ds-images", "rss-mb"]
 )  # fmt: skip
 
 
@@ -124,3 +124,5 @@ def test_any_reply_costs_at_most_itself(tmp_path_factory, data):
         # (a drawn metric may claim another node's partition: bound to it when that one is free)
         assert c["id"] == drawn.claimed[c["node_id"]] and c["num_examples"] >= 1
         assert isinstance(c["bytes_up"], int) and math.isfinite(c.get("update_norm", 0.0))
+        # a peak memory that is not a finite size was a rejection (named above), never recorded
+        assert math.isfinite(c.get("rss_mb", 0.0)) and c.get("rss_mb", 0.0) >= 0

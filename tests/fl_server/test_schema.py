@@ -37,6 +37,7 @@ VERSION_0 = {
     "guard.patience": 0,
     "guard.severe_drop": 0.5,
     "output.save_matches": False,
+    "guard.contribution_sample": 0,  # version 1 lacked it too (every client was scored)
 }
 
 
@@ -67,8 +68,21 @@ def test_an_old_config_migrates_to_the_values_it_ran_with_and_validates(tmp_path
     assert migrate(cfg) == cfg  # a current config is left as it is
     fresh = compose([])
     assert fresh.config_version == schema.CONFIG_VERSION
-    assert "config_version: 1" in to_yaml(fresh)  # written into every new run's config.yaml
+    assert f"config_version: {schema.CONFIG_VERSION}" in to_yaml(fresh)  # in every new config.yaml
     assert fresh.guard.bootstrap == 200 and fresh.guard.patience == 1  # the YAML's, not 0
+
+
+def test_a_version_1_config_scores_every_client_as_it_ran():
+    """``guard.contribution_sample`` came with version 2: a version-1 run resumes scoring every
+    client (0), a fresh run samples (the YAML's default)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(compose([])))
+    cfg.config_version = 1
+    del cfg.guard["contribution_sample"]
+    migrated = migrate(cfg)
+    assert migrated.config_version == schema.CONFIG_VERSION >= 2
+    assert migrated.guard.contribution_sample == 0
+    validate(migrated)
+    assert compose([]).guard.contribution_sample > 0
 
 
 def test_a_config_from_a_newer_fedyolo_is_refused_in_one_line():

@@ -23,11 +23,20 @@ RECORD = {
         "cyclist": {"map50": 0.2, "map50_95": 0.1},
     },
     "round_seconds": 16.2,
+    "aggregate_seconds": 0.04,
+    "server_rss_mb": 1210.5,
     "failures": 0,
     "lr0": 0.02,
     "guard": {"decision": "accept", "drop": -0.15, "rolled_back": False},
     "clients": [
-        {"id": 0, "num_examples": 245, "bytes_up": 12133806, "loss": 5.01, "drift_score": 0.03},
+        {
+            "id": 0,
+            "num_examples": 245,
+            "bytes_up": 12133806,
+            "loss": 5.01,
+            "drift_score": 0.03,
+            "rss_mb": 850.0,
+        },
         {"id": 1, "num_examples": 200, "bytes_up": 12133806, "loss": float("nan")},
     ],
 }
@@ -73,6 +82,10 @@ def test_offline_session_holds_every_round_client_and_event(run):
     assert scalars[("per-class mAP50-95", "car")][2] == 0.40
     assert scalars[("events", "rollback")] == {3: 1.0}
     assert scalars[("guard", "rolled back")] == {1: 0.0, 2: 0.0, 3: 0.0}
+    assert scalars[("round", "server RSS MB")][3] == 1210.5  # the cost fields, where sent
+    assert scalars[("round", "aggregate seconds")][1] == 0.04
+    assert scalars[("client RSS MB", "client 0")][2] == 850.0
+    assert ("client RSS MB", "client 1") not in scalars  # a client that sent none
     (session,) = tracking.sessions(run)
     assert not Path(session["folder"]).exists()  # one copy of the session: its zip
     with zipfile.ZipFile(session["folder"] + ".zip") as z:
@@ -231,3 +244,47 @@ def test_a_broken_clearml_configuration_means_no_tracking_not_no_run(run, monkey
     assert t.task is None
     (err,) = read_jsonl(run.events)
     assert err["method"] == "start" and "cannot parse line 3" in err["error"]
+
+
+def test_task_init_registers_no_fork_hook(tmp_path):
+    """``Task.init`` registers ClearML's at-fork hooks part-way through and goes on for a
+    while; the simulation engine starts Ray (which forks) while the ServerApp's thread runs it,
+    and a child forked in that window hung in the hook on an import lock. In a fresh process,
+    opening fedyolo's task registers no ClearML fork hook at all."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from pathlib import Path
+        hooks = []
+        real = os.register_at_fork
+        def spy(**kw):
+            hooks.extend(getattr(f, "__qualname__", repr(f)) for f in kw.values())
+            return real(**kw)
+        os.register_at_fork = spy
+        from fl_server import tracking
+        from fl_server.run_dir import RunDir
+        run = RunDir(Path(sys.argv[1]))
+        run.path.mkdir(parents=True)
+        task = tracking.open_task(run, "offline", "fedyolo-test", "fork-hooks")
+        task.close()
+        print("HOOKS", [h for h in hooks if "PatchOsFork" in h])
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        # not what earlier tests left in this process's environment (ClearML's variables)
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith(("CLEARML", "TRAINS"))},
+            "CLEARML_CACHE_DIR": str(tmp_path / "cache"),
+        },
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "HOOKS []" in done.stdout, done.stdout[-2000:]

@@ -53,11 +53,20 @@ def test_resume_refuses_what_it_cannot_do(tmp_path):
 
 
 def test_resume_can_extend_a_run_but_not_change_its_training(tmp_path):
+    """... and a run directory written before the cost fields (``aggregate_seconds``,
+    ``server_rss_mb``, the clients' ``rss_mb``) resumes: its old lines stay as they were."""
     run, _ = run_inprocess(tmp_path, ["federation.rounds=1"], clients=2)
     with pytest.raises(ConfigError, match="cannot change when resuming"):
         compose([f"resume={run.path}", "train.lr0=0.1"])
+    (old,) = run.rounds()
+    new = ("aggregate_seconds", "server_rss_mb")
+    old = {k: v for k, v in old.items() if k not in new}
+    old["clients"] = [{k: v for k, v in c.items() if k != "rss_mb"} for c in old["clients"]]
+    run.rewrite_rounds([old])
     resume_inprocess(run, InProcessGrid(2), ["federation.rounds=2"])
-    assert [r["round"] for r in run.rounds()] == [1, 2]
+    first, second = run.rounds()
+    assert [first["round"], second["round"]] == [1, 2] and first == old
+    assert all(k in second for k in new) and all("rss_mb" in c for c in second["clients"])
     assert json.loads(run.summary.read_text())["status"] == "completed"
 
 

@@ -113,6 +113,22 @@ def test_evaluate_refuses_a_checkpoint_that_runs_code(pickled_code, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("suffix", [".PT", ".pth", ".torchscript", ".bin"])
+def test_evaluate_runs_no_pickle_under_another_suffix(pickled_code, tmp_path, suffix):
+    """Only ``.pt`` takes the weights-only loader by name; any other suffix goes to
+    ``YOLO(path)`` with Ultralytics' safe load switched on: the pickle is refused or not read
+    as one, and its code never runs."""
+    from fl_client.evaluate import evaluate_checkpoint
+
+    evil, marker = pickled_code
+    renamed = evil.rename(evil.with_suffix(suffix))
+    with pytest.raises(Exception):  # noqa: B017 - refused: by name, format or unpickler
+        evaluate_checkpoint(
+            renamed, tmp_path / "data.yaml", imgsz=64, batch=1, device="cpu", workdir=tmp_path
+        )
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("crafted", ["pickled_code", "code_in_architecture"])
 def test_run_refuses_a_model_cfg_that_runs_code(crafted, tmp_path, capsys, request):
     evil, marker = request.getfixturevalue(crafted)

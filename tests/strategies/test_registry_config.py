@@ -36,6 +36,8 @@ def test_dp_wraps_the_strategy_and_client_dp_needs_plain_weights():
     client = "strategy.dp={kind: client-fixed, noise_multiplier: 0.1, clipping_norm: 10.0}"
     with pytest.raises(ConfigError, match="use transport=fp32"):
         compose([client, "transport=q8"])
+    with pytest.raises(ConfigError, match="transport.down=fp32"):  # the mod reads the model
+        compose([client, "transport.down=q4z"])
 
 
 @pytest.mark.parametrize(
