@@ -113,6 +113,12 @@ def main() -> int:
         "int8_s8_faster_p50_x": round(fp32["p50_ms"] / s8["p50_ms"], 2),
         "int8_u8_map_drop": round(fp32["map50_95"] - u8["map50_95"], 4),
         "pt_map50_95": row("best.pt", at, t_max)["map50_95"],
+        # which operators the kept INT8 quantizes (int8.ops=auto chose it on this machine)
+        "int8_u8_ops": next(
+            (e["int8"] or {}).get("ops")
+            for e in exports
+            if e["variant"] == "int8-u8" and e["imgsz"] == at
+        ),
     }
     targets["met"] = (
         targets["int8_u8_smaller_x"] >= 3

@@ -96,11 +96,73 @@ def cold_start() -> list[str]:
         f"**Client cold start** (`{path.name}`; {d['machine']}; {d['date']}): fresh process → "
         f"first training batch, {d['model']} at {d['imgsz']} px, median of "
         f"{len(d['samples'])}, seconds since process creation: interpreter up at "
-        f"{m['interpreter']:.1f}, imports (Flower, torch, Ultralytics) done at {m['imports']:.1f}, "
+        f"{m['interpreter']:.1f}, imports (Flower, torch; Ultralytics comes with the first "
+        f"training) done at {m['imports']:.1f}, "
         f"model built at {m['model']:.1f}, **first batch at {m['first_batch']:.1f}** "
-        f"(target {d['target_seconds']:.0f} s).",
+        f"(target {d['target_seconds']:.0f} s)." + _cold_container(d),
         "",
     ]
+
+
+def _cold_container(d: dict) -> str:
+    c = d.get("container")
+    if not c:
+        return ""
+    m = c["median_seconds"]
+    return (
+        f" Inside the client image (`{c['image']}`, built from {c['revision'][:7]}; the shard "
+        f"mounted read-only), median of {len(c['samples'])}: imports done at "
+        f"{m['imports']:.1f}, model at {m['model']:.1f}, **first batch at "
+        f"{m['first_batch']:.1f}**."
+    )
+
+
+def scale() -> list[str]:
+    path = RESULTS / "scale.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    rows = {r["setup"]: r for r in d["rows"]}
+
+    def num(v, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    lines = [
+        f"**Fleet scale** (`{path.name}`, `scale.png`; {d['machine']}; {d.get('date', '')}): "
+        "6 images per client, 48 held-out images at every size; medians over rounds 2..n. "
+        "Server eval: the held-out evaluation a round; client train: one client's training a "
+        "round. Server RSS: the `fedyolo run` process (in simulation also Ray's driver) after "
+        "round 1 and after the last; client RSS: the largest peak of a process that trained (a "
+        "simulation actor serves many clients). Bytes: all clients of a round together.",
+        "",
+        "| setup | model, px | engine | clients | sampled | rounds | status | round (s) "
+        "| server eval (s) | client train (s) | aggregate (s) | contribution (s) "
+        "| server RSS first → last (MiB) | client RSS max (MiB) | MB up / down a round |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for name, r in rows.items():
+        model = str(r.get("model", "")).removesuffix(".yaml").replace("fedyolo-", "")
+        lines.append(
+            f"| {name} | {model}, {r.get('imgsz', '')} | {r['engine']} | {r['clients']} "
+            f"| {r['sampled_per_round']} "
+            f"| {r['rounds']} | {r['status']} | {num(r.get('round_seconds_median'), '.2f')} "
+            f"| {num(r.get('eval_seconds_median'), '.2f')} "
+            f"| {num(r.get('client_train_seconds_median'), '.2f')} "
+            f"| {num(r.get('aggregate_seconds_median'), '.3f')} "
+            f"| {num(r.get('contribution_seconds_median'), '.2f')} "
+            f"| {num(r.get('server_rss_mb_first'), '.0f')} → "
+            f"{num(r.get('server_rss_mb_last'), '.0f')} "
+            f"| {num(r.get('client_rss_mb_max'), '.0f')} "
+            f"| {num((r.get('bytes_up_per_round') or 0) / 1e6, '.1f')} / "
+            f"{num((r.get('bytes_down_per_round') or 0) / 1e6, '.1f')} |"
+        )
+    lines += ["", "| target | value | met |", "|---|---|---|"]
+    for key, t in d.get("targets", {}).items():
+        met = {True: "**met**", False: "**not met**", None: "not measured"}[t.get("pass")]
+        value = t.get("value")
+        shown = num(value, ".2f") if isinstance(value, int | float) else str(value)
+        lines.append(f"| {d.get('target_text', {}).get(key, key)} | {shown} | {met} |")
+    return [*lines, ""]
 
 
 def strategies_noniid() -> list[str]:
@@ -147,23 +209,62 @@ def transport() -> list[str]:
     d = json.loads(path.read_text())
     s = d["setup"]
     lines = [
-        f"**Transport** (`{path.name}`; {d['machine']}; {d['date']}): FedAvg, {s['model']}, "
-        f"{s['clients']} clients, {s['partition']} split, {s['rounds']} rounds × "
+        f"**Transport** (`{path.name}`; {d['machine']}; rows measured {_dates(d)}): FedAvg, "
+        f"{s['model']}, {s['clients']} clients, {s['partition']} split, {s['rounds']} rounds × "
         f"{s['local_epochs']} local epochs. Bytes: the serialized Flower message per client per "
-        "round, from `metrics.jsonl`.",
+        "round, from `metrics.jsonl`; down after round 1: the mean of rounds 2..n (q4z sends "
+        "the model whole in round 1). Change vs fp32: against the fp32 seed-0 run measured the "
+        "same day.",
         "",
         "| transport | MB up / client / round | fewer bytes up than fp32 | MB down "
-        "| final mAP50-95 | change vs fp32 |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| MB down after round 1 | fewer bytes down | final mAP50-95 | change vs fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in d["rows"]:
+        after = r.get("bytes_down_after_first_round")
         lines.append(
             f"| {r['transport']} | {r['bytes_up_per_client_round'] / 1e6:.2f} "
             f"| {r.get('bytes_up_reduction', float('nan')):.1f}× "
-            f"| {r['bytes_down_per_client_round'] / 1e6:.2f} | {r['final_map50_95']:.3f} "
+            f"| {r['bytes_down_per_client_round'] / 1e6:.2f} "
+            f"| {'—' if after is None else format(after / 1e6, '.2f')} "
+            f"| {_down_reduction(r)} | {r['final_map50_95']:.3f} "
             f"| {100 * r.get('map_rel_change', float('nan')):+.1f}% |"
         )
+    t = d.get("targets") or {}
+    if t:
+        low, high = t["fp32_final_range"]
+        finals = ", ".join(f"{v:.3f}" for v in t["q4z_finals"])
+        lines += [
+            "",
+            f"Targets (issue 32): ≥ 8× fewer bytes both ways: up {t['up_reduction_min']:.1f}×, "
+            f"down {t['down_reduction_after_first_round_min']:.1f}× after round 1 "
+            f"({t['down_reduction_run_mean_min']:.1f}× over the whole run) — "
+            f"{'**met**' if t['met_8x_both_ways'] else '**not met**'}; q4z's final mAP50-95 "
+            f"({finals}) inside the fp32 seeds' range [{low:.3f}, {high:.3f}] — "
+            f"{'**met**' if t['q4z_inside_fp32_range'] else '**not met**'}"
+            + (
+                " (none below it)"
+                if not t["q4z_inside_fp32_range"] and t["q4z_at_least_fp32_low"]
+                else ""
+            )
+            + ".",
+        ]
     return [*lines, ""]
+
+
+def _dates(d: dict) -> str:
+    dates = sorted({r.get("measured", d["date"]) for r in d["rows"]})
+    return " and ".join(dates)
+
+
+def _down_reduction(r: dict) -> str:
+    after = r.get("bytes_down_reduction_after_first_round")
+    whole = r.get("bytes_down_reduction")
+    if whole is None:
+        return "—"
+    if after is None or abs(after - whole) < 0.05:
+        return f"{whole:.1f}×"
+    return f"{after:.1f}× after round 1 ({whole:.1f}× run)"
 
 
 def _listing(items) -> str:
@@ -470,6 +571,7 @@ SECTIONS = {
     "guard_replay": guard_replay,
     "round_overhead": round_overhead,
     "cold_start": cold_start,
+    "scale": scale,
 }
 
 

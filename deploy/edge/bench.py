@@ -3,13 +3,16 @@
 For every model (a ``.pt`` checkpoint, an ``.onnx`` file or an edge bundle folder), image size
 and thread count: latency p50/p95/p99 and throughput of the model itself (a preprocessed
 1×3×imgsz×imgsz input to raw outputs, no NMS: the part the export changes), the process's peak
-resident memory, the file size and the held-out mAP50-95 through Ultralytics' validator.
+resident memory, the file size and the held-out mAP50-95 through Ultralytics' validator. Every
+model runs at the same input size by default and every row gets its mAP where a held-out set
+is known (``plan``).
 
 Each model and image size is timed in a child process of its own, so the peak RSS is that
 model's (runtime, weights and arena) and one model's allocations do not slow the next. A
 fixed-shape ONNX file runs at its own input size only; a ``.pt`` runs at every ``imgsz``.
 
-Writes ``bench.json``, ``bench.md`` (the table) and ``bench.png`` (latency against mAP50-95).
+Writes ``bench.json``, ``bench.md`` (the table) and ``bench.png`` (mAP50-95 against latency and
+against file size).
 """
 
 from __future__ import annotations
@@ -151,21 +154,61 @@ def _label(path: Path, meta: dict | None) -> str:
     return meta["variant"]
 
 
+def _trained_imgsz(ckpt: dict) -> int | None:
+    args = ckpt.get("train_args") if isinstance(ckpt, dict) else None
+    size = args.get("imgsz") if isinstance(args, dict) else None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def _run_heldout(path: Path) -> Path | None:
+    """The held-out set of the run a checkpoint sits in (``runs/<name>/best.pt``)."""
+    from fl_server.engines import RunDir
+
+    found = RunDir(path.parent).server_val_yaml
+    return found if found.is_file() else None
+
+
+def plan(models: Sequence[Path], cfg) -> list[tuple[Path, dict | None, list[int], str | None]]:
+    """Each model's file, bundle metadata, input sizes and held-out data.
+
+    Every model is compared at the same input size by default (``imgsz: null``): the size the
+    ONNX files and bundles were exported at, else each checkpoint's training size; a fixed-shape
+    ONNX file runs at its own size only. The held-out data is ``data``, else the bundle's own,
+    else the first bundle's among the models given, else the run directory's of a checkpoint
+    (so a ``best.pt`` benched beside its bundles gets its mAP too)."""
+    resolved = [_resolve(Path(m)) for m in models]
+    fixed, ckpts = [], {}
+    for path, _ in resolved:
+        if path.suffix == ".onnx":
+            _, size = onnx_runner(path, 1)
+            if size and size not in fixed:
+                fixed.append(size)
+        else:  # refused here in one line, not in the measuring child
+            ckpts[path] = load_checkpoint(path, "bench")[1]
+    shared = next((m["heldout_data"] for _, m in resolved if m and m.get("heldout_data")), None)
+    out = []
+    for path, meta in resolved:
+        if path.suffix == ".onnx":
+            _, size = onnx_runner(path, 1)
+            sizes = [size] if size else list(cfg.imgsz or fixed or [640])
+        elif cfg.imgsz:
+            sizes = list(cfg.imgsz)
+        else:
+            trained = _trained_imgsz(ckpts[path])
+            sizes = fixed or ([trained] if trained else [640])
+        data = cfg.data or (meta or {}).get("heldout_data") or shared
+        if not data and path.suffix == ".pt":
+            data = _run_heldout(path)
+        out.append((path, meta, sizes, str(data) if data else None))
+    return out
+
+
 def bench(models: Sequence[Path], cfg) -> dict:
     """Measure ``models``; write bench.json/.md/.png to ``cfg.out`` (or beside the first)."""
     out = Path(cfg.out) if cfg.out else _resolve(Path(models[0]))[0].parent
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for model in models:
-        path, meta = _resolve(Path(model))
-        if path.suffix == ".pt":  # refused here in one line, not in the measuring child
-            load_checkpoint(path, "bench")
-        data = cfg.data or (meta or {}).get("heldout_data")
-        if path.suffix == ".onnx":
-            _, fixed = onnx_runner(path, 1)
-            sizes = [fixed] if fixed else list(cfg.imgsz)
-        else:
-            sizes = list(cfg.imgsz)
+    for path, meta, sizes, data in plan(models, cfg):
         for imgsz in sizes:
             m = measure_in_child(path, imgsz, cfg.threads, int(cfg.runs), int(cfg.warmup))
             map50_95 = None
@@ -233,20 +276,45 @@ def table(results: list[dict]) -> str:
 
 
 def _plot(results: list[dict], path: Path) -> None:
+    """Two panels, mAP50-95 against p50 latency and against file size, both axes from 0 (a
+    0.0005 difference looks like one): one colour per model, one marker per thread count, a
+    legend instead of labels on the points (they overlapped)."""
     matplotlib.use("Agg")  # before pyplot loads (its first use below)
     rows = [r for r in results if r["map50_95"] is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (lat, size) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^v<>p*h"
+    names = list(dict.fromkeys(f"{r['model']} {r['imgsz']}px" for r in rows))
+    threads = sorted({r["threads"] for r in rows})
     for r in rows:
-        ax.scatter(r["p50_ms"], r["map50_95"])
-        ax.annotate(
-            f"{r['model']} {r['imgsz']}px {r['threads']}t",
-            (r["p50_ms"], r["map50_95"]),
-            fontsize=7,
-        )
-    ax.set_xlabel("p50 latency (ms)")
-    ax.set_ylabel("held-out mAP50-95")
-    ax.set_title("latency vs mAP50-95" if rows else "no held-out data: latency only")
-    fig.tight_layout()
+        name = f"{r['model']} {r['imgsz']}px"
+        style = {
+            "color": colours[names.index(name) % len(colours)],
+            "marker": markers[threads.index(r["threads"]) % len(markers)],
+            "s": 40,
+        }
+        lat.scatter(r["p50_ms"], r["map50_95"], **style)
+        size.scatter(r["size_mb"], r["map50_95"], **style)
+    top = max([r["map50_95"] for r in rows] + [0.05]) * 1.15
+    axes = ((lat, "p50 latency (ms)", "p50_ms"), (size, "file size (MB)", "size_mb"))
+    for ax, label, key in axes:
+        ax.set_xlim(0, max([r[key] for r in rows] + [1e-3]) * 1.15)
+        ax.set_ylim(0, top)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    lat.set_ylabel("held-out mAP50-95")
+    handles = [
+        plt.Line2D([], [], color=colours[i % len(colours)], marker="o", ls="", label=n)
+        for i, n in enumerate(names)
+    ] + [
+        plt.Line2D([], [], color="grey", marker=markers[i % len(markers)], ls="", label=f"{t} thr")
+        for i, t in enumerate(threads)
+    ]
+    if handles:  # beside the panels, never over a point
+        fig.legend(handles=handles, fontsize=7, loc="center right")
+    title = "mAP50-95 vs latency and size" if rows else "no held-out data: see bench.md"
+    fig.suptitle(f"{title} (upper left is better)" if rows else title)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -7,13 +7,18 @@ fp32, while unsigned activations with signed per-channel weights (ONNX Runtime's
 (``int8.activations``: ``u8`` | ``s8`` | ``auto``, where ``auto`` builds both, times both on this
 machine and keeps the faster one that passes the gates), and ``model.json`` records it.
 
-**What is quantized.** Only weighted operators (Conv, Gemm, MatMul), as in Ultralytics'
-``onnx_int8_quantize``: the detection head's decode stays float, because one INT8 scale that
-spans box pixels (0..imgsz) and class probabilities (0..1) would round every score to 0. One
-Conv is decode too: the DFL layer, a fixed 1×1 convolution with weights 0, 1, ..., reg_max-1
-that takes the expectation of each box side's distribution. Quantized, it cost a YOLOv8n 0.011
-held-out mAP50-95 (0.1436 → 0.1327); kept float, 0.1440, for 0 bytes and no measurable time
-(:func:`decode_convs`).
+**What is quantized** (``int8.ops``). ``weighted``: only weighted operators (Conv, Gemm,
+MatMul), as in Ultralytics' ``onnx_int8_quantize``. ``all``: every operator but the detection
+head's decode (:func:`decode_nodes`), so INT8 flows through the activations (SiLU's Sigmoid and
+Mul), the residual Adds, Concats, pooling and resizing instead of being dequantized after every
+Conv: on this 2-core x86 CPU (AVX-512 VNNI) a YOLOv8n at 320 px ran 1.54× faster than fp32 ONNX
+this way and 1.06× with ``weighted`` (random weights, ``benchmarks/edge.py`` measures a trained
+model with its gates). ``auto`` builds both and keeps the faster one that passes the gates. The
+decode stays float either way, because one INT8 scale that spans box pixels (0..imgsz) and class
+probabilities (0..1) would round every score to 0. One Conv is decode too: the DFL layer, a
+fixed 1×1 convolution with weights 0, 1, ..., reg_max-1 that takes the expectation of each box
+side's distribution. Quantized, it cost a YOLOv8n 0.011 held-out mAP50-95 (0.1436 → 0.1327);
+kept float, 0.1440, for 0 bytes and no measurable time (:func:`decode_convs`).
 
 **Calibration.** Activation ranges are ONNX Runtime's MinMax ranges (``create_calibrator``).
 The ranges of a set of images are the element-wise min and max over its parts, so a client can
@@ -28,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +51,9 @@ calibrate = lazy("onnxruntime.quantization.calibrate")
 LOGGER = logging.getLogger("fedyolo")
 
 ACTIVATIONS = ("u8", "s8")
-QUANTIZED_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+OPS = ("weighted", "all")  # int8.ops: which operators are quantized
+QUANTIZED_OPS = frozenset({"Conv", "Gemm", "MatMul"})  # ops=weighted
+_MODULE = re.compile(r"^/model\.(\d+)/")  # Ultralytics' node names: /model.<module index>/...
 
 
 def decode_convs(model) -> list[str]:
@@ -60,6 +68,25 @@ def decode_convs(model) -> list[str]:
             a = onnx.numpy_helper.to_array(w).reshape(-1)
             if np.array_equal(a, np.arange(a.size, dtype=a.dtype)):
                 names.append(n.name)
+    return names
+
+
+def decode_nodes(model) -> list[str]:
+    """The detection head's decode: the DFL conv (:func:`decode_convs`) and every node of the
+    last module (Ultralytics' ``Detect``) outside its conv branches (``cv2.*``, ``cv3.*``, ...):
+    the reshapes and concatenation of the raw outputs, DFL's softmax, the class sigmoid and the
+    box arithmetic. A graph without Ultralytics' module names gives the DFL conv alone."""
+    indices = [int(m.group(1)) for n in model.graph.node if (m := _MODULE.match(n.name))]
+    names = decode_convs(model)
+    if not indices:
+        return names
+    head = f"/model.{max(indices)}/"
+    for n in model.graph.node:
+        if not n.name.startswith(head) or n.name in names:
+            continue
+        first, *rest = n.name[len(head) :].split("/")
+        if not rest or first == "dfl":  # a direct node of the head, or the DFL's
+            names.append(n.name)
     return names
 
 
@@ -141,6 +168,7 @@ def quantize(
     *,
     activations: str = "u8",
     per_channel: bool = True,
+    ops: str = "weighted",
 ) -> Path:
     """An INT8 (QDQ) copy of ``fp32_onnx`` at ``out``, quantized with the given ``ranges``.
 
@@ -149,9 +177,14 @@ def quantize(
     """
     if activations not in ACTIVATIONS:
         raise EdgeError(f"int8.activations: {activations!r} is not one of {', '.join(ACTIVATIONS)}")
+    if ops not in OPS:
+        raise EdgeError(f"int8.ops: {ops!r} is not one of {', '.join(OPS)}")
     source = onnx.load(str(fp32_onnx))
-    exclude = [n.name for n in source.graph.node if n.op_type not in QUANTIZED_OPS]
-    exclude += decode_convs(source)
+    if ops == "weighted":
+        exclude = [n.name for n in source.graph.node if n.op_type not in QUANTIZED_OPS]
+        exclude += decode_convs(source)
+    else:
+        exclude = decode_nodes(source)
     data = {
         k: (np.array(lo, dtype=np.float32), np.array(hi, dtype=np.float32))
         for k, (lo, hi) in ranges["ranges"].items()

@@ -37,6 +37,8 @@ def _check_export(cfg: DictConfig) -> None:
             raise EdgeError(f"imgsz: {size} is not a multiple of the stride 32")
     if cfg.int8.activations not in ("auto", "u8", "s8"):
         raise EdgeError(f"int8.activations: {cfg.int8.activations!r} is not auto, u8 or s8")
+    if cfg.int8.ops not in ("auto", "weighted", "all"):
+        raise EdgeError(f"int8.ops: {cfg.int8.ops!r} is not auto, weighted or all")
     cal = str(cfg.int8.calibration)
     if cal not in ("federated", "pooled") and not Path(cal).expanduser().is_dir():
         raise EdgeError(f"int8.calibration: {cal!r} is not federated, pooled or a folder")
@@ -49,7 +51,8 @@ def _check_export(cfg: DictConfig) -> None:
 
 
 def _check_bench(cfg: DictConfig) -> None:
-    cfg.imgsz = _ints(cfg.imgsz, "imgsz", 32)
+    if cfg.imgsz is not None:
+        cfg.imgsz = _ints(cfg.imgsz, "imgsz", 32)
     cfg.threads = _ints(cfg.threads, "threads")
     _ints(cfg.runs, "runs")
     _ints(cfg.warmup, "warmup", 0)

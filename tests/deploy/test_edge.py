@@ -127,7 +127,9 @@ def test_int8_export_is_calibrated_federatedly_and_runs(run_dir, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     i8 = meta["int8"]
     assert i8["activations"] in ("u8", "s8") and i8["weights"] == "s8"
-    assert set(i8["choice"]["measured_p50_ms"]) == {"fp32", "u8", "s8"}
+    assert i8["ops"] in ("weighted", "all")
+    tried = {f"{o}-{a}" for o in ("weighted", "all") for a in ("u8", "s8")}
+    assert set(i8["choice"]["measured_p50_ms"]) == {"fp32", *tried}
     cal = i8["calibration"]
     assert cal["method"] == "federated" and len(cal["parts"]) == 2
     for part in cal["parts"]:
@@ -147,6 +149,32 @@ def test_int8_export_is_calibrated_federatedly_and_runs(run_dir, tmp_path):
     convs = [n for n in graph.node if n.op_type == "Conv"]
     float_convs = [n.name for n in convs if n.input[1] not in dequantized]
     assert len(float_convs) == 1 and "dfl" in float_convs[0], float_convs
+
+
+def test_int8_all_ops_quantizes_between_layers_but_not_the_decode(run_dir, fp32_bundle, tmp_path):
+    """ops=all: the activations' inner outputs (SiLU's Sigmoid) are quantized too, no output of
+    the head's decode (DFL, class sigmoid, box arithmetic) is; ops=weighted quantizes only what
+    a weighted operator reads (a Conv's input), so no Sigmoid output."""
+    import onnx
+
+    out, meta = fp32_bundle
+    src, imgsz = out / meta["file"], meta["imgsz"][0]
+    images = inputs.image_files(run_dir / "data" / "client_0" / "train")[:4]
+    ranges = q.activation_ranges(src, images, imgsz)
+    decode = set(q.decode_nodes(onnx.load(str(src))))
+    assert any("dfl" in d for d in decode) and any(d.endswith("/Sigmoid") for d in decode)
+    assert not any("/cv2." in d or "/cv3." in d for d in decode)  # the head's convs are not
+
+    def quantized_outputs(ops: str) -> dict[str, str]:
+        """Node name → op type of every node whose output feeds a QuantizeLinear."""
+        graph = onnx.load(str(q.quantize(src, tmp_path / f"{ops}.onnx", ranges, ops=ops))).graph
+        into_q = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+        return {n.name: n.op_type for n in graph.node if set(n.output) & into_q}
+
+    every = quantized_outputs("all")
+    assert not decode & set(every)
+    assert "Sigmoid" in every.values() and "Concat" in every.values()
+    assert "Sigmoid" not in quantized_outputs("weighted").values()
 
 
 def test_federated_ranges_are_the_pooled_ranges(run_dir, fp32_bundle):
@@ -179,7 +207,7 @@ def test_bench_writes_its_table(run_dir, fp32_bundle, tmp_path, capsys):
     from fl_server.cli import main
 
     out, meta = fp32_bundle
-    args = [f"out={tmp_path}", "runs=3", "warmup=1", "threads=[1]", "imgsz=[64]"]
+    args = [f"out={tmp_path}", "runs=3", "warmup=1", "threads=[1]"]
     assert main(["bench", str(out), str(run_dir / "best.pt"), *args]) == 0
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -188,7 +216,11 @@ def test_bench_writes_its_table(run_dir, fp32_bundle, tmp_path, capsys):
     for r in rows:
         assert r["p50_ms"] > 0 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
         assert r["peak_rss_mb"] > 50 and r["size_mb"] > 0
-    assert rows[0]["map50_95"] is not None  # the bundle names its held-out set
+    # by default every model runs at the bundle's size, and each row has its mAP (the
+    # checkpoint's from the bundle's held-out set): the same model, so the same figure
+    assert {r["imgsz"] for r in rows} == {meta["imgsz"][0]}, rows
+    assert None not in [r["map50_95"] for r in rows], rows
+    assert abs(rows[0]["map50_95"] - rows[1]["map50_95"]) <= 0.02 + 0.1 * rows[1]["map50_95"]
     md = (tmp_path / "bench.md").read_text()
     assert md.startswith("| model |") and md.count("\n") == 4
     assert md in printed
