@@ -30,10 +30,9 @@ sys.path.insert(0, str(ROOT))
 def _client_seconds(run_dir: str) -> float:
     from pathlib import Path
 
-    from fl_server.run_dir import read_jsonl
+    from fl_server.run_dir import RunDir
 
-    rounds = read_jsonl(Path(run_dir) / "metrics.jsonl")
-    return sum(c.get("train_seconds", 0.0) for r in rounds for c in r["clients"])
+    return RunDir(Path(run_dir)).client_work()["train_seconds"]  # discarded rounds' too
 
 
 def study(name: str, base: list[str], args, pruner: str) -> dict:

@@ -306,8 +306,14 @@ def _to_2(cfg: DictConfig) -> None:
 
 def _to_3(cfg: DictConfig) -> None:
     """Version 2: before ``transport.down`` the global model went down whole (fp32), and
-    clients were sampled by Flower alone (``federation.sampling``)."""
-    news = {"transport.down": "fp32", "federation.sampling": "uniform", "federation.max_skip": 10}
+    clients were sampled by Flower alone (``federation.sampling``), and the server evaluated a
+    round's model before the next round's training began (``federation.overlap_eval``)."""
+    news = {
+        "transport.down": "fp32",
+        "federation.sampling": "uniform",
+        "federation.max_skip": 10,
+        "federation.overlap_eval": False,
+    }
     for key, value in news.items():
         if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
             OmegaConf.update(cfg, key, value, force_add=True)

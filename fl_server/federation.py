@@ -12,6 +12,7 @@ writer, the config's and the caller's: ``fl_server.reporting``, which also ends 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -19,7 +20,11 @@ import os
 import random
 import shutil
 import time
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -131,6 +136,40 @@ def _replace(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+@dataclass
+class Speculation:
+    """Round ``rnd``'s training, begun on ``sent`` (the previous round's candidate) while the
+    server evaluated it (``federation.overlap_eval``)."""
+
+    rnd: int
+    sent: ArrayRecord
+    excluded: set[str]
+    train_cfg: dict[str, Any]
+    replies: list
+    sampling: dict | None  # the sampler's state before this round sampled
+    seconds: float  # its exchange's wall time
+
+    def invalid(
+        self, arrays: ArrayRecord, excluded: set[str], train_cfg: ConfigRecord
+    ) -> str | None:
+        """Why these replies are not what round ``rnd`` would have got had it started after
+        the guard's word (None: they are): the global model, the clients left out and the
+        round's config must be the ones it began with."""
+        if arrays is not self.sent:
+            return f"the guard did not keep round {self.rnd - 1}'s model"
+        if excluded != self.excluded:
+            return (
+                f"the guard changed the clients left out of round {self.rnd} "
+                f"({sorted(self.excluded)} -> {sorted(excluded)})"
+            )
+        changed = sorted(
+            k for k in {*train_cfg, *self.train_cfg} if train_cfg.get(k) != self.train_cfg.get(k)
+        )
+        if changed:
+            return f"round {self.rnd}'s config changed ({', '.join(changed)})"
+        return None
+
+
 class Federation:
     """One run: its model, strategy, grid and guard, set up fresh or resumed, and its rounds."""
 
@@ -160,6 +199,9 @@ class Federation:
                 str(cfg.federation.sampling), int(cfg.federation.max_skip), int(cfg.seed)
             )
         self.evaluate = Evaluator(run, cfg, self.model, run.server_val_yaml)
+        # federation.overlap_eval; never with differential privacy: a discarded round's
+        # clients would have spent privacy budget on updates nobody uses
+        self.overlap = bool(cfg.federation.overlap_eval) and not describe(cfg)["dp"]
         self.guard = Guard(cfg.guard)
         self.guard_step = GuardStep(
             run,
@@ -213,6 +255,7 @@ class Federation:
             faults=[f.__dict__ for f in self.faults] or None,
             tracker_task=self.reports.task_id,
             distill_teacher_sha256=self.teacher_sha256,
+            overlap_eval=self.overlap,
         )
         res = self.evaluate(self.arrays, self.run.candidate, 0)
         self.guard_step.save_matches(res, 0)
@@ -276,21 +319,34 @@ class Federation:
 
     # -- the loop --------------------------------------------------------------------------------
     def run_rounds(self) -> Status:
-        """Every round left, in order; the status the run ends with."""
+        """Every round left, in order; the status the run ends with.
+
+        With ``federation.overlap_eval`` the server's evaluation of round r's model runs in a
+        thread while round r+1's clients already train on it (``Speculation``): when the guard
+        accepts the model (the common case) round r+1 goes on with those replies, exactly as if
+        it had started after the guard's word; otherwise they are discarded, recorded as a
+        ``round_discarded`` event, and round r+1 runs again from the model the guard left."""
         total = int(self.cfg.federation.rounds)
         timeout = float(self.cfg.federation.round_timeout)
+        spec: Speculation | None = None
+        t_last = time.perf_counter()  # the previous round's record (a round's time starts there)
         for rnd in range(self.round + 1, total + 1):
             self._check_interrupt()
-            t_round = time.perf_counter()
 
-            # --- TRAINING (CLIENTAPP-SIDE) ---
-            self.grid.excluded = self.guard_step.excluded(rnd)
-            random.seed(int(self.cfg.seed) * 100_003 + rnd)  # Flower samples with `random`
+            # --- TRAINING (CLIENTAPP-SIDE), perhaps begun during the last round's evaluation ---
+            excluded = self.guard_step.excluded(rnd)
             train_cfg = self._train_config(rnd)
-            train_replies = self.grid.send_and_receive(
-                self.strategy.configure_train(rnd, self.arrays, train_cfg, self.grid),
-                timeout=timeout,
-            )
+            why = None if spec is None else spec.invalid(self.arrays, excluded, train_cfg)
+            if spec is not None and why is None:
+                train_replies = spec.replies
+            else:
+                if spec is not None:
+                    self._discard(spec, str(why))
+                self.grid.excluded = excluded
+                train_replies = self.grid.send_and_receive(
+                    self._configure_train(rnd, self.arrays, train_cfg), timeout=timeout
+                )
+            spec = None
 
             # --- AGGREGATION ---
             t_aggregate = time.perf_counter()
@@ -307,10 +363,13 @@ class Federation:
             )
             self.strategy.aggregate_evaluate(rnd, evaluate_replies)
 
-            # --- EVALUATION (SERVERAPP-SIDE) ---
-            t_eval = time.perf_counter()
-            res = self.evaluate(candidate, self.run.candidate, rnd)
-            eval_seconds = time.perf_counter() - t_eval
+            # --- EVALUATION (SERVERAPP-SIDE), with the next round's training when overlapped ---
+            if self.overlap and rnd < total:
+                res, eval_seconds, spec = self._evaluate_overlapped(rnd, candidate, timeout)
+            else:
+                t_eval = time.perf_counter()
+                res = self.evaluate(candidate, self.run.candidate, rnd)
+                eval_seconds = time.perf_counter() - t_eval
             log = self.grid.rounds.get(rnd)  # what the grid saw this round
 
             # --- GUARD STEP: accept (perhaps on probation) or roll back to the best model ---
@@ -323,20 +382,93 @@ class Federation:
             # --- RECORD AND CHECKPOINT ---
             lr0 = float(train_cfg["lr0"])
             record = self._record(
-                rnd, res, verdict, log, t_round, eval_seconds, aggregate_seconds, lr0
+                rnd, res, verdict, log, t_last, eval_seconds, aggregate_seconds, lr0
             )
+            t_last = time.perf_counter()
             self.round = rnd
-            self._save_state()
+            self._save_state(spec)
 
             # --- HOOKS, THEN WHETHER TO GO ON ---
             asked = self.reports.on_round(rnd, record)
-            if self.guard_step.should_stop(rnd):
+            stop = self.guard_step.should_stop(rnd)
+            if (stop or asked is not None) and spec is not None:
+                self._discard(spec, f"the run stopped after round {rnd}")
+            if stop:
                 return Status.STOPPED
             if asked is not None:
                 LOGGER.info("round %d: a round hook asked to stop (%s)", rnd, asked)
                 self.run.event(rnd, EventKind.HOOK_STOP, status=asked)
                 return Status(asked)
         return Status.COMPLETED
+
+    def _configure_train(self, rnd: int, arrays: ArrayRecord, train_cfg: ConfigRecord) -> list:
+        """The strategy's train messages of round ``rnd`` (Flower samples with ``random``)."""
+        random.seed(int(self.cfg.seed) * 100_003 + rnd)
+        return list(self.strategy.configure_train(rnd, arrays, train_cfg, self.grid))
+
+    def _evaluate_overlapped(
+        self, rnd: int, candidate: ArrayRecord, timeout: float
+    ) -> tuple[dict, float, Speculation | None]:
+        """Round ``rnd``'s server evaluation of ``candidate`` in a thread while round
+        ``rnd + 1``'s clients train on it; the evaluation, its seconds and the speculation
+        (None when Ctrl-C/SIGTERM came meanwhile: round ``rnd`` ends, then the run).
+
+        The next round is configured as the guard stands now (its exclusions, its lr0) and
+        sampled before the thread starts, so the evaluation cannot touch ``random`` between
+        the seed and Flower's sample. Only the evaluation runs in the thread: it uses the
+        server's model and ``candidate.pt``, which nothing else touches meanwhile."""
+        nxt = rnd + 1
+        excluded = self.guard.excluded(nxt)  # as it stands: the guard step may change it
+        train_cfg = self._train_config(nxt)
+        sampler = self.grid.sampler
+        sampling = copy.deepcopy(sampler.state_dict()) if sampler is not None else None
+        self.grid.excluded = excluded
+        asked = dict(train_cfg)  # before the strategy adds its own keys (server-round)
+        messages = self._configure_train(nxt, candidate, train_cfg)
+
+        def evaluate() -> tuple[dict, float]:
+            t = time.perf_counter()
+            return self.evaluate(candidate, self.run.candidate, rnd), time.perf_counter() - t
+
+        with ThreadPoolExecutor(1, thread_name_prefix="fedyolo-eval") as pool:
+            evaluation = pool.submit(evaluate)
+            t0 = time.perf_counter()
+            try:
+                replies = self.grid.send_and_receive(messages, timeout=timeout)
+            except Interrupted:  # round rnd still ends (judged, recorded, saved), then the run
+                res, seconds = evaluation.result()
+                self.grid.rounds.pop(nxt, None)
+                if sampler is not None:
+                    sampler.load_state_dict(sampling)
+                return res, seconds, None
+            except BaseException:
+                futures.wait([evaluation])  # never leave candidate.pt half written
+                raise
+            res, seconds = evaluation.result()
+        spec = Speculation(
+            nxt, candidate, excluded, asked, replies, sampling, time.perf_counter() - t0
+        )
+        return res, seconds, spec
+
+    def _discard(self, spec: Speculation, reason: str) -> None:
+        """Throw away a speculative round's replies (``round_discarded``): the grid forgets
+        what it saw of it, the sampler is as it was before it sampled."""
+        log = self.grid.rounds.pop(spec.rnd, None)
+        clients = log.clients if log else []
+        if self.grid.sampler is not None:
+            self.grid.sampler.load_state_dict(spec.sampling)
+        lost = sum(float(c.get("train_seconds", 0.0)) for c in clients)
+        sent = sum(int(c["bytes_up"]) + int(c["bytes_down"]) for c in clients)
+        LOGGER.info("round %d: its overlapped training is discarded: %s", spec.rnd, reason)
+        self.run.event(
+            spec.rnd,
+            EventKind.ROUND_DISCARDED,
+            reason=reason,
+            replies=len(spec.replies),
+            client_train_seconds=round(lost, 3),
+            bytes=sent,
+            seconds=round(spec.seconds, 3),
+        )
 
     # -- the loop's steps ------------------------------------------------------------------------
     def _check_interrupt(self) -> None:
@@ -384,7 +516,7 @@ class Federation:
         res: dict,
         verdict: Verdict,
         log: RoundLog | None,
-        t_round: float,
+        t_last: float,
         eval_seconds: float,
         aggregate_seconds: float,
         lr0: float,
@@ -409,7 +541,7 @@ class Federation:
             server_rss_mb=self._process.memory_info().rss / 2**20,
             guard=verdict.decision.as_dict(),
             global_sha256=global_sha256,
-            round_seconds=now - t_round,
+            round_seconds=now - t_last,
             eval_seconds=eval_seconds,
             lr0=lr0,
         )
@@ -425,8 +557,14 @@ class Federation:
         log_progress(record, total, rolled_back, self.guard.state, left)
         return record
 
-    def _save_state(self) -> None:
+    def _save_state(self, spec: Speculation | None = None) -> None:
+        """The resumable state after ``self.round`` (with a speculation under way, the sampler
+        as it was before that speculation sampled: a resumed run samples the round again)."""
         best_w, best_strategy = self.best
+        sampler = self.grid.sampler
+        sampling = None
+        if sampler is not None:
+            sampling = spec.sampling if spec is not None else sampler.state_dict()
         state = {
             "round": self.round,
             "weights": self.arrays[WEIGHTS_KEY].numpy().reshape(-1),
@@ -436,7 +574,7 @@ class Federation:
             "guard": self.guard.state_dict(),
             "drift": self.drift.state_dict() if self.drift is not None else None,
             "tracker_task": self.reports.task_id,
-            "sampling": self.grid.sampler.state_dict() if self.grid.sampler else None,
+            "sampling": sampling,
         }
         skipped = write_state(self.run.state, state)
         if skipped and skipped != self._skipped_warned:

@@ -162,6 +162,10 @@ class EventKind(StrEnum):
     """A significant drop below ``guard.severe_drop``: accepted on probation."""
     ROLLBACK = "rollback"
     """The round was rejected: the global model went back to the best checkpoint."""
+    ROUND_DISCARDED = "round_discarded"
+    """A round's training, begun on the previous round's model while the server evaluated it
+    (``federation.overlap_eval``), was thrown away (that model was rolled back, the guard
+    changed what the round trains with, or the run stopped); the round runs again."""
     CLIENT_FLAGGED = "client_flagged"
     """``guard.contribution``: a client's updates kept hurting the model."""
     GUARD_STOP = "guard_stop"

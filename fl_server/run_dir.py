@@ -176,6 +176,21 @@ class RunDir:
         """The finished rounds' records, as ``add_round`` wrote them (``metrics.jsonl``)."""
         return cast(list[RoundRecord], read_jsonl(self.metrics))
 
+    def client_work(self) -> dict[str, float]:
+        """What the clients spent over the run: ``train_seconds`` and ``bytes`` (up and down)
+        of every recorded round's replies plus those of rounds discarded (``round_discarded``,
+        ``federation.overlap_eval``): work done is work paid for, used or not."""
+        rounds = self.rounds()
+        work = {
+            "train_seconds": sum(c.get("train_seconds", 0.0) for r in rounds for c in r["clients"]),
+            "bytes": sum(c["bytes_up"] + c["bytes_down"] for r in rounds for c in r["clients"]),
+        }
+        for e in self.read_events():
+            if e.get("kind") == EventKind.ROUND_DISCARDED:
+                work["train_seconds"] += float(e.get("client_train_seconds") or 0.0)
+                work["bytes"] += float(e.get("bytes") or 0)
+        return work
+
     def rewrite_rounds(self, rounds: list[RoundRecord]) -> None:
         """Replace ``metrics.jsonl`` atomically (resume drops a round the state does not cover)."""
         replace_text(self.metrics, "".join(json.dumps(_clean(r)) + "\n" for r in rounds))

@@ -137,6 +137,7 @@ class FederationConfig(Checked):
     round_timeout: float = rule("a number of seconds > 0", lambda v: _num(v) and v > 0)
     sampling: str = rule("uniform, data or recency", one_of("uniform", "data", "recency"))
     max_skip: int = rule("an integer >= 1", at_least(1))
+    overlap_eval: bool = rule(*BOOL)
 
 
 def _device(v: Any) -> bool:

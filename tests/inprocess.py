@@ -12,6 +12,7 @@ injects faults; ``fault_injection=False`` makes nodes that ignore them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,11 +22,29 @@ from testkit import TINY_BASE, StubGrid
 from fl_client.client_app import app as client_app
 from fl_client.model import record_digest
 from fl_server.config import compose, to_yaml
+from fl_server.federation import Evaluator
 from fl_server.prepare import prepare_run
 from fl_server.run_dir import RunDir
 from fl_server.server_app import serve
 
 TINY = [*TINY_BASE, "federation.rounds=1", "data.synth.images=72"]
+
+# In-process clients share the server's process, so its global random generators: the server's
+# evaluation, overlapped with the next round's training (federation.overlap_eval), draws from
+# torch's (Ultralytics' Conv-BN fusion initialises the fused layers) and would shift a client's
+# augmentations mid-training. On the engines a client is a process of its own. Here a client's
+# work and an evaluation each hold this lock, so in-process runs stay reproducible bit for bit;
+# the overlap's logic (what runs when, what is kept or discarded) is unchanged.
+RNG_LOCK = threading.RLock()
+_evaluate = Evaluator.__call__
+
+
+def _evaluate_locked(self, *args, **kwargs):
+    with RNG_LOCK:
+        return _evaluate(self, *args, **kwargs)
+
+
+Evaluator.__call__ = _evaluate_locked
 
 
 class ServerKilled(BaseException):
@@ -80,7 +99,8 @@ class InProcessGrid(StubGrid):
             if node in self.down:
                 continue  # disconnected: no reply (the server's timeout path)
             try:
-                reply = client_app(m, self.contexts[node])
+                with RNG_LOCK:
+                    reply = client_app(m, self.contexts[node])
             except Exception as e:  # as Flower does: the error travels back as a reply
                 reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=m)
             if node in self.tamper and m.metadata.message_type == "train":

@@ -47,7 +47,7 @@ class _Pruning:
 
 
 def _values(cfg: DictConfig, summary: Any) -> list[float]:
-    rounds = RunDir(summary.run_dir).rounds()
+    work = RunDir(summary.run_dir).client_work()
     out = []
     for objective in cfg.objectives:
         if objective in ("best_map", "final_map"):
@@ -56,13 +56,9 @@ def _values(cfg: DictConfig, summary: Any) -> list[float]:
                 raise RuntimeError(f"the federation reported no {objective}")
             out.append(float(result.map50_95))
         elif objective == "bytes":
-            out.append(
-                float(sum(c["bytes_up"] + c["bytes_down"] for r in rounds for c in r["clients"]))
-            )
+            out.append(float(work["bytes"]))
         else:
-            out.append(
-                float(sum(c.get("train_seconds", 0.0) for r in rounds for c in r["clients"]))
-            )
+            out.append(float(work["train_seconds"]))
     return out
 
 

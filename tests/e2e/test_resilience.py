@@ -69,7 +69,9 @@ def test_supernode_killed_mid_round_the_run_completes_and_it_rejoins(tmp_path):
     )
     proc = start(args, tmp_path)
     try:
-        wait_for_rounds(run, 1, proc)  # round 2 is under way now
+        # round 2 is under way now, or with federation.overlap_eval (round 2's training began
+        # during round 1's evaluation) round 2's aggregation or round 3's training
+        wait_for_rounds(run, 1, proc)
         (node1,) = [p for p in flower_processes(run) if "partition-id=1" in " ".join(p.cmdline())]
         cmdline, env = node1.cmdline(), node1.environ()
         kill_tree(node1.pid)
@@ -90,15 +92,17 @@ def test_supernode_killed_mid_round_the_run_completes_and_it_rejoins(tmp_path):
     rounds = read_jsonl(run / "metrics.jsonl")
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
     ids = [sorted(c["id"] for c in r["clients"]) for r in rounds]
-    assert ids[0] == [0, 1, 2] and ids[1] == [0, 2], ids  # round 2 completed without client 1
+    failed = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "client_failed"]
+    # One failure, of client 1, in the round under way (the SuperLink reports the dead node
+    # once its heartbeat is overdue); the reply is matched to the node it was sent to.
+    assert [e["client"] for e in failed] == [1], failed
+    k = failed[0]["round"]
+    assert k in (2, 3), failed
+    assert ids[0] == [0, 1, 2] and ids[k - 1] == [0, 2], ids  # round k completed without it
     # rejoined: a new SuperNode takes a few seconds to start and connect, during which a tiny
     # round can pass without it (seen on a loaded machine); by the last round it is back
     assert ids[-1] == [0, 1, 2], ids
-    failed = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "client_failed"]
-    # One failure, of client 1, in round 2 (the SuperLink reports the dead node once its
-    # heartbeat is overdue); the reply is matched to the node it was sent to.
-    assert [(e["round"], e["client"]) for e in failed] == [(2, 1)], failed
-    assert "Node Unavailable" in failed[0]["reason"] and rounds[1]["failures"] == 1
+    assert "Node Unavailable" in failed[0]["reason"] and rounds[k - 1]["failures"] == 1
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     assert flower_processes(run) == []  # the rejoined SuperNode was stopped with the rest
 

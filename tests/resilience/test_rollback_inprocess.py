@@ -81,6 +81,12 @@ def test_poisoned_client_is_rolled_back_and_excluded(tmp_path, pretrained_fleet,
     # Round 4: client 1 sat out (policy exclude), the other two trained.
     assert sorted(c["id"] for c in rounds[3]["clients"]) == [0, 2]
     assert any(e["kind"] == "clients_excluded" and e["clients"] == ["1"] for e in events)
+    # federation.overlap_eval (on): round 4 began during round 3's evaluation, with client 1;
+    # the rollback discarded it and round 4 ran again from the restored model, without it
+    (discarded,) = [e for e in events if e["kind"] == "round_discarded"]
+    assert discarded["round"] == 4 and "round 3's model" in discarded["reason"], discarded
+    assert discarded["client_train_seconds"] > 0 and discarded["replies"] == 3
+    assert set(grid.received[4]) == {1, 3}  # node 2 (client 1) sat out the round that counted
 
     summary = json.loads(run.summary.read_text())
     assert summary["rollbacks"] == 1 and summary["status"] == "completed"

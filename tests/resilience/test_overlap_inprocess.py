@@ -1,0 +1,77 @@
+"""``federation.overlap_eval``: round r+1's clients train while the server evaluates round r.
+
+When the guard accepts, the overlapped round must be the round a sequential run has: the same
+clients, config and model, so the same records bit for bit. When it does not, the overlapped
+replies are discarded (``round_discarded``), the round runs again from the model the guard
+left, and the cost of the lost work is still counted (``RunDir.client_work``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from inprocess import InProcessGrid, ServerKilled, resume_inprocess, run_inprocess
+
+from fl_server.records import EventKind
+from fl_server.run_dir import read_jsonl
+
+# 3 clients, 2 sampled per round by recency: the sampler's state is part of what must match
+CFG = [
+    "federation.rounds=3",
+    "federation.fraction=0.67",
+    "federation.sampling=recency",
+    "strategy=fedadam",
+    "strategy.eta=0.01",
+]
+KEYS = ("global_sha256", "weights_sha256", "map50_95", "lr0")
+
+
+def _rounds(run) -> list[tuple]:
+    return [
+        (r["round"], *(r[k] for k in KEYS), sorted(c["id"] for c in r["clients"]))
+        for r in run.rounds()
+    ]
+
+
+def test_overlapped_rounds_are_the_sequential_rounds(tmp_path):
+    seq, _ = run_inprocess(tmp_path / "a", [*CFG, "federation.overlap_eval=false"], name="s")
+    ovl, grid = run_inprocess(tmp_path / "b", [*CFG, "federation.overlap_eval=true"], name="o")
+    assert _rounds(ovl) == _rounds(seq)
+    assert all(len(r["clients"]) == 2 for r in ovl.rounds())  # sampled, not everyone
+    kinds = [e["kind"] for e in read_jsonl(ovl.events)]
+    assert "round_discarded" not in kinds
+    (start,) = [e for e in read_jsonl(ovl.events) if e["kind"] == "run_start"]
+    (seq_start,) = [e for e in read_jsonl(seq.events) if e["kind"] == "run_start"]
+    assert start["overlap_eval"] is True and seq_start["overlap_eval"] is False
+    # the rounds' times add up to the run's, overlapped or not
+    for run in (seq, ovl):
+        assert all(r["round_seconds"] >= r["aggregate_seconds"] for r in run.rounds())
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_server_killed_during_the_overlap_resumes_like_an_uninterrupted_run(tmp_path, overlap):
+    flag = f"federation.overlap_eval={str(overlap).lower()}"
+    ref, _ = run_inprocess(tmp_path / "a", [*CFG, flag], name="ref")
+    # killed when round 3's training starts: with the overlap that is during round 2's
+    # evaluation, so round 2 is not finished (nothing of it saved), without it round 2 is
+    grid = InProcessGrid(3, kill_at=3)
+    with pytest.raises(ServerKilled):
+        run_inprocess(tmp_path / "b", [*CFG, flag], grid=grid, name="killed")
+    run = ref.__class__(tmp_path / "b" / "runs" / "killed")
+    assert [r["round"] for r in run.rounds()] == ([1] if overlap else [1, 2])
+    resume_inprocess(run, InProcessGrid(3))
+    assert _rounds(run) == _rounds(ref)
+
+
+def test_client_work_counts_a_discarded_round(tmp_path):
+    run, _ = run_inprocess(tmp_path, ["federation.rounds=1"], clients=2)
+    work = run.client_work()
+    rounds = run.rounds()
+    assert work["train_seconds"] == pytest.approx(
+        sum(c["train_seconds"] for r in rounds for c in r["clients"])
+    )
+    run.event(
+        2, EventKind.ROUND_DISCARDED, reason="t", replies=2, client_train_seconds=1.5, bytes=10
+    )
+    after = run.client_work()
+    assert after["train_seconds"] == pytest.approx(work["train_seconds"] + 1.5)
+    assert after["bytes"] == work["bytes"] + 10
