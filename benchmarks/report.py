@@ -40,7 +40,8 @@ def fed_vs_central() -> list[str]:
 
 
 ROUND_SETUPS = {  # engines of round_overhead.json → how the table names them
-    "simulation": "simulation",
+    "simulation": "simulation (overlapped evaluation, default)",
+    "simulation-sequential": "simulation, `federation.overlap_eval=false`",
     "local-deployment": "local-deployment (warm worker, default)",
     "local-deployment-cold": "local-deployment, `engine.warm_worker=false`",
     "compose": "compose (warm worker, default)",

@@ -8,7 +8,12 @@ from the end of one round's evaluation to the end of the next) into
   the critical path;
 * ``everything else``: process start-up and imports, trainer set-up, weight (de)serialisation,
   transport, aggregation and the server's evaluation. ``eval_seconds`` and the slowest client's
-  ``setup_seconds`` are reported separately.
+  ``setup_seconds`` are reported separately. With ``federation.overlap_eval`` (the default) the
+  server's evaluation of round r runs while round r+1's clients train, so only what of it
+  outlasts their training is in a round's time; ``simulation-sequential`` turns it off.
+
+A round's time is its record's ``round_seconds``: from the previous round's record to its own,
+so the rounds' times add up to the run's.
 
 Setups: ``simulation``, ``local-deployment`` and ``compose`` as configured by default (the
 deployment engines hand each message to the SuperNode's warm worker, ``fl_client.worker``), and
@@ -19,7 +24,7 @@ the images (``make images``).
 Writes ``benchmarks/results/round_overhead.json`` (setups not run this time are kept).
 
     .venv/bin/python benchmarks/round_overhead.py --rounds 6 --deploy-rounds 4 \
-        --setups simulation,local-deployment,local-deployment-cold,compose
+        --setups simulation,simulation-sequential,local-deployment,local-deployment-cold,compose
 
 Other Flower builds, for what Flower's own per-message costs are (``--label`` keeps each apart;
 every entry records the ``flwr`` it ran and the poll settings in its environment): Flower 1.42,
@@ -47,6 +52,9 @@ from benchmarks_common import RESULTS, WORK, fedyolo_run, machine
 
 SETUPS = {
     "simulation": ["engine=simulation"],
+    # the server's evaluation after the round, before the next round's training (as before
+    # federation.overlap_eval): what the overlap hides
+    "simulation-sequential": ["engine=simulation", "federation.overlap_eval=false"],
     "local-deployment": ["engine=local-deployment"],
     "local-deployment-cold": ["engine=local-deployment", "engine.warm_worker=false"],
     "compose": ["engine=compose"],
@@ -112,7 +120,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--deploy-rounds", type=int, default=3)
-    ap.add_argument("--setups", default="simulation,local-deployment,local-deployment-cold")
+    ap.add_argument(
+        "--setups",
+        default="simulation,simulation-sequential,local-deployment,local-deployment-cold",
+    )
     ap.add_argument("--extra", nargs="*", default=[], help="more fedyolo overrides")
     ap.add_argument(
         "--label",
@@ -136,7 +147,7 @@ def main() -> None:
         "engines": {k: v for k, v in old.get("engines", {}).items() if k.split("@")[0] in SETUPS},
     }
     for setup in args.setups.split(","):
-        rounds = args.rounds if setup == "simulation" else args.deploy_rounds
+        rounds = args.rounds if setup.startswith("simulation") else args.deploy_rounds
         key = f"{setup}@{args.label}" if args.label else setup
         run_dir = WORK / "runs" / run_name(setup, args.label)
         if not (args.reuse and _completed(run_dir, rounds)):

@@ -190,7 +190,9 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
                          "faults.client=2", "faults.round=6", "faults.kind=nan")  # fmt: skip
     project = project_name(run.resolve())
     with _fedyolo_running(args, tmp_path) as proc:
-        wait_for_rounds(run, 1, proc)  # round 2 is under way
+        # round 2 is under way, or (federation.overlap_eval: round 2 trained during round 1's
+        # evaluation) round 2's aggregation or round 3's training
+        wait_for_rounds(run, 1, proc)
         cid = _container(docker_engine, project, "supernode-1")
         pid = int(_docker(docker_engine, "inspect", "--format", "{{.State.Pid}}", cid).stdout)
         os.kill(pid, signal.SIGKILL)  # what the OOM killer does; not a `docker stop`
@@ -246,8 +248,10 @@ def test_compose_faults_crashed_client_rejoins_and_intruders_are_refused(
         assert set(ids) <= {0, 1, 2} and len(ids) == len(set(ids)), (r["round"], ids)
         assert 0 in ids and not (1 in ids and (r["round"], 1) in failed)
         assert (2 in ids) == (r["round"] != 6), (r["round"], ids)  # its NaN update of round 6
-    # killed in round 2: recorded as failed there, once, and the round completed without it
-    assert failed == [(2, 1)] and 1 not in [c["id"] for c in rounds[1]["clients"]], failed
+    # killed in round k: recorded as failed there, once, and the round completed without it
+    assert len(failed) == 1 and failed[0][1] == 1 and failed[0][0] in (2, 3), failed
+    k = failed[0][0]
+    assert 1 not in [c["id"] for c in rounds[k - 1]["clients"]], (k, rounds[k - 1]["clients"])
     rejected = [(e["round"], e["client"], e["reason"]) for e in read_jsonl(run / "events.jsonl")
                 if e["kind"] == "update_rejected"]  # fmt: skip
     assert [r[:2] for r in rejected] == [(6, 2)] and "non-finite" in rejected[0][2], rejected
