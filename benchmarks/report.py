@@ -65,7 +65,11 @@ def round_overhead() -> list[str]:
     lines = [
         f"**Where a round goes** (`{path.name}`; {d['machine']}; {dates}): yolov8n, "
         "2 clients × ~245 images at 128 px, 1 local epoch; mean of rounds 2..n (rounds: "
-        f"{counts}). Training = the slowest client's time inside Ultralytics' epoch loop; "
+        f"{counts}); a round's time runs from the previous round's record to its own, and "
+        "where the evaluation is overlapped (`federation.overlap_eval`, the default) that "
+        "interval holds the next round's training, so rounds 2..n-1 are each set against the "
+        "training of the round after them. Training = the slowest client's time inside "
+        "Ultralytics' epoch loop; "
         "ClientApp start = a message's `flwr-clientapp` process, from its creation to "
         "fedyolo's handler.",
         "",

@@ -77,25 +77,39 @@ def run(setup: str, rounds: int, extra: list[str], label: str = "") -> Path:
 
 
 def split(run_dir: Path) -> dict:
+    """Each round's time against the training on its critical path.
+
+    A round's time runs from the previous round's record to its own. Sequentially that holds
+    the round's own training; with ``federation.overlap_eval`` it holds the *next* round's
+    (which ran during this round's evaluation), and the last round holds none: there the
+    steady state is rounds 2..n-1, each paired with the training of the round after it."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    overlapped = any(e["kind"] == "run_start" and e.get("overlap_eval") for e in events)
     rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        train = max(c["train_seconds"] for c in r["clients"])
+    for i, r in enumerate(records):
+        trained = records[i + 1] if overlapped and i + 1 < len(records) else r
+        clients = trained["clients"] if trained is not r or not overlapped else []
+        train = max((c["train_seconds"] for c in clients), default=0.0)
         rows.append(
             {
                 "round": r["round"],
+                "training_round": trained["round"] if clients else None,
                 "round_seconds": r["round_seconds"],
                 "training_seconds": train,
                 "other_seconds": r["round_seconds"] - train,
                 "other_share": 1 - train / r["round_seconds"],
                 "eval_seconds": r["eval_seconds"],
-                "client_setup_seconds": max(c["setup_seconds"] for c in r["clients"]),
-                "client_handler_seconds": max(c["handler_seconds"] for c in r["clients"]),
+                "client_setup_seconds": max((c["setup_seconds"] for c in clients), default=0.0),
+                "client_handler_seconds": max((c["handler_seconds"] for c in clients), default=0.0),
                 # per-message process: its creation to the handler (0 when the process lives on)
-                "client_startup_seconds": max(c.get("startup_seconds", 0) for c in r["clients"]),
+                "client_startup_seconds": max(
+                    (c.get("startup_seconds", 0) for c in clients), default=0.0
+                ),
             }
         )
-    steady = rows[1:] if len(rows) > 1 else rows
+    steady = rows[1:-1] if overlapped else rows[1:]
+    steady = steady or rows
 
     def mean(key: str, rs: list[dict]) -> float:
         return statistics.fmean(r[key] for r in rs)
@@ -113,7 +127,14 @@ def split(run_dir: Path) -> dict:
         )
     }
     summary["other_share"] = 1 - summary["training_seconds"] / summary["round_seconds"]
-    return {"steady_state_rounds_2_to_n": summary, "round_1": rows[0], "rounds": rows}
+    return {
+        "overlap_eval": overlapped,
+        "steady_rounds": [steady[0]["round"], steady[-1]["round"]],
+        "steady_state_rounds_2_to_n": summary,
+        "round_1": rows[0],
+        "last_round": rows[-1],
+        "rounds": rows,
+    }
 
 
 def main() -> None:
