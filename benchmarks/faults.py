@@ -186,9 +186,11 @@ CONTRIBUTION = [
 ]
 
 
-def contribution_runs(rounds: int) -> None:
+def contribution_runs(rounds: int, extra_overrides: list[str], label: str = "") -> None:
     """``faults-slow-poison`` and ``faults-honest`` (the same fleet and start, nothing
-    injected) under guard.contribution; their rows in ``faults.json`` are replaced."""
+    injected) under guard.contribution; their rows in ``faults.json`` are replaced (with a
+    ``label``, rows of their own: ``faults-slow-poison-<label>``, run with
+    ``extra_overrides``)."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     path = RESULTS / "faults.json"
     out = json.loads(path.read_text())
@@ -197,7 +199,8 @@ def contribution_runs(rounds: int) -> None:
     for name, faults in (("faults-slow-poison", SLOW_POISON), ("faults-honest", [])):
         t1 = time.perf_counter()
         extra = [faults_override(faults)] if faults else []
-        run = fedyolo_run(name, [*start, *extra, *CONTRIBUTION])
+        name = f"{name}-{label}" if label else name
+        run = fedyolo_run(name, [*start, *extra, *CONTRIBUTION, *extra_overrides])
         row = {**tally(run, faults, rounds), "seconds": time.perf_counter() - t1}
         row["date"] = time.strftime("%Y-%m-%d")
         out["rows"] = [r for r in out["rows"] if r["run"] != name] + [row]
@@ -222,9 +225,17 @@ def main() -> None:
         help="from the existing warm-up: re-run slow poisoning and its honest twin (same fleet, "
         "no fault) under guard.contribution, keeping every evaluation's per-image matches",
     )
+    ap.add_argument(
+        "--label",
+        default="",
+        help="with --contribution-only: rows of their own (faults-slow-poison-<label>)",
+    )
+    ap.add_argument("--extra", nargs="*", default=[], help="more fedyolo overrides (with --label)")
     args = ap.parse_args()
+    if args.extra and not args.label:
+        ap.error("--extra needs a --label: its rows must not pass for the default's")
     if args.contribution_only:
-        contribution_runs(args.rounds)
+        contribution_runs(args.rounds, args.extra, args.label)
         return
     if args.tally_only:
         out = json.loads((RESULTS / "faults.json").read_text())
@@ -235,7 +246,8 @@ def main() -> None:
             "faults-honest": [],
         }
         for row in out["rows"]:
-            row.update(tally(WORK / "runs" / row["run"], runs[row["run"]], args.rounds))
+            base = max((k for k in runs if row["run"].startswith(k)), key=len)
+            row.update(tally(WORK / "runs" / row["run"], runs[base], args.rounds))
         (RESULTS / "faults.json").write_text(json.dumps(out, indent=2) + "\n")
         return
     os.environ.setdefault("YOLO_OFFLINE", "1")
