@@ -411,7 +411,8 @@ class Federation:
     ) -> tuple[dict, float, Speculation | None]:
         """Round ``rnd``'s server evaluation of ``candidate`` in a thread while round
         ``rnd + 1``'s clients train on it; the evaluation, its seconds and the speculation
-        (None when Ctrl-C/SIGTERM came meanwhile: round ``rnd`` ends, then the run).
+        (None when Ctrl-C/SIGTERM came meanwhile, or the exchange failed: round ``rnd`` ends
+        either way, then the run, or round ``rnd + 1`` as a round of its own).
 
         The next round is configured as the guard stands now (its exclusions, its lr0) and
         sampled before the thread starts, so the evaluation cannot touch ``random`` between
@@ -435,11 +436,26 @@ class Federation:
             t0 = time.perf_counter()
             try:
                 replies = self.grid.send_and_receive(messages, timeout=timeout)
-            except Interrupted:  # round rnd still ends (judged, recorded, saved), then the run
+            except (Interrupted, Exception) as e:
+                # round rnd still ends (judged, recorded, saved); then Ctrl-C ends the run, and
+                # an exchange that failed (e.g. too few clients for too long) is tried again as
+                # round nxt's own, which raises it again if it persists: nothing of round rnd
+                # is lost to the next round's trouble
                 res, seconds = evaluation.result()
                 self.grid.rounds.pop(nxt, None)
                 if sampler is not None:
                     sampler.load_state_dict(sampling)
+                if not isinstance(e, Interrupted):
+                    LOGGER.warning("round %d: its overlapped training failed: %s", nxt, e)
+                    self.run.event(
+                        nxt,
+                        EventKind.ROUND_DISCARDED,
+                        reason=f"its exchange failed ({type(e).__name__}: {e}); tried again",
+                        replies=0,
+                        client_train_seconds=0.0,
+                        bytes=0,
+                        seconds=round(time.perf_counter() - t0, 3),
+                    )
                 return res, seconds, None
             except BaseException:
                 futures.wait([evaluation])  # never leave candidate.pt half written

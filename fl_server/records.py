@@ -165,7 +165,8 @@ class EventKind(StrEnum):
     ROUND_DISCARDED = "round_discarded"
     """A round's training, begun on the previous round's model while the server evaluated it
     (``federation.overlap_eval``), was thrown away (that model was rolled back, the guard
-    changed what the round trains with, or the run stopped); the round runs again."""
+    changed what the round trains with, the run stopped, or its exchange failed); the round
+    runs again."""
     CLIENT_FLAGGED = "client_flagged"
     """``guard.contribution``: a client's updates kept hurting the model."""
     GUARD_STOP = "guard_stop"

@@ -13,6 +13,7 @@ from inprocess import InProcessGrid, ServerKilled, resume_inprocess, run_inproce
 
 from fl_server.records import EventKind
 from fl_server.run_dir import read_jsonl
+from fl_server.state import load as load_state
 
 # 3 clients, 2 sampled per round by recency: the sampler's state is part of what must match
 CFG = [
@@ -75,3 +76,28 @@ def test_client_work_counts_a_discarded_round(tmp_path):
     after = run.client_work()
     assert after["train_seconds"] == pytest.approx(work["train_seconds"] + 1.5)
     assert after["bytes"] == work["bytes"] + 10
+
+
+class _Refused(RuntimeError):
+    pass
+
+
+def test_a_failed_overlapped_exchange_costs_the_round_before_it_nothing(tmp_path):
+    """Round 3's exchange fails (here: every time, as with too few clients for too long). Begun
+    during round 2's evaluation, its failure must not take round 2 with it: round 2 is judged,
+    recorded and saved, round 3 is tried again as a round of its own, and the run fails there
+    with the error's reason, resumable after round 2."""
+
+    def refuse(rnd, grid):
+        if rnd == 3:
+            raise _Refused("only 0 usable client(s) connected")
+
+    grid = InProcessGrid(3)
+    grid.on_round = refuse
+    run, _ = run_inprocess(tmp_path, CFG, grid=grid, name="refused")
+    summary = run.read_summary()
+    assert summary["status"] == "failed" and "only 0 usable" in summary["reason"], summary
+    assert [r["round"] for r in run.rounds()] == [1, 2]
+    (discarded,) = [e for e in read_jsonl(run.events) if e["kind"] == "round_discarded"]
+    assert discarded["round"] == 3 and "_Refused" in discarded["reason"], discarded
+    assert load_state(run.state)["round"] == 2
