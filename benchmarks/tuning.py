@@ -93,6 +93,14 @@ def main() -> None:
     ap.add_argument("--sampler-seed", type=int, default=0)
     ap.add_argument("--extra", default="", help="more base overrides, space separated")
     ap.add_argument("--out", default="tuning.json")
+    ap.add_argument(
+        "--rerun",
+        action="append",
+        default=[],
+        metavar="LABEL=OVERRIDES",
+        help="only re-run these configurations (overrides space separated; none = the defaults) "
+        "with --seeds seeds each, no studies: e.g. --rerun defaults= --rerun 'b8=train.batch=8'",
+    )
     args = ap.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     base = [
@@ -115,13 +123,20 @@ def main() -> None:
     def save() -> None:
         path.write_text(json.dumps(out, indent=1))
 
+    seeds = list(range(1, args.seeds + 1))
+    if args.rerun:
+        for spec in args.rerun:
+            label, _, rest = spec.partition("=")
+            out["reruns"].append(reruns(label, base, rest.split(), seeds))
+            save()
+        print(json.dumps([(r["label"], r["mean"], r["sd"]) for r in out["reruns"]], indent=1))
+        return
     stamp = time.strftime("%Y%m%d-%H%M%S")
     pruned = study(f"bench-pruned-{stamp}", base, args, "median")
     out["studies"].append(pruned)
     save()
     out["studies"].append(study(f"bench-full-{stamp}", base, args, "none"))
     save()
-    seeds = list(range(1, args.seeds + 1))
     out["reruns"].append(reruns("defaults", base, [], seeds))
     save()
     out["reruns"].append(reruns("tuned", base, pruned["best_overrides"], seeds))
