@@ -73,12 +73,20 @@ def trial_rounds(folder: Path) -> list[dict]:
                 "trial": run.name,
                 "overlap": bool(cfg.federation.get("overlap_eval", False)),
                 "map": [float(r["map50_95"]) for r in rows],
+                "loss": [train_loss(r) for r in rows],
                 "seconds": [
                     sum(float(c.get("train_seconds", 0.0)) for c in r["clients"]) for r in rows
                 ],
             }
         )
     return out
+
+
+def train_loss(record: dict) -> float:
+    """The round's training loss as ``tuning.prune_on=loss`` reports it (tuning/trials.py)."""
+    from tuning.trials import round_loss
+
+    return round_loss(record)
 
 
 def candidates(rounds: int) -> dict:
@@ -110,30 +118,34 @@ def candidates(rounds: int) -> dict:
     }
 
 
-def replay(trials: list[dict], make_pruner, study_name: str) -> dict:
-    """Run ``trials`` through one pruner; what it would have spent and kept."""
+def replay(trials: list[dict], make_pruner, study_name: str, signal: str = "map") -> dict:
+    """Run ``trials`` through one pruner fed ``signal`` (``map``: the round's held-out mAP50-95;
+    ``loss``: minus its clients' training loss); what it would have spent and kept."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", pruner=make_pruner(), study_name=study_name)
-    spent = full = 0.0
+    spent = full = sequential = 0.0
     kept, pruned_at = [], {}
     for t in trials:
         full += sum(t["seconds"])
         trial = study.ask()
         stop = None
-        for step, value in enumerate(t["map"], start=1):
+        values = t["map"] if signal == "map" else [-v for v in t["loss"]]
+        for step, value in enumerate(values, start=1):
             trial.report(value, step=step)
             if step < len(t["map"]) and trial.should_prune():
                 stop = step
                 break
         if stop is None:
             spent += sum(t["seconds"])
+            sequential += sum(t["seconds"])
             study.tell(trial, max(t["map"]))
             kept.append(max(t["map"]))
         else:
             charged = stop + 1 if t["overlap"] else stop  # the overlapped round is discarded
             spent += sum(t["seconds"][:charged])
+            sequential += sum(t["seconds"][:stop])
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             pruned_at[t["trial"]] = stop
     best_full = max(max(t["map"]) for t in trials)
@@ -143,6 +155,9 @@ def replay(trials: list[dict], make_pruner, study_name: str) -> dict:
         "pruned_at": pruned_at,
         "client_seconds": spent,
         "client_seconds_saved": 1 - spent / full if full else None,
+        # the same decisions with federation.overlap_eval=false: nothing trained after the stop
+        # (the completed trials' rounds are charged as they ran, overlapped)
+        "client_seconds_saved_sequential": 1 - sequential / full if full else None,
         "best_value": best,
         "best_over_full": best / best_full if best_full > 0 else None,
     }
@@ -190,7 +205,10 @@ def main() -> None:
             "best_value": max(max(t["map"]) for t in trials),
             "zero_rounds": [sum(v <= 0.0 for v in t["map"]) for t in trials],
             "pruners": {
-                name: replay(trials, make, folder.name) for name, make in candidates(rounds).items()
+                f"{name} on {signal}": replay(trials, make, folder.name, signal)
+                for signal in ("map", "loss")
+                for name, make in candidates(rounds).items()
+                if not (signal == "loss" and name == "none")
             },
         }
         out["studies"].append(row)
@@ -198,7 +216,8 @@ def main() -> None:
     for row in out["studies"]:
         for name, r in row["pruners"].items():
             print(
-                f"{row['study']}: {name:40s} saved {r['client_seconds_saved']:.2f} "
+                f"{row['study']}: {name:48s} saved {r['client_seconds_saved']:.2f} "
+                f"({r['client_seconds_saved_sequential']:.2f} sequential) "
                 f"best x{r['best_over_full']:.2f} pruned {r['pruned']}"
             )
 

@@ -37,6 +37,7 @@ LOGGER = logging.getLogger("fedyolo")
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "nsga2")
 PRUNERS = ("median", "hyperband", "successive_halving", "threshold", "none")
+PRUNE_ON = ("map", "loss")
 # objective -> (direction, what it reads from a finished federation)
 OBJECTIVES = {
     "best_map": "maximize",
@@ -68,6 +69,10 @@ def _check(cfg: DictConfig) -> None:
         raise bad("sampler", f"one of {list(SAMPLERS)}")
     if cfg.pruner not in PRUNERS:
         raise bad("pruner", f"one of {list(PRUNERS)}")
+    if cfg.prune_on not in PRUNE_ON:
+        raise bad("prune_on", f"one of {list(PRUNE_ON)}")
+    if cfg.pruner == "threshold" and cfg.prune_on != "map":
+        raise bad("prune_on", "map with tuning.pruner=threshold (tuning.prune_below is an mAP)")
     objectives = list(cfg.objectives) if OmegaConf.is_list(cfg.objectives) else [cfg.objectives]
     if (
         not objectives

@@ -17,6 +17,7 @@ from optuna.storages.journal import JournalFileBackend
 from testkit import TINY_BASE
 
 from fl_server.cli import main
+from fl_server.config import compose
 
 SPACE = {
     "train.lr0": {"type": "float", "low": 0.005, "high": 0.05, "log": True},
@@ -62,7 +63,7 @@ def test_a_tiny_study_records_what_its_federations_measured(tmp_path, capsys, mo
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     # trial 0 is the base configuration's own values
-    assert trials[0].params == {"train.lr0": 0.02, "strategy": "fedavg"}
+    assert trials[0].params == {"train.lr0": compose(TINY_BASE).train.lr0, "strategy": "fedavg"}
     for t in trials:  # each value is the best held-out mAP50-95 its run directory reported
         summary = json.loads((Path(t.user_attrs["run_dir"]) / "summary.json").read_text())
         assert t.value == summary["best"]["map50_95"] and summary["rounds_completed"] == 2
@@ -139,6 +140,7 @@ def test_a_pruned_trial_stops_early_with_a_complete_run_directory(tmp_path):
     [
         ("tuning.sampler=annealing", "tuning.sampler"),
         ("tuning.pruner=sometimes", "tuning.pruner"),
+        ("tuning.prune_on=accuracy", "tuning.prune_on"),
         ("tuning.objectives=[best_map,bytes]", "cannot be pruned"),
         ("tuning.nope=1", "unknown setting"),
         ("tuning.space=/nowhere/space.yaml", "cannot read"),
@@ -150,6 +152,44 @@ def test_bad_settings_fail_in_one_line_before_any_trial(tmp_path, capsys, settin
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
     assert not (tmp_path / "runs" / "bad" / "trials").exists()
+
+
+def test_a_threshold_in_map_is_not_applied_to_a_loss(tmp_path, capsys):
+    args = [*_args(tmp_path, "thr"), "tuning.pruner=threshold", "tuning.prune_on=loss"]
+    assert main(["tune", *args]) == 2
+    assert "tuning.prune_on" in capsys.readouterr().err
+
+
+def _record(rnd: int, losses: list[float], examples: list[int], map50_95: float = 0.0) -> dict:
+    clients = [{"loss": v, "num_examples": n} for v, n in zip(losses, examples, strict=True)]
+    return {"round": rnd, "map50_95": map50_95, "clients": clients}
+
+
+def test_the_clients_loss_prunes_a_trial_whose_map_cannot_tell_yet():
+    """Two trials both at mAP 0 (a detector from scratch): on mAP the median pruner cannot tell
+    them apart; on the clients' training loss it prunes the one that learns more slowly."""
+    from tuning.trials import _Pruning, round_loss
+
+    assert round_loss(_record(1, [2.0, 5.0], [30, 10])) == pytest.approx(2.75)  # by examples
+    assert round_loss(_record(1, [float("nan")], [10])) is None
+    assert round_loss({"round": 1, "clients": []}) is None
+
+    def study(prune_on: str) -> list[str | None]:
+        st = optuna.create_study(
+            direction="maximize",
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0),
+        )
+        fast = _Pruning(st.ask(), prune_on)
+        for rnd, loss in enumerate([9.0, 7.0, 6.0], start=1):
+            assert fast.on_round(_record(rnd, [loss, loss], [20, 20])) is None
+        st.tell(fast.trial, 0.1)
+        slow = _Pruning(st.ask(), prune_on)
+        return [slow.on_round(_record(rnd, [12.0, 13.0], [20, 20])) for rnd in (1, 2)]
+
+    assert study("map") == [None, None]  # 0 is not below the median of 0
+    assert study("loss") == ["pruned", "pruned"]
+    nothing = _Pruning(optuna.create_study().ask(), "loss")
+    assert nothing.on_round(_record(1, [], [])) is None  # no loss reported: nothing to judge
 
 
 @pytest.mark.parametrize(
