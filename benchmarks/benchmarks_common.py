@@ -21,9 +21,23 @@ def machine() -> str:
     )
 
 
-def run_overrides(name: str, overrides: list[str]) -> list[str]:
+# The local work per round that every benchmark recorded before 2026-12-05 ran with: the defaults
+# then (1 local epoch of batch 16 at lr0 0.02; today's defaults are in configs/train/default.yaml,
+# chosen by benchmarks/tuning.py --rerun, results/tuning_defaults.json). Benchmark runs keep it so
+# each recorded figure reproduces with its command; a benchmark's own overrides come after it and
+# win (--local-epochs). tuning.py compares the defaults themselves and passes pin_train=False.
+MEASURED_TRAIN = ["train.epochs=1", "train.batch=16", "train.lr0=0.02"]
+
+
+def run_overrides(name: str, overrides: list[str], pin_train: bool = True) -> list[str]:
     """The overrides of benchmark run ``benchmarks/work/runs/<name>``."""
-    return [f"name={name}", f"output.dir={WORK / 'runs'}", "output.overwrite=true", *overrides]
+    return [
+        f"name={name}",
+        f"output.dir={WORK / 'runs'}",
+        "output.overwrite=true",
+        *(MEASURED_TRAIN if pin_train else []),
+        *overrides,
+    ]
 
 
 def fedyolo_cmd(name: str, overrides: list[str]) -> list[str]:
@@ -31,11 +45,11 @@ def fedyolo_cmd(name: str, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "fl_server.cli", "run", *run_overrides(name, overrides)]
 
 
-def fedyolo_run(name: str, overrides: list[str]) -> Path:
+def fedyolo_run(name: str, overrides: list[str], pin_train: bool = True) -> Path:
     """Run a federation through the library API into ``benchmarks/work/runs/<name>``."""
     from fl_server import run
 
-    summary = run(run_overrides(name, overrides))
+    summary = run(run_overrides(name, overrides, pin_train))
     if not summary.ok:
         raise RuntimeError(f"benchmark run {name} ended with status {summary.status}")
     return summary.run_dir
@@ -58,7 +72,7 @@ def new_result(name: str, args, **setup) -> dict:
 
     from fl_server.config import compose
 
-    cfg = compose()  # what the benchmark's runs do not override is the configs/ default
+    cfg = compose(MEASURED_TRAIN)  # what the runs do not override: configs/ or MEASURED_TRAIN
     return {
         "benchmark": name,
         "machine": machine(),

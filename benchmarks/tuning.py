@@ -72,7 +72,9 @@ def reruns(label: str, base: list[str], overrides: list[str], seeds: list[int]) 
 
     finals = []
     for seed in seeds:
-        run = fedyolo_run(f"tuning-{label}-s{seed}", [*base, *overrides, f"seed={seed}"])
+        run = fedyolo_run(
+            f"tuning-{label}-s{seed}", [*base, *overrides, f"seed={seed}"], pin_train=False
+        )
         finals.append(Summary.read(run).final.map50_95)
     return {
         "label": label,

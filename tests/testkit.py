@@ -11,6 +11,8 @@ TINY_BASE = [
     "data.synth.domains=[day,night]",
     "train.imgsz=64",
     "train.batch=8",
+    "train.epochs=1",  # the tiny fleet's own budget, whatever configs/train/default.yaml says
+    "train.lr0=0.02",
     "train.eval_batch=16",
     "output.overwrite=true",
 ]
