@@ -40,6 +40,18 @@ def run_overrides(name: str, overrides: list[str], pin_train: bool = True) -> li
     ]
 
 
+def study_base(args) -> list[str]:
+    """The base of the tuning benchmarks' federations (tuning.py, pruning.py): the built-in
+    fleet's domain split, ``--clients`` and ``--rounds``, no ClearML, then ``--extra``."""
+    return [
+        "data.partition=domain",
+        f"federation.clients={args.clients}",
+        f"federation.rounds={args.rounds}",
+        "tracking.enabled=false",
+        *args.extra.split(),
+    ]
+
+
 def fedyolo_cmd(name: str, overrides: list[str]) -> list[str]:
     """The ``fedyolo run`` command line of a benchmark run (for runs a benchmark kills)."""
     return [sys.executable, "-m", "fl_server.cli", "run", *run_overrides(name, overrides)]

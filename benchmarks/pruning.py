@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks_common import RESULTS, ROOT, WORK, machine
+from benchmarks_common import RESULTS, ROOT, WORK, machine, study_base
 
 sys.path.insert(0, str(ROOT))  # `tuning` is the package, not benchmarks/tuning.py
 
@@ -80,6 +80,13 @@ def trial_rounds(folder: Path) -> list[dict]:
             }
         )
     return out
+
+
+def pruning_value(signal: str, map50_95: float, loss: float) -> float:
+    """What a round reports with ``tuning.prune_on=signal`` (tuning/trials.py)."""
+    from tuning.trials import pruning_value as value
+
+    return value(signal, map50_95, loss)
 
 
 def train_loss(record: dict) -> float:
@@ -131,7 +138,7 @@ def replay(trials: list[dict], make_pruner, study_name: str, signal: str = "map"
         full += sum(t["seconds"])
         trial = study.ask()
         stop = None
-        values = t["map"] if signal == "map" else [-v for v in t["loss"]]
+        values = [pruning_value(signal, m, v) for m, v in zip(t["map"], t["loss"], strict=True)]
         for step, value in enumerate(values, start=1):
             trial.report(value, step=step)
             if step < len(t["map"]) and trial.should_prune():
@@ -174,13 +181,7 @@ def main() -> None:
     ap.add_argument("--out", default="pruning.json")
     args = ap.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    base = [
-        "data.partition=domain",
-        f"federation.clients={args.clients}",
-        f"federation.rounds={args.rounds}",
-        "tracking.enabled=false",
-        *args.extra.split(),
-    ]
+    base = study_base(args)
     out = {
         "benchmark": "pruning",
         "machine": machine(),
@@ -206,9 +207,9 @@ def main() -> None:
             "zero_rounds": [sum(v <= 0.0 for v in t["map"]) for t in trials],
             "pruners": {
                 f"{name} on {signal}": replay(trials, make, folder.name, signal)
-                for signal in ("map", "loss")
+                for signal in ("map", "loss", "map+loss")
                 for name, make in candidates(rounds).items()
-                if not (signal == "loss" and name == "none")
+                if not (signal != "map" and name == "none")
             },
         }
         out["studies"].append(row)

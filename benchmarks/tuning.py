@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from benchmarks_common import RESULTS, ROOT, WORK, fedyolo_run, machine
+from benchmarks_common import RESULTS, ROOT, WORK, fedyolo_run, machine, study_base
 
 # this file is benchmarks/tuning.py: without the repository first on the path, `tuning` would be
 # this script instead of the package
@@ -105,13 +105,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    base = [
-        "data.partition=domain",
-        f"federation.clients={args.clients}",
-        f"federation.rounds={args.rounds}",
-        "tracking.enabled=false",
-        *args.extra.split(),
-    ]
+    base = study_base(args)
     out = {
         "benchmark": "tuning",
         "machine": machine(),

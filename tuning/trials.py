@@ -46,13 +46,31 @@ def round_loss(record: dict) -> float | None:
     return sum(v * n for v, n in pairs) / weight
 
 
+# prune_on=map+loss: the loss's weight. Training losses of yolov8n here span ~4-15 (box + cls +
+# dfl), so the loss moves the value by at most ~0.01: it orders trials whose mAP is equal (all 0 in
+# a detector's first rounds), and a held-out mAP ahead by more than that decides.
+LOSS_WEIGHT = 0.001
+
+
+def pruning_value(prune_on: str, map50_95: float | None, loss: float | None) -> float | None:
+    """What a round reports to the pruner for ``tuning.prune_on`` (None: nothing to report)."""
+    if prune_on == "map":
+        return map50_95
+    if loss is None:
+        return None
+    if prune_on == "loss":
+        return -loss
+    return None if map50_95 is None else map50_95 - LOSS_WEIGHT * loss
+
+
 class _Pruning:
     """The round hook of a trial: report each round's value to the pruner, stop when pruned.
 
-    ``prune_on=map``: the round's held-out mAP50-95. ``prune_on=loss``: minus the clients'
-    training loss (``round_loss``), which moves from round 1, while a detector trained from
-    scratch sits at mAP 0 for its first rounds (benchmarks/pruning.py). Either way the trial's
-    value, what the study ranks, stays its objective on the held-out set.
+    ``prune_on``: ``map``, the round's held-out mAP50-95; ``loss``, minus the clients' training
+    loss (``round_loss``), which moves from round 1 while a detector trained from scratch sits at
+    mAP 0 for its first rounds; ``map+loss``, the mAP with the loss as its tie-breaker
+    (``LOSS_WEIGHT``). See benchmarks/pruning.py. Either way the trial's value, what the study
+    ranks, stays its objective on the held-out set.
     """
 
     def __init__(self, trial: Any, prune_on: str = "map"):
@@ -60,11 +78,7 @@ class _Pruning:
         self.prune_on = prune_on
 
     def on_round(self, record: dict) -> str | None:
-        if self.prune_on == "loss":
-            loss = round_loss(record)
-            value = None if loss is None else -loss
-        else:
-            value = record.get("map50_95")
+        value = pruning_value(self.prune_on, record.get("map50_95"), round_loss(record))
         if value is None or not math.isfinite(value):
             return None
         self.trial.report(float(value), step=int(record["round"]))

@@ -154,6 +154,15 @@ def test_bad_settings_fail_in_one_line_before_any_trial(tmp_path, capsys, settin
     assert not (tmp_path / "runs" / "bad" / "trials").exists()
 
 
+def test_a_pruned_study_runs_its_rounds_one_after_the_other_unless_told():
+    from tuning.study import tuning_config
+
+    assert "federation.overlap_eval=false" in tuning_config(["tuning.pruner=median"])[1]
+    assert "federation.overlap_eval=false" not in tuning_config(["tuning.pruner=none"])[1]
+    mine = tuning_config(["tuning.pruner=median", "federation.overlap_eval=true"])[1]
+    assert mine == ["federation.overlap_eval=true"]
+
+
 def test_a_threshold_in_map_is_not_applied_to_a_loss(tmp_path, capsys):
     args = [*_args(tmp_path, "thr"), "tuning.pruner=threshold", "tuning.prune_on=loss"]
     assert main(["tune", *args]) == 2
@@ -168,11 +177,15 @@ def _record(rnd: int, losses: list[float], examples: list[int], map50_95: float 
 def test_the_clients_loss_prunes_a_trial_whose_map_cannot_tell_yet():
     """Two trials both at mAP 0 (a detector from scratch): on mAP the median pruner cannot tell
     them apart; on the clients' training loss it prunes the one that learns more slowly."""
-    from tuning.trials import _Pruning, round_loss
+    from tuning.trials import LOSS_WEIGHT, _Pruning, pruning_value, round_loss
 
     assert round_loss(_record(1, [2.0, 5.0], [30, 10])) == pytest.approx(2.75)  # by examples
     assert round_loss(_record(1, [float("nan")], [10])) is None
     assert round_loss({"round": 1, "clients": []}) is None
+    assert pruning_value("map+loss", 0.2, 5.0) == pytest.approx(0.2 - LOSS_WEIGHT * 5.0)
+    assert pruning_value("map+loss", 0.2, None) is None and pruning_value("map", 0.2, None) == 0.2
+    # a held-out mAP ahead by more than the loss's weight decides whatever the losses
+    assert pruning_value("map+loss", 0.03, 15.0) > pruning_value("map+loss", 0.0, 4.0)
 
     def study(prune_on: str) -> list[str | None]:
         st = optuna.create_study(
@@ -188,6 +201,7 @@ def test_the_clients_loss_prunes_a_trial_whose_map_cannot_tell_yet():
 
     assert study("map") == [None, None]  # 0 is not below the median of 0
     assert study("loss") == ["pruned", "pruned"]
+    assert study("map+loss") == ["pruned", "pruned"]  # equal mAPs: the loss decides
     nothing = _Pruning(optuna.create_study().ask(), "loss")
     assert nothing.on_round(_record(1, [], [])) is None  # no loss reported: nothing to judge
 
