@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from benchmarks_common import RESULTS, ROOT, WORK, machine, study_base
 
 sys.path.insert(0, str(ROOT))  # `tuning` is the package, not benchmarks/tuning.py
@@ -170,6 +171,24 @@ def replay(trials: list[dict], make_pruner, study_name: str, signal: str = "map"
     }
 
 
+def draws(trials: list[dict], make_pruner, name: str, signal: str, n: int) -> dict:
+    """``replay`` under ``n`` study names: Hyperband puts a trial in a bracket by a hash of the
+    study's name and the trial's number, so its savings are a draw; the other pruners give the
+    same answer under every name. The first draw's details, and the spread over all of them."""
+    runs = [replay(trials, make_pruner, f"{name}-{k}" if k else name, signal) for k in range(n)]
+    seq = sorted(r["client_seconds_saved_sequential"] for r in runs)
+    best = [r["best_over_full"] for r in runs]
+    return {
+        **runs[0],
+        "draws": n,
+        "saved_sequential_median": seq[len(seq) // 2],
+        "saved_sequential_min": seq[0],
+        "saved_sequential_max": seq[-1],
+        "best_over_full_min": min(best),
+        "draws_best_within_5pct": sum(b >= 0.95 for b in best) / n,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20)
@@ -178,6 +197,7 @@ def main() -> None:
     ap.add_argument("--sampler-seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--study", type=Path, action="append", default=[], help="replay this folder")
     ap.add_argument("--extra", default="", help="more base overrides, space separated")
+    ap.add_argument("--draws", type=int, default=20, help="study names to replay Hyperband under")
     ap.add_argument("--out", default="pruning.json")
     args = ap.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -198,15 +218,18 @@ def main() -> None:
     for folder in folders:
         trials = trial_rounds(folder)
         rounds = max(len(t["map"]) for t in trials)
+        study_doc = json.loads((folder / "study.json").read_text())
         row = {
             "study": folder.name,
+            "base": study_doc["base_overrides"],
+            "sampler_seed": yaml.safe_load((folder / "tuning.yaml").read_text())["seed"],
             "trials": len(trials),
             "rounds": rounds,
             "client_seconds": sum(sum(t["seconds"]) for t in trials),
             "best_value": max(max(t["map"]) for t in trials),
             "zero_rounds": [sum(v <= 0.0 for v in t["map"]) for t in trials],
             "pruners": {
-                f"{name} on {signal}": replay(trials, make, folder.name, signal)
+                f"{name} on {signal}": draws(trials, make, folder.name, signal, args.draws)
                 for signal in ("map", "loss", "map+loss")
                 for name, make in candidates(rounds).items()
                 if not (signal != "map" and name == "none")
@@ -218,8 +241,10 @@ def main() -> None:
         for name, r in row["pruners"].items():
             print(
                 f"{row['study']}: {name:48s} saved {r['client_seconds_saved']:.2f} "
-                f"({r['client_seconds_saved_sequential']:.2f} sequential) "
-                f"best x{r['best_over_full']:.2f} pruned {r['pruned']}"
+                f"({r['client_seconds_saved_sequential']:.2f} sequential; over draws "
+                f"{r['saved_sequential_min']:.2f}-{r['saved_sequential_max']:.2f}) "
+                f"best x{r['best_over_full']:.2f} (min {r['best_over_full_min']:.2f}) "
+                f"pruned {r['pruned']}"
             )
 
 

@@ -37,7 +37,7 @@ LOGGER = logging.getLogger("fedyolo")
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "nsga2")
 PRUNERS = ("median", "hyperband", "successive_halving", "threshold", "none")
-PRUNE_ON = ("map", "loss", "map+loss")
+PRUNE_ON = ("auto", "map", "loss", "map+loss")
 # objective -> (direction, what it reads from a finished federation)
 OBJECTIVES = {
     "best_map": "maximize",
@@ -77,8 +77,10 @@ def _check(cfg: DictConfig) -> None:
         raise bad("pruner", f"one of {list(PRUNERS)}")
     if cfg.prune_on not in PRUNE_ON:
         raise bad("prune_on", f"one of {list(PRUNE_ON)}")
-    if cfg.pruner == "threshold" and cfg.prune_on != "map":
+    if cfg.pruner == "threshold" and cfg.prune_on not in ("auto", "map"):
         raise bad("prune_on", "map with tuning.pruner=threshold (tuning.prune_below is an mAP)")
+    if cfg.prune_on == "auto":  # threshold: its bound is an mAP; the rank-based pruners: map+loss
+        cfg.prune_on = "map" if cfg.pruner == "threshold" else "map+loss"
     objectives = list(cfg.objectives) if OmegaConf.is_list(cfg.objectives) else [cfg.objectives]
     if (
         not objectives
@@ -202,8 +204,8 @@ def _pruner(cfg: DictConfig, rounds: int) -> Any:
         )
     if p == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, rounds))
-    if p == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
+    if p == "successive_halving":  # one rung at a third of the rounds keeps the top quarter
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, rounds // 3))
     if p == "threshold":
         return optuna.pruners.ThresholdPruner(lower=float(cfg.prune_below), n_warmup_steps=warmup)
     return optuna.pruners.NopPruner()
