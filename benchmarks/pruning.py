@@ -105,23 +105,23 @@ def candidates(rounds: int) -> dict:
     return {
         "none": lambda: optuna.pruners.NopPruner(),
         "median (warmup 2, startup 3)": lambda: median(n_startup_trials=3, n_warmup_steps=2),
-        f"median (warmup {half}, startup 3)": lambda: median(
+        "median (warmup rounds/2, startup 3)": lambda: median(
             n_startup_trials=3, n_warmup_steps=half
         ),
         "patient median (patience 2, warmup 2)": lambda: optuna.pruners.PatientPruner(
             median(n_startup_trials=3, n_warmup_steps=2), patience=2
         ),
-        f"percentile 25 (warmup {half}, startup 3)": lambda: optuna.pruners.PercentilePruner(
+        "percentile 25 (warmup rounds/2, startup 3)": lambda: optuna.pruners.PercentilePruner(
             25.0, n_startup_trials=3, n_warmup_steps=half
         ),
         "hyperband (1..rounds)": lambda: optuna.pruners.HyperbandPruner(
             min_resource=1, max_resource=rounds
         ),
-        f"hyperband ({max(1, rounds // 3)}..rounds)": lambda: optuna.pruners.HyperbandPruner(
+        "hyperband (rounds/3..rounds)": lambda: optuna.pruners.HyperbandPruner(
             min_resource=max(1, rounds // 3), max_resource=rounds
         ),
-        f"successive halving (min {max(1, rounds // 3)})": lambda: (
-            optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, rounds // 3))
+        "successive halving (one rung at rounds/3)": lambda: optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=max(1, rounds // 3)
         ),
     }
 

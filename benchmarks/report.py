@@ -564,8 +564,84 @@ def tuning() -> list[str]:
     return [*lines, ""]
 
 
+def tuning_defaults() -> list[str]:
+    path = RESULTS / "tuning_defaults.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    base = next(r for r in d["reruns"] if r["label"] == d["defaults_label"])
+    lines = [
+        f"**Candidate defaults and tuned configurations** (`{path.name}`; {d['machine']}; "
+        f"{d['date']}; base `{' '.join(d['setup']['base'])}`; every row 3 seeds; today's "
+        f"defaults: **{base['label']}**):",
+        "",
+        "| re-run | overrides | final mAP50-95 by seed | mean ± sd | over the defaults |",
+        "|---|---|---|---:|---:|",
+    ]
+    for r in d["reruns"]:
+        seeds = ", ".join(
+            f"{v:.3f} ({s})" for s, v in zip(r["seeds"], r["final_map50_95"], strict=True)
+        )
+        lines.append(
+            f"| {r['label']} | {_overrides(r['overrides'])} | {seeds} | "
+            f"{r['mean']:.3f} ± {r['sd']:.3f} | {r['mean'] / base['mean']:.2f}x |"
+        )
+    return [*lines, ""]
+
+
+def _base(overrides: list[str]) -> str:
+    return " ".join(o for o in overrides if not o.startswith("output."))
+
+
+def pruning() -> list[str]:
+    path = RESULTS / "pruning.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    studies = d["studies"]
+    lines = [
+        f"**Pruners replayed on unpruned studies** (`{path.name}`; {d['machine']}; {d['date']}; "
+        + "; ".join(
+            f"({i + 1}) {s['trials']} trials x {s['rounds']} rounds, TPE seed "
+            f"{s['sampler_seed']}, base `{_base(s['base'])}`: "
+            f"{s['client_seconds']:.0f} "
+            f"client s, best {s['best_value']:.3f}"
+            for i, s in enumerate(studies)
+        )
+        + "). Each cell: trials pruned / client seconds saved (as run, overlapped; with rounds "
+        "one after the other, what pruned studies now do) / best value kept over the unpruned "
+        "study's; Hyperband puts trials in brackets by a hash of the study's name, so its cells "
+        "also give the spread over 20 names. Today's default: successive halving on map+loss.",
+        "",
+        "| pruner | " + " | ".join(f"study ({i + 1})" for i in range(len(studies))) + " |",
+        "|---|" + "---:|" * len(studies),
+    ]
+    for name in studies[0]["pruners"] if studies else []:
+        cells = []
+        for s in studies:
+            r = s["pruners"].get(name)
+            cells.append(
+                "n/a"
+                if r is None
+                else f"{r['pruned']} / {r['client_seconds_saved']:.0%} "
+                f"({r['client_seconds_saved_sequential']:.0%}) / {r['best_over_full']:.2f}x"
+                + (
+                    f"; {r['draws']} names: {r['saved_sequential_min']:.0%}-"
+                    f"{r['saved_sequential_max']:.0%}, best kept in "
+                    f"{r['draws_best_within_5pct']:.0%}"
+                    if r["saved_sequential_max"] > r["saved_sequential_min"]
+                    or r["best_over_full_min"] < r["best_over_full"]
+                    else ""
+                )
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 SECTIONS = {
     "tuning": tuning,
+    "tuning_defaults": tuning_defaults,
+    "pruning": pruning,
     "edge": edge,
     "distill": distill,
     "fed_vs_central": fed_vs_central,
