@@ -231,6 +231,8 @@ def part_masks(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
     * ``bn``: every BatchNorm's weight, bias, running mean and running variance;
     * ``bn_stats``: the running mean and variance only (statistics, not trained parameters);
+    * ``bn_mean`` / ``bn_var``: the running means, the running variances (the i-th value of one
+      belongs to the same channel as the i-th value of the other);
     * ``params``: trained parameters (everything but ``bn_stats``);
     * ``backbone`` / ``neck`` / ``head``: layers of the yaml's ``backbone`` list, the layers of
       its ``head`` list before the detection layer, and the detection layer (``Detect``);
@@ -245,7 +247,10 @@ def part_masks(model: torch.nn.Module) -> dict[str, np.ndarray]:
     param_names = {name for name, _ in model.named_parameters()}
     shapes = layout(model)
     total = sum(int(np.prod(s)) for _, s in shapes)
-    masks = {k: np.zeros(total, dtype=bool) for k in (*PARTS, "bn_stats", "params", "cls")}
+    masks = {
+        k: np.zeros(total, dtype=bool)
+        for k in (*PARTS, "bn_stats", "bn_mean", "bn_var", "params", "cls")
+    }
     offset = 0
     for name, shape in shapes:
         sl = slice(offset, offset + int(np.prod(shape)))
@@ -256,6 +261,10 @@ def part_masks(model: torch.nn.Module) -> dict[str, np.ndarray]:
             masks["params"][sl] = True
         else:
             masks["bn_stats"][sl] = True
+            if name.endswith(".running_mean"):
+                masks["bn_mean"][sl] = True
+            elif name.endswith(".running_var"):
+                masks["bn_var"][sl] = True
         parts = name.split(".")
         if len(parts) > 2 and parts[0] == "model" and parts[1].isdigit() and n_layers:
             i = int(parts[1])

@@ -27,7 +27,11 @@ from the config group ``aggregation`` (read once, into :class:`AggregationPolicy
      replaced by their example-weighted mean over the replies. An optimizer step or Gaussian
      noise applied to a running variance can drive it negative (a NaN model); statistics are
      estimates to average, not parameters to optimize. ``num_batches_tracked`` is never
-     exchanged at all (``fl_client.model``).
+     exchanged at all (``fl_client.model``). ``bn_stats=pooled`` (any strategy) also averages
+     the means, and sets each running variance to the variance of the union of the clients'
+     data, ``Σ w·var + Σ w·(mean − mean̄)²``: the plain mean of the variances leaves out how far
+     the clients' means lie apart, so under domain shift the averaged model would normalize the
+     mixture of domains with too small a variance.
 3. **The held-out guard** (``fl_server.guard``): the aggregate is evaluated on the server's
    held-out set; a drop of more than ``guard.max_drop`` rolls the round back and names the
    clients whose removal restores the model (leave-one-out attribution).
@@ -94,11 +98,13 @@ class GuardedStrategy(Strategy):
         policy: AggregationPolicy | None = None,
         *,
         bn_stats_mask: np.ndarray | None = None,
+        bn_pooled: tuple[np.ndarray, np.ndarray] | None = None,
         run_dir: Any = None,
     ):
         self.inner = inner
         self.policy = policy or AggregationPolicy()
         self.bn_stats_mask = bn_stats_mask
+        self.bn_pooled = bn_pooled
         self.run_dir = run_dir
 
     def __getattr__(self, name: str) -> Any:  # the inner strategy's own attributes and state
@@ -127,7 +133,9 @@ class GuardedStrategy(Strategy):
             "GuardedStrategy around %s: %s bn_stats=%s",
             type(self.inner).__name__,
             self.policy,
-            "average" if self.bn_stats_mask is not None else "strategy",
+            "strategy"
+            if self.bn_stats_mask is None
+            else ("pooled" if self.bn_pooled is not None else "average"),
         )
         self.inner.summary()
 
@@ -197,7 +205,8 @@ class GuardedStrategy(Strategy):
                 )
 
     def _average_bn_stats(self, arrays: ArrayRecord, replies: list[Message]) -> None:
-        """Set the aggregate's BatchNorm statistics to the replies' example-weighted mean.
+        """Set the aggregate's BatchNorm statistics to the replies' example-weighted mean (the
+        variances pooled over the clients with ``bn_pooled``).
 
         Changes ``arrays`` in place, so a strategy that keeps the same record as its state
         (FedAvgM's ``current_arrays``) stays in step.
@@ -208,15 +217,20 @@ class GuardedStrategy(Strategy):
             rec = next(iter(r.content.array_records.values()))
             if WEIGHTS_KEY not in rec:
                 return
-            vecs.append(rec[WEIGHTS_KEY].numpy().reshape(-1)[mask])
+            vecs.append(rec[WEIGHTS_KEY].numpy().reshape(-1))
             weights.append(float(_claim(r) or 1))
         if WEIGHTS_KEY not in arrays or not vecs:
             return
         flat = arrays[WEIGHTS_KEY].numpy().reshape(-1).copy()
-        if flat.size != mask.size:
+        if flat.size != mask.size or any(v.size != mask.size for v in vecs):
             return
-        w = np.asarray(weights) / np.sum(weights)
-        flat[mask] = np.tensordot(w, np.stack(vecs), axes=1).astype(np.float32)
+        w = np.asarray(weights, np.float64) / np.sum(weights)
+        flat[mask] = np.tensordot(w, np.stack([v[mask] for v in vecs]), axes=1).astype(np.float32)
+        if self.bn_pooled is not None:
+            means, variances = self.bn_pooled
+            m = np.stack([v[means] for v in vecs]).astype(np.float64)
+            spread = np.tensordot(w, (m - np.tensordot(w, m, axes=1)) ** 2, axes=1)
+            flat[variances] += spread.astype(np.float32)  # the mean of the variances + spread
         arrays[WEIGHTS_KEY] = Array(flat)
 
 

@@ -290,8 +290,8 @@ def describe(cfg: DictConfig) -> dict[str, Any]:
     entry = None if node.get("_target_") else REGISTRY.get(str(node.get("name")))
     dp = node.get("dp") or None
     bn = str(node.get("bn_stats", "auto"))
-    if bn not in ("auto", "average", "strategy"):
-        raise _fail("bn_stats", f"{bn!r} is invalid; expected auto, average or strategy")
+    if bn not in ("auto", "average", "pooled", "strategy"):
+        raise _fail("bn_stats", f"{bn!r} is invalid; expected auto, average, pooled or strategy")
     if bn == "auto":
         bn = "average" if (entry and entry.server_optimizer) or dp else "strategy"
     return {
@@ -317,6 +317,9 @@ def build_strategy(cfg: DictConfig, run_dir: Any = None, masks: dict | None = No
     return GuardedStrategy(
         strategy,
         AggregationPolicy.from_cfg(cfg),
-        bn_stats_mask=(masks or {}).get("bn_stats") if info["bn_stats"] == "average" else None,
+        bn_stats_mask=(masks or {}).get("bn_stats") if info["bn_stats"] != "strategy" else None,
+        bn_pooled=(masks["bn_mean"], masks["bn_var"])
+        if masks and info["bn_stats"] == "pooled"
+        else None,
         run_dir=run_dir,
     )

@@ -15,6 +15,7 @@ from fl_client.model import (
     exchanged_keys,
     layout,
     load_record,
+    part_masks,
     save_checkpoint,
     to_record,
     unpack,
@@ -59,6 +60,25 @@ def test_round_trip_is_exact_and_covers_params_and_bn_stats():
         assert torch.equal(s[k], d[k]), k
     # 1-D tensors (biases, BN weights) travel too, not only conv kernels.
     assert any(s[k].ndim == 1 for k in exchanged_keys(src))
+
+
+def test_bn_mean_and_var_masks_pair_channel_by_channel():
+    """The i-th running mean and the i-th running variance of the packed vector belong to the
+    same channel (strategies.guarded pools the variances with this pairing)."""
+    model = build_model("fedyolo-tiny.yaml", NAMES)
+    channel = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                ids = torch.arange(channel, channel + m.num_features, dtype=torch.float32)
+                m.running_mean.copy_(ids)
+                m.running_var.copy_(ids)
+                channel += m.num_features
+    flat = to_record(model)["weights"].numpy()
+    masks = part_masks(model)
+    assert masks["bn_mean"].sum() == masks["bn_var"].sum() == channel > 0
+    np.testing.assert_array_equal(flat[masks["bn_mean"]], flat[masks["bn_var"]])
+    np.testing.assert_array_equal(masks["bn_mean"] | masks["bn_var"], masks["bn_stats"])
 
 
 def test_load_record_refuses_a_mismatched_model():

@@ -86,6 +86,36 @@ def test_server_optimizer_keeps_state_and_bn_statistics_are_averaged():
     assert not np.allclose(stateless[WEIGHTS_KEY].numpy()[~BN], weights[1][~BN])
 
 
+def test_pooled_bn_variance_is_the_variance_of_the_clients_union():
+    """bn_stats=pooled: each running variance becomes that of all clients' data together, not
+    the mean of the clients' variances (which leaves out how far their means lie apart)."""
+    rng = np.random.default_rng(0)
+    channels, counts = 8, [300, 100, 50]
+    means, variances = np.zeros(N, bool), np.zeros(N, bool)
+    means[-16:-8], variances[-8:] = True, True  # as fl_client.model.part_masks lays them out
+    data = [
+        rng.normal(shift, scale, (n, channels))
+        for n, shift, scale in zip(counts, (0.0, 3.0, -2.0), (1.0, 0.5, 2.0), strict=True)
+    ]
+    vecs = []
+    for x in data:
+        v = rng.normal(size=N).astype(np.float32)  # parameters: anything
+        v[means], v[variances] = x.mean(0), x.var(0)
+        vecs.append(v)
+    union = np.concatenate(data)
+    pooled = GuardedStrategy(
+        FedAvg(), bn_stats_mask=means | variances, bn_pooled=(means, variances)
+    )
+    out = _agg(pooled, _replies(vecs, counts))
+    np.testing.assert_allclose(out[means], union.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[variances], union.var(0), rtol=1e-5)
+    averaged = _agg(
+        GuardedStrategy(FedAvg(), bn_stats_mask=means | variances), _replies(vecs, counts)
+    )
+    assert np.all(averaged[variances] < 0.5 * union.var(0))  # what plain averaging gets wrong
+    np.testing.assert_allclose(out[~(means | variances)], averaged[~(means | variances)])
+
+
 def test_a_strategy_error_fails_the_round_instead_of_the_run(tmp_path):
     class Broken(FedAvg):
         def aggregate_train(self, server_round, replies):
