@@ -51,6 +51,7 @@ def test_dp_wraps_the_strategy_and_client_dp_needs_plain_weights():
         (["strategy=bulyan", "strategy.num_malicious_nodes=1"], "needs at least 4f+3=7"),
         (["+strategy.fraction_train=0.5"], "is set by federation.fraction"),
         (["strategy=fedbn", "strategy.local=[wheels]"], "unknown model parts ['wheels']"),
+        (["strategy.bn_stats=median"], "strategy.bn_stats: 'median' is invalid"),
         (["strategy=fedpartial", "strategy.local=[backbone,neck,head]"], "nothing would be"),
         (["strategy=custom"], "strategy._target_"),
         (["strategy=custom", "strategy._target_=nowhere.Strategy"], "is not trusted"),
@@ -65,6 +66,24 @@ def test_bad_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError) as e:
         compose(overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides,pooled,averaged",
+    [
+        ([], False, False),  # FedAvg averages everything itself
+        (["strategy=fedadam"], False, True),  # auto: a server optimizer must not step statistics
+        (["strategy.bn_stats=pooled"], True, True),
+        (["strategy=fedavgm", "strategy.bn_stats=pooled"], True, True),
+    ],
+)
+def test_bn_stats_choose_how_the_statistics_are_combined(overrides, pooled, averaged):
+    from fl_client.model import build_model, part_masks
+
+    masks = part_masks(build_model("fedyolo-tiny.yaml", ["a", "b"]))
+    s = build_strategy(compose(overrides), masks=masks)
+    assert (s.bn_stats_mask is not None) is averaged
+    assert (s.bn_pooled is not None) is pooled
 
 
 @pytest.mark.parametrize(
