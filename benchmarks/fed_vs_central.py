@@ -1,50 +1,99 @@
 """Federated vs centralized training on the same data, model and total epochs.
 
-For each split (IID and a non-IID one) and each choice of local epochs per round E, this runs
-the real ``fedyolo run`` for B/E rounds (B = the total epoch budget), then trains the same model
-centrally with plain Ultralytics for B epochs on the union of the clients' training shards, and
-evaluates both on the same server-only validation set with the same evaluator. Writes
-``benchmarks/results/fed_vs_central_b<B>.json``.
+For each split (IID and a non-IID one), each choice of local epochs per round E and each seed,
+this runs the real ``fedyolo run`` for B/E rounds (B = the total epoch budget), then trains the
+same model centrally with plain Ultralytics for B epochs on the union of the clients' training
+shards, and evaluates both on the same server-only validation set with the same evaluator.
+
+The centralized model is trained with the base hyper-parameters (the benchmark's pinned
+``MEASURED_TRAIN``, not ``--extra``: a federated configuration that lowers its learning rate is
+compared with the same centralized model) and is cached per seed and budget in
+``benchmarks/work/central/``, so every configuration and split of a seed shares one.
+
+Without ``--seeds`` (one run, seed 0) it writes ``benchmarks/results/fed_vs_central_b<B>.json``;
+with ``--seeds`` each row goes, under ``--label``, into
+``benchmarks/results/fed_vs_central_seeds.json`` (rows of the same label, split, E, budget and
+seed are replaced; the others kept): the record of every configuration tried.
 
     .venv/bin/python benchmarks/fed_vs_central.py --budget 45 --local-epochs 1,3
+    .venv/bin/python benchmarks/fed_vs_central.py --budget 30 --local-epochs 3 --seeds 0,1,2 \\
+        --label fedprox-0.01 --splits domain --extra strategy=fedprox strategy.proximal_mu=0.01
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
 import yaml
-from benchmarks_common import RESULTS, ROOT, WORK, fedyolo_run, machine
+from benchmarks_common import MEASURED_TRAIN, RESULTS, ROOT, WORK, fedyolo_run, machine
 
 from fl_client.data.formats import read_data_yaml
 
+SEEDS_FILE = RESULTS / "fed_vs_central_seeds.json"
 
-def federated(split: str, rounds: int, local: int, extra: list[str]) -> tuple[Path, dict, float]:
+
+def federated(
+    name: str, split: str, rounds: int, local: int, extra: list[str]
+) -> tuple[Path, dict, float]:
     t0 = time.perf_counter()
     run = fedyolo_run(
-        f"fvc-{split}-e{local}",
+        name,
         [f"data.partition={split}", f"federation.rounds={rounds}", f"train.epochs={local}", *extra],
     )
     return run, json.loads((run / "summary.json").read_text()), time.perf_counter() - t0
 
 
-def centralized(run: Path, epochs: int) -> tuple[dict, float]:
-    """Plain Ultralytics on the union of the run's client training shards."""
+def central_params(run: Path, seed: int) -> dict:
+    """What the centralized model depends on: the base training hyper-parameters, the seed and
+    the training images (the union of the run's client shards: the clients' own validation
+    images differ between splits, so the union does too)."""
+    from fl_server.config import compose, load
+
+    t = compose([*MEASURED_TRAIN, f"seed={seed}"]).train
+    images = hashlib.sha256()
+    for digest in sorted(
+        hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in (run / "data").glob("client_*/train/images/*")
+    ):
+        images.update(digest.encode())
+    return {
+        "seed": seed,
+        "imgsz": int(t.imgsz),
+        "batch": int(t.batch),
+        "lr0": float(t.lr0),
+        "optimizer": str(t.optimizer),
+        "momentum": float(t.momentum),
+        "weight_decay": float(t.weight_decay),
+        "mosaic": float(t.mosaic),
+        "eval_batch": int(t.eval_batch),
+        "model": str(load(run / "config.yaml").model.cfg),
+        "train_images": images.hexdigest(),
+    }
+
+
+def centralized(run: Path, epochs: int, seed: int) -> tuple[dict, float]:
+    """Plain Ultralytics on the union of the run's client training shards (cached)."""
+    p = central_params(run, seed)
+    key = hashlib.sha256(json.dumps([p, epochs], sort_keys=True).encode()).hexdigest()[:12]
+    central = WORK / "central" / f"s{seed}-b{epochs}-{key}"
+    done = central / "result.json"
+    if done.exists():
+        d = json.loads(done.read_text())
+        return d["result"], d["seconds"]
+
     from ultralytics import YOLO
 
     from fl_client.evaluate import evaluate_checkpoint
     from fl_client.model import resolve_model_cfg
-    from fl_server.config import load
 
-    cfg = load(run / "config.yaml")
     data = run / "data"
-    shards = sorted(str(p / "train" / "images") for p in data.glob("client_*"))
+    shards = sorted(str(q / "train" / "images") for q in data.glob("client_*"))
     names = read_data_yaml(data / "server_val" / "data.yaml").names
-    central = WORK / "central" / run.name
     central.mkdir(parents=True, exist_ok=True)
     data_yaml = central / "data.yaml"
     data_yaml.write_text(
@@ -57,25 +106,24 @@ def centralized(run: Path, epochs: int) -> tuple[dict, float]:
             }
         )
     )
-    t = cfg.train
     t0 = time.perf_counter()
-    YOLO(resolve_model_cfg(str(cfg.model.cfg))).train(
+    YOLO(resolve_model_cfg(p["model"])).train(
         data=str(data_yaml),
         epochs=epochs,
-        imgsz=int(t.imgsz),
-        batch=int(t.batch),
-        nbs=int(t.batch),
-        lr0=float(t.lr0),
+        imgsz=p["imgsz"],
+        batch=p["batch"],
+        nbs=p["batch"],
+        lr0=p["lr0"],
         lrf=1.0,
         warmup_epochs=0,
-        optimizer=str(t.optimizer),
-        momentum=float(t.momentum),
-        weight_decay=float(t.weight_decay),
-        mosaic=float(t.mosaic),
+        optimizer=p["optimizer"],
+        momentum=p["momentum"],
+        weight_decay=p["weight_decay"],
+        mosaic=p["mosaic"],
         close_mosaic=0,
         device="cpu",
         workers=0,
-        seed=int(cfg.seed),
+        seed=seed,
         deterministic=False,
         plots=False,
         val=False,
@@ -89,12 +137,65 @@ def centralized(run: Path, epochs: int) -> tuple[dict, float]:
     res = evaluate_checkpoint(
         last,
         data / "server_val" / "data.yaml",
-        imgsz=int(t.imgsz),
-        batch=int(t.eval_batch),
+        imgsz=p["imgsz"],
+        batch=p["eval_batch"],
         device="cpu",
         workdir=central / "val",
     )
+    res = {"map50_95": float(res["map50_95"]), "map50": float(res["map50"])}
+    done.write_text(json.dumps({"params": p, "epochs": epochs, "result": res, "seconds": seconds}))
     return res, seconds
+
+
+def row(split, local, rounds, budget, seed, summary, cen, fed_s, cen_s, run) -> dict:
+    fed_final = summary["final"]["map50_95"]
+    return {
+        "split": split,
+        "local_epochs": local,
+        "rounds": rounds,
+        "epoch_budget": budget,
+        "seed": seed,
+        "federated_final_map50_95": fed_final,
+        "federated_best_map50_95": summary["best"]["map50_95"],
+        "federated_final_map50": summary["final"]["map50"],
+        "centralized_map50_95": cen["map50_95"],
+        "centralized_map50": cen["map50"],
+        "ratio_final": fed_final / cen["map50_95"] if cen["map50_95"] else None,
+        "federated_seconds": fed_s,
+        "centralized_seconds": cen_s,
+        "run_dir": str(run.relative_to(ROOT)),
+    }
+
+
+def setup(run: Path) -> dict:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    return {
+        "model": cfg["model"]["cfg"],
+        "clients": cfg["federation"]["clients"],
+        "images": cfg["data"]["synth"]["images"],
+        "imgsz": cfg["train"]["imgsz"],
+        "domains": cfg["data"]["synth"]["domains"],
+        "centralized": "Ultralytics YOLO.train on the union of client train shards, the base "
+        "hyper-parameters (constant lr0, no warm-up), EMA weights (last.pt)",
+    }
+
+
+def record_seeds(rows: list[dict], label: str, extra: list[str], run: Path) -> None:
+    """Merge ``rows`` under ``label`` into fed_vs_central_seeds.json."""
+    d = json.loads(SEEDS_FILE.read_text()) if SEEDS_FILE.exists() else {"configs": {}, "rows": []}
+    ident = ("label", "split", "local_epochs", "epoch_budget", "seed")
+    new = {tuple(r[k] for k in ident) for r in rows}
+    d["rows"] = [r for r in d["rows"] if tuple(r[k] for k in ident) not in new] + rows
+    d["configs"][label] = " ".join(extra) or "(the defaults)"
+    d.update(
+        benchmark="fed_vs_central_seeds",
+        machine=machine(),
+        date=time.strftime("%Y-%m-%d"),
+        setup=setup(run),
+        note="ratio = federated final / the same seed's centralized model; federated final = "
+        "the global model after the last round",
+    )
+    SEEDS_FILE.write_text(json.dumps(d, indent=2) + "\n")
 
 
 def main() -> None:
@@ -102,51 +203,38 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=45, help="total epochs over each image")
     ap.add_argument("--local-epochs", default="1,3", help="local epochs per round to compare")
     ap.add_argument("--splits", default="iid,domain")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (records per label)")
+    ap.add_argument("--label", default="fedavg", help="the configuration's name (with --seeds)")
     ap.add_argument("--extra", nargs="*", default=[], help="more fedyolo overrides")
     args = ap.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0]
     rows = []
-    for split in args.splits.split(","):
-        central = None
-        for local in (int(e) for e in args.local_epochs.split(",")):
-            rounds = args.budget // local
-            run, summary, fed_s = federated(split, rounds, local, args.extra)
-            if central is None:  # the same partition for every E: one centralized baseline
-                central = centralized(run, args.budget)
-            cen, cen_s = central
-            fed_final = summary["final"]["map50_95"]
-            rows.append(
-                {
-                    "split": split,
-                    "local_epochs": local,
-                    "rounds": rounds,
-                    "epoch_budget": args.budget,
-                    "federated_final_map50_95": fed_final,
-                    "federated_best_map50_95": summary["best"]["map50_95"],
-                    "federated_final_map50": summary["final"]["map50"],
-                    "centralized_map50_95": cen["map50_95"],
-                    "centralized_map50": cen["map50"],
-                    "ratio_final": fed_final / cen["map50_95"] if cen["map50_95"] else None,
-                    "federated_seconds": fed_s,
-                    "centralized_seconds": cen_s,
-                    "run_dir": str(run.relative_to(ROOT)),
-                }
-            )
-            print(json.dumps(rows[-1], indent=2), flush=True)
-    cfg = yaml.safe_load((ROOT / rows[0]["run_dir"] / "config.yaml").read_text())
+    for seed in seeds:
+        for split in args.splits.split(","):
+            for local in (int(e) for e in args.local_epochs.split(",")):
+                rounds = args.budget // local
+                name = f"fvc-{split}-e{local}"
+                if args.seeds:
+                    name = f"fvc-{args.label}-{split}-e{local}-b{args.budget}-s{seed}"
+                extra = [f"seed={seed}", "tracking.enabled=false", *args.extra]
+                run, summary, fed_s = federated(
+                    name, split, rounds, local, extra if args.seeds else args.extra
+                )
+                cen, cen_s = centralized(run, args.budget, seed)
+                rows.append(
+                    row(split, local, rounds, args.budget, seed, summary, cen, fed_s, cen_s, run)
+                )
+                print(json.dumps(rows[-1], indent=2), flush=True)
+                if args.seeds:
+                    record_seeds([{"label": args.label, **rows[-1]}], args.label, args.extra, run)
+    if args.seeds:
+        return
     out = {
         "benchmark": "fed_vs_central",
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
-        "setup": {
-            "model": cfg["model"]["cfg"],
-            "clients": cfg["federation"]["clients"],
-            "images": cfg["data"]["synth"]["images"],
-            "imgsz": cfg["train"]["imgsz"],
-            "domains": cfg["data"]["synth"]["domains"],
-            "centralized": "Ultralytics YOLO.train on the union of client train shards, "
-            "same hyper-parameters, EMA weights (last.pt)",
-        },
+        "setup": setup(ROOT / rows[0]["run_dir"]),
         "rows": rows,
         "note": "federated final = the global model after the last round; best = the best "
         "round by held-out mAP50-95 (what best.pt holds)",

@@ -39,6 +39,49 @@ def fed_vs_central() -> list[str]:
     return lines
 
 
+def _mean_sd(values: list[float]) -> str:
+    """``mean ± sd`` (sample sd) of ``values``, or the value alone for one."""
+    import statistics
+
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def fed_vs_central_seeds() -> list[str]:
+    """Every configuration tried against the same seeds' centralized models."""
+    path = RESULTS / "fed_vs_central_seeds.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    s = d["setup"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in d["rows"]:
+        key = (r["split"], r["epoch_budget"], r["label"], r["local_epochs"], r["rounds"])
+        groups.setdefault(key, []).append(r)
+    lines = [
+        f"**Federated vs centralized over seeds** (`{path.name}`; {d['machine']}; {d['date']}): "
+        f"{s['model']}, {s['clients']} clients, {s['images']} synthetic images at {s['imgsz']} px; "
+        "each seed's federation against the centralized model of the same seed and training "
+        "images, trained for the same number of epochs with the base hyper-parameters.",
+        "",
+        "| split | epochs | configuration | local epochs × rounds | seeds | federated final "
+        "| centralized | ratio per seed | ratio (mean ± sd) |",
+        "|---|---:|---|---|---:|---:|---:|---|---:|",
+    ]
+    for (split, budget, label, local, rounds), rows in sorted(groups.items()):
+        rows = sorted(rows, key=lambda r: r["seed"])
+        ratios = [r["ratio_final"] for r in rows]
+        lines.append(
+            f"| {split} | {budget} | {label}: `{d['configs'][label]}` | {local} × {rounds} "
+            f"| {','.join(str(r['seed']) for r in rows)} "
+            f"| {_mean_sd([r['federated_final_map50_95'] for r in rows])} "
+            f"| {_mean_sd([r['centralized_map50_95'] for r in rows])} "
+            f"| {' / '.join(f'{x:.2f}' for x in ratios)} | **{_mean_sd(ratios)}** |"
+        )
+    return [*lines, ""]
+
+
 ROUND_SETUPS = {  # engines of round_overhead.json → how the table names them
     "simulation": "simulation (overlapped evaluation, default)",
     "simulation-sequential": "simulation, `federation.overlap_eval=false`",
@@ -645,6 +688,7 @@ SECTIONS = {
     "edge": edge,
     "distill": distill,
     "fed_vs_central": fed_vs_central,
+    "fed_vs_central_seeds": fed_vs_central_seeds,
     "strategies_noniid": strategies_noniid,
     "transport": transport,
     "faults": faults,
