@@ -90,6 +90,7 @@ def centralized(run: Path, epochs: int, seed: int) -> tuple[dict, float]:
 
     from fl_client.evaluate import evaluate_checkpoint
     from fl_client.model import resolve_model_cfg
+    from fl_client.ultralytics_adapter import weights_only_ultralytics
 
     data = run / "data"
     shards = sorted(str(q / "train" / "images") for q in data.glob("client_*"))
@@ -106,6 +107,7 @@ def centralized(run: Path, epochs: int, seed: int) -> tuple[dict, float]:
             }
         )
     )
+    weights_only_ultralytics()  # a model.cfg that is a .pt is unpickled weights-only, never run
     t0 = time.perf_counter()
     YOLO(resolve_model_cfg(p["model"])).train(
         data=str(data_yaml),
