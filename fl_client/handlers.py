@@ -249,6 +249,7 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
         train_yaml,
         _workdir(),
         **{**args, "device": resolve_device(config.train.device)},
+        lrf=config.round_lrf,
         seed=seed,
         prox_mu=config.proximal_mu,
         teacher=teacher,

@@ -82,15 +82,18 @@ def train_round(
     workers: int,
     seed: int,
     prox_mu: float = 0.0,
+    lrf: float = 1.0,
     teacher: torch.nn.Module | None = None,
     distill_weight: float = 6.0,
     projector: dict | None = None,
 ) -> LocalResult:
     """Train ``model`` in place for ``epochs`` local epochs on the shard in ``data_yaml``.
 
-    With a ``teacher``, Ultralytics' distillation adds its feature loss (weight
-    ``distill_weight``, reported as ``dis_loss``); ``projector`` is the client's projector from
-    its earlier rounds (``fl_client.distill``), and the result carries it on.
+    The learning rate goes linearly from ``lr0`` to ``lr0 x lrf`` over the epochs (the server's
+    ``train.lr_schedule`` sets both each round; 1.0 keeps it constant). With a ``teacher``,
+    Ultralytics' distillation adds its feature loss (weight ``distill_weight``, reported as
+    ``dis_loss``); ``projector`` is the client's projector from its earlier rounds
+    (``fl_client.distill``), and the result carries it on.
     """
     timing = RoundTiming(setup=time.perf_counter())
     overrides = {
@@ -101,7 +104,7 @@ def train_round(
         "batch": batch,
         "nbs": batch,
         "lr0": lr0,
-        "lrf": 1.0,  # constant LR within a round; the server owns the schedule across rounds
+        "lrf": lrf,  # lr0 -> lr0 x lrf over the round's epochs: the server's schedule's share
         "warmup_epochs": 0,
         "optimizer": optimizer,
         "momentum": momentum,

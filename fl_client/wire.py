@@ -12,7 +12,9 @@ weights' encodings), ``fl_client.distill`` (the teacher), ``fl_client.data_stats
 server import them from here.
 
 A new local-training parameter is one key in ``configs/train/default.yaml`` plus one field of
-``TrainArgs`` (the server fills ``TrainArgs`` from ``cfg.train`` by field name).
+``TrainArgs`` (the server fills ``TrainArgs`` from ``cfg.train`` by field name); the keys of
+``SCHEDULE_KEYS`` are the server's, which sends their effect as each round's ``lr0`` and
+``round-lrf``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ DATA_STATS_PREFIX = "ds-"  # data statistics (fl_client.data_stats)
 # fields of a client's record in metrics.jsonl that the server measures, never the client
 SERVER_FIELDS = frozenset({"id", "node_id", "bytes_down", "bytes_up", "update_norm"})
 MAX_EXAMPLES_CLAIM = 2**31 - 1
+# keys of configs/train that the server turns into each round's lr0 and round_lrf (never sent)
+SCHEDULE_KEYS = frozenset({"lr_schedule", "lrf"})
 
 Metric = int | float | list[int] | list[float]  # what a MetricRecord holds
 
@@ -139,6 +143,7 @@ class RoundConfig:
     proximal_mu: float = 0.0  # set by Flower's FedProx
     teacher_sha256: str = ""  # distillation: the teacher's identity ('' = none; fl_client.distill)
     distill_weight: float = 0.0  # distillation: Ultralytics' ``dis``
+    round_lrf: float = 1.0  # the learning rate after this round's epochs / lr0 (train.lr_schedule)
 
     def with_round(self, **changes: Any) -> RoundConfig:
         """A copy with top-level or ``train`` fields changed (e.g. ``lr0`` after a rollback)."""

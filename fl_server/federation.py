@@ -49,6 +49,7 @@ from fl_client.train import resolve_device
 from fl_client.transport import TransportSpec
 from fl_client.wire import RoundConfig, TrainArgs
 from fl_server import config as config_mod
+from fl_server import lr_schedule
 from fl_server import state as state_mod
 from fl_server.data_drift import DriftMonitor
 from fl_server.downlink import Downlink
@@ -494,8 +495,13 @@ class Federation:
 
     def _train_config(self, rnd: int) -> ConfigRecord:
         timeout = float(self.cfg.federation.round_timeout)
+        t = self.cfg.train
+        start, end = lr_schedule.round_rates(
+            str(t.lr_schedule), rnd, int(self.cfg.federation.rounds), int(t.epochs), float(t.lrf)
+        )
         return self.base_config.with_round(
-            lr0=float(self.cfg.train.lr0) * self.guard.state.lr_scale,
+            lr0=float(t.lr0) * start * self.guard.state.lr_scale,
+            round_lrf=end,
             faults=faults_mod.for_round(self.faults, rnd, timeout),
         ).to_record()
 

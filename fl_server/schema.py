@@ -153,6 +153,8 @@ class TrainConfig(Checked):
     )
     batch: int = rule("an integer >= 2", at_least(2))
     lr0: float = rule("a number in (0, 10)", between(0, 10, False, False))
+    lr_schedule: str = rule("constant, linear or cos", one_of("constant", "linear", "cos"))
+    lrf: float = rule("a number in (0, 1]", between(0, 1, low_in=False))
     optimizer: str = rule(
         f"one of {list(OPTIMIZERS)} ('auto' ignores lr0 and momentum, so it is refused)",
         one_of(*OPTIMIZERS),

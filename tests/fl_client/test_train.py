@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from fl_client.model import build_model, load_record, part_masks, to_record
@@ -138,3 +139,26 @@ def test_fedprox_term_pulls_the_update_towards_the_global_model(tiny_data, tmp_p
     noise = np.linalg.norm(plain - again)  # CPU training is not bit-exact across runs
     assert np.linalg.norm(prox - plain) > 10 * noise  # the term changes the update
     assert np.linalg.norm(prox) < 0.8 * np.linalg.norm(plain)  # ... towards the global model
+
+
+def test_the_rounds_learning_rate_goes_from_lr0_to_lr0_times_lrf(tiny_data, tmp_path, monkeypatch):
+    """The server's schedule reaches the optimizer: epoch e of E runs at lr0 x lf(e), Ultralytics'
+    linear lf from 1 to ``lrf`` (train.lr_schedule; ``lrf=1`` is the constant rate)."""
+    from fl_client.ultralytics_adapter import local_trainer_class
+
+    seen: list[list[float]] = []
+    cls = local_trainer_class()
+    orig_init = cls.__init__
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        self.add_callback(
+            "on_train_epoch_end", lambda t: seen.append([g["lr"] for g in t.optimizer.param_groups])
+        )
+
+    monkeypatch.setattr(cls, "__init__", init)
+    model = build_model("fedyolo-tiny.yaml", _names(tiny_data))
+    train_round(model, tiny_data, tmp_path, **{**KW, "epochs": 2, "lr0": 0.02}, lrf=0.5)
+    assert len(seen) == 2
+    assert seen[0] == pytest.approx([0.02] * len(seen[0]))
+    assert seen[1] == pytest.approx([0.02 * 0.75] * len(seen[1]))  # (1 - 1/2)(1 - 0.5) + 0.5
