@@ -8,7 +8,11 @@ shards, and evaluates both on the same server-only validation set with the same 
 The centralized model is trained with the base hyper-parameters (the benchmark's pinned
 ``MEASURED_TRAIN``, not ``--extra``: a federated configuration that lowers its learning rate is
 compared with the same centralized model) and is cached per seed and budget in
-``benchmarks/work/central/``, so every configuration and split of a seed shares one.
+``benchmarks/work/central/``, so every configuration and split of a seed shares one. The one
+exception is the learning-rate schedule (``train.lr_schedule``, ``train.lrf``): a federation that
+decays its rate is compared with a centralized model that decays it the same way over the same
+epochs (Ultralytics' ``lrf``/``cos_lr``), and also, as ``ratio_vs_constant_central``, with the
+constant-rate one.
 
 Without ``--seeds`` (one run, seed 0) it writes ``benchmarks/results/fed_vs_central_b<B>.json``;
 with ``--seeds`` each row goes, under ``--label``, into
@@ -48,13 +52,20 @@ def federated(
     return run, json.loads((run / "summary.json").read_text()), time.perf_counter() - t0
 
 
-def central_params(run: Path, seed: int) -> dict:
+def central_params(run: Path, seed: int, schedule: bool) -> dict:
     """What the centralized model depends on: the base training hyper-parameters, the seed and
     the training images (the union of the run's client shards: the clients' own validation
-    images differ between splits, so the union does too)."""
+    images differ between splits, so the union does too); with ``schedule``, the run's
+    learning-rate schedule (a constant rate adds no key: the cache of earlier runs stays valid)."""
     from fl_server.config import compose, load
 
     t = compose([*MEASURED_TRAIN, f"seed={seed}"]).train
+    ran = load(run / "config.yaml").train
+    decay = (
+        {"lr_schedule": str(ran.lr_schedule), "lrf": float(ran.lrf)}
+        if schedule and ran.lr_schedule != "constant"
+        else {}
+    )
     images = hashlib.sha256()
     for digest in sorted(
         hashlib.sha256(f.read_bytes()).hexdigest()
@@ -73,12 +84,14 @@ def central_params(run: Path, seed: int) -> dict:
         "eval_batch": int(t.eval_batch),
         "model": str(load(run / "config.yaml").model.cfg),
         "train_images": images.hexdigest(),
+        **decay,
     }
 
 
-def centralized(run: Path, epochs: int, seed: int) -> tuple[dict, float]:
-    """Plain Ultralytics on the union of the run's client training shards (cached)."""
-    p = central_params(run, seed)
+def centralized(run: Path, epochs: int, seed: int, schedule: bool = True) -> tuple[dict, float]:
+    """Plain Ultralytics on the union of the run's client training shards (cached), with the
+    run's learning-rate schedule unless ``schedule`` is false (then a constant rate)."""
+    p = central_params(run, seed, schedule)
     key = hashlib.sha256(json.dumps([p, epochs], sort_keys=True).encode()).hexdigest()[:12]
     central = WORK / "central" / f"s{seed}-b{epochs}-{key}"
     done = central / "result.json"
@@ -116,7 +129,8 @@ def centralized(run: Path, epochs: int, seed: int) -> tuple[dict, float]:
         batch=p["batch"],
         nbs=p["batch"],
         lr0=p["lr0"],
-        lrf=1.0,
+        lrf=p.get("lrf", 1.0),
+        cos_lr=p.get("lr_schedule") == "cos",
         warmup_epochs=0,
         optimizer=p["optimizer"],
         momentum=p["momentum"],
@@ -151,6 +165,9 @@ def centralized(run: Path, epochs: int, seed: int) -> tuple[dict, float]:
 
 def row(split, local, rounds, budget, seed, summary, cen, fed_s, cen_s, run) -> dict:
     fed_final = summary["final"]["map50_95"]
+    ran = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    decayed = ran.get("lr_schedule", "constant") != "constant"
+    const = centralized(run, budget, seed, schedule=False)[0] if decayed else cen
     return {
         "split": split,
         "local_epochs": local,
@@ -163,6 +180,9 @@ def row(split, local, rounds, budget, seed, summary, cen, fed_s, cen_s, run) -> 
         "centralized_map50_95": cen["map50_95"],
         "centralized_map50": cen["map50"],
         "ratio_final": fed_final / cen["map50_95"] if cen["map50_95"] else None,
+        "lr_schedule": f"{ran['lr_schedule']} to lrf {ran['lrf']}" if decayed else "constant",
+        "constant_lr_centralized_map50_95": const["map50_95"],
+        "ratio_vs_constant_central": fed_final / const["map50_95"] if const["map50_95"] else None,
         "federated_seconds": fed_s,
         "centralized_seconds": cen_s,
         "run_dir": str(run.relative_to(ROOT)),
@@ -178,7 +198,8 @@ def setup(run: Path) -> dict:
         "imgsz": cfg["train"]["imgsz"],
         "domains": cfg["data"]["synth"]["domains"],
         "centralized": "Ultralytics YOLO.train on the union of client train shards, the base "
-        "hyper-parameters (constant lr0, no warm-up), EMA weights (last.pt)",
+        "hyper-parameters (no warm-up; the run's learning-rate schedule, constant by default), "
+        "EMA weights (last.pt)",
     }
 
 
