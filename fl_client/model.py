@@ -275,6 +275,12 @@ def part_masks(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return masks
 
 
+def bn_spread(means: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``Σ w·(mean − mean̄)²`` per channel over the clients (rows of ``means``; ``w`` sums to 1):
+    what ``bn_stats=pooled`` adds to the mean of the clients' running variances."""
+    return np.tensordot(w, (means - np.tensordot(w, means, axes=1)) ** 2, axes=1)
+
+
 def local_mask(model: torch.nn.Module, parts: list[str] | tuple[str, ...]) -> np.ndarray | None:
     """Union of the masks of ``parts`` (values a client keeps local), or None for no parts."""
     if not parts:

@@ -211,6 +211,7 @@ class Federation:
             cls_mask=masks["cls"] & masks["params"],  # guard.contribution's cls_agreement
             save_matches=bool(cfg.output.get("save_matches")),
             restore_best=self._restore_best,
+            bn_pooled=getattr(self.strategy, "bn_pooled", None),
         )
         self.grid.keep_updates = self.guard_step.needs_updates
         self.drift = None  # per-client data drift (fl_server.data_drift)

@@ -49,6 +49,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fl_client.model import bn_spread
 from fl_client.wire import NUM_EXAMPLES, PARTITION_ID, WEIGHTS_KEY
 from fl_server.records import EventKind
 
@@ -229,8 +230,7 @@ class GuardedStrategy(Strategy):
         if self.bn_pooled is not None:
             means, variances = self.bn_pooled
             m = np.stack([v[means] for v in vecs]).astype(np.float64)
-            spread = np.tensordot(w, (m - np.tensordot(w, m, axes=1)) ** 2, axes=1)
-            flat[variances] += spread.astype(np.float32)  # the mean of the variances + spread
+            flat[variances] += bn_spread(m, w).astype(np.float32)  # mean of variances + spread
         arrays[WEIGHTS_KEY] = Array(flat)
 
 

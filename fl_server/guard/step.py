@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fl_client.model import WEIGHTS_KEY, record_digest
+from fl_client.model import WEIGHTS_KEY, bn_spread, record_digest
 from fl_server.guard.attribution import Attribution, attribute
 from fl_server.guard.contributions import update_agreement
 from fl_server.guard.matches import save_images
@@ -39,6 +39,8 @@ LOGGER = logging.getLogger("fedyolo")
 
 # the server-side evaluation: weights → metrics (with "images"), written to a checkpoint first
 Evaluate = Callable[[ArrayRecord, Path, int], dict]
+# strategy.bn_stats=pooled: the masks of the running means and variances (fl_client.model)
+BnPooled = tuple[np.ndarray, np.ndarray] | None
 
 
 @dataclass
@@ -61,8 +63,10 @@ class GuardStep:
         cls_mask: np.ndarray,
         save_matches: bool,
         restore_best: Callable[[], ArrayRecord],
+        bn_pooled: BnPooled = None,
     ):
         self.run, self.guard, self.evaluate = run, guard, evaluate
+        self.bn_pooled = bn_pooled  # leave-one-out aggregates pool BN variances as the strategy
         self.cls_mask = cls_mask  # the contribution's cls_agreement (update_agreement)
         self.keep_matches = save_matches
         self.restore_best = restore_best
@@ -246,7 +250,7 @@ class GuardStep:
         path = self.run.client_update
 
         def score_without(excluded: frozenset[str]) -> float:
-            record = mean_without(log, excluded)
+            record = mean_without(log, excluded, self.bn_pooled)
             return float(self.evaluate(record, path, rnd)[self.guard.metric])
 
         t0 = time.perf_counter()
@@ -306,7 +310,11 @@ class GuardStep:
         scored = self.guard.to_score(ids, agreement)
         # every client scored: each mean summed as it always was (the same bits); a sample: the
         # round's weighted sum once, each mean without k from it (not K updates per mean)
-        mean = partial(mean_without, log) if len(scored) == len(ids) else WeightedSum(log)
+        mean = (
+            partial(mean_without, log, bn_pooled=self.bn_pooled)
+            if len(scored) == len(ids)
+            else WeightedSum(log, self.bn_pooled)
+        )
         everyone = self.evaluate(mean(frozenset()), path, rnd)
         without = {k: self.evaluate(mean(frozenset({k})), path, rnd) for k in scored}
         path.unlink(missing_ok=True)
@@ -371,13 +379,21 @@ class GuardStep:
         )
 
 
-def mean_without(log: RoundLog, excluded: frozenset[str]) -> ArrayRecord:
+def mean_without(
+    log: RoundLog, excluded: frozenset[str], bn_pooled: BnPooled = None
+) -> ArrayRecord:
     """The example-weighted mean of the round's returned models, without ``excluded``:
-    FedAvg's rule, used for every strategy as the measure of what a client moved."""
+    FedAvg's rule, used for every strategy as the measure of what a client moved; with
+    ``bn_pooled`` (``strategy.bn_stats=pooled``: the means' and variances' masks) each running
+    variance is pooled over the clients kept, as the strategy's aggregate's is."""
     weights = {str(e["id"]): max(1, int(e["num_examples"])) for e in log.clients}
     keep = [k for k in sorted(log.updates) if k in weights and k not in excluded]
     total = float(sum(weights[k] for k in keep))
     mean = sum((weights[k] / total) * log.updates[k].astype(np.float64) for k in keep)
+    if bn_pooled is not None and keep:
+        means, variances = bn_pooled
+        w = np.asarray([weights[k] / total for k in keep])
+        mean[variances] += bn_spread(np.stack([log.updates[k][means] for k in keep]), w)
     return ArrayRecord({WEIGHTS_KEY: Array(np.asarray(mean, dtype=np.float32))})
 
 
@@ -386,18 +402,30 @@ class WeightedSum:
     mean without some clients from it: ``mean_without``'s value (to float64 rounding) in one pass
     over the K updates plus one per mean, where ``mean_without`` passes over all K per mean."""
 
-    def __init__(self, log: RoundLog):
-        self.log = log
+    def __init__(self, log: RoundLog, bn_pooled: BnPooled = None):
+        self.log, self.bn_pooled = log, bn_pooled
         self.weights = {str(e["id"]): max(1, int(e["num_examples"])) for e in log.clients}
         self.keep = [k for k in sorted(log.updates) if k in self.weights]
         self.total = float(sum(self.weights[k] for k in self.keep))
         self.sum = np.zeros(log.updates[self.keep[0]].shape, np.float64)
         for k in self.keep:
             self.sum += self.weights[k] * log.updates[k].astype(np.float64)
+        if bn_pooled is not None:  # Σ w·mean²: the pooled variance is E[m²] − E[m]² on top
+            self.squares = sum(self.weights[k] * self._means(k) ** 2 for k in self.keep)
+
+    def _means(self, k: str) -> np.ndarray:
+        return self.log.updates[k][self.bn_pooled[0]].astype(np.float64)
 
     def __call__(self, excluded: frozenset[str]) -> ArrayRecord:
         out, total = self.sum.copy(), self.total
+        squares = self.squares.copy() if self.bn_pooled is not None else None
         for k in (k for k in self.keep if k in excluded):
             out -= self.weights[k] * self.log.updates[k].astype(np.float64)
             total -= self.weights[k]
-        return ArrayRecord({WEIGHTS_KEY: Array(np.asarray(out / total, dtype=np.float32))})
+            if squares is not None:
+                squares -= self.weights[k] * self._means(k) ** 2
+        out /= total
+        if squares is not None:
+            means, variances = self.bn_pooled
+            out[variances] += np.maximum(squares / total - out[means] ** 2, 0.0)
+        return ArrayRecord({WEIGHTS_KEY: Array(np.asarray(out, dtype=np.float32))})

@@ -86,22 +86,28 @@ def test_server_optimizer_keeps_state_and_bn_statistics_are_averaged():
     assert not np.allclose(stateless[WEIGHTS_KEY].numpy()[~BN], weights[1][~BN])
 
 
-def test_pooled_bn_variance_is_the_variance_of_the_clients_union():
-    """bn_stats=pooled: each running variance becomes that of all clients' data together, not
-    the mean of the clients' variances (which leaves out how far their means lie apart)."""
+def _bn_clients(counts=(300, 100, 50), shifts=(0.0, 3.0, -2.0), scales=(1.0, 0.5, 2.0)):
+    """Clients whose BatchNorm statistics are their own data's mean and variance (8 channels)."""
     rng = np.random.default_rng(0)
-    channels, counts = 8, [300, 100, 50]
     means, variances = np.zeros(N, bool), np.zeros(N, bool)
     means[-16:-8], variances[-8:] = True, True  # as fl_client.model.part_masks lays them out
     data = [
-        rng.normal(shift, scale, (n, channels))
-        for n, shift, scale in zip(counts, (0.0, 3.0, -2.0), (1.0, 0.5, 2.0), strict=True)
+        rng.normal(shift, scale, (n, 8))
+        for n, shift, scale in zip(counts, shifts, scales, strict=True)
     ]
     vecs = []
     for x in data:
         v = rng.normal(size=N).astype(np.float32)  # parameters: anything
         v[means], v[variances] = x.mean(0), x.var(0)
         vecs.append(v)
+    return means, variances, data, vecs
+
+
+def test_pooled_bn_variance_is_the_variance_of_the_clients_union():
+    """bn_stats=pooled: each running variance becomes that of all clients' data together, not
+    the mean of the clients' variances (which leaves out how far their means lie apart)."""
+    counts = [300, 100, 50]
+    means, variances, data, vecs = _bn_clients(counts)
     union = np.concatenate(data)
     pooled = GuardedStrategy(
         FedAvg(), bn_stats_mask=means | variances, bn_pooled=(means, variances)
@@ -114,6 +120,34 @@ def test_pooled_bn_variance_is_the_variance_of_the_clients_union():
     )
     assert np.all(averaged[variances] < 0.5 * union.var(0))  # what plain averaging gets wrong
     np.testing.assert_allclose(out[~(means | variances)], averaged[~(means | variances)])
+
+
+def test_the_guards_leave_one_out_pools_as_the_strategy_does():
+    """With bn_stats=pooled, the guard's aggregate without a client (contributions, culprits)
+    is the pooled strategy's aggregate of the others, in both of its ways (each mean summed, or
+    one weighted sum with clients subtracted): leaving a client out changes the model by that
+    client only, not by the pooling as well."""
+    from fl_server.guard.step import WeightedSum, mean_without
+    from fl_server.observed_grid import RoundLog
+
+    counts = [300, 100, 50, 120]
+    means, variances, _, vecs = _bn_clients(counts, (0.0, 3.0, -2.0, 1.0), (1.0, 0.5, 2.0, 1.5))
+    pooled = (means, variances)
+    log = RoundLog(
+        clients=[{"id": i, "num_examples": n} for i, n in enumerate(counts)],
+        updates={str(i): v for i, v in enumerate(vecs)},
+    )
+    strategy = GuardedStrategy(FedAvg(), bn_stats_mask=means | variances, bn_pooled=pooled)
+    for excluded in (frozenset(), frozenset({"1"}), frozenset({"0", "3"})):
+        kept = [i for i in range(len(counts)) if str(i) not in excluded]
+        want = _agg(strategy, _replies([vecs[i] for i in kept], [counts[i] for i in kept]))
+        for got in (mean_without(log, excluded, pooled), WeightedSum(log, pooled)(excluded)):
+            np.testing.assert_allclose(got[WEIGHTS_KEY].numpy(), want, rtol=1e-5, atol=1e-5)
+    plain = mean_without(log, frozenset({"1"}))[WEIGHTS_KEY].numpy()
+    assert np.all(
+        plain[variances]
+        < mean_without(log, frozenset({"1"}), pooled)[WEIGHTS_KEY].numpy()[variances]
+    )
 
 
 def test_a_strategy_error_fails_the_round_instead_of_the_run(tmp_path):
