@@ -185,7 +185,7 @@ def row(split, local, rounds, budget, seed, summary, cen, fed_s, cen_s, run) -> 
         "ratio_vs_constant_central": fed_final / const["map50_95"] if const["map50_95"] else None,
         "federated_seconds": fed_s,
         "centralized_seconds": cen_s,
-        "run_dir": str(run.relative_to(ROOT)),
+        "run_dir": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run),
     }
 
 
