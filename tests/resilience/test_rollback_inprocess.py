@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from inprocess import run_inprocess
 
 from fl_client.model import record_digest, to_record
 from fl_server.config import load
 from fl_server.guard import Guard, replay_contributions
+from fl_server.lr_schedule import round_rates
 from fl_server.run_dir import read_jsonl
 from fl_server.tracking import offline_scalars, sessions
 
@@ -134,14 +136,21 @@ def test_lower_lr_policy_and_stop_after_consecutive_rollbacks(tmp_path, pretrain
             "faults.kind=random_weights",
             "guard.policy=lower_lr",
             "guard.stop_after=2",
+            "train.lr_schedule=linear",  # the guard's lowering multiplies the schedule's rate
         ],
         clients=3,
     )
     rounds = run.rounds()
     assert [r["guard"]["rolled_back"] for r in rounds] == [False, False, True, True]
     cfg = load(run.config)
-    lr0, lowered = cfg.train.lr0, cfg.train.lr0 * cfg.guard.lr_factor
-    assert [r["lr0"] for r in rounds] == [lr0, lr0, lr0, lowered]  # as sent in each round
+    t = cfg.train
+    sched = [
+        t.lr0 * round_rates("linear", r, 4, int(t.epochs), float(t.lrf))[0] for r in range(1, 5)
+    ]
+    assert sched[0] == t.lr0 and sched[1] > sched[2] > sched[3]
+    lowered = [1.0, 1.0, 1.0, cfg.guard.lr_factor]  # after round 3's rollback
+    sent = [r["lr0"] for r in rounds]  # as sent in each round
+    assert sent == pytest.approx([s * f for s, f in zip(sched, lowered, strict=True)], rel=1e-9)
     summary = json.loads(run.summary.read_text())
     assert summary["status"] == "stopped" and summary["rollbacks"] == 2
     assert summary["final"]["round"] == summary["best"]["round"] <= 2
