@@ -63,21 +63,26 @@ def fed_vs_central_seeds() -> list[str]:
         f"**Federated vs centralized over seeds** (`{path.name}`; {d['machine']}; {d['date']}): "
         f"{s['model']}, {s['clients']} clients, {s['images']} synthetic images at {s['imgsz']} px; "
         "each seed's federation against the centralized model of the same seed and training "
-        "images, trained for the same number of epochs with the base hyper-parameters.",
+        "images, trained for the same number of epochs with the base hyper-parameters and the "
+        "federation's learning-rate schedule (`train.lr_schedule`; the last column: against the "
+        "constant-rate centralized model, where the federation decays its rate).",
         "",
         "| split | epochs | configuration | local epochs × rounds | seeds | federated final "
-        "| centralized | ratio per seed | ratio (mean ± sd) |",
-        "|---|---:|---|---|---:|---:|---:|---|---:|",
+        "| centralized | ratio per seed | ratio (mean ± sd) | vs constant-rate centralized |",
+        "|---|---:|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for (split, budget, label, local, rounds), rows in sorted(groups.items()):
         rows = sorted(rows, key=lambda r: r["seed"])
         ratios = [r["ratio_final"] for r in rows]
+        const = [r["ratio_vs_constant_central"] for r in rows if "ratio_vs_constant_central" in r]
+        decayed = any(r.get("lr_schedule", "constant") != "constant" for r in rows)
         lines.append(
             f"| {split} | {budget} | {label}: `{d['configs'][label]}` | {local} × {rounds} "
             f"| {','.join(str(r['seed']) for r in rows)} "
             f"| {_mean_sd([r['federated_final_map50_95'] for r in rows])} "
             f"| {_mean_sd([r['centralized_map50_95'] for r in rows])} "
-            f"| {' / '.join(f'{x:.2f}' for x in ratios)} | **{_mean_sd(ratios)}** |"
+            f"| {' / '.join(f'{x:.2f}' for x in ratios)} | **{_mean_sd(ratios)}** "
+            f"| {_mean_sd(const) if len(const) == len(rows) and decayed else '='} |"
         )
     return [*lines, ""]
 
