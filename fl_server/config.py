@@ -319,8 +319,15 @@ def _to_3(cfg: DictConfig) -> None:
             OmegaConf.update(cfg, key, value, force_add=True)
 
 
+def _to_4(cfg: DictConfig) -> None:
+    """Version 3: before ``train.lr_schedule`` the clients trained at a constant ``lr0``."""
+    for key, value in {"train.lr_schedule": "constant", "train.lrf": 0.01}.items():
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            OmegaConf.update(cfg, key, value, force_add=True)
+
+
 # _MIGRATIONS[v]: version v to v + 1
-_MIGRATIONS: list[Callable[[DictConfig], None]] = [_to_1, _to_2, _to_3]
+_MIGRATIONS: list[Callable[[DictConfig], None]] = [_to_1, _to_2, _to_3, _to_4]
 
 
 def _one_line(message: str) -> str:

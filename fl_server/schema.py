@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Optional, get_type_hints
 from fl_client.errors import UserError
 
 MISSING: Any = "???"  # OmegaConf's marker of a value the YAML must give
-CONFIG_VERSION = 3  # written into every new run's config.yaml; fl_server.config.migrate reads it
+CONFIG_VERSION = 4  # written into every new run's config.yaml; fl_server.config.migrate reads it
 
 
 class ConfigError(UserError, ValueError):

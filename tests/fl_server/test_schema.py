@@ -38,6 +38,8 @@ VERSION_0 = {
     "guard.severe_drop": 0.5,
     "output.save_matches": False,
     "guard.contribution_sample": 0,  # version 1 lacked it too (every client was scored)
+    "train.lr_schedule": "constant",  # version 3 lacked it (a constant rate)
+    "train.lrf": 0.01,
 }
 
 
@@ -83,6 +85,17 @@ def test_a_version_1_config_scores_every_client_as_it_ran():
     assert migrated.guard.contribution_sample == 0
     validate(migrated)
     assert compose([]).guard.contribution_sample > 0
+
+
+def test_a_version_3_config_resumes_at_a_constant_learning_rate():
+    """``train.lr_schedule`` came with version 4: a version-3 run resumes with the constant rate
+    it trained with, whatever the YAML's default is now."""
+    cfg = OmegaConf.create(OmegaConf.to_container(compose(["train.lr_schedule=linear"])))
+    cfg.config_version = 3
+    del cfg.train["lr_schedule"], cfg.train["lrf"]
+    migrated = migrate(cfg)
+    assert migrated.train.lr_schedule == "constant" and migrated.config_version == 4
+    validate(migrated)
 
 
 def test_a_config_from_a_newer_fedyolo_is_refused_in_one_line():
