@@ -22,11 +22,17 @@ def machine() -> str:
 
 
 # The local work per round that every benchmark recorded before 2026-12-05 ran with: the defaults
-# then (1 local epoch of batch 16 at lr0 0.02; today's defaults are in configs/train/default.yaml,
-# chosen by benchmarks/tuning.py --rerun, results/tuning_defaults.json). Benchmark runs keep it so
+# then (1 local epoch of batch 16 at a constant lr0 0.02; today's defaults are in
+# configs/train/default.yaml, chosen by benchmarks/tuning.py --rerun, results/tuning_defaults.json
+# and tuning_schedule.json). Benchmark runs keep it so
 # each recorded figure reproduces with its command; a benchmark's own overrides come after it and
 # win (--local-epochs). tuning.py compares the defaults themselves and passes pin_train=False.
-MEASURED_TRAIN = ["train.epochs=1", "train.batch=16", "train.lr0=0.02"]
+MEASURED_TRAIN = [
+    "train.epochs=1",
+    "train.batch=16",
+    "train.lr0=0.02",
+    "train.lr_schedule=constant",
+]
 
 
 def run_overrides(name: str, overrides: list[str], pin_train: bool = True) -> list[str]:
