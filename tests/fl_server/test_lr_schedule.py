@@ -33,7 +33,7 @@ def test_cos_meets_ultralytics_cosine_at_every_round_start():
     rates = _federated_epochs("cos", rounds, epochs, lrf)
     for rnd in range(rounds):
         assert rates[rnd * epochs] == pytest.approx(cos(rnd * epochs), abs=1e-12)
-    # the chord lies under the (concave then convex) cosine by little
+    # between round starts the chord stays close to the cosine (below it, then above it)
     assert max(abs(r - cos(g)) for g, r in enumerate(rates)) < 0.05
 
 
