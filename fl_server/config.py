@@ -278,9 +278,21 @@ def migrate(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _to_1(cfg: DictConfig) -> None:
-    """Version 0 (no ``config_version``): what runs before the schema could lack."""
-    news: dict[str, Any] = {
+def _adds(doc: str, news: dict[str, Any]) -> Callable[[DictConfig], None]:
+    """A migration step that adds each of ``news`` (dotted key: value) a config lacks."""
+
+    def step(cfg: DictConfig) -> None:
+        for key, value in news.items():
+            if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+                OmegaConf.update(cfg, key, value, force_add=True)
+
+    step.__doc__ = doc
+    return step
+
+
+_to_1 = _adds(
+    "Version 0 (no ``config_version``): what runs before the schema could lack.",
+    {
         "hooks": [],
         "distill": {"teacher": None, "weight": 6.0},
         "aggregation.max_step_norm_x_median": None,
@@ -292,38 +304,27 @@ def _to_1(cfg: DictConfig) -> None:
         "guard.flag_agreement": None,
         "guard.patience": 0,
         "guard.severe_drop": 0.5,
-    }
-    for key, value in news.items():
-        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
-            OmegaConf.update(cfg, key, value, force_add=True)
-
-
-def _to_2(cfg: DictConfig) -> None:
-    """Version 1: before ``guard.contribution_sample``, every client was scored (0)."""
-    if OmegaConf.select(cfg, "guard.contribution_sample", default=_ABSENT) is _ABSENT:
-        OmegaConf.update(cfg, "guard.contribution_sample", 0, force_add=True)
-
-
-def _to_3(cfg: DictConfig) -> None:
-    """Version 2: before ``transport.down`` the global model went down whole (fp32), and
-    clients were sampled by Flower alone (``federation.sampling``), and the server evaluated a
-    round's model before the next round's training began (``federation.overlap_eval``)."""
-    news = {
+    },
+)
+_to_2 = _adds(
+    "Version 1: before ``guard.contribution_sample``, every client was scored (0).",
+    {"guard.contribution_sample": 0},
+)
+_to_3 = _adds(
+    "Version 2: before ``transport.down`` the global model went down whole (fp32), and clients "
+    "were sampled by Flower alone (``federation.sampling``), and the server evaluated a round's "
+    "model before the next round's training began (``federation.overlap_eval``).",
+    {
         "transport.down": "fp32",
         "federation.sampling": "uniform",
         "federation.max_skip": 10,
         "federation.overlap_eval": False,
-    }
-    for key, value in news.items():
-        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
-            OmegaConf.update(cfg, key, value, force_add=True)
-
-
-def _to_4(cfg: DictConfig) -> None:
-    """Version 3: before ``train.lr_schedule`` the clients trained at a constant ``lr0``."""
-    for key, value in {"train.lr_schedule": "constant", "train.lrf": 0.01}.items():
-        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
-            OmegaConf.update(cfg, key, value, force_add=True)
+    },
+)
+_to_4 = _adds(
+    "Version 3: before ``train.lr_schedule`` the clients trained at a constant ``lr0``.",
+    {"train.lr_schedule": "constant", "train.lrf": 0.01},
+)
 
 
 # _MIGRATIONS[v]: version v to v + 1
