@@ -112,7 +112,9 @@ def round_overhead() -> list[str]:
     counts = ", ".join(f"{len(v['rounds'])} in {k}" for k, v in engines.items())
     lines = [
         f"**Where a round goes** (`{path.name}`; {d['machine']}; {dates}): yolov8n, "
-        "2 clients × ~245 images at 128 px, 1 local epoch; mean of rounds 2..n (rounds: "
+        "2 clients × ~245 images at 128 px; local work = each client's local epochs × batch "
+        "per round (1 × 16 where the entry does not say: the benchmark's pinned work); mean of "
+        "rounds 2..n (rounds: "
         f"{counts}); a round's time runs from the previous round's record to its own, and "
         "where the evaluation is overlapped (`federation.overlap_eval`, the default) that "
         "interval holds the next round's training, so rounds 2..n-1 are each set against the "
@@ -121,17 +123,18 @@ def round_overhead() -> list[str]:
         "ClientApp start = a message's `flwr-clientapp` process, from its creation to "
         "fedyolo's handler.",
         "",
-        "| setup | round (s) | training (s) | server eval (s) | client set-up (s) "
+        "| setup | local work | round (s) | training (s) | server eval (s) | client set-up (s) "
         "| ClientApp start (s) | everything else | round 1 (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for engine, v in engines.items():
         s = v["steady_state_rounds_2_to_n"]
         start = s.get("client_startup_seconds", 0.0)
         setup, _, label = engine.partition("@")
         name = ROUND_SETUPS.get(setup, setup) + (f", {_round_label(v, label)}" if label else "")
+        work = v.get("local_work", {"epochs": 1, "batch": 16})
         lines.append(
-            f"| {name} | {s['round_seconds']:.1f} "
+            f"| {name} | {work['epochs']} × {work['batch']} | {s['round_seconds']:.1f} "
             f"| {s['training_seconds']:.1f} | {s['eval_seconds']:.1f} "
             f"| {s['client_setup_seconds']:.2f} | {start:.1f} "
             f"| **{100 * s['other_share']:.0f}%** | {v['round_1']['round_seconds']:.1f} |"

@@ -48,6 +48,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+import yaml
 from benchmarks_common import RESULTS, WORK, fedyolo_run, machine
 
 SETUPS = {
@@ -164,7 +165,6 @@ def main() -> None:
     out = {
         "benchmark": "round_overhead",
         "machine": machine(),
-        "overrides": args.extra,
         "engines": {k: v for k, v in old.get("engines", {}).items() if k.split("@")[0] in SETUPS},
     }
     for setup in args.setups.split(","):
@@ -175,16 +175,23 @@ def main() -> None:
             run_dir = run(setup, rounds, args.extra, args.label)
         out["engines"][key] = {
             "date": time.strftime("%Y-%m-%d"),
-            "overrides": SETUPS[setup],
+            "overrides": [*SETUPS[setup], *args.extra],
             "rounds": rounds,
             "flwr": version("flwr"),
             "environment": {k: os.environ[k] for k in POLL_SETTINGS if k in os.environ},
+            "local_work": local_work(run_dir),
             **split(run_dir),
         }
         out["config"] = (run_dir / "config.yaml").read_text()
         print(key, json.dumps(out["engines"][key]["steady_state_rounds_2_to_n"]), flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n")  # after each setup: none is lost
+
+
+def local_work(run_dir: Path) -> dict:
+    """Each client's work per round in this run: local epochs and batch size (its config)."""
+    train = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    return {"epochs": int(train["epochs"]), "batch": int(train["batch"])}
 
 
 def _completed(run_dir: Path, rounds: int) -> bool:
