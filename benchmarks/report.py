@@ -615,6 +615,38 @@ def tuning() -> list[str]:
     return [*lines, ""]
 
 
+def tuning_live() -> list[str]:
+    """A live pruned study against an unpruned one (``tuning.py --unpruned-from``)."""
+    path = RESULTS / "tuning_live.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    pruned, full = d["studies"]
+    r = d["result"]
+    added = " ".join(full.get("added_to_its_base", [])) or "none"
+    return [
+        f"**A live pruned study** (`{path.name}`; {d['machine']}; {d['date']}; "
+        f"{d['setup']['trials']} trials, sampler seed {d['setup']['sampler_seed']}, base "
+        f"`{' '.join(d['setup']['base'])}`) against the unpruned study `{full['study']}` of "
+        f"`pruning.json` (the same sampler seed and trials; overrides this base adds to its "
+        f"base: `{added}`):",
+        "",
+        "| | pruned (live) | unpruned |",
+        "|---|---:|---:|",
+        f"| pruner | {pruned['pruner']} | none |",
+        f"| trials complete / pruned / failed | {pruned['states']['COMPLETE']} / "
+        f"{pruned['states']['PRUNED']} / {pruned['states']['FAIL']} | {full['trials']} / 0 / 0 |",
+        f"| client training seconds | {pruned['client_seconds']:.0f} "
+        f"| {full['client_seconds']:.0f} |",
+        f"| best held-out mAP50-95 | {pruned['best_value']:.3f} | {full['best_value']:.3f} |",
+        f"| wall seconds | {pruned['wall_seconds']:.0f} | |",
+        "",
+        f"Client seconds saved: **{100 * r['pruning_client_seconds_saved']:.0f}%**; best value "
+        f"kept: **{r['best_value_pruned_over_full']:.2f}×** the unpruned study's.",
+        "",
+    ]
+
+
 def tuning_defaults() -> list[str]:
     path = RESULTS / "tuning_defaults.json"
     if not path.exists():
@@ -692,6 +724,7 @@ def pruning() -> list[str]:
 SECTIONS = {
     "tuning": tuning,
     "tuning_defaults": tuning_defaults,
+    "tuning_live": tuning_live,
     "pruning": pruning,
     "edge": edge,
     "distill": distill,
