@@ -6,7 +6,7 @@ import pytest
 from ultralytics.utils.torch_utils import one_cycle
 
 from fl_server.config import ConfigError, compose
-from fl_server.lr_schedule import factor, round_rates
+from fl_server.lr_schedule import SCHEDULES, factor, round_rates
 
 
 def _federated_epochs(schedule: str, rounds: int, epochs: int, lrf: float) -> list[float]:
@@ -49,3 +49,10 @@ def test_constant_keeps_lr0_and_the_decays_only_go_down():
 def test_a_bad_schedule_is_refused_naming_the_key(bad):
     with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
         compose([bad])
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_the_schema_accepts_every_schedule_the_server_knows(name):
+    """The schema lists the names itself (it is fl_server's floor: it cannot import
+    lr_schedule); this keeps the two lists the same."""
+    assert compose([f"train.lr_schedule={name}"]).train.lr_schedule == name
