@@ -616,35 +616,44 @@ def tuning() -> list[str]:
 
 
 def tuning_live() -> list[str]:
-    """A live pruned study against an unpruned one (``tuning.py --unpruned-from``)."""
-    path = RESULTS / "tuning_live.json"
-    if not path.exists():
+    """Live pruned studies against unpruned ones (``tuning.py``: ``tuning_live*.json``), one row
+    per sampler seed."""
+    paths = sorted(RESULTS.glob("tuning_live*.json"))
+    if not paths:
         return []
-    d = json.loads(path.read_text())
-    pruned, full = d["studies"]
-    r = d["result"]
-    added = " ".join(full.get("added_to_its_base", [])) or "none"
-    return [
-        f"**A live pruned study** (`{path.name}`; {d['machine']}; {d['date']}; "
-        f"{d['setup']['trials']} trials, sampler seed {d['setup']['sampler_seed']}, base "
-        f"`{' '.join(d['setup']['base'])}`) against the unpruned study `{full['study']}` of "
-        f"`pruning.json` (the same sampler seed and trials; overrides this base adds to its "
-        f"base: `{added}`):",
+    runs = [json.loads(p.read_text()) for p in paths]
+    runs.sort(key=lambda d: d["setup"]["sampler_seed"])
+    bases = {" ".join(d["setup"]["base"]) for d in runs}
+    lines = [
+        f"**Live pruned studies** (`{'`, `'.join(p.name for p in paths)}`; "
+        f"{'; '.join(sorted({d['machine'] for d in runs}))}; "
+        f"{', '.join(sorted({d['date'] for d in runs}))}; {runs[0]['setup']['trials']} trials "
+        f"each; base `{' | '.join(sorted(bases))}`): fedyolo's default pruner against no pruning, "
+        "the same sampler seed and trials. Where the unpruned study is one recorded in "
+        "`pruning.json` (`--unpruned-from`), it ran earlier, on the code of its day:",
         "",
-        "| | pruned (live) | unpruned |",
-        "|---|---:|---:|",
-        f"| pruner | {pruned['pruner']} | none |",
-        f"| trials complete / pruned / failed | {pruned['states']['COMPLETE']} / "
-        f"{pruned['states']['PRUNED']} / {pruned['states']['FAIL']} | {full['trials']} / 0 / 0 |",
-        f"| client training seconds | {pruned['client_seconds']:.0f} "
-        f"| {full['client_seconds']:.0f} |",
-        f"| best held-out mAP50-95 | {pruned['best_value']:.3f} | {full['best_value']:.3f} |",
-        f"| wall seconds | {pruned['wall_seconds']:.0f} | |",
-        "",
-        f"Client seconds saved: **{100 * r['pruning_client_seconds_saved']:.0f}%**; best value "
-        f"kept: **{r['best_value_pruned_over_full']:.2f}×** the unpruned study's.",
-        "",
+        "| sampler seed | unpruned study | pruned: complete / pruned / failed | client seconds, "
+        "pruned / unpruned | saved | best mAP50-95, pruned / unpruned | best kept |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
+    for d in runs:
+        pruned, full = d["studies"]
+        r = d["result"]
+        st = pruned["states"]
+        where = (
+            f"`{full['study']}` (recorded; this base adds "
+            f"`{' '.join(full['added_to_its_base']) or 'nothing'}`)"
+            if "added_to_its_base" in full
+            else f"`{full['study']}` (same run, same code"
+            + (f": {d['commit']})" if d.get("commit") else ")")
+        )
+        lines.append(
+            f"| {d['setup']['sampler_seed']} | {where} | {st['COMPLETE']} / {st['PRUNED']} / "
+            f"{st['FAIL']} | {pruned['client_seconds']:.0f} / {full['client_seconds']:.0f} | "
+            f"**{100 * r['pruning_client_seconds_saved']:.0f}%** | {pruned['best_value']:.3f} / "
+            f"{full['best_value']:.3f} | {r['best_value_pruned_over_full']:.2f}x |"
+        )
+    return [*lines, ""]
 
 
 def tuning_defaults() -> list[str]:
