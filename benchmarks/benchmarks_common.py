@@ -21,6 +21,23 @@ def machine() -> str:
     )
 
 
+def code_commit() -> str | None:
+    """The commit the benchmark's code is at ("+dirty" with uncommitted changes to tracked
+    files), or None outside a git checkout: what "the same code" means between two results."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 # The local work per round that every benchmark recorded before 2026-12-05 ran with: the defaults
 # then (1 local epoch of batch 16 at a constant lr0 0.02; today's defaults are in
 # configs/train/default.yaml, chosen by benchmarks/tuning.py --rerun, results/tuning_defaults.json

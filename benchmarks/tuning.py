@@ -26,7 +26,15 @@ import statistics
 import sys
 import time
 
-from benchmarks_common import RESULTS, ROOT, WORK, fedyolo_run, machine, study_base
+from benchmarks_common import (
+    RESULTS,
+    ROOT,
+    WORK,
+    code_commit,
+    fedyolo_run,
+    machine,
+    study_base,
+)
 
 # this file is benchmarks/tuning.py: without the repository first on the path, `tuning` would be
 # this script instead of the package
@@ -124,6 +132,7 @@ def main() -> None:
         "benchmark": "tuning",
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
+        "commit": code_commit(),
         "setup": {"base": base, "trials": args.trials, "sampler_seed": args.sampler_seed},
         "studies": [],
         "reruns": [],
