@@ -52,11 +52,29 @@ def federated(
     return run, json.loads((run / "summary.json").read_text()), time.perf_counter() - t0
 
 
-def central_params(run: Path, seed: int, schedule: bool) -> dict:
+def recorded_federation(
+    label: str, split: str, local: int, budget: int, seed: int
+) -> tuple[Path, dict, float]:
+    """``label``'s federation of this split, E, budget and seed, as fed_vs_central_seeds.json
+    recorded it (its run folder must still be there)."""
+    rows = json.loads(SEEDS_FILE.read_text())["rows"] if SEEDS_FILE.exists() else []
+    want = (label, split, local, budget, seed)
+    ident = ("label", "split", "local_epochs", "epoch_budget", "seed")
+    rec = next((r for r in rows if tuple(r[k] for k in ident) == want), None)
+    run = ROOT / rec["run_dir"] if rec else None
+    if run is None or not (run / "summary.json").exists():
+        raise SystemExit(
+            f"--fed-from {label}: no recorded run of {dict(zip(ident, want, strict=True))}"
+        )
+    return run, json.loads((run / "summary.json").read_text()), rec["federated_seconds"]
+
+
+def central_params(run: Path, seed: int, schedule: bool, batch: int | None = None) -> dict:
     """What the centralized model depends on: the base training hyper-parameters, the seed and
     the training images (the union of the run's client shards: the clients' own validation
     images differ between splits, so the union does too); with ``schedule``, the run's
-    learning-rate schedule (a constant rate adds no key: the cache of earlier runs stays valid)."""
+    learning-rate schedule (a constant rate adds no key: the cache of earlier runs stays valid);
+    ``batch`` replaces the base batch (``--central-batch``)."""
     from fl_server.config import compose, load
 
     t = compose([*MEASURED_TRAIN, f"seed={seed}"]).train
@@ -75,7 +93,7 @@ def central_params(run: Path, seed: int, schedule: bool) -> dict:
     return {
         "seed": seed,
         "imgsz": int(t.imgsz),
-        "batch": int(t.batch),
+        "batch": int(batch or t.batch),
         "lr0": float(t.lr0),
         "optimizer": str(t.optimizer),
         "momentum": float(t.momentum),
@@ -88,10 +106,12 @@ def central_params(run: Path, seed: int, schedule: bool) -> dict:
     }
 
 
-def centralized(run: Path, epochs: int, seed: int, schedule: bool = True) -> tuple[dict, float]:
+def centralized(
+    run: Path, epochs: int, seed: int, schedule: bool = True, batch: int | None = None
+) -> tuple[dict, float]:
     """Plain Ultralytics on the union of the run's client training shards (cached), with the
     run's learning-rate schedule unless ``schedule`` is false (then a constant rate)."""
-    p = central_params(run, seed, schedule)
+    p = central_params(run, seed, schedule, batch)
     key = hashlib.sha256(json.dumps([p, epochs], sort_keys=True).encode()).hexdigest()[:12]
     central = WORK / "central" / f"s{seed}-b{epochs}-{key}"
     done = central / "result.json"
@@ -163,11 +183,11 @@ def centralized(run: Path, epochs: int, seed: int, schedule: bool = True) -> tup
     return res, seconds
 
 
-def row(split, local, rounds, budget, seed, summary, cen, fed_s, cen_s, run) -> dict:
+def row(split, local, rounds, budget, seed, summary, cen, fed_s, cen_s, run, cbatch) -> dict:
     fed_final = summary["final"]["map50_95"]
     ran = yaml.safe_load((run / "config.yaml").read_text())["train"]
     decayed = ran.get("lr_schedule", "constant") != "constant"
-    const = centralized(run, budget, seed, schedule=False)[0] if decayed else cen
+    const = centralized(run, budget, seed, schedule=False)[0] if decayed and not cbatch else cen
     return {
         "split": split,
         "local_epochs": local,
@@ -179,6 +199,7 @@ def row(split, local, rounds, budget, seed, summary, cen, fed_s, cen_s, run) -> 
         "federated_final_map50": summary["final"]["map50"],
         "centralized_map50_95": cen["map50_95"],
         "centralized_map50": cen["map50"],
+        **({"centralized_batch": cbatch} if cbatch else {}),
         "ratio_final": fed_final / cen["map50_95"] if cen["map50_95"] else None,
         "lr_schedule": f"{ran['lr_schedule']} to lrf {ran['lrf']}" if decayed else "constant",
         "constant_lr_centralized_map50_95": const["map50_95"],
@@ -229,6 +250,20 @@ def main() -> None:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (records per label)")
     ap.add_argument("--label", default="fedavg", help="the configuration's name (with --seeds)")
     ap.add_argument("--extra", nargs="*", default=[], help="more fedyolo overrides")
+    ap.add_argument(
+        "--central-batch",
+        type=int,
+        default=None,
+        help="the centralized model's batch (default: the base's): e.g. the clients' batch × "
+        "their number, to compare with one trainer taking as few sequential steps",
+    )
+    ap.add_argument(
+        "--fed-from",
+        default=None,
+        metavar="LABEL",
+        help="(with --seeds) no new federation: reuse LABEL's recorded run of each split, E, "
+        "budget and seed (e.g. to set a --central-batch model against it)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0]
@@ -241,12 +276,29 @@ def main() -> None:
                 if args.seeds:
                     name = f"fvc-{args.label}-{split}-e{local}-b{args.budget}-s{seed}"
                 extra = [f"seed={seed}", "tracking.enabled=false", *args.extra]
-                run, summary, fed_s = federated(
-                    name, split, rounds, local, extra if args.seeds else args.extra
-                )
-                cen, cen_s = centralized(run, args.budget, seed)
+                if args.fed_from:
+                    run, summary, fed_s = recorded_federation(
+                        args.fed_from, split, local, args.budget, seed
+                    )
+                else:
+                    run, summary, fed_s = federated(
+                        name, split, rounds, local, extra if args.seeds else args.extra
+                    )
+                cen, cen_s = centralized(run, args.budget, seed, batch=args.central_batch)
                 rows.append(
-                    row(split, local, rounds, args.budget, seed, summary, cen, fed_s, cen_s, run)
+                    row(
+                        split,
+                        local,
+                        rounds,
+                        args.budget,
+                        seed,
+                        summary,
+                        cen,
+                        fed_s,
+                        cen_s,
+                        run,
+                        args.central_batch,
+                    )
                 )
                 print(json.dumps(rows[-1], indent=2), flush=True)
                 if args.seeds:
