@@ -22,7 +22,8 @@ candidates comparable; ``benchmarks/tuning.py`` runs a real pruned study beside 
     .venv/bin/python benchmarks/pruning.py --trials 20 --rounds 6 --sampler-seeds 0 1
     .venv/bin/python benchmarks/pruning.py --study <study folder> [--study ...]   # replay only
 
-Results: ``benchmarks/results/pruning.json`` (written after every study).
+Results: ``benchmarks/results/pruning.json`` (written after every study; a study replayed again
+replaces its row, the others are kept: their folders may be gone).
 """
 
 from __future__ import annotations
@@ -202,14 +203,15 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     base = study_base(args)
+    path = RESULTS / args.out
+    kept = json.loads(path.read_text())["studies"] if path.exists() else []
     out = {
         "benchmark": "pruning",
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "setup": {"base": base, "trials": args.trials},
-        "studies": [],
+        "studies": kept,
     }
-    path = RESULTS / args.out
     folders = list(args.study)
     if not folders:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -221,6 +223,7 @@ def main() -> None:
         study_doc = json.loads((folder / "study.json").read_text())
         row = {
             "study": folder.name,
+            "date": time.strftime("%Y-%m-%d"),
             "base": study_doc["base_overrides"],
             "sampler_seed": yaml.safe_load((folder / "tuning.yaml").read_text())["seed"],
             "trials": len(trials),
@@ -235,7 +238,7 @@ def main() -> None:
                 if not (signal != "map" and name == "none")
             },
         }
-        out["studies"].append(row)
+        out["studies"] = [s for s in out["studies"] if s["study"] != row["study"]] + [row]
         path.write_text(json.dumps(out, indent=1))
     for row in out["studies"]:
         for name, r in row["pruners"].items():

@@ -694,7 +694,8 @@ def pruning() -> list[str]:
     lines = [
         f"**Pruners replayed on unpruned studies** (`{path.name}`; {d['machine']}; {d['date']}; "
         + "; ".join(
-            f"({i + 1}) {s['trials']} trials x {s['rounds']} rounds, TPE seed "
+            f"({i + 1}) {s['study']}" + (f" ({s['date']})" if "date" in s else "") + ": "
+            f"{s['trials']} trials x {s['rounds']} rounds, TPE seed "
             f"{s['sampler_seed']}, base `{_base(s['base'])}`: "
             f"{s['client_seconds']:.0f} "
             f"client s, best {s['best_value']:.3f}"
