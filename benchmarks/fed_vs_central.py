@@ -22,6 +22,9 @@ seed are replaced; the others kept): the record of every configuration tried.
     .venv/bin/python benchmarks/fed_vs_central.py --budget 45 --local-epochs 1,3
     .venv/bin/python benchmarks/fed_vs_central.py --budget 30 --local-epochs 3 --seeds 0,1,2 \\
         --label fedprox-0.01 --splits domain --extra strategy=fedprox strategy.proximal_mu=0.01
+    .venv/bin/python benchmarks/fed_vs_central.py --budget 44 --local-epochs 2 --seeds 0,1,2 \
+        --splits iid --label linear-central-b32 --fed-from linear --central-batch 32 \
+        --extra train.lr_schedule=linear
 """
 
 from __future__ import annotations
