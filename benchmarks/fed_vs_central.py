@@ -190,7 +190,10 @@ def row(split, local, rounds, budget, seed, summary, cen, fed_s, cen_s, run, cba
     fed_final = summary["final"]["map50_95"]
     ran = yaml.safe_load((run / "config.yaml").read_text())["train"]
     decayed = ran.get("lr_schedule", "constant") != "constant"
-    const = centralized(run, budget, seed, schedule=False)[0] if decayed and not cbatch else cen
+    # the constant-rate centralized model is trained only at the base batch
+    const = (
+        None if cbatch else centralized(run, budget, seed, schedule=False)[0] if decayed else cen
+    )
     return {
         "split": split,
         "local_epochs": local,
@@ -205,8 +208,16 @@ def row(split, local, rounds, budget, seed, summary, cen, fed_s, cen_s, run, cba
         **({"centralized_batch": cbatch} if cbatch else {}),
         "ratio_final": fed_final / cen["map50_95"] if cen["map50_95"] else None,
         "lr_schedule": f"{ran['lr_schedule']} to lrf {ran['lrf']}" if decayed else "constant",
-        "constant_lr_centralized_map50_95": const["map50_95"],
-        "ratio_vs_constant_central": fed_final / const["map50_95"] if const["map50_95"] else None,
+        **(
+            {
+                "constant_lr_centralized_map50_95": const["map50_95"],
+                "ratio_vs_constant_central": fed_final / const["map50_95"]
+                if const["map50_95"]
+                else None,
+            }
+            if const
+            else {}
+        ),
         "federated_seconds": fed_s,
         "centralized_seconds": cen_s,
         "run_dir": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run),
@@ -305,7 +316,16 @@ def main() -> None:
                 )
                 print(json.dumps(rows[-1], indent=2), flush=True)
                 if args.seeds:
-                    record_seeds([{"label": args.label, **rows[-1]}], args.label, args.extra, run)
+                    how = [
+                        *args.extra,
+                        *(
+                            [f"(centralized batch {args.central_batch})"]
+                            if args.central_batch
+                            else []
+                        ),
+                        *([f"(the federations of {args.fed_from})"] if args.fed_from else []),
+                    ]
+                    record_seeds([{"label": args.label, **rows[-1]}], args.label, how, run)
     if args.seeds:
         return
     out = {

@@ -76,13 +76,15 @@ def fed_vs_central_seeds() -> list[str]:
         ratios = [r["ratio_final"] for r in rows]
         const = [r["ratio_vs_constant_central"] for r in rows if "ratio_vs_constant_central" in r]
         decayed = any(r.get("lr_schedule", "constant") != "constant" for r in rows)
+        # "=": a constant rate, nothing to set against; n/a: no constant-rate model was trained
+        vs_const = (_mean_sd(const) if len(const) == len(rows) else "n/a") if decayed else "="
         lines.append(
             f"| {split} | {budget} | {label}: `{d['configs'][label]}` | {local} × {rounds} "
             f"| {','.join(str(r['seed']) for r in rows)} "
             f"| {_mean_sd([r['federated_final_map50_95'] for r in rows])} "
             f"| {_mean_sd([r['centralized_map50_95'] for r in rows])} "
             f"| {' / '.join(f'{x:.2f}' for x in ratios)} | **{_mean_sd(ratios)}** "
-            f"| {_mean_sd(const) if len(const) == len(rows) and decayed else '='} |"
+            f"| {vs_const} |"
         )
     return [*lines, ""]
 
