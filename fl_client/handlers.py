@@ -94,6 +94,7 @@ def _setup_process(config: RoundConfig) -> None:
 
 STATE_KEY = "fedyolo"  # this client's own arrays in its Flower context.state
 PROJECTOR = "projector."  # ... its distillation projector's tensors, by this prefix
+OPTIMIZER = "optimizer."  # ... its optimiser's state (train.keep_momentum), by this prefix
 
 
 def _own_state(state: RecordDict) -> dict[str, np.ndarray]:
@@ -103,6 +104,11 @@ def _own_state(state: RecordDict) -> dict[str, np.ndarray]:
         return {}
     rec = state[STATE_KEY]
     return {k: rec[k].numpy() for k in rec}
+
+
+def _prefixed(own: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The arrays of ``own`` under ``prefix``, the prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in own.items() if k.startswith(prefix)}
 
 
 def _keep_own(state: RecordDict, arrays: dict[str, np.ndarray]) -> None:
@@ -243,7 +249,8 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
     args = {k: v for k, v in asdict(config.train).items() if k != "eval_batch"}
     teacher = distill.teacher_for(config.teacher_sha256, content, list(config.names))
     own = _own_state(state)
-    projector = {k.removeprefix(PROJECTOR): v for k, v in own.items() if k.startswith(PROJECTOR)}
+    projector = _prefixed(own, PROJECTOR)
+    kept_optimizer = _prefixed(own, OPTIMIZER)
     result = train_round(
         model,
         train_yaml,
@@ -255,7 +262,15 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
         teacher=teacher,
         distill_weight=config.distill_weight,
         projector=projector or None,
+        optimizer_state=kept_optimizer or None,
     )
+    if kept_optimizer and not result.optimizer_restored:
+        LOGGER.warning(
+            "client %d: its optimiser state from an earlier round does not fit this round's "
+            "optimiser (another model or optimiser?): round %d starts from zero momentum",
+            pid,
+            server_round,
+        )
     trained = to_record(model)[WEIGHTS_KEY].numpy()
     for fault in injected:
         trained = faults.corrupt_weights(fault, trained, received, seed)
@@ -268,6 +283,8 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
         own["local"] = trained[mask]
     for k, v in (result.projector or {}).items():  # distillation projectors stay here
         own[PROJECTOR + k] = v
+    for k, v in (result.optimizer_state or {}).items():  # so do optimiser states
+        own[OPTIMIZER + k] = v
     _keep_own(state, own)
     losses = result.losses
     distilled = (

@@ -34,6 +34,7 @@ import torch
 from fl_client.ultralytics_adapter import (
     lean_ultralytics,
     local_trainer_class,
+    optimizer_arrays,
     strip_feature_hooks,
     trainer_examples,
     trainer_losses,
@@ -62,6 +63,8 @@ class LocalResult:
     losses: dict[str, float]  # mean training losses of the last epoch: box, cls, dfl (, dis)
     timing: RoundTiming
     projector: dict | None = None  # distillation: the projector's weights after the round
+    optimizer_state: dict | None = None  # train.keep_momentum: the optimiser's, after the round
+    optimizer_restored: bool = False  # train.keep_momentum: it started from the last round's
 
 
 def train_round(
@@ -86,6 +89,8 @@ def train_round(
     teacher: torch.nn.Module | None = None,
     distill_weight: float = 6.0,
     projector: dict | None = None,
+    keep_momentum: bool = False,
+    optimizer_state: dict | None = None,
 ) -> LocalResult:
     """Train ``model`` in place for ``epochs`` local epochs on the shard in ``data_yaml``.
 
@@ -93,7 +98,9 @@ def train_round(
     ``train.lr_schedule`` sets both each round; 1.0 keeps it constant). With a ``teacher``,
     Ultralytics' distillation adds its feature loss (weight ``distill_weight``, reported as
     ``dis_loss``); ``projector`` is the client's projector from its earlier rounds
-    (``fl_client.distill``), and the result carries it on.
+    (``fl_client.distill``), and the result carries it on. With ``keep_momentum`` the optimiser
+    starts from ``optimizer_state`` (the client's last round's, when it fits) instead of zero
+    momentum, and the result carries the state it ended with.
     """
     timing = RoundTiming(setup=time.perf_counter())
     overrides = {
@@ -128,7 +135,15 @@ def train_round(
     if teacher is not None:
         overrides["dis"] = distill_weight
     with lean_ultralytics():
-        trainer = local_trainer_class()(model, overrides, timing, prox_mu, teacher, projector)
+        trainer = local_trainer_class()(
+            model,
+            overrides,
+            timing,
+            prox_mu,
+            teacher,
+            projector,
+            optimizer_state if keep_momentum else None,
+        )
         try:
             trainer.train()
         finally:
@@ -148,6 +163,8 @@ def train_round(
         losses=trainer_losses(trainer),
         timing=timing,
         projector=kept,
+        optimizer_state=optimizer_arrays(trainer.optimizer) if keep_momentum else None,
+        optimizer_restored=trainer.optimizer_restored,
     )
 
 

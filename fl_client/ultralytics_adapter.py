@@ -45,6 +45,7 @@ def local_trainer_class() -> type:
             prox_mu: float = 0.0,
             teacher: torch.nn.Module | None = None,
             projector: dict | None = None,
+            optimizer_state: dict | None = None,
         ):
             super().__init__(overrides=overrides)
             self.model = model
@@ -55,6 +56,8 @@ def local_trainer_class() -> type:
             # args.distill_model is set; it takes a path or a module (fl_client.distill)
             self.args.distill_model = teacher
             self.projector = projector  # the client's projector from its earlier rounds
+            self.optimizer_state = optimizer_state  # train.keep_momentum: its last round's
+            self.optimizer_restored = False
             self.add_callback("on_train_start", self._on_train_start)
             self.add_callback("on_train_epoch_start", self._on_epoch_start)
             self.add_callback("on_train_epoch_end", self._on_epoch_end)
@@ -68,6 +71,10 @@ def local_trainer_class() -> type:
             if trainer.projector and hasattr(trainer.model, "projector"):
                 # in place: the optimiser already holds these parameters
                 trainer.projector_restored = load_projector(trainer.model, trainer.projector)
+            if trainer.optimizer_state:  # after the optimiser is built, before its first step
+                trainer.optimizer_restored = load_optimizer_arrays(
+                    trainer.optimizer, trainer.optimizer_state
+                )
             if trainer.prox_mu > 0:  # the global weights, on the training device
                 trainer.prox_ref = [p.detach().clone() for p in trainer.model.parameters()]
 
@@ -142,6 +149,48 @@ def load_projector(model: torch.nn.Module, saved: dict[str, np.ndarray]) -> bool
     if set(saved) != set(own) or any(saved[k].shape != tuple(own[k].shape) for k in own):
         return False
     model.projector.load_state_dict({k: torch.from_numpy(v) for k, v in saved.items()})
+    return True
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """The optimiser's per-parameter state (SGD's momentum buffers, Adam's moments and step) as
+    arrays named ``<index>.<name>``, the index being the parameter's place in the optimiser's
+    groups: Ultralytics builds the same groups in the same order from the same model every round
+    (``BaseTrainer.build_optimizer``), so :func:`load_optimizer_arrays` can put them back."""
+    return {
+        f"{i}.{name}": value.detach().cpu().numpy().copy()
+        for i, p in enumerate(_optimizer_params(optimizer))
+        for name, value in optimizer.state.get(p, {}).items()
+        if torch.is_tensor(value)
+    }
+
+
+def load_optimizer_arrays(optimizer: torch.optim.Optimizer, saved: dict[str, np.ndarray]) -> bool:
+    """Put :func:`optimizer_arrays`'s arrays back into a freshly built optimiser; False (nothing
+    changed) when they do not fit its parameters (another model, another optimiser)."""
+    params = _optimizer_params(optimizer)
+    fused = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
+    for key, value in saved.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit() or int(index) >= len(params) or not name:
+            return False
+        p = params[int(index)]
+        if value.ndim and tuple(value.shape) != tuple(p.shape):
+            return False
+        # a step count (0-d) lives on the CPU unless the optimiser is fused or capturable
+        device = p.device if value.ndim or fused else torch.device("cpu")
+        tensor = torch.from_numpy(np.array(value, dtype=np.float32)).to(device)
+        state.setdefault(p, {})[name] = tensor
+    names = {frozenset(s) for s in state.values()}
+    if len(names) > 1:  # every parameter with state has the same kinds of state
+        return False
+    for p, values in state.items():
+        optimizer.state[p].update(values)
     return True
 
 

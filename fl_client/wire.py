@@ -118,6 +118,7 @@ class TrainArgs:
     amp: bool
     workers: int
     eval_batch: int
+    keep_momentum: bool
 
     @classmethod
     def from_cfg(cls, train_cfg: Any) -> TrainArgs:

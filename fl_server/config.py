@@ -326,9 +326,14 @@ _to_4 = _adds(
     {"train.lr_schedule": "constant", "train.lrf": 0.01},
 )
 
+_to_5 = _adds(
+    "Version 4: before ``train.keep_momentum`` every round's optimiser started from zero.",
+    {"train.keep_momentum": False},
+)
+
 
 # _MIGRATIONS[v]: version v to v + 1
-_MIGRATIONS: list[Callable[[DictConfig], None]] = [_to_1, _to_2, _to_3, _to_4]
+_MIGRATIONS: list[Callable[[DictConfig], None]] = [_to_1, _to_2, _to_3, _to_4, _to_5]
 
 
 def _one_line(message: str) -> str:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Optional, get_type_hints
 from fl_client.errors import UserError
 
 MISSING: Any = "???"  # OmegaConf's marker of a value the YAML must give
-CONFIG_VERSION = 4  # written into every new run's config.yaml; fl_server.config.migrate reads it
+CONFIG_VERSION = 5  # written into every new run's config.yaml; fl_server.config.migrate reads it
 
 
 class ConfigError(UserError, ValueError):
@@ -168,6 +168,7 @@ class TrainConfig(Checked):
     amp: bool = rule(*BOOL)
     workers: int = rule("an integer >= 0", at_least(0))
     eval_batch: int = rule("an integer >= 1", at_least(1))
+    keep_momentum: bool = rule(*BOOL)
 
 
 @dataclass

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
+import pytest
 import torch
 
 
@@ -103,3 +105,36 @@ def test_safe_load_switch_makes_plain_yolo_loads_weights_only(tmp_path):
             {**tasks.yaml_model_load("yolov8n.yaml"), "activation": "print('x') or nn.SiLU()"},
             verbose=False,
         )
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_an_optimizer_s_state_goes_back_into_a_fresh_one_and_only_where_it_fits(name):
+    """``optimizer_arrays`` / ``load_optimizer_arrays`` (train.keep_momentum): the state of a
+    trained optimiser restored into a new one for the same model is the same state; a state from
+    another model is refused and leaves the new optimiser untouched."""
+    from fl_client.model import build_model
+    from fl_client.ultralytics_adapter import load_optimizer_arrays, optimizer_arrays
+
+    def optimizer(model):
+        groups = [list(model.parameters())[::2], list(model.parameters())[1::2]]
+        extra = {"momentum": 0.9, "nesterov": True} if name == "SGD" else {}  # as Ultralytics
+        return getattr(torch.optim, name)([{"params": g} for g in groups], lr=0.01, **extra)
+
+    model = build_model("fedyolo-tiny.yaml", ["a", "b"])
+    trained = optimizer(model)
+    for _ in range(2):
+        sum(p.square().sum() for p in model.parameters()).backward()
+        trained.step()
+    saved = optimizer_arrays(trained)
+    assert saved and all(np.isfinite(v).all() for v in saved.values())
+
+    fresh = optimizer(model)
+    assert load_optimizer_arrays(fresh, saved)
+    again = optimizer_arrays(fresh)
+    assert again.keys() == saved.keys()
+    assert all(np.array_equal(again[k], v) for k, v in saved.items())
+
+    other = optimizer(build_model("fedyolo-tiny.yaml", ["a", "b", "c"]))  # another head
+    assert not load_optimizer_arrays(other, saved)
+    assert optimizer_arrays(other) == {}
+    assert not load_optimizer_arrays(optimizer(model), {"x.momentum_buffer": np.zeros(1)})

@@ -40,6 +40,7 @@ VERSION_0 = {
     "guard.contribution_sample": 0,  # version 1 lacked it too (every client was scored)
     "train.lr_schedule": "constant",  # version 3 lacked it (a constant rate)
     "train.lrf": 0.01,
+    "train.keep_momentum": False,  # version 4 lacked it (every round's optimiser started at 0)
 }
 
 
@@ -87,14 +88,24 @@ def test_a_version_1_config_scores_every_client_as_it_ran():
     assert compose([]).guard.contribution_sample > 0
 
 
-def test_a_version_3_config_resumes_at_a_constant_learning_rate():
-    """``train.lr_schedule`` came with version 4: a version-3 run resumes with the constant rate
-    it trained with, whatever the YAML's default is now."""
-    cfg = OmegaConf.create(OmegaConf.to_container(compose(["train.lr_schedule=linear"])))
-    cfg.config_version = 3
-    del cfg.train["lr_schedule"], cfg.train["lrf"]
+@pytest.mark.parametrize(
+    ("version", "override", "resumes_with"),
+    [
+        (3, "train.lr_schedule=linear", {"lr_schedule": "constant", "lrf": 0.01}),
+        (4, "train.keep_momentum=true", {"keep_momentum": False}),
+    ],
+)
+def test_a_run_resumes_training_as_its_version_trained(version, override, resumes_with):
+    """``train.lr_schedule`` came with version 4, ``train.keep_momentum`` with 5: an older run
+    resumes with the constant rate and the fresh optimiser it trained with, whatever the YAML's
+    default is now."""
+    cfg = OmegaConf.create(OmegaConf.to_container(compose([override])))
+    cfg.config_version = version
+    for key in resumes_with:
+        del cfg.train[key]
     migrated = migrate(cfg)
-    assert migrated.train.lr_schedule == "constant" and migrated.config_version == 4
+    assert {k: migrated.train[k] for k in resumes_with} == resumes_with
+    assert migrated.config_version == schema.CONFIG_VERSION
     validate(migrated)
 
 
