@@ -109,14 +109,23 @@ def central_params(run: Path, seed: int, schedule: bool, batch: int | None = Non
     }
 
 
+def central_dir(
+    run: Path, epochs: int, seed: int, schedule: bool = True, batch: int | None = None
+) -> Path:
+    """Where :func:`centralized` keeps the model set against ``run`` (its ``train/weights/last.pt``
+    and ``result.json`` once trained)."""
+    p = central_params(run, seed, schedule, batch)
+    key = hashlib.sha256(json.dumps([p, epochs], sort_keys=True).encode()).hexdigest()[:12]
+    return WORK / "central" / f"s{seed}-b{epochs}-{key}"
+
+
 def centralized(
     run: Path, epochs: int, seed: int, schedule: bool = True, batch: int | None = None
 ) -> tuple[dict, float]:
     """Plain Ultralytics on the union of the run's client training shards (cached), with the
     run's learning-rate schedule unless ``schedule`` is false (then a constant rate)."""
     p = central_params(run, seed, schedule, batch)
-    key = hashlib.sha256(json.dumps([p, epochs], sort_keys=True).encode()).hexdigest()[:12]
-    central = WORK / "central" / f"s{seed}-b{epochs}-{key}"
+    central = central_dir(run, epochs, seed, schedule, batch)
     done = central / "result.json"
     if done.exists():
         d = json.loads(done.read_text())

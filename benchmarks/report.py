@@ -567,6 +567,33 @@ def norm_replay() -> list[str]:
     return [*lines, ""]
 
 
+def bn_refresh() -> list[str]:
+    path = RESULTS / "bn_refresh.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    lines = [
+        f"**BatchNorm statistics re-estimated for the final weights** (`{path.name}`; "
+        f"{d['machine']}): recorded federations (`fed_vs_central_seeds.json`, by label) and the "
+        "same seeds' centralized models, held-out mAP50-95 before → after re-estimating every "
+        f"BatchNorm layer's running statistics ({d['statistics']}; weights unchanged).",
+        "",
+        "| label | split | E × rounds | seed | federated | change | centralized | change "
+        "| date, code |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in d["rows"]:
+        f, c = r["federated"], r["centralized"]
+        rounds = r["epoch_budget"] // r["local_epochs"]
+        lines.append(
+            f"| {r['label']} | {r['split']} | {r['local_epochs']} × {rounds} | {r['seed']} "
+            f"| {f['before']:.3f} → {f['after']:.3f} | {f['change']:+.3f} "
+            f"| {c['before']:.3f} → {c['after']:.3f} | {c['change']:+.3f} "
+            f"| {r['date']}, {r.get('commit') or 'unrecorded'} |"
+        )
+    return [*lines, ""]
+
+
 def _overrides(items: list[str]) -> str:
     """``key=value`` overrides, numbers to 3 significant digits; "none" when empty."""
 
@@ -742,6 +769,7 @@ SECTIONS = {
     "distill": distill,
     "fed_vs_central": fed_vs_central,
     "fed_vs_central_seeds": fed_vs_central_seeds,
+    "bn_refresh": bn_refresh,
     "strategies_noniid": strategies_noniid,
     "transport": transport,
     "faults": faults,
