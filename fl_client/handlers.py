@@ -312,6 +312,11 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
             # 1 when this client still had its own arrays (local parts, transport residual)
             # from an earlier round: the engine kept its Flower context.state
             wire.KEPT_STATE: int(had_state),
+            **(
+                {wire.MOMENTUM_KEPT: int(result.optimizer_restored)}
+                if config.train.keep_momentum
+                else {}
+            ),
             **({wire.FAULTS_IGNORED: ignored} if ignored else {}),
         },
         data_stats=_data_stats(data_yaml, config, pid, server_round),

@@ -50,6 +50,7 @@ PARTITION_ID = "partition-id"  # which client (its shard) sent the reply: its no
 BATCHES = "batches"  # the optimizer's local steps: the per-step norm rule divides by it
 FAULTS_IGNORED = "faults-ignored"  # injected faults the node did not act out (no opt-in)
 KEPT_STATE = "kept-state"  # 1: the client still had its Flower context.state of earlier rounds
+MOMENTUM_KEPT = "momentum-kept"  # train.keep_momentum: 1 when its optimiser resumed its state
 LOSS, LOSS_BOX, LOSS_CLS, LOSS_DFL = "loss", "loss-box", "loss-cls", "loss-dfl"
 LOSS_DISTILL = "loss-distill"  # distillation runs only
 TEACHER_RECEIVED = "teacher-received"  # distillation runs only: 1 when this message carried it

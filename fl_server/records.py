@@ -49,6 +49,7 @@ class ClientEntry(TypedDict):
     batch_seconds: NotRequired[float]
     batches: NotRequired[int]
     kept_state: NotRequired[int]
+    momentum_kept: NotRequired[int]  # train.keep_momentum runs
     faults_ignored: NotRequired[int]
     handler_seconds: NotRequired[float]
     startup_seconds: NotRequired[float]

@@ -77,14 +77,16 @@ def test_keep_momentum_carries_a_client_s_optimizer_into_its_next_round(
     model = build_model(str(cfg.model.cfg), names)
     config = round_config(cfg, names, run.data, model.yaml)
     state = RecordDict()
-    kept = []
+    kept, reported = [], []
     for server_round in (1, 2):
         content = config.with_round(server_round=server_round, lr0=0.01).to_record()
         message = RecordDict({"arrays": to_record(model), "config": content})
-        handle("train", message, {"partition-id": 0}, state)
+        reply = handle("train", message, {"partition-id": 0}, state)
+        reported.append(reply["metrics"].get("momentum-kept"))
         own = state.get(STATE_KEY, {})
         kept.append({k.removeprefix(OPTIMIZER): own[k].numpy() for k in own if OPTIMIZER in k})
     assert first_step[0] == {}  # round 1 always starts from zero momentum
+    assert reported == ([0, 1] if keep else [None, None])  # recorded as momentum_kept
     if keep:
         assert kept[0] and any("momentum_buffer" in k for k in kept[0])
         assert first_step[1].keys() == kept[0].keys()
