@@ -266,8 +266,9 @@ def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> Reco
     )
     if kept_optimizer and not result.optimizer_restored:
         LOGGER.warning(
-            "client %d: its optimiser state from an earlier round does not fit this round's "
-            "optimiser (another model or optimiser?): round %d starts from zero momentum",
+            "client %d: its optimiser state from an earlier round cannot be restored (another "
+            "model or optimiser, or a NaN from a diverged round): round %d starts from zero "
+            "momentum",
             pid,
             server_round,
         )

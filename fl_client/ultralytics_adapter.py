@@ -171,7 +171,8 @@ def optimizer_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
 
 def load_optimizer_arrays(optimizer: torch.optim.Optimizer, saved: dict[str, np.ndarray]) -> bool:
     """Put :func:`optimizer_arrays`'s arrays back into a freshly built optimiser; False (nothing
-    changed) when they do not fit its parameters (another model, another optimiser)."""
+    changed) when they do not fit its parameters (another model, another optimiser) or hold a
+    NaN or an infinity (a diverged round: kept, it would spoil every later round)."""
     params = _optimizer_params(optimizer)
     fused = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
@@ -180,7 +181,7 @@ def load_optimizer_arrays(optimizer: torch.optim.Optimizer, saved: dict[str, np.
         if not index.isdigit() or int(index) >= len(params) or not name:
             return False
         p = params[int(index)]
-        if value.ndim and tuple(value.shape) != tuple(p.shape):
+        if (value.ndim and tuple(value.shape) != tuple(p.shape)) or not np.isfinite(value).all():
             return False
         # a step count (0-d) lives on the CPU unless the optimiser is fused or capturable
         device = p.device if value.ndim or fused else torch.device("cpu")

@@ -111,7 +111,7 @@ def test_safe_load_switch_makes_plain_yolo_loads_weights_only(tmp_path):
 def test_an_optimizer_s_state_goes_back_into_a_fresh_one_and_only_where_it_fits(name):
     """``optimizer_arrays`` / ``load_optimizer_arrays`` (train.keep_momentum): the state of a
     trained optimiser restored into a new one for the same model is the same state; a state from
-    another model is refused and leaves the new optimiser untouched."""
+    another model, or a diverged one (NaN), is refused and leaves the new optimiser untouched."""
     from fl_client.model import build_model
     from fl_client.ultralytics_adapter import load_optimizer_arrays, optimizer_arrays
 
@@ -138,3 +138,6 @@ def test_an_optimizer_s_state_goes_back_into_a_fresh_one_and_only_where_it_fits(
     assert not load_optimizer_arrays(other, saved)
     assert optimizer_arrays(other) == {}
     assert not load_optimizer_arrays(optimizer(model), {"x.momentum_buffer": np.zeros(1)})
+    diverged = {k: np.full_like(v, np.nan) for k, v in saved.items()}  # a diverged round's
+    spared = optimizer(model)
+    assert not load_optimizer_arrays(spared, diverged) and optimizer_arrays(spared) == {}
