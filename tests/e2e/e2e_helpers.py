@@ -58,11 +58,15 @@ def fedyolo(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
     )
 
 
-def check_run_dir(run: Path, rounds: int, clients: int, kept_state: bool = False) -> list[dict]:
+def check_run_dir(
+    run: Path, rounds: int, clients: int, kept_state: bool = False, momentum: bool = False
+) -> list[dict]:
     """The run-directory contract, asserted on real results.
 
     ``kept_state``: the run keeps per-client arrays (local parts, transport residual), so from
     round 2 on every client must report that its Flower context.state came back.
+    ``momentum``: a ``train.keep_momentum`` run, so from round 2 on every client's optimiser
+    must have resumed its last round's state (``momentum_kept``).
     """
     for name in (
         "config.yaml",
@@ -91,6 +95,10 @@ def check_run_dir(run: Path, rounds: int, clients: int, kept_state: bool = False
             assert c["bytes_up"] > 100_000 and c["bytes_down"] > 100_000
             assert c["train_seconds"] > 0 and math.isfinite(c["loss"])
             assert c["kept_state"] == int(kept_state and r["round"] > 1), (r["round"], c)
+            if momentum:
+                assert c["momentum_kept"] == int(r["round"] > 1), (r["round"], c)
+            else:
+                assert "momentum_kept" not in c, c
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
     digests = [e["weights_sha256"] for e in events if e["kind"] == "initial_eval"]
     digests += [r["weights_sha256"] for r in lines]

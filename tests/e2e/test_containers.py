@@ -88,6 +88,7 @@ def test_both_images_hold_exactly_the_locked_versions(docker_engine, images):
 def test_compose_federation_with_tls_and_node_auth(tmp_path, docker_engine, images):
     """2 clients x 2 rounds in containers: the run-directory contract of every engine, TLS and
     node authentication on, each client reading its own read-only shard, nothing left behind;
+    each client's optimiser momentum kept across rounds in its container (train.keep_momentum);
     fine-tuning a checkpoint that lives outside the run, named by a relative path (the engine
     mounts it read-only into the SuperLink container at its absolute path)."""
     from deploy.compose import project_name
@@ -96,10 +97,12 @@ def test_compose_federation_with_tls_and_node_auth(tmp_path, docker_engine, imag
     ckpt = save_checkpoint(build_model("fedyolo-tiny.yaml", ["a", "b"]),
                            tmp_path / "pretrained" / "start.pt", {}, {})  # fmt: skip
     run = tmp_path / "runs" / "box"
-    args = tiny_run_args(tmp_path, "box", "engine=compose", "model.cfg=pretrained/start.pt")
+    args = tiny_run_args(tmp_path, "box", "engine=compose", "model.cfg=pretrained/start.pt",
+                         "train.keep_momentum=true")  # fmt: skip
     proc = fedyolo(args, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    check_run_dir(run, rounds=2, clients=2)
+    # each client container keeps its optimiser's momentum across rounds
+    check_run_dir(run, rounds=2, clients=2, kept_state=True, momentum=True)
     assert f"cfg: {ckpt}" in (run / "config.yaml").read_text()
     staged = yaml.safe_load((run / "compose" / "compose.inputs.yml").read_text())
     mount = {"type": "bind", "source": str(ckpt), "target": str(ckpt), "read_only": True}

@@ -43,13 +43,19 @@ def in_run_namespace(run: Path) -> list[str]:
 
 def test_deployment_run_completes_and_leaves_no_process(tmp_path):
     run = tmp_path / "runs" / "dep"
-    # FedAdam on the server, 8-bit updates with error feedback from separate client processes
+    # FedAdam on the server, 8-bit updates with error feedback from separate client processes,
+    # each keeping its optimiser's momentum across rounds in its warm worker's state
     args = tiny_run_args(
-        tmp_path, "dep", "engine=local-deployment", "strategy=fedadam", "transport=q8"
+        tmp_path,
+        "dep",
+        "engine=local-deployment",
+        "strategy=fedadam",
+        "transport=q8",
+        "train.keep_momentum=true",
     )
     proc = fedyolo(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rounds = check_run_dir(run, rounds=2, clients=2, kept_state=True)
+    rounds = check_run_dir(run, rounds=2, clients=2, kept_state=True, momentum=True)
     for r in rounds:
         assert all(c["bytes_up"] < 0.3 * c["bytes_down"] for c in r["clients"])
     # Each SuperNode trained its own shard: the two clients are the two partitions.
