@@ -110,6 +110,10 @@ SETUPS = {
     "sim-640": Setup("simulation", 2, 2, model=YOLOV8N_640, images_per_client=25, rounds=3),
     # the fleet rows with q4z both ways: a sampled client often missed rounds (steps or whole)
     "sim-100-q4z": Setup("simulation", 100, 10, extra=("transport=q4z",)),
+    # the fleet rows with each client's optimiser momentum kept across rounds (its own state)
+    "sim-100-km": Setup(
+        "simulation", 100, 10, extra=("train.keep_momentum=true",), rounds=30
+    ),
 }
 FLEET_ROWS = ("sim-10", "sim-30", "sim-100")  # the same setup but the fleet's size
 TARGETS = {
