@@ -7,10 +7,31 @@ drift: ``docs/hooks.py`` puts ``SECTIONS[name]()`` where the benchmarks page say
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+Section = Callable[[], list[str]]
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def from_results(name: str) -> Callable[[Callable[[Path, dict], list[str]]], Section]:
+    """A section rendered from ``results/<name>``: the renderer gets the file's path and its
+    parsed JSON; while the benchmark has not been run (no file) the section is empty."""
+
+    def wrap(render_file: Callable[[Path, dict], list[str]]) -> Section:
+        @functools.wraps(render_file)
+        def section() -> list[str]:
+            path = RESULTS / name
+            if not path.exists():
+                return []
+            return render_file(path, json.loads(path.read_text()))
+
+        return section
+
+    return wrap
 
 
 def fed_vs_central() -> list[str]:
@@ -48,12 +69,9 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def fed_vs_central_seeds() -> list[str]:
+@from_results("fed_vs_central_seeds.json")
+def fed_vs_central_seeds(path: Path, d: dict) -> list[str]:
     """Every configuration tried against the same seeds' centralized models."""
-    path = RESULTS / "fed_vs_central_seeds.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
     s = d["setup"]
     groups: dict[tuple, list[dict]] = {}
     for r in d["rows"]:
@@ -104,11 +122,8 @@ def _round_label(v: dict, label: str) -> str:
     return f"flwr {v.get('flwr', '?')}" + (f" with {env}" if env else f" ({label})")
 
 
-def round_overhead() -> list[str]:
-    path = RESULTS / "round_overhead.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("round_overhead.json")
+def round_overhead(path: Path, d: dict) -> list[str]:
     engines = d["engines"]
     dates = ", ".join(sorted({v["date"] for v in engines.values()}))
     counts = ", ".join(f"{len(v['rounds'])} in {k}" for k, v in engines.items())
@@ -144,11 +159,8 @@ def round_overhead() -> list[str]:
     return [*lines, ""]
 
 
-def cold_start() -> list[str]:
-    path = RESULTS / "cold_start.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("cold_start.json")
+def cold_start(path: Path, d: dict) -> list[str]:
     m = d["median_seconds"]
     return [
         f"**Client cold start** (`{path.name}`; {d['machine']}; {d['date']}): fresh process → "
@@ -175,11 +187,8 @@ def _cold_container(d: dict) -> str:
     )
 
 
-def scale() -> list[str]:
-    path = RESULTS / "scale.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("scale.json")
+def scale(path: Path, d: dict) -> list[str]:
     rows = {r["setup"]: r for r in d["rows"]}
 
     def num(v, fmt: str) -> str:
@@ -223,11 +232,8 @@ def scale() -> list[str]:
     return [*lines, ""]
 
 
-def strategies_noniid() -> list[str]:
-    path = RESULTS / "strategies_noniid.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("strategies_noniid.json")
+def strategies_noniid(path: Path, d: dict) -> list[str]:
     s = d["setup"]
     parts = list(dict.fromkeys(r["partition"] for r in d["rows"]))
     names = list(dict.fromkeys(r["strategy"] for r in d["rows"]))
@@ -260,11 +266,8 @@ def strategies_noniid() -> list[str]:
     return [*lines, ""]
 
 
-def transport() -> list[str]:
-    path = RESULTS / "transport.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("transport.json")
+def transport(path: Path, d: dict) -> list[str]:
     s = d["setup"]
     lines = [
         f"**Transport** (`{path.name}`; {d['machine']}; rows measured {_dates(d)}): FedAvg, "
@@ -330,11 +333,8 @@ def _listing(items) -> str:
     return ", ".join(items) or "none"
 
 
-def faults() -> list[str]:
-    path = RESULTS / "faults.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("faults.json")
+def faults(path: Path, d: dict) -> list[str]:
     s = d["setup"]
     w = d["warmup"]
     lines = [
@@ -379,11 +379,8 @@ def faults() -> list[str]:
     return [*lines, ""]
 
 
-def guard_replay() -> list[str]:
-    path = RESULTS / "guard_replay.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("guard_replay.json")
+def guard_replay(path: Path, d: dict) -> list[str]:
     lines = [
         f"**Drift guard on honest runs** (`{path.name}`; {d['date']}): the guard's rule replayed "
         f"on {d['rows'][0]['runs']} honest runs' held-out curves ({d['rounds_replayed']} rounds, "
@@ -480,11 +477,8 @@ EDGE_MODELS = {  # bench names in edge.json → how the table names them
 }
 
 
-def edge() -> list[str]:
-    path = RESULTS / "edge.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("edge.json")
+def edge(path: Path, d: dict) -> list[str]:
     b = d["bench"]
     at = {(r["model"], r["imgsz"], r["threads"]): r for r in b["results"]}
     lines = [
@@ -513,11 +507,8 @@ def edge() -> list[str]:
     return [*lines, ""]
 
 
-def distill() -> list[str]:
-    path = RESULTS / "distill.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("distill.json")
+def distill(path: Path, d: dict) -> list[str]:
     s, m = d["setup"], d["summary"]
     lines = [
         f"**Federated distillation** (`{path.name}`; {d['machine']}; {d['date']}): per seed, a "
@@ -542,11 +533,8 @@ def distill() -> list[str]:
     return [*lines, ""]
 
 
-def norm_replay() -> list[str]:
-    path = RESULTS / "norm_replay.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("norm_replay.json")
+def norm_replay(path: Path, d: dict) -> list[str]:
     lines = [
         f"**Update-norm rules on honest runs** (`{path.name}`; {d['machine']}; {d['date']}): "
         f"the rules replayed on the server-measured norms of {d['runs']} honest runs with 3+ "
@@ -567,11 +555,8 @@ def norm_replay() -> list[str]:
     return [*lines, ""]
 
 
-def bn_refresh() -> list[str]:
-    path = RESULTS / "bn_refresh.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("bn_refresh.json")
+def bn_refresh(path: Path, d: dict) -> list[str]:
     lines = [
         f"**BatchNorm statistics re-estimated for the final weights** (`{path.name}`; "
         f"{d['machine']}): recorded federations (`fed_vs_central_seeds.json`, by label) and the "
@@ -607,11 +592,8 @@ def _overrides(items: list[str]) -> str:
     return ", ".join(f"`{short(i)}`" for i in items) or "none (the defaults)"
 
 
-def tuning() -> list[str]:
-    path = RESULTS / "tuning.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("tuning.json")
+def tuning(path: Path, d: dict) -> list[str]:
     studies = {s["pruner"]: s for s in d["studies"]}
     order = [studies[p] for p in ("median", "none") if p in studies]
     names = {"median": "median pruner", "none": "no pruning"}
@@ -685,11 +667,8 @@ def tuning_live() -> list[str]:
     return [*lines, ""]
 
 
-def tuning_defaults() -> list[str]:
-    path = RESULTS / "tuning_defaults.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("tuning_defaults.json")
+def tuning_defaults(path: Path, d: dict) -> list[str]:
     base = next(r for r in d["reruns"] if r["label"] == d["defaults_label"])
     lines = [
         f"**Candidate defaults and tuned configurations** (`{path.name}`; {d['machine']}; "
@@ -714,11 +693,8 @@ def _base(overrides: list[str]) -> str:
     return " ".join(o for o in overrides if not o.startswith("output."))
 
 
-def pruning() -> list[str]:
-    path = RESULTS / "pruning.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
+@from_results("pruning.json")
+def pruning(path: Path, d: dict) -> list[str]:
     studies = d["studies"]
     lines = [
         f"**Pruners replayed on unpruned studies** (`{path.name}`; {d['machine']}; {d['date']}; "
