@@ -141,3 +141,44 @@ def test_an_optimizer_s_state_goes_back_into_a_fresh_one_and_only_where_it_fits(
     diverged = {k: np.full_like(v, np.nan) for k, v in saved.items()}  # a diverged round's
     spared = optimizer(model)
     assert not load_optimizer_arrays(spared, diverged) and optimizer_arrays(spared) == {}
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("SGD", {"momentum": 0.9, "nesterov": True}),
+        ("Adam", {}),
+        ("AdamW", {"fused": True}),  # fused kernels keep their step count with the weights
+    ],
+)
+def test_a_restored_optimizer_takes_the_step_the_original_would(name, extra):
+    """The restored state is the state the optimiser steps with: from the same weights and
+    gradients, the next step of an optimiser given the kept arrays moves every weight exactly as
+    the original's next step does (and not as a fresh optimiser's would)."""
+    import copy
+
+    from fl_client.model import build_model
+    from fl_client.ultralytics_adapter import load_optimizer_arrays, optimizer_arrays
+
+    def step(model, opt):
+        opt.zero_grad()
+        sum(p.square().sum() for p in model.parameters()).backward()
+        opt.step()
+
+    def build(model):
+        return getattr(torch.optim, name)(model.parameters(), lr=0.01, **extra)
+
+    model = build_model("fedyolo-tiny.yaml", ["a", "b"])
+    original = build(model)
+    for _ in range(2):
+        step(model, original)
+    twin, cold = copy.deepcopy(model), copy.deepcopy(model)
+    restored = build(twin)
+    assert load_optimizer_arrays(restored, optimizer_arrays(original))
+    step(model, original)
+    step(twin, restored)
+    step(cold, build(cold))
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    pairs = zip(model.parameters(), cold.parameters(), strict=True)
+    assert any(not torch.equal(a, c) for a, c in pairs)
