@@ -5,8 +5,11 @@ signed activations), gated, and benchmarked over image sizes and thread counts.
     python benchmarks/edge.py --run DIR          # or use a finished run directory
 
 Targets (issue 17, this machine): INT8 ONNX >= 3x smaller and >= 1.3x faster at p50 than fp32
-ONNX at 320 px, with <= 0.01 held-out mAP50-95 lost. Writes benchmarks/results/edge.json and
-prints the README's table.
+ONNX at 320 px, with <= 0.01 held-out mAP50-95 lost. With OpenVINO installed ('fedyolo[openvino]',
+part of the dev set) every ONNX file is also run in OpenVINO's CPU plugin (issue 33 item 2: its
+INT8 path beside ONNX Runtime's, on the same INT8 file) and an OpenVINO bundle (`fedyolo export
+format=openvino`) is exported and measured. Writes benchmarks/results/edge.json and prints the
+README's table.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ VARIANTS = [  # (label, export overrides)
     ("int8-u8", ["quantize=8", "int8.activations=u8"]),
     ("int8-s8", ["quantize=8", "int8.activations=s8"]),
 ]
+OPENVINO_VARIANTS = [("openvino-fp32", ["format=openvino"])]  # with the openvino package
 
 
 def main() -> int:
@@ -50,7 +54,11 @@ def main() -> int:
     )
     args = ap.parse_args()
 
+    import importlib.util
+
     from deploy.edge import bench, export, settings
+
+    openvino = importlib.util.find_spec("openvino") is not None
 
     if args.train:
         args.run = fedyolo_run("edge320", TRAIN)
@@ -59,7 +67,7 @@ def main() -> int:
     threads = [int(t) for t in args.threads.split(",")]
     bundles, exports = [], []
     for imgsz in sizes:
-        for label, over in VARIANTS:
+        for label, over in VARIANTS + (OPENVINO_VARIANTS if openvino else []):
             out = WORK / "edge" / f"{label}-{imgsz}"
             if args.reuse and (out / "model.json").is_file():
                 meta = json.loads((out / "model.json").read_text())
@@ -86,6 +94,7 @@ def main() -> int:
         [
             f"imgsz={sizes}",
             f"threads={threads}",
+            f"runtimes={['onnxruntime', 'openvino'] if openvino else ['onnxruntime']}",
             f"runs={args.runs}",
             f"out={WORK / 'edge'}",
             f"data={args.run / 'data' / 'server_val' / 'data.yaml'}",
@@ -120,6 +129,21 @@ def main() -> int:
             if e["variant"] == "int8-u8" and e["imgsz"] == at
         ),
     }
+    if openvino:  # OpenVINO's CPU plugin on the same files, against ONNX Runtime's fp32
+        ov_fp32 = row("onnx-fp32 · openvino", at, t_max)
+        ov_u8 = row("onnx-int8-u8 · openvino", at, t_max)
+        targets["openvino"] = {
+            "version": report["machine"].get("openvino"),
+            "fp32_precision": ov_fp32.get("precision"),
+            "int8_precision": ov_u8.get("precision"),
+            "fp32_p50_ms": ov_fp32["p50_ms"],
+            "int8_u8_p50_ms": ov_u8["p50_ms"],
+            "int8_u8_faster_p50_x_vs_ort_fp32": round(fp32["p50_ms"] / ov_u8["p50_ms"], 2),
+            "int8_u8_faster_p50_x_vs_ort_int8": round(u8["p50_ms"] / ov_u8["p50_ms"], 2),
+            "fp32_faster_p50_x_vs_ort_fp32": round(fp32["p50_ms"] / ov_fp32["p50_ms"], 2),
+            "int8_u8_map_drop": round(fp32["map50_95"] - ov_u8["map50_95"], 4),
+            "fp32_map_drop": round(fp32["map50_95"] - ov_fp32["map50_95"], 4),
+        }
     targets["met"] = (
         targets["int8_u8_smaller_x"] >= 3
         and targets["int8_u8_faster_p50_x"] >= 1.3

@@ -474,6 +474,9 @@ EDGE_MODELS = {  # bench names in edge.json → how the table names them
     "onnx-fp16": "ONNX fp16",
     "onnx-int8-u8": "ONNX INT8 u8 (chosen)",
     "onnx-int8-s8": "ONNX INT8 s8 (exporter's default)",
+    "onnx-fp32 · openvino": "ONNX fp32, in OpenVINO",
+    "onnx-int8-u8 · openvino": "ONNX INT8 u8, in OpenVINO",
+    "openvino-fp32": "OpenVINO bundle (`format=openvino`)",
 }
 
 
@@ -483,7 +486,9 @@ def edge(path: Path, d: dict) -> list[str]:
     at = {(r["model"], r["imgsz"], r["threads"]): r for r in b["results"]}
     lines = [
         f"**To the edge: export, INT8, latency** (`{path.name}`; {d['machine']}, ONNX Runtime "
-        f"{b['machine']['onnxruntime']}; {d['date']}): the YOLOv8n of `runs/edge320` (synthetic "
+        f"{b['machine']['onnxruntime']}"
+        + (f", OpenVINO {b['machine']['openvino']}" if b["machine"].get("openvino") else "")
+        + f"; {d['date']}): the YOLOv8n of `runs/edge320` (synthetic "
         "fleet at 320 px), exported by `fedyolo export` at 320 and 640 px; latency of the model "
         "alone (1×3×S×S input to raw outputs), "
         f"{b['results'][0]['runs']} runs, each model in its own process; mAP50-95 on the "
@@ -499,6 +504,8 @@ def edge(path: Path, d: dict) -> list[str]:
         if one is None or two is None:
             continue
         big = f"{big1['p50_ms']:.1f} / {big2['p50_ms']:.1f}" if big1 and big2 else ""
+        if two.get("precision"):  # OpenVINO's own choice of inference precision
+            label += f" ({two['precision']})"
         lines.append(
             f"| {label} | {two['size_mb']:.2f} | {two['map50_95']:.4f} "
             f"| {one['p50_ms']:.1f} / {two['p50_ms']:.1f} | {two['p95_ms']:.1f} | {big} "

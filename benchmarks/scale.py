@@ -111,9 +111,7 @@ SETUPS = {
     # the fleet rows with q4z both ways: a sampled client often missed rounds (steps or whole)
     "sim-100-q4z": Setup("simulation", 100, 10, extra=("transport=q4z",)),
     # the fleet rows with each client's optimiser momentum kept across rounds (its own state)
-    "sim-100-km": Setup(
-        "simulation", 100, 10, extra=("train.keep_momentum=true",), rounds=30
-    ),
+    "sim-100-km": Setup("simulation", 100, 10, extra=("train.keep_momentum=true",), rounds=30),
 }
 FLEET_ROWS = ("sim-10", "sim-30", "sim-100")  # the same setup but the fleet's size
 TARGETS = {

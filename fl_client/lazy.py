@@ -31,6 +31,7 @@ HEAVY = frozenset(
         "matplotlib",
         "onnx",
         "onnxruntime",
+        "openvino",
         "optuna",
         "torch",
         "ultralytics",

@@ -11,6 +11,12 @@ Each model and image size is timed in a child process of its own, so the peak RS
 model's (runtime, weights and arena) and one model's allocations do not slow the next. A
 fixed-shape ONNX file runs at its own input size only; a ``.pt`` runs at every ``imgsz``.
 
+Runtimes: a ``.pt`` runs in PyTorch, an OpenVINO bundle (``fedyolo export format=openvino``)
+in OpenVINO, an ONNX file in each of ``runtimes``: ONNX Runtime, and with ``openvino`` also
+OpenVINO's CPU plugin, which runs the same file, an INT8 one included (its QDQ pairs become
+OpenVINO's INT8 kernels). OpenVINO picks its own inference precision (bf16 for an fp32 model on a
+CPU with AMX): the row records it, and its mAP is measured through OpenVINO too.
+
 Writes ``bench.json``, ``bench.md`` (the table) and ``bench.png`` (mAP50-95 against latency and
 against file size).
 """
@@ -36,6 +42,9 @@ from fl_client.lazy import lazy
 from fl_client.ultralytics_adapter import load_checkpoint, load_yolo
 
 ort = lazy("onnxruntime")
+ov = lazy("openvino")
+RUNTIMES = ("onnxruntime", "openvino")
+OPENVINO_DIR = "model_openvino_model"  # what `fedyolo export format=openvino` writes
 matplotlib = lazy("matplotlib")
 plt = lazy("matplotlib.pyplot")
 
@@ -59,6 +68,24 @@ def onnx_runner(path: Path, threads: int) -> tuple[Callable[[np.ndarray], list],
         return sess.run(None, {inp.name: x})
 
     return run, size
+
+
+def openvino_runner(path: Path, threads: int) -> tuple[Callable[[np.ndarray], list], str]:
+    """A function running the model (``.onnx`` or OpenVINO ``.xml``) in OpenVINO's CPU plugin on
+    one input, and the inference precision OpenVINO chose for it."""
+    compiled = ov.Core().compile_model(
+        str(path),
+        "CPU",
+        {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"},
+    )
+    request = compiled.create_infer_request()
+    outputs = range(len(compiled.outputs))
+
+    def run(x: np.ndarray) -> list:
+        request.infer({0: x})
+        return [request.get_output_tensor(i).data for i in outputs]
+
+    return run, str(compiled.get_property("INFERENCE_PRECISION_HINT"))
 
 
 def torch_runner(path: Path, threads: int) -> Callable[[np.ndarray], list]:
@@ -100,22 +127,33 @@ def _measure(spec: dict) -> dict:
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     rows = []
     for threads in spec["threads"]:
-        if path.suffix == ".onnx":
+        extra = {}
+        if spec.get("runtime") == "openvino":
+            run, extra["precision"] = openvino_runner(path, threads)
+        elif path.suffix == ".onnx":
             run, _ = onnx_runner(path, threads)
         else:
             run = torch_runner(path, threads)
-        rows.append({"threads": threads, **timed(run, x, spec["runs"], spec["warmup"])})
+        rows.append({"threads": threads, **extra, **timed(run, x, spec["runs"], spec["warmup"])})
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"rows": rows, "peak_rss_mb": round(peak_kb / 1024, 1)}
 
 
-def measure_in_child(path: Path, imgsz: int, threads: Sequence[int], runs: int, warmup: int):
+def measure_in_child(
+    path: Path,
+    imgsz: int,
+    threads: Sequence[int],
+    runs: int,
+    warmup: int,
+    runtime: str | None = None,
+):
     spec = {
         "path": str(path),
         "imgsz": imgsz,
         "threads": list(threads),
         "runs": runs,
         "warmup": warmup,
+        "runtime": runtime,
     }
     proc = subprocess.run(
         [sys.executable, "-m", "deploy.edge.bench", json.dumps(spec)],
@@ -136,6 +174,8 @@ def _resolve(model: Path) -> tuple[Path, dict | None]:
         if not meta.is_file():
             raise EdgeError(f"bench: {model} is a folder without model.json (not an edge bundle)")
         m = json.loads(meta.read_text())
+        if m["file"] == OPENVINO_DIR:  # an OpenVINO bundle: its model's .xml
+            return _openvino_xml(model / OPENVINO_DIR), m
         return model / m["file"], m
     if not model.is_file():
         raise EdgeError(f"bench: {model} not found")
@@ -146,6 +186,52 @@ def _resolve(model: Path) -> tuple[Path, dict | None]:
     if m is not None and m.get("file") != model.name:
         m = None
     return model, m
+
+
+def _openvino_xml(folder: Path) -> Path:
+    found = sorted(folder.glob("*.xml"))
+    if len(found) != 1:
+        raise EdgeError(f"bench: {folder} holds {len(found)} OpenVINO .xml models, not one")
+    return found[0]
+
+
+def _runtime(path: Path) -> str:
+    return {".pt": "torch", ".xml": "openvino"}.get(path.suffix, "onnxruntime")
+
+
+def _size_mb(path: Path) -> float:
+    """The model's bytes: an OpenVINO model's .xml and .bin together."""
+    files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+    return round(sum(f.stat().st_size for f in files if f.is_file()) / 1e6, 3)
+
+
+def openvino_folder(onnx: Path, out: Path) -> Path:
+    """``onnx`` as an OpenVINO model folder Ultralytics' validator loads (``*_openvino_model``
+    with the ONNX file's Ultralytics metadata as ``metadata.yaml``), weights as they are (no fp16
+    compression): for the mAP of the ONNX file run in OpenVINO."""
+    import hashlib
+
+    import yaml
+    from ultralytics.nn.backends.base import BaseBackend
+
+    key = hashlib.sha256(onnx.read_bytes()).hexdigest()[:12]
+    folder = out / ".openvino" / f"{onnx.stem}-{key}_openvino_model"
+    xml = folder / f"{onnx.stem}.xml"
+    if not xml.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        ov.save_model(ov.Core().read_model(str(onnx)), str(xml), compress_to_fp16=False)
+        meta = BaseBackend.read_metadata(onnx)  # strings, as the ONNX file holds them
+        (folder / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    return folder
+
+
+def _fixed_size(path: Path, meta: dict | None) -> int | None:
+    """The input size an exported model was fixed at (None: it takes any, or a ``.pt``)."""
+    if path.suffix == ".onnx":
+        return onnx_runner(path, 1)[1]
+    if path.suffix == ".xml" and meta and meta.get("imgsz"):
+        return int(meta["imgsz"][0])
+    return None
 
 
 def _label(path: Path, meta: dict | None) -> str:
@@ -178,18 +264,17 @@ def plan(models: Sequence[Path], cfg) -> list[tuple[Path, dict | None, list[int]
     (so a ``best.pt`` benched beside its bundles gets its mAP too)."""
     resolved = [_resolve(Path(m)) for m in models]
     fixed, ckpts = [], {}
-    for path, _ in resolved:
-        if path.suffix == ".onnx":
-            _, size = onnx_runner(path, 1)
-            if size and size not in fixed:
-                fixed.append(size)
-        else:  # refused here in one line, not in the measuring child
+    for path, meta in resolved:
+        size = _fixed_size(path, meta)
+        if size and size not in fixed:
+            fixed.append(size)
+        if path.suffix == ".pt":  # refused here in one line, not in the measuring child
             ckpts[path] = load_checkpoint(path, "bench")[1]
     shared = next((m["heldout_data"] for _, m in resolved if m and m.get("heldout_data")), None)
     out = []
     for path, meta in resolved:
-        if path.suffix == ".onnx":
-            _, size = onnx_runner(path, 1)
+        if path.suffix != ".pt":
+            size = _fixed_size(path, meta)
             sizes = [size] if size else list(cfg.imgsz or fixed or [640])
         elif cfg.imgsz:
             sizes = list(cfg.imgsz)
@@ -208,33 +293,47 @@ def bench(models: Sequence[Path], cfg) -> dict:
     out = Path(cfg.out) if cfg.out else _resolve(Path(models[0]))[0].parent
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    runtimes = list(cfg.runtimes)
+    if "openvino" in runtimes or any(_runtime(p) == "openvino" for p, *_ in plan(models, cfg)):
+        _need_openvino()
     for path, meta, sizes, data in plan(models, cfg):
-        for imgsz in sizes:
-            m = measure_in_child(path, imgsz, cfg.threads, int(cfg.runs), int(cfg.warmup))
-            map50_95 = None
-            if data and Path(data).is_file():
-                map50_95 = evaluate_checkpoint(
-                    path,
-                    Path(data),
-                    imgsz=imgsz,
-                    batch=1,
-                    device="cpu",
-                    workdir=out / ".bench-val",
-                    rect=False,
-                )["map50_95"]
-            for row in m["rows"]:
-                results.append(
-                    {
-                        "model": _label(path, meta),
-                        "file": str(path),
-                        "size_mb": round(path.stat().st_size / 1e6, 3),
-                        "imgsz": imgsz,
-                        **row,
-                        "peak_rss_mb": m["peak_rss_mb"],
-                        "map50_95": None if map50_95 is None else round(map50_95, 4),
-                        "data": str(data) if data else None,
-                    }
+        own = _runtime(path)
+        for runtime in runtimes if own == "onnxruntime" else [own]:
+            for imgsz in sizes:
+                m = measure_in_child(
+                    path, imgsz, cfg.threads, int(cfg.runs), int(cfg.warmup), runtime
                 )
+                map50_95 = None
+                if data and Path(data).is_file():
+                    validated = path.parent if own == "openvino" else path
+                    if runtime == "openvino" and own == "onnxruntime":
+                        validated = openvino_folder(path, out)
+                    map50_95 = evaluate_checkpoint(
+                        validated,
+                        Path(data),
+                        imgsz=imgsz,
+                        batch=1,
+                        device="cpu",
+                        workdir=out / ".bench-val",
+                        rect=False,
+                    )["map50_95"]
+                label = _label(path, meta)
+                if runtime == "openvino" and own == "onnxruntime":
+                    label += " · openvino"
+                for row in m["rows"]:
+                    results.append(
+                        {
+                            "model": label,
+                            "runtime": runtime,
+                            "file": str(path),
+                            "size_mb": _size_mb(path),
+                            "imgsz": imgsz,
+                            **row,
+                            "peak_rss_mb": m["peak_rss_mb"],
+                            "map50_95": None if map50_95 is None else round(map50_95, 4),
+                            "data": str(data) if data else None,
+                        }
+                    )
     report = {
         "machine": _machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -249,13 +348,29 @@ def bench(models: Sequence[Path], cfg) -> dict:
     return report
 
 
+def _need_openvino() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        raise EdgeError(
+            "bench: runtime openvino needs the openvino package (pip install 'fedyolo[openvino]'), "
+            "not installed"
+        )
+
+
 def _machine() -> dict:
+    import importlib.util
+
+    found = {
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        **({"openvino": ov.get_version()} if importlib.util.find_spec("openvino") else {}),
+    }
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
-        "onnxruntime": ort.__version__,
-        "torch": torch.__version__,
+        **found,
     }
 
 

@@ -159,9 +159,15 @@ def _unavailable(fmt: str, quantize: int) -> str | None:
         if importlib.util.find_spec("tensorrt") is None:
             return "format=engine needs the tensorrt package (pip install tensorrt), not installed"
     if fmt == "openvino" and importlib.util.find_spec("openvino") is None:
-        return "format=openvino needs the openvino package (pip install openvino), not installed"
+        return (
+            "format=openvino needs the openvino package (pip install 'fedyolo[openvino]'), "
+            "not installed"
+        )
     if fmt != "onnx" and quantize == 8:
-        return f"format={fmt} quantize=8: INT8 is built for ONNX Runtime only (quantize=32 or 16)"
+        return (
+            f"format={fmt} quantize=8: INT8 is built as ONNX only (quantize=32 or 16; OpenVINO "
+            "runs the INT8 ONNX bundle: fedyolo bench BUNDLE runtimes=[openvino])"
+        )
     return None
 
 

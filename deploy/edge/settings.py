@@ -54,5 +54,10 @@ def _check_bench(cfg: DictConfig) -> None:
     if cfg.imgsz is not None:
         cfg.imgsz = _ints(cfg.imgsz, "imgsz", 32)
     cfg.threads = _ints(cfg.threads, "threads")
+    runtimes = list(cfg.runtimes) if OmegaConf.is_list(cfg.runtimes) else [cfg.runtimes]
+    unknown = [r for r in runtimes if r not in ("onnxruntime", "openvino")]
+    if not runtimes or unknown:
+        raise EdgeError(f"runtimes: {unknown or runtimes} not onnxruntime or openvino")
+    cfg.runtimes = runtimes
     _ints(cfg.runs, "runs")
     _ints(cfg.warmup, "warmup", 0)

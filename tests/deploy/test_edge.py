@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -227,6 +228,35 @@ def test_bench_writes_its_table(run_dir, fp32_bundle, tmp_path, capsys):
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
+def test_bench_runs_an_onnx_file_in_openvino_too_and_an_openvino_bundle(run_dir, fp32_bundle,
+                                                                        tmp_path):  # fmt: skip
+    """``runtimes=[onnxruntime,openvino]``: the same ONNX file timed and validated in each
+    runtime (the OpenVINO row says which precision OpenVINO chose); an OpenVINO bundle from
+    ``fedyolo export format=openvino`` runs in OpenVINO. The same weights score alike."""
+    from fl_server.cli import main
+
+    out, meta = fp32_bundle
+    exported = ["export", str(run_dir / "best.pt"), "format=openvino", f"out={tmp_path / 'ov'}"]
+    assert main(exported) == 0
+    ov_meta = json.loads((tmp_path / "ov" / "model.json").read_text())
+    assert ov_meta["status"] == "accepted", ov_meta
+    args = [f"out={tmp_path / 'b'}", "runs=3", "warmup=1", "threads=[1]"]
+    runtimes = "runtimes=[onnxruntime,openvino]"
+    assert main(["bench", str(out), str(tmp_path / "ov"), *args, runtimes]) == 0
+    rows = json.loads((tmp_path / "b" / "bench.json").read_text())["results"]
+    assert [(r["model"], r["runtime"]) for r in rows] == [
+        ("onnx-fp32", "onnxruntime"),
+        ("onnx-fp32 · openvino", "openvino"),
+        (ov_meta["variant"], "openvino"),
+    ], rows
+    for r in rows:
+        assert r["p50_ms"] > 0 and r["size_mb"] > 0 and r["map50_95"] is not None, r
+        assert r["imgsz"] == meta["imgsz"][0]
+        assert ("precision" in r) == (r["runtime"] == "openvino"), r
+    ref = rows[0]["map50_95"]
+    assert all(abs(r["map50_95"] - ref) <= 0.02 + 0.1 * ref for r in rows), rows
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -268,3 +298,16 @@ def test_formats_this_machine_cannot_export_say_why(run_dir, tmp_path, capsys):
         assert "needs the openvino package" in capsys.readouterr().err
     assert main(["export", checkpoint, "format=openvino", "quantize=8"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("runtimes=[tensorrt]", "runtimes: ['tensorrt'] not onnxruntime or openvino"),
+        ("runtimes=[]", "runtimes: [] not onnxruntime or openvino"),
+        ("threads=0", "threads: expected integers >= 1"),
+    ],
+)
+def test_bad_bench_settings_are_one_line(override, message):
+    with pytest.raises(EdgeError, match=re.escape(message)):
+        settings.load("bench", [override])
