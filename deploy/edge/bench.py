@@ -24,6 +24,7 @@ against file size).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import resource
@@ -41,6 +42,7 @@ from fl_client.evaluate import evaluate_checkpoint
 from fl_client.lazy import lazy
 from fl_client.ultralytics_adapter import load_checkpoint, load_yolo
 
+LOGGER = logging.getLogger(__name__)
 ort = lazy("onnxruntime")
 ov = lazy("openvino")
 RUNTIMES = ("onnxruntime", "openvino")
@@ -292,7 +294,8 @@ def bench(models: Sequence[Path], cfg) -> dict:
     """Measure ``models``; write bench.json/.md/.png to ``cfg.out`` (or beside the first)."""
     out = Path(cfg.out) if cfg.out else _resolve(Path(models[0]))[0].parent
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results: list[dict] = []
+    failed: list[dict] = []  # a model a runtime could not run: named, with the reason
     runtimes = list(cfg.runtimes)
     if "openvino" in runtimes or any(_runtime(p) == "openvino" for p, *_ in plan(models, cfg)):
         _need_openvino()
@@ -300,9 +303,25 @@ def bench(models: Sequence[Path], cfg) -> dict:
         own = _runtime(path)
         for runtime in runtimes if own == "onnxruntime" else [own]:
             for imgsz in sizes:
-                m = measure_in_child(
-                    path, imgsz, cfg.threads, int(cfg.runs), int(cfg.warmup), runtime
-                )
+                label = _label(path, meta)
+                if runtime == "openvino" and own == "onnxruntime":
+                    label += " · openvino"
+                try:
+                    m = measure_in_child(
+                        path, imgsz, cfg.threads, int(cfg.runs), int(cfg.warmup), runtime
+                    )
+                except EdgeError as e:  # recorded; the other models are still measured
+                    LOGGER.warning("%s", e)
+                    failed.append(
+                        {
+                            "model": label,
+                            "runtime": runtime,
+                            "file": str(path),
+                            "imgsz": imgsz,
+                            "error": str(e),
+                        }  # fmt: skip
+                    )
+                    continue
                 map50_95 = None
                 if data and Path(data).is_file():
                     validated = path.parent if own == "openvino" else path
@@ -317,9 +336,6 @@ def bench(models: Sequence[Path], cfg) -> dict:
                         workdir=out / ".bench-val",
                         rect=False,
                     )["map50_95"]
-                label = _label(path, meta)
-                if runtime == "openvino" and own == "onnxruntime":
-                    label += " · openvino"
                 for row in m["rows"]:
                     results.append(
                         {
@@ -340,10 +356,11 @@ def bench(models: Sequence[Path], cfg) -> dict:
         "what": "latency of the model alone: a preprocessed 1x3xSxS float32 input to raw "
         "outputs (no NMS); mAP50-95 through Ultralytics' validator on the held-out set",
         "results": results,
+        "failed": failed,
         "out": str(out),
     }
     (out / "bench.json").write_text(json.dumps(report, indent=1))
-    (out / "bench.md").write_text(table(results))
+    (out / "bench.md").write_text(table(results, failed))
     _plot(results, out / "bench.png")
     return report
 
@@ -374,7 +391,7 @@ def _machine() -> dict:
     }
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], failed: Sequence[dict] = ()) -> str:
     head = (
         "| model | imgsz | threads | p50 ms | p95 ms | p99 ms | images/s | peak RSS MB "
         "| size MB | mAP50-95 |\n|---|---|---|---|---|---|---|---|---|---|\n"
@@ -386,6 +403,12 @@ def table(results: list[dict]) -> str:
             f"| {r['model']} | {r['imgsz']} | {r['threads']} | {r['p50_ms']:.2f} "
             f"| {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['throughput_ips']:.1f} "
             f"| {r['peak_rss_mb']:.0f} | {r['size_mb']:.2f} | {m} |"
+        )
+    for f in failed:  # the same ten columns; the reason where the threads would be
+        rows.append(
+            "| "
+            + " | ".join([f["model"], str(f["imgsz"]), f"failed: {f['error']}"] + [""] * 7)
+            + " |"
         )
     return head + "\n".join(rows) + "\n"
 

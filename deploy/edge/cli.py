@@ -2,7 +2,9 @@
 
 Registered in the ``fedyolo.commands`` entry-point group (``pyproject.toml``). An export exits
 0 for an accepted bundle and 1 (``ExitCode.FAILED``) with one line why for a rejected one; a
-file or setting that cannot be used is an ``EdgeError`` (a ``UserError``: one line, exit 2).
+file or setting that cannot be used is an ``EdgeError`` (a ``UserError``: one line, exit 2). A bench
+whose model a runtime could not run measures and writes the others, names it with the reason
+(a table row, ``failed`` in bench.json, one line on stderr) and exits 1.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ def _bench(args: argparse.Namespace) -> ExitCode:
     from deploy.edge import bench  # torch and ONNX Runtime: when the command runs, not at --help
 
     report = bench.bench([Path(m) for m in models], cfg)
-    print(bench.table(report["results"]), end="")
+    print(bench.table(report["results"], report["failed"]), end="")
     print(f"written: {report['out']}/bench.json, bench.md, bench.png")
-    return ExitCode.OK
+    for f in report["failed"]:  # the others were measured and written; this one could not run
+        print(f"fedyolo: {f['error']}", file=sys.stderr)
+    return ExitCode.FAILED if report["failed"] else ExitCode.OK
