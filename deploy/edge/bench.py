@@ -87,7 +87,8 @@ def openvino_runner(path: Path, threads: int) -> tuple[Callable[[np.ndarray], li
         request.infer({0: x})
         return [request.get_output_tensor(i).data for i in outputs]
 
-    return run, str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: bf16, f32, ...
+    return run, getattr(precision, "get_type_name", lambda: str(precision))()
 
 
 def torch_runner(path: Path, threads: int) -> Callable[[np.ndarray], list]:
@@ -137,8 +138,22 @@ def _measure(spec: dict) -> dict:
         else:
             run = torch_runner(path, threads)
         rows.append({"threads": threads, **extra, **timed(run, x, spec["runs"], spec["warmup"])})
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"rows": rows, "peak_rss_mb": round(peak_kb / 1024, 1)}
+    return {"rows": rows, "peak_rss_mb": round(peak_rss_kib() / 1024, 1)}
+
+
+def peak_rss_kib() -> int:
+    """This process's own peak resident memory in KiB.
+
+    Linux's ``ru_maxrss`` is not it for a child: it keeps the high-water mark of the memory
+    the child was forked with, i.e. of its parent at that moment, across ``exec`` (so every
+    model measured after the parent had grown reported the parent's size). ``VmHWM`` is the
+    peak of the process's own address space, which ``exec`` starts afresh."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: the best there is
 
 
 def measure_in_child(

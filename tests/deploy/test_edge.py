@@ -349,3 +349,23 @@ def test_a_model_a_runtime_cannot_run_is_named_and_the_others_are_measured(
     assert "| onnx-fp32 · openvino |" in md and "failed: " in md
     assert all(line.count("|") == 11 for line in md.splitlines()), md  # ten columns each
     assert "no kernel" in capsys.readouterr().err
+
+
+def test_a_measuring_child_reports_its_own_peak_memory_not_its_parents():
+    """Linux's ru_maxrss in a child keeps the parent's size at the fork; the bench's peak RSS
+    must be the child's own (it read the parent's for every model measured after it grew)."""
+    import subprocess
+
+    import psutil
+
+    ballast = np.ones(1536 * 2**20 // 8)  # 1.5 GiB held (and touched) by this process
+    parent_kib = psutil.Process().memory_info().rss // 1024
+    child = subprocess.run(
+        [sys.executable, "-c", "from deploy.edge.bench import peak_rss_kib; print(peak_rss_kib())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    child_kib = int(child.stdout.strip().splitlines()[-1])
+    assert 0 < child_kib < parent_kib - 2**20, (child_kib, parent_kib)  # 1 GiB below it
+    del ballast
