@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -26,6 +24,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fl_client import wire
 from fl_client.lazy import lazy
+from fl_client.memory import peak_rss_mib
 from fl_client.wire import RoundConfig
 
 torch = lazy("torch")
@@ -210,11 +209,10 @@ def handle(kind: str, content: RecordDict, node: Mapping, state: RecordDict) -> 
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB: the process that trained (the warm
-    worker, the simulation's actor or the ``flwr-clientapp`` process). ``ru_maxrss`` is in KiB
-    on Linux, in bytes on macOS."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+    """This process's own peak resident memory so far, in MiB: the process that trained (the
+    warm worker, the simulation's actor or the ``flwr-clientapp`` process), not its parent's
+    (``fl_client.memory``)."""
+    return peak_rss_mib()
 
 
 def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> RecordDict:

@@ -57,7 +57,7 @@ TEACHER_RECEIVED = "teacher-received"  # distillation runs only: 1 when this mes
 SETUP_SECONDS, TRAIN_SECONDS, BATCH_SECONDS = "setup-seconds", "train-seconds", "batch-seconds"
 HANDLER_SECONDS = "handler-seconds"  # the whole handler, as the ClientApp measured it
 STARTUP_SECONDS = "startup-seconds"  # the ClientApp process's start-up (first message only)
-RSS_MB = "rss-mb"  # peak resident memory (MiB) of the process that did the work (ru_maxrss)
+RSS_MB = "rss-mb"  # peak resident memory (MiB) of the process that did the work (VmHWM)
 MAP50, MAP50_95, PRECISION, RECALL = "map50", "map50-95", "precision", "recall"  # evaluate
 DATA_STATS_PREFIX = "ds-"  # data statistics (fl_client.data_stats)
 # every other metric key becomes a field of the round record: "train-seconds" → "train_seconds";

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ import torch
 from deploy.edge import EdgeError
 from fl_client.evaluate import evaluate_checkpoint
 from fl_client.lazy import lazy
+from fl_client.memory import peak_rss_mib
 from fl_client.ultralytics_adapter import load_checkpoint, load_yolo
 
 LOGGER = logging.getLogger(__name__)
@@ -138,22 +138,7 @@ def _measure(spec: dict) -> dict:
         else:
             run = torch_runner(path, threads)
         rows.append({"threads": threads, **extra, **timed(run, x, spec["runs"], spec["warmup"])})
-    return {"rows": rows, "peak_rss_mb": round(peak_rss_kib() / 1024, 1)}
-
-
-def peak_rss_kib() -> int:
-    """This process's own peak resident memory in KiB.
-
-    Linux's ``ru_maxrss`` is not it for a child: it keeps the high-water mark of the memory
-    the child was forked with, i.e. of its parent at that moment, across ``exec`` (so every
-    model measured after the parent had grown reported the parent's size). ``VmHWM`` is the
-    peak of the process's own address space, which ``exec`` starts afresh."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: the best there is
+    return {"rows": rows, "peak_rss_mb": round(peak_rss_mib(), 1)}
 
 
 def measure_in_child(

@@ -361,11 +361,11 @@ def test_a_measuring_child_reports_its_own_peak_memory_not_its_parents():
     ballast = np.ones(1536 * 2**20 // 8)  # 1.5 GiB held (and touched) by this process
     parent_kib = psutil.Process().memory_info().rss // 1024
     child = subprocess.run(
-        [sys.executable, "-c", "from deploy.edge.bench import peak_rss_kib; print(peak_rss_kib())"],
+        [sys.executable, "-c", "from fl_client.memory import peak_rss_mib; print(peak_rss_mib())"],
         capture_output=True,
         text=True,
         check=True,
     )
-    child_kib = int(child.stdout.strip().splitlines()[-1])
+    child_kib = float(child.stdout.strip().splitlines()[-1]) * 1024
     assert 0 < child_kib < parent_kib - 2**20, (child_kib, parent_kib)  # 1 GiB below it
     del ballast
