@@ -45,7 +45,6 @@ from fl_client.ultralytics_adapter import load_checkpoint, load_yolo
 LOGGER = logging.getLogger(__name__)
 ort = lazy("onnxruntime")
 ov = lazy("openvino")
-RUNTIMES = ("onnxruntime", "openvino")
 OPENVINO_DIR = "model_openvino_model"  # what `fedyolo export format=openvino` writes
 matplotlib = lazy("matplotlib")
 plt = lazy("matplotlib.pyplot")
@@ -297,9 +296,10 @@ def bench(models: Sequence[Path], cfg) -> dict:
     results: list[dict] = []
     failed: list[dict] = []  # a model a runtime could not run: named, with the reason
     runtimes = list(cfg.runtimes)
-    if "openvino" in runtimes or any(_runtime(p) == "openvino" for p, *_ in plan(models, cfg)):
+    planned = plan(models, cfg)
+    if "openvino" in runtimes or any(_runtime(p) == "openvino" for p, *_ in planned):
         _need_openvino()
-    for path, meta, sizes, data in plan(models, cfg):
+    for path, meta, sizes, data in planned:
         own = _runtime(path)
         for runtime in runtimes if own == "onnxruntime" else [own]:
             for imgsz in sizes:
