@@ -212,8 +212,8 @@ def openvino_folder(onnx: Path, out: Path) -> Path:
     compression): for the mAP of the ONNX file run in OpenVINO."""
     import hashlib
 
+    import onnx as onnx_lib
     import yaml
-    from ultralytics.nn.backends.base import BaseBackend
 
     key = hashlib.sha256(onnx.read_bytes()).hexdigest()[:12]
     folder = out / ".openvino" / f"{onnx.stem}-{key}_openvino_model"
@@ -221,7 +221,8 @@ def openvino_folder(onnx: Path, out: Path) -> Path:
     if not xml.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         ov.save_model(ov.Core().read_model(str(onnx)), str(xml), compress_to_fp16=False)
-        meta = BaseBackend.read_metadata(onnx)  # strings, as the ONNX file holds them
+        model = onnx_lib.load(str(onnx), load_external_data=False)
+        meta = {p.key: p.value for p in model.metadata_props}  # strings, as the file holds them
         (folder / "metadata.yaml").write_text(yaml.safe_dump(meta))
     return folder
 
