@@ -25,6 +25,9 @@ seed are replaced; the others kept): the record of every configuration tried.
     .venv/bin/python benchmarks/fed_vs_central.py --budget 44 --local-epochs 2 --seeds 0,1,2 \
         --splits iid --label linear-central-b32 --fed-from linear --central-batch 32 \
         --extra train.lr_schedule=linear
+    .venv/bin/python benchmarks/fed_vs_central.py --budget 44 --local-epochs 2 --seeds 5,6,7 \
+        --splits iid --label linear --central-from linear-keep-momentum \
+        --extra train.lr_schedule=linear
 """
 
 from __future__ import annotations
@@ -70,6 +73,54 @@ def recorded_federation(
             f"--fed-from {label}: no recorded run of {dict(zip(ident, want, strict=True))}"
         )
     return run, json.loads((run / "summary.json").read_text()), rec["federated_seconds"]
+
+
+def recorded_central(
+    label: str, run: Path, split: str, budget: int, seed: int, batch: int | None
+) -> None:
+    """Seed the centralized cache of this run from ``label``'s recorded row of the same split,
+    budget, seed and learning-rate schedule (``--central-from``): the centralized model depends on
+    nothing else (the base hyper-parameters are pinned here, the shards are generated from the
+    seed and the split), so a paired comparison of federations need not train it again."""
+    rows = json.loads(SEEDS_FILE.read_text())["rows"] if SEEDS_FILE.exists() else []
+    ran = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    decayed = ran.get("lr_schedule", "constant") != "constant"
+    schedule = f"{ran['lr_schedule']} to lrf {ran['lrf']}" if decayed else "constant"
+    rec = next(
+        (
+            r
+            for r in rows
+            if (r["label"], r["split"], r["epoch_budget"], r["seed"])
+            == (label, split, budget, seed)
+            and r.get("lr_schedule", "constant") == schedule
+            and r.get("centralized_batch") == batch
+        ),
+        None,
+    )
+    if rec is None:
+        raise SystemExit(
+            f"--central-from {label}: no recorded {split} row of budget {budget}, seed {seed} "
+            f"and schedule {schedule!r}"
+        )
+    seeded = [(True, rec["centralized_map50_95"], rec["centralized_map50"])]
+    if decayed and "constant_lr_centralized_map50_95" in rec:
+        seeded.append((False, rec["constant_lr_centralized_map50_95"], None))
+    for with_schedule, map50_95, map50 in seeded:
+        done = central_dir(run, budget, seed, with_schedule, batch) / "result.json"
+        if done.exists():
+            continue
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(
+            json.dumps(
+                {
+                    "params": central_params(run, seed, with_schedule, batch),
+                    "epochs": budget,
+                    "result": {"map50_95": map50_95, "map50": map50},
+                    "seconds": rec["centralized_seconds"] if with_schedule else None,
+                    "from_record": label,
+                }
+            )
+        )
 
 
 def central_params(run: Path, seed: int, schedule: bool, batch: int | None = None) -> dict:
@@ -287,6 +338,13 @@ def main() -> None:
         help="(with --seeds) no new federation: reuse LABEL's recorded run of each split, E, "
         "budget and seed (e.g. to set a --central-batch model against it)",
     )
+    ap.add_argument(
+        "--central-from",
+        default=None,
+        metavar="LABEL",
+        help="(with --seeds) no new centralized model: take LABEL's recorded one of the same "
+        "split, budget, seed and schedule (a paired comparison of federations)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0]
@@ -307,6 +365,10 @@ def main() -> None:
                     run, summary, fed_s = federated(
                         name, split, rounds, local, extra if args.seeds else args.extra
                     )
+                if args.central_from:
+                    recorded_central(
+                        args.central_from, run, split, args.budget, seed, args.central_batch
+                    )
                 cen, cen_s = centralized(run, args.budget, seed, batch=args.central_batch)
                 rows.append(
                     row(
@@ -323,6 +385,8 @@ def main() -> None:
                         args.central_batch,
                     )
                 )
+                if args.central_from:
+                    rows[-1]["centralized_from"] = args.central_from
                 print(json.dumps(rows[-1], indent=2), flush=True)
                 if args.seeds:
                     how = [

@@ -104,7 +104,7 @@ def fed_vs_central_seeds(path: Path, d: dict) -> list[str]:
             f"| {' / '.join(f'{x:.2f}' for x in ratios)} | **{_mean_sd(ratios)}** "
             f"| {vs_const} |"
         )
-    return [*lines, "", *_fvc_standing(groups, d["configs"]), ""]
+    return [*lines, "", *_fvc_standing(groups, d["configs"]), "", *_fvc_paired(groups), ""]
 
 
 FVC_TARGETS = {"iid": 0.95, "domain": 0.90}  # issue 33 item 5: the mean ratio over >= 3 seeds
@@ -132,6 +132,55 @@ def _fvc_standing(groups: dict[tuple, list[dict]], configs: dict[str, str]) -> l
             f"{mean:.3f} (standard error {sem:.3f}, lowest seed {min(ratios):.2f}, "
             f"{sum(x >= target for x in ratios)} of {len(ratios)} seeds at or above "
             f"{target:.2f}): target ≥ {target:.2f} **{'met' if mean >= target else 'not met'}**"
+        )
+    return lines
+
+
+# configuration -> the one it changes by one setting, for the paired comparison
+FVC_BASES = {
+    "linear": ("fedavg", "the linear decay"),
+    "linear-keep-momentum": ("linear", "kept momentum"),
+    "linear-e1-keep-momentum": ("linear-e1", "kept momentum"),
+    "pooled-linear": ("linear", "pooled BN statistics"),
+    "pooled-linear-keep-momentum": ("pooled-linear", "kept momentum"),
+    "linear-lr0.04": ("linear", "lr0 0.04"),
+    "linear-batch4": ("linear", "batch 4"),
+    "linear-fedavgm-0.5": ("linear", "server momentum 0.5"),
+    "linear-keep-momentum-lr0.015": ("linear-keep-momentum", "lr0 0.015"),
+}
+
+
+def _fvc_paired(groups: dict[tuple, list[dict]]) -> list[str]:
+    """Each change against its base on the seeds both ran: the difference of the federated
+    models' mAP50-95, seed by seed (the same shards and the same centralized model, so neither
+    the seed's data nor the centralized run's noise enters it)."""
+    import statistics
+
+    lines = [
+        "**Paired by seed** (the change's federated mAP50-95 minus its base's, on the seeds "
+        "both ran, at the same split, budget and local epochs × rounds):",
+        "",
+        "| split | epochs | change | base → configuration | local epochs × rounds | seeds "
+        "| Δ per seed | Δ mean (standard error) | seeds better |",
+        "|---|---:|---|---|---|---|---|---:|---:|",
+    ]
+    for (split, budget, label, local, rounds), rows in sorted(groups.items()):
+        if label not in FVC_BASES:
+            continue
+        base_label, change = FVC_BASES[label]
+        base = {r["seed"]: r for r in groups.get((split, budget, base_label, local, rounds), [])}
+        pairs = [(r["seed"], r, base[r["seed"]]) for r in rows if r["seed"] in base]
+        if len(pairs) < 2:
+            continue
+        pairs.sort(key=lambda p: p[0])
+        delta = [r["federated_final_map50_95"] - b["federated_final_map50_95"] for _, r, b in pairs]
+        sem = statistics.stdev(delta) / len(delta) ** 0.5
+        lines.append(
+            f"| {split} | {budget} | {change} | {base_label} → {label} | {local} × {rounds} "
+            f"| {','.join(str(seed) for seed, _, _ in pairs)} "
+            f"| {' / '.join(f'{x:+.3f}' for x in delta)} "
+            f"| **{statistics.mean(delta):+.4f}** ({sem:.4f}) "
+            f"| {sum(x > 0 for x in delta)} of {len(delta)} |"
         )
     return lines
 
