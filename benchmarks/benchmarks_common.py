@@ -12,13 +12,33 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine() -> str:
+    """The machine a result was measured on, its CPU named: machines of the same size differ
+    (an Intel Xeon with AMX and AVX-512 VNNI, an AMD EPYC with AVX2 only: training ran ~2.5x
+    slower on the second, and INT8 and bf16 kernels depend on those instructions)."""
     import psutil
 
     return (
-        f"{platform.machine()}, {psutil.cpu_count()} cores, "
+        f"{platform.machine()}, {cpu_name()}, {psutil.cpu_count()} cores, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, CPU only, "
         f"Python {platform.python_version()}"
     )
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the vector instructions that decide its kernels (Linux's
+    /proc/cpuinfo), e.g. ``AMD EPYC (avx2)``; ``unknown CPU`` elsewhere."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), ""
+    )
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
+    )
+    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile") if f in flags]
+    return f"{model or 'unknown CPU'} ({', '.join(have) or 'no AVX2'})"
 
 
 def code_commit() -> str | None:

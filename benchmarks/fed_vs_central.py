@@ -303,11 +303,13 @@ def record_seeds(rows: list[dict], label: str, extra: list[str], run: Path) -> N
     d = json.loads(SEEDS_FILE.read_text()) if SEEDS_FILE.exists() else {"configs": {}, "rows": []}
     ident = ("label", "split", "local_epochs", "epoch_budget", "seed")
     new = {tuple(r[k] for k in ident) for r in rows}
+    here = machine()
+    d.setdefault("machine", here)  # the file's first machine; a row measured elsewhere says so
+    rows = [r if here == d["machine"] else {**r, "machine": here} for r in rows]
     d["rows"] = [r for r in d["rows"] if tuple(r[k] for k in ident) not in new] + rows
     d["configs"][label] = " ".join(extra) or "(the defaults)"
     d.update(
         benchmark="fed_vs_central_seeds",
-        machine=machine(),
         date=time.strftime("%Y-%m-%d"),
         setup=setup(run),
         note="ratio = federated final / the same seed's centralized model; federated final = "

@@ -104,6 +104,11 @@ def fed_vs_central_seeds(path: Path, d: dict) -> list[str]:
             f"| {' / '.join(f'{x:.2f}' for x in ratios)} | **{_mean_sd(ratios)}** "
             f"| {vs_const} |"
         )
+    elsewhere: dict[str, list[str]] = {}
+    for r in d["rows"]:
+        if r.get("machine", d["machine"]) != d["machine"]:
+            elsewhere.setdefault(r["machine"], []).append(f"{r['label']} {r['split']} s{r['seed']}")
+    lines += [f"\nMeasured on {m}: {', '.join(rs)}." for m, rs in elsewhere.items()]
     return [*lines, "", *_fvc_standing(groups, d["configs"]), "", *_fvc_paired(groups), ""]
 
 
