@@ -27,7 +27,6 @@ from benchmarks_common import RESULTS, WORK, fedyolo_run, machine  # noqa: E402
 TRAIN = [
     "model=yolov8n",
     "federation.clients=2",
-    "federation.rounds=10",
     "data.synth.imgsz=320",
     "train.imgsz=320",
     "tracking.enabled=false",
@@ -45,6 +44,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, default=WORK / "runs" / "edge320")
     ap.add_argument("--train", action="store_true", help="train the run first")
+    ap.add_argument("--rounds", type=int, default=10, help="the training's rounds (--train)")
     ap.add_argument("--sizes", default="320,640")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=100)
@@ -61,7 +61,8 @@ def main() -> int:
     openvino = importlib.util.find_spec("openvino") is not None
 
     if args.train:
-        args.run = fedyolo_run("edge320", TRAIN)
+        args.run = fedyolo_run(args.run.name, [*TRAIN, f"federation.rounds={args.rounds}"])
+    train = [f"{k}={v}" for k, v in _trained_with(args.run).items()]  # what the run ran with
     best = args.run / "best.pt"
     sizes = [int(s) for s in args.sizes.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
@@ -154,7 +155,7 @@ def main() -> int:
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "run": str(args.run),
-        "train": TRAIN,
+        "train": train,
         "exports": exports,
         "bench": report,
         "targets": targets,
@@ -163,6 +164,31 @@ def main() -> int:
     print(bench.table(rows))
     print(json.dumps(targets, indent=1))
     return 0
+
+
+def _trained_with(run: Path) -> dict:
+    """The settings of a finished run that decide the model (its config.yaml)."""
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    keys = {
+        "model": ("model", "cfg"),
+        "federation.clients": ("federation", "clients"),
+        "federation.rounds": ("federation", "rounds"),
+        "data.synth.imgsz": ("data", "synth", "imgsz"),
+        "train.imgsz": ("train", "imgsz"),
+        "train.epochs": ("train", "epochs"),
+        "train.batch": ("train", "batch"),
+        "train.lr0": ("train", "lr0"),
+        "train.lr_schedule": ("train", "lr_schedule"),
+    }
+    out = {}
+    for name, path in keys.items():
+        value = cfg
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        out[name] = value
+    return out
 
 
 if __name__ == "__main__":

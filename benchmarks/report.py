@@ -563,16 +563,16 @@ EDGE_MODELS = {  # bench names in edge.json → how the table names them
 }
 
 
-@from_results("edge.json")
-def edge(path: Path, d: dict) -> list[str]:
+def _edge(path: Path, d: dict) -> list[str]:
     b = d["bench"]
     at = {(r["model"], r["imgsz"], r["threads"]): r for r in b["results"]}
     lines = [
         f"**To the edge: export, INT8, latency** (`{path.name}`; {d['machine']}, ONNX Runtime "
         f"{b['machine']['onnxruntime']}"
         + (f", OpenVINO {b['machine']['openvino']}" if b["machine"].get("openvino") else "")
-        + f"; {d['date']}): the YOLOv8n of `runs/edge320` (synthetic "
-        "fleet at 320 px), exported by `fedyolo export` at 320 and 640 px; latency of the model "
+        + f"; {d['date']}): the YOLOv8n of `runs/{Path(d['run']).name}` (synthetic "
+        f"fleet at 320 px, {_setting(d['train'], 'federation.rounds')} rounds), exported by "
+        f"`fedyolo export` at {_sizes(b)} px; latency of the model "
         "alone (1×3×S×S input to raw outputs), "
         f"{b['results'][0]['runs']} runs, each model in its own process; mAP50-95 on the "
         "held-out images through Ultralytics' validator on each file.",
@@ -595,6 +595,20 @@ def edge(path: Path, d: dict) -> list[str]:
             f"| {two['peak_rss_mb']:.0f} |"
         )
     return [*lines, ""]
+
+
+edge = from_results("edge.json")(_edge)
+# the same pipeline on a CPU with AVX2 only (no AVX-512, VNNI or AMX): where INT8 kernels differ
+edge_avx2 = from_results("edge_avx2.json")(_edge)
+
+
+def _setting(overrides: list[str], key: str) -> str:
+    """The value ``key=...`` has in a list of overrides, or '?'."""
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")), "?")
+
+
+def _sizes(bench: dict) -> str:
+    return " and ".join(str(s) for s in sorted({r["imgsz"] for r in bench["results"]}))
 
 
 @from_results("distill.json")
@@ -832,6 +846,7 @@ SECTIONS = {
     "tuning_live": tuning_live,
     "pruning": pruning,
     "edge": edge,
+    "edge_avx2": edge_avx2,
     "distill": distill,
     "fed_vs_central": fed_vs_central,
     "fed_vs_central_seeds": fed_vs_central_seeds,
