@@ -27,7 +27,7 @@ from fl_server.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-BENCHMARK = re.compile(r"<!--\s*benchmark:\s*([a-z_]+)\s*-->")
+BENCHMARK = re.compile(r"<!--\s*benchmark:\s*([a-z0-9_]+)\s*-->")
 CONFIG_REFERENCE = "<!-- config-reference -->"
 CLI_REFERENCE = "<!-- cli-reference -->"
 # Files outside the Hydra tree: how their keys are set.
