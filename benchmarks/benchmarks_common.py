@@ -11,6 +11,16 @@ WORK = ROOT / "benchmarks" / "work"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def repo_path(path: Path) -> str:
+    """``path`` as the repository names it (``benchmarks/work/runs/...``), also where
+    ``benchmarks/work`` is a link to another checkout's (a benchmark worktree)."""
+    for base, name in ((WORK.resolve(), "benchmarks/work"), (ROOT, "")):
+        if path.resolve().is_relative_to(base):
+            rel = path.resolve().relative_to(base)
+            return str(Path(name) / rel) if name else str(rel)
+    return str(path)
+
+
 def machine() -> str:
     """The machine a result was measured on, its CPU named: machines of the same size differ
     (an Intel Xeon with AMX and AVX-512 VNNI, an AMD EPYC with AVX2 only: training ran ~2.5x

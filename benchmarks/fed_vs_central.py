@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 import yaml
-from benchmarks_common import MEASURED_TRAIN, RESULTS, ROOT, WORK, fedyolo_run, machine
+from benchmarks_common import MEASURED_TRAIN, RESULTS, ROOT, WORK, fedyolo_run, machine, repo_path
 
 from fl_client.data.formats import read_data_yaml
 
@@ -280,7 +280,7 @@ def row(split, local, rounds, budget, seed, summary, cen, fed_s, cen_s, run, cba
         ),
         "federated_seconds": fed_s,
         "centralized_seconds": cen_s,
-        "run_dir": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run),
+        "run_dir": repo_path(run),
     }
 
 

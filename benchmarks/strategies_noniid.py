@@ -16,7 +16,7 @@ import json
 import os
 import time
 
-from benchmarks_common import RESULTS, ROOT, federation_args, fedyolo_run, new_result
+from benchmarks_common import RESULTS, federation_args, fedyolo_run, new_result, repo_path
 from fed_vs_central import centralized
 
 PARTITIONS = {
@@ -98,7 +98,7 @@ def main() -> None:
                 "rounds_to_90pct_central": first_round_at(rounds, 0.9 * cen),
                 "rejected_updates": sum(r["failures"] for r in rounds),
                 "seconds": seconds,
-                "run_dir": str(run.relative_to(ROOT)),
+                "run_dir": repo_path(run),
             }
             out["rows"].append(row)
             print(json.dumps(row), flush=True)

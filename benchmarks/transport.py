@@ -22,7 +22,7 @@ import json
 import os
 import time
 
-from benchmarks_common import RESULTS, ROOT, federation_args, fedyolo_run, new_result
+from benchmarks_common import RESULTS, federation_args, fedyolo_run, new_result, repo_path
 from strategies_noniid import mean_client, run_rows
 
 VARIANTS = {
@@ -114,7 +114,7 @@ def main() -> None:
             "best_map50_95": max(r["map50_95"] for r in rounds),
             "curve_map50_95": [round(r["map50_95"], 4) for r in rounds],
             "seconds": time.perf_counter() - t0,
-            "run_dir": str(run.relative_to(ROOT)),
+            "run_dir": repo_path(run),
             "measured": out["date"],
         }
         out["rows"].append(row)
