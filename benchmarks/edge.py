@@ -168,27 +168,12 @@ def main() -> int:
 
 def _trained_with(run: Path) -> dict:
     """The settings of a finished run that decide the model (its config.yaml)."""
-    import yaml
+    from omegaconf import OmegaConf
 
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    keys = {
-        "model": ("model", "cfg"),
-        "federation.clients": ("federation", "clients"),
-        "federation.rounds": ("federation", "rounds"),
-        "data.synth.imgsz": ("data", "synth", "imgsz"),
-        "train.imgsz": ("train", "imgsz"),
-        "train.epochs": ("train", "epochs"),
-        "train.batch": ("train", "batch"),
-        "train.lr0": ("train", "lr0"),
-        "train.lr_schedule": ("train", "lr_schedule"),
-    }
-    out = {}
-    for name, path in keys.items():
-        value = cfg
-        for part in path:
-            value = value.get(part) if isinstance(value, dict) else None
-        out[name] = value
-    return out
+    cfg = OmegaConf.load(run / "config.yaml")
+    keys = ("model.cfg", "federation.clients", "federation.rounds", "data.synth.imgsz")
+    keys += ("train.imgsz", "train.epochs", "train.batch", "train.lr0", "train.lr_schedule")
+    return {k: OmegaConf.select(cfg, k) for k in keys}
 
 
 if __name__ == "__main__":
