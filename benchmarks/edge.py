@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks_common import RESULTS, WORK, fedyolo_run, machine  # noqa: E402
+from benchmarks_common import RESULTS, WORK, fedyolo_run, machine, repo_path  # noqa: E402
 
 TRAIN = [
     "model=yolov8n",
@@ -154,7 +154,7 @@ def main() -> int:
         "benchmark": "edge",
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
-        "run": str(args.run),
+        "run": repo_path(args.run),
         "train": train,
         "exports": exports,
         "bench": report,
