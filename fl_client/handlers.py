@@ -204,15 +204,8 @@ def handle(kind: str, content: RecordDict, node: Mapping, state: RecordDict) -> 
         reply = (train_content if kind == "train" else evaluate_content)(content, node, state)
     finally:
         _clear_workdir()
-    reply[wire.METRICS][wire.RSS_MB] = peak_rss_mb()
+    reply[wire.METRICS][wire.RSS_MB] = peak_rss_mib()  # the process that did the work
     return reply
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak resident memory so far, in MiB: the process that trained (the
-    warm worker, the simulation's actor or the ``flwr-clientapp`` process), not its parent's
-    (``fl_client.memory``)."""
-    return peak_rss_mib()
 
 
 def train_content(content: RecordDict, node: Mapping, state: RecordDict) -> RecordDict:
