@@ -9,6 +9,11 @@ import sys
 from pathlib import Path
 
 RUNNER = Path(__file__).with_name("tiers.py")
+# what tests/conftest.py does, for test files outside tests/
+CONFTEST = (
+    f"import sys\nsys.path.insert(0, {str(RUNNER.parent)!r})\n"
+    "from tiers import pytest_collection_modifyitems  # noqa: F401\n"
+)
 
 
 def _tiers(*args: str) -> subprocess.CompletedProcess:
@@ -17,6 +22,7 @@ def _tiers(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_each_tier_runs_its_own_tests_and_a_failure_in_one_fails_the_run(tmp_path):
+    (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "e2e").mkdir()
     (tmp_path / "e2e" / "test_end_to_end.py").write_text("def test_passes():\n    pass\n")
     (tmp_path / "test_unit.py").write_text("def test_fails():\n    assert 1 == 2\n")
@@ -33,6 +39,7 @@ def test_each_tier_runs_its_own_tests_and_a_failure_in_one_fails_the_run(tmp_pat
 
 
 def test_a_narrowed_run_may_leave_one_tier_empty_but_not_both(tmp_path):
+    (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_unit.py").write_text("def test_passes():\n    pass\n")
     one = _tiers(str(tmp_path / "test_unit.py"))
     assert one.returncode == 0, one.stdout

@@ -6,8 +6,9 @@ compressing an image for the registry, debootstrap, qemu, containers starting. T
 (unit tests, in-process federations, the SuperLink engine, the PostgreSQL study) is mostly
 CPU-bound. One after the other they took 67 min on a 2-core AMD EPYC (2026-12-05); side by side
 the idle core does the other tier's work. Each tier is its own pytest session (its own fixtures
-and temporary folders) with this file as a plugin (``-p tiers``), which keeps the tier's tests
-(``FEDYOLO_TEST_TIER``: those in a folder named ``e2e``, or the others) and deselects the rest.
+and temporary folders); tests/conftest.py takes this file's collection hook, which keeps the
+tier's tests (``FEDYOLO_TEST_TIER``: those in a folder named ``e2e``, or the others) and
+deselects the rest.
 Each prints its own summary and slowest tests; every line is prefixed with its tier's name, and
 the last lines give both verdicts.
 
@@ -28,8 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parents[1]
 # a line per test in the e2e tier (a few dozen, minutes each); dots in the rest (hundreds)
 TIERS = {"e2e": "-v", "rest": "-q"}  # the longer first
 NO_TESTS = 5  # pytest.ExitCode.NO_TESTS_COLLECTED
@@ -37,7 +37,7 @@ TIER_ENV = "FEDYOLO_TEST_TIER"
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """The plugin: keep the tier's tests, deselect the others'."""
+    """Keep the tier's tests, deselect the others' (tests/conftest.py's hook)."""
     tier = os.environ.get(TIER_ENV)
     if not tier:
         return
@@ -68,9 +68,7 @@ class Tier(threading.Thread):
 
     def run(self) -> None:
         t0 = time.monotonic()
-        path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "pytest", "-p", "tiers", TIERS[self.tier], "--durations=30",
-               *self.extra]  # fmt: skip
+        cmd = [sys.executable, "-m", "pytest", TIERS[self.tier], "--durations=30", *self.extra]
         proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
@@ -78,7 +76,9 @@ class Tier(threading.Thread):
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", TIER_ENV: self.tier, "PYTHONPATH": path},
+            # not tests/ on PYTHONPATH: its folders (fl_server/, deploy/, ...) would shadow the
+            # packages of the same names in the subprocesses the tests start
+            env={**os.environ, "PYTHONUNBUFFERED": "1", TIER_ENV: self.tier},
         )
         width = max(map(len, TIERS))
         assert proc.stdout is not None
