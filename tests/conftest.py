@@ -92,7 +92,3 @@ def aws(moto_endpoint, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return boto3.Session(region_name=region)
-
-
-# `make test`'s tiers (tests/tiers.py): in a tier's session, only that tier's tests are selected
-from tiers import pytest_collection_modifyitems  # noqa: E402, F401

@@ -60,3 +60,22 @@ def images(docker_engine) -> dict[str, str]:
                 print(f"online image build failed ({str(e)[:200]}); building offline")
                 build_images(offline=True, roles=missing)
     return tags
+
+
+# pytest-timeout counts a test's setup, and the images are built once per session, in the setup
+# of the first test that asks for them: from nothing that is a local base, a wheelhouse and two
+# images (5-7 min on 2 cores, longer beside make test's other tier). A CI run once failed on it:
+# the EC2 rehearsal's 492 s plus the 411 s image build in its setup passed the 900 s limit
+# (2026-12-06). So every test that uses the images gets this much more than its own limit.
+IMAGE_BUILD_ALLOWANCE_S = 1200
+
+
+def pytest_collection_modifyitems(config, items):
+    default = config.getoption("timeout", None) or config.getini("timeout") or 0
+    for item in items:
+        if "images" not in getattr(item, "fixturenames", ()):
+            continue
+        own = item.get_closest_marker("timeout")
+        base = float(own.args[0]) if own and own.args else float(default)
+        if base > 0:  # 0: no limit at all
+            item.add_marker(pytest.mark.timeout(base + IMAGE_BUILD_ALLOWANCE_S), append=False)
