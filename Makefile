@@ -34,7 +34,7 @@ $(AWS_CLI):
 demo: $(STAMP)
 	$(BIN)/fedyolo run name=demo output.overwrite=true
 
-# The end-to-end tier and the in-process tier run side by side, each its own pytest session
+# The e2e tier (-m e2e) and the rest (-m "not e2e") run side by side, each its own pytest session
 # (tests/tiers.py: the e2e tier waits on one core much of the time); FEDYOLO_TEST_SERIAL=1 runs
 # them one after the other. A tier that collects no test fails (pytest's exit status 5).
 # More pytest arguments for both: make test PYTEST_ARGS="-x".
