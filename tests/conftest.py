@@ -94,6 +94,9 @@ def aws(moto_endpoint, monkeypatch):
     return boto3.Session(region_name=region)
 
 
+# `make test`'s tiers (tests/tiers.py): in a tier's session, only that tier's tests are selected
+from tiers import pytest_collection_modifyitems  # noqa: E402, F401
+
 # A tiny detector that already detects something, for the drift-guard tests and the edge
 # pipeline's (a barely trained tiny model gives the same output for any input, so a check that
 # compares two runtimes' outputs would compare constants).

@@ -1,13 +1,16 @@
 """``make test``: the suite as two pytest sessions side by side.
 
-The ``e2e`` tier (``-m e2e``: federations through the command line, the container images, the
-EC2 rehearsal, the arm64 smoke test, the SuperLink engine, the PostgreSQL study) spends much of
-its time waiting on one core: Docker compressing an image for the registry, debootstrap, qemu,
-containers starting. The ``rest`` (``-m "not e2e"``: unit tests, in-process federations) is
-mostly CPU-bound. One after the other they took 67 min on a 2-core AMD EPYC (2026-12-05); side
-by side, 50 (2026-12-06): the idle core does the other tier's work. Each tier is its own pytest
-session (its own fixtures and temporary folders) and prints its own summary and slowest tests;
-every line is prefixed with its tier's name, and the last lines give both verdicts.
+The ``e2e`` tier (``tests/e2e/``: federations through the command line, the container images,
+the EC2 rehearsal, the arm64 smoke test) spends much of its time waiting on one core: Docker
+compressing an image for the registry, debootstrap, qemu, containers starting. The ``rest``
+(unit tests, in-process federations, the SuperLink engine, the PostgreSQL study) is mostly
+CPU-bound. One after the other they took 67 min on a 2-core AMD EPYC (2026-12-05); side by side
+the idle core does the other tier's work. Each tier is its own pytest session (its own fixtures
+and temporary folders); tests/conftest.py takes this file's collection hook, which keeps the
+tier's tests (``FEDYOLO_TEST_TIER``: those in a folder named ``e2e``, or the others) and
+deselects the rest.
+Each prints its own summary and slowest tests; every line is prefixed with its tier's name, and
+the last lines give both verdicts.
 
     python tests/tiers.py [PYTEST ARGS...]       # both tiers, side by side
     FEDYOLO_TEST_SERIAL=1 python tests/tiers.py  # one after the other (a 1-core machine)
@@ -27,10 +30,28 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# name: (marker expression, verbosity); a line per test in the e2e tier (a few dozen, minutes
-# each), dots in the rest (hundreds); the longer tier first
-TIERS = {"e2e": ("e2e", "-v"), "rest": ("not e2e", "-q")}
+# a line per test in the e2e tier (a few dozen, minutes each); dots in the rest (hundreds)
+TIERS = {"e2e": "-v", "rest": "-q"}  # the longer first
 NO_TESTS = 5  # pytest.ExitCode.NO_TESTS_COLLECTED
+TIER_ENV = "FEDYOLO_TEST_TIER"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Keep the tier's tests, deselect the others' (tests/conftest.py's hook)."""
+    tier = os.environ.get(TIER_ENV)
+    if not tier:
+        return
+    if tier not in TIERS:
+        raise ValueError(f"{TIER_ENV}={tier!r}: not one of {sorted(TIERS)}")
+    keep, drop = [], []
+    for item in items:
+        path = Path(item.path)
+        if path.is_relative_to(config.rootpath):
+            path = path.relative_to(config.rootpath)
+        (keep if ("e2e" in path.parent.parts) == (tier == "e2e") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 class Tier(threading.Thread):
@@ -47,9 +68,7 @@ class Tier(threading.Thread):
 
     def run(self) -> None:
         t0 = time.monotonic()
-        marker, verbosity = TIERS[self.tier]
-        cmd = [sys.executable, "-m", "pytest", verbosity, "--durations=30", "-m", marker,
-               *self.extra]  # fmt: skip
+        cmd = [sys.executable, "-m", "pytest", TIERS[self.tier], "--durations=30", *self.extra]
         proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
@@ -57,7 +76,9 @@ class Tier(threading.Thread):
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # not tests/ on PYTHONPATH: its folders (fl_server/, deploy/, ...) would shadow the
+            # packages of the same names in the subprocesses the tests start
+            env={**os.environ, "PYTHONUNBUFFERED": "1", TIER_ENV: self.tier},
         )
         width = max(map(len, TIERS))
         assert proc.stdout is not None
@@ -96,7 +117,7 @@ def main(argv: list[str]) -> int:
         else:
             verdict = f"FAILED (pytest exit status {t.rc})"
         failed |= t.rc != 0 and (t.rc != NO_TESTS or empty_fails)
-        print(f"tier {t.tier} (-m {TIERS[t.tier][0]!r}): {verdict} in {t.seconds / 60:.1f} min")
+        print(f"tier {t.tier}: {verdict} in {t.seconds / 60:.1f} min")
     return 1 if failed else 0
 
 
