@@ -112,6 +112,16 @@ def test_fp32_bundle_describes_the_model_it_holds(run_dir, fp32_bundle):
     assert res[0].names == ckpt.names
 
 
+def test_the_runs_reported_map_is_its_checkpoints(run_dir, tmp_path):
+    """Re-evaluating best.pt on the held-out set gives the mAP50-95 the run reported, on a model
+    that detects something (the e2e tests check the same on runs whose tiny model may score 0,
+    where any two evaluations agree)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+    from e2e_helpers import check_best_reevaluates
+
+    assert check_best_reevaluates(run_dir, tmp_path, imgsz=128)["map50_95"] > 0
+
+
 def test_corrupted_export_fails_its_parity_gate(fp32_bundle, tmp_path, capsys):
     import shutil
 
