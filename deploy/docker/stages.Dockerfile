@@ -30,7 +30,7 @@ FROM base AS reqs
 ARG TARGETARCH
 WORKDIR /reqs
 COPY pyproject.toml deploy/docker/requirements.py deploy/docker/pip.sh deploy/docker/lock-*.txt ./
-RUN for r in core server drop headless; do \
+RUN for r in cuda core server drop headless; do \
       python3 requirements.py pyproject.toml "$r" "$TARGETARCH" > "$r.txt"; done
 
 # ---- wheel: fedyolo itself, built from the source (the image gets the wheel, not the tree) ----
@@ -50,15 +50,22 @@ RUN --mount=type=bind,from=reqs,source=/reqs,target=/reqs \
     python3 -m venv /opt/venv \
  && sh /reqs/pip.sh wheel --no-deps --wheel-dir /dist /src
 
-# ---- runtime: the core, identical in both images, so they share this (large) layer. Installed
-# with its dependencies, then triton and the desktop OpenCV are removed in the same step (so
-# never in a layer) and the headless OpenCV of the same release takes its place. ----
+# ---- runtime: the core, identical in both images, so they share these (large) layers. Two
+# layers: torch's NVIDIA libraries (3.2 GB on x86_64; none from a CPU index, TORCH_INDEX_URL),
+# then the rest (2.3 GB), since Docker compresses each layer on one core when it pushes and
+# decompresses it on one core when it pulls. The rest is installed with its dependencies, then
+# triton and the desktop OpenCV are removed in the same step (so never in a layer) and the
+# headless OpenCV of the same release takes its place. ----
 FROM base AS runtime
 ARG TARGETARCH
 ARG TORCH_INDEX_URL=""
 RUN --mount=type=bind,from=reqs,source=/reqs,target=/reqs \
     --mount=type=bind,source=.wheelhouse,target=/wheels \
     python3 -m venv /opt/venv \
- && sh /reqs/pip.sh install --requirement /reqs/core.txt \
+ && if [ -s /reqs/cuda.txt ] && [ -z "$TORCH_INDEX_URL" ]; then \
+      sh /reqs/pip.sh install --no-deps --requirement /reqs/cuda.txt; fi
+RUN --mount=type=bind,from=reqs,source=/reqs,target=/reqs \
+    --mount=type=bind,source=.wheelhouse,target=/wheels \
+    sh /reqs/pip.sh install --requirement /reqs/core.txt \
  && xargs pip uninstall --quiet --yes < /reqs/drop.txt \
  && sh /reqs/pip.sh install --no-deps --requirement /reqs/headless.txt

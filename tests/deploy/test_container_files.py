@@ -151,6 +151,23 @@ def test_requirements_script_pins_per_platform_in_the_image(tmp_path):
         out[arch] = done.stdout.split()
     assert "torch==2.10.0" in out["arm64"] and "torch==2.10.0" not in out["amd64"]
     assert out[""] == out["amd64"]
+    # the core's first layer: torch's NVIDIA libraries, pinned as the lock pins them (x86_64);
+    # arm64's CPU torch has none, only Ultralytics' NVML bindings
+    cuda = {}
+    for arch in ("amd64", "arm64"):
+        done = subprocess.run(
+            [sys.executable, str(script), str(ROOT / "pyproject.toml"), "cuda", arch],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        cuda[arch] = done.stdout.split()
+        lock = (ROOT / "deploy" / "docker" / f"lock-{arch}.txt").read_text().splitlines()
+        assert set(cuda[arch]) <= set(lock), arch
+    names = {line.split("==")[0] for line in cuda["amd64"]}
+    assert {"nvidia-cudnn-cu13", "nvidia-cublas", "nvidia-nccl-cu13", "cuda-toolkit"} <= names
+    assert not any(n.startswith(("torch", "triton")) for n in names)
+    assert [line.split("==")[0] for line in cuda["arm64"]] == ["nvidia-ml-py"]
 
 
 def test_compose_secrets_and_data_come_from_the_environment():
