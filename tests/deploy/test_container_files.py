@@ -140,28 +140,25 @@ def test_the_amd64_lock_pins_both_images_as_pyproject_does():
 def test_requirements_script_pins_per_platform_in_the_image(tmp_path):
     """What the images' reqs stage runs (standard library only, inside the build)."""
     script = ROOT / "deploy" / "docker" / "requirements.py"
-    out = {}
-    for arch in ("amd64", "arm64", ""):  # "": the legacy builder sets no TARGETARCH
+
+    def printed(role: str, arch: str) -> list[str]:
         done = subprocess.run(
-            [sys.executable, str(script), str(ROOT / "pyproject.toml"), "core", arch],
+            [sys.executable, str(script), str(ROOT / "pyproject.toml"), role, arch],
             capture_output=True,
             text=True,
             check=True,
         )
-        out[arch] = done.stdout.split()
+        return done.stdout.split()
+
+    # "": the legacy builder sets no TARGETARCH
+    out = {arch: printed("core", arch) for arch in ("amd64", "arm64", "")}
     assert "torch==2.10.0" in out["arm64"] and "torch==2.10.0" not in out["amd64"]
     assert out[""] == out["amd64"]
     # the core's first layer: torch's NVIDIA libraries, pinned as the lock pins them (x86_64);
     # arm64's CPU torch has none, only Ultralytics' NVML bindings
     cuda = {}
     for arch in ("amd64", "arm64"):
-        done = subprocess.run(
-            [sys.executable, str(script), str(ROOT / "pyproject.toml"), "cuda", arch],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        cuda[arch] = done.stdout.split()
+        cuda[arch] = printed("cuda", arch)
         lock = (ROOT / "deploy" / "docker" / f"lock-{arch}.txt").read_text().splitlines()
         assert set(cuda[arch]) <= set(lock), arch
     names = {line.split("==")[0] for line in cuda["amd64"]}
