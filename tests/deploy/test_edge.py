@@ -96,9 +96,6 @@ def test_fp32_bundle_describes_the_model_it_holds(run_dir, fp32_bundle):
     # outputs far more than the gate's threshold (a constant model passes any parity gate)
     torch_out = raw_outputs(run_dir, run_dir / "best.pt", imgsz)
     assert between_images(torch_out) > 10 * parity["threshold"], between_images(torch_out)
-    onnx_out = raw_outputs(run_dir, model, imgsz)
-    for a, b in zip(onnx_out, torch_out, strict=True):
-        assert np.abs(a - b).max() <= parity["threshold"]
     acc = next(c for c in gates["checks"] if c["gate"] == "accuracy")
     assert acc["data"].endswith("server_val/data.yaml")
     # the bundle's preprocessing reproduces the parity numbers: ONNX Runtime on inputs.load()
