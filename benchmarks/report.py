@@ -152,6 +152,7 @@ FVC_BASES = {
     "linear-batch4": ("linear", "batch 4"),
     "linear-fedavgm-0.5": ("linear", "server momentum 0.5"),
     "linear-keep-momentum-lr0.015": ("linear-keep-momentum", "lr0 0.015"),
+    "linear-fleet-momentum": ("linear-keep-momentum", "fleet-mean momentum (an experiment)"),
 }
 
 
