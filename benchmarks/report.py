@@ -211,8 +211,11 @@ def round_overhead(path: Path, d: dict) -> list[str]:
     engines = d["engines"]
     dates = ", ".join(sorted({v["date"] for v in engines.values()}))
     counts = ", ".join(f"{len(v['rounds'])} in {k}" for k, v in engines.items())
+    machines = list(dict.fromkeys(v["machine"] for v in engines.values()))  # each entry's own
+    cpus = {m: chr(ord("A") + i) for i, m in enumerate(machines)} if len(machines) > 1 else {}
+    where = "; ".join(f"{cpus[m]}: {m}" if cpus else m for m in machines)
     lines = [
-        f"**Where a round goes** (`{path.name}`; {d['machine']}; {dates}): yolov8n, "
+        f"**Where a round goes** (`{path.name}`; {where}; {dates}): yolov8n, "
         "2 clients × ~245 images at 128 px; local work = each client's local epochs × batch "
         "per round (1 × 16 where the entry does not say: the benchmark's pinned work); mean of "
         "rounds 2..n (rounds: "
@@ -225,8 +228,8 @@ def round_overhead(path: Path, d: dict) -> list[str]:
         "fedyolo's handler.",
         "",
         "| setup | local work | round (s) | training (s) | server eval (s) | client set-up (s) "
-        "| ClientApp start (s) | everything else | round 1 (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| ClientApp start (s) | everything else | round 1 (s) |" + (" machine |" if cpus else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if cpus else ""),
     ]
     for engine, v in engines.items():
         s = v["steady_state_rounds_2_to_n"]
@@ -239,6 +242,7 @@ def round_overhead(path: Path, d: dict) -> list[str]:
             f"| {s['training_seconds']:.1f} | {s['eval_seconds']:.1f} "
             f"| {s['client_setup_seconds']:.2f} | {start:.1f} "
             f"| **{100 * s['other_share']:.0f}%** | {v['round_1']['round_seconds']:.1f} |"
+            + (f" {cpus[v['machine']]} |" if cpus else "")
         )
     return [*lines, ""]
 

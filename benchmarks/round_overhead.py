@@ -164,7 +164,6 @@ def main() -> None:
     old = json.loads(path.read_text()) if path.is_file() else {}
     out = {
         "benchmark": "round_overhead",
-        "machine": machine(),
         "engines": {k: v for k, v in old.get("engines", {}).items() if k.split("@")[0] in SETUPS},
     }
     for setup in args.setups.split(","):
@@ -175,6 +174,7 @@ def main() -> None:
             run_dir = run(setup, rounds, args.extra, args.label)
         out["engines"][key] = {
             "date": time.strftime("%Y-%m-%d"),
+            "machine": machine(),  # each entry's own: entries of other runs are kept
             "overrides": [*SETUPS[setup], *args.extra],
             "rounds": rounds,
             "flwr": version("flwr"),
