@@ -6,6 +6,7 @@ and data pipeline, and reach the first batch. Writes ``benchmarks/results/cold_s
 
     .venv/bin/python benchmarks/cold_start.py --samples 3
     .venv/bin/python benchmarks/cold_start.py --samples 3 --image fedyolo-client:0.1.0
+    .venv/bin/python benchmarks/cold_start.py --samples 3 --out cold_start_avx2.json
 
 ``--image`` runs the same probe inside the client image as well (its Python, its packages;
 the shard mounted read-only), the way a fresh client container starts.
@@ -109,6 +110,11 @@ def main() -> None:
     ap.add_argument("--model", default="yolov8n.yaml")
     ap.add_argument("--imgsz", type=int, default=128)
     ap.add_argument("--image", help="also in this client image (e.g. fedyolo-client:0.1.0)")
+    ap.add_argument(
+        "--out",
+        default="cold_start.json",
+        help="the results file (another machine's: e.g. cold_start_avx2.json)",
+    )
     args = ap.parse_args()
     from benchmarks_common import machine
 
@@ -143,7 +149,7 @@ def main() -> None:
             "samples": inside,
         }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cold_start.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
 
 
