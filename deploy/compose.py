@@ -669,7 +669,7 @@ def submit_and_follow(
             follow(runner, run_dir, before, stop)
             return
         except RuntimeError:
-            if stop.is_set() or attempt == RESUMES or _status(run_dir) != Status.RUNNING:
+            if stop.is_set() or attempt == RESUMES or not _under_way(run_dir):
                 raise
             if not restarted():
                 raise
@@ -686,6 +686,15 @@ def submit_and_follow(
 def _status(run_dir: Path) -> str | None:
     """The run's status in summary.json (``running`` while a ServerApp has not ended it)."""
     return (RunDir(run_dir).read_summary() or {}).get("status")
+
+
+def _under_way(run_dir: Path) -> bool:
+    """Whether a ServerApp had the run under way when ``flwr run`` ended, so a resume can go
+    on with it: its summary says ``running``, or it has no summary yet but a resumable state.
+    The first summary comes with round 1's hooks, after the round's record and state: a
+    SuperLink killed in that window leaves the state of round 0 or 1 and no summary."""
+    status = _status(run_dir)
+    return status == Status.RUNNING or (status is None and RunDir(run_dir).state.is_file())
 
 
 def _restarted(project: Compose, started: str, wait: float) -> str:

@@ -21,13 +21,15 @@ same slots again. A new SuperLink (a fresh database) gets them all.
 
 **A SuperLink restart mid-run** (its container or service restarted; its ServerApp dies with
 it, the SuperNodes reconnect) ends ``flwr run`` while the run's ``summary.json`` still says
-``running``. As the compose engine does, the run is then resubmitted as ``resume=`` of its own
-directory (``deploy.compose.submit_and_follow``, at most ``RESUMES`` times) once the SuperLink's
-port is back, and goes on from its last finished round; the keys are registered again first
-(a database rebuilt at boot has none). The compose engine sees the restart (the container's
-start time); this engine cannot, so before each resubmission it stops the run it submitted
-(``flwr stop``; refused when the SuperLink no longer has it running, which is what a restart
-leaves), so that two ServerApps never write one run directory.
+``running`` (or, killed within round 1 before its first summary, while a resumable state
+exists: ``deploy.compose._under_way``). As the compose engine does, the run is then
+resubmitted as ``resume=`` of its own directory (``deploy.compose.submit_and_follow``, at
+most ``RESUMES`` times) once the SuperLink's port is back, and goes on from its last finished
+round; the keys are registered again first (a database rebuilt at boot has none). The
+compose engine sees the restart (the container's start time); this engine cannot, so before
+each resubmission it stops the run it submitted (``flwr stop``; refused when the SuperLink no
+longer has it running, which is what a restart leaves), so that two ServerApps never write one
+run directory.
 """
 
 from __future__ import annotations

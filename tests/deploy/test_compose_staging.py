@@ -283,3 +283,21 @@ def test_down_of_a_run_directory_from_someone_else_reads_only_its_fedyolo_values
     assert seen["env"].get("PATH") == os.environ.get("PATH")
     assert "DOCKER_HOST" not in seen["env"] and "LD_PRELOAD" not in seen["env"]
     assert "COMPOSE_FILE" not in seen["env"]
+
+
+def test_a_run_is_resumed_after_a_superlink_restart_only_while_it_is_under_way(tmp_path):
+    """``submit_and_follow`` resubmits a run whose ``flwr run`` ended mid-run: one whose
+    summary says ``running``, or one with no summary yet but a resumable state (the SuperLink
+    killed between round 1's record and its summary). A run that never started (no state) or
+    has ended is not resubmitted."""
+    from fl_server.records import Status
+    from fl_server.run_dir import RunDir
+
+    run = RunDir(tmp_path)
+    assert not c._under_way(tmp_path)  # flwr run failed before any ServerApp started
+    run.state.write_bytes(b"state")
+    assert c._under_way(tmp_path)  # round 0's state saved, no summary yet
+    for status, under_way in [(Status.RUNNING, True), (Status.COMPLETED, False),
+                              (Status.FAILED, False)]:  # fmt: skip
+        run.summary.write_text(json.dumps({"status": status}))
+        assert c._under_way(tmp_path) is under_way, status
