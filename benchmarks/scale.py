@@ -20,7 +20,8 @@ Flower samples ``int(connected * fraction)`` nodes, so ``federation.fraction`` i
 While a run goes, a thread samples the run's process tree every ``SAMPLE_SECONDS`` with
 psutil: the sum of its processes' RSS (``tree_rss_mb_max``; shared pages counted per process)
 and, for the deployment engine, each SuperNode's processes (the SuperNode, its SuperExec and
-``flwr-clientapp`` processes, and its warm worker, found by the SuperExec pid it watches): the
+``flwr-clientapp`` processes, and its warm worker, found by the SuperExec pid it watches or,
+the spare the launcher started with the node, by the ``partition-id`` its command names): the
 sum of their RSS and of their PSS (shared pages counted once across the machine) per node, the
 maximum over the run (``nodes``).
 
@@ -184,7 +185,13 @@ class TreeSampler(threading.Thread):
         for node in supernodes:
             procs = [node, *node.children(recursive=True)]
             pids = {p.pid for p in procs}
-            mine = [w for w in workers if _watched(w) in pids and w.pid not in pids]
+            # its warm worker: the one it started, or its spare (labelled with its partition)
+            label = _partition(node)
+            mine = [
+                w
+                for w in workers
+                if (_watched(w) in pids or _partition(w) == label) and w.pid not in pids
+            ]
             rss = {p.pid: _rss(p) for p in procs + mine}
             entry = self.nodes.setdefault(
                 _partition(node),

@@ -97,7 +97,9 @@ class ProcessGroup:
         self.flwr_home = flwr_home
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def start(
+        self, name: str, args: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()
+    ) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
@@ -107,6 +109,7 @@ class ProcessGroup:
             env=env,
             start_new_session=True,
             cwd=PROJECT_ROOT,
+            pass_fds=pass_fds,
         )
         log.close()
         self.procs.append((name, proc))
@@ -274,6 +277,7 @@ def start_federation(
     # Client processes get their thread budget; the SuperLink (and the ServerApp it starts,
     # which evaluates the global model while the clients wait) keeps the machine's default.
     client_env = {**env, **client_runtime_env(plan.client_threads)}
+    node_envs = start_spares(plan, group, client_env)
     link = group.start(
         "superlink",
         [
@@ -304,7 +308,7 @@ def start_federation(
                 f"warm-worker={str(plan.warm_worker).lower()} "
                 f"fault-injection={str(plan.fault_injection).lower()}",
             ],
-            client_env,
+            node_envs[name],
         )
     LOGGER.info(
         "deployment engine: SuperLink on %s:%d, %d SuperNodes (logs in %s)",
@@ -316,6 +320,25 @@ def start_federation(
     if stop.is_set():
         return None
     return group.start("flwr-run", flwr_run_args(Path(plan.run_dir)), env)
+
+
+def start_spares(plan: Plan, group: ProcessGroup, env: dict[str, str]) -> dict[str, dict]:
+    """With the warm worker on, each node's spare worker (``fl_client.spare.spare_command``),
+    started first: they load torch, Ultralytics and the trainer while the SuperLink starts and
+    the run is submitted, and each node's first message adopts its own. Returns each node's
+    environment (``env`` where there is no spare: ``FEDYOLO_WORKER_PRESTART=0``)."""
+    from fl_client.spare import prestart, spare_command
+
+    if not (plan.warm_worker and prestart(env)):
+        return {name: env for name in plan.nodes}
+
+    out = {}
+    for i, name in enumerate(plan.nodes):
+        spec = spare_command(env=env, node=f"partition-id={i}")  # the SuperNode's, for ps
+        with spec.listener:
+            group.start(f"{name}-spare", spec.cmd, spec.env, pass_fds=spec.fds)
+        out[name] = spec.node_env
+    return out
 
 
 # -- the run's private network namespace ---------------------------------------------------

@@ -19,6 +19,12 @@ works and a restarted container waits for the SuperLink as before. A container t
 the session (a second container given the same key by mistake) has no ID and signs off nothing:
 it cannot take over a live node.
 
+With ``warm-worker=true`` in ``--node-config`` this process also starts the node's *spare* warm
+worker before each ``flower-supernode`` (``fl_client.spare.start_spare``; unless
+``FEDYOLO_WORKER_PRESTART=0``), so torch, Ultralytics and the trainer are loaded while the node
+connects and waits: its first message adopts that worker instead of starting one (about 4-6 s of
+a 2-core CPU's cold start). A spare already adopted is replaced at the next restart.
+
 SIGTERM and SIGINT go to ``flower-supernode`` (which signs off itself) and end this process with
 0: a ``docker stop`` is a stop, not a crash. flower-supernode's exit code 0 ends the loop; with
 ``--max-retries N`` (Flower's bound on reconnecting) the loop ends after N restarts too, with
@@ -32,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -133,6 +140,42 @@ def _relay(stream, session: Session) -> None:
             session.remember(int(m.group(1)))
 
 
+def _warm_worker(args: list[str]) -> bool:
+    """Whether ``--node-config`` turns the warm worker on (``warm-worker=true``)."""
+    try:
+        items = shlex.split(_option(args, "--node-config") or "")
+    except ValueError:
+        return False  # flower-supernode says what is wrong with it
+    return any(i.split("=", 1) in (["warm-worker", "true"], ["warm-worker", "1"]) for i in items)
+
+
+class Spare:
+    """The node's spare warm worker (``fl_client.spare.start_spare``), kept ready."""
+
+    def __init__(self, args: list[str]):
+        self.wanted = _warm_worker(args)
+        self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] | None = None
+
+    def ready(self) -> dict[str, str] | None:
+        """The environment for the next ``flower-supernode``: a spare running and not yet
+        adopted, or a new one (None: no spare, the node starts its worker itself)."""
+        from fl_client.spare import SPARE_ENV, prestart, start_spare
+
+        if not (self.wanted and prestart(os.environ)):
+            return None
+
+        alive = self.env and self.proc and self.proc.poll() is None
+        if alive and Path(self.env[SPARE_ENV]).exists():
+            return self.env  # still waiting for its node
+        try:
+            self.proc, self.env = start_spare()
+        except (OSError, RuntimeError) as e:  # e.g. a socket folder others can write to
+            _say(f"no spare warm worker ({type(e).__name__}: {e}); the node starts its own")
+            self.proc, self.env = None, None
+        return self.env
+
+
 def _end_group(pgid: int) -> None:
     with contextlib.suppress(OSError):  # nothing left
         os.killpg(pgid, signal.SIGKILL)
@@ -157,6 +200,7 @@ def main(args: list[str]) -> int:
     retries = _option(args, "--max-retries")
     limit = int(retries) if retries and retries.isdigit() else None
     failures = 0
+    spare = Spare(args)
     while not stopping.is_set():
         if session.node_id is not None:  # an earlier SuperNode of this container's
             _say(session.sign_off())
@@ -167,6 +211,7 @@ def main(args: list[str]) -> int:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=spare.ready(),
         )
         relay = threading.Thread(target=_relay, args=(child.stdout, session), daemon=True)
         relay.start()

@@ -24,7 +24,14 @@ for ``FEDYOLO_WORKER_READ_TIMEOUT`` seconds (default 60; a genuine caller sends 
 once, from memory) is closed, so the callers queued behind it are served. A malformed header or
 record is answered with an error reply (``ok: false``) and the worker serves the next caller.
 
-Lifetime: a node's first message starts its worker (under a lock file). The worker lives as long
+Lifetime: a node's first message starts its worker (under a lock file), or adopts the node's
+*spare*: a worker its starter (the client image's entry point ``deploy.supernode``, the local
+deployment's launcher) started with the node (``fl_client.spare``), warm before the first
+message arrives. Its socket path is in ``FEDYOLO_WORKER_SPARE``, which the SuperNode's processes
+inherit; the caller asks it to adopt the node's socket path and SuperExec, and it renames its
+listening socket there (no second process, nothing reloaded). A spare lives as long as its
+starter, without an idle limit; one that is gone, busy warming past ``START_TIMEOUT``, or of
+other code is passed over and a worker is started as before. The worker lives as long
 as the node's SuperExec (the ``flwr-clientapp`` processes' parent, which Flower ties to its
 SuperNode) and exits within a second of it, or after ``FEDYOLO_WORKER_IDLE`` seconds without
 work (default 1800). A worker whose code differs from its caller's (an upgrade) retires and a
@@ -47,7 +54,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -58,6 +64,13 @@ from fl_client.flower_adapter import recorddict_from_bytes as _records_from_byte
 from fl_client.flower_adapter import recorddict_to_bytes as _records_to_bytes
 from fl_client.handlers import STATE_KEY, handle
 from fl_client.lazy import lazy
+from fl_client.spare import (
+    ACK,
+    NODE_SOCKET,
+    SPARE_ENV,
+    socket_path,
+    worker_command,
+)
 
 torch = lazy("torch")
 
@@ -79,29 +92,6 @@ class WorkerError(RuntimeError):
 
 
 # -- where a node's worker listens -----------------------------------------------------------
-
-
-def worker_dir() -> Path:
-    """This user's folder of worker sockets (mode 0700), under ``FEDYOLO_WORKER_DIR`` or the
-    temporary folder; refused when another user owns it or can write to it."""
-    base = Path(os.environ.get("FEDYOLO_WORKER_DIR") or tempfile.gettempdir())
-    folder = base / f"fedyolo-worker-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    st = folder.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise PermissionError(
-            f"warm worker folder '{folder}' must belong to uid {os.getuid()} with mode 0700"
-        )
-    return folder
-
-
-PROTOCOL = 2  # in the socket's name: a caller never talks to a worker of another protocol
-ACK = b"\x06"  # the worker took the connection (protocol 2)
-
-
-def socket_path(watch_pid: int, node_id: int) -> Path:
-    """The socket of the worker serving node ``node_id`` under the SuperExec ``watch_pid``."""
-    return worker_dir() / f"{watch_pid}-{node_id}.v{PROTOCOL}.sock"
 
 
 @functools.cache
@@ -220,6 +210,32 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _adopt(spare: Path, path: Path, watch: int) -> bool:
+    """Ask the node's spare worker to serve ``path`` for ``watch`` from now on; False when
+    there is none to adopt (gone, already adopted, of other code, failed). Waits while the
+    spare is still warming up (it listens from its start and takes connections once warm)."""
+    header = {"kind": ADOPT, "path": str(path), "watch": watch, "code": code_digest()}
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(START_TIMEOUT)
+            conn.connect(str(spare))
+            if conn.recv(1) != ACK:
+                return False
+            with conn.makefile("rwb") as f:
+                for frame in (json.dumps(header).encode(), b"", b""):
+                    _send(f, frame)
+                f.flush()
+                reply = json.loads(_recv(f, HEADER_MAX))
+    except (OSError, ValueError) as e:
+        LOGGER.info("no spare worker to adopt at %s (%s)", spare, e)
+        return False
+    if not reply.get("ok"):
+        LOGGER.info("the spare worker at %s was not adopted: %s", spare, reply)
+        return False
+    LOGGER.info("adopted the node's spare worker at %s", spare)
+    return True
+
+
 def _connect_or_start(path: Path, watch: int) -> socket.socket:
     with contextlib.suppress(OSError):
         return _connect(path)
@@ -227,16 +243,13 @@ def _connect_or_start(path: Path, watch: int) -> socket.socket:
         with contextlib.suppress(OSError):
             return _connect(path)  # another message's process started it meanwhile
         path.unlink(missing_ok=True)
+        spare = os.environ.get(SPARE_ENV)
+        if spare and _adopt(Path(spare), path, watch):
+            with contextlib.suppress(OSError):
+                return _connect(path)
         LOGGER.info("starting the warm worker at %s", path)
-        # the same fl_client as this caller's (Flower may have loaded it from the app's FAB)
-        here = str(Path(__file__).resolve().parent.parent)
-        pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-        proc = subprocess.Popen(  # noqa: S603 - this interpreter, this module
-            [sys.executable, "-m", "fl_client.worker", str(path), "--watch-pid", str(watch)],
-            stdin=subprocess.DEVNULL,
-            close_fds=True,
-            env={**os.environ, "PYTHONPATH": pythonpath},
-        )
+        cmd, env = worker_command(path, watch, os.environ)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, env=env)  # noqa: S603
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             with contextlib.suppress(OSError):
@@ -288,20 +301,57 @@ class _Watched:
             return False
 
 
-def serve(path: Path, watch_pid: int, idle: float) -> None:
+ADOPT = "adopt"  # a request's kind: a spare worker takes on a node (_adopt)
+
+
+class _Post:
+    """Where this worker listens and whom it lives for; a spare until adopted."""
+
+    def __init__(self, path: Path, watched: _Watched, spare: bool):
+        self.path, self.watched, self.spare = path, watched, spare
+
+    def adopt(self, header: Mapping) -> None:
+        """Take on the node in ``header``: rename the listening socket to its path (a node
+        socket in this worker's folder) and live for its SuperExec. ValueError names why not."""
+        if not self.spare:
+            raise ValueError("this worker already serves a node (not a spare)")
+        path, watch = Path(str(header.get("path", ""))), header.get("watch")
+        if path.parent != self.path.parent or not NODE_SOCKET.fullmatch(path.name):
+            raise ValueError(f"'{path}' is not a node socket of this worker's folder")
+        if not isinstance(watch, int) or isinstance(watch, bool) or watch <= 0:
+            raise ValueError(f"watch is {watch!r}, not a process id")
+        watched = _Watched(watch)
+        if not watched.alive():
+            raise ValueError(f"process {watch} does not run")
+        os.replace(self.path, path)  # the same listening socket, reached at the node's path
+        LOGGER.info("spare worker %d adopted: %s for SuperExec %d", os.getpid(), path, watch)
+        self.path, self.watched, self.spare = path, watched, False
+
+
+def serve(path: Path, watch_pid: int, idle: float, spare_fd: int | None = None) -> None:
     """Answer requests at ``path`` until ``watch_pid`` ends, ``idle`` seconds pass without
-    one, or a caller of other code retires this worker."""
-    watched = _Watched(watch_pid)
-    _warm_up()
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    one, or a caller of other code retires this worker. A spare (``spare_fd``: the socket its
+    starter bound at ``path``) has no idle limit and takes on a node when asked
+    (:func:`_adopt`); a caller that comes while it warms up waits for it."""
+    spare = spare_fd is not None
+    me = _Post(path, _Watched(watch_pid), spare)
+    srv = socket.socket(fileno=spare_fd) if spare else socket.socket(socket.AF_UNIX)
     try:
-        path.unlink(missing_ok=True)
-        srv.bind(str(path))
-        srv.listen(8)
+        _warm_up()
+        if not spare:
+            path.unlink(missing_ok=True)
+            srv.bind(str(path))
+            srv.listen(8)
         srv.settimeout(1.0)
-        LOGGER.info("warm worker %d listening at %s for SuperExec %d", os.getpid(), path, watch_pid)
+        LOGGER.info(
+            "warm worker %d listening at %s for %s %d",
+            os.getpid(),
+            path,
+            "its starter, as a spare," if spare else "SuperExec",
+            watch_pid,
+        )
         last = time.monotonic()
-        while watched.alive() and time.monotonic() - last < idle:
+        while me.watched.alive() and (me.spare or time.monotonic() - last < idle):
             try:
                 conn, _ = srv.accept()
             except TimeoutError:
@@ -310,7 +360,7 @@ def serve(path: Path, watch_pid: int, idle: float) -> None:
             with conn, conn.makefile("rwb") as f:
                 try:
                     conn.sendall(ACK)  # taken: from here a failure is this message's own
-                    retire = _answer(f, handle)
+                    retire = _answer(f, handle, me.adopt)
                 except OSError as e:  # the caller went away (killed) or fell silent
                     LOGGER.warning("warm worker: a caller left or fell silent mid-message (%s)", e)
                     retire = False
@@ -322,11 +372,12 @@ def serve(path: Path, watch_pid: int, idle: float) -> None:
                 break
     finally:
         srv.close()
-        path.unlink(missing_ok=True)
+        me.path.unlink(missing_ok=True)
 
 
-def _answer(f, handle) -> bool:
-    """One request; True when this worker must retire (the caller's code differs)."""
+def _answer(f, handle, adopt=None) -> bool:
+    """One request; True when this worker must retire (the caller's code differs).
+    ``adopt``: what takes an ``adopt`` request (a spare's :meth:`_Post.adopt`)."""
     try:
         header, content, state = _request(f)
     except MalformedRequest as e:
@@ -337,6 +388,17 @@ def _answer(f, handle) -> bool:
         _send(f, json.dumps({"ok": False, "stale": True}).encode())
         f.flush()
         return True
+    if header.get("kind") == ADOPT:
+        try:
+            if adopt is None:
+                raise ValueError("this worker takes no adopt request")
+            adopt(header)
+            reply = {"ok": True}
+        except (OSError, ValueError) as e:
+            LOGGER.warning("warm worker: refused to adopt: %s", e)
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        _reply(f, reply, RecordDict(), RecordDict())
+        return False
     node: Mapping = header.get("node", {})
     try:
         out, reply = handle(str(header["kind"]), content, node, state), {"ok": True}
@@ -374,12 +436,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m fl_client.worker", description=__doc__)
     ap.add_argument("socket", type=Path)
     ap.add_argument("--watch-pid", type=int, required=True)
+    ap.add_argument("--spare-fd", type=int, help="a node's spare, on this socket (fl_client.spare)")
+    ap.add_argument("--node", default="", help="a spare's node, as its starter names it (ps)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[fedyolo worker] %(levelname)s %(message)s")
     os.environ.setdefault("YOLO_OFFLINE", "1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # leave through serve's clean-up
     idle = float(os.environ.get("FEDYOLO_WORKER_IDLE", "1800"))
-    serve(args.socket, args.watch_pid, idle)
+    serve(args.socket, args.watch_pid, idle, spare_fd=args.spare_fd)
 
 
 if __name__ == "__main__":

@@ -161,3 +161,17 @@ def test_an_unregistered_key_is_refused_for_good_with_max_retries(link, tmp_path
     text = log.read_text()
     assert text.count("flower-supernode exited") == 2 and "giving up" in text, text[-2000:]
     assert "SuperNode ID" not in text
+
+
+def test_the_entry_point_starts_a_spare_worker_only_for_a_warm_worker_node(monkeypatch):
+    from deploy.supernode import Spare, _warm_worker
+
+    on = ["--node-config", 'partition-id=0 data-path="/data/a b.yaml" warm-worker=true']
+    assert _warm_worker(on)
+    assert _warm_worker(["--node-config=warm-worker=1 partition-id=3"])
+    assert not _warm_worker(["--node-config", "partition-id=0 warm-worker=false"])
+    assert not _warm_worker(["--node-config", "partition-id=0 my-warm-worker=true"])
+    assert not _warm_worker(["--node-config", 'partition-id="unclosed warm-worker=true'])
+    assert not _warm_worker(["--insecure"])
+    monkeypatch.setenv("FEDYOLO_WORKER_PRESTART", "0")
+    assert Spare(on).ready() is None  # turned off: the node starts its own worker

@@ -115,8 +115,10 @@ def test_compose_federation_with_tls_and_node_auth(tmp_path, docker_engine, imag
     assert len(registered) == 2 and activated == registered, (registered, activated)
     for i in (0, 1):
         log = (run / "logs" / f"supernode-{i}.log").read_text()
-        # one warm worker per client container served both rounds (fl_client.worker)
+        # one warm worker per client container served both rounds (fl_client.worker): the
+        # spare its entry point started with the node, adopted by the first message
         assert len(re.findall(r"warm worker \d+ listening at /tmp/", log)) == 1, log[-3000:]
+        assert len(re.findall(r"spare worker \d+ adopted", log)) == 1, log[-3000:]
     check_best_reevaluates(run, tmp_path / "val")  # the container's best.pt, on the host
     env = (run / "compose.env").read_text()
     assert "FEDYOLO_SECRETS=" in env and "KEY" not in env.replace("FEDYOLO_", "")

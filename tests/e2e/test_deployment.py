@@ -65,9 +65,13 @@ def test_deployment_run_completes_and_leaves_no_process(tmp_path):
     assert (run / "logs" / "superlink.log").exists()
     # every Flower process ran in the run's own network namespace (engine.isolation=namespace)
     assert "in a private network namespace" in proc.stderr
-    for i in (0, 1):  # one warm worker per SuperNode served every message (fl_client.worker)
+    for i in (0, 1):  # one warm worker per SuperNode served every message (fl_client.worker):
+        # its spare, started with the node and adopted by its first message; no other started
+        spare = (run / "logs" / f"supernode-{i}-spare.log").read_text()
+        assert len(re.findall(r"warm worker \d+ listening at .* as a spare", spare)) == 1, spare
+        assert len(re.findall(r"spare worker \d+ adopted", spare)) == 1, spare[-3000:]
         log = (run / "logs" / f"supernode-{i}.log").read_text()
-        assert len(re.findall(r"warm worker \d+ listening at ", log)) == 1, log[-3000:]
+        assert not re.search(r"warm worker \d+ listening at ", log), log[-3000:]
     assert flower_processes(run) == []  # the workers included: they carry the run's FLWR_HOME
 
 

@@ -21,7 +21,7 @@ import pytest
 from flwr.app import Context, RecordDict
 from inprocess import tiny_config
 
-from fl_client import worker
+from fl_client import spare, worker
 from fl_client.client_app import STATE_KEY, handle
 from fl_client.model import WEIGHTS_KEY, build_model, to_record
 from fl_client.wire import RoundConfig
@@ -165,7 +165,7 @@ def test_a_socket_folder_others_can_write_to_is_refused(tmp_path, monkeypatch):
     folder.mkdir(mode=0o777)
     folder.chmod(0o777)
     with pytest.raises(PermissionError, match="mode 0700"):
-        worker.worker_dir()
+        spare.worker_dir()
 
 
 def test_a_worker_gone_while_the_message_is_sent_is_the_same_one_line(tmp_path, worker_env):
@@ -215,3 +215,76 @@ def test_a_connection_a_dying_worker_never_took_goes_to_a_new_worker(tmp_path, w
     out = worker.call("evaluate", evaluate, _context(node), watch=worker_env.pid)
     assert "metrics" in out
     assert len(_workers(tmp_path / "sockets")) == 1
+
+
+def _spare(monkeypatch) -> tuple[subprocess.Popen, Path]:
+    """A node's spare worker, started as a node's starter does; the node's env points to it."""
+    proc, node_env = spare.start_spare()
+    monkeypatch.setenv(worker.SPARE_ENV, node_env[worker.SPARE_ENV])
+    return proc, Path(node_env[worker.SPARE_ENV])
+
+
+def test_a_spare_started_with_the_node_is_adopted_by_its_first_message(
+    tmp_path, worker_env, monkeypatch
+):
+    """The node's first message takes over the spare (no second worker is started), which
+    then serves that node and lives for its SuperExec, not for its starter."""
+    _, evaluate, node = _messages(tmp_path)
+    spare, spare_path = _spare(monkeypatch)
+    out = worker.call("evaluate", evaluate, _context(node), watch=worker_env.pid)
+    assert 0.0 <= out["metrics"]["map50-95"] <= 1.0
+    assert [p.pid for p in _workers(tmp_path / "sockets")] == [spare.pid]  # adopted, no other
+    assert not spare_path.exists() and worker.socket_path(worker_env.pid, 7).exists()
+    worker.call("evaluate", evaluate, _context(node), watch=worker_env.pid)
+    assert [p.pid for p in _workers(tmp_path / "sockets")] == [spare.pid]
+    worker_env.kill()  # its SuperExec ends (its starter, this process, goes on)
+    worker_env.wait()
+    spare.wait(timeout=15)
+    assert not worker.socket_path(worker_env.pid, 7).exists()
+
+
+def _adopt_raw(path: Path, header: dict) -> dict:
+    with socket.socket(socket.AF_UNIX) as s, s.makefile("rwb") as f:
+        s.settimeout(worker.START_TIMEOUT)
+        s.connect(str(path))
+        assert s.recv(1) == worker.ACK
+        for frame in (json.dumps(header).encode(), b"", b""):
+            worker._send(f, frame)
+        f.flush()
+        return json.loads(worker._recv(f))
+
+
+def test_a_spare_takes_only_a_node_socket_of_its_folder_and_a_live_process(
+    tmp_path, worker_env, monkeypatch
+):
+    """An adopt request that names a path elsewhere, a socket name that is not a node's, or a
+    process that is not there is refused, and the spare stays ready for its node. A worker
+    that serves a node refuses to be adopted again. A spare that is gone is passed over: the
+    node starts its own worker."""
+    _, evaluate, node = _messages(tmp_path)
+    spare, spare_path = _spare(monkeypatch)
+    good = worker.socket_path(worker_env.pid, 7)
+    code = worker.code_digest()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for bad in (
+        {"path": str(tmp_path / f"{worker_env.pid}-7.v2.sock"), "watch": worker_env.pid},
+        {"path": str(good.parent / "elsewhere.sock"), "watch": worker_env.pid},
+        {"path": str(good), "watch": "1; rm -rf /"},
+        {"path": str(good), "watch": dead.pid},
+    ):
+        reply = _adopt_raw(spare_path, {"kind": "adopt", "code": code, **bad})
+        assert reply["ok"] is False and reply["error"].startswith("ValueError"), bad
+    assert spare_path.exists() and not good.exists()
+    worker.call("evaluate", evaluate, _context(node), watch=worker_env.pid)
+    assert [p.pid for p in _workers(tmp_path / "sockets")] == [spare.pid]
+    again = {"kind": "adopt", "code": code, "path": str(good), "watch": worker_env.pid}
+    assert _adopt_raw(good, again)["error"] == (
+        "ValueError: this worker already serves a node (not a spare)"
+    )
+
+    # the spare is gone (adopted above): a node pointing at it starts its own worker
+    other = worker.call("evaluate", evaluate, _context({**node}), watch=os.getpid())
+    assert "metrics" in other
+    pids = {p.pid for p in _workers(tmp_path / "sockets")}
+    assert spare.pid in pids and len(pids) == 2
