@@ -21,7 +21,7 @@ While a run goes, a thread samples the run's process tree every ``SAMPLE_SECONDS
 psutil: the sum of its processes' RSS (``tree_rss_mb_max``; shared pages counted per process)
 and, for the deployment engine, each SuperNode's processes (the SuperNode, its SuperExec and
 ``flwr-clientapp`` processes, and its warm worker, found by the SuperExec pid it watches or,
-the spare the launcher started with the node, by the ``partition-id`` its command names): the
+the spare the launcher started with the node, by the node name its command names): the
 sum of their RSS and of their PSS (shared pages counted once across the machine) per node, the
 maximum over the run (``nodes``).
 
@@ -185,12 +185,12 @@ class TreeSampler(threading.Thread):
         for node in supernodes:
             procs = [node, *node.children(recursive=True)]
             pids = {p.pid for p in procs}
-            # its warm worker: the one it started, or its spare (labelled with its partition)
+            # its warm worker: the one it started, or its spare (labelled with the node's name)
             label = _partition(node)
             mine = [
                 w
                 for w in workers
-                if (_watched(w) in pids or _partition(w) == label) and w.pid not in pids
+                if (_watched(w) in pids or _spare_of(w) == label) and w.pid not in pids
             ]
             rss = {p.pid: _rss(p) for p in procs + mine}
             entry = self.nodes.setdefault(
@@ -232,6 +232,12 @@ def _pss(p: psutil.Process) -> float:
 def _partition(p: psutil.Process) -> str:
     m = re.search(r"partition-id=(\d+)", _cmd(p))
     return f"node-{m.group(1)}" if m else f"pid-{p.pid}"
+
+
+def _spare_of(p: psutil.Process) -> str | None:
+    """The node a local deployment's spare worker was started for (``--node supernode-i``)."""
+    m = re.search(r"--node supernode-(\d+)", _cmd(p))
+    return f"node-{m.group(1)}" if m else None
 
 
 def _watched(p: psutil.Process) -> int | None:

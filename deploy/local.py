@@ -333,8 +333,8 @@ def start_spares(plan: Plan, group: ProcessGroup, env: dict[str, str]) -> dict[s
         return {name: env for name in plan.nodes}
 
     out = {}
-    for i, name in enumerate(plan.nodes):
-        spec = spare_command(env=env, node=f"partition-id={i}")  # the SuperNode's, for ps
+    for name in plan.nodes:
+        spec = spare_command(env=env, node=name)  # its SuperNode's name, for ps
         with spec.listener:
             group.start(f"{name}-spare", spec.cmd, spec.env, pass_fds=spec.fds)
         out[name] = spec.node_env

@@ -318,6 +318,8 @@ class _Post:
         path, watch = Path(str(header.get("path", ""))), header.get("watch")
         if path.parent != self.path.parent or not NODE_SOCKET.fullmatch(path.name):
             raise ValueError(f"'{path}' is not a node socket of this worker's folder")
+        if path.exists():  # a caller removes a dead worker's socket first: this one may live
+            raise ValueError(f"'{path}' exists: another worker's socket")
         if not isinstance(watch, int) or isinstance(watch, bool) or watch <= 0:
             raise ValueError(f"watch is {watch!r}, not a process id")
         watched = _Watched(watch)

@@ -72,7 +72,11 @@ def test_supernode_killed_mid_round_the_run_completes_and_it_rejoins(tmp_path):
         # round 2 is under way now, or with federation.overlap_eval (round 2's training began
         # during round 1's evaluation) round 2's aggregation or round 3's training
         wait_for_rounds(run, 1, proc)
-        (node1,) = [p for p in flower_processes(run) if "partition-id=1" in " ".join(p.cmdline())]
+        (node1,) = [
+            p
+            for p in flower_processes(run)
+            if "flower-supernode" in (cmd := " ".join(p.cmdline())) and "partition-id=1" in cmd
+        ]
         cmdline, env = node1.cmdline(), node1.environ()
         kill_tree(node1.pid)
         wait_for_rounds(run, 2, proc)

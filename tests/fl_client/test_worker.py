@@ -276,6 +276,12 @@ def test_a_spare_takes_only_a_node_socket_of_its_folder_and_a_live_process(
         reply = _adopt_raw(spare_path, {"kind": "adopt", "code": code, **bad})
         assert reply["ok"] is False and reply["error"].startswith("ValueError"), bad
     assert spare_path.exists() and not good.exists()
+    taken = worker.socket_path(worker_env.pid, 8)  # another node's worker listens there
+    taken.touch()
+    reply = _adopt_raw(spare_path, {"kind": "adopt", "code": code, "path": str(taken),
+                                    "watch": worker_env.pid})  # fmt: skip
+    assert reply["error"].startswith("ValueError") and "exists" in reply["error"]
+    assert spare_path.exists() and taken.exists()
     worker.call("evaluate", evaluate, _context(node), watch=worker_env.pid)
     assert [p.pid for p in _workers(tmp_path / "sockets")] == [spare.pid]
     again = {"kind": "adopt", "code": code, "path": str(good), "watch": worker_env.pid}
