@@ -245,8 +245,15 @@ def _connect_or_start(path: Path, watch: int) -> socket.socket:
         path.unlink(missing_ok=True)
         spare = os.environ.get(SPARE_ENV)
         if spare and _adopt(Path(spare), path, watch):
-            with contextlib.suppress(OSError):
+            try:
                 return _connect(path)
+            except OSError as e:
+                # the spare answered that it serves ``path`` now: a second worker here would
+                # unlink its socket and leave it idle, so this message fails instead
+                raise RuntimeError(
+                    f"the node's spare worker took '{path}' but its first connection failed "
+                    f"({e}); its node's log has why"
+                ) from e
         LOGGER.info("starting the warm worker at %s", path)
         cmd, env = worker_command(path, watch, os.environ)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, env=env)  # noqa: S603

@@ -294,3 +294,36 @@ def test_a_spare_takes_only_a_node_socket_of_its_folder_and_a_live_process(
     assert "metrics" in other
     pids = {p.pid for p in _workers(tmp_path / "sockets")}
     assert spare.pid in pids and len(pids) == 2
+
+
+def test_a_spare_that_says_it_took_the_node_but_does_not_listen_fails_the_message(
+    tmp_path, worker_env, monkeypatch
+):
+    """A spare answers that it now serves the node, then the node's socket does not answer:
+    the message fails with a message naming that, and no second worker is started (one would
+    unlink the adopted worker's socket and leave it idle)."""
+    import threading
+
+    fake = tmp_path / "spare.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(fake))
+    srv.listen(1)
+
+    def answer() -> None:
+        conn, _ = srv.accept()
+        with conn, conn.makefile("rwb") as f:
+            conn.sendall(worker.ACK)
+            for _ in range(3):
+                worker._recv(f)
+            worker._send(f, json.dumps({"ok": True}).encode())
+            f.flush()
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    monkeypatch.setenv(worker.SPARE_ENV, str(fake))
+    path = worker.socket_path(worker_env.pid, 7)
+    with pytest.raises(RuntimeError, match="spare worker took .* first connection failed"):
+        worker._connect_or_start(path, worker_env.pid)
+    t.join(timeout=10)
+    srv.close()
+    assert _workers(tmp_path / "sockets") == []
