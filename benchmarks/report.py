@@ -626,6 +626,41 @@ edge = from_results("edge.json")(_edge)
 edge_avx2 = from_results("edge_avx2.json")(_edge)
 
 
+def _int8_profile(path: Path, d: dict) -> list[str]:
+    prof, p50 = d["profile"], d["p50_ms"]
+    fp32, int8 = prof["fp32"]["by_op"], prof["int8"]["by_op"]
+    conv = fp32.get("Conv", {}).get("ms", 0.0)
+    qconv = int8.get("QLinearConv", {}).get("ms", 0.0)
+    layers = list(prof["fp32"]["by_conv_layer"].items())[:4]
+    paired = ", ".join(
+        f"`{name}` {ms:.2f} → {prof['int8']['by_conv_layer'].get(name, float('nan')):.2f}"
+        for name, ms in layers
+    )
+    lines = [
+        f"**Where INT8 time goes** (`{path.name}`; {d['machine']}, ONNX Runtime "
+        f"{d['onnxruntime']}; {d['date']}): ONNX Runtime's profiler on the edge benchmark's fp32 "
+        f"and INT8 (u8) files at {d['imgsz']} px, {d['threads']} threads, {d['runs']} runs; p50 "
+        f"without the profiler {p50['fp32']:.1f} ms (fp32) and {p50['int8']:.1f} ms (INT8). "
+        f"Convolutions take {conv:.1f} ms of fp32's {prof['fp32']['kernels_ms']:.1f} ms of "
+        f"kernels and {qconv:.1f} ms of INT8's {prof['int8']['kernels_ms']:.1f} ms; the "
+        f"slowest layers, fp32 → INT8 ms: {paired}. Below, the fp32 file re-quantized with the "
+        "settings that pick the INT8 kernels (calibrated on random images: speed only), each "
+        "timed against the fp32 file in alternation.",
+        "",
+        "| quantizer | fp32 p50 ms | INT8 p50 ms | INT8 faster |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in d["quantizers"]:
+        lines.append(
+            f"| {r['quantizer']} | {r['fp32_p50_ms']:.1f} | {r['int8_p50_ms']:.1f} "
+            f"| {r['faster_x']:.2f}× |"
+        )
+    return [*lines, ""]
+
+
+int8_profile_avx2 = from_results("int8_profile_avx2.json")(_int8_profile)
+
+
 def _setting(overrides: list[str], key: str) -> str:
     """The value ``key=...`` has in a list of overrides, or '?'."""
     return next((o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")), "?")
@@ -871,6 +906,7 @@ SECTIONS = {
     "pruning": pruning,
     "edge": edge,
     "edge_avx2": edge_avx2,
+    "int8_profile_avx2": int8_profile_avx2,
     "distill": distill,
     "fed_vs_central": fed_vs_central,
     "fed_vs_central_seeds": fed_vs_central_seeds,
