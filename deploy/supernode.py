@@ -146,7 +146,8 @@ def _warm_worker(args: list[str]) -> bool:
         items = shlex.split(_option(args, "--node-config") or "")
     except ValueError:
         return False  # flower-supernode says what is wrong with it
-    return any(i.split("=", 1) in (["warm-worker", "true"], ["warm-worker", "1"]) for i in items)
+    pairs = (i.partition("=") for i in items)  # the value read as fl_client.client_app does
+    return any(k == "warm-worker" and v.lower() in ("true", "1") for k, _, v in pairs)
 
 
 class Spare:
@@ -168,6 +169,9 @@ class Spare:
         alive = self.env and self.proc and self.proc.poll() is None
         if alive and Path(self.env[SPARE_ENV]).exists():
             return self.env  # still waiting for its node
+        if alive:  # adopted by the SuperNode that ended: ended with it, as its own worker is
+            self.proc.kill()
+            self.proc.wait()
         try:
             self.proc, self.env = start_spare()
         except (OSError, RuntimeError) as e:  # e.g. a socket folder others can write to

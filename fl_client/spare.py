@@ -23,10 +23,12 @@ SPARE_ENV = "FEDYOLO_WORKER_SPARE"  # the node's spare worker's socket (start_sp
 PRESTART_ENV = "FEDYOLO_WORKER_PRESTART"  # 0: a node's starter starts no spare
 
 
-def worker_dir() -> Path:
-    """This user's folder of worker sockets (mode 0700), under ``FEDYOLO_WORKER_DIR`` or the
-    temporary folder; refused when another user owns it or can write to it."""
-    base = Path(os.environ.get("FEDYOLO_WORKER_DIR") or tempfile.gettempdir())
+def worker_dir(env: Mapping[str, str] | None = None) -> Path:
+    """This user's folder of worker sockets (mode 0700), under ``FEDYOLO_WORKER_DIR`` (of
+    ``env``, this process's environment by default) or the temporary folder; refused when
+    another user owns it or can write to it."""
+    env = os.environ if env is None else env
+    base = Path(env.get("FEDYOLO_WORKER_DIR") or tempfile.gettempdir())
     folder = base / f"fedyolo-worker-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     st = folder.stat()
@@ -79,7 +81,8 @@ def spare_command(
     the spare has even started waits for it."""
     watch = os.getpid() if watch is None else watch
     env = dict(os.environ if env is None else env)
-    path = worker_dir() / f"s{watch}-{next(_SPARES)}.v{PROTOCOL}.sock"  # short: 108 bytes at most
+    # in the folder the node's processes look in (``env``'s); short: 108 bytes at most
+    path = worker_dir(env) / f"s{watch}-{next(_SPARES)}.v{PROTOCOL}.sock"
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))

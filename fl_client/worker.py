@@ -176,7 +176,7 @@ def call(kind: str, content: RecordDict, context: Context, watch: int | None = N
             raise ConnectionError(
                 f"the warm worker at '{path}' ended mid-message ({e}); its node's log has why"
             ) from e
-        if not reply.get("ok"):
+        if not isinstance(reply, dict) or not reply.get("ok"):
             raise WorkerError(str(reply.get("error", "unknown error")))
         if STATE_KEY in new_state:
             context.state[STATE_KEY] = new_state[STATE_KEY]
@@ -229,7 +229,7 @@ def _adopt(spare: Path, path: Path, watch: int) -> bool:
     except (OSError, ValueError) as e:
         LOGGER.info("no spare worker to adopt at %s (%s)", spare, e)
         return False
-    if not reply.get("ok"):
+    if not isinstance(reply, dict) or not reply.get("ok"):
         LOGGER.info("the spare worker at %s was not adopted: %s", spare, reply)
         return False
     LOGGER.info("adopted the node's spare worker at %s", spare)
@@ -344,12 +344,19 @@ def serve(path: Path, watch_pid: int, idle: float, spare_fd: int | None = None) 
     (:func:`_adopt`); a caller that comes while it warms up waits for it."""
     spare = spare_fd is not None
     me = _Post(path, _Watched(watch_pid), spare)
+    if spare:
+        os.set_inheritable(spare_fd, False)  # never carried into a process this one starts
     srv = socket.socket(fileno=spare_fd) if spare else socket.socket(socket.AF_UNIX)
+    mine = None  # the socket file this worker listens at (its inode): what it removes at exit
     try:
+        if spare:
+            mine = os.stat(path).st_ino
         _warm_up()
         if not spare:
-            path.unlink(missing_ok=True)
+            # no unlink first: its caller removed a dead worker's socket under the node's lock,
+            # so one here now is a live worker's (EADDRINUSE: this one ends, that one serves)
             srv.bind(str(path))
+            mine = os.stat(path).st_ino
             srv.listen(8)
         srv.settimeout(1.0)
         LOGGER.info(
@@ -380,8 +387,10 @@ def serve(path: Path, watch_pid: int, idle: float, spare_fd: int | None = None) 
                 )
                 break
     finally:
+        with contextlib.suppress(OSError):  # gone already, or another worker's by now
+            if mine is not None and os.stat(me.path).st_ino == mine:
+                me.path.unlink()
         srv.close()
-        me.path.unlink(missing_ok=True)
 
 
 def _answer(f, handle, adopt=None) -> bool:

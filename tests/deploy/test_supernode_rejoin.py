@@ -169,9 +169,45 @@ def test_the_entry_point_starts_a_spare_worker_only_for_a_warm_worker_node(monke
     on = ["--node-config", 'partition-id=0 data-path="/data/a b.yaml" warm-worker=true']
     assert _warm_worker(on)
     assert _warm_worker(["--node-config=warm-worker=1 partition-id=3"])
+    assert _warm_worker(["--node-config", 'warm-worker="TRUE"'])  # as the ClientApp reads it
+    assert not _warm_worker(["--node-config", "Warm-Worker=true"])  # a key it does not read
     assert not _warm_worker(["--node-config", "partition-id=0 warm-worker=false"])
     assert not _warm_worker(["--node-config", "partition-id=0 my-warm-worker=true"])
     assert not _warm_worker(["--node-config", 'partition-id="unclosed warm-worker=true'])
     assert not _warm_worker(["--insecure"])
     monkeypatch.setenv("FEDYOLO_WORKER_PRESTART", "0")
     assert Spare(on).ready() is None  # turned off: the node starts its own worker
+
+
+def test_a_spare_its_ended_supernode_adopted_is_ended_before_the_next_one_starts(
+    monkeypatch, tmp_path
+):
+    """The SuperNode that adopted the spare crashed: the spare (its worker now, but not in its
+    process group) is ended with it, as its own worker would be, and a new spare is started."""
+    import subprocess
+    import sys
+
+    from deploy import supernode
+    from fl_client import spare as spare_mod
+
+    started = []
+
+    def fake_start_spare():
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        return started[-1], {spare_mod.SPARE_ENV: str(tmp_path / "new.sock")}
+
+    monkeypatch.setattr(spare_mod, "start_spare", fake_start_spare)
+    monkeypatch.delenv("FEDYOLO_WORKER_PRESTART", raising=False)
+    s = supernode.Spare(["--node-config", "warm-worker=true"])
+    waiting = s.ready()  # a spare waiting for its node: kept at the next start
+    (tmp_path / "new.sock").touch()
+    assert s.ready() == waiting and len(started) == 1
+    (tmp_path / "new.sock").unlink()  # adopted: renamed to the node's socket
+    adopted = started[0]
+    s.ready()
+    try:
+        assert adopted.poll() is not None and len(started) == 2 and started[1].poll() is None
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()

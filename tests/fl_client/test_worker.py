@@ -327,3 +327,30 @@ def test_a_spare_that_says_it_took_the_node_but_does_not_listen_fails_the_messag
     t.join(timeout=10)
     srv.close()
     assert _workers(tmp_path / "sockets") == []
+
+
+def test_a_worker_removes_only_its_own_socket_and_never_takes_a_live_one(tmp_path, worker_env):
+    """A worker started where a live worker listens ends and leaves that socket alone; a
+    worker whose socket file was replaced (its node's next worker took the path) does not
+    remove the replacement when it ends."""
+    path = worker.socket_path(worker_env.pid, 7)
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(str(path))  # a live worker's, as far as a new one can tell
+    other.listen(1)
+    cmd, env = worker.worker_command(path, worker_env.pid, os.environ)
+    late = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert late.returncode != 0 and b"Address already in use" in late.stderr
+    assert path.exists()
+    other.close()
+    path.unlink()
+
+    own = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    assert _wait(path.exists, 60)
+    path.unlink()  # its socket file replaced by another worker's
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(str(path))
+    worker_env.kill()  # its SuperExec ends: it leaves
+    worker_env.wait()
+    own.wait(timeout=15)
+    assert path.exists()  # the other worker's socket is still there
+    other.close()
