@@ -9,10 +9,12 @@ signed or unsigned weights, 7-bit weights) and times each against the fp32 file,
 Those copies are calibrated on random images: their speed is the kernels', their accuracy means
 nothing and is not measured (the edge benchmark's gates measure the product's INT8 file).
 
-``decode_rewrite`` (an experiment, not in the product yet): the box decode's DFL softmax runs
-over axis 1 of a [1, 16, 4, anchors] tensor, which ONNX Runtime transposes around. Rewritten to
-a softmax over the last axis of [1, 4, anchors, 16] and the fixed 1x1 convolution (weights 0..15)
-to a MatMul, the outputs are compared with the file's and both are timed in alternation.
+``decode_rewrite``: Ultralytics' exporter puts the box decode's DFL softmax over axis 1 of a
+[1, 16, 4, anchors] tensor, which ONNX Runtime transposes around. Rewritten by
+``deploy.edge.quantize.dfl_last_axis`` (a softmax over the last axis of [1, 4, anchors, 16], the
+fixed 1x1 convolution as a MatMul; ``fedyolo export`` does this since 2026-12-06), the outputs
+are compared with the file's and both are timed in alternation. A file exported with it already
+is recorded as such.
 
     .venv/bin/python benchmarks/int8_profile.py --out int8_profile_avx2.json
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -141,53 +144,15 @@ def requantize(fp32: Path, out: Path, settings: dict) -> Path:
     return out
 
 
-def dfl_last_axis(src: Path, out: Path) -> Path:
-    """``src`` with its DFL decode computed over the last axis: Transpose(0,2,1,3) ->
-    Softmax(axis=1) -> Conv(1x1, weights 0..N-1) becomes Transpose(0,1,3,2) -> Softmax(-1) ->
-    MatMul([N, 1]); the Conv's consumers (a Reshape to [1, 4, anchors]) read the same order."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from deploy.edge.quantize import decode_convs
-
-    m = onnx.load(str(src))
-    g = m.graph
-    (conv_name,) = decode_convs(m)
-    conv = next(n for n in g.node if n.name == conv_name)
-    softmax = next(n for n in g.node if n.output[0] == conv.input[0])
-    transpose = next(n for n in g.node if n.output[0] == softmax.input[0])
-    perm = next(helper.get_attribute_value(a) for a in transpose.attribute if a.name == "perm")
-    axis = next(helper.get_attribute_value(a) for a in softmax.attribute if a.name == "axis")
-    if (softmax.op_type, transpose.op_type, list(perm), axis) != (
-        "Softmax", "Transpose", [0, 2, 1, 3], 1
-    ):  # fmt: skip
-        raise ValueError(f"{src}: not Ultralytics' DFL decode")
-    weight = next(numpy_helper.to_array(t) for t in g.initializer if t.name == conv.input[1])
-    del transpose.attribute[:]
-    transpose.attribute.append(helper.make_attribute("perm", [0, 1, 3, 2]))
-    del softmax.attribute[:]
-    softmax.attribute.append(helper.make_attribute("axis", -1))
-    g.initializer.append(numpy_helper.from_array(weight.reshape(-1, 1), "dfl_projection"))
-    matmul = helper.make_node(
-        "MatMul", [softmax.output[0], "dfl_projection"], [conv.output[0]], name=conv.name
-    )
-    g.node.insert(list(g.node).index(conv), matmul)
-    g.node.remove(conv)
-    if not any(conv.input[1] in n.input for n in g.node):
-        g.initializer.remove(next(t for t in g.initializer if t.name == conv.input[1]))
-    changed = {transpose.output[0], softmax.output[0], conv.output[0]}
-    keep = [v for v in g.value_info if v.name not in changed]  # their shapes are new
-    del g.value_info[:]
-    g.value_info.extend(keep)
-    onnx.checker.check_model(m)
-    onnx.save(m, str(out))
-    return out
-
-
 def decode_rewrite(fp32: Path, tmp: Path, threads: int, runs: int) -> dict:
     import numpy as np
 
-    fast = dfl_last_axis(fp32, tmp / "dfl-last-axis.onnx")
+    from deploy.edge.quantize import dfl_last_axis
+
+    fast = tmp / "dfl-last-axis.onnx"
+    shutil.copy(fp32, fast)
+    if not dfl_last_axis(fast):
+        return {"skipped": "the file's DFL decode is on the last axis already (exported so)"}
     a, b = _session(fp32, threads), _session(fast, threads)
     feed = _inputs(a)
     diff = float(np.abs(a.run(None, feed)[0] - b.run(None, feed)[0]).max())

@@ -190,12 +190,13 @@ def test_int8_export_is_calibrated_federatedly_and_runs(run_dir, tmp_path):
     moved = between_images(fp32)
     for a, b in zip(int8, fp32, strict=True):
         assert np.abs(a - b).max() < 0.5 * moved, (np.abs(a - b).max(), moved)
-    # the DFL decode conv (weights 0..reg_max-1) stays float: its weight is no dequantized tensor
+    # every Conv is INT8; the DFL decode (a MatMul on weights 0..reg_max-1) stays float: its
+    # weight is no dequantized tensor
     graph = onnx.load(str(model)).graph
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
-    convs = [n for n in graph.node if n.op_type == "Conv"]
-    float_convs = [n.name for n in convs if n.input[1] not in dequantized]
-    assert len(float_convs) == 1 and "dfl" in float_convs[0], float_convs
+    weighted = [n for n in graph.node if n.op_type in ("Conv", "MatMul")]
+    float_weighted = [n.name for n in weighted if n.input[1] not in dequantized]
+    assert len(float_weighted) == 1 and "dfl" in float_weighted[0], float_weighted
 
 
 def test_int8_all_ops_quantizes_between_layers_but_not_the_decode(run_dir, fp32_bundle, tmp_path):
@@ -241,13 +242,32 @@ def test_federated_ranges_are_the_pooled_ranges(run_dir, fp32_bundle):
         q.merge_ranges([merged, {"images": 1, "ranges": {"x": [[0.0], [1.0]]}}])
 
 
-def test_dfl_decode_conv_is_left_float(fp32_bundle):
+def test_dfl_decode_is_on_the_last_axis_and_found_as_decode(run_dir, fp32_bundle, tmp_path):
+    """The bundle's DFL decode is Softmax(-1) → MatMul (``dfl_last_axis``, listed in model.json),
+    still found as the decode; the rewrite gives the exporter's own file's outputs."""
+    import shutil
+
     import onnx
 
     out, meta = fp32_bundle
     model = onnx.load(str(out / meta["file"]))
     (name,) = q.decode_convs(model)
-    assert "dfl" in name
+    node = next(n for n in model.graph.node if n.name == name)
+    assert "dfl" in name and node.op_type == "MatMul"
+    assert meta["rewrites"] == ["dfl-softmax-last-axis"]
+    assert not q.dfl_last_axis(out / meta["file"])  # once only: the graph is not that any more
+
+    plain = tmp_path / "export"  # Ultralytics' own file, rewritten here: the same outputs
+    exported = ex._ultralytics_export(
+        ex.source_of(run_dir / "best.pt"), plain, settings.load("export", []), meta["imgsz"][0], 32
+    )
+    before = raw_outputs(run_dir, exported, meta["imgsz"][0])
+    rewritten = tmp_path / "rewritten.onnx"
+    shutil.copy(exported, rewritten)
+    assert q.dfl_last_axis(rewritten)
+    after = raw_outputs(run_dir, rewritten, meta["imgsz"][0])
+    for a, b in zip(before, after, strict=True):
+        assert np.abs(a - b).max() <= 1e-6 * between_images(before)
 
 
 def test_bench_writes_its_table(run_dir, fp32_bundle, tmp_path, capsys):
