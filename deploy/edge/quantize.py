@@ -18,7 +18,8 @@ decode stays float either way, because one INT8 scale that spans box pixels (0..
 probabilities (0..1) would round every score to 0. One Conv is decode too: the DFL layer, a
 fixed 1×1 convolution with weights 0, 1, ..., reg_max-1 that takes the expectation of each box
 side's distribution. Quantized, it cost a YOLOv8n 0.011 held-out mAP50-95 (0.1436 → 0.1327);
-kept float, 0.1440, for 0 bytes and no measurable time (:func:`decode_convs`).
+kept float, 0.1440, for 0 bytes and no measurable time (:func:`decode_convs`; in a bundle it is
+a MatMul, as :func:`dfl_last_axis` leaves it).
 
 **Calibration.** Activation ranges are ONNX Runtime's MinMax ranges (``create_calibrator``).
 The ranges of a set of images are the element-wise min and max over its parts, so a client can
