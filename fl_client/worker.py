@@ -176,7 +176,7 @@ def call(kind: str, content: RecordDict, context: Context, watch: int | None = N
             raise ConnectionError(
                 f"the warm worker at '{path}' ended mid-message ({e}); its node's log has why"
             ) from e
-        if not isinstance(reply, dict) or not reply.get("ok"):
+        if not reply.get("ok"):
             raise WorkerError(str(reply.get("error", "unknown error")))
         if STATE_KEY in new_state:
             context.state[STATE_KEY] = new_state[STATE_KEY]

@@ -84,7 +84,8 @@ def dfl_last_axis(path: Path) -> bool:
     m = onnx.load(str(path))
     g = m.graph
     by_output = {o: n for n in g.node for o in n.output}
-    convs = [n for n in g.node if n.name in decode_convs(m) and n.op_type == "Conv"]
+    decode = set(decode_convs(m))
+    convs = [n for n in g.node if n.name in decode and n.op_type == "Conv"]
     if len(convs) != 1:
         return False
     conv = convs[0]

@@ -449,3 +449,61 @@ def test_a_measuring_child_reports_its_own_peak_memory_not_its_parents():
     child_kib = float(child.stdout.strip().splitlines()[-1]) * 1024
     assert 0 < child_kib < parent_kib - 2**20, (child_kib, parent_kib)  # 1 GiB below it
     del ballast
+
+
+def _dfl_graph(path: Path, perm=(0, 2, 1, 3), bias: bool = False) -> Path:
+    """Ultralytics' DFL decode alone, as its exporter writes it: [1, 4·16, A] → Reshape
+    [1, 4, 16, A] → Transpose(perm) → Softmax(axis=1) → Conv(1×1, weights 0..15) → [1, 4, A]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    a = 7
+    inits = [
+        numpy_helper.from_array(np.array([1, 4, 16, a], np.int64), "shape4"),
+        numpy_helper.from_array(np.array([1, 4, a], np.int64), "shape3"),
+        numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1), "w"),
+        numpy_helper.from_array(np.zeros(1, np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape4"], ["r"], name="/model.22/dfl/Reshape"),
+        helper.make_node("Transpose", ["r"], ["t"], name="/model.22/dfl/Transpose", perm=perm),
+        helper.make_node("Softmax", ["t"], ["s"], name="/model.22/dfl/Softmax", axis=1),
+        helper.make_node(
+            "Conv", ["s", "w", *(["b"] if bias else [])], ["c"], name="/model.22/dfl/conv/Conv"
+        ),
+        helper.make_node("Reshape", ["c", "shape3"], ["y"], name="/model.22/dfl/Reshape_1"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dfl",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, a])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, a])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_dfl_last_axis_keeps_the_decodes_numbers_and_leaves_other_graphs_alone(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).normal(size=(1, 64, 7)).astype(np.float32) * 4
+
+    def run(path: Path) -> np.ndarray:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})[0]
+
+    src = _dfl_graph(tmp_path / "dfl.onnx")
+    before = run(src)
+    assert q.dfl_last_axis(src)
+    ops = [n.op_type for n in onnx.load(str(src)).graph.node]
+    assert "Conv" not in ops and "MatMul" in ops
+    assert np.abs(run(src) - before).max() <= 1e-5 * np.abs(before).max()
+    assert q.decode_convs(onnx.load(str(src))) == ["/model.22/dfl/conv/Conv"]  # found as decode
+
+    for name, kw in (("perm", {"perm": (0, 1, 2, 3)}), ("bias", {"bias": True})):
+        other = _dfl_graph(tmp_path / f"{name}.onnx", **kw)
+        data = other.read_bytes()
+        assert not q.dfl_last_axis(other), name  # not the pattern: the file is left as it was
+        assert other.read_bytes() == data, name
