@@ -266,8 +266,10 @@ def test_dfl_decode_is_on_the_last_axis_and_found_as_decode(run_dir, fp32_bundle
     shutil.copy(exported, rewritten)
     assert q.dfl_last_axis(rewritten)
     after = raw_outputs(run_dir, rewritten, meta["imgsz"][0])
+    # the same function: any difference is float rounding (a sum in another order, a few ulps
+    # of box pixels), far inside how much one image's outputs differ from the next's
     for a, b in zip(before, after, strict=True):
-        assert np.abs(a - b).max() <= 1e-6 * between_images(before)
+        assert np.abs(a - b).max() <= 1e-4 * between_images(before)
 
 
 def test_bench_writes_its_table(run_dir, fp32_bundle, tmp_path, capsys):
