@@ -23,12 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks_common import RESULTS, fedyolo_run, machine  # noqa: E402
 
+from fl_server.run_dir import RunDir  # noqa: E402
+
 COMMON = ["federation.clients=2", "tracking.enabled=false"]
 
 
 def _best(run: Path) -> dict:
     s = json.loads((run / "summary.json").read_text())
-    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = RunDir(run).rounds()
     return {
         "run": str(run),
         "best_map50_95": s["best"]["map50_95"],

@@ -28,6 +28,8 @@ from pathlib import Path
 import yaml
 from benchmarks_common import RESULTS, WORK, machine
 
+from fl_server.run_dir import RunDir
+
 LIMITS = (2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
 SCALE = 10.0
 
@@ -41,10 +43,7 @@ def honest(run: Path) -> bool:
 def rounds_of(run: Path) -> list[list[tuple[float, float]]]:
     """Per round: (norm, batches) of each reply that has both."""
     out = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
+    for r in RunDir(run).rounds():
         pairs = [
             (float(c["update_norm"]), float(c["batches"]))
             for c in r.get("clients", [])

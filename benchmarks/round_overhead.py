@@ -51,6 +51,8 @@ from pathlib import Path
 import yaml
 from benchmarks_common import RESULTS, WORK, fedyolo_run, machine
 
+from fl_server.run_dir import RunDir
+
 SETUPS = {
     "simulation": ["engine=simulation"],
     # the server's evaluation after the round, before the next round's training (as before
@@ -84,8 +86,7 @@ def split(run_dir: Path) -> dict:
     the round's own training; with ``federation.overlap_eval`` it holds the *next* round's
     (which ran during this round's evaluation), and the last round holds none: there the
     steady state is rounds 2..n-1, each paired with the training of the round after it."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    records, events = RunDir(run_dir).rounds(), RunDir(run_dir).read_events()
     overlapped = any(e["kind"] == "run_start" and e.get("overlap_eval") for e in events)
     rows = []
     for i, r in enumerate(records):

@@ -25,7 +25,7 @@ from fl_client.errors import UserError
 from fl_client.lazy import lazy
 from fl_server import engines, plugins
 from fl_server.hooks import hook_classes
-from fl_server.run_dir import RunDir
+from fl_server.run_dir import CorruptRecord, RunDir
 from fl_server.schema import (
     CONFIG_VERSION,
     ENGINES,
@@ -190,6 +190,10 @@ def _compose_resume(path: Path, overrides: list[str]) -> DictConfig:
             "start it again instead"
         ) from e
     except state.StateError as e:
+        raise ConfigError(f"config: resume={path}: {e}") from e
+    try:  # a damaged line (a torn last line is not one: the resume removes it)
+        run.rounds(), run.read_events()
+    except CorruptRecord as e:
         raise ConfigError(f"config: resume={path}: {e}") from e
     cfg = migrate(load(run.config))
     apply_overrides(cfg, overrides, run.config, allowed=RESUME_OVERRIDABLE)

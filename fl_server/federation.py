@@ -61,6 +61,7 @@ from fl_server.records import ClientEntry, EventKind, RoundRecord, Status, round
 from fl_server.reporting import Reporting
 from fl_server.run_dir import METRIC_KEYS, RunDir
 from fl_server.sampling import Sampler
+from fl_server.tracking import mend_sessions
 from strategies import build_strategy, describe
 
 LOGGER = logging.getLogger("fedyolo")
@@ -270,6 +271,10 @@ class Federation:
         self._save_state()
 
     def start_resumed(self) -> None:
+        # a kill or power cut during an append: whole lines again before anything is appended
+        torn = self.run.mend_torn_tails() | mend_sessions(self.run)
+        if torn:
+            LOGGER.warning("removed the torn last line of %s", ", ".join(torn))
         st = state_mod.load(self.run.state)
         self.round = int(st["round"])
         self.arrays = ArrayRecord({WEIGHTS_KEY: Array(st["weights"])})
@@ -299,6 +304,7 @@ class Federation:
             weights_sha256=record_digest(self.arrays),
             strategy_state=_restored_note(st),
             tracker_task=self.reports.task_id,
+            **({"torn_lines_removed": torn} if torn else {}),
         )
         LOGGER.info(
             "resuming %s after round %d (best %.3f at round %s)",

@@ -2,12 +2,16 @@
 
 ``runs/<name>/``: ``config.yaml``, ``manifest.json``, ``metrics.jsonl`` (one line per finished
 round), ``events.jsonl``, ``summary.json``, ``summary.md``, ``metrics.png``, ``best.pt``,
-``last.pt``. Files are appended or atomically replaced, so a run stopped at any moment leaves
-readable files; a replacement that fails (a full disk) removes its ``.tmp`` and raises.
+``last.pt``. Files are appended a whole line at a time or atomically replaced, so a run stopped
+at any moment leaves readable files; a replacement that fails (a full disk) removes its ``.tmp``
+and raises. A kill or a power cut in the middle of an append can leave the last line without
+its end: readers leave such a line out (``parse_jsonl``), and a resume removes it
+(``mend_torn_tail``) before it appends again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
+from fl_client.errors import UserError
 from fl_client.lazy import lazy
 from fl_server.records import EventKind, RoundRecord, Status
 
@@ -56,10 +61,58 @@ def append_jsonl(path: Path, obj: Mapping[str, Any]) -> None:
         f.flush()
 
 
+class CorruptRecord(UserError, ValueError):
+    """A line of a JSON-lines file, before its last, that is not JSON: the file was damaged, not
+    cut short (a torn last line is left out by the readers, not this)."""
+
+
+def parse_jsonl(text: str, source: str) -> list[Any]:
+    """The records of JSON-lines ``text``, one per line ending in a newline. A last line without
+    its newline is an append under way, or one a kill cut short: kept if it is whole JSON, left
+    out if not. Any other line that is not JSON raises ``CorruptRecord`` naming ``source`` and
+    the line."""
+    *lines, tail = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise CorruptRecord(f"{source}: line {number} is not JSON ({e})") from None
+    if tail.strip():
+        with contextlib.suppress(ValueError):  # else torn: an append under way or cut short
+            records.append(json.loads(tail))
+    return records
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_jsonl(path.read_text(), str(path))
+
+
+def mend_torn_tail(path: Path) -> int:
+    """Make ``path`` end with a whole line, so the next append starts a line of its own: a last
+    line without its newline (a kill or power cut during an append) is removed when it is not
+    JSON and given its newline when it is. Returns the bytes removed (0: none). Only for a file
+    no process is appending to (a resumed run's, before it writes)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    if not data or data.endswith(b"\n"):
+        return 0
+    start = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[start:])
+    except ValueError:
+        with path.open("r+b") as f:
+            f.truncate(start)
+            os.fsync(f.fileno())
+        return len(data) - start
+    with path.open("ab") as f:
+        f.write(b"\n")
+    return 0
 
 
 def lost_rounds(rounds: list[dict]) -> list[int]:
@@ -171,6 +224,12 @@ class RunDir:
 
     def add_round(self, record: RoundRecord) -> None:
         append_jsonl(self.metrics, record)
+
+    def mend_torn_tails(self) -> dict[str, int]:
+        """``mend_torn_tail`` on ``metrics.jsonl`` and ``events.jsonl``: the bytes removed per
+        file, for the files that had a torn last line (a resume, before its first write)."""
+        torn = {name: mend_torn_tail(self.path / name) for name in (self.METRICS, self.EVENTS)}
+        return {name: n for name, n in torn.items() if n}
 
     def rounds(self) -> list[RoundRecord]:
         """The finished rounds' records, as ``add_round`` wrote them (``metrics.jsonl``)."""

@@ -58,7 +58,7 @@ from fl_server.clearml_adapter import (
     use_reporting_thread,
 )
 from fl_server.records import EventKind, Status
-from fl_server.run_dir import RunDir, replace_text
+from fl_server.run_dir import RunDir, mend_torn_tail, parse_jsonl, replace_text
 
 LOGGER = logging.getLogger("fedyolo")
 
@@ -340,6 +340,20 @@ def close_task(run, task, mode: str) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def mend_sessions(run) -> dict[str, int]:
+    """``mend_torn_tail`` on the ``metrics.jsonl`` and ``log.jsonl`` of the sessions a killed
+    process left as folders (ClearML appends a batch of events per line, often over a page, so a
+    kill can cut one short; its import would warn and send the batch before it again). The bytes
+    removed, per file (relative to the run). For a resume, before it opens its own session."""
+    torn = {}
+    for s in sessions(run):
+        folder = Path(s["folder"])
+        for name in ("metrics.jsonl", "log.jsonl"):
+            if n := mend_torn_tail(folder / name):
+                torn[os.path.relpath(folder / name, run.path)] = n
+    return torn
+
+
 def _session_file(folder: Path, name: str) -> str | None:
     """A file of an offline session, from its folder or, once closed, its zip."""
     if (folder / name).is_file():
@@ -383,8 +397,8 @@ def offline_scalars(run) -> dict[tuple[str, str], dict[int, float]]:
         text = _session_file(Path(s["folder"]), "metrics.jsonl")
         if text is None:
             continue
-        for line in text.splitlines():
-            for ev in json.loads(line) if line.strip() else []:
+        for batch in parse_jsonl(text, f"{s['folder']}/metrics.jsonl"):
+            for ev in batch:
                 if ev.get("type") == "training_stats_scalar":
                     series = out.setdefault((ev["metric"], ev["variant"]), {})
                     series[int(ev["iter"])] = float(ev["value"])

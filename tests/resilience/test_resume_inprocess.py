@@ -8,12 +8,13 @@ must restore) and the same round records; nothing lost, nothing counted twice.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from inprocess import InProcessGrid, ServerKilled, resume_inprocess, run_inprocess
 
 from fl_server.config import ConfigError, compose
-from fl_server.run_dir import append_jsonl, read_jsonl
+from fl_server.run_dir import RunDir, append_jsonl, read_jsonl
 
 CFG = ["federation.rounds=3", "strategy=fedadam", "strategy.eta=0.01"]
 
@@ -87,3 +88,53 @@ def test_a_strategy_holding_code_and_objects_resumes_with_its_data(tmp_path):
     (resume,) = [e for e in read_jsonl(run.events) if e["kind"] == "resume"]
     # the lambda is configuration (rebuilt from the config); the RNG is named, not saved
     assert resume["strategy_state"] == "restored except strategy.rng (not data)"
+
+
+def test_lines_a_kill_cut_short_are_removed_and_said_before_the_resume_appends(
+    tmp_path, monkeypatch
+):
+    import zipfile
+
+    from fl_server import tracking
+
+    monkeypatch.setenv("CLEARML_CACHE_DIR", str(tmp_path / "clearml-cache"))
+    monkeypatch.delenv("CLEARML_API_HOST", raising=False)
+    cfg = ["federation.rounds=2", "federation.overlap_eval=false", "tracking.enabled=true"]
+    with pytest.raises(ServerKilled):  # when round 2's training starts
+        run_inprocess(tmp_path, cfg, clients=2, grid=InProcessGrid(2, kill_at=2), name="torn")
+    run = RunDir(tmp_path / "runs" / "torn")
+    (session,) = tracking.sessions(run)
+    folder = Path(session["folder"])
+    # in this process the session was closed into its zip; a killed process leaves its folder
+    with zipfile.ZipFile(f"{folder}.zip") as z:
+        z.extractall(folder)
+    Path(f"{folder}.zip").unlink()
+    scalars = folder / "metrics.jsonl"
+    assert 1 in tracking.offline_scalars(run)[("mAP", "mAP50-95")]
+    # the kill came in the middle of three appends: a round's line, an event, a ClearML batch
+    torn = {
+        run.metrics: b'{"round": 2, "map50_95": 0.1',
+        run.events: b'{"round": 2, "kind": "rollb',
+        scalars: b'[{"type": "training_stats_scalar", "metric": "mAP", "iter": 2, "va',
+    }
+    for path, tail in torn.items():
+        path.write_bytes(path.read_bytes() + tail)
+    assert [r["round"] for r in run.rounds()] == [1]  # readers leave the torn line out
+
+    resume_inprocess(run, InProcessGrid(2))
+    rounds = run.rounds()
+    assert [r["round"] for r in rounds] == [1, 2]
+    (resume,) = [e for e in read_jsonl(run.events) if e["kind"] == "resume"]
+    assert resume["torn_lines_removed"] == {
+        "metrics.jsonl": len(torn[run.metrics]),
+        "events.jsonl": len(torn[run.events]),
+        str(scalars.relative_to(run.path)): len(torn[scalars]),
+    }
+    assert tracking.offline_scalars(run)[("mAP", "mAP50-95")] == {
+        r["round"]: r["map50_95"] for r in rounds
+    }
+    assert json.loads(run.summary.read_text())["status"] == "completed"
+    # a damaged line that is not the last: named before anything starts
+    run.events.write_text("{damaged\n" + run.events.read_text())
+    with pytest.raises(ConfigError, match=r"resume=.*events.jsonl: line 1 is not JSON"):
+        compose([f"resume={run.path}", "federation.rounds=3"])
