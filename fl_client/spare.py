@@ -7,10 +7,12 @@ its protocol and its callers: ``fl_client.worker``.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import logging
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -49,7 +51,7 @@ def socket_path(watch_pid: int, node_id: int) -> Path:
 
 
 NODE_SOCKET = re.compile(rf"\d+-\d+\.v{PROTOCOL}\.sock")
-_SPARES = itertools.count()  # a starter's spares: s<its pid>-<n>.v2.sock
+_SPARES = itertools.count()  # a starter's spares: s<its pid>-<n>-<random>.v2.sock
 
 
 def prestart(env: Mapping[str, str]) -> bool:
@@ -81,15 +83,29 @@ def spare_command(
     the spare has even started waits for it."""
     watch = os.getpid() if watch is None else watch
     env = dict(os.environ if env is None else env)
-    # in the folder the node's processes look in (``env``'s); short: 108 bytes at most
-    path = worker_dir(env) / f"s{watch}-{next(_SPARES)}.v{PROTOCOL}.sock"
-    path.unlink(missing_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
+    listener, path = _bind_spare(worker_dir(env), watch)
     listener.listen(8)
     extra = ["--spare-fd", str(listener.fileno()), *(["--node", node] if node else [])]
     cmd, spare_env = worker_command(path, watch, env, *extra)
     return SpareSpec(cmd, spare_env, {**env, SPARE_ENV: str(path)}, listener)
+
+
+def _bind_spare(folder: Path, watch: int) -> tuple[socket.socket, Path]:
+    """A new socket for a spare in ``folder`` (the one the node's processes look in), bound to a
+    name no other starter uses: starters in containers that share a ``FEDYOLO_WORKER_DIR``
+    volume can have the same pid, so the name carries a random part, and an existing name is
+    never removed (it may be another node's live spare). Short: 108 bytes at most."""
+    while True:
+        path = folder / f"s{watch}-{next(_SPARES)}-{secrets.token_hex(4)}.v{PROTOCOL}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(path))
+        except OSError as e:
+            listener.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return listener, path
 
 
 def start_spare(watch: int | None = None) -> tuple[subprocess.Popen, dict[str, str]]:
