@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks_common import RESULTS, WORK, code_commit, machine, repo_path  # noqa: E402
 
+from deploy.edge.bench import ort_session  # noqa: E402
+
 EDGE = WORK / "edge"
 IMGSZ = 320
 # (label, quantize_static arguments): the settings that pick ONNX Runtime's INT8 kernels
@@ -46,18 +48,6 @@ QUANTIZERS = {
     "QDQ, u8 weights": {"weight_type": "QUInt8"},
     "QDQ, 7-bit weights (reduce_range)": {"reduce_range": True},
 }
-
-
-def _session(path: Path, threads: int, profile_prefix: str | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _inputs(session) -> dict:
@@ -72,7 +62,7 @@ def p50_ms(path: Path, threads: int, runs: int) -> float:
     """Median latency of ``runs`` inferences after 10 warm-up ones, profiler off."""
     import numpy as np
 
-    s = _session(path, threads)
+    s = ort_session(path, threads)
     feed = _inputs(s)
     for _ in range(10):
         s.run(None, feed)
@@ -86,7 +76,7 @@ def p50_ms(path: Path, threads: int, runs: int) -> float:
 
 def profile(path: Path, threads: int, runs: int, tmp: Path) -> dict:
     """Kernel milliseconds per inference: by operator type, and by convolution layer."""
-    s = _session(path, threads, str(tmp / path.stem))
+    s = ort_session(path, threads, str(tmp / path.stem))
     feed = _inputs(s)
     for _ in range(runs):
         s.run(None, feed)
@@ -153,7 +143,7 @@ def decode_rewrite(fp32: Path, tmp: Path, threads: int, runs: int) -> dict:
     shutil.copy(fp32, fast)
     if not dfl_last_axis(fast):
         return {"skipped": "the file's DFL decode is on the last axis already (exported so)"}
-    a, b = _session(fp32, threads), _session(fast, threads)
+    a, b = ort_session(fp32, threads), ort_session(fast, threads)
     feed = _inputs(a)
     diff = float(np.abs(a.run(None, feed)[0] - b.run(None, feed)[0]).max())
     pairs = [(p50_ms(fp32, threads, runs), p50_ms(fast, threads, runs)) for _ in range(3)]

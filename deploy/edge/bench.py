@@ -50,12 +50,17 @@ matplotlib = lazy("matplotlib")
 plt = lazy("matplotlib.pyplot")
 
 
-def ort_session(path: Path, threads: int):
+def ort_session(path: Path, threads: int, profile_prefix: str | None = None):
+    """An ONNX Runtime CPU session as the bench times it; ``profile_prefix``: with ONNX
+    Runtime's profiler on, its JSON written under that prefix (``end_profiling()``)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
