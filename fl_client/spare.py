@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import itertools
 import logging
 import os
 import re
@@ -51,7 +50,6 @@ def socket_path(watch_pid: int, node_id: int) -> Path:
 
 
 NODE_SOCKET = re.compile(rf"\d+-\d+\.v{PROTOCOL}\.sock")
-_SPARES = itertools.count()  # a starter's spares: s<its pid>-<n>-<random>.v2.sock
 
 
 def prestart(env: Mapping[str, str]) -> bool:
@@ -83,20 +81,20 @@ def spare_command(
     the spare has even started waits for it."""
     watch = os.getpid() if watch is None else watch
     env = dict(os.environ if env is None else env)
-    listener, path = _bind_spare(worker_dir(env), watch)
+    listener, path = _bind_spare(worker_dir(env))
     listener.listen(8)
     extra = ["--spare-fd", str(listener.fileno()), *(["--node", node] if node else [])]
     cmd, spare_env = worker_command(path, watch, env, *extra)
     return SpareSpec(cmd, spare_env, {**env, SPARE_ENV: str(path)}, listener)
 
 
-def _bind_spare(folder: Path, watch: int) -> tuple[socket.socket, Path]:
+def _bind_spare(folder: Path) -> tuple[socket.socket, Path]:
     """A new socket for a spare in ``folder`` (the one the node's processes look in), bound to a
     name no other starter uses: starters in containers that share a ``FEDYOLO_WORKER_DIR``
-    volume can have the same pid, so the name carries a random part, and an existing name is
-    never removed (it may be another node's live spare). Short: 108 bytes at most."""
+    volume can have the same pid, so the name is random, and an existing name is never removed
+    (it may be another node's live spare). Short: a socket's path is 108 bytes at most."""
     while True:
-        path = folder / f"s{watch}-{next(_SPARES)}-{secrets.token_hex(4)}.v{PROTOCOL}.sock"
+        path = folder / f"s{secrets.token_hex(5)}.v{PROTOCOL}.sock"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(path))

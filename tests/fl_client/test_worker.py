@@ -224,20 +224,16 @@ def _spare(monkeypatch) -> tuple[subprocess.Popen, Path]:
     return proc, Path(node_env[worker.SPARE_ENV])
 
 
-def test_starters_with_the_same_pid_in_one_socket_folder_never_take_each_others_spare(
-    tmp_path, monkeypatch
-):
-    """Containers sharing a ``FEDYOLO_WORKER_DIR`` volume: each starter may be pid 1, with its
-    own count of spares. The second spare gets a name of its own and the first stays bound."""
-    import itertools
-
+def test_starters_in_one_socket_folder_never_take_each_others_spare(tmp_path, monkeypatch):
+    """Containers sharing a ``FEDYOLO_WORKER_DIR`` volume: their starters may have the same
+    pid. Each spare's name is its own, and a name already there is passed over, never
+    removed: here the second starter draws the first one's name before its own."""
     monkeypatch.setenv("FEDYOLO_WORKER_DIR", str(tmp_path))
-    specs = []
-    for _ in range(2):
-        monkeypatch.setattr(spare, "_SPARES", itertools.count())  # a fresh starter's count
-        specs.append(spare.spare_command(watch=1))
+    draws = iter(["a" * 10, "a" * 10, "b" * 10])
+    monkeypatch.setattr(spare.secrets, "token_hex", lambda n: next(draws))
+    specs = [spare.spare_command(watch=1) for _ in range(2)]
     first, second = (Path(s.node_env[spare.SPARE_ENV]) for s in specs)
-    assert first != second and first.parent == second.parent
+    assert first.name == "saaaaaaaaaa.v2.sock" and second.name == "sbbbbbbbbbb.v2.sock"
     with specs[0].listener as listener, specs[1].listener, socket.socket(socket.AF_UNIX) as c:
         c.connect(str(first))  # the first node's spare is still the one listening there
         listener.settimeout(10)
