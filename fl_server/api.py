@@ -15,6 +15,7 @@ in every engine; a callback can stop the run after that round with a status (``p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -125,34 +126,41 @@ def run(
     set_process_environment()
     cfg = config if isinstance(config, DictConfig) else config_mod.compose(list(config))
     engine = engines.get(str(cfg.engine.name))
-    if cfg.resume is not None:  # the run directory exists; its config gets the allowed changes
-        rd = RunDir(Path(str(cfg.resume)))
-        rd.config.write_text(config_mod.to_yaml(cfg))
-    else:
-        rd = prepare_run(cfg)
-    LOGGER.info(
-        "%s: %s (engine=%s, %d clients, %d rounds)",
-        "resuming" if cfg.resume is not None else "run directory",
-        rd.path,
-        cfg.engine.name,
-        cfg.federation.clients,
-        cfg.federation.rounds,
-    )
-    hooks = [h if hasattr(h, "on_round") else _FunctionHook(h) for h in callbacks]
-    watcher = Watcher(rd.path, hooks, callback_timeout) if hooks else None
-    if watcher is None:  # a caller killed earlier may have left its marker: nobody waits now
-        Watcher.forget(rd.path)
-    try:
-        if watcher is None:
-            engine(rd, cfg)
+    with contextlib.ExitStack() as hold:  # the run is this process's until it ends
+        if cfg.resume is not None:  # the run directory exists; its config gets the allowed changes
+            rd = RunDir(Path(str(cfg.resume)))
+            hold.enter_context(rd.held())
+            with rd.held(RunDir.SERVER_LOCK, create=False):
+                pass  # nor a server left running by a fedyolo process that was killed
+            rd.config.write_text(config_mod.to_yaml(cfg))
         else:
-            with watcher:
+            rd = prepare_run(cfg)
+            hold.enter_context(rd.held())
+        LOGGER.info(
+            "%s: %s (engine=%s, %d clients, %d rounds)",
+            "resuming" if cfg.resume is not None else "run directory",
+            rd.path,
+            cfg.engine.name,
+            cfg.federation.clients,
+            cfg.federation.rounds,
+        )
+        hooks = [h if hasattr(h, "on_round") else _FunctionHook(h) for h in callbacks]
+        watcher = Watcher(rd.path, hooks, callback_timeout) if hooks else None
+        if watcher is None:  # a caller killed earlier may have left its marker: nobody waits now
+            Watcher.forget(rd.path)
+        try:
+            if watcher is None:
                 engine(rd, cfg)
-    except RuntimeError as e:  # the engine's own trouble (Flower, Ray): the run failed
-        LOGGER.debug("the engine failed", exc_info=True)
-        _unfinished(rd, f"the {cfg.engine.name} engine failed: {' '.join(str(e).split())}")
-    _unfinished(rd, "the run ended without finishing summary.json (a full disk?); see events.jsonl")
-    summary = Summary.read(rd.path)
+            else:
+                with watcher:
+                    engine(rd, cfg)
+        except RuntimeError as e:  # the engine's own trouble (Flower, Ray): the run failed
+            LOGGER.debug("the engine failed", exc_info=True)
+            _unfinished(rd, f"the {cfg.engine.name} engine failed: {' '.join(str(e).split())}")
+        _unfinished(
+            rd, "the run ended without finishing summary.json (a full disk?); see events.jsonl"
+        )
+        summary = Summary.read(rd.path)
     if hooks:
         call_on_end(hooks, summary.raw)
     if watcher is not None and watcher.error is not None:

@@ -168,8 +168,10 @@ def _fetch(url: str) -> Path:
     fetch = plugins.load(path, plugins.RUN_SOURCE, (), f"config: resume={url}")
     name = url.rstrip("/").rsplit("/", 1)[-1]
     dest = Path("runs") / name
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        fetch(url.rstrip("/"), dest)
+        with RunDir(dest).held():  # not into a run under way here
+            fetch(url.rstrip("/"), dest)
     except UserError as e:
         raise ConfigError(f"config: resume={url}: {e}") from e
     return dest

@@ -61,7 +61,6 @@ from fl_server.records import ClientEntry, EventKind, RoundRecord, Status, round
 from fl_server.reporting import Reporting
 from fl_server.run_dir import METRIC_KEYS, RunDir
 from fl_server.sampling import Sampler
-from fl_server.tracking import mend_sessions
 from strategies import build_strategy, describe
 
 LOGGER = logging.getLogger("fedyolo")
@@ -270,11 +269,8 @@ class Federation:
         self.best = (_copy(self.arrays), self._strategy_state())
         self._save_state()
 
-    def start_resumed(self) -> None:
-        # a kill or power cut during an append: whole lines again before anything is appended
-        torn = self.run.mend_torn_tails() | mend_sessions(self.run)
-        if torn:
-            LOGGER.warning("removed the torn last line of %s", ", ".join(torn))
+    def start_resumed(self, torn: dict[str, int] | None = None) -> None:
+        """``torn``: the bytes of the lines a kill cut short, removed per file (``serve``)."""
         st = state_mod.load(self.run.state)
         self.round = int(st["round"])
         self.arrays = ArrayRecord({WEIGHTS_KEY: Array(st["weights"])})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -135,6 +136,13 @@ def prepare_run(cfg: DictConfig) -> RunDir:
             f"output.overwrite=true: {run.path} is not a fedyolo run (no fedyolo manifest.json); "
             "refusing to delete it: choose another name= or output.dir="
         )
+    # never a run under way (one started by fedyolo has the lock file)
+    with run.held(create=False) if replacing else contextlib.nullcontext():
+        _prepare(cfg, run, replacing)
+    return run
+
+
+def _prepare(cfg: DictConfig, run: RunDir, replacing: bool) -> None:
     staging = run.path.with_name(f".{run.path.name}.preparing")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -155,7 +163,6 @@ def prepare_run(cfg: DictConfig) -> RunDir:
             shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return run
 
 
 def is_fedyolo_run(path: Path) -> bool:

@@ -12,10 +12,12 @@ its end: readers leave such a line out (``parse_jsonl``), and a resume removes i
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,6 +25,7 @@ from fl_client.errors import UserError
 from fl_client.lazy import lazy
 from fl_server.records import EventKind, RoundRecord, Status
 
+LOGGER = logging.getLogger("fedyolo")
 matplotlib = lazy("matplotlib")
 plt = lazy("matplotlib.pyplot")
 
@@ -59,6 +62,10 @@ def append_jsonl(path: Path, obj: Mapping[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(_clean(obj)) + "\n")
         f.flush()
+
+
+class RunInUse(UserError, RuntimeError):
+    """Another process holds the run (``RunDir.held``): it is running or resuming it."""
 
 
 class CorruptRecord(UserError, ValueError):
@@ -143,6 +150,8 @@ class RunDir:
     STATE = "server_state.npz"
     CLEARML = "clearml"
     INTERRUPT = ".interrupt"
+    LOCK = ".lock"  # held by the fedyolo process running the run (RunDir.held)
+    SERVER_LOCK = ".server.lock"  # held by the server writing the run (RunDir.held)
     LOGS = "logs"
     FLWR_HOME = ".flwr"
     CONTROL = "control"  # the round hooks' bridge to a caller's process (fl_server.hooks)
@@ -224,6 +233,41 @@ class RunDir:
 
     def add_round(self, record: RoundRecord) -> None:
         append_jsonl(self.metrics, record)
+
+    @contextlib.contextmanager
+    def held(self, name: str = LOCK, *, create: bool = True) -> Iterator[None]:
+        """Hold the run for this process: an exclusive ``flock`` on ``name`` (``.lock``: the
+        ``fedyolo`` process running the run; ``.server.lock``: the server writing it), which
+        the kernel releases when the process ends, however it ends. Another process holding it
+        raises ``RunInUse`` with its pid: two servers appending to one run directory would
+        interleave its rounds. ``create=False``: a missing file means nobody holds it. Where
+        the file system has no locks (some network mounts) it warns and goes on unlocked."""
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(self.path / name, flags, 0o600)
+        except FileNotFoundError:
+            if create:
+                raise
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise RunInUse(
+                    f"run directory {self.path} is in use by another fedyolo process (pid "
+                    f"{holder}, or a process it started): wait for it to end, or stop it "
+                    "(Ctrl-C) before resuming"
+                ) from None
+            except OSError as e:  # ENOLCK, EOPNOTSUPP: no locks on this file system
+                LOGGER.warning("%s: cannot lock (%s); going on without it", self.path / name, e)
+            else:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
 
     def mend_torn_tails(self) -> dict[str, int]:
         """``mend_torn_tail`` on ``metrics.jsonl`` and ``events.jsonl``: the bytes removed per

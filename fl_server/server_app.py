@@ -22,7 +22,8 @@ from fl_server.interrupts import StopFile
 from fl_server.observed_grid import Interrupted
 from fl_server.records import EventKind, Status
 from fl_server.reporting import one_line
-from fl_server.run_dir import RunDir, lost_rounds
+from fl_server.run_dir import RunDir, RunInUse, lost_rounds
+from fl_server.tracking import mend_sessions
 
 # round_config (what clients receive each round) lives in fl_server.federation; importable here
 __all__ = ["app", "main", "round_config", "serve", "server_app_for"]
@@ -91,6 +92,18 @@ def serve(grid: Grid, run_path: Path, interrupt: threading.Event | StopFile | No
     """
     run = RunDir(run_path)
     try:
+        with run.held(RunDir.SERVER_LOCK):
+            _serve(grid, run, interrupt)
+    except RunInUse as e:  # another server writes this run: nothing here may write to it
+        LOGGER.error("%s", e)
+
+
+def _serve(grid: Grid, run: RunDir, interrupt: threading.Event | StopFile | None) -> None:
+    # a kill or power cut during an append: whole lines again before anything is appended
+    torn = run.mend_torn_tails() | mend_sessions(run)
+    if torn:
+        LOGGER.warning("removed the torn last line of %s", ", ".join(torn))
+    try:
         fed = Federation(grid, run)
     except Exception as e:  # noqa: BLE001 - said in summary.json, in one line
         run.write_summary(run.rounds(), status=Status.FAILED, reason=_failed(run, 0, e))
@@ -99,7 +112,7 @@ def serve(grid: Grid, run_path: Path, interrupt: threading.Event | StopFile | No
     status, reason = Status.FAILED, None
     try:
         if fed.cfg.resume is not None and run.state.exists():
-            fed.start_resumed()
+            fed.start_resumed(torn)
         else:
             fed.start_fresh()
         fed.first_round = fed.round + 1

@@ -348,6 +348,8 @@ def mend_sessions(run) -> dict[str, int]:
     torn = {}
     for s in sessions(run):
         folder = Path(s["folder"])
+        if not folder.resolve().is_relative_to(run.path.resolve()):
+            continue  # a copied run's list names the original's folders: not this run's files
         for name in ("metrics.jsonl", "log.jsonl"):
             if n := mend_torn_tail(folder / name):
                 torn[os.path.relpath(folder / name, run.path)] = n

@@ -126,7 +126,7 @@ def excluded(rel: PurePosixPath) -> bool:
         not parts
         or parts[0] in EXCLUDED_DIRS
         or secret_path(rel)
-        or parts[0] == RunDir.INTERRUPT
+        or parts[0] in (RunDir.INTERRUPT, RunDir.LOCK, RunDir.SERVER_LOCK)
         or (len(parts) > 1 and parts[0] == "data" and parts[1].startswith("client_"))
         or parts[:2] == ("compose", "shards")
         or rel.name.endswith(".tmp")

@@ -8,6 +8,9 @@ must restore) and the same round records; nothing lost, nothing counted twice.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +141,59 @@ def test_lines_a_kill_cut_short_are_removed_and_said_before_the_resume_appends(
     run.events.write_text("{damaged\n" + run.events.read_text())
     with pytest.raises(ConfigError, match=r"resume=.*events.jsonl: line 1 is not JSON"):
         compose([f"resume={run.path}", "federation.rounds=3"])
+
+
+def _holder(run: RunDir, name: str) -> subprocess.Popen:
+    """Another process holding ``name`` of ``run`` until it is killed."""
+    hold = f"from fl_server.run_dir import RunDir\nwith RunDir({str(run.path)!r}).held({name!r}):\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", hold + "    print('held', flush=True); input()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_run_under_way_is_neither_resumed_nor_replaced_by_another_process(tmp_path):
+    from inprocess import tiny_config
+
+    from fl_server import api
+    from fl_server.prepare import prepare_run
+    from fl_server.run_dir import RunInUse
+    from fl_server.server_app import serve
+
+    def probe(reply):  # mid-round: this server holds the run against any other
+        other = subprocess.run(
+            [sys.executable, "-c", f"from fl_server.run_dir import RunDir\n"
+             f"with RunDir({str(run.path)!r}).held(RunDir.SERVER_LOCK): pass"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        held_mid_round.append(
+            f"in use by another fedyolo process (pid {os.getpid()}" in other.stderr
+        )
+        return reply
+
+    held_mid_round: list[bool] = []
+    run = RunDir(tmp_path / "runs" / "t")
+    run_inprocess(tmp_path, ["federation.rounds=1"], clients=2, tamper={1: probe})
+    assert held_mid_round == [True]
+    before = {p: p.read_bytes() for p in (run.metrics, run.events, run.summary)}
+    for name in (RunDir.LOCK, RunDir.SERVER_LOCK):  # a fedyolo process; a server it left
+        holder = _holder(run, name)
+        try:
+            said = rf"{run.path} is in use by another fedyolo process \(pid {holder.pid}"
+            with pytest.raises(RunInUse, match=said):
+                api.run([f"resume={run.path}", "federation.rounds=2"])
+            if name == RunDir.LOCK:
+                with pytest.raises(RunInUse, match=said):
+                    prepare_run(tiny_config(tmp_path, ["output.overwrite=true"], clients=2))
+            else:  # a second server of the run writes nothing
+                serve(InProcessGrid(2), run.path)
+            assert {p: p.read_bytes() for p in before} == before and run.state.exists()
+        finally:
+            holder.kill()  # however it ends, the kernel lets go of the run
+            holder.wait()
+    with run.held(), run.held(RunDir.SERVER_LOCK):
+        pass
