@@ -242,7 +242,7 @@ class RunDir:
         raises ``RunInUse`` with its pid: two servers appending to one run directory would
         interleave its rounds. ``create=False``: a missing file means nobody holds it. Where
         the file system has no locks (some network mounts) it warns and goes on unlocked."""
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
         try:
             fd = os.open(self.path / name, flags, 0o600)
         except FileNotFoundError:

@@ -1,4 +1,5 @@
-"""A run's JSON-lines files after a kill in the middle of an append (``fl_server.run_dir``)."""
+"""A run's JSON-lines files after a kill in the middle of an append, and its lock file
+(``fl_server.run_dir``)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,16 @@ def test_a_damaged_line_before_the_last_is_named(tmp_path):
     path.write_text(path.read_text().replace('{"round": 2', '{"round": 2 x', 1) + "{}\n")
     with pytest.raises(CorruptRecord, match=r"metrics.jsonl: line 2 is not JSON"):
         read_jsonl(path)
+
+
+def test_a_lock_file_planted_as_a_link_is_never_followed(tmp_path):
+    from fl_server.run_dir import RunDir
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / RunDir.LOCK).symlink_to(victim)  # taking the lock truncates and writes its pid
+    with pytest.raises(OSError, match="Too many levels of symbolic links"), run.held():
+        pass
+    assert victim.read_text() == "keep me\n"
