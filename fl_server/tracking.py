@@ -372,10 +372,15 @@ def import_offline(run) -> str:
     """Import the run's offline sessions into the configured server as one task; its id.
 
     Each session is its zip when the server process closed it, else the folder a killed process
-    left behind; later sessions continue the task the first one became.
+    left behind, whose last line the kill may have cut short: that line is removed first (with
+    no server writing the run), else ClearML's import warns and sends the batch before it
+    again. Later sessions continue the task the first one became.
     """
     from clearml import Task
 
+    with run.held(RunDir.SERVER_LOCK, create=False):  # RunInUse while a server writes it
+        if torn := mend_sessions(run):
+            LOGGER.warning("removed the torn last line of %s", ", ".join(torn))
     task_id = None
     for s in sessions(run):
         folder = Path(s["folder"])

@@ -10,7 +10,7 @@ import pytest
 
 from fl_server import tracking
 from fl_server.config import compose
-from fl_server.run_dir import RunDir, read_jsonl
+from fl_server.run_dir import RunDir, RunInUse, read_jsonl
 
 RECORD = {
     "round": 1,
@@ -150,6 +150,32 @@ def test_auto_mode_is_online_only_with_a_configured_server(run, monkeypatch, tmp
     monkeypatch.delenv("CLEARML_CONFIG_FILE")
     monkeypatch.setenv("CLEARML_API_HOST", "https://api.clear.ml")
     assert tracking.server_configured()
+
+
+def test_import_of_a_killed_servers_session_drops_its_torn_line_first(run, monkeypatch):
+    """No ClearML server here: ClearML's own import is replaced by one that reads the session
+    as it would (its ``metrics.jsonl``, line by line). What it is handed must parse."""
+    from clearml import Task
+
+    killed = tracking.Tracker.start(cfg(), run)
+    killed.report_round(RECORD)
+    killed.task.flush(wait_for_uploads=True)  # then the server is killed: no finish()
+    folder = Path(tracking.sessions(run)[0]["folder"])
+    lines = (folder / "metrics.jsonl").read_bytes()
+    (folder / "metrics.jsonl").write_bytes(lines + b'[{"type": "training_stats_scal')
+    handed = []
+
+    def import_offline_session(source, previous_task_id=None):
+        handed.append([json.loads(x) for x in (Path(source) / "metrics.jsonl").open()])
+        return "imported-1"
+
+    monkeypatch.setattr(Task, "import_offline_session", import_offline_session)
+    holder = run.held(RunDir.SERVER_LOCK)  # while a server writes the run: refused
+    with holder, pytest.raises(RunInUse):
+        tracking.import_offline(run)
+    assert (folder / "metrics.jsonl").read_bytes().endswith(b"scal") and not handed
+    assert tracking.import_offline(run) == "imported-1"
+    assert (folder / "metrics.jsonl").read_bytes() == lines and len(handed[0]) >= 1
 
 
 def test_import_needs_a_session(run):
