@@ -279,6 +279,7 @@ def _cold_prestarted(d: dict) -> str:
 
 cold_start = from_results("cold_start.json")(_cold_start)
 cold_start_avx2 = from_results("cold_start_avx2.json")(_cold_start)  # the same, another CPU
+cold_start_zen4 = from_results("cold_start_zen4.json")(_cold_start)  # and a third
 
 
 def _cold_container(d: dict) -> str:
@@ -624,6 +625,8 @@ def _edge(path: Path, d: dict) -> list[str]:
 edge = from_results("edge.json")(_edge)
 # the same pipeline on a CPU with AVX2 only (no AVX-512, VNNI or AMX): where INT8 kernels differ
 edge_avx2 = from_results("edge_avx2.json")(_edge)
+# and on an AMD EPYC with AVX-512 VNNI and BF16 (Zen 4; no AMX)
+edge_zen4 = from_results("edge_zen4.json")(_edge)
 
 
 def _int8_profile(path: Path, d: dict) -> list[str]:
@@ -669,6 +672,7 @@ def _int8_profile(path: Path, d: dict) -> list[str]:
 
 
 int8_profile_avx2 = from_results("int8_profile_avx2.json")(_int8_profile)
+int8_profile_zen4 = from_results("int8_profile_zen4.json")(_int8_profile)
 
 
 def _setting(overrides: list[str], key: str) -> str:
@@ -916,7 +920,9 @@ SECTIONS = {
     "pruning": pruning,
     "edge": edge,
     "edge_avx2": edge_avx2,
+    "edge_zen4": edge_zen4,
     "int8_profile_avx2": int8_profile_avx2,
+    "int8_profile_zen4": int8_profile_zen4,
     "distill": distill,
     "fed_vs_central": fed_vs_central,
     "fed_vs_central_seeds": fed_vs_central_seeds,
@@ -929,6 +935,7 @@ SECTIONS = {
     "round_overhead": round_overhead,
     "cold_start": cold_start,
     "cold_start_avx2": cold_start_avx2,
+    "cold_start_zen4": cold_start_zen4,
     "scale": scale,
 }
 
